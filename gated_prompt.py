@@ -1,0 +1,526 @@
+"""Gated Prompt Tuning in one file.
+
+Reference implementation of "Improving Visual Prompt Tuning for Self-supervised Vision
+Transformers" (Yoo, Kim, Sohn, Lee; ICML 2023): a frozen ViT steered by prompt tokens whose
+update by each block is gated (Eq. 6-7), with learnable per-block attention temperatures
+(Eq. 9). The same class also runs the baselines: linear probe, VPT-shallow (Eq. 4) and
+VPT-deep (Eq. 5). Depends on torch and numpy only; copy it into your project.
+
+    import gated_prompt as gp
+    model = gp.build_model("vit_base", ssl="mae", method="gated+temp", num_classes=200,
+                           num_prompts=100, gate_init=5.0,
+                           checkpoint="mae_pretrain_vit_base.pth")  # any format in load_backbone
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9)
+    logits = model(images)                   # images: [B, 3, 224, 224], ImageNet-normalised
+    model.selection_ratio()                  # Eq. 10-11, one value per gated block
+    model.attention_maps(images, blocks=(3, 7, 12))   # Figure 5
+
+Blocks are numbered 1..L as in the paper; Python lists are indexed 0..L-1.
+"""
+import math
+import os
+import zipfile
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+ARCHS = {  # name: (patch_size, embed_dim, depth, num_heads)
+    "vit_small": (16, 384, 12, 12),   # the MoCo v3 ViT-S/16 (12 heads; timm's has 6)
+    "vit_base": (16, 768, 12, 12),
+    "vit_large": (16, 1024, 24, 16),
+    "vit_huge": (14, 1280, 32, 16),
+}
+SSL_POOLING = {"mae": "mean", "mocov3": "cls", "supervised": "cls"}
+METHODS = {  # name: (prompt, gates, learn_temperature)
+    "linear": ("none", "none", False),
+    "vpt-shallow": ("shallow", "none", False),
+    "vpt-deep": ("deep", "none", False),
+    "gated": ("shallow", "soft", False),
+    "gated+temp": ("shallow", "soft", True),      # the paper's method
+    "gated-hard": ("shallow", "hard", False),     # Table 4 (Gumbel-sigmoid gates)
+}
+TEMPERATURE_RANGE = (0.01, 10.0)
+
+
+@dataclass
+class ViTConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
+    pool: str = "cls"            # "cls": norm then CLS (MoCo v3); "mean": mean of non-CLS tokens then norm (MAE)
+    fused_attention: bool = True  # SDPA kernels; False = explicit softmax (the official code's numerics)
+
+
+@dataclass
+class PromptConfig:
+    prompt: str = "shallow"      # "none" | "shallow" (Eq. 4) | "deep" (Eq. 5)
+    num_prompts: int = 100       # tokens in the sequence (per block for "deep")
+    gates: str = "soft"          # "none" | "soft" (Eq. 6-7) | "hard" (Gumbel-sigmoid, Table 4)
+    gate_init: float = 5.0       # gate logits start at -gate_init (Table 5 "gate init")
+    learn_temperature: bool = True  # Eq. 9
+    insert_at: int = 1           # first block that sees prompts (Figure 1)
+    prompt_dropout: float = 0.1
+    num_classes: int = 1000      # 0: no head (features only)
+
+
+def vit_config(arch="vit_base", ssl="mae", **overrides):
+    patch_size, embed_dim, depth, num_heads = ARCHS[arch]
+    cfg = ViTConfig(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                    pool=SSL_POOLING[ssl])
+    return replace(cfg, **overrides)
+
+
+def prompt_config(method="gated+temp", **overrides):
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    prompt, gates, learn_temperature = METHODS[method]
+    return replace(PromptConfig(prompt=prompt, gates=gates, learn_temperature=learn_temperature), **overrides)
+
+# -----------------------------------------------------------------------------
+# The Vision Transformer (parameter names follow timm / MAE, so those files load unrenamed)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qkv_bias, fused=True):
+        super().__init__()
+        self.num_heads, self.fused = num_heads, fused
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, temperature=None, return_attn=False):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        if temperature is not None:
+            q = q / temperature  # Eq. 9: softmax(QK^T / (sqrt(d) tau)), tau folded into q
+        attn = None
+        if return_attn or not self.fused:   # Eq. 3, explicit
+            attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+            x = attn @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, T, C)), (attn if return_attn else None)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias, cfg.fused_attention)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
+
+    def forward(self, x, temperature=None, return_attn=False):
+        a, attn = self.attn(self.norm1(x), temperature, return_attn)
+        x = x + a
+        return x + self.mlp(self.norm2(x)), attn
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(3, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D]
+
+
+def resize_pos_embed(pos_embed, new_grid):
+    """[1, 1+h*w, D] -> [1, 1+H*W, D], bicubic on the patch grid (as mmseg/SETR do), CLS kept."""
+    cls_pos, grid_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    old = int(math.isqrt(grid_pos.shape[1]))
+    if old * old != grid_pos.shape[1]:
+        raise ValueError(f"position embedding of {grid_pos.shape[1]} patches is not a square grid")
+    if (old, old) == tuple(new_grid):
+        return pos_embed
+    g = grid_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    g = F.interpolate(g, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    g = g.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(pos_embed.dtype)
+    return torch.cat([cls_pos, g], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    """A frozen ViT plus the prompt-side parameters: prompts, gate logits, temperatures, head."""
+
+    def __init__(self, cfg: ViTConfig, pcfg: PromptConfig = None):
+        super().__init__()
+        pcfg = pcfg or PromptConfig(prompt="none", gates="none", learn_temperature=False)
+        self.cfg, self.pcfg = cfg, pcfg
+        D, L, grid = cfg.embed_dim, cfg.depth, cfg.img_size // cfg.patch_size
+        if pcfg.gates != "none" and pcfg.prompt != "shallow":
+            raise ValueError("gates act on prompts inserted once (prompt='shallow')")
+        if not 1 <= pcfg.insert_at <= L:
+            raise ValueError(f"insert_at must be in 1..{L}, got {pcfg.insert_at}")
+        # backbone (frozen)
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, D))
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(L)])
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self._init_backbone()
+        # prompt side (trainable)
+        self.num_prompts = pcfg.num_prompts if pcfg.prompt != "none" else 0
+        bound = math.sqrt(6.0 / (3 * cfg.patch_size ** 2 + D))  # VPT's uniform (xavier-style) init
+        self.prompts = self.deep_prompts = self.gate_logits = self.temperatures = None
+        if self.num_prompts:
+            self.prompts = nn.Parameter(torch.empty(1, self.num_prompts, D).uniform_(-bound, bound))
+        if pcfg.prompt == "deep":  # fresh prompts for blocks insert_at+1 .. L
+            self.deep_prompts = nn.Parameter(torch.empty(L - pcfg.insert_at, self.num_prompts, D).uniform_(-bound, bound))
+        if pcfg.gates != "none":   # gamma_1 .. gamma_{L-1}; the last block is ungated
+            self.gate_logits = nn.Parameter(torch.full((L - 1,), -float(pcfg.gate_init)))
+        if pcfg.learn_temperature:  # tau_1 .. tau_L
+            self.temperatures = nn.Parameter(torch.ones(L))
+        self.prompt_dropout = nn.Dropout(pcfg.prompt_dropout)
+        self.head = nn.Linear(D, pcfg.num_classes) if pcfg.num_classes else None
+        if self.head is not None:
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        self.freeze_backbone()
+
+    def _init_backbone(self):  # only matters without a checkpoint
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    # --- what trains ---------------------------------------------------------
+    BACKBONE = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")
+
+    def freeze_backbone(self):
+        for name, p in self.named_parameters():
+            p.requires_grad = not name.startswith(self.BACKBONE)
+        return self
+
+    def backbone_state_dict(self):
+        return {k: v for k, v in self.state_dict().items() if k.startswith(self.BACKBONE)}
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def prompt_state_dict(self):
+        """Everything that training changes: prompts, deep_prompts, gate_logits, temperatures, head."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.BACKBONE)}
+
+    def train(self, mode=True):
+        super().train(mode)
+        for name in ("patch_embed", "blocks", "norm"):  # the frozen backbone always runs in eval mode
+            getattr(self, name).train(False)
+        return self
+
+    # --- gates, Eq. 6-11 -------------------------------------------------------
+    def gates(self):
+        """g_1 .. g_{L-1} (Eq. 6). Hard gates: Gumbel-sigmoid, binary forward, straight-through backward."""
+        logits = self.gate_logits.float()
+        if self.pcfg.gates != "hard":
+            return torch.sigmoid(logits)
+        if not self.training:
+            return (logits > 0).float()
+        u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+        soft = torch.sigmoid(logits + torch.log(u) - torch.log1p(-u))  # logistic noise = Gumbel - Gumbel
+        return (soft > 0.5).float() + soft - soft.detach()
+
+    @torch.no_grad()
+    def aggregation_weights(self):
+        """Eq. 8: Z_P^{L-1} = w_P * P + sum_l g~_l * Z~_P^l. Returns (w_P, g~ [L-1]); g~_l = 0 before insert_at."""
+        g = self.gates().detach().cpu().double()
+        k = self.pcfg.insert_at - 1          # 0-based first prompted block
+        g_tilde = torch.zeros_like(g)
+        keep = 1.0                           # prod_{m>l} (1 - g_m), built from the last gated block down
+        for l in reversed(range(k, len(g))):
+            g_tilde[l] = g[l] * keep         # Eq. 10
+            keep = keep * (1 - g[l])
+        return keep, g_tilde
+
+    @torch.no_grad()
+    def selection_ratio(self):
+        """Eq. 11: r_l = g~_l / sum_m g~_m, blocks 1..L-1."""
+        _, g_tilde = self.aggregation_weights()
+        return (g_tilde / g_tilde.sum()).float()
+
+    @torch.no_grad()
+    def project_temperatures(self):
+        """Keep each tau in [0.01, 10] by projecting the stored value (the official code does this before
+        every forward); a clamp inside the graph would zero the gradient of a tau outside the range."""
+        if self.temperatures is not None:
+            self.temperatures.clamp_(*TEMPERATURE_RANGE)
+
+    # --- forward ---------------------------------------------------------------
+    def embed(self, x):
+        """Eq. 1: patch tokens + positions, CLS first. Resizes the position grid for other image sizes."""
+        grid = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)
+        pos = resize_pos_embed(self.pos_embed, grid)
+        x = self.patch_embed(x) + pos[:, 1:]
+        cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)
+
+    def forward_tokens(self, x, out_blocks=(), attn_blocks=()):
+        """Run the blocks; returns (tokens after block L, {block: tokens}, {block: attention [B,H,T,T]}).
+        The sequence is [CLS, prompts, patches] once prompts are inserted."""
+        self.project_temperatures()
+        x = self.embed(x)
+        B, P, L = x.shape[0], self.num_prompts, len(self.blocks)
+        gates = self.gates() if self.gate_logits is not None else None
+        outs, attns = {}, {}
+        for i, blk in enumerate(self.blocks):
+            l = i + 1
+            if P and l == self.pcfg.insert_at:     # Eq. 4: prepend P right after CLS
+                prompts = self.prompt_dropout(self.prompts).expand(B, -1, -1).to(x.dtype)
+                x = torch.cat([x[:, :1], prompts, x[:, 1:]], dim=1)
+            elif self.deep_prompts is not None and l > self.pcfg.insert_at:  # Eq. 5: fresh P^{l-1}
+                prompts = self.prompt_dropout(self.deep_prompts[l - self.pcfg.insert_at - 1]).expand(B, -1, -1)
+                x = torch.cat([x[:, :1], prompts.to(x.dtype), x[:, 1 + P:]], dim=1)
+            tau = self.temperatures[i] if self.temperatures is not None else None
+            prompts_in = x[:, 1:1 + P]
+            x, attn = blk(x, tau, return_attn=l in attn_blocks)
+            if gates is not None and l >= self.pcfg.insert_at and l < L:  # Eq. 7, blocks 1..L-1
+                g = gates[i]
+                x = torch.cat([x[:, :1], g * x[:, 1:1 + P] + (1 - g) * prompts_in, x[:, 1 + P:]], dim=1)
+            if l in out_blocks:
+                outs[l] = x
+            if attn is not None:
+                attns[l] = attn
+        return x, outs, attns
+
+    def pool(self, x):
+        if self.cfg.pool == "mean":   # MAE: mean over all tokens but CLS (prompts included), then norm
+            return self.norm(x[:, 1:].mean(dim=1))
+        return self.norm(x)[:, 0]     # MoCo v3: norm, then CLS
+
+    def forward_features(self, x):
+        return self.pool(self.forward_tokens(x)[0])
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+    @torch.no_grad()
+    def attention_maps(self, x, blocks=(3, 7, 12)):
+        """{block: [B, heads, T, T]} softmax attention (T = 1 + prompts + patches), for Figure 5."""
+        return self.forward_tokens(x, attn_blocks=tuple(blocks))[2]
+
+
+def build_model(arch="vit_base", ssl="mae", method="gated+temp", num_classes=1000, checkpoint=None,
+                img_size=224, verbose=True, **prompt_overrides):
+    """One call: architecture + SSL pooling + method (+ checkpoint), backbone frozen."""
+    model = VisionTransformer(vit_config(arch, ssl, img_size=img_size),
+                              prompt_config(method, num_classes=num_classes, **prompt_overrides))
+    if checkpoint is not None:
+        report = load_backbone(model, checkpoint)
+        if verbose:
+            print(report)
+    return model
+
+# -----------------------------------------------------------------------------
+# Checkpoints: each format's names -> ours. "{i}" is the block index; a tuple of sources is
+# concatenated (q, k, v -> qkv). Every backbone key must be found with the right shape.
+
+
+def _hf_table(layer, q, k, v, attn_out, fc1, fc2, norm1, norm2):
+    return {
+        "cls_token": "embeddings.cls_token",
+        "pos_embed": "embeddings.position_embeddings",
+        "patch_embed.proj.{p}": "embeddings.patch_embeddings.projection.{p}",
+        "blocks.{i}.norm1.{p}": f"{layer}.{norm1}.{{p}}",
+        "blocks.{i}.attn.qkv.{p}": tuple(f"{layer}.{name}.{{p}}" for name in (q, k, v)),
+        "blocks.{i}.attn.proj.{p}": f"{layer}.{attn_out}.{{p}}",
+        "blocks.{i}.norm2.{p}": f"{layer}.{norm2}.{{p}}",
+        "blocks.{i}.mlp.fc1.{p}": f"{layer}.{fc1}.{{p}}",
+        "blocks.{i}.mlp.fc2.{p}": f"{layer}.{fc2}.{{p}}",
+        "norm.{p}": "layernorm.{p}",
+    }
+
+
+_NPZ_BLOCK = "Transformer/encoderblock_{i}"
+NAME_TABLES = {
+    "timm": None,  # our names are timm's: MAE .pth, MoCo v3 .pth.tar (after the prefix), timm state dicts
+    "hf": _hf_table("encoder.layer.{i}", "attention.attention.query", "attention.attention.key",
+                    "attention.attention.value", "attention.output.dense", "intermediate.dense",
+                    "output.dense", "layernorm_before", "layernorm_after"),
+    "hf-v5": _hf_table("layers.{i}", "attention.q_proj", "attention.k_proj", "attention.v_proj",
+                       "attention.o_proj", "mlp.fc1", "mlp.fc2", "layernorm_before", "layernorm_after"),
+    "npz": {  # Google big_vision / vit_jax: HWIO conv, [in, out] dense, q/k/v [D, H, Dh], out [H, Dh, D]
+        "cls_token": "cls",
+        "pos_embed": "Transformer/posembed_input/pos_embedding",
+        "patch_embed.proj.weight": "embedding/kernel",
+        "patch_embed.proj.bias": "embedding/bias",
+        "blocks.{i}.norm1.weight": _NPZ_BLOCK + "/LayerNorm_0/scale",
+        "blocks.{i}.norm1.bias": _NPZ_BLOCK + "/LayerNorm_0/bias",
+        "blocks.{i}.attn.qkv.weight": tuple(_NPZ_BLOCK + f"/MultiHeadDotProductAttention_1/{n}/kernel" for n in "qkv"),
+        "blocks.{i}.attn.qkv.bias": tuple(_NPZ_BLOCK + f"/MultiHeadDotProductAttention_1/{n}/bias" for n in "qkv"),
+        "blocks.{i}.attn.proj.weight": _NPZ_BLOCK + "/MultiHeadDotProductAttention_1/out/kernel",
+        "blocks.{i}.attn.proj.bias": _NPZ_BLOCK + "/MultiHeadDotProductAttention_1/out/bias",
+        "blocks.{i}.norm2.weight": _NPZ_BLOCK + "/LayerNorm_2/scale",
+        "blocks.{i}.norm2.bias": _NPZ_BLOCK + "/LayerNorm_2/bias",
+        "blocks.{i}.mlp.fc1.weight": _NPZ_BLOCK + "/MlpBlock_3/Dense_0/kernel",
+        "blocks.{i}.mlp.fc1.bias": _NPZ_BLOCK + "/MlpBlock_3/Dense_0/bias",
+        "blocks.{i}.mlp.fc2.weight": _NPZ_BLOCK + "/MlpBlock_3/Dense_1/kernel",
+        "blocks.{i}.mlp.fc2.bias": _NPZ_BLOCK + "/MlpBlock_3/Dense_1/bias",
+        "norm.weight": "Transformer/encoder_norm/scale",
+        "norm.bias": "Transformer/encoder_norm/bias",
+    },
+}
+# keys that are not backbone: dropped and reported (decoders, projectors, momentum encoders, heads)
+IRRELEVANT = ("decoder", "mask_token", "head", "fc_norm", "pre_logits", "pooler", "classifier",
+              "momentum_encoder", "predictor")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _npz_to_torch(ours, arrays, embed_dim):
+    """Layout changes from flax to torch for one of our keys (arrays: the sources, in table order)."""
+    t = [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in arrays]
+    if ours == "patch_embed.proj.weight":
+        return t[0].permute(3, 2, 0, 1)                            # HWIO -> OIHW
+    if ours.endswith("attn.qkv.weight"):
+        return torch.cat([a.reshape(embed_dim, -1).T for a in t])  # [D,H,Dh] -> [H*Dh, D]
+    if ours.endswith("attn.qkv.bias"):
+        return torch.cat([a.reshape(-1) for a in t])
+    if ours.endswith("attn.proj.weight"):
+        return t[0].reshape(-1, embed_dim).T                       # [H,Dh,D] -> [D, H*Dh]
+    if ours.endswith(("fc1.weight", "fc2.weight")):
+        return t[0].T                                              # [in, out] -> [out, in]
+    return t[0]
+
+
+def read_checkpoint(path):
+    """Open a .pth / .pth.tar / .bin torch file or a Google .npz; returns (raw dict, "npz" or None)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        if zipfile.is_zipfile(path) and not any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist()):
+            with np.load(path) as npz:
+                raw, fmt = {k: npz[k] for k in npz.files}, "npz"
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+            fmt = None
+    except Exception as e:  # truncated, not a checkpoint, text file, ...
+        raise CheckpointError(f"{path}: not a readable checkpoint (expected a .pth/.pth.tar/.bin torch file "
+                              f"or a .npz): {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(raw).__name__}")
+    return raw, fmt
+
+
+def detect_format(raw, name="<state dict>"):
+    """Unwrap and name the layout of a raw checkpoint dict; returns (state dict, format, key prefix)."""
+    if any(k.startswith("Transformer/") for k in raw):
+        return raw, "npz (Google ViT)", ""
+    for wrapper in ("model", "state_dict"):   # MAE: {'model': sd}; MoCo v3: {'state_dict': sd, ...}
+        if isinstance(raw.get(wrapper), dict):
+            raw = raw[wrapper]
+    keys = list(raw)
+    for prefix, fmt in (("module.base_encoder.", "MoCo v3 pretrain"), ("module.", "MoCo v3 linear-probe / DDP"),
+                        ("", "timm / MAE")):
+        if f"{prefix}blocks.0.attn.qkv.weight" in raw:
+            return raw, fmt, prefix
+    for fmt, probe in (("Hugging Face ViT", "encoder.layer.0.attention.attention.query.weight"),
+                       ("Hugging Face ViT (transformers 5)", "layers.0.attention.q_proj.weight")):
+        hit = [k for k in keys if k.endswith(probe)]
+        if hit:
+            return raw, fmt, hit[0][: -len(probe)]
+    raise CheckpointError(f"{name}: no ViT backbone keys of a known format (MAE, MoCo v3, timm, Hugging Face, "
+                          f"Google npz); first keys: {keys[:8]}")
+
+
+def _table_for(fmt):
+    return NAME_TABLES["npz" if fmt.startswith("npz") else "hf-v5" if "transformers 5" in fmt
+                       else "hf" if fmt.startswith("Hugging") else "timm"]
+
+
+def convert_state_dict(raw, fmt, prefix, model):
+    """Map a raw checkpoint onto our backbone names. Returns (state dict, missing, used source keys)."""
+    table = _table_for(fmt)
+    converted, missing, used = {}, [], set()
+    for ours in model.backbone_state_dict():
+        if table is None:
+            sources = (prefix + ours,)
+        else:
+            parts = ours.split(".")
+            i = parts[1] if parts[0] == "blocks" else None
+            p = parts[-1]
+            template = next(t for t in table if t.format(i=i, p=p) == ours)
+            src = table[template]
+            sources = tuple(prefix + s.format(i=i, p=p) for s in (src if isinstance(src, tuple) else (src,)))
+        if not all(s in raw for s in sources):
+            missing.append(f"{ours} (from {', '.join(s for s in sources if s not in raw)})")
+            continue
+        used.update(sources)
+        if fmt.startswith("npz"):
+            converted[ours] = _npz_to_torch(ours, [raw[s] for s in sources], model.cfg.embed_dim)
+        else:
+            tensors = [torch.as_tensor(raw[s]) for s in sources]
+            converted[ours] = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+        if ours in ("cls_token", "pos_embed") and converted[ours].dim() == 2:
+            converted[ours] = converted[ours][None]
+    return converted, missing, used
+
+
+def _guess_arch(sd):
+    w = sd.get("patch_embed.proj.weight")
+    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    if w is None:
+        return "unknown"
+    for name, (patch, dim, d, _) in ARCHS.items():
+        if (dim, d, patch) == (w.shape[0], depth, w.shape[-1]):
+            return name
+    return f"ViT with width {w.shape[0]}, depth {depth}, patch {w.shape[-1]}"
+
+
+def load_backbone(model, checkpoint):
+    """Load a backbone from a path (or an already-loaded state dict in timm names) into `model`.
+    Detects: MAE .pth, MoCo v3 linear-probe / pretrain .pth.tar, timm state dicts, Hugging Face ViT /
+    ViTMAE (hub names and transformers 5 names), Google .npz. Returns a one-paragraph report; raises
+    CheckpointError on anything missing or of the wrong shape. The stored pos_embed is always used."""
+    name = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else "<state dict>"
+    raw = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)[0]
+    raw, fmt, prefix = detect_format(raw, name)
+    sd, missing, used = convert_state_dict(raw, fmt, prefix, model)
+    target = model.backbone_state_dict()
+    if "pos_embed" in sd and sd["pos_embed"].shape != target["pos_embed"].shape \
+            and sd["pos_embed"].shape[-1] == target["pos_embed"].shape[-1]:
+        grid = model.cfg.img_size // model.cfg.patch_size
+        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], (grid, grid))
+    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+             for k, v in sd.items() if v.shape != target[k].shape]
+    extra = [k for k in raw if k not in used]
+    dropped = [k for k in extra if any(s in k for s in IRRELEVANT)]
+    unknown = [k for k in extra if k not in dropped]
+    if missing or wrong or unknown:
+        found = _guess_arch({k[len(prefix):]: torch.as_tensor(v) for k, v in raw.items()
+                             if k.startswith(prefix) and not fmt.startswith(("npz", "Hugging"))})
+        lines = [f"{name}: cannot load as {model.cfg.embed_dim}-wide, {model.cfg.depth}-block "
+                 f"ViT/{model.cfg.patch_size} (detected format: {fmt}; checkpoint looks like: {found})"]
+        for label, keys in (("missing backbone keys", missing), ("wrong shapes", wrong),
+                            ("unexpected backbone keys", unknown)):
+            if keys:
+                lines.append(f"  {label} ({len(keys)}): " + "; ".join(keys[:6]) + (" ..." if len(keys) > 6 else ""))
+        raise CheckpointError("\n".join(lines))
+    with torch.no_grad():
+        for k, v in sd.items():
+            model.get_parameter(k).copy_(v)
+    kinds = sorted({next(s for s in IRRELEVANT if s in k) for k in dropped})
+    return (f"loaded {len(sd)} backbone tensors from {name} ({fmt}); "
+            f"dropped {len(dropped)} non-backbone keys ({', '.join(kinds) or 'none'})")

@@ -1,0 +1,202 @@
+"""Plumbing shared by the classification and segmentation harnesses: device and precision,
+seeding, atomic result files, resumable training checkpoints, data-parallel helpers."""
+import contextlib
+import hashlib
+import json
+import os
+import random
+import subprocess
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+EXIT_BAD_INPUT = 2  # missing data / checkpoint, corrupt file, bad label: a user error, not a crash
+
+
+class UserError(Exception):
+    """Bad input that the user can fix; the message says what was expected and where."""
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+# --- device and precision ------------------------------------------------------
+
+
+def pick_device(name=None):
+    if name:
+        return torch.device(name)
+    if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device, bf16=True):
+    """bf16 autocast on CUDA (the fast path); fp32 elsewhere unless asked (CPU bf16 is slow but exact enough)."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+# --- files ---------------------------------------------------------------------
+
+
+def _atomic(path, write):
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj):
+    """Write JSON atomically (a crash never leaves a half-written result)."""
+    _atomic(path, lambda f: f.write(json.dumps(obj, indent=2, default=_jsonable).encode()))
+
+
+def _jsonable(x):
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def save_training_state(path, model, optimizer, scheduler, step, history, extra=None):
+    """Prompt-side parameters, optimizer, scheduler, RNG and history: enough to resume bit-for-bit."""
+    state = {"model": model.prompt_state_dict() if hasattr(model, "prompt_state_dict") else model.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "step": step, "history": history, "rng": rng_state(), "extra": extra or {}}
+    _atomic(path, lambda f: torch.save(state, f))
+
+
+def load_training_state(path, model, optimizer, scheduler):
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    trainable = set(model.prompt_state_dict()) if hasattr(model, "prompt_state_dict") else set()
+    if unexpected or (trainable and set(missing) & trainable):
+        raise UserError(f"{path}: resume state does not match this model (missing {sorted(set(missing) & trainable)}, "
+                        f"unexpected {unexpected}); was it written with other --method / --num-prompts?")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state
+
+
+def code_version():
+    """git commit (+dirty) of this checkout, else a hash of the source files."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        if rev:
+            return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    h = hashlib.sha1()
+    for name in sorted(os.listdir(here)):
+        if name.endswith(".py"):
+            with open(os.path.join(here, name), "rb") as f:
+                h.update(f.read())
+    return "src-" + h.hexdigest()[:10]
+
+
+def check_finite(loss, where):
+    """Stop on NaN/inf (one host sync; call it once per logging interval, not per step)."""
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLoss(f"loss became {loss.item()} at {where}; lower --lr or check the data. "
+                            "The last good epoch's state is kept for --resume.")
+
+# --- data parallel (torchrun) ---------------------------------------------------
+
+
+def init_distributed():
+    """Join the torchrun process group if launched by torchrun; returns (rank, world_size)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main():
+    return world()[0] == 0
+
+
+def all_reduce_gradients(params):
+    """Average the gradients of the trainable parameters only (the backbone has none)."""
+    rank, world_size = world()
+    if world_size == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def all_gather_cat(tensor):
+    """Concatenate a per-rank tensor (first dim may differ between ranks) in rank order."""
+    rank, world_size = world()
+    if world_size == 1:
+        return tensor
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+    biggest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((biggest,) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[:tensor.shape[0]] = tensor
+    out = [torch.zeros_like(padded) for _ in range(world_size)]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:int(s.item())] for o, s in zip(out, sizes)])
+
+
+def all_reduce_sum(tensor):
+    if world()[1] > 1:
+        dist.all_reduce(tensor)
+    return tensor
