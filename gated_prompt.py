@@ -19,6 +19,7 @@ Blocks are numbered 1..L as in the paper; Python lists are indexed 0..L-1.
 """
 import math
 import os
+import pickle
 import zipfile
 from dataclasses import dataclass, replace
 
@@ -238,7 +239,7 @@ class VisionTransformer(nn.Module):
             return (logits > 0).float()
         u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
         soft = torch.sigmoid(logits + torch.log(u) - torch.log1p(-u))  # logistic noise = Gumbel - Gumbel
-        return (soft > 0.5).float() + soft - soft.detach()
+        return (soft > 0.5).float() + (soft - soft.detach())  # value exactly binary
 
     @torch.no_grad()
     def aggregation_weights(self):
@@ -350,7 +351,7 @@ def _hf_table(layer, q, k, v, attn_out, fc1, fc2, norm1, norm2):
     }
 
 
-_NPZ_BLOCK = "Transformer/encoderblock_{i}"
+_NPZ_BLOCK, QKV = "Transformer/encoderblock_{i}", ("query", "key", "value")
 NAME_TABLES = {
     "timm": None,  # our names are timm's: MAE .pth, MoCo v3 .pth.tar (after the prefix), timm state dicts
     "hf": _hf_table("encoder.layer.{i}", "attention.attention.query", "attention.attention.key",
@@ -365,8 +366,8 @@ NAME_TABLES = {
         "patch_embed.proj.bias": "embedding/bias",
         "blocks.{i}.norm1.weight": _NPZ_BLOCK + "/LayerNorm_0/scale",
         "blocks.{i}.norm1.bias": _NPZ_BLOCK + "/LayerNorm_0/bias",
-        "blocks.{i}.attn.qkv.weight": tuple(_NPZ_BLOCK + f"/MultiHeadDotProductAttention_1/{n}/kernel" for n in "qkv"),
-        "blocks.{i}.attn.qkv.bias": tuple(_NPZ_BLOCK + f"/MultiHeadDotProductAttention_1/{n}/bias" for n in "qkv"),
+        "blocks.{i}.attn.qkv.weight": tuple(_NPZ_BLOCK + f"/MultiHeadDotProductAttention_1/{n}/kernel" for n in QKV),
+        "blocks.{i}.attn.qkv.bias": tuple(_NPZ_BLOCK + f"/MultiHeadDotProductAttention_1/{n}/bias" for n in QKV),
         "blocks.{i}.attn.proj.weight": _NPZ_BLOCK + "/MultiHeadDotProductAttention_1/out/kernel",
         "blocks.{i}.attn.proj.bias": _NPZ_BLOCK + "/MultiHeadDotProductAttention_1/out/bias",
         "blocks.{i}.norm2.weight": _NPZ_BLOCK + "/LayerNorm_2/scale",
@@ -404,21 +405,50 @@ def _npz_to_torch(ours, arrays, embed_dim):
     return t[0]
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _read_safetensors(path):
+    """Hugging Face model.safetensors: 8-byte header length, JSON header, raw little-endian data."""
+    import json
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        data = bytearray(f.read())
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        out[name] = torch.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"]).clone()
+    return out
+
+
 def read_checkpoint(path):
-    """Open a .pth / .pth.tar / .bin torch file or a Google .npz; returns (raw dict, "npz" or None)."""
+    """Open a .pth / .pth.tar / .bin torch file, a .safetensors or a Google .npz; returns (raw dict, "npz" or None)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
+        if path.endswith(".safetensors"):
+            return _read_safetensors(path), None
         if zipfile.is_zipfile(path) and not any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist()):
             with np.load(path) as npz:
                 raw, fmt = {k: npz[k] for k in npz.files}, "npz"
         else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                raw = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                if not zipfile.is_zipfile(path):
+                    raise
+                # a torch archive that pickles more than tensors (e.g. an argparse Namespace of 'args'):
+                # allowed for a file the user chose to download
+                raw = torch.load(path, map_location="cpu", weights_only=False)
             fmt = None
     except Exception as e:  # truncated, not a checkpoint, text file, ...
-        raise CheckpointError(f"{path}: not a readable checkpoint (expected a .pth/.pth.tar/.bin torch file "
-                              f"or a .npz): {type(e).__name__}: {str(e)[:200]}") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (expected a .pth/.pth.tar/.bin torch file, "
+                              f".safetensors or .npz): {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(raw).__name__}")
     return raw, fmt
@@ -489,6 +519,14 @@ def _guess_arch(sd):
     return f"ViT with width {w.shape[0]}, depth {depth}, patch {w.shape[-1]}"
 
 
+def _summarise(keys, shown=6):
+    """The first few keys, plus which block indices are involved (e.g. a deeper checkpoint's extra blocks)."""
+    blocks = sorted({int(k.split(".")[i + 1]) for k in keys for i, part in enumerate(k.split(".")[:-1])
+                     if part in ("blocks", "layer", "layers") and k.split(".")[i + 1].isdigit()})
+    text = "; ".join(keys[:shown]) + (" ..." if len(keys) > shown else "")
+    return text + (f" [blocks {blocks[0]}-{blocks[-1]}]" if blocks else "")
+
+
 def load_backbone(model, checkpoint):
     """Load a backbone from a path (or an already-loaded state dict in timm names) into `model`.
     Detects: MAE .pth, MoCo v3 linear-probe / pretrain .pth.tar, timm state dicts, Hugging Face ViT /
@@ -516,7 +554,7 @@ def load_backbone(model, checkpoint):
         for label, keys in (("missing backbone keys", missing), ("wrong shapes", wrong),
                             ("unexpected backbone keys", unknown)):
             if keys:
-                lines.append(f"  {label} ({len(keys)}): " + "; ".join(keys[:6]) + (" ..." if len(keys) > 6 else ""))
+                lines.append(f"  {label} ({len(keys)}): " + _summarise(keys))
         raise CheckpointError("\n".join(lines))
     with torch.no_grad():
         for k, v in sd.items():
