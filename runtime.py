@@ -200,3 +200,23 @@ def all_reduce_sum(tensor):
     if world()[1] > 1:
         dist.all_reduce(tensor)
     return tensor
+
+# --- the training step (shared by reproduce.py and bench.py) ----------------------
+
+
+def make_train_step(model, optimizer, device, bf16=True, compile=False):
+    """One SGD step: forward under bf16 autocast (fused attention), loss in fp32, backward, all-reduce of
+    the trainable gradients, step. Returns the detached loss; never syncs with the host."""
+    forward = torch.compile(model) if compile else model
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(images, labels):
+        with autocast(device, bf16):
+            logits = forward(images)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        all_reduce_gradients(params)
+        optimizer.step()
+        return loss.detach()
+    return step, forward
