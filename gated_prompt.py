@@ -44,7 +44,7 @@ METHODS = {  # name: (prompt, gates, learn_temperature)
     "vpt-deep": ("deep", "none", False),
     "gated": ("shallow", "soft", False),
     "gated+temp": ("shallow", "soft", True),      # the paper's method
-    "gated-hard": ("shallow", "hard", False),     # Table 4 (Gumbel-sigmoid gates)
+    "gated-hard": ("shallow", "hard", True),      # Table 4: our method with Gumbel-sigmoid gates
 }
 TEMPERATURE_RANGE = (0.01, 10.0)
 
