@@ -1,0 +1,835 @@
+"""Analyses and figures of "Improving Visual Prompt Tuning for Self-supervised Vision Transformers".
+
+Each figure function writes a PNG plus the numbers behind it (JSON, and CSV for tables) into an output
+folder and returns {"png": path, "json": path, "csv": path, ...}.
+
+From stored runs (one JSON per run under a results folder, as the harness writes them):
+    figure_insertion(results_dir, out_dir)        Figure 1: accuracy vs first prompted block k
+    figure_selection_ratio(results_dir, out_dir)  Figure 4: selection ratio r_l per block (Eq. 10-11)
+    figure_prompt_count(results_dir, out_dir)     Figure 7 / Table 7: accuracy vs total prompt tokens
+From models:
+    figure_attention(model_specs, image, out_dir) Figure 5: CLS-to-patch attention at blocks 3, 7, 12
+    figure_dip(models, images, blocks, out_dir)   Figures 2 and 9: Deep Image Prior inversion of block
+                                                  tokens, reconstructions and their PSNR / SSIM
+
+A run JSON needs "config" (task, ssl, method, num_prompts, insert_at, arch, lr, ...) and, depending on
+the figure, "final" (with "test_acc" in percent) or "selection_ratio"; anything else in it is ignored.
+Only "final"-protocol runs count (top-level "protocol", absent = final). Seeds of one plotted point are
+averaged; if a point was run at several learning rates, the newest run file's lr is used.
+Figure 5 rebuilds trained models from a run JSON + the <name>.prompts.pt beside it (model_from_run).
+
+Command line: `python reproduce.py figure N ...` (or `python analysis.py N ...`); see main().
+Only torch / torchvision / numpy / tqdm are imported here; matplotlib is imported when a figure is drawn.
+"""
+import argparse
+import csv
+import dataclasses
+import glob
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from tqdm import tqdm
+
+import gated_prompt as gp
+from runtime import EXIT_BAD_INPUT, UserError, write_json
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# -----------------------------------------------------------------------------
+# Run files
+
+
+def load_runs(results_dir, protocol="final", **filters):
+    """Every run JSON under results_dir (recursively) whose config matches the filters.
+
+    A filter value may be a single value (config[key] == value) or a list/tuple/set of allowed values;
+    None means "any". Only runs of the given protocol are kept (the run's top-level "protocol", "final"
+    when absent; lr-sweep runs are "sweep"); protocol=None keeps all. Files that are not run JSONs (no
+    "config" dict, unreadable) are skipped. Each returned run dict gets "path" and "mtime" keys."""
+    if not os.path.isdir(results_dir):
+        raise UserError(f"results folder not found: {results_dir}")
+    runs = []
+    for path in sorted(glob.glob(os.path.join(os.fspath(results_dir), "**", "*.json"), recursive=True)):
+        try:
+            with open(path) as f:
+                run = json.load(f)
+        except (OSError, ValueError):
+            continue  # half-written or foreign file
+        if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
+            continue
+        if protocol is not None and run.get("protocol", "final") != protocol:
+            continue
+        if all(_matches(run["config"].get(key), want) for key, want in filters.items()):
+            run["path"], run["mtime"] = path, os.path.getmtime(path)
+            runs.append(run)
+    return runs
+
+
+def _matches(value, want):
+    if want is None:
+        return True
+    if isinstance(want, (list, tuple, set, frozenset)):
+        return value in want
+    return value == want
+
+
+def final_metric(run, metric="test_acc"):
+    """run["final"][metric] as a float, or None when the run has not finished."""
+    value = (run.get("final") or {}).get(metric)
+    return None if value is None else float(value)
+
+
+def newest_lr_runs(runs):
+    """The runs of one plotted point at a single learning rate: the lr of the newest run file (the
+    harness's tables do the same), so re-running a point at another lr replaces it instead of mixing."""
+    lr = max(runs, key=lambda r: r["mtime"])["config"].get("lr")
+    return [r for r in runs if r["config"].get("lr") == lr]
+
+
+def _point(runs, metric):
+    """Mean/std/n of final[metric] over the seeds of one point (newest lr), with the lr and run files."""
+    runs = newest_lr_runs(runs)
+    mean, std, n = _summary([final_metric(r, metric) for r in runs])
+    return {"mean": mean, "std": std, "n": n, "lr": runs[0]["config"].get("lr"), "runs": [r["path"] for r in runs]}
+
+
+def _curves(runs, group_names, x_name, x_of, metric):
+    """One series per distinct (config[name] for name in group_names), with one point per x_of(config):
+    {**group, x_name: [x...], "mean", "std", "n", "lr", "runs": [...] per x}. Unfinished runs are skipped."""
+    groups = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        if final_metric(run, metric) is not None:
+            c = run["config"]
+            groups[tuple(c.get(name) for name in group_names)][x_of(c)].append(run)
+    series = []
+    for key, by_x in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        xs = sorted(by_x)
+        points = [_point(by_x[x], metric) for x in xs]
+        series.append({**dict(zip(group_names, key)), x_name: xs,
+                       **{field: [p[field] for p in points] for field in ("mean", "std", "n", "lr", "runs")}})
+    return series
+
+
+def _summary(values):
+    """mean, std (sample std, 0 for one run) and count of a list of numbers."""
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return float(arr.mean()), std, len(arr)
+
+
+def _filter_text(filters):
+    return ", ".join(f"{k}={v}" for k, v in filters.items() if v is not None) or "no filter"
+
+
+def _label(key, names, varying):
+    """Legend text from the parts of a group key that differ between groups."""
+    parts = [f"{v}" for v, n in zip(key, names) if n in varying]
+    return " / ".join(parts) if parts else " / ".join(str(v) for v in key)
+
+
+def _varying(keys, names):
+    return {n for i, n in enumerate(names) if len({k[i] for k in keys}) > 1}
+
+
+def _write_csv(path, header, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+# -----------------------------------------------------------------------------
+# Plotting plumbing (matplotlib's object API with the Agg canvas: no global pyplot state)
+
+
+def _new_figure(nrows, ncols, panel_size=(4.0, 3.2), **kw):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("drawing figures needs matplotlib: pip install matplotlib") from None
+    fig = Figure(figsize=(panel_size[0] * ncols, panel_size[1] * nrows), layout="constrained", **kw)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _save(fig, path, title=None, dpi=120):
+    if title:
+        fig.suptitle(title)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def _grid_shape(n, max_cols=3):
+    cols = min(max_cols, n)
+    return math.ceil(n / cols), cols
+
+
+def _hide_unused(axes, used):
+    for ax in axes.flat[used:]:
+        ax.set_visible(False)
+
+# -----------------------------------------------------------------------------
+# Figure 1: accuracy vs the block where prompts are first inserted
+
+
+def figure_insertion(results_dir, out_dir, method="vpt-shallow", metric="test_acc", **filters):
+    """Figure 1: final accuracy vs insert_at (k = first block that sees prompts), one panel per task,
+    one line per SSL backbone. Runs without an insert_at key count as k = 1. Several runs at one point
+    (seeds) are averaged; pass filters (e.g. lr=0.1) to pick the runs. method=None takes every method."""
+    filters = dict(filters, method=method)
+    series = _curves(load_runs(results_dir, **filters), ("task", "ssl", "method"),
+                     "insert_at", lambda c: int(c.get("insert_at", 1)), metric)
+    if not series:
+        raise UserError(f"figure 1: no finished runs (final.{metric}) in {results_dir} ({_filter_text(filters)})")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "figure1_insertion.json"),
+             "csv": os.path.join(out_dir, "figure1_insertion.csv"),
+             "png": os.path.join(out_dir, "figure1_insertion.png")}
+    write_json(paths["json"], {"figure": 1, "metric": metric, "filters": filters, "series": series})
+    _write_csv(paths["csv"], ["task", "ssl", "method", "insert_at", f"{metric}_mean", f"{metric}_std", "n_runs", "lr"],
+               [(s["task"], s["ssl"], s["method"], k, round(m, 4), round(sd, 4), n, lr)
+                for s in series for k, m, sd, n, lr in zip(s["insert_at"], s["mean"], s["std"], s["n"], s["lr"])])
+
+    tasks = sorted({s["task"] for s in series}, key=str)
+    line_keys = [(s["ssl"], s["method"]) for s in series]
+    varying = _varying(line_keys, ("ssl", "method")) | {"ssl"}
+    nrows, ncols = _grid_shape(len(tasks))
+    fig, axes = _new_figure(nrows, ncols)
+    for ax, task in zip(axes.flat, tasks):
+        for s in (s for s in series if s["task"] == task):
+            ax.errorbar(s["insert_at"], s["mean"], yerr=s["std"], marker="o", capsize=2,
+                        label=_label((s["ssl"], s["method"]), ("ssl", "method"), varying))
+        ax.set_title(str(task))
+        ax.set_xlabel("block where prompts are first inserted (k)")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_xticks(sorted({k for s in series for k in s["insert_at"]}))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _hide_unused(axes, len(tasks))
+    _save(fig, paths["png"], "Figure 1: accuracy vs the first block that sees prompts")
+    return paths
+
+# -----------------------------------------------------------------------------
+# Figure 4: selection ratio (Eq. 10-11)
+
+
+def _ratio_list(value):
+    """A stored selection ratio as a flat list (if a history of ratios was stored, its last entry)."""
+    if isinstance(value, dict):
+        value = value.get("ratio") or value.get("values")
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        value = value[-1]
+    return [float(v) for v in value] if isinstance(value, list) and value else None
+
+
+def figure_selection_ratio(results_dir, out_dir, **filters):
+    """Figure 4: bar chart of the stored selection ratio r_l (Eq. 11) over blocks 1..L-1, one panel per
+    (task, ssl) (and method, when several gated methods are stored). Runs are averaged within a panel."""
+    groups = defaultdict(list)   # (task, ssl, method) -> runs
+    for run in load_runs(results_dir, **filters):
+        run["ratio"] = _ratio_list(run.get("selection_ratio"))
+        if run["ratio"] is not None:
+            c = run["config"]
+            groups[(c.get("task"), c.get("ssl"), c.get("method"))].append(run)
+    if not groups:
+        raise UserError(f"figure 4: no runs with a stored selection_ratio in {results_dir} ({_filter_text(filters)}); "
+                        "only gated methods have one")
+    panels = []
+    for (task, ssl, meth), runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        runs = newest_lr_runs(runs)
+        lengths = {len(r["ratio"]) for r in runs}
+        if len(lengths) > 1:
+            raise UserError(f"figure 4: runs for {task}/{ssl}/{meth} store selection ratios of different lengths "
+                            f"{sorted(lengths)}: {[r['path'] for r in runs]}")
+        arr = np.asarray([r["ratio"] for r in runs], dtype=np.float64)
+        panels.append({"task": task, "ssl": ssl, "method": meth, "blocks": list(range(1, arr.shape[1] + 1)),
+                       "mean": arr.mean(0).tolist(),
+                       "std": (arr.std(0, ddof=1) if len(arr) > 1 else np.zeros(arr.shape[1])).tolist(),
+                       "n": len(arr), "lr": runs[0]["config"].get("lr"), "runs": [r["path"] for r in runs]})
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "figure4_selection_ratio.json"),
+             "csv": os.path.join(out_dir, "figure4_selection_ratio.csv"),
+             "png": os.path.join(out_dir, "figure4_selection_ratio.png")}
+    write_json(paths["json"], {"figure": 4, "filters": filters, "panels": panels})
+    _write_csv(paths["csv"], ["task", "ssl", "method", "block", "ratio_mean", "ratio_std", "n_runs"],
+               [(p["task"], p["ssl"], p["method"], b, round(m, 6), round(s, 6), p["n"])
+                for p in panels for b, m, s in zip(p["blocks"], p["mean"], p["std"])])
+
+    names = ("task", "ssl", "method")
+    varying = _varying([(p["task"], p["ssl"], p["method"]) for p in panels], names) | {"task", "ssl"}
+    nrows, ncols = _grid_shape(len(panels))
+    fig, axes = _new_figure(nrows, ncols)
+    for ax, p in zip(axes.flat, panels):
+        ax.bar(p["blocks"], p["mean"], yerr=p["std"] if p["n"] > 1 else None, color="tab:blue", capsize=2)
+        ax.set_title(_label((p["task"], p["ssl"], p["method"]), names, varying))
+        ax.set_xlabel("block l")
+        ax.set_ylabel("selection ratio r_l (Eq. 11)")
+        ax.set_xticks(p["blocks"])
+        ax.set_ylim(0, max(1e-6, max(m + s for m, s in zip(p["mean"], p["std"]))) * 1.1)
+    _hide_unused(axes, len(panels))
+    _save(fig, paths["png"], "Figure 4: selection ratio (Eq. 11)")
+    return paths
+
+# -----------------------------------------------------------------------------
+# Figure 7 / Table 7: accuracy vs the total number of prompt tokens
+
+
+def total_prompt_tokens(config):
+    """Prompt tokens a run trains: VPT-deep inserts num_prompts at every block from insert_at to L
+    (Figure 7: 1, 2, 4, 8 per block = 12, 24, 48, 96 on ViT-B); the other methods insert them once."""
+    n = int(config["num_prompts"])
+    if config.get("method") != "vpt-deep":
+        return n
+    depth = int((config.get("arch_overrides") or {}).get("depth") or config.get("depth")
+                or gp.ARCHS[config.get("arch") or "vit_base"][2])
+    return n * (depth - int(config.get("insert_at", 1)) + 1)
+
+
+def figure_prompt_count(results_dir, out_dir, methods=("vpt-deep", "gated", "gated+temp"), metric="test_acc",
+                        **filters):
+    """Figure 7 / Table 7: final accuracy vs total prompt tokens, one panel per (ssl, task), one line per
+    method. Also writes Table 7 as CSV: one row per (tokens, method), one column per task, and their mean
+    (AVG, only where every task has a run)."""
+    filters = dict(filters, method=list(methods) if methods is not None else None)
+    runs = [r for r in load_runs(results_dir, **filters) if r["config"].get("num_prompts") is not None]
+    series = _curves(runs, ("ssl", "task", "method"), "prompt_tokens", total_prompt_tokens, metric)
+    if not series:
+        raise UserError(f"figure 7: no finished runs (final.{metric}) with num_prompts in {results_dir} "
+                        f"({_filter_text(filters)})")
+
+    # Table 7: rows (ssl, tokens, method), columns tasks + AVG
+    tasks = sorted({s["task"] for s in series}, key=str)
+    cell = {(s["ssl"], n, s["method"], s["task"]): m for s in series for n, m in zip(s["prompt_tokens"], s["mean"])}
+    table = []
+    for ssl, n, meth in sorted({(k[0], k[1], k[2]) for k in cell}, key=lambda r: (str(r[0]), r[1], str(r[2]))):
+        values = [cell.get((ssl, n, meth, t)) for t in tasks]
+        avg = float(np.mean(values)) if all(v is not None for v in values) else None
+        table.append({"ssl": ssl, "prompt_tokens": n, "method": meth, **dict(zip(tasks, values)), "AVG": avg})
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "figure7_prompt_count.json"),
+             "csv": os.path.join(out_dir, "table7_prompt_count.csv"),
+             "png": os.path.join(out_dir, "figure7_prompt_count.png")}
+    write_json(paths["json"], {"figure": 7, "metric": metric, "filters": filters, "series": series, "table7": table})
+    fmt = lambda v: "" if v is None else round(v, 2)  # noqa: E731
+    _write_csv(paths["csv"], ["ssl", "prompt_tokens", "method"] + [str(t) for t in tasks] + ["AVG"],
+               [[r["ssl"], r["prompt_tokens"], r["method"]] + [fmt(r[t]) for t in tasks] + [fmt(r["AVG"])]
+                for r in table])
+
+    panels = sorted({(s["ssl"], s["task"]) for s in series}, key=lambda k: tuple(map(str, k)))
+    nrows, ncols = _grid_shape(len(panels))
+    fig, axes = _new_figure(nrows, ncols)
+    for ax, (ssl, task) in zip(axes.flat, panels):
+        for s in (s for s in series if (s["ssl"], s["task"]) == (ssl, task)):
+            ax.errorbar(s["prompt_tokens"], s["mean"], yerr=s["std"], marker="o", capsize=2, label=s["method"])
+        ticks = sorted({n for s in series if (s["ssl"], s["task"]) == (ssl, task) for n in s["prompt_tokens"]})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_title(f"{task} ({ssl})")
+        ax.set_xlabel("number of prompt tokens (total)")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _hide_unused(axes, len(panels))
+    _save(fig, paths["png"], "Figure 7: accuracy vs number of prompt tokens")
+    return paths
+
+# -----------------------------------------------------------------------------
+# Images and backbone helpers
+
+
+def to_image_tensor(image, size=None):
+    """A path, PIL image or [3,H,W] / [1,3,H,W] tensor -> float [3,H,W] in [0,1]; with size, resized
+    (shorter side) and centre-cropped to size x size."""
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image
+        with Image.open(image) as im:
+            image = im.convert("RGB")
+    if not isinstance(image, torch.Tensor):
+        image = TF.to_tensor(image.convert("RGB"))
+    if image.dim() == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected an RGB image [3,H,W], got shape {tuple(image.shape)}")
+    image = image.float() / 255 if image.dtype == torch.uint8 else image.float()
+    if size is not None and tuple(image.shape[-2:]) != (size, size):
+        image = TF.center_crop(TF.resize(image, size, antialias=True), size).clamp(0, 1)
+    return image
+
+
+def imagenet_normalise(images):
+    """[B,3,H,W] in [0,1] -> ImageNet mean/std normalised (what the backbones were trained on)."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _check_blocks(model, blocks):
+    depth = len(model.blocks)
+    bad = [b for b in blocks if not 1 <= int(b) <= depth]
+    if bad:
+        raise UserError(f"blocks {bad} out of range: this model has blocks 1..{depth}")
+
+
+def backbone_tokens(model, images, block):
+    """Tokens [B, 1+N, D] (CLS + patches) after block `block` (1-based) of the frozen backbone alone:
+    no prompts, no temperatures. Runs only blocks 1..block. images: ImageNet-normalised."""
+    x = model.embed(images)
+    for blk in model.blocks[:block]:
+        x, _ = blk(x)
+    return x
+
+
+def backbone_twin(model):
+    """A prompt-free ("linear" method) copy of model's frozen backbone with the same weights: the
+    "frozen backbone" row of Figure 5 and the model whose blocks DIP inverts."""
+    twin = gp.VisionTransformer(model.cfg, gp.prompt_config("linear", num_classes=0))
+    twin.load_state_dict(model.backbone_state_dict())
+    return twin.to(_device(model)).eval()
+
+
+@contextmanager
+def _eval_and_frozen(model):
+    """Eval mode (no prompt dropout) and no parameter gradients, restored afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+# -----------------------------------------------------------------------------
+# Figure 5: self-attention maps
+
+
+@torch.no_grad()
+def cls_attention_maps(model, image, blocks=(3, 7, 12)):
+    """{block: [gh, gw]} attention of CLS to each patch after softmax, averaged over heads (Figure 5).
+    Prompt tokens (if any) take part in the softmax but are not shown. image: [3,H,W] in [0,1]."""
+    _check_blocks(model, blocks)
+    x = imagenet_normalise(image[None].to(_device(model)))
+    gh, gw = x.shape[-2] // model.cfg.patch_size, x.shape[-1] // model.cfg.patch_size
+    with _eval_and_frozen(model):
+        attns = model.attention_maps(x, blocks=tuple(blocks))
+    # sequence = [CLS, prompts, patches]: the patches are always the last gh*gw tokens
+    return {b: attns[b][0, :, 0, -gh * gw:].float().mean(0).reshape(gh, gw).cpu() for b in blocks}
+
+
+def figure_attention(model_specs, image, out_dir, blocks=(3, 7, 12)):
+    """Figure 5: one row per (label, model) (e.g. frozen backbone / gated / gated + temperatures), one
+    column per block: CLS-to-patch attention averaged over heads, upsampled and overlaid on the image.
+    image: path, PIL image or [3,H,W] tensor in [0,1]; resized to each model's input size."""
+    if not model_specs:
+        raise UserError("figure 5: no models given")
+    rows = []
+    for label, model in model_specs:
+        img = to_image_tensor(image, model.cfg.img_size)
+        rows.append((label, img, cls_attention_maps(model, img, blocks)))
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "figure5_attention.json"),
+             "png": os.path.join(out_dir, "figure5_attention.png")}
+    maps_by_model = {label: {str(b): maps[b].tolist() for b in blocks} for label, _, maps in rows}
+    write_json(paths["json"], {"figure": 5, "blocks": list(blocks), "models": maps_by_model,
+                               "note": "CLS-to-patch softmax attention averaged over heads, on the patch grid"})
+
+    fig, axes = _new_figure(len(rows), 1 + len(blocks), panel_size=(2.6, 2.6))
+    for r, (label, img, maps) in enumerate(rows):
+        picture = img.permute(1, 2, 0).numpy()
+        axes[r, 0].imshow(picture)
+        axes[r, 0].set_ylabel(label)
+        if r == 0:
+            axes[r, 0].set_title("image")
+        for c, b in enumerate(blocks, start=1):
+            heat = F.interpolate(maps[b][None, None], size=img.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+            heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)  # per-map min-max for display
+            axes[r, c].imshow(picture)
+            axes[r, c].imshow(heat.numpy(), cmap="jet", alpha=0.5)
+            if r == 0:
+                axes[r, c].set_title(f"block {b}")
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    _save(fig, paths["png"], "Figure 5: CLS-to-patch self-attention (mean over heads)")
+    return paths
+
+# -----------------------------------------------------------------------------
+# Image quality: PSNR and SSIM (Wang et al. 2004), in torch
+
+
+def _as_batch(a, b):
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    single = a.dim() == 3
+    a, b = (a[None], b[None]) if single else (a, b)
+    if a.dim() != 4:
+        raise ValueError(f"expected [C,H,W] or [B,C,H,W], got {tuple(a.shape)}")
+    return a.double(), b.double(), single
+
+
+def psnr(a, b, data_range=1.0):
+    """Peak signal-to-noise ratio in dB, 10 log10(range^2 / MSE); inf for identical images.
+    [C,H,W] -> 0-d tensor, [B,C,H,W] -> [B]."""
+    a, b, single = _as_batch(a, b)
+    mse = (a - b).pow(2).mean(dim=(1, 2, 3))
+    out = 10 * torch.log10(data_range ** 2 / mse)
+    return out[0] if single else out
+
+
+def gaussian_window(size=11, sigma=1.5, dtype=torch.float64):
+    """The normalised 1-D Gaussian of SSIM (the 2-D window is its outer product)."""
+    coords = torch.arange(size, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def ssim(a, b, data_range=1.0, window_size=11, sigma=1.5, k1=0.01, k2=0.03):
+    """Structural similarity (Wang et al. 2004): local statistics under an 11x11 Gaussian window
+    (sigma 1.5) at every position where the window fits, C1 = (K1 R)^2, C2 = (K2 R)^2, SSIM map averaged
+    per channel, then over channels. [C,H,W] -> 0-d tensor, [B,C,H,W] -> [B]."""
+    a, b, single = _as_batch(a, b)
+    channels, height, width = a.shape[1:]
+    if min(height, width) < window_size:
+        raise ValueError(f"SSIM needs images of at least {window_size}x{window_size}, got {height}x{width}")
+    g = gaussian_window(window_size, sigma).to(a.device)
+    window = torch.outer(g, g).expand(channels, 1, window_size, window_size)
+    filt = lambda x: F.conv2d(x, window, groups=channels)  # noqa: E731  ('valid': no padding)
+    mu_a, mu_b = filt(a), filt(b)
+    var_a = filt(a * a) - mu_a ** 2
+    var_b = filt(b * b) - mu_b ** 2
+    cov = filt(a * b) - mu_a * mu_b
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    out = ssim_map.mean(dim=(2, 3)).mean(dim=1)
+    return out[0] if single else out
+
+# -----------------------------------------------------------------------------
+# Figures 2 and 9: Deep Image Prior (Ulyanov et al. 2018) inversion of a block's tokens
+
+
+def _conv_bn_relu(c_in, c_out, kernel=3, stride=1):
+    return [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, inplace=True)]
+
+
+class DIPGenerator(nn.Module):
+    """DIP's hourglass: strided-conv encoder, bilinear-upsampling decoder with thin skip connections,
+    sigmoid output in [0,1]. Fed a fixed noise tensor [1, noise_channels, H, W]."""
+
+    def __init__(self, noise_channels=32, widths=(128, 128, 128, 128, 128), skip_channels=4):
+        super().__init__()
+        self.down, self.skip, self.up = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        c = noise_channels
+        for w in widths:
+            self.skip.append(nn.Sequential(*_conv_bn_relu(c, skip_channels, kernel=1)))
+            self.down.append(nn.Sequential(*_conv_bn_relu(c, w, stride=2), *_conv_bn_relu(w, w)))
+            c = w
+        for w in reversed(widths):
+            self.up.append(nn.Sequential(nn.BatchNorm2d(c + skip_channels), *_conv_bn_relu(c + skip_channels, w),
+                                         *_conv_bn_relu(w, w, kernel=1)))
+            c = w
+        self.out = nn.Conv2d(c, 3, 1)
+
+    def forward(self, noise):
+        x, skips = noise, []
+        for down, skip in zip(self.down, self.skip):
+            skips.append(skip(x))
+            x = down(x)
+        for up, s in zip(self.up, reversed(skips)):
+            x = F.interpolate(x, size=s.shape[-2:], mode="bilinear", align_corners=False)
+            x = up(torch.cat([x, s], dim=1))
+        return torch.sigmoid(self.out(x))
+
+
+def dip_reconstruct(model, image, block, steps=1000, lr=0.01, seed=0, widths=(128, 128, 128, 128, 128),
+                    noise_channels=32, progress=True, return_losses=False):
+    """Deep Image Prior inversion (Figure 2): optimise a conv generator fed fixed noise so that the frozen
+    backbone's tokens after `block` (CLS + patches, no prompts or temperatures) for its output match those
+    of `image` (MSE). image: [3,H,W] in [0,1]. Returns the reconstruction [3,H,W] in [0,1] (on the CPU),
+    and with return_losses=True also the loss before each step plus the loss of the returned image.
+    The paper gives no DIP settings; Adam at lr 0.01 on an hourglass fed uniform noise follows DIP's
+    own defaults (Ulyanov et al. 2018) and is our choice."""
+    _check_blocks(model, (block,))
+    device = _device(model)
+    image = image.to(device)
+    levels = max(1, int(math.log2(min(image.shape[-2:]) / 4)))   # keep the bottleneck >= 4x4 (BatchNorm)
+    with torch.random.fork_rng(devices=[]):   # seeded without touching the caller's random state
+        torch.manual_seed(seed)
+        generator = DIPGenerator(noise_channels, tuple(widths)[:levels])
+        noise = torch.rand(1, noise_channels, *image.shape[-2:]) * 0.1   # DIP's input: uniform noise x 1/10
+    generator, noise = generator.to(device).train(), noise.to(device)
+    optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
+    losses = []
+    with _eval_and_frozen(model):
+        with torch.no_grad():
+            target = backbone_tokens(model, imagenet_normalise(image[None]), block)
+
+        def feature_loss(out):   # MSE between the block's tokens of the generated image and of the image
+            return F.mse_loss(backbone_tokens(model, imagenet_normalise(out), block), target)
+
+        for _ in tqdm(range(steps), desc=f"DIP block {block}", leave=False, disable=not progress):
+            optimizer.zero_grad(set_to_none=True)
+            loss = feature_loss(generator(noise))
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        with torch.no_grad():
+            reconstruction = generator(noise)
+            losses.append(feature_loss(reconstruction).item())
+    reconstruction = reconstruction[0].detach().cpu()
+    return (reconstruction, losses) if return_losses else reconstruction
+
+
+def figure_dip(models, images, blocks, out_dir, steps=1000, lr=0.01, seed=0, max_grid_images=4, **dip_options):
+    """Figures 2 and 9: DIP reconstruction of every image from the tokens after every block of every
+    backbone. models: list of (label, model) (e.g. supervised / MoCo v3 / MAE); images: paths, PIL images
+    or [3,H,W] tensors in [0,1] (resized to the model's input size). Writes the reconstruction grid
+    (Figure 2, first max_grid_images images) and PSNR / SSIM per block per backbone (Figure 9)."""
+    if not models or not images:
+        raise UserError("figure 2/9: need at least one model and one image")
+    blocks = [int(b) for b in blocks]
+    for _, model in models:
+        _check_blocks(model, blocks)
+    scores = {}         # label -> {"psnr": [blocks][images], "ssim": ...}
+    grid = []           # (image index, label, original, {block: reconstruction})
+    jobs = tqdm(total=len(models) * len(images) * len(blocks), desc="DIP reconstructions",
+                disable=not dip_options.get("progress", True))
+    for label, model in models:
+        scores[label] = {"psnr": [[None] * len(images) for _ in blocks], "ssim": [[None] * len(images) for _ in blocks]}
+        for i, image in enumerate(images):
+            original = to_image_tensor(image, model.cfg.img_size)
+            recons = {}
+            for j, block in enumerate(blocks):
+                recon = dip_reconstruct(model, original, block, steps=steps, lr=lr, seed=seed, **dip_options)
+                scores[label]["psnr"][j][i] = float(psnr(recon, original))
+                scores[label]["ssim"][j][i] = float(ssim(recon, original))
+                recons[block] = recon
+                jobs.update()
+            if i < max_grid_images:
+                grid.append((i, label, original, recons))
+    jobs.close()
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "figure9_dip_scores.json"),
+             "csv": os.path.join(out_dir, "figure9_dip_scores.csv"),
+             "png": os.path.join(out_dir, "figure2_dip_reconstructions.png"),
+             "scores_png": os.path.join(out_dir, "figure9_dip_scores.png")}
+    summary = {label: {f"{m}_{stat}": [_summary([v for v in per_block if math.isfinite(v)] or [math.inf])[k]
+                                       for per_block in s[m]]
+                       for m in ("psnr", "ssim") for stat, k in (("mean", 0), ("std", 1))}
+               for label, s in scores.items()}
+    write_json(paths["json"], {"figures": [2, 9], "blocks": blocks, "num_images": len(images), "steps": steps,
+                               "lr": lr, "seed": seed, "summary": summary,
+                               "per_image": scores})
+    _write_csv(paths["csv"], ["model", "block", "image", "psnr_db", "ssim"],
+               [(label, b, i, round(s["psnr"][j][i], 4), round(s["ssim"][j][i], 6))
+                for label, s in scores.items() for j, b in enumerate(blocks) for i in range(len(images))])
+
+    # Figure 2: per (image, backbone) a row: the original, then the reconstruction from each block
+    fig, axes = _new_figure(len(grid), 1 + len(blocks), panel_size=(2.2, 2.2))
+    for r, (i, label, original, recons) in enumerate(grid):
+        axes[r, 0].imshow(original.permute(1, 2, 0).numpy())
+        axes[r, 0].set_ylabel(f"{label}\nimage {i}", fontsize=8)
+        for c, b in enumerate(blocks, start=1):
+            axes[r, c].imshow(recons[b].permute(1, 2, 0).clamp(0, 1).numpy())
+            if r == 0:
+                axes[r, c].set_title(f"block {b}")
+        if r == 0:
+            axes[r, 0].set_title("original")
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    _save(fig, paths["png"], "Figure 2: Deep Image Prior reconstructions from block tokens")
+
+    # Figure 9: (a) PSNR and (b) SSIM per block, one line per backbone
+    fig, axes = _new_figure(1, 2)
+    for ax, metric, unit in ((axes[0, 0], "psnr", "(a) PSNR (dB)"), (axes[0, 1], "ssim", "(b) SSIM")):
+        for label, s in summary.items():
+            ax.errorbar(blocks, s[f"{metric}_mean"], yerr=s[f"{metric}_std"], marker="o", capsize=2, label=label)
+        ax.set_title(unit)
+        ax.set_xlabel("block whose tokens are inverted")
+        ax.set_ylabel(unit.split(" ", 1)[1])
+        ax.set_xticks(blocks)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, paths["scores_png"], "Figure 9: quality of the DIP reconstructions")
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# Models for Figures 2, 5 and 9
+
+
+def model_from_run(run_path, checkpoint, device="cpu"):
+    """Rebuild a trained model: its run JSON's config, the backbone file it was trained on, and the
+    prompt-side weights the harness saves beside the JSON as <name>.prompts.pt. Returns (model, run)."""
+    run_path = os.fspath(run_path)
+    with open(run_path) as f:
+        run = json.load(f)
+    cfg = run.get("config") if isinstance(run, dict) else None
+    if not isinstance(cfg, dict) or "method" not in cfg:
+        raise UserError(f"{run_path}: not a run JSON with a config (expected the harness's result file)")
+    prompts_path = run_path[:-len(".json")] + ".prompts.pt" if run_path.endswith(".json") else run_path + ".prompts.pt"
+    if not os.path.isfile(prompts_path):
+        raise UserError(f"{prompts_path}: the trained prompts of {run_path} are missing (the harness writes them "
+                        "beside the run JSON)")
+    state = torch.load(prompts_path, map_location="cpu", weights_only=True)
+    num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
+    prompt_keys = {f.name for f in dataclasses.fields(gp.PromptConfig)} - {"num_classes"}
+    vit_cfg = gp.vit_config(cfg.get("arch", "vit_base"), cfg.get("ssl", "mae"), img_size=cfg.get("img_size", 224),
+                            **(cfg.get("arch_overrides") or {}))
+    prompt_cfg = gp.prompt_config(cfg["method"], num_classes=num_classes,
+                                  **{k: v for k, v in cfg.items() if k in prompt_keys})
+    model = gp.VisionTransformer(vit_cfg, prompt_cfg)
+    gp.load_backbone(model, checkpoint)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k in model.prompt_state_dict()]
+    if missing or unexpected:
+        raise UserError(f"{prompts_path} does not fit the model of {run_path} (missing {missing}, "
+                        f"unexpected {unexpected})")
+    return model.to(device).eval(), run
+
+
+def backbone_from_file(checkpoint, arch="vit_base", img_size=224, device="cpu", **arch_overrides):
+    """A prompt-free backbone (the "linear" method, no head) loaded from any format load_backbone reads."""
+    model = gp.VisionTransformer(gp.vit_config(arch, "mae", img_size=img_size, **arch_overrides),
+                                 gp.prompt_config("linear", num_classes=0))
+    gp.load_backbone(model, checkpoint)
+    return model.to(device).eval()
+
+
+def image_files(paths, limit=None):
+    """Image paths from files and folders (a folder: its .jpg/.jpeg/.png files, sorted)."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            files += sorted(os.path.join(path, n) for n in os.listdir(path)
+                            if n.lower().endswith((".jpg", ".jpeg", ".png")))
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise UserError(f"image not found: {path}")
+    if not files:
+        raise UserError(f"no images in {paths}")
+    return files[:limit] if limit else files
+
+# -----------------------------------------------------------------------------
+# Command line: python reproduce.py figure N ... (or python analysis.py N ...)
+
+
+def _parse_filter(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"--filter expects KEY=VALUE, got {text!r}")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="reproduce.py figure", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Draw a figure of the paper; writes PNG + JSON/CSV under --out-dir.",
+        epilog="""examples:
+  reproduce.py figure 1 --filter lr=0.1                 accuracy vs first prompted block (stored runs)
+  reproduce.py figure 4                                 selection ratios of the stored gated runs
+  reproduce.py figure 7 --filter ssl=mae                accuracy vs prompt tokens + Table 7 (stored runs)
+  reproduce.py figure 5 --image bird.jpg --checkpoint checkpoints/mae_pretrain_vit_base.pth \\
+      --run results/cub/mae/RUN-gated.json --run results/cub/mae/RUN-gated+temp.json
+  reproduce.py figure 2 --image images/ --max-images 100 --backbone supervised=ViT-B_16.npz \\
+      --backbone "MoCo v3=linear-vit-b-300ep.pth.tar" --backbone MAE=mae_pretrain_vit_base.pth   (also writes 9)""")
+    p.add_argument("number", type=int, choices=[1, 2, 4, 5, 7, 9], help="figure number (2 and 9 are one analysis)")
+    p.add_argument("--results-dir", default="results", help="where the run JSONs are (default ./results)")
+    p.add_argument("--out-dir", help="where the figure goes (default <results-dir>/figures)")
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="figures 1/4/7: keep runs whose config has KEY=VALUE (repeatable)")
+    p.add_argument("--method", default="vpt-shallow", help="figure 1: the method plotted (default vpt-shallow; "
+                                                           "'any' for all)")
+    p.add_argument("--image", action="append", default=[], help="figures 2/5/9: an image file or folder (repeatable)")
+    p.add_argument("--max-images", type=int, default=None, help="figures 2/9: use at most this many images")
+    p.add_argument("--run", action="append", default=[], help="figure 5: a run JSON (one row each; its .prompts.pt "
+                                                              "must be beside it)")
+    p.add_argument("--checkpoint", help="figure 5: the backbone file the runs were trained on")
+    p.add_argument("--backbone", action="append", default=[], metavar="LABEL=FILE",
+                   help="figures 2/9: a backbone to invert (repeatable; one row / line each)")
+    p.add_argument("--arch", default="vit_base", choices=list(gp.ARCHS), help="figures 2/9: backbone size")
+    p.add_argument("--arch-overrides", type=json.loads, default={},
+                   help="figures 2/9: JSON dict of ViT config overrides (small test models)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--blocks", type=int, nargs="+", help="blocks shown (figure 5 default: 3 7 12; "
+                                                         "figures 2/9 default: 1 4 7 10 12)")
+    p.add_argument("--steps", type=int, default=1000, help="figures 2/9: DIP optimisation steps per image and block")
+    p.add_argument("--lr", type=float, default=0.01, help="figures 2/9: DIP Adam learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available")
+    args = p.parse_args(argv)
+    out_dir = args.out_dir or os.path.join(args.results_dir, "figures")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    filters = dict(_parse_filter(f) for f in args.filter)
+
+    if args.number == 1:
+        paths = figure_insertion(args.results_dir, out_dir, method=None if args.method == "any" else args.method,
+                                 **filters)
+    elif args.number == 4:
+        paths = figure_selection_ratio(args.results_dir, out_dir, **filters)
+    elif args.number == 7:
+        paths = figure_prompt_count(args.results_dir, out_dir, **filters)
+    elif args.number == 5:
+        if not (args.image and args.run and args.checkpoint):
+            raise UserError("figure 5 needs --image, --checkpoint and at least one --run")
+        specs = []
+        for run_path in args.run:
+            model, run = model_from_run(run_path, args.checkpoint, device)
+            if not specs:   # first row: the frozen backbone the prompts were trained on
+                specs.append((f"{run['config'].get('ssl', 'backbone')} (frozen)", backbone_twin(model)))
+            specs.append((run["config"]["method"], model))
+        image = image_files(args.image[:1])[0]
+        paths = figure_attention(specs, image, out_dir, blocks=tuple(args.blocks or (3, 7, 12)))
+    else:  # 2 and 9
+        if not (args.image and args.backbone):
+            raise UserError("figures 2/9 need --image (file or folder) and at least one --backbone LABEL=FILE")
+        models = []
+        for spec in args.backbone:
+            label, sep, path = spec.partition("=")
+            if not sep:
+                label, path = os.path.basename(spec), spec
+            models.append((label, backbone_from_file(path, args.arch, args.img_size, device, **args.arch_overrides)))
+        paths = figure_dip(models, image_files(args.image, args.max_images), tuple(args.blocks or (1, 4, 7, 10, 12)),
+                           out_dir, steps=args.steps, lr=args.lr, seed=args.seed)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)

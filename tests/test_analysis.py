@@ -1,0 +1,424 @@
+"""Tests of analysis.py: the figure functions end to end, PSNR / SSIM, insertion at block k, DIP.
+
+The run JSONs written below are FIXTURES OF THE RESULT-FILE FORMAT (made-up numbers) used to check the
+plotting and tabulation code; they are not results of the method."""
+import csv
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import analysis  # noqa: E402
+import gated_prompt as gp  # noqa: E402
+from runtime import UserError  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_model(method="linear", seed=0, **prompt_overrides):
+    torch.manual_seed(seed)
+    cfg = gp.vit_config("vit_base", "mae", embed_dim=32, depth=4, num_heads=2, img_size=32, patch_size=8)
+    overrides = dict(num_classes=5, **prompt_overrides)
+    if method != "linear":
+        overrides.setdefault("num_prompts", 3)
+    return gp.VisionTransformer(cfg, gp.prompt_config(method, **overrides)).eval()
+
+
+def tiny_image(seed=0, size=32):
+    """A smooth synthetic RGB image in [0,1] (gradients + a blob), [3, size, size]."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    blob = torch.exp(-((xx - 0.6) ** 2 + (yy - 0.4) ** 2) / 0.05)
+    img = torch.stack([xx, yy, blob]) * 0.8 + 0.1 * torch.rand(3, size, size, generator=g)
+    return img.clamp(0, 1)
+
+
+def assert_png(path):
+    assert os.path.isfile(path), path
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    assert os.path.getsize(path) > 2000
+    with Image.open(path) as im:
+        assert min(im.size) > 100
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+# -----------------------------------------------------------------------------
+# FILE-FORMAT FIXTURES: fake run JSONs in the harness's layout
+
+
+def write_format_fixture_run(results_dir, name, test_acc=None, selection_ratio=None, protocol="final", age=0,
+                             **config):
+    """One fake run JSON in the harness's layout; `age` seconds makes the file older (lr choice by mtime)."""
+    config = {"task": "cub", "ssl": "mae", "method": "vpt-shallow", "num_prompts": 100, "insert_at": 1,
+              "arch": "vit_base", "lr": 0.1, "seed": 42, **config}
+    run = {"config": config, "protocol": protocol, "gates": [], "selection_ratio": selection_ratio,
+           "temperatures": None, "history": [{"epoch": 1}], "extra_key_the_harness_might_add": {"x": 1}}
+    if test_acc is not None:
+        run["final"] = {"test_acc": test_acc, "val_acc": None}
+    path = os.path.join(results_dir, config["task"], f"{name}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(run, f)
+    if age:
+        now = os.path.getmtime(path)
+        os.utime(path, (now - age, now - age))
+    return path
+
+
+def test_load_runs_filters_and_skips_foreign_files(tmp_path):
+    write_format_fixture_run(tmp_path, "a", 50.0, ssl="mae")
+    write_format_fixture_run(tmp_path, "b", 60.0, ssl="mocov3")
+    (tmp_path / "summary.json").write_text(json.dumps([1, 2, 3]))     # not a run
+    (tmp_path / "broken.json").write_text("{ half written")
+    assert len(analysis.load_runs(tmp_path)) == 2
+    assert [r["config"]["ssl"] for r in analysis.load_runs(tmp_path, ssl="mocov3")] == ["mocov3"]
+    assert len(analysis.load_runs(tmp_path, ssl=["mae", "mocov3"])) == 2
+    write_format_fixture_run(tmp_path, "sweep", 99.0, protocol="sweep")
+    assert len(analysis.load_runs(tmp_path)) == 2                       # lr-sweep runs are not final results
+    assert len(analysis.load_runs(tmp_path, protocol=None)) == 3
+    with pytest.raises(UserError):
+        analysis.load_runs(tmp_path / "missing")
+
+
+def test_point_uses_the_newest_lr(tmp_path):
+    write_format_fixture_run(tmp_path, "old-lr-s1", 10.0, lr=0.5, seed=1, age=100)
+    write_format_fixture_run(tmp_path, "old-lr-s2", 12.0, lr=0.5, seed=2, age=100)
+    write_format_fixture_run(tmp_path, "new-lr-s1", 50.0, lr=0.1, seed=1, age=10)
+    write_format_fixture_run(tmp_path, "new-lr-s2", 54.0, lr=0.1, seed=2)
+    point = analysis._point(analysis.load_runs(tmp_path), "test_acc")
+    assert (point["lr"], point["n"], point["mean"]) == (0.1, 2, 52.0)
+
+
+def test_figure_insertion(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "out"
+    for k in (1, 6, 12):
+        write_format_fixture_run(results, f"mae-k{k}-s1", 40.0 + k, insert_at=k, seed=1)
+        write_format_fixture_run(results, f"mae-k{k}-s2", 42.0 + k, insert_at=k, seed=2)
+        write_format_fixture_run(results, f"moco-k{k}", 70.0 - k, insert_at=k, ssl="mocov3")
+        write_format_fixture_run(results, f"kitti-k{k}", 30.0 + 2 * k, insert_at=k, task="kitti")
+    write_format_fixture_run(results, "unfinished", None, insert_at=3)                  # no "final": skipped
+    write_format_fixture_run(results, "sweep", 0.0, insert_at=6, protocol="sweep")       # not a final run
+    write_format_fixture_run(results, "other-method", 99.0, insert_at=3, method="gated")  # filtered out
+    paths = analysis.figure_insertion(results, out)
+    assert_png(paths["png"])
+    rows = read_csv(paths["csv"])
+    assert len(rows) == 9
+    mae_cub = {int(r["insert_at"]): r for r in rows if (r["task"], r["ssl"]) == ("cub", "mae")}
+    assert sorted(mae_cub) == [1, 6, 12]
+    assert float(mae_cub[6]["test_acc_mean"]) == pytest.approx(47.0)          # mean of 46 and 48
+    assert float(mae_cub[6]["test_acc_std"]) == pytest.approx(math.sqrt(2), abs=1e-4)   # sample std (CSV: 4 decimals)
+    assert mae_cub[6]["n_runs"] == "2"
+    data = json.loads(open(paths["json"]).read())
+    kitti = next(s for s in data["series"] if s["task"] == "kitti")
+    assert kitti["insert_at"] == [1, 6, 12] and kitti["mean"] == [32.0, 42.0, 54.0]
+    with pytest.raises(UserError):
+        analysis.figure_insertion(results, out, task="nonexistent")
+    # the same through the command line (python reproduce.py figure 1 ...)
+    assert analysis.main(["1", "--results-dir", str(results), "--out-dir", str(tmp_path / "cli"),
+                          "--filter", "ssl=mae", "--filter", "lr=0.1"]) == 0
+    cli_rows = read_csv(tmp_path / "cli" / "figure1_insertion.csv")
+    assert {r["ssl"] for r in cli_rows} == {"mae"} and len(cli_rows) == 6
+
+
+def test_figure_selection_ratio(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "out"
+    r1 = [0.0] * 9 + [0.2, 0.8]
+    r2 = [0.0] * 9 + [0.4, 0.6]
+    cars = [0.3] + [0.0] * 9 + [0.7]
+    write_format_fixture_run(results, "nab-1", 80.0, selection_ratio=r1, task="nabirds", method="gated+temp", seed=1)
+    write_format_fixture_run(results, "nab-2", 80.0, selection_ratio=r2, task="nabirds", method="gated+temp", seed=2)
+    write_format_fixture_run(results, "cars", 70.0, selection_ratio=cars, task="cars", method="gated+temp")
+    write_format_fixture_run(results, "ade", None, selection_ratio=[1 / 11] * 11, task="ade20k", method="gated+temp")
+    write_format_fixture_run(results, "vpt", 60.0, task="cars")   # no selection ratio: skipped
+    paths = analysis.figure_selection_ratio(results, out)
+    assert_png(paths["png"])
+    data = json.loads(open(paths["json"]).read())
+    panels = {(p["task"], p["ssl"]): p for p in data["panels"]}
+    assert set(panels) == {("nabirds", "mae"), ("cars", "mae"), ("ade20k", "mae")}
+    nab = panels[("nabirds", "mae")]
+    assert nab["blocks"] == list(range(1, 12)) and nab["n"] == 2
+    assert nab["mean"][-2:] == pytest.approx([0.3, 0.7])
+    assert panels[("cars", "mae")]["mean"] == pytest.approx(cars)
+    rows = read_csv(paths["csv"])
+    assert len(rows) == 3 * 11
+    assert float(next(r for r in rows if r["task"] == "cars" and r["block"] == "1")["ratio_mean"]) == pytest.approx(0.3)
+
+
+def test_figure_prompt_count_and_table7(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "out"
+    for per_block, acc in zip((1, 2, 4, 8), (57.0, 60.0, 64.0, 67.0)):    # VPT-deep: 12, 24, 48, 96 tokens
+        write_format_fixture_run(results, f"deep-cars-{per_block}", acc, task="cars", method="vpt-deep",
+                                 num_prompts=per_block)
+        write_format_fixture_run(results, f"deep-cub-{per_block}", acc + 2, task="cub", method="vpt-deep",
+                                 num_prompts=per_block)
+    for total, acc in zip((12, 24, 48, 96), (62.0, 66.0, 70.0, 72.0)):
+        write_format_fixture_run(results, f"ours-cars-{total}", acc, task="cars", method="gated+temp",
+                                 num_prompts=total)
+    write_format_fixture_run(results, f"ours-cub-24", 65.0, task="cub", method="gated+temp", num_prompts=24)
+    write_format_fixture_run(results, "shallow", 42.0, task="cars", method="vpt-shallow")   # not in Figure 7
+    paths = analysis.figure_prompt_count(results, out)
+    assert_png(paths["png"])
+    rows = read_csv(paths["csv"])
+    table = {(int(r["prompt_tokens"]), r["method"]): r for r in rows}
+    assert set(table) == {(n, m) for n in (12, 24, 48, 96) for m in ("vpt-deep", "gated+temp")}
+    assert float(table[(48, "vpt-deep")]["cars"]) == 64.0 and float(table[(48, "vpt-deep")]["cub"]) == 66.0
+    assert float(table[(48, "vpt-deep")]["AVG"]) == pytest.approx(65.0)
+    assert float(table[(24, "gated+temp")]["AVG"]) == pytest.approx(65.5)
+    assert table[(12, "gated+temp")]["cub"] == "" and table[(12, "gated+temp")]["AVG"] == ""   # no cub run
+    data = json.loads(open(paths["json"]).read())
+    deep_cars = next(s for s in data["series"] if (s["task"], s["method"]) == ("cars", "vpt-deep"))
+    assert deep_cars["prompt_tokens"] == [12, 24, 48, 96]
+
+
+def test_total_prompt_tokens():
+    assert analysis.total_prompt_tokens({"method": "vpt-deep", "num_prompts": 10, "arch": "vit_base"}) == 120
+    assert analysis.total_prompt_tokens({"method": "vpt-deep", "num_prompts": 2, "arch": "vit_large"}) == 48
+    assert analysis.total_prompt_tokens({"method": "vpt-deep", "num_prompts": 1, "insert_at": 5}) == 8
+    assert analysis.total_prompt_tokens({"method": "gated+temp", "num_prompts": 24}) == 24
+
+
+def test_missing_matplotlib_message(tmp_path, monkeypatch):
+    write_format_fixture_run(tmp_path, "a", 50.0)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)   # import fails
+    with pytest.raises(UserError, match="pip install matplotlib"):
+        analysis.figure_insertion(tmp_path, tmp_path / "out")
+
+# -----------------------------------------------------------------------------
+# Figure 5: attention maps
+
+
+def test_figure_attention(tmp_path):
+    gated = tiny_model("gated")
+    with_temp = tiny_model("gated+temp")
+    with_temp.load_state_dict(gated.backbone_state_dict(), strict=False)
+    with torch.no_grad():
+        with_temp.temperatures.fill_(0.5)
+    frozen = analysis.backbone_twin(gated)
+    image = tiny_image()
+    paths = analysis.figure_attention([("MAE", frozen), ("GATE", gated), ("GATE+LT", with_temp)], image, tmp_path,
+                                      blocks=(1, 2, 4))
+    assert_png(paths["png"])
+    data = json.loads(open(paths["json"]).read())
+    assert data["blocks"] == [1, 2, 4] and list(data["models"]) == ["MAE", "GATE", "GATE+LT"]
+    # the frozen backbone's map is the CLS row of its attention (over the 4x4 patches), head-averaged
+    x = analysis.imagenet_normalise(image[None])
+    attn = gp.VisionTransformer(gated.cfg, gp.prompt_config("linear", num_classes=0))
+    attn.load_state_dict(gated.backbone_state_dict())
+    expected = attn.eval().attention_maps(x, blocks=(2,))[2][0, :, 0, 1:].mean(0).reshape(4, 4)
+    assert torch.allclose(torch.tensor(data["models"]["MAE"]["2"]), expected, atol=1e-6)
+    # without prompts CLS attention over CLS + patches sums to 1; so the patches get < 1
+    assert 0 < np.sum(data["models"]["MAE"]["4"]) < 1
+    # prompts and temperatures change the maps
+    assert not np.allclose(data["models"]["MAE"]["4"], data["models"]["GATE"]["4"])
+    assert not np.allclose(data["models"]["GATE"]["1"], data["models"]["GATE+LT"]["1"])
+    with pytest.raises(UserError):
+        analysis.figure_attention([("x", gated)], image, tmp_path, blocks=(5,))
+
+# -----------------------------------------------------------------------------
+# PSNR / SSIM
+
+
+def test_psnr_known_values():
+    a = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.8
+    assert float(analysis.psnr(a + 0.1, a)) == pytest.approx(20.0, abs=1e-9)   # MSE 0.01 -> 20 dB
+    assert float(analysis.psnr(a, a + 0.01)) == pytest.approx(40.0, abs=1e-6)
+    assert math.isinf(float(analysis.psnr(a, a)))
+    batch = analysis.psnr(torch.stack([a, a]), torch.stack([a + 0.1, a + 0.01]))
+    assert batch.shape == (2,) and batch.tolist() == pytest.approx([20.0, 40.0], abs=1e-6)
+
+
+def test_ssim_identical_and_constant_images():
+    a = tiny_image()
+    assert float(analysis.ssim(a, a)) == pytest.approx(1.0, abs=1e-12)
+    # two constant images: variances and covariance are 0, so SSIM = (2 mu1 mu2 + C1) / (mu1^2 + mu2^2 + C1)
+    mu1, mu2, c1 = 0.3, 0.7, (0.01 * 1.0) ** 2
+    expected = (2 * mu1 * mu2 + c1) / (mu1 ** 2 + mu2 ** 2 + c1)
+    value = analysis.ssim(torch.full((3, 20, 20), mu1, dtype=torch.float64),
+                          torch.full((3, 20, 20), mu2, dtype=torch.float64))
+    assert float(value) == pytest.approx(expected, abs=1e-9)
+
+
+def naive_ssim(a, b):
+    """SSIM written out window by window in numpy (independent of analysis.ssim's convolutions)."""
+    k, sigma, c1, c2 = 11, 1.5, 0.01 ** 2, 0.03 ** 2
+    r = np.arange(k) - 5
+    w = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma ** 2))
+    w /= w.sum()
+    per_channel = []
+    for x, y in zip(a, b):
+        values = []
+        for i in range(x.shape[0] - k + 1):
+            for j in range(x.shape[1] - k + 1):
+                px, py = x[i:i + k, j:j + k], y[i:i + k, j:j + k]
+                mx, my = (w * px).sum(), (w * py).sum()
+                vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
+                cov = (w * (px - mx) * (py - my)).sum()
+                values.append((2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+        per_channel.append(np.mean(values))
+    return float(np.mean(per_channel))
+
+
+def test_ssim_matches_windowwise_definition():
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(3, 16, 18, generator=g, dtype=torch.float64)
+    b = (0.6 * a + 0.4 * torch.rand(3, 16, 18, generator=g, dtype=torch.float64)).clamp(0, 1)
+    assert float(analysis.ssim(a, b)) == pytest.approx(naive_ssim(a.numpy(), b.numpy()), abs=1e-10)
+
+
+def test_ssim_drops_with_noise():
+    g = torch.Generator().manual_seed(2)
+    a = tiny_image(size=48)
+    light = (a + 0.03 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    heavy = (a + 0.2 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    s_light, s_heavy = float(analysis.ssim(light, a)), float(analysis.ssim(heavy, a))
+    assert 1.0 > s_light > s_heavy > -1.0
+    assert float(analysis.psnr(light, a)) > float(analysis.psnr(heavy, a))
+    with pytest.raises(ValueError):
+        analysis.ssim(torch.rand(3, 8, 8), torch.rand(3, 8, 8))   # smaller than the 11x11 window
+
+# -----------------------------------------------------------------------------
+# Figure 1's premise: with insert_at = k, blocks before k never see prompts
+
+
+@pytest.mark.parametrize("method", ["vpt-shallow", "gated"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_blocks_before_insertion_see_no_prompts(method, k):
+    prompted = tiny_model(method, insert_at=k, num_prompts=4, gate_init=0.0)
+    frozen = analysis.backbone_twin(prompted)
+    x = analysis.imagenet_normalise(torch.stack([tiny_image(0), tiny_image(1)]))
+    blocks = tuple(range(1, 5))
+    with torch.no_grad():
+        _, ours, _ = prompted.forward_tokens(x, out_blocks=blocks)
+        _, ref, _ = frozen.forward_tokens(x, out_blocks=blocks)
+    for l in blocks:
+        if l < k:
+            assert ours[l].shape == ref[l].shape            # CLS + patches only
+            assert torch.equal(ours[l], ref[l])
+        else:
+            assert ours[l].shape[1] == ref[l].shape[1] + 4   # CLS, 4 prompts, patches
+            cls_and_patches = torch.cat([ours[l][:, :1], ours[l][:, 5:]], dim=1)
+            assert not torch.allclose(cls_and_patches, ref[l], atol=1e-4)
+
+
+def test_backbone_tokens_is_the_prompt_free_forward():
+    prompted = tiny_model("gated+temp")
+    frozen = analysis.backbone_twin(prompted)
+    x = analysis.imagenet_normalise(tiny_image()[None])
+    with torch.no_grad():
+        _, ref, _ = frozen.forward_tokens(x, out_blocks=(2, 4))
+        for block in (2, 4):
+            assert torch.allclose(analysis.backbone_tokens(prompted, x, block), ref[block], atol=1e-6)
+
+# -----------------------------------------------------------------------------
+# Deep Image Prior (Figures 2 and 9)
+
+SMALL_GENERATOR = dict(widths=(16, 16), noise_channels=8, progress=False)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny convolutions run ~10x slower with intra-op threads on a busy CPU; restore afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_dip_reduces_feature_loss(one_thread):
+    model = tiny_model("linear")
+    image = tiny_image()
+    rng_before = torch.get_rng_state()
+    recon, losses = analysis.dip_reconstruct(model, image, block=2, steps=40, lr=0.01, seed=0, return_losses=True,
+                                             **SMALL_GENERATOR)
+    assert torch.equal(torch.get_rng_state(), rng_before)   # seeded locally
+    assert recon.shape == image.shape and 0 <= recon.min() and recon.max() <= 1
+    assert len(losses) == 41
+    assert losses[-1] < 0.8 * losses[0]
+    assert all(p.grad is None for p in model.parameters())   # the backbone is untouched
+
+
+def test_figure_dip(tmp_path, one_thread):
+    models = [("supervised", tiny_model("linear", seed=0)), ("MAE", tiny_model("gated", seed=1))]
+    images = [tiny_image(0), tiny_image(1)]
+    paths = analysis.figure_dip(models, images, blocks=(1, 4), out_dir=tmp_path, steps=3, lr=0.01, seed=0,
+                                **SMALL_GENERATOR)
+    assert_png(paths["png"])
+    assert_png(paths["scores_png"])
+    data = json.loads(open(paths["json"]).read())
+    assert data["blocks"] == [1, 4] and data["num_images"] == 2
+    rows = read_csv(paths["csv"])
+    assert len(rows) == 2 * 2 * 2
+    # the stored numbers are those of the reconstruction (deterministic given the seed)
+    recon = analysis.dip_reconstruct(models[1][1], images[1], 4, steps=3, lr=0.01, seed=0, **SMALL_GENERATOR)
+    row = next(r for r in rows if (r["model"], r["block"], r["image"]) == ("MAE", "4", "1"))
+    assert float(row["psnr_db"]) == pytest.approx(float(analysis.psnr(recon, images[1])), abs=1e-3)
+    assert float(row["ssim"]) == pytest.approx(float(analysis.ssim(recon, images[1])), abs=1e-5)
+    per_image = data["per_image"]["MAE"]["psnr"][1]                # block 4, both images
+    assert data["summary"]["MAE"]["psnr_mean"][1] == pytest.approx(np.mean(per_image))
+
+
+# -----------------------------------------------------------------------------
+# Command line for the model-based figures (tiny models saved the way the harness saves them)
+
+TINY_ARCH = dict(embed_dim=32, depth=4, num_heads=2, patch_size=8)   # img_size is its own config key
+
+
+def save_tiny_run(tmp_path, method, backbone_state, seed):
+    """A tiny trained-looking run: run JSON (FILE-FORMAT FIXTURE) + <name>.prompts.pt beside it."""
+    model = tiny_model(method, seed=seed, gate_init=1.0)
+    model.load_state_dict(backbone_state, strict=False)
+    config = {"task": "cub", "ssl": "mae", "method": method, "arch": "vit_base", "arch_overrides": TINY_ARCH,
+              "img_size": 32, "num_prompts": 3, "gate_init": 1.0, "insert_at": 1, "prompt_dropout": 0.1,
+              "lr": 0.1, "seed": 42}
+    path = tmp_path / f"{method}.json"
+    path.write_text(json.dumps({"config": config, "protocol": "final", "final": {"test_acc": 1.0}}))
+    torch.save(model.prompt_state_dict(), tmp_path / f"{method}.prompts.pt")
+    return str(path), model
+
+
+def test_figure5_from_stored_runs(tmp_path):
+    backbone = tiny_model("linear", seed=7)
+    checkpoint = tmp_path / "backbone.pth"
+    torch.save({"model": backbone.backbone_state_dict()}, checkpoint)   # MAE-style file
+    run_path, trained = save_tiny_run(tmp_path, "gated+temp", backbone.backbone_state_dict(), seed=3)
+    rebuilt, run = analysis.model_from_run(run_path, checkpoint)
+    x = analysis.imagenet_normalise(tiny_image()[None])
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), trained.eval()(x), atol=1e-6)
+    Image.fromarray((tiny_image().permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / "img.png")
+    gated_path, _ = save_tiny_run(tmp_path, "gated", backbone.backbone_state_dict(), seed=4)
+    out = tmp_path / "fig5"
+    assert analysis.main(["5", "--image", str(tmp_path / "img.png"), "--checkpoint", str(checkpoint),
+                          "--run", gated_path, "--run", run_path, "--blocks", "1", "4", "--out-dir", str(out)]) == 0
+    assert_png(out / "figure5_attention.png")
+    data = json.loads((out / "figure5_attention.json").read_text())
+    assert list(data["models"]) == ["mae (frozen)", "gated", "gated+temp"]
+    os.remove(tmp_path / "gated.prompts.pt")
+    with pytest.raises(UserError, match="prompts"):
+        analysis.model_from_run(gated_path, checkpoint)
+
+
+def test_figure2_command_line(tmp_path, one_thread):
+    checkpoint = tmp_path / "backbone.pth"
+    torch.save(tiny_model("linear", seed=7).backbone_state_dict(), checkpoint)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray((tiny_image(i).permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(images / f"{i}.png")
+    out = tmp_path / "fig2"
+    assert analysis.main(["2", "--image", str(images), "--max-images", "1", "--backbone", f"MAE={checkpoint}",
+                          "--arch-overrides", json.dumps(TINY_ARCH), "--img-size", "32", "--blocks", "2",
+                          "--steps", "2", "--out-dir", str(out)]) == 0
+    assert_png(out / "figure2_dip_reconstructions.png")
+    rows = read_csv(out / "figure9_dip_scores.csv")
+    assert [(r["model"], r["block"], r["image"]) for r in rows] == [("MAE", "2", "0")]
