@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import as_completed
 from pathlib import Path
 
 import torch
@@ -55,11 +56,15 @@ def parse_args(argv):
                            "gated-hard = Gumbel-sigmoid gates (Table 4); vpt-shallow, vpt-deep, linear = baselines")
     what.add_argument("--demo", action="store_true", help="pipeline demo on generated data (the default with no --task)")
     what.add_argument("--table", choices=["1", "2", "3", "4", "6", "7", "8"], help="print a paper table from stored results")
+    what.add_argument("--run", action="store_true", help="with --table: run every missing cell first (one command "
+                                                          "for a whole table; add --sweep, --seeds, --workers)")
     what.add_argument("--print-config", action="store_true", help="print the resolved run configuration and exit")
     proto = p.add_argument_group("protocol")
     proto.add_argument("--sweep", action="store_true", help="search the paper's lr grid on the validation split first")
     proto.add_argument("--seeds", type=int, default=1, help="repeat the final run with N seeds, report mean +- std")
     proto.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+    proto.add_argument("--workers", type=int, default=None,
+                       help="independent runs (sweep, seeds, --run-table) in parallel, one per GPU (default: all GPUs)")
     over = p.add_argument_group("overrides of paper_hparams.yaml")
     for flag, kind in (("--lr", float), ("--num-prompts", int), ("--gate-init", float), ("--batch-size", int),
                        ("--epochs", int), ("--warmup-epochs", int), ("--insert-at", int), ("--seed", int),
@@ -186,7 +191,7 @@ def evaluate(model, loader, device, bf16):
     return 100.0 * correct.item() / max(1, count.item())
 
 
-def train(cfg, model, train_loader, eval_loaders, device, state_path, resume=False, log_every=25):
+def train(cfg, model, train_loader, eval_loaders, device, state_path, resume=False, log_every=25, quiet=False):
     """The paper's recipe. Saves a resumable state after every epoch. Returns (history, final metrics)."""
     model.to(device)
     optimizer = torch.optim.SGD(model.trainable_parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
@@ -211,7 +216,7 @@ def train(cfg, model, train_loader, eval_loaders, device, state_path, resume=Fal
         loss_sum = torch.zeros((), device=device)
         seen, tic = 0, time.perf_counter()
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
-                   disable=None if runtime.is_main() else True)
+                   disable=True if quiet or not runtime.is_main() else None)
         for i, (images, labels) in enumerate(bar):
             loss = step(images, labels)
             loss_sum += loss * labels.numel()
@@ -233,10 +238,11 @@ def train(cfg, model, train_loader, eval_loaders, device, state_path, resume=Fal
                         "state": {k: v.detach().cpu().clone() for k, v in model.prompt_state_dict().items()}}
         history.append(record)
         if runtime.is_main():
-            tqdm.write(f"epoch {epoch + 1:3d}  loss {epoch_loss:.4f}  " +
-                       (f"val {record['val_acc']:.2f}  " if track_val else "") +
-                       f"{record['images_per_second']:.0f} img/s")
             runtime.save_training_state(state_path, model, optimizer, scheduler, epoch, history, {"best": best})
+            if not quiet:
+                tqdm.write(f"epoch {epoch + 1:3d}  loss {epoch_loss:.4f}  " +
+                           (f"val {record['val_acc']:.2f}  " if track_val else "") +
+                           f"{record['images_per_second']:.0f} img/s")
     # evaluate: the protocol's split at the final epoch (and the best-val epoch's prompts, FGVC)
     final = {}
     for name, loader in eval_loaders.items():
@@ -278,6 +284,8 @@ def run_one(cfg, protocol, args, device):
         if runtime.is_main():
             print(f"{result_path} exists; reusing it (delete it to run again)")
         return json.loads(result_path.read_text())
+    if cfg["task"] == "ade20k":
+        return run_segmentation(cfg, name, result_path, args)
     tic = time.time()
     checkpoint = checkpoint_path(cfg, args) if cfg["task"] != "demo" else None  # fail before decoding data
     cache_dir = args.cache_dir or Path(args.results_dir) / "cache"
@@ -287,12 +295,14 @@ def run_one(cfg, protocol, args, device):
     model = build_model(cfg, checkpoint, num_classes)
     train_loader, eval_loaders = make_loaders(cfg, train_split, eval_splits, device)
     state_path = Path(args.results_dir) / f"{name}.state.pt"
-    history, final = train(cfg, model, train_loader, eval_loaders, device, state_path, resume=args.resume)
+    history, final = train(cfg, model, train_loader, eval_loaders, device, state_path, resume=args.resume,
+                           quiet=getattr(args, "quiet", False))
     result = {"config": cfg, "protocol": protocol, "code_version": runtime.code_version(),
               "device": runtime.device_name(device), "world_size": runtime.world()[1],
               "history": history, "final": final, **learned_gate_summary(model),
               "wall_seconds": time.time() - tic}
     if runtime.is_main():
+        result_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.prompt_state_dict(), Path(args.results_dir) / f"{name}.prompts.pt")
         runtime.write_json(result_path, result)
         state_path.unlink(missing_ok=True)
@@ -300,19 +310,81 @@ def run_one(cfg, protocol, args, device):
     return result
 
 
+def run_segmentation(cfg, name, result_path, args):
+    """ADE20K with SETR-PUP (segmentation.py); the summary goes where the tables look for it."""
+    import segmentation
+    checkpoint = checkpoint_path(cfg, args)
+    seg = segmentation.train_segmentation(cfg, args.data_dir, checkpoint, Path(args.results_dir) / name,
+                                          resume=args.resume, progress=not getattr(args, "quiet", False))
+    result = {"config": cfg, "protocol": "final", "code_version": seg["code_version"], "device": seg["device"],
+              "world_size": seg["world_size"], "history": seg["history"],
+              "final": {k: seg[k] for k in ("miou_ss", "miou_ms", "aacc_ss", "aacc_ms")},
+              "gates": seg["gates"], "selection_ratio": seg["selection_ratio"], "temperatures": seg["temperatures"],
+              "details": str(Path(args.results_dir) / name / "result.json")}
+    if runtime.is_main():
+        runtime.write_json(result_path, result)
+    return result
+
+
 def run_task(cfg, args, device):
     """--sweep: lr grid on train -> val (last epoch), pick the best; then --seeds final runs."""
-    if args.sweep:
-        scores = {}
-        for lr in cfg["lr_grid"]:
-            result = run_one(dict(cfg, lr=lr), "sweep", args, device)
-            scores[lr] = next(v for k, v in result["final"].items() if k.endswith("_acc"))
-        cfg = dict(cfg, lr=max(scores, key=scores.get))
-        if runtime.is_main():
-            print("lr sweep (val acc): " + ", ".join(f"{lr:g}: {acc:.2f}" for lr, acc in scores.items()) +
-                  f" -> lr {cfg['lr']:g}")
-    results = [run_one(dict(cfg, seed=cfg["seed"] + i), "final", args, device) for i in range(args.seeds)]
+    (cfg,), (results,) = run_cells([cfg], args, device)
     return cfg, results
+
+
+def run_cells(cfgs, args, device):
+    """Several cells at once (a whole table): all sweep runs, then all final runs, through one queue."""
+    if args.sweep:
+        jobs = [(dict(c, lr=lr), "sweep") for c in cfgs for lr in c["lr_grid"]]
+        results = iter(run_queue(jobs, args, device))
+        picked = []
+        for c in cfgs:
+            scores = {lr: val_score(next(results)) for lr in c["lr_grid"]}
+            picked.append(dict(c, lr=max(scores, key=scores.get)))
+            if runtime.is_main():
+                print(f"{c['task']}/{c['ssl']}/{c['method']} lr sweep (val acc): " +
+                      ", ".join(f"{lr:g}: {acc:.2f}" for lr, acc in scores.items()) + f" -> lr {picked[-1]['lr']:g}")
+        cfgs = picked
+    jobs = [(dict(c, seed=c["seed"] + i), "final") for c in cfgs for i in range(args.seeds)]
+    results = run_queue(jobs, args, device)
+    return cfgs, [results[i * args.seeds:(i + 1) * args.seeds] for i in range(len(cfgs))]
+
+
+def val_score(result):
+    return next(v for k, v in result["final"].items() if k.endswith("_acc"))
+
+
+def run_queue(jobs, args, device):
+    """Independent runs, in order. With --workers N > 1 (default: one per visible GPU), N processes each
+    take one GPU and run one job at a time; results come back in job order either way."""
+    workers = getattr(args, "workers", None) or (torch.cuda.device_count() if device.type == "cuda" else 1)
+    if workers <= 1 or len(jobs) <= 1 or runtime.world()[1] > 1:
+        return [run_one(cfg, protocol, args, device) for cfg, protocol in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    ctx = multiprocessing.get_context("spawn")
+    devices = ctx.Queue()
+    for i in range(workers):
+        devices.put(f"cuda:{i}" if device.type == "cuda" else "cpu")
+    quiet = argparse.Namespace(**dict(vars(args), quiet=True))
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(devices,)) as pool:
+        futures = [pool.submit(_worker_run, cfg, protocol, quiet) for cfg, protocol in jobs]
+        for _ in tqdm(as_completed(futures), total=len(futures), desc=f"runs on {workers} workers"):
+            pass
+        return [f.result() for f in futures]
+
+
+def _worker_init(devices):
+    global _WORKER_DEVICE
+    _WORKER_DEVICE = torch.device(devices.get())
+    if _WORKER_DEVICE.type == "cuda":
+        torch.cuda.set_device(_WORKER_DEVICE)
+    else:
+        torch.set_num_threads(1)
+
+
+def _worker_run(cfg, protocol, args):
+    return run_one(cfg, protocol, args, _WORKER_DEVICE)
 
 # --- 7. tables ------------------------------------------------------------------------------------
 
@@ -477,33 +549,96 @@ def main(argv=None):
     if argv[:1] == ["figure"]:
         return figure_main(argv[1:])
     args = parse_args(argv)
-    if args.table:
+    if args.table and not args.run:
         return print_table(args.table, args.results_dir)
     runtime.init_distributed()
     device = runtime.pick_device(args.device)
+    if args.table:
+        return run_table(args.table, args, device)
     if args.demo or not args.task:
         return run_demo(args, device)
     cfg = resolve_config(args)
     if args.print_config:
         print(json.dumps(cfg, indent=2))
         return
-    if cfg["task"] == "ade20k":
-        import segmentation
-        return segmentation.main(cfg, args, device)
+    if cfg["task"] == "ade20k" and args.sweep:
+        raise runtime.UserError("ADE20K uses SETR-PUP's fixed recipe (Section A.2); --sweep is for classification")
     cfg, results = run_task(cfg, args, device)
     if runtime.is_main():
-        accs = torch.tensor([r["final"]["test_acc"] for r in results], dtype=torch.float64)
-        paper = paper_value(cfg)
-        print(f"\n{cfg['task']} / {cfg['ssl']} / {cfg['method']}: test top-1 {accs.mean():.2f}"
-              + (f" ± {accs.std():.2f} over {len(accs)} seeds" if len(accs) > 1 else "")
+        print_summary(cfg, results)
+
+
+def print_summary(cfg, results):
+    """The cell's number(s), mean ± std over seeds, next to the paper's when the setting is the paper's."""
+    for metric in [k for k in results[0]["final"] if k in ("test_acc", "miou_ss", "miou_ms")]:
+        values = torch.tensor([r["final"][metric] for r in results], dtype=torch.float64)
+        paper = paper_value(cfg, metric)
+        print(f"{cfg['task']} / {cfg['ssl']} / {cfg['method']}: {metric} {values.mean():.2f}"
+              + (f" ± {values.std():.2f} over {len(values)} seeds" if len(values) > 1 else "")
               + (f"   (paper: {paper:.2f})" if paper is not None else ""))
 
 
-def paper_value(cfg):
-    table = HPARAMS["paper"]["table1"].get(cfg["ssl"], {}).get(cfg["method"], {})
-    if cfg["arch"] == "vit_base" and cfg["num_prompts"] == default_prompts(cfg["task"], cfg["ssl"], cfg["method"]):
-        return table.get(cfg["task"])
+def paper_value(cfg, metric="test_acc"):
+    if cfg["arch"] != "vit_base" or cfg["insert_at"] != 1:
+        return None
+    if cfg["task"] == "ade20k":
+        for table in ("table3", "table6"):
+            ref = HPARAMS["paper"][table][cfg["ssl"]].get(cfg["method"], {})
+            if ref.get("prompts") == cfg["num_prompts"]:
+                return ref.get(metric)
+        return None
+    table = "table2" if data.task_kind(cfg["task"]) == "vtab" else "table1"
+    ref = HPARAMS["paper"][table].get(cfg["ssl"], {}).get(cfg["method"], {})
+    if cfg["num_prompts"] == default_prompts(cfg["task"], cfg["ssl"], cfg["method"]):
+        return ref.get(cfg["task"])  # Table 2 has group means only: None for a single VTAB task
     return None
+
+
+def table_cells(number):
+    """Every run a paper table needs, as (task, ssl, method, arch, num_prompts) overrides."""
+    fgvc, vtab = list(data.FGVC_DATASETS), list(data.VTAB_TASKS)
+    methods = ["vpt-shallow", "vpt-deep", "gated+temp"]
+    cells = []
+    if number in ("1", "2"):
+        for ssl in ("mae", "mocov3"):
+            for method in methods:
+                for task in (fgvc if number == "1" else vtab):
+                    cells.append(dict(task=task, ssl=ssl, method=method, num_prompts=default_prompts(task, ssl, method)))
+    elif number in ("3", "6"):
+        for ssl in ("mae", "mocov3"):
+            for method in methods:
+                cells.append(dict(task="ade20k", ssl=ssl, method=method,
+                                  num_prompts=HPARAMS["paper"][f"table{number}"][ssl][method]["prompts"]))
+    elif number == "4":
+        cells = [dict(task=t, ssl="mae", method=m, num_prompts=100) for m in ("vpt-shallow", "gated-hard", "gated+temp")
+                 for t in ("cub", "flowers")]
+    elif number == "7":
+        cells = [dict(task=t, ssl="mae", method=m, num_prompts=default_prompts(t, "mae", m, total=total))
+                 for total in (24, 48, 96) for m in ("vpt-deep", "gated+temp") for t in fgvc]
+    elif number == "8":
+        for arch, ref in HPARAMS["paper"]["table8"].items():
+            cells += [dict(task=t, ssl=ref["ssl"], method=m, arch=arch,
+                           num_prompts=default_prompts(t, ref["ssl"], m, arch, total=48))
+                      for m in methods for t in ("cub", "flowers")]
+    return cells
+
+
+def run_table(number, args, device):
+    """Queue every cell of a table (sweeps first when --sweep), spread over the GPUs, then print it."""
+    cfgs = []
+    for cell_overrides in table_cells(number):
+        cell_args = argparse.Namespace(**dict(vars(args), **cell_overrides))
+        cfgs.append(resolve_config(cell_args))
+    if runtime.is_main():
+        print(f"Table {number}: {len(cfgs)} cells x {args.seeds} seed(s)" + (" after lr sweeps" if args.sweep else ""))
+    classification = [c for c in cfgs if c["task"] != "ade20k"]
+    if classification:
+        run_cells(classification, args, device)
+    for c in cfgs:
+        if c["task"] == "ade20k":
+            run_cells([c], argparse.Namespace(**dict(vars(args), sweep=False)), device)
+    if runtime.is_main():
+        print_table(number, args.results_dir)
 
 
 def prepare_main(argv):

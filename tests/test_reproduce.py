@@ -141,8 +141,8 @@ def test_sweep_picks_the_best_val_lr_then_runs_the_seeds(monkeypatch, tmp_path):
         return {"final": {"val_acc": {0.05: 10, 0.1: 30, 0.25: 20}.get(cfg["lr"], 0) if protocol == "sweep" else 1,
                           "test_acc": 50.0}}
     monkeypatch.setattr(reproduce, "run_one", fake_run_one)
-    cfg = dict(lr=1.0, seed=42, lr_grid=[0.05, 0.1, 0.25])
-    best, _ = reproduce.run_task(cfg, args_for(tmp_path, sweep=True, seeds=2), None)
+    cfg = dict(task="dtd", ssl="mae", method="gated+temp", lr=1.0, seed=42, lr_grid=[0.05, 0.1, 0.25])
+    best, _ = reproduce.run_task(cfg, args_for(tmp_path, sweep=True, seeds=2), torch.device("cpu"))
     assert best["lr"] == 0.1
     assert calls == [("sweep", 0.05, 42), ("sweep", 0.1, 42), ("sweep", 0.25, 42), ("final", 0.1, 42), ("final", 0.1, 43)]
 
@@ -234,3 +234,30 @@ def test_help_explains_the_tasks_and_methods():
     assert out.returncode == 0
     for word in ("--task", "--sweep", "--seeds", "--resume", "gated+temp", "prepare", "--table", "demo"):
         assert word in out.stdout
+
+
+def test_ade20k_cell_runs_setr_pup_and_lands_in_table_3(tmp_path, capsys):
+    import segmentation
+    segmentation.write_ade_fixture(tmp_path / "data", n_train=4, n_val=2, size=(64, 80))
+    torch.manual_seed(0)
+    backbone = gp.VisionTransformer(gp.vit_config("vit_base", "mae", **dict(TINY, patch_size=16)),
+                                    gp.prompt_config("linear", num_classes=0))
+    torch.save({"model": backbone.backbone_state_dict()}, tmp_path / "mae.pth")  # 14x14 grid, resized to 4x4
+    cfg = reproduce.resolve_config(reproduce.parse_args(["--task", "ade20k", "--ssl", "mae", "--iters", "3"]))
+    assert (cfg["batch_size"], cfg["num_prompts"], cfg["lr"], cfg["gate_init"], cfg["iters"]) == (16, 100, 0.001, 10, 3)
+    cfg.update(arch_overrides=dict(TINY, patch_size=16), img_size=64, crop_size=64, batch_size=2, num_prompts=100,
+               aux_blocks=(1, 2), num_workers=0, bf16=False)
+    result = reproduce.run_one(cfg, "final", args_for(tmp_path, checkpoint=str(tmp_path / "mae.pth"),
+                                                      data_dir=str(tmp_path / "data")), torch.device("cpu"))
+    assert set(result["final"]) >= {"miou_ss", "miou_ms"} and len(result["selection_ratio"]) == TINY["depth"] - 1
+    reproduce.print_table("3", tmp_path / "results")
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("gated+temp"))
+    assert f"{result['final']['miou_ss']:.2f} (38.44)" in row
+
+
+@pytest.mark.parametrize("number,count", [("1", 30), ("2", 114), ("3", 6), ("4", 6), ("6", 6), ("7", 30), ("8", 12)])
+def test_run_table_queues_every_cell_of_the_table(number, count):
+    cells = reproduce.table_cells(number)
+    assert len(cells) == count and len({tuple(sorted(c.items())) for c in cells}) == count
+    for c in cells:  # each resolves
+        reproduce.resolve_config(argparse.Namespace(**dict(vars(reproduce.parse_args([])), **c)))
