@@ -137,15 +137,27 @@ def load_splits(cfg, data_dir, cache_dir, protocol):
     return train, {name: data.load_split(cfg["task"], root, name, cache_dir=cache_dir) for name in names}
 
 
+def fits_on_gpu(splits, device, fraction=0.3):
+    """Keep the uint8 images in GPU memory when they take under `fraction` of what is free (else host)."""
+    if device.type != "cuda":
+        return False
+    return sum(s.images.numel() for s in splits) < fraction * torch.cuda.mem_get_info(device)[0]
+
+
 def make_loaders(cfg, train, evals, device):
+    """Batches come from the uint8 arrays: crop/flip and normalisation run on `device`, no JPEG decoding."""
     rank, world_size = runtime.world()
     augment = cfg["task"] == "demo" or data.task_kind(cfg["task"]) == "fgvc"  # random crop + flip
     crop = cfg.get("img_size", data.IMAGE_SIZE)
+    on_gpu = fits_on_gpu([train, *evals.values()], device)
+    if runtime.is_main() and device.type == "cuda":
+        print(f"images kept in {'GPU' if on_gpu else 'host'} memory as uint8")
     train_loader = data.BatchLoader(train.images, train.labels, cfg["batch_size"] // world_size, train=True,
                                     augment=augment, crop_size=crop, seed=cfg["seed"], rank=rank,
-                                    world_size=world_size, device=device)
+                                    world_size=world_size, device=device, images_on_device=on_gpu)
     eval_loaders = {name: data.BatchLoader(s.images, s.labels, max(256, cfg["batch_size"]), train=False,
-                                           crop_size=crop, rank=rank, world_size=world_size, device=device)
+                                           crop_size=crop, rank=rank, world_size=world_size, device=device,
+                                           images_on_device=on_gpu)
                     for name, s in evals.items()}
     return train_loader, eval_loaders
 
@@ -506,14 +518,14 @@ def _print_value_rows(title, columns, rows):
 # --- 8. the demo ----------------------------------------------------------------------------------
 
 
-DEMO = dict(task="demo", ssl="mae", arch="vit_base", img_size=32, num_classes=6,
+DEMO = dict(task="demo", ssl="mae", arch="vit_base", img_size=32, num_classes=40,
             arch_overrides=dict(embed_dim=96, depth=6, num_heads=3, patch_size=8),
             batch_size=32, num_prompts=8, lr=0.5, gate_init=2.0, epochs=8, warmup_epochs=1, weight_decay=0.0,
             momentum=0.9, prompt_dropout=0.1, seed=42, insert_at=1, lr_grid=[0.5])
 
 
 def demo_splits(cfg):
-    """Generated images (6 classes of coloured stripes), cached at 40 px and cropped to 32 like FGVC."""
+    """Generated images (40 classes of coloured stripes), cached at 40 px and cropped to 32 like FGVC."""
     train_images, train_labels = data.make_synthetic_images(cfg["num_classes"], 64, 40, seed=cfg["seed"])
     test_images, test_labels = data.make_synthetic_images(cfg["num_classes"], 32, 40, seed=cfg["seed"] + 1)
     return (data.ImageSplit("demo", "train", train_images, train_labels),

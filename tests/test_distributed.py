@@ -12,7 +12,7 @@ import reproduce
 import runtime
 
 TINY = dict(embed_dim=32, depth=3, num_heads=2, patch_size=8)
-CFG = dict(reproduce.DEMO, method="gated+temp", arch_overrides=TINY, epochs=3, warmup_epochs=1, bf16=False,
+CFG = dict(reproduce.DEMO, method="gated+temp", arch_overrides=TINY, num_classes=6, epochs=3, warmup_epochs=1, bf16=False,
            compile=False, prompt_dropout=0.0, batch_size=32)  # no dropout: masks would differ across ranks
 
 

@@ -31,7 +31,7 @@ def args_for(tmp_path, **kw):
 
 
 def tiny_demo_cfg(**kw):
-    cfg = dict(reproduce.DEMO, method="gated+temp", arch_overrides=TINY, epochs=4, warmup_epochs=1,
+    cfg = dict(reproduce.DEMO, method="gated+temp", arch_overrides=TINY, num_classes=6, epochs=4, warmup_epochs=1,
                bf16=False, compile=False)
     cfg.update(kw)
     return cfg
