@@ -229,35 +229,20 @@ class VisionTransformer(nn.Module):
             getattr(self, name).train(False)
         return self
 
-    # --- gates, Eq. 6-11 -------------------------------------------------------
+    # --- gates, Eq. 6-11 (the math is in the functions below the class) -------------
     def gates(self):
-        """g_1 .. g_{L-1} (Eq. 6). Hard gates: Gumbel-sigmoid, binary forward, straight-through backward."""
-        logits = self.gate_logits.float()
-        if self.pcfg.gates != "hard":
-            return torch.sigmoid(logits)
-        if not self.training:
-            return (logits > 0).float()
-        u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-        soft = torch.sigmoid(logits + torch.log(u) - torch.log1p(-u))  # logistic noise = Gumbel - Gumbel
-        return (soft > 0.5).float() + (soft - soft.detach())  # value exactly binary
+        """g_1 .. g_{L-1} (Eq. 6); hard gates sample Gumbel-sigmoid while training."""
+        if self.pcfg.gates == "hard":
+            return hard_gates(self.gate_logits.float(), sample=self.training)
+        return torch.sigmoid(self.gate_logits.float())
 
     @torch.no_grad()
     def aggregation_weights(self):
-        """Eq. 8: Z_P^{L-1} = w_P * P + sum_l g~_l * Z~_P^l. Returns (w_P, g~ [L-1]); g~_l = 0 before insert_at."""
-        g = self.gates().detach().cpu().double()
-        k = self.pcfg.insert_at - 1          # 0-based first prompted block
-        g_tilde = torch.zeros_like(g)
-        keep = 1.0                           # prod_{m>l} (1 - g_m), built from the last gated block down
-        for l in reversed(range(k, len(g))):
-            g_tilde[l] = g[l] * keep         # Eq. 10
-            keep = keep * (1 - g[l])
-        return keep, g_tilde
+        return aggregation_weights(self.gates(), self.pcfg.insert_at)
 
     @torch.no_grad()
     def selection_ratio(self):
-        """Eq. 11: r_l = g~_l / sum_m g~_m, blocks 1..L-1."""
-        _, g_tilde = self.aggregation_weights()
-        return (g_tilde / g_tilde.sum()).float()
+        return selection_ratio(self.gates(), self.pcfg.insert_at)
 
     @torch.no_grad()
     def project_temperatures(self):
@@ -318,6 +303,32 @@ class VisionTransformer(nn.Module):
     def attention_maps(self, x, blocks=(3, 7, 12)):
         """{block: [B, heads, T, T]} softmax attention (T = 1 + prompts + patches), for Figure 5."""
         return self.forward_tokens(x, attn_blocks=tuple(blocks))[2]
+
+
+def hard_gates(gate_logits, sample):
+    """Table 4: binary gates. Training: Gumbel-sigmoid sample, straight-through gradient; eval: threshold."""
+    if not sample:
+        return (gate_logits > 0).float()
+    u = torch.rand_like(gate_logits).clamp(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid(gate_logits + torch.log(u) - torch.log1p(-u))  # logistic noise = Gumbel - Gumbel
+    return (soft > 0.5).float() + (soft - soft.detach())  # forward value exactly binary
+
+
+def aggregation_weights(gates, insert_at=1):
+    """Eq. 8: Z_P^{L-1} = w_P * P + sum_l g~_l Z~_P^l. Returns (w_P, g~ [L-1]); g~_l = 0 before insert_at."""
+    g = gates.detach().cpu().double()
+    g_tilde = torch.zeros_like(g)
+    keep = torch.ones((), dtype=torch.float64)  # prod_{m>l} (1 - g_m), from the last gated block down
+    for l in reversed(range(insert_at - 1, len(g))):
+        g_tilde[l] = g[l] * keep                 # Eq. 10
+        keep = keep * (1 - g[l])
+    return keep, g_tilde
+
+
+def selection_ratio(gates, insert_at=1):
+    """Eq. 11: r_l = g~_l / sum_m g~_m, blocks 1..L-1."""
+    _, g_tilde = aggregation_weights(gates, insert_at)
+    return (g_tilde / g_tilde.sum()).float()
 
 
 def build_model(arch="vit_base", ssl="mae", method="gated+temp", num_classes=1000, checkpoint=None,

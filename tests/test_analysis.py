@@ -325,16 +325,7 @@ def test_backbone_tokens_is_the_prompt_free_forward():
 SMALL_GENERATOR = dict(widths=(16, 16), noise_channels=8, progress=False)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny convolutions run ~10x slower with intra-op threads on a busy CPU; restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_dip_reduces_feature_loss(one_thread):
+def test_dip_reduces_feature_loss():
     model = tiny_model("linear")
     image = tiny_image()
     rng_before = torch.get_rng_state()
@@ -347,7 +338,7 @@ def test_dip_reduces_feature_loss(one_thread):
     assert all(p.grad is None for p in model.parameters())   # the backbone is untouched
 
 
-def test_figure_dip(tmp_path, one_thread):
+def test_figure_dip(tmp_path):
     models = [("supervised", tiny_model("linear", seed=0)), ("MAE", tiny_model("gated", seed=1))]
     images = [tiny_image(0), tiny_image(1)]
     paths = analysis.figure_dip(models, images, blocks=(1, 4), out_dir=tmp_path, steps=3, lr=0.01, seed=0,
@@ -408,7 +399,7 @@ def test_figure5_from_stored_runs(tmp_path):
         analysis.model_from_run(gated_path, checkpoint)
 
 
-def test_figure2_command_line(tmp_path, one_thread):
+def test_figure2_command_line(tmp_path):
     checkpoint = tmp_path / "backbone.pth"
     torch.save(tiny_model("linear", seed=7).backbone_state_dict(), checkpoint)
     images = tmp_path / "images"

@@ -13,16 +13,6 @@ import gated_prompt as gp  # noqa: E402
 TINY = ["--arch", "vit_small", "--img-size", "32", "--steps", "2", "--warmup", "1", "--repeats", "2", "--no-compile"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: extra intra-op threads only add spin-waits, which turn into seconds per
-    step on a busy 2-core CI machine. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_cfg(**overrides):
     """D = 8, one block, 32px images of 16px patches: N = 4 patches, T = 5 tokens without prompts."""
     return gp.vit_config("vit_small", img_size=32, patch_size=16, embed_dim=8, depth=1, num_heads=2, **overrides)

@@ -6,7 +6,6 @@ import torch
 
 import gated_prompt as gp
 
-torch.set_num_threads(2)
 D, DEPTH, HEADS, PATCH = 32, 2, 2, 8
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 

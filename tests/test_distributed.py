@@ -1,5 +1,6 @@
 """Data parallelism with torch.distributed (gloo on CPU) and sweeps spread over worker processes."""
 import argparse
+import json
 import os
 import socket
 
@@ -41,11 +42,9 @@ def _train_rank(rank, world_size, port, results_dir):
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    torch.set_num_threads(1)
     single = reproduce.run_one(dict(CFG), "final", args_for(tmp_path / "single"), torch.device("cpu"))
     mp.spawn(_train_rank, args=(2, free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
     name = reproduce.run_name(CFG, "final")
-    import json
     ddp = json.loads((tmp_path / "ddp" / f"{name}.json").read_text())
     assert ddp["world_size"] == 2
     assert ddp["final"]["test_acc"] == pytest.approx(single["final"]["test_acc"], abs=1e-9)
@@ -86,7 +85,6 @@ def test_sharded_evaluation_counts_every_image_exactly_once(tmp_path, world_size
 
 
 def test_a_sweep_spread_over_two_workers_equals_the_serial_sweep(tmp_path):
-    torch.set_num_threads(1)
     cfg = dict(CFG, epochs=2, lr_grid=[0.1, 1.0])
     serial = reproduce.run_cells([cfg], args_for(tmp_path / "serial", sweep=True, workers=1), torch.device("cpu"))
     spread = reproduce.run_cells([cfg], args_for(tmp_path / "spread", sweep=True, workers=2), torch.device("cpu"))

@@ -24,16 +24,6 @@ import runtime  # noqa: E402
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: extra intra-op threads only add spin-waits, which turn into seconds per
-    step on a busy 2-core CI machine. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def build(fused, state=None, num_prompts=4, gate_init=0.0):
     """A small random ViT (D = 32, 2 blocks, 16 patches) with weights at a realistic O(1) activation
     scale (the default 0.02 init makes attention almost uniform and hides attention bugs). gate_init 0

@@ -7,7 +7,6 @@ import torch
 
 import gated_prompt as gp
 
-torch.set_num_threads(2)
 
 
 def tiny(method="gated+temp", depth=4, ssl="mae", **prompt_overrides):

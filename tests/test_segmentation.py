@@ -17,15 +17,6 @@ TINY = dict(method="gated+temp", arch_overrides=dict(embed_dim=32, depth=4, num_
 TRAIN = dict(TINY, lr=0.01, batch_size=2, seed=0, bf16=False, num_workers=0, save_every=0, eval_every=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops run faster on one thread than fighting over cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def fixture_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("ade")
