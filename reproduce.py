@@ -222,29 +222,11 @@ def train(cfg, model, train_loader, eval_loaders, device, state_path, resume=Fal
         print(f"--resume: no saved state at {state_path}; starting from scratch")
     track_val = "val" in eval_loaders and len(eval_loaders) > 1  # FGVC final: best-val-epoch alongside
     for epoch in range(start_epoch, cfg["epochs"]):
-        model.train()
-        train_loader.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        loss_sum = torch.zeros((), device=device)
-        seen, tic = 0, time.perf_counter()
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
-                   disable=True if quiet or not runtime.is_main() else None)
-        for i, (images, labels) in enumerate(bar):
-            loss = step(images, labels)
-            loss_sum += loss * labels.numel()
-            seen += labels.numel()
-            if (i + 1) % log_every == 0:  # one host sync per log_every steps
-                runtime.check_finite(loss, f"epoch {epoch + 1}, step {i + 1}")
-                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - tic):.0f}")
+        record = train_epoch(step, model, train_loader, epoch, cfg, device, quiet, log_every)
+        record["lr"] = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        epoch_loss = (loss_sum / max(1, seen))
-        runtime.all_reduce_sum(epoch_loss)
-        epoch_loss = epoch_loss.item() / runtime.world()[1]
-        runtime.check_finite(torch.tensor(epoch_loss), f"epoch {epoch + 1}")
-        seconds = time.perf_counter() - tic
-        record = {"epoch": epoch + 1, "lr": lr, "loss": epoch_loss, "seconds": seconds, "images_per_second": seen * runtime.world()[1] / seconds}
         if track_val:
-            record["val_acc"] = evaluate(model, eval_loaders["val"], device, cfg["bf16"])
+            record["val_acc"] = evaluate(forward, eval_loaders["val"], device, cfg["bf16"])
             if record["val_acc"] > best["val_acc"]:
                 best = {"val_acc": record["val_acc"], "epoch": epoch + 1,
                         "state": {k: v.detach().cpu().clone() for k, v in model.prompt_state_dict().items()}}
@@ -252,21 +234,53 @@ def train(cfg, model, train_loader, eval_loaders, device, state_path, resume=Fal
         if runtime.is_main():
             runtime.save_training_state(state_path, model, optimizer, scheduler, epoch, history, {"best": best})
             if not quiet:
-                tqdm.write(f"epoch {epoch + 1:3d}  loss {epoch_loss:.4f}  " +
+                tqdm.write(f"epoch {epoch + 1:3d}  loss {record['loss']:.4f}  train {record['train_acc']:.2f}  " +
                            (f"val {record['val_acc']:.2f}  " if track_val else "") +
                            f"{record['images_per_second']:.0f} img/s")
-    # evaluate: the protocol's split at the final epoch (and the best-val epoch's prompts, FGVC)
-    final = {}
-    for name, loader in eval_loaders.items():
-        if name != "val" or not track_val:
-            final[f"{name}_acc"] = evaluate(model, loader, device, cfg["bf16"])
+    return history, final_metrics(model, forward, eval_loaders, best, device, cfg["bf16"])
+
+
+def train_epoch(step, model, loader, epoch, cfg, device, quiet, log_every):
+    """One pass over the training split; the only host syncs are every `log_every` steps and at the end."""
+    model.train()
+    loader.set_epoch(epoch)
+    loss_sum = torch.zeros((), device=device)
+    correct_sum = torch.zeros((), dtype=torch.long, device=device)
+    seen, tic = 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
+               disable=True if quiet or not runtime.is_main() else None)
+    for i, (images, labels) in enumerate(bar):
+        loss, correct = step(images, labels)
+        loss_sum += loss * labels.numel()
+        correct_sum += correct
+        seen += labels.numel()
+        if (i + 1) % log_every == 0:
+            runtime.check_finite(loss, f"epoch {epoch + 1}, step {i + 1}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct_sum.item() / seen:.1f}",
+                            img_s=f"{seen / (time.perf_counter() - tic):.0f}")
+    world_size = runtime.world()[1]
+    loss = runtime.all_reduce_sum(loss_sum / max(1, seen)).item() / world_size
+    runtime.check_finite(torch.tensor(loss), f"epoch {epoch + 1}")
+    seconds = time.perf_counter() - tic
+    return {"epoch": epoch + 1, "loss": loss,
+            "train_acc": 100.0 * runtime.all_reduce_sum(correct_sum).item() / max(1, seen * world_size),
+            "seconds": seconds, "images_per_second": seen * world_size / seconds}
+
+
+def final_metrics(model, forward, eval_loaders, best, device, bf16):
+    """The protocol's split at the final epoch; FGVC also the test accuracy of the best-val epoch's prompts.
+    `forward` is the model as trained (compiled on CUDA)."""
+    track_val = "val" in eval_loaders and len(eval_loaders) > 1
+    final = {f"{name}_acc": evaluate(forward, loader, device, bf16)
+             for name, loader in eval_loaders.items() if name != "val" or not track_val}
     if track_val and best["state"] is not None:
         final_state = {k: v.detach().cpu().clone() for k, v in model.prompt_state_dict().items()}
         model.load_state_dict(best["state"], strict=False)
         final["best_val_epoch"], final["best_val_acc"] = best["epoch"], best["val_acc"]
-        final["test_acc_at_best_val"] = evaluate(model, eval_loaders["test"], device, cfg["bf16"])
+        final["test_acc_at_best_val"] = evaluate(forward, eval_loaders["test"], device, bf16)
         model.load_state_dict(final_state, strict=False)
-    return history, final
+    return final
+
 
 # --- 6. one run, end to end -----------------------------------------------------------------------
 

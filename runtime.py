@@ -206,7 +206,8 @@ def all_reduce_sum(tensor):
 
 def make_train_step(model, optimizer, device, bf16=True, compile=False):
     """One SGD step: forward under bf16 autocast (fused attention), loss in fp32, backward, all-reduce of
-    the trainable gradients, step. Returns the detached loss; never syncs with the host."""
+    the trainable gradients, step. Returns (detached loss, number of correct predictions) as device
+    tensors; never syncs with the host."""
     forward = torch.compile(model) if compile else model
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -218,5 +219,5 @@ def make_train_step(model, optimizer, device, bf16=True, compile=False):
         loss.backward()
         all_reduce_gradients(params)
         optimizer.step()
-        return loss.detach()
+        return loss.detach(), (logits.detach().argmax(-1) == labels).sum()
     return step, forward
