@@ -13,7 +13,7 @@ result file -> table.
 import argparse
 import json
 import math
-import os
+import shutil
 import sys
 import time
 from concurrent.futures import as_completed
@@ -307,9 +307,15 @@ def run_one(cfg, protocol, args, device):
     name = run_name(cfg, protocol)
     result_path = Path(args.results_dir) / f"{name}.json"
     if result_path.is_file() and not args.resume:
+        stored = json.loads(result_path.read_text())
+        changed = {k for k in set(stored["config"]) | set(cfg)
+                   if stored["config"].get(k) != json.loads(json.dumps(cfg)).get(k)}
+        if changed:
+            raise runtime.UserError(f"{result_path} holds a run with other settings ({', '.join(sorted(changed))}); "
+                                    "delete it or pass another --results-dir")
         if runtime.is_main():
             print(f"{result_path} exists; reusing it (delete it to run again)")
-        return json.loads(result_path.read_text())
+        return stored
     if cfg["task"] == "ade20k":
         return run_segmentation(cfg, name, result_path, args)
     tic = time.time()
@@ -550,6 +556,7 @@ def run_demo(args, device):
     print("PIPELINE DEMO - generated images, a small randomly initialised ViT, CPU-sized. These are NOT the\n"
           "paper's numbers; they show the harness end to end. For a paper cell: --task cub --ssl mocov3.\n")
     args.results_dir = str(Path(args.results_dir) / "demo")
+    shutil.rmtree(args.results_dir, ignore_errors=True)  # the demo always runs afresh
     rows = []
     for method in ("vpt-shallow", "gated+temp"):
         cfg = dict(DEMO, method=method, bf16=not args.fp32 and device.type == "cuda", compile=False)

@@ -164,7 +164,7 @@ def test_figure_prompt_count_and_table7(tmp_path):
     for total, acc in zip((12, 24, 48, 96), (62.0, 66.0, 70.0, 72.0)):
         write_format_fixture_run(results, f"ours-cars-{total}", acc, task="cars", method="gated+temp",
                                  num_prompts=total)
-    write_format_fixture_run(results, f"ours-cub-24", 65.0, task="cub", method="gated+temp", num_prompts=24)
+    write_format_fixture_run(results, "ours-cub-24", 65.0, task="cub", method="gated+temp", num_prompts=24)
     write_format_fixture_run(results, "shallow", 42.0, task="cars", method="vpt-shallow")   # not in Figure 7
     paths = analysis.figure_prompt_count(results, out)
     assert_png(paths["png"])

@@ -14,7 +14,6 @@ torch.compile stays out of these tests (minutes on a small CPU); it only fuses t
 import os
 import sys
 
-import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

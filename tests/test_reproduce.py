@@ -102,10 +102,7 @@ def test_killed_and_resumed_run_ends_with_the_same_numbers(tmp_path, monkeypatch
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_non_finite_loss_stops_the_run_with_a_message(tmp_path, monkeypatch):
-    def nan_splits(cfg):
-        train, evals = reproduce.demo_splits(cfg)
-        return train, evals
+def test_non_finite_loss_stops_the_run_with_a_message(tmp_path):
     cfg = tiny_demo_cfg(lr=1e30, epochs=3, warmup_epochs=0)
     with pytest.raises(runtime.NonFiniteLoss, match="lower --lr"):
         reproduce.run_one(cfg, "final", args_for(tmp_path), torch.device("cpu"))
@@ -261,3 +258,11 @@ def test_run_table_queues_every_cell_of_the_table(number, count):
     assert len(cells) == count and len({tuple(sorted(c.items())) for c in cells}) == count
     for c in cells:  # each resolves
         reproduce.resolve_config(argparse.Namespace(**dict(vars(reproduce.parse_args([])), **c)))
+
+
+def test_a_stored_result_is_reused_only_for_the_same_settings(tmp_path):
+    cfg = tiny_demo_cfg(epochs=2)
+    first = reproduce.run_one(cfg, "final", args_for(tmp_path), torch.device("cpu"))
+    assert reproduce.run_one(cfg, "final", args_for(tmp_path), torch.device("cpu")) == first
+    with pytest.raises(runtime.UserError, match=r"other settings \(epochs\)"):
+        reproduce.run_one(dict(cfg, epochs=3), "final", args_for(tmp_path), torch.device("cpu"))
