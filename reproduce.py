@@ -85,8 +85,8 @@ def parse_args(argv):
 # --- 2. configuration -----------------------------------------------------------------------------
 
 
-def resolve_config(args):
-    """recipe -> Table 5 row -> method defaults -> command line."""
+def resolve_config(args, device=None):
+    """recipe -> Table 5 row -> method defaults -> command line. bf16 autocast on CUDA unless --fp32."""
     recipe = HPARAMS["recipe"]
     batch_size, num_prompts, lr, gate_init = HPARAMS["table5"][args.task][args.ssl]
     cfg = dict(task=args.task, ssl=args.ssl, method=args.method, arch=recipe["arch"], batch_size=batch_size,
@@ -101,7 +101,7 @@ def resolve_config(args):
                 "prompt_dropout", "iters", "arch"):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
-    cfg["bf16"] = not args.fp32
+    cfg["bf16"] = not args.fp32 and (device is None or device.type == "cuda")
     cfg["compile"] = not args.no_compile
     return cfg
 
@@ -590,7 +590,7 @@ def main(argv=None):
         return run_table(args.table, args, device)
     if args.demo or not args.task:
         return run_demo(args, device)
-    cfg = resolve_config(args)
+    cfg = resolve_config(args, device)
     if args.print_config:
         print(json.dumps(cfg, indent=2))
         return
@@ -661,7 +661,7 @@ def run_table(number, args, device):
     cfgs = []
     for cell_overrides in table_cells(number):
         cell_args = argparse.Namespace(**dict(vars(args), **cell_overrides))
-        cfgs.append(resolve_config(cell_args))
+        cfgs.append(resolve_config(cell_args, device))
     if runtime.is_main():
         print(f"Table {number}: {len(cfgs)} cells x {args.seeds} seed(s)" + (" after lr sweeps" if args.sweep else ""))
     classification = [c for c in cfgs if c["task"] != "ade20k"]
