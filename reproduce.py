@@ -215,11 +215,15 @@ def train(cfg, model, train_loader, eval_loaders, device, state_path, resume=Fal
     history, start_epoch, best = [], 0, {"val_acc": -1.0, "epoch": None, "state": None}
     if resume and Path(state_path).is_file():
         state = runtime.load_training_state(state_path, model, optimizer, scheduler)
+        if state["extra"].get("config") != json.loads(json.dumps(cfg)):
+            raise runtime.UserError(f"{state_path} was written by a run with other settings; delete it to start over")
         history, start_epoch, best = state["history"], state["step"] + 1, state["extra"]["best"]
         if runtime.is_main():
             print(f"resumed from {state_path} after epoch {start_epoch}")
     elif resume and runtime.is_main():
         print(f"--resume: no saved state at {state_path}; starting from scratch")
+    elif Path(state_path).is_file() and runtime.is_main():
+        print(f"{state_path} holds an interrupted run; starting over (pass --resume to continue it)")
     track_val = "val" in eval_loaders and len(eval_loaders) > 1  # FGVC final: best-val-epoch alongside
     for epoch in range(start_epoch, cfg["epochs"]):
         record = train_epoch(step, model, train_loader, epoch, cfg, device, quiet, log_every)
@@ -232,7 +236,8 @@ def train(cfg, model, train_loader, eval_loaders, device, state_path, resume=Fal
                         "state": {k: v.detach().cpu().clone() for k, v in model.prompt_state_dict().items()}}
         history.append(record)
         if runtime.is_main():
-            runtime.save_training_state(state_path, model, optimizer, scheduler, epoch, history, {"best": best})
+            runtime.save_training_state(state_path, model, optimizer, scheduler, epoch, history,
+                                        {"best": best, "config": json.loads(json.dumps(cfg))})
             if not quiet:
                 tqdm.write(f"epoch {epoch + 1:3d}  loss {record['loss']:.4f}  train {record['train_acc']:.2f}  " +
                            (f"val {record['val_acc']:.2f}  " if track_val else "") +
@@ -306,7 +311,7 @@ def run_one(cfg, protocol, args, device):
     """Train and evaluate one configuration; returns the result dict (also written to the results dir)."""
     name = run_name(cfg, protocol)
     result_path = Path(args.results_dir) / f"{name}.json"
-    if result_path.is_file() and not args.resume:
+    if result_path.is_file():
         stored = json.loads(result_path.read_text())
         changed = {k for k in set(stored["config"]) | set(cfg)
                    if stored["config"].get(k) != json.loads(json.dumps(cfg)).get(k)}

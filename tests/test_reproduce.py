@@ -94,6 +94,8 @@ def test_killed_and_resumed_run_ends_with_the_same_numbers(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         reproduce.run_one(cfg, "final", args_for(tmp_path / "b"), torch.device("cpu"))
     monkeypatch.setattr(runtime, "save_training_state", real_save)
+    with pytest.raises(runtime.UserError, match="other settings"):  # the saved state belongs to this config only
+        reproduce.run_one(dict(cfg, gate_init=3.0), "final", args_for(tmp_path / "b", resume=True), torch.device("cpu"))
     resumed = reproduce.run_one(cfg, "final", args_for(tmp_path / "b", resume=True), torch.device("cpu"))
     assert resumed["final"] == full["final"]
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
