@@ -23,6 +23,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+import analysis
 import data
 import gated_prompt as gp
 import runtime
@@ -38,6 +39,7 @@ CHECKPOINTS = {  # (arch, ssl): (file name, where to download it)
     ("vit_small", "mocov3"): ("linear-vit-s-300ep.pth.tar", "https://dl.fbaipublicfiles.com/moco-v3/vit-s-300ep/linear-vit-s-300ep.pth.tar"),
 }
 TASKS = list(data.FGVC_DATASETS) + list(data.VTAB_TASKS) + ["ade20k"]
+FGVC_COLUMNS = ["cub", "flowers", "cars", "dogs", "nabirds"]  # the paper's column order (Tables 1, 7)
 CONFIG_KEYS = ("task", "ssl", "method", "arch", "batch_size", "num_prompts", "lr", "gate_init", "epochs",
                "warmup_epochs", "weight_decay", "momentum", "prompt_dropout", "seed", "insert_at")
 
@@ -427,26 +429,18 @@ def _worker_run(cfg, protocol, args):
 
 
 def load_results(results_dir):
-    out = []
-    for path in sorted(Path(results_dir).glob("**/*.json")):
-        try:
-            result = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(result, dict) and "config" in result and "final" in result:
-            result["_mtime"] = path.stat().st_mtime
-            out.append(result)
-    return out
+    """The final-protocol run files (analysis.load_runs reads them for the figures too)."""
+    return analysis.load_runs(results_dir) if Path(results_dir).is_dir() else []
 
 
 def cell(results, metric="test_acc", **match):
     """mean, std, n over the seeds of the newest lr that matches; None if no run matches."""
-    runs = [r for r in results if r.get("protocol", "final") == "final" and metric in r["final"]
+    runs = [r for r in results if analysis.final_metric(r, metric) is not None
             and all(r["config"].get(k) == v for k, v in match.items())]
     if not runs:
         return None
-    newest = max(runs, key=lambda r: r["_mtime"])["config"]["lr"]
-    values = torch.tensor([r["final"][metric] for r in runs if r["config"]["lr"] == newest], dtype=torch.float64)
+    values = torch.tensor([analysis.final_metric(r, metric) for r in analysis.newest_lr_runs(runs)],
+                          dtype=torch.float64)
     std = values.std().item() if len(values) > 1 else 0.0
     return values.mean().item(), std, len(values)
 
@@ -473,7 +467,7 @@ def print_table(number, results_dir):
     results = load_results(results_dir)
     paper = HPARAMS["paper"]
     methods = ["vpt-shallow", "vpt-deep", "gated+temp"]
-    fgvc = list(data.FGVC_DATASETS)
+    fgvc = FGVC_COLUMNS
     if number in ("1", "7"):
         blocks = ([("mae", None), ("mocov3", None)] if number == "1" else [("mae", t) for t in (24, 48, 96)])
         for ssl, total in blocks:
@@ -634,7 +628,7 @@ def paper_value(cfg, metric="test_acc"):
 
 def table_cells(number):
     """Every run a paper table needs, as (task, ssl, method, arch, num_prompts) overrides."""
-    fgvc, vtab = list(data.FGVC_DATASETS), list(data.VTAB_TASKS)
+    fgvc, vtab = FGVC_COLUMNS, list(data.VTAB_TASKS)
     methods = ["vpt-shallow", "vpt-deep", "gated+temp"]
     cells = []
     if number in ("1", "2"):
@@ -691,7 +685,6 @@ def prepare_main(argv):
 
 
 def figure_main(argv):
-    import analysis
     return analysis.main(argv)
 
 
