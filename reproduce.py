@@ -134,9 +134,10 @@ def load_splits(cfg, data_dir, cache_dir, protocol):
         return demo_splits(cfg)
     train_name, eval_name = data.split_names(cfg["task"], protocol)
     root = data_root(cfg["task"], data_dir)
-    names = [eval_name] + (["val"] if data.task_kind(cfg["task"]) == "fgvc" and protocol == "final" else [])
-    train = data.load_split(cfg["task"], root, train_name, cache_dir=cache_dir)
-    return train, {name: data.load_split(cfg["task"], root, name, cache_dir=cache_dir) for name in names}
+    names = [train_name, eval_name] + (["val"] if data.task_kind(cfg["task"]) == "fgvc" and protocol == "final" else [])
+    with runtime.main_first():  # rank 0 decodes into the cache, the other ranks then read it
+        splits = {name: data.load_split(cfg["task"], root, name, cache_dir=cache_dir) for name in names}
+    return splits.pop(train_name), splits
 
 
 def fits_on_gpu(splits, device, fraction=0.3):

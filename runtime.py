@@ -166,6 +166,17 @@ def is_main():
     return world()[0] == 0
 
 
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first (e.g. filling a cache), then the other ranks."""
+    distributed = world()[1] > 1
+    if distributed and not is_main():
+        dist.barrier()
+    yield
+    if distributed and is_main():
+        dist.barrier()
+
+
 def all_reduce_gradients(params):
     """Average the gradients of the trainable parameters only (the backbone has none)."""
     rank, world_size = world()
