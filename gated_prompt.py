@@ -467,8 +467,9 @@ def read_checkpoint(path):
 
 def detect_format(raw, name="<state dict>"):
     """Unwrap and name the layout of a raw checkpoint dict; returns (state dict, format, key prefix)."""
-    if any(k.startswith("Transformer/") for k in raw):
-        return raw, "npz (Google ViT)", ""
+    for prefix in ("", "opt/target/"):  # big_vision files keep the params under opt/target/
+        if f"{prefix}Transformer/encoder_norm/scale" in raw:
+            return raw, "npz (Google ViT)", prefix
     for wrapper in ("model", "state_dict"):   # MAE: {'model': sd}; MoCo v3: {'state_dict': sd, ...}
         if isinstance(raw.get(wrapper), dict):
             raw = raw[wrapper]

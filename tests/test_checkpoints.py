@@ -136,6 +136,12 @@ def write_npz(model, path):
     np.savez(path, **{k: v.numpy() for k, v in a.items()})
 
 
+def write_npz_opt_target(model, path):  # big_vision / augreg files: the same arrays under opt/target/
+    write_npz(model, path)
+    arrays = dict(np.load(path))
+    np.savez(path, **{"opt/target/" + k: v for k, v in arrays.items()})
+
+
 WRITERS = {
     "mae_pretrain_vit_base.pth": (write_mae, "timm / MAE"),
     "mae_visualize_vit_base.pth": (write_mae_with_decoder, "timm / MAE"),
@@ -146,6 +152,7 @@ WRITERS = {
     "model.safetensors": (write_hf_vitmae_safetensors, "Hugging Face ViT"),
     "vit_transformers5.pth": (write_hf_v5, "Hugging Face ViT (transformers 5)"),
     "ViT-B_16.npz": (write_npz, "npz (Google ViT)"),
+    "augreg_ViT-B_16.npz": (write_npz_opt_target, "npz (Google ViT)"),
 }
 
 
