@@ -399,7 +399,12 @@ def run_queue(jobs, args, device):
     take one GPU and run one job at a time; results come back in job order either way."""
     workers = getattr(args, "workers", None) or (torch.cuda.device_count() if device.type == "cuda" else 1)
     if workers <= 1 or len(jobs) <= 1 or runtime.world()[1] > 1:
-        return [run_one(cfg, protocol, args, device) for cfg, protocol in jobs]
+        results = []
+        for i, (cfg, protocol) in enumerate(jobs):
+            if len(jobs) > 1 and runtime.is_main():
+                print(f"=== run {i + 1}/{len(jobs)}: {run_name(cfg, protocol)}")
+            results.append(run_one(cfg, protocol, args, device))
+        return results
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     ctx = multiprocessing.get_context("spawn")
