@@ -140,7 +140,7 @@ def test_sweep_picks_the_best_val_lr_then_runs_the_seeds(monkeypatch, tmp_path):
         return {"final": {"val_acc": {0.05: 10, 0.1: 30, 0.25: 20}.get(cfg["lr"], 0) if protocol == "sweep" else 1,
                           "test_acc": 50.0}}
     monkeypatch.setattr(reproduce, "run_one", fake_run_one)
-    cfg = dict(task="dtd", ssl="mae", method="gated+temp", lr=1.0, seed=42, lr_grid=[0.05, 0.1, 0.25])
+    cfg = dict(reproduce.resolve_config(reproduce.parse_args(["--task", "dtd"])), lr=1.0, lr_grid=[0.05, 0.1, 0.25])
     best, _ = reproduce.run_task(cfg, args_for(tmp_path, sweep=True, seeds=2), torch.device("cpu"))
     assert best["lr"] == 0.1
     assert calls == [("sweep", 0.05, 42), ("sweep", 0.1, 42), ("sweep", 0.25, 42), ("final", 0.1, 42), ("final", 0.1, 43)]
