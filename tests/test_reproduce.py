@@ -179,6 +179,7 @@ def test_table_2_reports_both_vtab_means(tmp_path, capsys):
         groups.setdefault(info.group, []).append(i)
     group_means = [sum(v) / len(v) for v in groups.values()]
     assert f"{sum(group_means) / 3:.2f} (49.22)" in row and f"{sum(range(19)) / 19:.2f}" in row
+    assert "gated+temp per task: cifar 0.00, caltech101 1.00, dtd 2.00" in out
 
 
 # --- bad input: one message, exit code 2 ----------------------------------------------------------
