@@ -25,6 +25,7 @@ import argparse
 import csv
 import dataclasses
 import glob
+import io
 import json
 import math
 import os
@@ -40,10 +41,9 @@ import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 import gated_prompt as gp
-from runtime import EXIT_BAD_INPUT, UserError, write_json
+from data import IMAGENET_MEAN, IMAGENET_STD
+from runtime import EXIT_BAD_INPUT, UserError, atomic_write, write_json, write_text
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # -----------------------------------------------------------------------------
 # Run files
@@ -142,12 +142,11 @@ def _varying(keys, names):
 
 
 def _write_csv(path, header, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
 
 # -----------------------------------------------------------------------------
 # Plotting plumbing (matplotlib's object API with the Agg canvas: no global pyplot state)
@@ -168,9 +167,7 @@ def _new_figure(nrows, ncols, panel_size=(4.0, 3.2), **kw):
 def _save(fig, path, title=None, dpi=120):
     if title:
         fig.suptitle(title)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
     return path
 
 

@@ -27,6 +27,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
+from runtime import write_text
+
 # ---------------------------------------------------------------------------------------------
 # 1. Registries and metadata
 # ---------------------------------------------------------------------------------------------
@@ -491,7 +493,7 @@ def prepare(dataset: str, root: str | os.PathLike, *, overwrite: bool = False,
     splits = {"train": train, "val": val, "test": test}
     _check_images_exist(dataset, root / info.image_dir, splits)
     for split, anno in splits.items():
-        _write_atomic(targets[split], json.dumps(dict(sorted(anno.items())), indent=0))
+        write_text(targets[split], json.dumps(dict(sorted(anno.items())), indent=0))
     sizes = {split: len(anno) for split, anno in splits.items()}
     print(f"{dataset}: train {sizes['train']} / val {sizes['val']} / test {sizes['test']} written to {root} "
           f"(VPT: {' / '.join(map(str, info.split_sizes))})")
@@ -523,12 +525,6 @@ def _check_images_exist(dataset: str, image_root: Path, splits: dict[str, dict[s
     if missing:
         raise DataError(f"{dataset}: {len(missing)} listed images are missing, e.g. {', '.join(missing[:3])}; "
                         f"download the images from {FGVC_DATASETS[dataset].url}")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _release_file(dataset: str, *candidates: Path) -> Path:
@@ -690,7 +686,7 @@ def write_fgvc_fixture(root: str | os.PathLike, dataset: str, *, class_ids: tupl
                 key = f"{cid:03d}.class_{cid}/{split}_{k:03d}.jpg"
                 _write_jpeg(image_root / key, images[index_of[cid] * count + k], image_size)
                 anno[key] = cid
-        _write_atomic(root / f"{split}.json", json.dumps(anno))
+        write_text(root / f"{split}.json", json.dumps(anno))
     return root
 
 
@@ -712,7 +708,7 @@ def write_vtab_fixture(root: str | os.PathLike, task: str, *, num_classes: int =
             lines[split].append(f"{rel_path} {label}")
     lines["train800val200"] = lines["train800"] + lines["val200"]
     for split, split_lines in lines.items():
-        _write_atomic(task_dir / f"{split}.txt", "\n".join(split_lines) + "\n")
+        write_text(task_dir / f"{split}.txt", "\n".join(split_lines) + "\n")
     return Path(root)
 
 

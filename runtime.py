@@ -67,7 +67,9 @@ def set_rng_state(state):
 # --- files ---------------------------------------------------------------------
 
 
-def _atomic(path, write):
+def atomic_write(path, write):
+    """Write through write(binary file) to a temporary file beside `path`, then rename: readers never see
+    a half-written file, and a crash leaves the old one."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
@@ -81,9 +83,13 @@ def _atomic(path, write):
         raise
 
 
+def write_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def write_json(path, obj):
     """Write JSON atomically (a crash never leaves a half-written result)."""
-    _atomic(path, lambda f: f.write(json.dumps(obj, indent=2, default=_jsonable).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=_jsonable).encode()))
 
 
 def _jsonable(x):
@@ -99,7 +105,7 @@ def save_training_state(path, model, optimizer, scheduler, step, history, extra=
     state = {"model": model.prompt_state_dict() if hasattr(model, "prompt_state_dict") else model.state_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "step": step, "history": history, "rng": rng_state(), "extra": extra or {}}
-    _atomic(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_training_state(path, model, optimizer, scheduler):

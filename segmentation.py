@@ -24,14 +24,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
+import data
 import gated_prompt as gp
 import runtime
 from runtime import UserError
 
 NUM_CLASSES = 150
 IGNORE_INDEX = 255
-MEAN = (123.675, 116.28, 103.53)   # ImageNet mean / std in 0..255 (mmseg's SegDataPreProcessor)
-STD = (58.395, 57.12, 57.375)
+MEAN = tuple(255 * m for m in data.IMAGENET_MEAN)  # 0..255 scale, as mmseg's SegDataPreProcessor
+STD = tuple(255 * s for s in data.IMAGENET_STD)
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)   # mmseg ade20k.py img_ratios, with flip
 ADE_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
 ADE_CLASSES = (  # mmseg's ADE20KDataset order; index = training label
