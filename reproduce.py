@@ -183,6 +183,16 @@ def build_model(cfg, checkpoint, num_classes):
 # --- 5. train -------------------------------------------------------------------------------------
 
 
+def prompt_snapshot(model):
+    """A CPU copy of everything training changes (to restore the best-val epoch's prompts)."""
+    return {k: v.detach().cpu().clone() for k, v in model.prompt_state_dict().items()}
+
+
+def as_stored(cfg):
+    """cfg as it reads back from a result or state file (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(cfg))
+
+
 def lr_factor(epoch, warmup_epochs, epochs):
     """Linear warm-up from 0, then cosine to 0; stepped per epoch (the official schedule)."""
     if epoch < warmup_epochs:
@@ -218,7 +228,7 @@ def train(cfg, model, train_loader, eval_loaders, device, state_path, resume=Fal
     history, start_epoch, best = [], 0, {"val_acc": -1.0, "epoch": None, "state": None}
     if resume and Path(state_path).is_file():
         state = runtime.load_training_state(state_path, model, optimizer, scheduler)
-        if state["extra"].get("config") != json.loads(json.dumps(cfg)):
+        if state["extra"].get("config") != as_stored(cfg):
             raise runtime.UserError(f"{state_path} was written by a run with other settings; delete it to start over")
         history, start_epoch, best = state["history"], state["step"] + 1, state["extra"]["best"]
         if runtime.is_main():
@@ -236,11 +246,11 @@ def train(cfg, model, train_loader, eval_loaders, device, state_path, resume=Fal
             record["val_acc"] = evaluate(forward, eval_loaders["val"], device, cfg["bf16"])
             if record["val_acc"] > best["val_acc"]:
                 best = {"val_acc": record["val_acc"], "epoch": epoch + 1,
-                        "state": {k: v.detach().cpu().clone() for k, v in model.prompt_state_dict().items()}}
+                        "state": prompt_snapshot(model)}
         history.append(record)
         if runtime.is_main():
             runtime.save_training_state(state_path, model, optimizer, scheduler, epoch, history,
-                                        {"best": best, "config": json.loads(json.dumps(cfg))})
+                                        {"best": best, "config": as_stored(cfg)})
             if not quiet:
                 tqdm.write(f"epoch {epoch + 1:3d}  loss {record['loss']:.4f}  train {record['train_acc']:.2f}  " +
                            (f"val {record['val_acc']:.2f}  " if track_val else "") +
@@ -282,7 +292,7 @@ def final_metrics(model, forward, eval_loaders, best, device, bf16):
     final = {f"{name}_acc": evaluate(forward, loader, device, bf16)
              for name, loader in eval_loaders.items() if name != "val" or not track_val}
     if track_val and best["state"] is not None:
-        final_state = {k: v.detach().cpu().clone() for k, v in model.prompt_state_dict().items()}
+        final_state = prompt_snapshot(model)
         model.load_state_dict(best["state"], strict=False)
         final["best_val_epoch"], final["best_val_acc"] = best["epoch"], best["val_acc"]
         final["test_acc_at_best_val"] = evaluate(forward, eval_loaders["test"], device, bf16)
@@ -316,8 +326,8 @@ def run_one(cfg, protocol, args, device):
     result_path = Path(args.results_dir) / f"{name}.json"
     if result_path.is_file():
         stored = json.loads(result_path.read_text())
-        changed = {k for k in set(stored["config"]) | set(cfg)
-                   if stored["config"].get(k) != json.loads(json.dumps(cfg)).get(k)}
+        current = as_stored(cfg)
+        changed = {k for k in set(stored["config"]) | set(current) if stored["config"].get(k) != current.get(k)}
         if changed:
             raise runtime.UserError(f"{result_path} holds a run with other settings ({', '.join(sorted(changed))}); "
                                     "delete it or pass another --results-dir")

@@ -198,21 +198,6 @@ def all_reduce_gradients(params):
         offset += g.numel()
 
 
-def all_gather_cat(tensor):
-    """Concatenate a per-rank tensor (first dim may differ between ranks) in rank order."""
-    rank, world_size = world()
-    if world_size == 1:
-        return tensor
-    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world_size)]
-    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
-    biggest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((biggest,) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    padded[:tensor.shape[0]] = tensor
-    out = [torch.zeros_like(padded) for _ in range(world_size)]
-    dist.all_gather(out, padded)
-    return torch.cat([o[:int(s.item())] for o, s in zip(out, sizes)])
-
-
 def all_reduce_sum(tensor):
     if world()[1] > 1:
         dist.all_reduce(tensor)
