@@ -6,7 +6,7 @@ Sections, top to bottom:
   3. decode-once image cache (threaded PIL decode, optional .npy disk cache)
   4. BatchLoader: seeded, shardable batches with crop/flip done as tensor indexing
   5. prepare: VPT-sized FGVC json splits built from each dataset's own release files
-  6. synthetic images and fixture writers (for the demo and for tests)
+  6. synthetic images (for the demo and the benchmark)
 """
 from __future__ import annotations
 
@@ -451,15 +451,6 @@ def random_crop_flip(images: torch.Tensor, crops: torch.Tensor, size: int) -> to
     return images[batch, channels, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def make_loader(split: ImageSplit, batch_size: int, *, train: bool, seed: int = 42, rank: int = 0,
-                world_size: int = 1, device: str | torch.device | None = None,
-                images_on_device: bool = False) -> BatchLoader:
-    """BatchLoader with the task's transform: random crop + flip for FGVC training, else center crop."""
-    return BatchLoader(split.images, split.labels, batch_size, train=train,
-                       augment=train and task_kind(split.task) == "fgvc", seed=seed, rank=rank,
-                       world_size=world_size, device=device, images_on_device=images_on_device)
-
-
 # ---------------------------------------------------------------------------------------------
 # 5. prepare: VPT-sized FGVC splits from the datasets' release files
 # ---------------------------------------------------------------------------------------------
@@ -631,7 +622,7 @@ _OFFICIAL_SPLIT_READERS = {
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Synthetic data and fixture writers
+# 6. Synthetic data (the demo and the benchmark)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -655,155 +646,3 @@ def make_synthetic_images(num_classes: int, n_per_class: int, size: int,
     images = colours[labels].view(-1, 3, 1, 1) * (0.55 + 0.45 * stripes[:, None]) * brightness
     images = images + 0.08 * torch.randn(images.shape, generator=generator)
     return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
-
-
-def _write_jpeg(path: Path, image: torch.Tensor, width_height: tuple[int, int] | None = None) -> None:
-    """Save a uint8 [3, H, W] tensor as JPEG, optionally resized to (width, height)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(image.permute(1, 2, 0).numpy())
-    if width_height is not None:
-        img = img.resize(width_height, Image.BILINEAR)
-    img.save(path, quality=95)
-
-
-def write_fgvc_fixture(root: str | os.PathLike, dataset: str, *, class_ids: tuple = (1, 2, 3),
-                       per_class: tuple[int, int, int] = (3, 1, 2), image_size: tuple[int, int] = (48, 36),
-                       seed: int = 0) -> Path:
-    """VPT-layout FGVC fixture: {train,val,test}.json + JPEGs under the dataset's image folder.
-
-    per_class = images per class in (train, val, test); class_ids are the json values. The i-th
-    smallest id gets synthetic class i, so a correct reader yields labels matching the picture.
-    Images are (width, height) = image_size, non-square by default.
-    """
-    root = Path(root)
-    image_root = root / FGVC_DATASETS[dataset].image_dir
-    index_of = {cid: i for i, cid in enumerate(sorted(class_ids))}
-    for split, count in zip(FGVC_SPLITS, per_class):
-        images, _ = make_synthetic_images(len(index_of), count, 32, seed=seed + FGVC_SPLITS.index(split))
-        anno = {}
-        for cid in class_ids:
-            for k in range(count):
-                key = f"{cid:03d}.class_{cid}/{split}_{k:03d}.jpg"
-                _write_jpeg(image_root / key, images[index_of[cid] * count + k], image_size)
-                anno[key] = cid
-        write_text(root / f"{split}.json", json.dumps(anno))
-    return root
-
-
-def write_vtab_fixture(root: str | os.PathLike, task: str, *, num_classes: int = 3,
-                       per_class: tuple[int, int, int] = (3, 1, 2), image_size: tuple[int, int] = (32, 32),
-                       seed: int = 0) -> Path:
-    """VTAB-1k image-folder fixture <root>/<task>/{train800,val200,train800val200,test}.txt + JPEGs.
-
-    per_class = images per class in (train800, val200, test); train800val200 lists both.
-    """
-    task_dir = Path(root) / task
-    lines = {}
-    for split_index, (split, count) in enumerate(zip(("train800", "val200", "test"), per_class)):
-        images, labels = make_synthetic_images(num_classes, count, 32, seed=seed + split_index)
-        lines[split] = []
-        for n, (image, label) in enumerate(zip(images, labels.tolist())):
-            rel_path = f"images/{split}/{n:05d}.jpg"
-            _write_jpeg(task_dir / rel_path, image, image_size)
-            lines[split].append(f"{rel_path} {label}")
-    lines["train800val200"] = lines["train800"] + lines["val200"]
-    for split, split_lines in lines.items():
-        write_text(task_dir / f"{split}.txt", "\n".join(split_lines) + "\n")
-    return Path(root)
-
-
-def write_release_fixture(root: str | os.PathLike, dataset: str, *, num_classes: int = 3,
-                          train_per_class: int = 10, test_per_class: int = 4, seed: int = 0) -> Path:
-    """Tiny copy of a dataset's official release in its real file formats (what `prepare` reads).
-
-    train_per_class counts official training images (Flowers: half trnid, half valid).
-    The .mat files need scipy.
-    """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    images, labels = make_synthetic_images(num_classes, train_per_class + test_per_class, 16, seed=seed)
-    # (class id, is_train, image) per image; official ids are 1-based
-    items = [(int(c) + 1, i % (train_per_class + test_per_class) < train_per_class, img)
-             for i, (img, c) in enumerate(zip(images, labels))]
-    _RELEASE_WRITERS[dataset](root, items, train_per_class)
-    return root
-
-
-def _write_cub_style_release(root: Path, items: list, nabirds: bool) -> None:
-    images_txt, labels_txt, split_txt = [], [], []
-    for n, (cid, is_train, image) in enumerate(items, start=1):
-        if nabirds:  # uuid-like image ids, 4-digit folders, non-contiguous class ids
-            image_id, cid = f"{n:08x}-21dc-4d0c-bfe1-{cid:012x}", 295 + 3 * cid
-            rel_path = f"{cid:04d}/{image_id.replace('-', '')}.jpg"
-        else:
-            image_id, rel_path = str(n), f"{cid:03d}.Bird_{cid}/Bird_{cid}_{n:04d}.jpg"
-        _write_jpeg(root / "images" / rel_path, image)
-        images_txt.append(f"{image_id} {rel_path}")
-        labels_txt.append(f"{image_id} {cid}")
-        split_txt.append(f"{image_id} {int(is_train)}")
-    for name, lines in (("images.txt", images_txt), ("image_class_labels.txt", labels_txt),
-                        ("train_test_split.txt", split_txt)):
-        (root / name).write_text("\n".join(lines) + "\n")
-
-
-def _write_flowers_release(root: Path, items: list, train_per_class: int) -> None:
-    import scipy.io
-    setid: dict[str, list[int]] = {"trnid": [], "valid": [], "tstid": []}
-    seen_per_class: dict[int, int] = {}
-    for n, (cid, is_train, image) in enumerate(items, start=1):
-        _write_jpeg(root / "jpg" / f"image_{n:05d}.jpg", image)
-        k = seen_per_class[cid] = seen_per_class.get(cid, 0) + 1
-        setid["tstid" if not is_train else "trnid" if k <= train_per_class // 2 else "valid"].append(n)
-    scipy.io.savemat(root / "imagelabels.mat", {"labels": np.array([[c for c, _, _ in items]], dtype=np.float64)})
-    scipy.io.savemat(root / "setid.mat", {k: np.array([v], dtype=np.float64) for k, v in setid.items()})
-
-
-def _cell_column(strings: list[str]) -> np.ndarray:
-    """A MATLAB cell column of strings, as savemat writes it."""
-    cells = np.empty((len(strings), 1), dtype=object)
-    for i, s in enumerate(strings):
-        cells[i, 0] = np.array([s])
-    return cells
-
-
-def _write_dogs_release(root: Path, items: list) -> None:
-    import scipy.io
-    lists: dict[bool, tuple[list[str], list[int]]] = {True: ([], []), False: ([], [])}
-    for n, (cid, is_train, image) in enumerate(items, start=1):
-        rel_path = f"n{cid:08d}-breed_{cid}/n{cid:08d}_{n}.jpg"
-        _write_jpeg(root / "Images" / rel_path, image)
-        lists[is_train][0].append(rel_path)
-        lists[is_train][1].append(cid)
-    for is_train, name in ((True, "train_list.mat"), (False, "test_list.mat")):
-        files, cids = lists[is_train]
-        scipy.io.savemat(root / name, {
-            "file_list": _cell_column(files),
-            "annotation_list": _cell_column([f.removesuffix(".jpg") for f in files]),
-            "labels": np.array(cids, dtype=np.float64).reshape(-1, 1)})
-
-
-def _write_cars_release(root: Path, items: list) -> None:
-    import scipy.io
-    fields = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")
-    annotations: dict[bool, list[tuple]] = {True: [], False: []}
-    for cid, is_train, image in items:
-        fname = f"{len(annotations[is_train]) + 1:05d}.jpg"
-        _write_jpeg(root / ("cars_train" if is_train else "cars_test") / fname, image)
-        box = [np.array([[v]], dtype=np.uint8) for v in (1, 1, 15, 15)]
-        annotations[is_train].append((*box, np.array([[cid]], dtype=np.uint8), np.array([fname])))
-    for is_train, path in ((True, root / "devkit" / "cars_train_annos.mat"),
-                           (False, root / "cars_test_annos_withlabels.mat")):
-        struct = np.empty((1, len(annotations[is_train])), dtype=[(f, object) for f in fields])
-        for i, record in enumerate(annotations[is_train]):
-            struct[0, i] = record
-        path.parent.mkdir(parents=True, exist_ok=True)
-        scipy.io.savemat(path, {"annotations": struct})
-
-
-_RELEASE_WRITERS = {
-    "cub": lambda root, items, _: _write_cub_style_release(root, items, nabirds=False),
-    "nabirds": lambda root, items, _: _write_cub_style_release(root, items, nabirds=True),
-    "flowers": _write_flowers_release,
-    "dogs": lambda root, items, _: _write_dogs_release(root, items),
-    "cars": lambda root, items, _: _write_cars_release(root, items),
-}

@@ -40,9 +40,6 @@ CHECKPOINTS = {  # (arch, ssl): (file name, where to download it)
 }
 TASKS = list(data.FGVC_DATASETS) + list(data.VTAB_TASKS) + ["ade20k"]
 FGVC_COLUMNS = ["cub", "flowers", "cars", "dogs", "nabirds"]  # the paper's column order (Tables 1, 7)
-CONFIG_KEYS = ("task", "ssl", "method", "arch", "batch_size", "num_prompts", "lr", "gate_init", "epochs",
-               "warmup_epochs", "weight_decay", "momentum", "prompt_dropout", "seed", "insert_at")
-
 # --- 1. arguments ---------------------------------------------------------------------------------
 
 

@@ -370,32 +370,6 @@ class TrainSampleStream(Sampler):
             iteration += 1
 
 
-def write_ade_fixture(root, n_train=8, n_val=4, size=(64, 96), seed=0, num_classes=4):
-    """A tiny dataset in the real layout under root/ADEChallengeData2016: each image is a few rectangles
-    of flat colour + noise, the colour determines the class (labels 1..num_classes), with 0 (ignored)
-    borders between rectangles. Returns the ADEChallengeData2016 path."""
-    rng = np.random.default_rng(seed)
-    h, w = (size, size) if isinstance(size, int) else size
-    palette = np.array([[220, 40, 40], [40, 200, 40], [40, 60, 220], [230, 230, 230], [240, 200, 30],
-                        [150, 40, 200], [30, 200, 200], [20, 20, 20]])[:num_classes]
-    ade = os.path.join(os.fspath(root), "ADEChallengeData2016")
-    for split, count in (("training", n_train), ("validation", n_val)):
-        for kind in ("images", "annotations"):
-            os.makedirs(os.path.join(ade, kind, split), exist_ok=True)
-        for i in range(count):
-            label = np.zeros((h, w), np.uint8)
-            ys = [0, *sorted(rng.integers(h // 4, 3 * h // 4, 1)), h]
-            xs = [0, *sorted(rng.integers(w // 4, 3 * w // 4, 2)), w]
-            for y0, y1 in zip(ys, ys[1:]):
-                for x0, x1 in zip(xs, xs[1:]):
-                    label[y0 + 1:y1 - 1, x0 + 1:x1 - 1] = rng.integers(1, num_classes + 1)
-            image = np.where(label[..., None] > 0, palette[np.maximum(label, 1) - 1], 128)
-            image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
-            stem = f"ADE_{split[:5]}_{i:08d}"
-            Image.fromarray(image).save(os.path.join(ade, "images", split, stem + ".jpg"), quality=95)
-            Image.fromarray(label).save(os.path.join(ade, "annotations", split, stem + ".png"))
-    return ade
-
 # -----------------------------------------------------------------------------
 # Metrics: one exact confusion matrix, mmseg's definitions
 

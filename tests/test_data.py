@@ -11,6 +11,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fixtures  # noqa: E402
 import data  # noqa: E402
 from data import DataError  # noqa: E402
 
@@ -57,7 +58,7 @@ def test_registries_and_metadata():
 @pytest.mark.parametrize("dataset", list(data.FGVC_DATASETS))
 def test_fgvc_fixture_reads_back(tmp_path, dataset):
     class_ids = (30, 4, 12)  # sorted order 4 -> 0, 12 -> 1, 30 -> 2
-    root = data.write_fgvc_fixture(tmp_path / dataset, dataset, class_ids=class_ids, per_class=(3, 1, 2))
+    root = fixtures.write_fgvc_fixture(tmp_path / dataset, dataset, class_ids=class_ids, per_class=(3, 1, 2))
     image_dir = root / data.FGVC_DATASETS[dataset].image_dir
     assert all((image_dir / key).is_file() for key in json.loads((root / "train.json").read_text()))
 
@@ -78,7 +79,7 @@ def test_fgvc_fixture_reads_back(tmp_path, dataset):
 
 
 def test_vtab_fixture_reads_back(tmp_path):
-    data.write_vtab_fixture(tmp_path, "eurosat", num_classes=4, per_class=(3, 2, 2), image_size=(40, 24))
+    fixtures.write_vtab_fixture(tmp_path, "eurosat", num_classes=4, per_class=(3, 2, 2), image_size=(40, 24))
     sizes = {"train800": 12, "val200": 8, "train800val200": 20, "test": 8}
     for split, size in sizes.items():
         loaded = data.load_split("eurosat", tmp_path, split)
@@ -219,26 +220,26 @@ def test_missing_dataset_folder(tmp_path):
 
 
 def test_missing_split_file(tmp_path):
-    root = data.write_fgvc_fixture(tmp_path / "dogs", "dogs")
+    root = fixtures.write_fgvc_fixture(tmp_path / "dogs", "dogs")
     (root / "val.json").unlink()
     with pytest.raises(DataError, match="val.json"):
         data.load_split("dogs", root, "val")
     assert len(data.load_split("dogs", root, "test").labels) == 6  # other splits still load
-    data.write_vtab_fixture(tmp_path, "dmlab")
+    fixtures.write_vtab_fixture(tmp_path, "dmlab")
     (tmp_path / "dmlab" / "val200.txt").unlink()
     with pytest.raises(DataError, match="val200.txt"):
         data.load_split("dmlab", tmp_path, "val200")
 
 
 def test_malformed_lines(tmp_path):
-    data.write_vtab_fixture(tmp_path, "svhn")
+    fixtures.write_vtab_fixture(tmp_path, "svhn")
     list_file = tmp_path / "svhn" / "test.txt"
     lines = list_file.read_text().splitlines()
     lines[2] = "images/test/00002.jpg"  # label missing
     list_file.write_text("\n".join(lines))
     with pytest.raises(DataError, match=r"test\.txt:3: malformed"):
         data.read_split("svhn", tmp_path, "test")
-    root = data.write_fgvc_fixture(tmp_path / "cub", "cub")
+    root = fixtures.write_fgvc_fixture(tmp_path / "cub", "cub")
     (root / "train.json").write_text('{"a.jpg": 1,\n "b.jpg" 2}')
     with pytest.raises(DataError, match=r"train\.json:2: malformed json"):
         data.read_split("cub", root, "test")
@@ -248,7 +249,7 @@ def test_malformed_lines(tmp_path):
 
 
 def test_label_out_of_range(tmp_path):
-    data.write_vtab_fixture(tmp_path, "patch_camelyon", num_classes=2)
+    fixtures.write_vtab_fixture(tmp_path, "patch_camelyon", num_classes=2)
     list_file = tmp_path / "patch_camelyon" / "train800.txt"
     list_file.write_text(list_file.read_text() + "images/train800/00000.jpg 2\n")
     with pytest.raises(DataError, match=r"train800\.txt:7: label 2 out of range"):
@@ -262,7 +263,7 @@ def test_label_out_of_range(tmp_path):
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncated", "missing"])
 def test_bad_image_names_the_file(tmp_path, damage):
-    root = data.write_fgvc_fixture(tmp_path / "cars", "cars")
+    root = fixtures.write_fgvc_fixture(tmp_path / "cars", "cars")
     key = next(iter(json.loads((root / "test.json").read_text())))
     image = root / key
     if damage == "corrupt":
@@ -282,7 +283,7 @@ def test_bad_image_names_the_file(tmp_path, damage):
 
 
 def test_disk_cache_is_reused(tmp_path, monkeypatch):
-    root = data.write_fgvc_fixture(tmp_path / "nabirds", "nabirds")
+    root = fixtures.write_fgvc_fixture(tmp_path / "nabirds", "nabirds")
     cache = tmp_path / "cache"
     first = data.load_split("nabirds", root, "train", cache_dir=cache)
     assert len(list(cache.glob("nabirds-train-256px-*.npy"))) == 1
@@ -303,7 +304,7 @@ def test_disk_cache_is_reused(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dataset", list(data.FGVC_DATASETS))
 def test_prepare_builds_vpt_like_splits(tmp_path, dataset, capsys):
     pytest.importorskip("scipy")
-    root = data.write_release_fixture(tmp_path / dataset, dataset, num_classes=4, train_per_class=12,
+    root = fixtures.write_release_fixture(tmp_path / dataset, dataset, num_classes=4, train_per_class=12,
                                       test_per_class=3)
     sizes = data.prepare(dataset, root)
     assert dataset in capsys.readouterr().out
@@ -325,7 +326,7 @@ def test_prepare_builds_vpt_like_splits(tmp_path, dataset, capsys):
 
 
 def test_prepare_is_deterministic_and_refuses_overwrite(tmp_path):
-    root = data.write_release_fixture(tmp_path / "cub", "cub", train_per_class=20)
+    root = fixtures.write_release_fixture(tmp_path / "cub", "cub", train_per_class=20)
     data.prepare("cub", root)
     val = (root / "val.json").read_text()
     with pytest.raises(DataError, match="already exist"):
@@ -337,16 +338,16 @@ def test_prepare_is_deterministic_and_refuses_overwrite(tmp_path):
 
 
 def test_prepare_reports_missing_release_files(tmp_path):
-    root = data.write_release_fixture(tmp_path / "cub", "cub")
+    root = fixtures.write_release_fixture(tmp_path / "cub", "cub")
     (root / "train_test_split.txt").unlink()
     with pytest.raises(DataError, match="train_test_split.txt.*caltech"):
         data.prepare("cub", root)
     pytest.importorskip("scipy")
-    root = data.write_release_fixture(tmp_path / "cars", "cars")
+    root = fixtures.write_release_fixture(tmp_path / "cars", "cars")
     (root / "cars_test_annos_withlabels.mat").unlink()
     with pytest.raises(DataError, match="cars_test_annos_withlabels.mat"):
         data.prepare("cars", root)
-    root = data.write_release_fixture(tmp_path / "dogs", "dogs")
+    root = fixtures.write_release_fixture(tmp_path / "dogs", "dogs")
     next((root / "Images").rglob("*.jpg")).unlink()
     with pytest.raises(DataError, match="1 listed images are missing"):
         data.prepare("dogs", root)

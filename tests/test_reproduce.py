@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fixtures
 import data
 import gated_prompt as gp
 import reproduce
@@ -118,7 +119,7 @@ def write_tiny_mae_checkpoint(path, img_size=224):
 
 
 def test_fgvc_run_on_the_real_layout_reports_final_and_best_val(tmp_path):
-    data.write_fgvc_fixture(tmp_path / "data" / "cub", "cub", class_ids=(3, 7, 11), per_class=(4, 2, 2))
+    fixtures.write_fgvc_fixture(tmp_path / "data" / "cub", "cub", class_ids=(3, 7, 11), per_class=(4, 2, 2))
     write_tiny_mae_checkpoint(tmp_path / "mae.pth")
     args = reproduce.parse_args(["--task", "cub", "--ssl", "mae", "--epochs", "2", "--warmup-epochs", "1"])
     cfg = reproduce.resolve_config(args)
@@ -200,7 +201,7 @@ def test_missing_checkpoint_names_the_path_and_url(tmp_path):
 
 
 def test_corrupt_image_is_named(tmp_path):
-    data.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "dtd")
+    fixtures.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "dtd")
     bad = next((tmp_path / "data" / "vtab-1k" / "dtd" / "images" / "train800").glob("*.jpg"))
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     write_tiny_mae_checkpoint(tmp_path / "mae.pth")
@@ -210,7 +211,7 @@ def test_corrupt_image_is_named(tmp_path):
 
 
 def test_label_out_of_range_is_an_error(tmp_path):
-    data.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "eurosat")
+    fixtures.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "eurosat")
     listing = tmp_path / "data" / "vtab-1k" / "eurosat" / "train800val200.txt"
     lines = listing.read_text().splitlines()
     lines[0] = lines[0].rsplit(" ", 1)[0] + " 10"  # eurosat has 10 classes: 0..9
@@ -222,7 +223,7 @@ def test_label_out_of_range_is_an_error(tmp_path):
 
 
 def test_wrong_checkpoint_for_the_architecture_exits_2(tmp_path):
-    data.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "dtd")
+    fixtures.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "dtd")
     write_tiny_mae_checkpoint(tmp_path / "tiny.pth")  # a 32-wide file for the 768-wide ViT-B
     out = cli("--task", "dtd", "--data-dir", str(tmp_path / "data"), "--checkpoint", str(tmp_path / "tiny.pth"),
               "--results-dir", str(tmp_path / "r"))
@@ -238,7 +239,7 @@ def test_help_explains_the_tasks_and_methods():
 
 def test_ade20k_cell_runs_setr_pup_and_lands_in_table_3(tmp_path, capsys):
     import segmentation
-    segmentation.write_ade_fixture(tmp_path / "data", n_train=4, n_val=2, size=(64, 80))
+    fixtures.write_ade_fixture(tmp_path / "data", n_train=4, n_val=2, size=(64, 80))
     torch.manual_seed(0)
     backbone = gp.VisionTransformer(gp.vit_config("vit_base", "mae", **dict(TINY, patch_size=16)),
                                     gp.prompt_config("linear", num_classes=0))

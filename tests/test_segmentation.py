@@ -9,6 +9,7 @@ import torch.nn as nn
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fixtures  # noqa: E402
 import runtime  # noqa: E402
 import segmentation as seg  # noqa: E402
 
@@ -20,7 +21,7 @@ TRAIN = dict(TINY, lr=0.01, batch_size=2, seed=0, bf16=False, num_workers=0, sav
 @pytest.fixture(scope="module")
 def fixture_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("ade")
-    seg.write_ade_fixture(root, n_train=6, n_val=2, size=(64, 96), seed=0)
+    fixtures.write_ade_fixture(root, n_train=6, n_val=2, size=(64, 96), seed=0)
     return root
 
 # --- metrics ---------------------------------------------------------------------
@@ -141,7 +142,7 @@ def test_label_mapping():
 
 
 def test_dataset_items_and_label_range(tmp_path):
-    ade = seg.write_ade_fixture(tmp_path, n_train=2, n_val=1, size=(48, 40), seed=1)
+    ade = fixtures.write_ade_fixture(tmp_path, n_train=2, n_val=1, size=(48, 40), seed=1)
     ds = seg.ADE20K(tmp_path, "training")
     image, label = ds[0]
     assert image.dtype == torch.uint8 and image.shape == (3, 48, 40) and label.shape == (48, 40)
@@ -161,7 +162,7 @@ def test_missing_folder_error_names_path_and_url(tmp_path):
 
 
 def test_missing_annotation_error_names_both_files(tmp_path):
-    seg.write_ade_fixture(tmp_path, n_train=2, n_val=1, size=(32, 32))
+    fixtures.write_ade_fixture(tmp_path, n_train=2, n_val=1, size=(32, 32))
     ann = tmp_path / "ADEChallengeData2016" / "annotations" / "training" / "ADE_train_00000001.png"
     ann.unlink()
     with pytest.raises(runtime.UserError) as e:
@@ -170,7 +171,7 @@ def test_missing_annotation_error_names_both_files(tmp_path):
 
 
 def test_size_mismatch_error_names_both_files(tmp_path):
-    seg.write_ade_fixture(tmp_path, n_train=2, n_val=1, size=(32, 32))
+    fixtures.write_ade_fixture(tmp_path, n_train=2, n_val=1, size=(32, 32))
     ds = seg.ADE20K(tmp_path, "training")
     Image.fromarray(np.ones((30, 32), np.uint8)).save(ds.labels[0])
     with pytest.raises(runtime.UserError) as e:
