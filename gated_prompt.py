@@ -49,6 +49,11 @@ METHODS = {  # name: (prompt, gates, learn_temperature)
 TEMPERATURE_RANGE = (0.01, 10.0)
 
 
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
 @dataclass
 class ViTConfig:
     img_size: int = 224
@@ -61,6 +66,14 @@ class ViTConfig:
     norm_eps: float = 1e-6
     pool: str = "cls"            # "cls": norm then CLS (MoCo v3); "mean": mean of non-CLS tokens then norm (MAE)
     fused_attention: bool = True  # SDPA kernels; False = explicit softmax (the official code's numerics)
+    pos_embed_interpolation: str = "bicubic"  # resizing the stored position grid: timm's bicubic; SETR uses bilinear
+
+    def __post_init__(self):
+        _check_choice("pool", self.pool, ("cls", "mean"))
+        _check_choice("pos_embed_interpolation", self.pos_embed_interpolation, ("bicubic", "bilinear"))
+        if self.embed_dim % self.num_heads or self.img_size % self.patch_size:
+            raise ValueError(f"embed_dim {self.embed_dim} must divide by num_heads {self.num_heads} and img_size "
+                             f"{self.img_size} by patch_size {self.patch_size}")
 
 
 @dataclass
@@ -74,8 +87,21 @@ class PromptConfig:
     prompt_dropout: float = 0.1
     num_classes: int = 1000      # 0: no head (features only)
 
+    def __post_init__(self):
+        _check_choice("prompt", self.prompt, ("none", "shallow", "deep"))
+        _check_choice("gates", self.gates, ("none", "soft", "hard"))
+        if self.gates != "none" and self.prompt != "shallow":
+            raise ValueError("gates act on prompts inserted once (prompt='shallow')")
+        if self.prompt != "none" and self.num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1 with prompt={self.prompt!r}, got {self.num_prompts}")
+        if not 0.0 <= self.prompt_dropout < 1.0 or self.num_classes < 0:
+            raise ValueError(f"prompt_dropout must be in [0, 1) and num_classes >= 0, got {self.prompt_dropout}, "
+                             f"{self.num_classes}")
+
 
 def vit_config(arch="vit_base", ssl="mae", **overrides):
+    _check_choice("arch", arch, tuple(ARCHS))
+    _check_choice("ssl", ssl, tuple(SSL_POOLING))
     patch_size, embed_dim, depth, num_heads = ARCHS[arch]
     cfg = ViTConfig(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                     pool=SSL_POOLING[ssl])
@@ -83,8 +109,7 @@ def vit_config(arch="vit_base", ssl="mae", **overrides):
 
 
 def prompt_config(method="gated+temp", **overrides):
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    _check_choice("method", method, tuple(METHODS))
     prompt, gates, learn_temperature = METHODS[method]
     return replace(PromptConfig(prompt=prompt, gates=gates, learn_temperature=learn_temperature), **overrides)
 
@@ -113,6 +138,14 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, T, C)), (attn if return_attn else None)
 
 
+class LayerNorm(nn.LayerNorm):
+    """Statistics in fp32, output in the input's dtype: under bf16 autocast the residual stream stays bf16
+    (plain nn.LayerNorm under CUDA autocast returns fp32, which would promote every later add)."""
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
@@ -125,9 +158,9 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.norm1 = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias, cfg.fused_attention)
-        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.norm2 = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
 
     def forward(self, x, temperature=None, return_attn=False):
@@ -145,8 +178,9 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D]
 
 
-def resize_pos_embed(pos_embed, new_grid):
-    """[1, 1+h*w, D] -> [1, 1+H*W, D], bicubic on the patch grid (as mmseg/SETR do), CLS kept."""
+def resize_pos_embed(pos_embed, new_grid, mode="bicubic"):
+    """[1, 1+h*w, D] -> [1, 1+H*W, D] on the patch grid, CLS kept. timm resizes bicubically; mmseg's SETR
+    configs use bilinear (ViTConfig.pos_embed_interpolation)."""
     cls_pos, grid_pos = pos_embed[:, :1], pos_embed[:, 1:]
     old = int(math.isqrt(grid_pos.shape[1]))
     if old * old != grid_pos.shape[1]:
@@ -154,7 +188,7 @@ def resize_pos_embed(pos_embed, new_grid):
     if (old, old) == tuple(new_grid):
         return pos_embed
     g = grid_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    g = F.interpolate(g, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    g = F.interpolate(g, size=tuple(new_grid), mode=mode, align_corners=False)
     g = g.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(pos_embed.dtype)
     return torch.cat([cls_pos, g], dim=1)
 
@@ -167,8 +201,6 @@ class VisionTransformer(nn.Module):
         pcfg = pcfg or PromptConfig(prompt="none", gates="none", learn_temperature=False)
         self.cfg, self.pcfg = cfg, pcfg
         D, L, grid = cfg.embed_dim, cfg.depth, cfg.img_size // cfg.patch_size
-        if pcfg.gates != "none" and pcfg.prompt != "shallow":
-            raise ValueError("gates act on prompts inserted once (prompt='shallow')")
         if not 1 <= pcfg.insert_at <= L:
             raise ValueError(f"insert_at must be in 1..{L}, got {pcfg.insert_at}")
         # backbone (frozen)
@@ -176,7 +208,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, D))
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(L)])
-        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.norm = LayerNorm(D, eps=cfg.norm_eps)
         self._init_backbone()
         # prompt side (trainable)
         self.num_prompts = pcfg.num_prompts if pcfg.prompt != "none" else 0
@@ -191,10 +223,7 @@ class VisionTransformer(nn.Module):
         if pcfg.learn_temperature:  # tau_1 .. tau_L
             self.temperatures = nn.Parameter(torch.ones(L))
         self.prompt_dropout = nn.Dropout(pcfg.prompt_dropout)
-        self.head = nn.Linear(D, pcfg.num_classes) if pcfg.num_classes else None
-        if self.head is not None:
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
+        self.head = classification_head(D, pcfg.num_classes) if pcfg.num_classes else None
         self.freeze_backbone()
 
     def _init_backbone(self):  # only matters without a checkpoint
@@ -222,6 +251,14 @@ class VisionTransformer(nn.Module):
     def prompt_state_dict(self):
         """Everything that training changes: prompts, deep_prompts, gate_logits, temperatures, head."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(self.BACKBONE)}
+
+    def store_frozen_weights(self, dtype):
+        """Keep the frozen Linear and patch-embedding weights and biases in `dtype` (bf16 under bf16 autocast:
+        the matmuls see exactly the same inputs, with half the memory and no cast per step). LayerNorms, the
+        position embedding and everything trainable stay fp32."""
+        for module in [self.patch_embed.proj, *(m for m in self.blocks.modules() if isinstance(m, nn.Linear))]:
+            module.to(dtype)
+        return self
 
     def train(self, mode=True):
         super().train(mode)
@@ -253,12 +290,19 @@ class VisionTransformer(nn.Module):
 
     # --- forward ---------------------------------------------------------------
     def embed(self, x):
-        """Eq. 1: patch tokens + positions, CLS first. Resizes the position grid for other image sizes."""
+        """Eq. 1: patch tokens + positions, CLS first, in the patch embedding's dtype (bf16 under autocast).
+        Resizes the position grid for other image sizes."""
         grid = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)
-        pos = resize_pos_embed(self.pos_embed, grid)
-        x = self.patch_embed(x) + pos[:, 1:]
-        cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
+        pos = resize_pos_embed(self.pos_embed, grid, self.cfg.pos_embed_interpolation)
+        x = self.patch_embed(x)
+        x = x + pos[:, 1:].to(x.dtype)
+        cls = (self.cls_token + pos[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)
+
+    def batch_prompts(self, prompts, batch, dtype):
+        """[P, D] -> [B, P, D], then dropout: every image draws its own mask (the official code expands the
+        prompts to the batch before its dropout)."""
+        return self.prompt_dropout(prompts.reshape(1, -1, prompts.shape[-1]).expand(batch, -1, -1)).to(dtype)
 
     def forward_tokens(self, x, out_blocks=(), attn_blocks=()):
         """Run the blocks; returns (tokens after block L, {block: tokens}, {block: attention [B,H,T,T]}).
@@ -271,17 +315,17 @@ class VisionTransformer(nn.Module):
         for i, blk in enumerate(self.blocks):
             l = i + 1
             if P and l == self.pcfg.insert_at:     # Eq. 4: prepend P right after CLS
-                prompts = self.prompt_dropout(self.prompts).expand(B, -1, -1).to(x.dtype)
-                x = torch.cat([x[:, :1], prompts, x[:, 1:]], dim=1)
-            elif self.deep_prompts is not None and l > self.pcfg.insert_at:  # Eq. 5: fresh P^{l-1}
-                prompts = self.prompt_dropout(self.deep_prompts[l - self.pcfg.insert_at - 1]).expand(B, -1, -1)
-                x = torch.cat([x[:, :1], prompts.to(x.dtype), x[:, 1 + P:]], dim=1)
+                x = torch.cat([x[:, :1], self.batch_prompts(self.prompts, B, x.dtype), x[:, 1:]], dim=1)
+            elif self.deep_prompts is not None and l > self.pcfg.insert_at:  # Eq. 5: fresh P^{l-1} replaces them
+                prompts = self.batch_prompts(self.deep_prompts[l - self.pcfg.insert_at - 1], B, x.dtype)
+                x = torch.cat([x[:, :1], prompts, x[:, 1 + P:]], dim=1)
             tau = self.temperatures[i] if self.temperatures is not None else None
             prompts_in = x[:, 1:1 + P]
             x, attn = blk(x, tau, return_attn=l in attn_blocks)
-            if gates is not None and l >= self.pcfg.insert_at and l < L:  # Eq. 7, blocks 1..L-1
+            if gates is not None and self.pcfg.insert_at <= l < L:  # Eq. 7, blocks 1..L-1, mixed in fp32
                 g = gates[i]
-                x = torch.cat([x[:, :1], g * x[:, 1:1 + P] + (1 - g) * prompts_in, x[:, 1 + P:]], dim=1)
+                gated = g * x[:, 1:1 + P].float() + (1 - g) * prompts_in.float()
+                x = torch.cat([x[:, :1], gated.to(x.dtype), x[:, 1 + P:]], dim=1)
             if l in out_blocks:
                 outs[l] = x
             if attn is not None:
@@ -303,6 +347,16 @@ class VisionTransformer(nn.Module):
     def attention_maps(self, x, blocks=(3, 7, 12)):
         """{block: [B, heads, T, T]} softmax attention (T = 1 + prompts + patches), for Figure 5."""
         return self.forward_tokens(x, attn_blocks=tuple(blocks))[2]
+
+
+def classification_head(dim, num_classes):
+    """The official head: one Linear, weight kaiming_normal_(mode="fan_out") (std sqrt(2 / num_classes)),
+    bias -log((1 - 0.01) / 0.01) = -4.595 (VPT's MLP head with special_bias=True). With weight decay 0 this
+    initialisation persists through training."""
+    head = nn.Linear(dim, num_classes)
+    nn.init.kaiming_normal_(head.weight, mode="fan_out")
+    nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
+    return head
 
 
 def hard_gates(gate_logits, sample):
@@ -332,9 +386,10 @@ def selection_ratio(gates, insert_at=1):
 
 
 def build_model(arch="vit_base", ssl="mae", method="gated+temp", num_classes=1000, checkpoint=None,
-                img_size=224, verbose=True, **prompt_overrides):
-    """One call: architecture + SSL pooling + method (+ checkpoint), backbone frozen."""
-    model = VisionTransformer(vit_config(arch, ssl, img_size=img_size),
+                img_size=224, vit_overrides=None, verbose=True, **prompt_overrides):
+    """One call: architecture + SSL pooling + method (+ checkpoint), backbone frozen. vit_overrides: other
+    ViTConfig fields (e.g. pos_embed_interpolation, or a small width for tests)."""
+    model = VisionTransformer(vit_config(arch, ssl, img_size=img_size, **(vit_overrides or {})),
                               prompt_config(method, num_classes=num_classes, **prompt_overrides))
     if checkpoint is not None:
         report = load_backbone(model, checkpoint)
@@ -441,6 +496,15 @@ def read_checkpoint(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    # torch files are zip archives (or, before torch 1.6, pickles: protocol byte 0x80), npz is a zip,
+    # safetensors starts with an 8-byte header length and then '{'
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or head[8:9] == b"{"):
+        looks = "an HTML page (a failed download?)" if b"<" in head[:16] and b"html" in head.lower() else \
+            "text" if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "no known format"
+        raise CheckpointError(f"{path} is not a checkpoint file: it is {looks} (first bytes {head[:24]!r}); "
+                              "expected a .pth/.pth.tar/.bin torch file, .safetensors or .npz")
     try:
         if path.endswith(".safetensors"):
             return _read_safetensors(path), None
@@ -552,7 +616,7 @@ def load_backbone(model, checkpoint):
     if "pos_embed" in sd and sd["pos_embed"].shape != target["pos_embed"].shape \
             and sd["pos_embed"].shape[-1] == target["pos_embed"].shape[-1]:
         grid = model.cfg.img_size // model.cfg.patch_size
-        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], (grid, grid))
+        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], (grid, grid), model.cfg.pos_embed_interpolation)
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
              for k, v in sd.items() if v.shape != target[k].shape]
     extra = [k for k in raw if k not in used]

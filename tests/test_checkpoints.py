@@ -241,9 +241,12 @@ def test_truncated_file_is_a_clear_error(source, tmp_path):
         gp.load_backbone(small_vit(), tmp_path / "mae.pth")
 
 
-def test_text_file_is_a_clear_error(tmp_path):
-    (tmp_path / "vit-b-300ep.pth.tar").write_text("<html>404 Not Found</html>\n")
-    with pytest.raises(gp.CheckpointError, match="vit-b-300ep.pth.tar: not a readable checkpoint"):
+@pytest.mark.parametrize("content,kind", [("<html>404 Not Found</html>\n", "an HTML page"),
+                                          ("model weights go here\n", "text")])
+def test_text_file_is_not_a_checkpoint_file(tmp_path, content, kind):
+    """e.g. a download that saved the server's error page: named as such, not a KeyError from the unpickler"""
+    (tmp_path / "vit-b-300ep.pth.tar").write_text(content)
+    with pytest.raises(gp.CheckpointError, match=f"vit-b-300ep.pth.tar is not a checkpoint file: it is {kind}"):
         gp.load_backbone(small_vit(), tmp_path / "vit-b-300ep.pth.tar")
 
 

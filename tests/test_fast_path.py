@@ -88,6 +88,36 @@ def test_bf16_fast_path_logits_match_fp32_reference():
     assert rel_err(logits, reference) > 0          # ...and really differ from fp32
 
 
+@torch.no_grad()
+def test_residual_stream_stays_bf16_under_autocast():
+    """Only the patch embedding's output decides the stream's dtype: after the first block and after a gate it
+    is bf16, while gates, temperatures and LayerNorm parameters stay fp32."""
+    fast, _ = pair()
+    fast.eval()
+    seen = {}
+    fast.blocks[0].register_forward_hook(lambda m, args, out: seen.__setitem__("after block 1", out[0]))
+    fast.blocks[1].register_forward_pre_hook(lambda m, args: seen.__setitem__("after gate 1", args[0]))
+    with runtime.autocast(CPU, bf16=True):
+        fast(images())
+    assert seen["after block 1"].dtype == seen["after gate 1"].dtype == torch.bfloat16
+    assert fast.gates().dtype == fast.temperatures.dtype == fast.blocks[0].norm1.weight.dtype == torch.float32
+
+
+@torch.no_grad()
+def test_frozen_weights_stored_in_bf16_give_bit_identical_logits():
+    """Storing the frozen Linear / patch-embedding weights in bf16 feeds autocast's matmuls exactly the bf16
+    values it would cast to itself: the logits are bit-identical, with half the weight memory."""
+    fast, _ = pair()
+    stored = build(True, state=fast.state_dict()).store_frozen_weights(torch.bfloat16)
+    fast.eval(), stored.eval()
+    assert stored.blocks[0].attn.qkv.weight.dtype == stored.patch_embed.proj.bias.dtype == torch.bfloat16
+    assert stored.blocks[0].norm1.weight.dtype == stored.pos_embed.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in stored.trainable_parameters())
+    x = images()
+    with runtime.autocast(CPU, bf16=True):
+        assert torch.equal(fast(x), stored(x))
+
+
 def test_training_curves_match():
     """30 SGD steps on one fixed batch through runtime.make_train_step: bf16 + SDPA vs fp32 + explicit."""
     x, y = images(16), torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(2))

@@ -52,14 +52,21 @@ def test_vit_b16_matches_timm(img_size):
     assert (got - expected).abs().max() < 1e-4
 
 
-def test_resized_grid_is_bicubic_of_stored_grid():
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_resized_grid_interpolates_the_stored_grid(mode):
+    """Classification resizes like timm (bicubic); SETR-PUP's configs resize bilinearly. A model setting."""
     pos = torch.randn(1, 1 + 14 * 14, 8)
-    out = gp.resize_pos_embed(pos, (32, 32))
+    out = gp.resize_pos_embed(pos, (32, 32), mode)
     assert out.shape == (1, 1 + 32 * 32, 8)
     assert torch.equal(out[:, 0], pos[:, 0])  # CLS position untouched
     grid = pos[:, 1:].reshape(1, 14, 14, 8).permute(0, 3, 1, 2)
-    ref = torch.nn.functional.interpolate(grid, size=(32, 32), mode="bicubic", align_corners=False)
+    ref = torch.nn.functional.interpolate(grid, size=(32, 32), mode=mode, align_corners=False)
     assert torch.allclose(out[:, 1:], ref.permute(0, 2, 3, 1).reshape(1, -1, 8))
+    model = gp.build_model("vit_base", method="linear", num_classes=0, img_size=64,
+                           vit_overrides=dict(embed_dim=8, depth=1, num_heads=1, pos_embed_interpolation=mode))
+    gp.load_backbone(model, {**model.backbone_state_dict(), "pos_embed": pos})   # 14x14 grid into a 4x4 model
+    expected = torch.nn.functional.interpolate(grid, size=(4, 4), mode=mode, align_corners=False)
+    assert torch.allclose(model.pos_embed[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, -1, 8))
 
 
 @pytest.mark.parametrize("arch,timm_name", [("vit_small", "vit_small_patch16_224"), ("vit_base", "vit_base_patch16_224"),
@@ -72,7 +79,9 @@ def test_architectures_have_the_published_sizes(arch, timm_name):
     n_ours = sum(p.numel() for p in ours.parameters())
     n_ref = sum(p.numel() for p in ref.parameters())
     assert n_ours == n_ref
-    assert ours.cfg.num_heads == (12 if arch == "vit_small" else gp.ARCHS[arch][3])  # MoCo v3 ViT-S: 12 heads
+    published = {"vit_small": (384, 12, 12), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16),
+                 "vit_huge": (1280, 32, 16)}[arch]   # (width, depth, heads); MoCo v3 ViT-S has 12 heads
+    assert (ours.cfg.embed_dim, ours.cfg.depth, ours.cfg.num_heads) == published
 
 
 # --- Eq. 6-7: gates ------------------------------------------------------------------
@@ -205,14 +214,19 @@ def test_only_prompt_side_parameters_receive_gradients(method, trainable):
 
 
 def test_vpt_deep_replaces_prompts_before_every_later_block():
+    """Eq. 5: block l sees [CLS, P^{l-1}, patches] -- the previous block's prompt outputs are dropped, not kept."""
     model = tiny("vpt-deep", depth=4)
-    assert model.deep_prompts.shape == (3, 3, 32)
     with torch.no_grad():
-        model.deep_prompts.zero_()
-    a = model(IMAGES)
+        model.deep_prompts.normal_()
+    P = model.num_prompts
+    assert model.deep_prompts.shape == (3, P, 32)
+    _, outs, _ = model.forward_tokens(IMAGES, out_blocks=(1, 2, 3, 4))
+    assert {t.shape[1] for t in outs.values()} == {1 + P + 16}   # the sequence never grows
     with torch.no_grad():
-        model.deep_prompts[1].normal_()  # the prompts fed to block 3
-    assert not torch.allclose(a, model(IMAGES))
+        for l in (2, 3, 4):
+            prev = outs[l - 1]
+            fed = torch.cat([prev[:, :1], model.deep_prompts[l - 2].expand(2, -1, -1), prev[:, 1 + P:]], dim=1)
+            assert torch.equal(model.blocks[l - 1](fed)[0], outs[l])
 
 
 @pytest.mark.parametrize("ssl,expected_pool", [("mae", "mean"), ("mocov3", "cls")])
@@ -237,8 +251,53 @@ def test_prompt_init_range_and_dropout_only_in_training():
     assert not torch.equal(a, model(IMAGES))
 
 
-def test_bad_configuration_is_refused():
-    with pytest.raises(ValueError, match="unknown method"):
-        gp.prompt_config("vpt-middle")
-    with pytest.raises(ValueError, match="insert_at"):
-        tiny("gated", insert_at=9)
+@pytest.mark.parametrize("method", ["vpt-shallow", "vpt-deep"])
+def test_prompt_dropout_draws_a_mask_per_image(method):
+    """The official code expands the prompts to the batch, then applies dropout: identical images in one batch
+    get different prompt tokens while training (shallow prompts and every deep set), equal ones in eval mode."""
+    model = tiny(method, prompt_dropout=0.5)
+    P, seen = model.num_prompts, {}
+    blocks = (1, 2, 3, 4) if method == "vpt-deep" else (1,)
+    for l in blocks:   # what each block receives at the prompt positions
+        model.blocks[l - 1].register_forward_pre_hook(lambda m, args, l=l: seen.__setitem__(l, args[0][:, 1:1 + P]))
+    same = IMAGES[:1].expand(4, -1, -1, -1)
+    model.train()
+    torch.manual_seed(0)
+    model(same)
+    for l in blocks:
+        assert not torch.equal(seen[l][0], seen[l][1]) and not torch.equal(seen[l][2], seen[l][3]), l
+    model.eval()
+    model(same)
+    for l in blocks:
+        assert all(torch.equal(seen[l][0], seen[l][i]) for i in (1, 2, 3)), l
+    assert torch.equal(seen[1][0], model.prompts[0])
+
+
+def test_head_is_initialised_as_the_official_head():
+    """One Linear; weight kaiming_normal_(fan_out): std sqrt(2 / classes); bias -log(0.99 / 0.01) = -4.595."""
+    torch.manual_seed(0)
+    head = gp.classification_head(768, 5)
+    assert isinstance(head, torch.nn.Linear) and head.weight.shape == (5, 768)
+    assert head.weight.std().item() == pytest.approx(math.sqrt(2 / 5), rel=0.05)
+    assert head.weight.mean().abs().item() < 0.05
+    assert torch.allclose(head.bias, torch.full((5,), -4.59512), atol=1e-4)
+    model = tiny("gated+temp", num_classes=5)   # the model's head is that head
+    assert torch.allclose(model.head.bias, torch.full((5,), -math.log(0.99 / 0.01)))
+    assert 0.3 < model.head.weight.std().item() / math.sqrt(2 / 5) < 1.7   # 160 weights: a loose check
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: gp.prompt_config("vpt-middle"), "method='vpt-middle' is not one of 'linear', 'vpt-shallow'"),
+    (lambda: gp.PromptConfig(gates="hrad"), "gates='hrad' is not one of 'none', 'soft', 'hard'"),
+    (lambda: gp.PromptConfig(prompt="deeep", gates="none"), "prompt='deeep' is not one of 'none', 'shallow', 'deep'"),
+    (lambda: gp.PromptConfig(prompt="deep", gates="soft"), "gates act on prompts inserted once"),
+    (lambda: gp.vit_config("vit_base", pool="avg"), "pool='avg' is not one of 'cls', 'mean'"),
+    (lambda: gp.vit_config("vit_base", pos_embed_interpolation="nearest"), "pos_embed_interpolation='nearest'"),
+    (lambda: gp.vit_config("vit_giant"), "arch='vit_giant' is not one of 'vit_small'"),
+    (lambda: gp.vit_config("vit_base", "dino"), "ssl='dino' is not one of 'mae'"),
+    (lambda: tiny("gated", insert_at=9), "insert_at must be in 1..4"),
+])
+def test_bad_configuration_is_refused(make, message):
+    """Every enumerated option is checked: a typo raises, naming the allowed values, instead of running."""
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        make()
