@@ -252,6 +252,11 @@ class VisionTransformer(nn.Module):
         """Everything that training changes: prompts, deep_prompts, gate_logits, temperatures, head."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(self.BACKBONE)}
 
+    def load_prompt_state_dict(self, state):
+        """Load what prompt_state_dict saved (e.g. trained prompts onto a freshly loaded backbone); every key
+        must be there with its shape."""
+        return load_exactly(self, self.prompt_state_dict(), state)
+
     def store_frozen_weights(self, dtype):
         """Keep the frozen Linear and patch-embedding weights and biases in `dtype` (bf16 under bf16 autocast:
         the matmuls see exactly the same inputs, with half the memory and no cast per step). LayerNorms, the
@@ -347,6 +352,20 @@ class VisionTransformer(nn.Module):
     def attention_maps(self, x, blocks=(3, 7, 12)):
         """{block: [B, heads, T, T]} softmax attention (T = 1 + prompts + patches), for Figure 5."""
         return self.forward_tokens(x, attn_blocks=tuple(blocks))[2]
+
+
+def load_exactly(module, expected, state):
+    """Copy `state` into the entries `expected` (a subset of module.state_dict()) names: a ValueError on any
+    missing, unexpected or mis-shaped key."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"missing {missing}, unexpected {unexpected}, wrong shapes {wrong}")
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(state[k])
+    return module
 
 
 def classification_head(dim, num_classes):

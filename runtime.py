@@ -1,8 +1,10 @@
-"""Plumbing shared by the classification and segmentation harnesses: device and precision,
-seeding, atomic result files, resumable training checkpoints, data-parallel helpers."""
+"""Plumbing shared by the classification and segmentation harnesses: run settings, device and precision,
+seeding, atomic files, resumable training states with one host sync, data-parallel helpers, the training step."""
 import contextlib
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import subprocess
@@ -22,10 +24,44 @@ class UserError(Exception):
 class NonFiniteLoss(RuntimeError):
     pass
 
+
+@dataclasses.dataclass
+class Settings:
+    """How to run, never what: paths, device and precision. Not part of a run's identity -- a finished run
+    is reused whatever these say (rerunning a cell with --no-compile finds its result)."""
+    results_dir: str = "results"
+    data_dir: str = "data"
+    cache_dir: str = None           # decoded images; default <results_dir>/cache
+    checkpoint: str = None          # a backbone file; default checkpoints/<official file name>
+    checkpoint_dir: str = "checkpoints"
+    device: torch.device = torch.device("cpu")
+    bf16: bool = False              # bf16 autocast (CUDA default); False = the official code's fp32 numerics
+    compile: object = False         # torch.compile the step (CUDA default); or a torch.compile backend
+    resume: bool = False
+    quiet: bool = False             # no progress bars or per-epoch lines
+    download: bool = False          # fetch a missing checkpoint / dataset (downloads.py)
+    mirror: str = None              # base URL replacing the official hosts
+    workers: int = None             # independent runs at once (default: one per GPU)
+    loader_workers: int = None      # ADE20K decoding processes (default: from the CPU count)
+
+    @classmethod
+    def for_device(cls, device=None, fp32=False, no_compile=False, **kw):
+        """bf16 autocast and torch.compile on CUDA unless turned off; fp32 and eager elsewhere."""
+        device = pick_device(device)
+        cuda = device.type == "cuda"
+        return cls(device=device, bf16=cuda and not fp32, compile=cuda and not no_compile, **kw)
+
+    def record(self):
+        """What a result file keeps of these settings."""
+        return {"device": device_name(self.device), "bf16": self.bf16, "compile": bool(self.compile),
+                "world_size": world()[1]}
+
 # --- device and precision ------------------------------------------------------
 
 
 def pick_device(name=None):
+    if isinstance(name, torch.device):
+        return name
     if name:
         return torch.device(name)
     if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
@@ -38,6 +74,21 @@ def autocast(device, bf16=True):
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def flush_denormals(device):
+    """On CPU, flush denormal floats to zero while the block runs: once a loss saturates, denormal gradients
+    make x86 arithmetic 6-25x slower. GPUs flush them already."""
+    if device.type != "cpu":
+        yield
+        return
+    before = float(torch.tensor(1e-39) * 1) == 0.0
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
 
 
 def device_name(device):
@@ -100,21 +151,42 @@ def _jsonable(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def save_training_state(path, model, optimizer, scheduler, step, history, extra=None):
-    """Prompt-side parameters, optimizer, scheduler, RNG and history: enough to resume bit-for-bit."""
-    state = {"model": model.prompt_state_dict() if hasattr(model, "prompt_state_dict") else model.state_dict(),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "step": step, "history": history, "rng": rng_state(), "extra": extra or {}}
-    atomic_write(path, lambda f: torch.save(state, f))
+def to_host(tree):
+    """Copy every tensor of a nested dict / list to the host with ONE device sync (non-blocking copies, then one
+    synchronize): the only sync a training epoch makes when no progress bar is shown."""
+    def copy(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().to("cpu", non_blocking=True)
+        if isinstance(x, dict):
+            return {k: copy(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(copy(v) for v in x)
+        return x
+    out = copy(tree)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return out
+
+
+def training_state(model, optimizer, scheduler, step, history, extra=None):
+    """Prompt-side parameters, optimizer, scheduler, RNG and history: enough to resume bit-for-bit. Tensors stay
+    where they are; pass the state through to_host (with the epoch's metrics) before saving it."""
+    return {"model": model.prompt_state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "step": step, "history": history, "rng": rng_state(),
+            "extra": extra or {}}
+
+
+def save_training_state(path, host_state):
+    atomic_write(path, lambda f: torch.save(host_state, f))
 
 
 def load_training_state(path, model, optimizer, scheduler):
     state = torch.load(path, map_location="cpu", weights_only=False)
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    trainable = set(model.prompt_state_dict()) if hasattr(model, "prompt_state_dict") else set()
-    if unexpected or (trainable and set(missing) & trainable):
-        raise UserError(f"{path}: resume state does not match this model (missing {sorted(set(missing) & trainable)}, "
-                        f"unexpected {unexpected}); was it written with other --method / --num-prompts?")
+    try:
+        model.load_prompt_state_dict(state["model"])
+    except ValueError as e:
+        raise UserError(f"{path}: resume state does not match this model ({e}); was it written with other "
+                        "--method / --num-prompts?") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
@@ -141,11 +213,12 @@ def code_version():
     return "src-" + h.hexdigest()[:10]
 
 
-def check_finite(loss, where):
-    """Stop on NaN/inf (one host sync; call it once per logging interval, not per step)."""
-    if not torch.isfinite(loss).all():
-        raise NonFiniteLoss(f"loss became {loss.item()} at {where}; lower --lr or check the data. "
-                            "The last good epoch's state is kept for --resume.")
+def check_finite(value, where, state_saved):
+    """Stop on NaN/inf with exit code 3 (the CLI maps NonFiniteLoss to it)."""
+    if not math.isfinite(value):
+        kept = ("The last good epoch's state is kept: lower --lr and pass --resume to continue it, or delete it."
+                if state_saved else "No state was saved (it failed before the first checkpoint).")
+        raise NonFiniteLoss(f"loss became {value} at {where}; lower --lr or check the data. {kept}")
 
 # --- data parallel (torchrun) ---------------------------------------------------
 
@@ -203,23 +276,38 @@ def all_reduce_sum(tensor):
         dist.all_reduce(tensor)
     return tensor
 
-# --- the training step (shared by reproduce.py and bench.py) ----------------------
+# --- the training step (classification, segmentation and the benchmark) --------
+
+def compiled(fn, compile):
+    """torch.compile with static shapes (every batch is padded to full size, so one graph serves a whole run),
+    or `fn` itself. `compile`: False, True (inductor) or a torch.compile backend (tests count compiles)."""
+    if not compile:
+        return fn
+    return torch.compile(fn, dynamic=False, **({} if compile is True else {"backend": compile}))
 
 
-def make_train_step(model, optimizer, device, bf16=True, compile=False):
-    """One SGD step: forward under bf16 autocast (fused attention), loss in fp32, backward, all-reduce of
-    the trainable gradients, step. Returns (detached loss, number of correct predictions) as device
-    tensors; never syncs with the host."""
-    forward = torch.compile(model) if compile else model
+def make_optimizer(params, lr, momentum, weight_decay, device):
+    """The official SGD; fused into one kernel on CUDA (the same math)."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           fused=device.type == "cuda")
+
+
+def make_train_step(model, optimizer, loss_fn, device, bf16=True, compile=False):
+    """One SGD step. The forward under bf16 autocast and loss_fn(output, targets) -> (fp32 loss, stats) form one
+    compiled region; then backward, the all-reduce of the trainable gradients, the optimizer step. Returns
+    step(inputs, targets) -> (detached loss, stats) as device tensors; it never syncs with the host."""
+    def forward_loss(inputs, targets):
+        with autocast(device, bf16):
+            output = model(inputs)
+        return loss_fn(output, targets)
+    forward_loss = compiled(forward_loss, compile)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def step(images, labels):
-        with autocast(device, bf16):
-            logits = forward(images)
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+    def step(inputs, targets):
+        loss, stats = forward_loss(inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         all_reduce_gradients(params)
         optimizer.step()
-        return loss.detach(), (logits.detach().argmax(-1) == labels).sum()
-    return step, forward
+        return loss.detach(), stats
+    return step

@@ -1,18 +1,18 @@
-"""ADE20K semantic segmentation with SETR-PUP on a prompted, frozen ViT (Table 3 / Table 6 of the paper).
+"""ADE20K semantic segmentation with SETR-PUP on a prompted, frozen ViT (Tables 3 and 6 of the paper).
 
-Neither VPT nor the official Gated Prompt Tuning release ships segmentation code, so this module
-follows mmsegmentation's SETR-PUP ADE20K config (configs/setr/setr_vit-l_pup_8xb2-160k_ade20k-512x512.py,
-_base_/models/setr_pup.py, _base_/datasets/ade20k.py, schedule_160k.py) scaled to ViT-B/16 as the paper
-states (aux heads on blocks 5 and 9). See REFERENCE.md section 4.
+Neither VPT nor the official Gated Prompt Tuning release ships segmentation code. This module follows
+mmsegmentation 0.x's SETR-PUP ADE20K config -- the version of the paper's time: configs/setr/
+setr_pup_512x512_160k_b16_ade20k.py with _base_/models/setr_pup.py, _base_/datasets/ade20k.py and
+_base_/schedules/schedule_160k.py -- scaled to ViT-B/16 as the paper states (aux heads on blocks 5 and 9).
+The recipe's numbers live in paper_hparams.yaml (`segmentation:`) and reach this module through the config.
 
-    import segmentation as seg
-    result = seg.train_segmentation(cfg, "data/", "mae_pretrain_vit_base.pth", "runs/ade_mae_gated")
-    result["miou_ss"], result["miou_ms"]          # percent, as in Table 3
+    cfg = recipes.resolve("ade20k", "mae")
+    body, prompt_state = segmentation.train_segmentation(cfg, runtime.Settings.for_device(), "ade.state.pt")
+    body["final"]["miou_ss"], body["final"]["miou_ms"]          # percent, as in Table 3
 
-Layout: model (SETR-PUP heads) -> data (ADE20K, augmentation, fixture) -> metrics -> inference -> training.
+Layout: model (SETR-PUP heads) -> data (ADE20K, augmentation) -> metrics -> inference -> training.
 Blocks are numbered 1..L as in gated_prompt.py.
 """
-import json
 import os
 import time
 
@@ -26,6 +26,8 @@ from tqdm import tqdm
 
 import data
 import gated_prompt as gp
+import recipes
+import results
 import runtime
 from runtime import UserError
 
@@ -33,7 +35,6 @@ NUM_CLASSES = 150
 IGNORE_INDEX = 255
 MEAN = tuple(255 * m for m in data.IMAGENET_MEAN)  # 0..255 scale, as mmseg's SegDataPreProcessor
 STD = tuple(255 * s for s in data.IMAGENET_STD)
-MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)   # mmseg ade20k.py img_ratios, with flip
 ADE_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
 ADE_CLASSES = (  # mmseg's ADE20KDataset order; index = training label
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
@@ -54,19 +55,8 @@ ADE_CLASSES = (  # mmseg's ADE20KDataset order; index = training label
     "glass", "clock", "flag")
 assert len(ADE_CLASSES) == NUM_CLASSES
 
-# Defaults = mmseg's SETR-PUP ADE20K recipe (REFERENCE.md section 4) + the paper's Table 5 ADE20K row.
-DEFAULTS = dict(
-    task="ade20k", ssl="mae", method="gated+temp", arch="vit_base", arch_overrides={},
-    num_prompts=100, gate_init=10.0, prompt_dropout=0.1,
-    lr=0.001, batch_size=16, iters=160000, seed=42, bf16=True,
-    crop_size=512, aux_blocks=(5, 9), head_channels=256,
-    eval_every=0, save_every=2000, num_workers=8,
-)
-AUX_LOSS_WEIGHT = 0.4      # each aux head (mmseg loss_weight=0.4)
-HEAD_LR_MULT = 10.0        # mmseg paramwise_cfg custom_keys={'head': lr_mult=10}
-POLY_POWER, POLY_MIN_LR = 0.9, 1e-4   # mmseg PolyLR(power=0.9, eta_min=1e-4), per iteration
+SAVE_EVERY = 2000          # iterations between resumable states
 LOG_EVERY = 50             # iterations between loss read-outs (host sync + NaN check)
-RESUME_FREE_KEYS = ("eval_every", "save_every", "num_workers")  # may change between a run and its resume
 
 # -----------------------------------------------------------------------------
 # Model: SETR-PUP (Zheng et al., 2021) heads on a prompted ViT
@@ -123,13 +113,18 @@ class SETRPUP(nn.Module):
         return patches.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
 
     def forward(self, x):
-        """Eval: logits [B, C, H, W]. Training: (logits, [aux logits, one per aux block])."""
+        """Eval: logits [B, C, H, W]. Training: (logits, [aux logits, one per aux block]). An input whose sides
+        are not multiples of the patch size is zero-padded bottom/right first (mmseg ViT's corner padding) and
+        the logits are resized back to the input's size, as mmseg's encode_decode does."""
+        p = self.backbone.cfg.patch_size
+        size = x.shape[-2:]
+        padded = F.pad(x, (0, -size[1] % p, 0, -size[0] % p))
         aux_blocks = self.aux_blocks if self.training else ()
-        last, outs, _ = self.backbone.forward_tokens(x, out_blocks=aux_blocks)
-        logits = _resize_to(self.decode_head(self.patch_grid(last, x)), x.shape[-2:])
+        last, outs, _ = self.backbone.forward_tokens(padded, out_blocks=aux_blocks)
+        logits = _resize_to(self.decode_head(self.patch_grid(last, padded)), size)
         if not self.training:
             return logits
-        aux = [_resize_to(head(self.patch_grid(outs[b], x)), x.shape[-2:])
+        aux = [_resize_to(head(self.patch_grid(outs[b], padded)), size)
                for b, head in zip(self.aux_blocks, self.aux_heads)]
         return logits, aux
 
@@ -142,12 +137,15 @@ class SETRPUP(nn.Module):
         frozen = tuple(f"backbone.{name}" for name in gp.VisionTransformer.BACKBONE)
         return {k: v for k, v in self.state_dict().items() if not k.startswith(frozen)}
 
-    def param_groups(self, lr):
-        """SGD groups: prompt side at `lr`, heads at HEAD_LR_MULT * lr (mmseg custom_keys 'head')."""
+    def load_prompt_state_dict(self, state):
+        return gp.load_exactly(self, self.prompt_state_dict(), state)
+
+    def param_groups(self, lr, head_lr_mult):
+        """SGD groups: prompt side at `lr`, heads at head_lr_mult * lr (mmseg custom_keys={'head': lr_mult})."""
         prompt_side = [p for p in self.backbone.parameters() if p.requires_grad]
         heads = [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
         groups = [{"params": prompt_side, "lr": lr}] if prompt_side else []
-        return groups + [{"params": heads, "lr": lr * HEAD_LR_MULT}]
+        return groups + [{"params": heads, "lr": lr * head_lr_mult}]
 
 
 def _resize_to(logits, size):
@@ -156,30 +154,10 @@ def _resize_to(logits, size):
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def segmentation_config(cfg):
-    """DEFAULTS updated with `cfg`; "img_size" is accepted as another name for "crop_size"."""
-    cfg = dict(cfg)
-    img_size = cfg.pop("img_size", None)
-    if img_size is not None and cfg.setdefault("crop_size", img_size) != img_size:
-        raise ValueError(f"img_size {img_size} != crop_size {cfg['crop_size']}: the ViT runs on the crops")
-    cfg = {**DEFAULTS, **cfg}
-    if cfg["task"] != "ade20k":
-        raise ValueError(f"segmentation.py trains ADE20K only, got task {cfg['task']!r}")
-    cfg["aux_blocks"] = list(cfg["aux_blocks"])
-    return cfg
-
-
-def build_segmenter(cfg, checkpoint_path=None, verbose=True):
-    """SETRPUP from a config dict (keys of DEFAULTS); loads the backbone when a checkpoint is given."""
-    cfg = segmentation_config(cfg)
-    vit_cfg = gp.vit_config(cfg["arch"], cfg["ssl"], img_size=cfg["crop_size"], **cfg["arch_overrides"])
-    prompt_cfg = gp.prompt_config(cfg["method"], num_classes=0, num_prompts=cfg["num_prompts"],
-                                  gate_init=cfg["gate_init"], prompt_dropout=cfg["prompt_dropout"])
-    backbone = gp.VisionTransformer(vit_cfg, prompt_cfg)
-    if checkpoint_path is not None:
-        report = gp.load_backbone(backbone, checkpoint_path)  # resizes the 14x14 position grid to 32x32
-        if verbose and runtime.is_main():
-            print(report)
+def build_segmenter(cfg, checkpoint=None, verbose=True):
+    """SETRPUP of a resolved ADE20K config (recipes.build_model's backbone, no classification head); loads the
+    backbone when a checkpoint is given, resizing its position grid to the crop's (14x14 -> 32x32)."""
+    backbone = recipes.build_model(cfg, 0, checkpoint, verbose=verbose and runtime.is_main())
     return SETRPUP(backbone, NUM_CLASSES, cfg["aux_blocks"], cfg["head_channels"])
 
 
@@ -295,7 +273,7 @@ class ADE20KTrain(ADE20K):
 
 def train_augment(image, label, crop, rng):
     """mmseg ADE20K train pipeline -> (normalised float [3, crop, crop], int64 labels [crop, crop])."""
-    # RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True); (4c, c) for crop c
+    # Resize(img_scale=(2048, 512), ratio_range=(0.5, 2.0)), keep_ratio; (4c, c) for crop c
     ratio = rng.uniform(0.5, 2.0)
     size = rescale_size(*label.shape, (int(4 * crop * ratio), int(crop * ratio)))
     image, label = resize_image(image, size), resize_label(label, size)
@@ -312,7 +290,7 @@ def train_augment(image, label, crop, rng):
         image, label = image[:, ::-1], label[:, ::-1]
     image = photometric_distortion(image, rng)
     # normalise, then pad bottom/right to the crop: image with 0 (after normalisation), label with 255
-    # (mmseg Pad(pad_val=0, seg_pad_val=255) after Normalize; SegDataPreProcessor in mmseg 1.x)
+    # (mmseg Pad(size=crop_size, pad_val=0, seg_pad_val=255) after Normalize)
     image = normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
     label = torch.from_numpy(label.astype(np.int64))
     pad = (0, crop - label.shape[1], 0, crop - label.shape[0])
@@ -394,77 +372,82 @@ def segmentation_metrics(confusion):
             "macc": float(acc.nanmean()), "iou": iou.tolist(), "acc": acc.tolist()}
 
 # -----------------------------------------------------------------------------
-# Inference (mmseg EncoderDecoder slide mode + aug_test)
+# Inference (mmseg 0.x EncoderDecoder: slide mode, aug_test)
 
 
 @torch.no_grad()
 def slide_inference(model, img, num_classes=NUM_CLASSES, crop=512, stride=341, window_batch=8):
-    """mmseg slide_inference: logits [B, C, H, W] averaged over crop x crop windows every `stride` pixels
-    (the last window of a row/column is shifted back to end at the border). An image smaller than the crop
-    is padded bottom/right with 0 (normalised space) and the logits cropped back. `model(x)` must return
-    logits for x (eval mode); windows are run `window_batch` at a time."""
+    """mmseg slide_inference: logits [B, C, H, W] averaged over windows every `stride` pixels (the last window
+    of a row/column is shifted back to end at the border). Windows are crop x crop, or the whole side where the
+    image is smaller than the crop: such images are not padded (the model pads to its patch size itself).
+    `model(x)` must return logits for x (eval mode); windows run `window_batch` at a time."""
     B, _, H, W = img.shape
-    padded = F.pad(img, (0, max(crop - W, 0), 0, max(crop - H, 0)))
-    h_img, w_img = padded.shape[-2:]
-    h_grids = max(h_img - crop + stride - 1, 0) // stride + 1
-    w_grids = max(w_img - crop + stride - 1, 0) // stride + 1
+    h_grids = max(H - crop + stride - 1, 0) // stride + 1
+    w_grids = max(W - crop + stride - 1, 0) // stride + 1
     windows = []
     for i in range(h_grids):
         for j in range(w_grids):
-            y2, x2 = min(i * stride + crop, h_img), min(j * stride + crop, w_img)
+            y2, x2 = min(i * stride + crop, H), min(j * stride + crop, W)
             windows.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
-    logits = padded.new_zeros((B, num_classes, h_img, w_img), dtype=torch.float32)
-    count = padded.new_zeros((1, 1, h_img, w_img), dtype=torch.float32)
+    logits = img.new_zeros((B, num_classes, H, W), dtype=torch.float32)
+    count = img.new_zeros((1, 1, H, W), dtype=torch.float32)
     for k in range(0, len(windows), window_batch):
         chunk = windows[k:k + window_batch]
-        out = model(torch.cat([padded[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])).float()
+        out = model(torch.cat([img[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])).float()
         for n, (y1, y2, x1, x2) in enumerate(chunk):
             logits[:, :, y1:y2, x1:x2] += out[n * B:(n + 1) * B]
             count[:, :, y1:y2, x1:x2] += 1
-    return (logits / count)[:, :, :H, :W]
+    return logits / count
+
+
+def test_scales(height, width, crop, ratios):
+    """The sizes an image is evaluated at: mmseg 0.x MultiScaleFlipAug(img_scale=(2048, 512), img_ratios) rescales
+    the image (keep_ratio) to fit (int(2048 r), int(512 r)) for each ratio r; (4c, c) for crop c."""
+    return [rescale_size(height, width, (int(4 * crop * r), int(crop * r))) for r in ratios]
 
 
 @torch.no_grad()
-def predict(model, image, crop=512, stride=341, multi_scale=True, bf16=False, window_batch=8):
+def predict(model, image, crop=512, stride=341, ms_ratios=None, bf16=False, window_batch=8):
     """One image (uint8 [3, H, W] on the model's device) -> (single-scale, multi-scale+flip) label maps [H, W].
-    Test scale = mmseg Resize((2048, 512), keep_ratio), i.e. (4c, c) for crop c. Single scale: argmax of the
-    slide logits resized to H x W. Multi-scale (mmseg aug_test): softmax averaged over ratios MS_RATIOS x
-    {no flip, flip}, each resized to H x W first. Without `multi_scale` the second map is None."""
+    Single scale: the image rescaled to fit (4c, c), argmax of the slide logits resized to H x W. Multi-scale
+    (mmseg aug_test): softmax averaged over `ms_ratios` x {no flip, flip}, each resized to H x W first.
+    Without ms_ratios the second map is None."""
     H, W = image.shape[-2:]
     device = image.device
-    ratios = MS_RATIOS if multi_scale else (1.0,)
     single, prob_sum = None, None
-    for ratio in ratios:
-        size = rescale_size(H, W, (int(4 * crop * ratio), int(crop * ratio)))
-        x = normalize(F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False))
-        for flip in ((False, True) if multi_scale else (False,)):
+    ratios = list(ms_ratios) if ms_ratios else [1.0]
+    for ratio, size in zip(ratios, test_scales(H, W, crop, ratios)):
+        resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)
+        x = normalize(resized.round().clamp(0, 255))   # mmcv resizes the uint8 image
+        for flip in ((False, True) if ms_ratios else (False,)):
             with runtime.autocast(device, bf16):
                 logits = slide_inference(model, x.flip(-1) if flip else x, NUM_CLASSES, crop, stride, window_batch)
             logits = _resize_to(logits.flip(-1) if flip else logits, (H, W))[0]
             if ratio == 1.0 and not flip:
                 single = logits.argmax(0)
-            if multi_scale:
+            if ms_ratios:
                 prob = logits.softmax(0)
                 prob_sum = prob if prob_sum is None else prob_sum + prob
-    return single, (prob_sum.argmax(0) if multi_scale else None)
+    return single, (prob_sum.argmax(0) if ms_ratios else None)
 
 
 @torch.no_grad()
-def confusion_matrices(model, dataset, crop=512, multi_scale=True, bf16=False, num_workers=2, progress=False):
+def confusion_matrices(model, dataset, cfg, multi_scale=True, bf16=False, loader_workers=2, progress=False):
     """(single-scale, multi-scale or None) confusion matrices over `dataset`, each rank evaluating images
-    rank, rank + world, ... and the matrices summed across ranks (exact for any number of ranks).
-    Sliding-window stride = 2/3 of the crop (mmseg's 341 for 512)."""
+    rank, rank + world, ... and the matrices summed across ranks (exact for any number of ranks). Crop, stride
+    and ratios come from the config (mmseg's test_cfg: slide, 512, stride 341)."""
     rank, world_size = runtime.world()
     device = next(model.parameters()).device
     model.eval()
     shard = Subset(dataset, range(rank, len(dataset), world_size))
-    loader = DataLoader(shard, batch_size=None, num_workers=num_workers,
+    loader = DataLoader(shard, batch_size=None, num_workers=loader_workers,
                         generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
     cm_single = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=device)
     cm_multi = torch.zeros_like(cm_single) if multi_scale else None
     for image, label in tqdm(loader, desc="eval", disable=not (progress and rank == 0), dynamic_ncols=True):
         image, label = image.to(device), label.to(device)
-        single, multi = predict(model, image, crop, crop * 2 // 3, multi_scale, bf16)
+        single, multi = predict(model, image, cfg["img_size"], cfg["slide_stride"],
+                                cfg["ms_ratios"] if multi_scale else None, bf16)
         cm_single += confusion_matrix(single, label)
         if multi_scale:
             cm_multi += confusion_matrix(multi, label)
@@ -482,119 +465,143 @@ def seg_loss(logits, labels):
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none").mean()
 
 
-def poly_scheduler(optimizer, total_iters):
-    """Per-iteration poly decay of every group: lr = (base - min) * (1 - t/T)^0.9 + min, min = 1e-4 (mmseg
-    PolyLR eta_min, shared by the groups; capped at the group's base lr so a small lr never rises)."""
+def setr_loss(aux_loss_weight):
+    """The decode head's loss plus aux_loss_weight x each aux head's, as runtime.make_train_step's loss_fn."""
+    def loss_fn(outputs, labels):
+        logits, aux = outputs
+        return seg_loss(logits, labels) + aux_loss_weight * sum(seg_loss(a, labels) for a in aux), None
+    return loss_fn
+
+
+def poly_scheduler(optimizer, total_iters, power, min_lr):
+    """Per-iteration poly decay of every group: lr = (base - min) * (1 - t/T)^power + min (mmseg PolyLR, min_lr
+    shared by the groups; capped at the group's base lr so a small lr never rises)."""
     def factor(base):
-        floor = min(POLY_MIN_LR, base)
-        return lambda t: ((base - floor) * (1 - min(t, total_iters) / max(total_iters, 1)) ** POLY_POWER + floor) / base
+        floor = min(min_lr, base)
+        return lambda t: ((base - floor) * (1 - min(t, total_iters) / max(total_iters, 1)) ** power + floor) / base
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(g["lr"]) for g in optimizer.param_groups])
-
-
-def _comparable(cfg):
-    return json.loads(json.dumps({k: v for k, v in cfg.items() if k not in RESUME_FREE_KEYS}))
 
 
 def _percent(values):
     return [None if v != v else 100 * v for v in values]  # NaN (class absent) -> null in JSON
 
 
-def train_segmentation(cfg, data_root, checkpoint_path, out_dir, resume=False, progress=True):
-    """Train SETR-PUP + prompts on ADE20K, then evaluate single- and multi-scale on the validation set.
-    cfg: keys of DEFAULTS (missing ones take the defaults). checkpoint_path: backbone file for
-    gated_prompt.load_backbone (None: random backbone, for tests). Writes out_dir/train_state.pt every
-    cfg["save_every"] iterations and at the end, and out_dir/result.json. Returns the result dict."""
-    cfg = segmentation_config(cfg)
-    rank, world_size = runtime.world()
-    device = runtime.pick_device()
-    crop, iters = cfg["crop_size"], cfg["iters"]
-    if cfg["batch_size"] % world_size:
-        raise UserError(f"batch_size {cfg['batch_size']} is not divisible by the {world_size} processes")
-    per_rank_batch = cfg["batch_size"] // world_size
+def loader_workers(settings):
+    """Decoding processes per rank: --loader-workers, else the CPU count shared by the ranks on this node (<= 8)."""
+    if settings.loader_workers is not None:
+        return settings.loader_workers
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(8, (os.cpu_count() or 2) // per_node - 1))
 
-    train_set = ADE20KTrain(data_root, crop, cfg["seed"])
-    val_set = ADE20K(data_root, "validation")
-    runtime.seed_everything(cfg["seed"])
-    model = sync_batchnorm_if_distributed(build_segmenter(cfg, checkpoint_path).to(device))
-    optimizer = torch.optim.SGD(model.param_groups(cfg["lr"]), lr=cfg["lr"], momentum=0.9, weight_decay=0.0)
-    scheduler = poly_scheduler(optimizer, iters)
-    params = model.trainable_parameters()
 
-    state_path = os.path.join(out_dir, "train_state.pt")
-    step, history = 0, []
-    if resume and os.path.isfile(state_path):
-        state = runtime.load_training_state(state_path, model, optimizer, scheduler)
-        if _comparable(state["extra"].get("cfg", {})) != _comparable(cfg):
-            raise UserError(f"{state_path} was written with another configuration; use a new out_dir or the "
-                            f"same settings ({_comparable(state['extra'].get('cfg', {}))})")
-        step, history = state["step"], state["history"]
-        if runtime.is_main():
-            print(f"resuming from {state_path} at iteration {step}")
+class Training:
+    """What one ADE20K run holds: data, model, optimizer, schedule and the compiled step."""
 
-    def save():
-        if runtime.is_main():
-            runtime.save_training_state(state_path, model, optimizer, scheduler, step, history, {"cfg": cfg})
+    def __init__(self, cfg, settings):
+        rank, world_size = runtime.world()
+        if cfg["batch_size"] % world_size:
+            raise UserError(f"batch_size {cfg['batch_size']} is not divisible by the {world_size} processes")
+        self.device, self.workers = settings.device, loader_workers(settings)
+        self.per_rank_batch = cfg["batch_size"] // world_size
+        self.train_set = ADE20KTrain(settings.data_dir, cfg["img_size"], cfg["seed"])
+        self.val_set = ADE20K(settings.data_dir, "validation")
+        runtime.seed_everything(cfg["seed"])
+        model = build_segmenter(cfg, recipes.checkpoint_for(cfg, settings))
+        if settings.bf16 and self.device.type == "cuda":
+            model.backbone.store_frozen_weights(torch.bfloat16)
+        self.model = sync_batchnorm_if_distributed(model.to(self.device))
+        self.optimizer = runtime.make_optimizer(self.model.param_groups(cfg["lr"], cfg["head_lr_mult"]), cfg["lr"],
+                                                cfg["momentum"], cfg["weight_decay"], self.device)
+        self.scheduler = poly_scheduler(self.optimizer, cfg["iters"], cfg["poly_power"], cfg["min_lr"])
+        self.step = runtime.make_train_step(self.model, self.optimizer, setr_loss(cfg["aux_loss_weight"]),
+                                            self.device, settings.bf16, settings.compile)
 
-    loader = DataLoader(train_set, batch_size=per_rank_batch, num_workers=cfg["num_workers"],
-                        sampler=TrainSampleStream(len(train_set), per_rank_batch, cfg["seed"], step),
-                        pin_memory=device.type == "cuda", drop_last=True,
-                        generator=torch.Generator().manual_seed(cfg["seed"]))  # keeps the global RNG untouched
-    start_step, last_log, start_time = step, step, time.time()
-    running = torch.zeros((), device=device)
-    model.train()
-    bar = tqdm(total=iters, initial=step, desc="train", disable=not (progress and rank == 0), dynamic_ncols=True)
-    batches = iter(loader) if step < iters else None
-    while step < iters:
+    def batches(self, cfg, start_iteration):
+        loader = DataLoader(self.train_set, batch_size=self.per_rank_batch, num_workers=self.workers,
+                            sampler=TrainSampleStream(len(self.train_set), self.per_rank_batch, cfg["seed"],
+                                                      start_iteration),
+                            pin_memory=self.device.type == "cuda", drop_last=True,
+                            generator=torch.Generator().manual_seed(cfg["seed"]))  # the global RNG stays untouched
+        return iter(loader)
+
+
+def train_segmentation(cfg, settings, state_path, save_every=SAVE_EVERY):
+    """Train SETR-PUP + prompts on ADE20K (a resolved config), then evaluate single- and multi-scale on the
+    validation set. Saves a resumable state at `state_path` every `save_every` iterations (--resume continues it;
+    the caller removes it once the result is written). Returns (result body, trained prompt-side state)."""
+    with runtime.flush_denormals(settings.device):
+        run = Training(cfg, settings)
+        step, history, elapsed_before = resume_or_start(run, cfg, settings, state_path)
+        tic = time.perf_counter()
+        start = step
+        step = train_loop(run, cfg, settings, state_path, step, history, elapsed_before, tic, save_every)
+        train_seconds = time.perf_counter() - tic
+        body = evaluate_and_report(run, cfg, settings)
+    body.update(history=history, iters=step, train_seconds=train_seconds,
+                train_iters_per_second=(step - start) / max(train_seconds, 1e-9),
+                wall_seconds=elapsed_before + time.perf_counter() - tic,
+                wall_seconds_this_session=time.perf_counter() - tic)
+    return body, run.model.prompt_state_dict()
+
+
+def resume_or_start(run, cfg, settings, state_path):
+    """(iteration, history, seconds already spent): from the saved state with --resume, else from scratch."""
+    if not (settings.resume and os.path.isfile(state_path)):
+        return 0, [], 0.0
+    state = runtime.load_training_state(state_path, run.model, run.optimizer, run.scheduler)
+    if state["extra"].get("config") != results.identity(cfg):
+        raise UserError(f"{state_path} was written with another configuration; delete it or use the same settings")
+    if runtime.is_main():
+        print(f"resuming from {state_path} at iteration {state['step']}")
+    return state["step"], state["history"], state["extra"].get("elapsed", 0.0)
+
+
+def train_loop(run, cfg, settings, state_path, step, history, elapsed_before, tic, save_every):
+    """Iterations step+1 .. iters; a loss read-out (and NaN check) every LOG_EVERY, a saved state every save_every."""
+    running, last_log = torch.zeros((), device=run.device), step
+    run.model.train()
+    bar = tqdm(total=cfg["iters"], initial=step, desc="train", dynamic_ncols=True,
+               disable=settings.quiet or not runtime.is_main())
+    batches = run.batches(cfg, step) if step < cfg["iters"] else None
+    while step < cfg["iters"]:
         images, labels = next(batches)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with runtime.autocast(device, cfg["bf16"]):
-            logits, aux = model(images)
-        loss = seg_loss(logits, labels) + AUX_LOSS_WEIGHT * sum(seg_loss(a, labels) for a in aux)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        runtime.all_reduce_gradients(params)
-        optimizer.step()
-        scheduler.step()
+        loss, _ = run.step(images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True))
+        run.scheduler.step()
         step += 1
         bar.update(1)
-        running += loss.detach()
-        saving = step == iters or (cfg["save_every"] and step % cfg["save_every"] == 0)
+        running += loss
+        saving = step == cfg["iters"] or (save_every and step % save_every == 0)
         if step % LOG_EVERY == 0 or saving:  # never save a state that has gone non-finite
-            runtime.check_finite(running, f"iteration {step}")
-            history.append({"step": step, "loss": running.item() / (step - last_log), "lr": scheduler.get_last_lr()[0]})
+            mean_loss = running.item() / (step - last_log)
+            runtime.check_finite(mean_loss, f"iteration {step}", state_saved=os.path.isfile(state_path))
+            history.append({"step": step, "loss": mean_loss, "lr": run.scheduler.get_last_lr()[0]})
             running.zero_()
             last_log = step
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", lr=f"{history[-1]['lr']:.2e}")
-        if cfg["eval_every"] and step % cfg["eval_every"] == 0 and step < iters:
-            cm, _ = confusion_matrices(model, val_set, crop, False, cfg["bf16"], cfg["num_workers"])
-            history.append({"step": step, "miou_ss": 100 * segmentation_metrics(cm)["miou"]})
-            model.train()
-        if saving:
-            save()
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{history[-1]['lr']:.2e}")
+        if saving and runtime.is_main():
+            state = runtime.training_state(run.model, run.optimizer, run.scheduler, step, history,
+                                           {"config": results.identity(cfg),
+                                            "elapsed": elapsed_before + time.perf_counter() - tic})
+            runtime.save_training_state(state_path, runtime.to_host(state))
     bar.close()
-    train_time = time.time() - start_time
+    return step
 
-    start_eval = time.time()
-    cm_single, cm_multi = confusion_matrices(model, val_set, crop, True, cfg["bf16"], cfg["num_workers"], progress)
+
+def evaluate_and_report(run, cfg, settings):
+    """Single- and multi-scale mIoU on the validation set, per-class IoU and the learned gates."""
+    tic = time.perf_counter()
+    cm_single, cm_multi = confusion_matrices(run.model, run.val_set, cfg, True, settings.bf16, run.workers,
+                                             progress=not settings.quiet)
     single, multi = segmentation_metrics(cm_single), segmentation_metrics(cm_multi)
-    vit = model.backbone
-    result = {
-        "task": "ade20k", "method": cfg["method"], "ssl": cfg["ssl"], "num_prompts": vit.num_prompts,
-        "checkpoint": os.fspath(checkpoint_path) if checkpoint_path is not None else None,
-        "miou_ss": 100 * single["miou"], "miou_ms": 100 * multi["miou"],
-        "aacc_ss": 100 * single["aacc"], "aacc_ms": 100 * multi["aacc"],
-        "macc_ss": 100 * single["macc"], "macc_ms": 100 * multi["macc"],
+    vit = run.model.backbone
+    return {
+        "final": {"miou_ss": 100 * single["miou"], "miou_ms": 100 * multi["miou"],
+                  "aacc_ss": 100 * single["aacc"], "aacc_ms": 100 * multi["aacc"],
+                  "macc_ss": 100 * single["macc"], "macc_ms": 100 * multi["macc"]},
         "per_class_iou_ss": dict(zip(ADE_CLASSES, _percent(single["iou"]))),
         "per_class_iou_ms": dict(zip(ADE_CLASSES, _percent(multi["iou"]))),
         "gates": vit.gates().detach().cpu().tolist() if vit.gate_logits is not None else None,
         "selection_ratio": vit.selection_ratio().tolist() if vit.gate_logits is not None else None,
         "temperatures": vit.temperatures.detach().cpu().tolist() if vit.temperatures is not None else None,
-        "iters": step, "history": history,
-        "train_time_s": train_time, "train_iters_per_s": (step - start_step) / max(train_time, 1e-9),
-        "eval_time_s": time.time() - start_eval, "num_val_images": len(val_set),
-        "device": runtime.device_name(device), "world_size": world_size, "cfg": cfg,
-        "code_version": runtime.code_version(),
+        "eval_seconds": time.perf_counter() - tic, "num_val_images": len(run.val_set),
     }
-    if runtime.is_main():
-        runtime.write_json(os.path.join(out_dir, "result.json"), result)
-    return result

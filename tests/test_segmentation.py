@@ -1,21 +1,23 @@
-"""Tests for segmentation.py (CPU, tiny ViTs, fixture data in the real ADE20K layout)."""
+"""Tests for segmentation.py (CPU, tiny ViTs, fixture data and a checkpoint in the real layouts)."""
+import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import fixtures  # noqa: E402
-import runtime  # noqa: E402
-import segmentation as seg  # noqa: E402
+import fixtures
+import gated_prompt as gp
+import recipes
+import runtime
+import segmentation as seg
 
-TINY = dict(method="gated+temp", arch_overrides=dict(embed_dim=32, depth=4, num_heads=2), num_prompts=4,
-            gate_init=5.0, crop_size=64, aux_blocks=(2, 3), head_channels=16)
-TRAIN = dict(TINY, lr=0.01, batch_size=2, seed=0, bf16=False, num_workers=0, save_every=0, eval_every=0)
+TINY_VIT = dict(embed_dim=32, depth=4, num_heads=2)
+TINY = recipes.resolve("ade20k", "mae", num_prompts=4, gate_init=5.0, arch_overrides=TINY_VIT, img_size=64,
+                       aux_blocks=[2, 3], head_channels=16, lr=0.01, batch_size=2, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +25,26 @@ def fixture_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("ade")
     fixtures.write_ade_fixture(root, n_train=6, n_val=2, size=(64, 96), seed=0)
     return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random backbone of TINY's size in the MAE .pth layout, with a 224 px (14x14) position grid."""
+    path = tmp_path_factory.mktemp("ckpt") / "mae_tiny.pth"
+    torch.manual_seed(0)
+    backbone = gp.build_model("vit_base", "mae", "linear", num_classes=0, vit_overrides=TINY_VIT)
+    torch.save({"model": backbone.backbone_state_dict()}, path)
+    return path
+
+
+def settings(root, checkpoint, **kw):
+    return runtime.Settings(**dict(dict(data_dir=str(root), checkpoint=str(checkpoint), loader_workers=0, quiet=True),
+                                   **kw))
+
+
+def tiny_model(**cfg):
+    torch.manual_seed(0)
+    return seg.build_segmenter(dict(TINY, **cfg))
 
 # --- metrics ---------------------------------------------------------------------
 
@@ -65,8 +87,7 @@ def test_confusion_matrix_matches_numpy_loop():
 
 
 def test_head_shapes_and_trainable_parts():
-    torch.manual_seed(0)
-    model = seg.build_segmenter(TINY)
+    model = tiny_model()
     x = torch.randn(2, 3, 64, 96)
     model.train()
     logits, aux = model(x)
@@ -83,26 +104,69 @@ def test_head_shapes_and_trainable_parts():
     assert "decode_head.up_convs.1.running_mean" in state and "aux_heads.1.conv_seg.weight" in state
     assert not any(k.startswith("backbone.blocks") for k in state)
     assert trainable <= set(state)
-    groups = model.param_groups(0.001)
+    groups = model.param_groups(0.001, 10.0)
     assert [g["lr"] for g in groups] == [0.001, pytest.approx(0.01)]
     assert sum(len(g["params"]) for g in groups) == len(model.trainable_parameters())
 
 
+@torch.no_grad()
+def test_aux_heads_read_blocks_5_and_9_and_the_decode_head_the_last():
+    """(Here blocks 2 and 3 of 4.) Changing a block changes exactly the heads that read it or a later block."""
+    model = tiny_model().train()
+    x = torch.randn(1, 3, 64, 64)
+    torch.manual_seed(1)
+    logits, (aux2, aux3) = model(x)
+    for block, changed in ((4, (True, False, False)), (3, (True, False, True))):
+        model.backbone.blocks[block - 1].mlp.fc2.weight.mul_(3)
+        torch.manual_seed(1)   # the same prompt-dropout masks
+        after = model(x)
+        outs = (after[0], after[1][0], after[1][1])
+        assert [not torch.equal(a, b) for a, b in zip(outs, (logits, aux2, aux3))] == list(changed), block
+        logits, (aux2, aux3) = after
+
+
+@torch.no_grad()
+def test_setr_up_head_norms_tokens_and_upsamples_by_two_per_stage():
+    """mmseg's SETRUPHead: its own LayerNorm over channels per token (so a token's scale does not matter), then
+    num_convs x (3x3 conv, BN, ReLU, bilinear x up_scale), then a 1x1 classifier."""
+    head = seg.SETRUPHead(32, 16, 5, num_convs=4, up_scale=2).eval()
+    grid = torch.randn(2, 32, 3, 4)
+    out = head(grid)
+    assert out.shape == (2, 5, 48, 64)   # x16: four stages of x2
+    scale = torch.rand(2, 1, 3, 4) + 0.5  # each token scaled by its own positive factor
+    torch.testing.assert_close(head(grid * scale), out, atol=1e-4, rtol=1e-4)
+    aux = seg.SETRUPHead(32, 16, 5, num_convs=2, up_scale=4).eval()
+    assert aux(grid).shape == (2, 5, 48, 64)   # the aux heads: two stages of x4
+
+
+def test_resolved_config_reaches_the_segmenter():
+    """Every setting of an ADE20K config reaches the model: arch, prompts, gate init, insertion block, dropout,
+    crop size and SETR's bilinear position-grid interpolation; Table 5's ADE20K row by default."""
+    cfg = recipes.resolve("ade20k", "mocov3", insert_at=5, num_prompts=7, gate_init=3.0, prompt_dropout=0.2)
+    with torch.device("meta"):
+        model = seg.build_segmenter(cfg, verbose=False)
+    vit = model.backbone
+    assert (vit.cfg.embed_dim, vit.cfg.depth, vit.cfg.img_size, vit.cfg.pool) == (768, 12, 512, "cls")
+    assert vit.cfg.pos_embed_interpolation == "bilinear" and vit.pos_embed.shape[1] == 1 + 32 * 32
+    assert (vit.pcfg.insert_at, vit.num_prompts, vit.pcfg.gate_init, vit.pcfg.prompt_dropout) == (5, 7, 3.0, 0.2)
+    assert model.aux_blocks == (5, 9) and model.decode_head.conv_seg.in_channels == 256
+    default = recipes.resolve("ade20k", "mae")
+    assert (default["batch_size"], default["num_prompts"], default["lr"], default["gate_init"], default["iters"]) \
+        == (16, 100, 0.001, 10, 160000)
+
+
 def test_config_checks():
     with pytest.raises(ValueError, match="aux_blocks"):
-        seg.build_segmenter(dict(TINY, aux_blocks=(2, 9)))
-    assert seg.segmentation_config({"img_size": 64})["crop_size"] == 64
-    assert seg.segmentation_config({})["crop_size"] == 512 and seg.segmentation_config({})["aux_blocks"] == [5, 9]
-    with pytest.raises(ValueError, match="img_size"):
-        seg.segmentation_config({"img_size": 64, "crop_size": 512})
+        tiny_model(aux_blocks=[2, 9])
+    with pytest.raises(runtime.UserError, match="--epochs does not apply to ADE20K"):
+        recipes.resolve("ade20k", epochs=3)
 
 
+@torch.no_grad()
 def test_sliding_window_equals_whole_image_for_one_window():
-    torch.manual_seed(0)
-    model = seg.build_segmenter(TINY).eval()
+    model = tiny_model().eval()
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        whole = model(x)
+    whole = model(x)
     slid = seg.slide_inference(model, x, seg.NUM_CLASSES, crop=64, stride=42)
     torch.testing.assert_close(slid, whole)
 
@@ -119,13 +183,42 @@ def test_sliding_window_averaging_is_exact_for_a_pointwise_model():
         torch.testing.assert_close(out, conv(x).detach())
 
 
+def test_small_images_run_as_one_unpadded_window():
+    """mmseg's slide_inference runs an image smaller than the crop as one smaller window, not zero-padded to the
+    crop; the ViT pads it to a multiple of its patch size (bottom/right) and the logits are resized back."""
+    seen = []
+    model = tiny_model().eval()
+
+    def recording(x):
+        seen.append(tuple(x.shape[-2:]))
+        return model(x)
+    x = torch.randn(1, 3, 40, 50)
+    with torch.no_grad():
+        out = seg.slide_inference(recording, x, seg.NUM_CLASSES, crop=64, stride=42)
+        assert seen == [(40, 50)]
+        torch.testing.assert_close(out, model(x))
+        patch_padded = F.pad(x, (0, 14, 0, 8))   # 48 x 64: multiples of the 16 px patch
+        expected = F.interpolate(model(patch_padded), size=(40, 50), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(model(x), expected)
+        crop_padded = seg.slide_inference(model, F.pad(x, (0, 14, 0, 24)), seg.NUM_CLASSES, crop=64, stride=42)
+    assert not torch.allclose(out, crop_padded[..., :40, :50], atol=1e-3)   # what padding to the crop would give
+
+
+def test_multi_scale_sizes_follow_mmseg_0x():
+    """MultiScaleFlipAug(img_scale=(2048, 512), img_ratios) rescales the original image to fit (2048 r, 512 r)
+    (mmseg 1.x would scale the original size by r instead: 188x250 ... 656x875 for this image)."""
+    ratios = recipes.resolve("ade20k")["ms_ratios"]
+    assert seg.test_scales(375, 500, 512, ratios) == [(256, 341), (384, 512), (512, 683), (640, 853), (768, 1024),
+                                                      (896, 1195)]
+
+
+@torch.no_grad()
 def test_predict_returns_single_and_multi_scale_maps_at_label_size():
-    torch.manual_seed(0)
-    model = seg.build_segmenter(TINY).eval()
+    model = tiny_model().eval()
     image = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8)
-    single, multi = seg.predict(model, image, crop=64, stride=42)
+    single, multi = seg.predict(model, image, crop=64, stride=42, ms_ratios=[0.5, 1.0])
     assert single.shape == multi.shape == (50, 70)
-    assert seg.predict(model, image, crop=64, stride=42, multi_scale=False)[1] is None
+    assert seg.predict(model, image, crop=64, stride=42)[1] is None
 
 
 def test_rescale_size_follows_mmcv_keep_ratio():
@@ -206,15 +299,14 @@ def test_sample_stream_shards_the_global_batch(monkeypatch):
 
 
 def test_sharded_evaluation_sums_to_the_whole(monkeypatch, fixture_root):
-    torch.manual_seed(0)
-    model = seg.build_segmenter(TINY)
+    model = tiny_model()
     val = seg.ADE20K(fixture_root, "validation")
-    whole, _ = seg.confusion_matrices(model, val, crop=64, multi_scale=False, num_workers=0)
+    whole, _ = seg.confusion_matrices(model, val, TINY, multi_scale=False, loader_workers=0)
     parts = []
     for rank in range(2):
         monkeypatch.setattr(runtime, "world", lambda rank=rank: (rank, 2))
         monkeypatch.setattr(runtime, "all_reduce_sum", lambda t: t)
-        parts.append(seg.confusion_matrices(model, val, crop=64, multi_scale=False, num_workers=0)[0])
+        parts.append(seg.confusion_matrices(model, val, TINY, multi_scale=False, loader_workers=0)[0])
     assert torch.equal(parts[0] + parts[1], whole)
     assert int(whole.sum()) == sum(int((val[i][1] != 255).sum()) for i in range(len(val)))
 
@@ -224,7 +316,7 @@ def test_sharded_evaluation_sums_to_the_whole(monkeypatch, fixture_root):
 def test_poly_schedule_matches_mmseg():
     p = nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [p], "lr": 0.001}, {"params": [nn.Parameter(torch.zeros(1))], "lr": 0.01}])
-    sched = seg.poly_scheduler(opt, 100)
+    sched = seg.poly_scheduler(opt, 100, 0.9, 1e-4)
     for _ in range(50):
         opt.step()
         sched.step()
@@ -235,56 +327,60 @@ def test_poly_schedule_matches_mmseg():
     assert sched.get_last_lr() == pytest.approx([1e-4, 1e-4])
 
 
-def test_tiny_run_overfits_fixture(fixture_root, tmp_path):
+def test_tiny_run_overfits_fixture(fixture_root, checkpoint, tmp_path):
     """Train on the fixture's training images and evaluate on the same distribution: mIoU must rise far
     above that of the untrained model (iters=0 evaluates the initial model)."""
-    start = seg.train_segmentation(dict(TRAIN, iters=0), fixture_root, None, tmp_path / "start", progress=False)
-    end = seg.train_segmentation(dict(TRAIN, iters=100, num_workers=2), fixture_root, None, tmp_path / "end",
-                                 progress=False)
-    assert start["miou_ss"] < 20
-    assert end["miou_ss"] > start["miou_ss"] + 40 and end["miou_ms"] > start["miou_ms"] + 40
-    assert end["history"][-1]["loss"] < end["history"][0]["loss"]
+    run = settings(fixture_root, checkpoint)
+    start, _ = seg.train_segmentation(dict(TINY, iters=0), run, tmp_path / "start.pt")
+    end, prompts = seg.train_segmentation(dict(TINY, iters=100), dict_settings(run, loader_workers=2),
+                                          tmp_path / "end.pt")
+    assert start["final"]["miou_ss"] < 20
+    assert end["final"]["miou_ss"] > start["final"]["miou_ss"] + 40
+    assert end["final"]["miou_ms"] > start["final"]["miou_ms"] + 40
+    assert end["history"][-1]["loss"] < end["history"][0]["loss"] and end["iters"] == 100
     assert len(end["gates"]) == 3 and len(end["selection_ratio"]) == 3 and len(end["temperatures"]) == 4
-    saved = __import__("json").load(open(tmp_path / "end" / "result.json"))
-    assert saved["miou_ss"] == pytest.approx(end["miou_ss"]) and saved["iters"] == 100
-    assert set(saved["per_class_iou_ss"]) == set(seg.ADE_CLASSES)
-    assert saved["per_class_iou_ss"]["flag"] is None or saved["per_class_iou_ss"]["flag"] == 0.0
+    assert set(end["per_class_iou_ss"]) == set(seg.ADE_CLASSES)
+    assert end["per_class_iou_ss"]["flag"] in (None, 0.0)   # a class the fixture never shows
+    assert "backbone.prompts" in prompts and "decode_head.conv_seg.weight" in prompts
+    json.dumps(end)   # the result body is JSON as it is
 
 
-def test_non_finite_loss_stops_before_saving(fixture_root, tmp_path, monkeypatch):
+def dict_settings(run, **kw):
+    return runtime.Settings(**dict(vars(run), **kw))
+
+
+def test_non_finite_loss_stops_before_saving(fixture_root, checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(seg, "seg_loss", lambda logits, labels: logits.float().mean() * float("nan"))
-    with pytest.raises(runtime.NonFiniteLoss):
-        seg.train_segmentation(dict(TRAIN, iters=2), fixture_root, None, tmp_path, progress=False)
-    assert not (tmp_path / "train_state.pt").exists()
+    with pytest.raises(runtime.NonFiniteLoss, match="No state was saved"):
+        seg.train_segmentation(dict(TINY, iters=2), settings(fixture_root, checkpoint), tmp_path / "s.pt")
+    assert not (tmp_path / "s.pt").exists()
 
 
 class Interrupted(Exception):
     pass
 
 
-def test_resume_matches_uninterrupted_run(fixture_root, tmp_path, monkeypatch):
-    cfg = dict(TRAIN, iters=8, save_every=3, num_workers=2)
-    full = seg.train_segmentation(cfg, fixture_root, None, tmp_path / "full", progress=False)
-    full_state = torch.load(tmp_path / "full" / "train_state.pt", weights_only=False)
-
+def test_resume_matches_uninterrupted_run(fixture_root, checkpoint, tmp_path, monkeypatch):
+    cfg = dict(TINY, iters=8)
+    run = settings(fixture_root, checkpoint, loader_workers=2)
+    full, full_prompts = seg.train_segmentation(cfg, run, tmp_path / "full.pt", save_every=3)
     save = runtime.save_training_state
 
-    def save_then_crash(path, model, optimizer, scheduler, step, history, extra=None):
-        save(path, model, optimizer, scheduler, step, history, extra)
-        if step == 6:
+    def save_then_crash(path, state):
+        save(path, state)
+        if state["step"] == 6:
             raise Interrupted
     monkeypatch.setattr(runtime, "save_training_state", save_then_crash)
     with pytest.raises(Interrupted):
-        seg.train_segmentation(cfg, fixture_root, None, tmp_path / "cut", progress=False)
+        seg.train_segmentation(cfg, run, tmp_path / "cut.pt", save_every=3)
     monkeypatch.setattr(runtime, "save_training_state", save)
-    resumed = seg.train_segmentation(cfg, fixture_root, None, tmp_path / "cut", resume=True, progress=False)
-    cut_state = torch.load(tmp_path / "cut" / "train_state.pt", weights_only=False)
-
-    assert cut_state["step"] == full_state["step"] == 8
-    assert set(cut_state["model"]) == set(full_state["model"])
-    for name, tensor in full_state["model"].items():
-        assert torch.equal(cut_state["model"][name], tensor), name
+    resumed, resumed_prompts = seg.train_segmentation(cfg, dict_settings(run, resume=True), tmp_path / "cut.pt",
+                                                      save_every=3)
+    assert set(resumed_prompts) == set(full_prompts)
+    for name, tensor in full_prompts.items():
+        assert torch.equal(resumed_prompts[name], tensor), name
     assert resumed["history"] == full["history"]
-    assert resumed["miou_ms"] == full["miou_ms"]
+    assert resumed["final"] == full["final"]
+    assert resumed["wall_seconds"] > resumed["wall_seconds_this_session"]   # both segments are counted
     with pytest.raises(runtime.UserError, match="another configuration"):
-        seg.train_segmentation(dict(cfg, lr=0.5), fixture_root, None, tmp_path / "cut", resume=True, progress=False)
+        seg.train_segmentation(dict(cfg, lr=0.5), dict_settings(run, resume=True), tmp_path / "cut.pt")

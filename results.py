@@ -1,0 +1,378 @@
+"""Result files and the paper's tables: one JSON per run, and each table defined once.
+
+A run's file name says what it is: results/<task>/<ssl>/<arch>-<method>-p<prompts>-k<insert_at>-lr<lr>-s<seed>-
+<protocol>, plus "-vpt" for VPT's recipe and "-<key><value>" for every setting that departs from the recipe
+(e.g. "-epochs1"), so a shortened run never takes a full run's place. A table cell shows only runs of the
+paper's exact recipe (the current recipe_version, no departures, the recipe's lr or one picked by the lr
+sweep); everything else is listed apart with --all, marked as what it is.
+"""
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import data
+import gated_prompt as gp
+import recipes
+from runtime import UserError, write_json
+
+HPARAMS = recipes.HPARAMS
+PAPER = HPARAMS["paper"]
+FGVC_COLUMNS = ["cub", "flowers", "cars", "dogs", "nabirds"]  # the paper's column order (Tables 1, 7)
+METHODS = ["vpt-shallow", "vpt-deep", "gated+temp"]
+SEED_FREE = ("seed",)  # seeds are repeats of one cell
+
+# -----------------------------------------------------------------------------
+# Files
+
+
+def _text(value):
+    """A config value as it appears in a file name."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (dict, list, tuple)):
+        return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
+    return str(value)
+
+
+def run_name(cfg, protocol):
+    """<task>/<ssl>/<arch>-<method>-p<P>-k<k>-lr<lr>-s<seed>-<protocol>[-vpt][-<key><value>...]."""
+    name = (f"{cfg['task']}/{cfg['ssl']}/{cfg['arch']}-{cfg['method']}-p{cfg['num_prompts']}-k{cfg['insert_at']}"
+            f"-lr{_text(cfg['lr'])}-s{cfg['seed']}-{protocol}")
+    if cfg.get("recipe") == "vpt":
+        name += "-vpt"
+    return name + "".join(f"-{k}{_text(v)}" for k, v in recipes.deviations(cfg).items())
+
+
+@dataclass
+class RunFiles:
+    result: Path    # the JSON
+    prompts: Path   # what training changed (prompt_state_dict), for figures and reuse
+    state: Path     # resumable training state, removed when the run finishes
+
+
+def run_files(results_dir, cfg, protocol):
+    base = Path(results_dir) / run_name(cfg, protocol)
+    return RunFiles(base.with_name(base.name + ".json"), base.with_name(base.name + ".prompts.pt"),
+                    base.with_name(base.name + ".state.pt"))
+
+
+def identity(cfg):
+    """cfg as it reads back from a file (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(cfg))
+
+
+def stored_result(files, cfg):
+    """The finished result of this config, or None. A file of another recipe version or other settings under the
+    same name is refused with what to do, never reused or overwritten."""
+    if not files.result.is_file():
+        return None
+    stored = json.loads(files.result.read_text())
+    if stored.get("recipe_version") != recipes.RECIPE_VERSION:
+        raise UserError(f"{files.result} was written by recipe version {stored.get('recipe_version', 1)} "
+                        f"(now {recipes.RECIPE_VERSION}: the training code changed since); move or delete it to "
+                        "run this cell again")
+    current = identity(cfg)
+    changed = sorted(k for k in set(stored["config"]) | set(current) if stored["config"].get(k) != current.get(k))
+    if changed:
+        raise UserError(f"{files.result} holds a run with other settings ({', '.join(changed)}); delete it or "
+                        "pass another --results-dir")
+    return stored
+
+
+def new_result(cfg, protocol, lr_source, settings, body, code_version):
+    """The JSON of one run: what ran (config, recipe version, where the lr came from), how (settings), and
+    `body` (history, final metrics, learned gates, timings)."""
+    return {"config": identity(cfg), "protocol": protocol, "recipe_version": recipes.RECIPE_VERSION,
+            "lr_source": lr_source, "deviations": identity(recipes.deviations(cfg)),
+            "code_version": code_version, "runtime": settings.record(), **body}
+
+
+def write_result(files, result, prompt_state=None):
+    import torch  # only writing needs it
+    files.result.parent.mkdir(parents=True, exist_ok=True)
+    if prompt_state is not None:
+        torch.save(prompt_state, files.prompts)
+    write_json(files.result, result)
+    files.state.unlink(missing_ok=True)
+
+
+def load_runs(results_dir, protocol="final", **filters):
+    """Every run JSON under results_dir (recursively) whose config matches the filters (a value, a list of
+    allowed values, or None for any). Only runs of `protocol` (None: all). Files that are not run JSONs are
+    skipped. Each run gets "path" and "mtime"."""
+    if not os.path.isdir(results_dir):
+        raise UserError(f"results folder not found: {results_dir}")
+    runs = []
+    for path in sorted(Path(results_dir).rglob("*.json")):
+        try:
+            run = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # half-written or foreign file
+        if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
+            continue
+        if protocol is not None and run.get("protocol", "final") != protocol:
+            continue
+        if all(_matches(run["config"].get(key), want) for key, want in filters.items()):
+            run["path"], run["mtime"] = str(path), path.stat().st_mtime
+            runs.append(run)
+    return runs
+
+
+def _matches(value, want):
+    if want is None:
+        return True
+    if isinstance(want, (list, tuple, set, frozenset)):
+        return value in want
+    return value == want
+
+
+def final_metric(run, metric="test_acc"):
+    """run["final"][metric] as a float, or None when the run has not finished."""
+    value = (run.get("final") or {}).get(metric)
+    return None if value is None else float(value)
+
+
+def newest_lr_runs(runs):
+    """The runs of one cell at a single learning rate: the lr of the newest file, so re-running a cell at another
+    lr (e.g. after a sweep) replaces it instead of mixing."""
+    lr = max(runs, key=lambda r: r["mtime"])["config"].get("lr")
+    return [r for r in runs if r["config"].get("lr") == lr]
+
+
+def summary(values):
+    """(mean, sample std -- 0 for one value --, count) of a list of numbers."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std, n
+
+# -----------------------------------------------------------------------------
+# Which runs are the paper's recipe
+
+
+def is_paper_run(run, lr=None):
+    """A finished run of the current recipe version with no departure from the recipe, trained at the recipe's
+    lr (or `lr`, e.g. Figure 1's) or at the lr the sweep picked."""
+    cfg = run["config"]
+    if run.get("recipe_version") != recipes.RECIPE_VERSION or cfg.get("recipe", "paper") != "paper":
+        return False
+    try:
+        if recipes.deviations(cfg):
+            return False
+        want_lr = lr if lr is not None else recipes.recipe_of(cfg)["lr"]
+    except (UserError, KeyError):
+        return False  # a config this code cannot resolve (renamed task, ...)
+    return run.get("lr_source") == "sweep" or cfg.get("lr") == want_lr
+
+
+def how_it_differs(run):
+    """One line: why a run is not a paper cell."""
+    if run.get("recipe_version") != recipes.RECIPE_VERSION:
+        return f"stale: recipe version {run.get('recipe_version', 1)}, now {recipes.RECIPE_VERSION}"
+    cfg = run["config"]
+    parts = [f"{k}={v}" for k, v in (run.get("deviations") or {}).items()]
+    if cfg.get("recipe") == "vpt":
+        parts.insert(0, "VPT's recipe")
+    if not parts and run.get("lr_source") != "sweep":
+        parts.append(f"lr={cfg.get('lr')} ({run.get('lr_source', 'set by hand')})")
+    return ", ".join(parts) or "?"
+
+
+def cell_key(spec):
+    """What identifies a cell apart from its recipe: task, backbone, method, size, prompts, insertion block."""
+    cfg = recipes.resolve(**{k: v for k, v in spec.items() if k != "lr"})
+    return tuple(cfg.get(k) for k in ("task", "ssl", "method", "arch", "num_prompts", "insert_at"))
+
+
+def runs_of(runs, spec):
+    """(paper-recipe runs, other runs) of one cell."""
+    key = cell_key(spec)
+    mine = [r for r in runs if tuple(r["config"].get(k) for k in ("task", "ssl", "method", "arch", "num_prompts",
+                                                                  "insert_at")) == key]
+    paper = [r for r in mine if is_paper_run(r, spec.get("lr"))]
+    return paper, [r for r in mine if r not in paper]
+
+
+def cell_value(runs, metric):
+    """mean, std, n over the seeds of the newest lr; None without a finished run."""
+    runs = [r for r in runs if final_metric(r, metric) is not None]
+    if not runs:
+        return None
+    return summary([final_metric(r, metric) for r in newest_lr_runs(runs)])
+
+
+def paper_value(result, metric):
+    """The paper's number for a run's cell when the run is of the paper's exact recipe, else None."""
+    if recipes.task_kind(result["config"]["task"]) == "demo" or not is_paper_run(result):
+        return None
+    for number in ("1", "3", "4", "6", "7", "8"):
+        for section in table(number):
+            for row in section.rows:
+                for i, (spec, cell_metric) in enumerate(row.cells):
+                    if cell_metric == metric and cell_key(spec) == cell_key(_spec_of(result["config"])) \
+                            and i < len(row.paper):
+                        return row.paper[i]
+    return None  # e.g. a single VTAB task: Table 2 reports group means only
+
+
+def _spec_of(cfg):
+    return {k: cfg[k] for k in ("task", "ssl", "method", "arch", "num_prompts", "insert_at") if k in cfg}
+
+# -----------------------------------------------------------------------------
+# The tables: each defined once; printing and `--table N --run` both read these definitions
+
+
+@dataclass
+class Row:
+    label: str
+    cells: list                 # measured cells: (spec, metric); spec = resolve()'s arguments
+    paper: list                 # the paper's number per printed column
+    combine: object = None      # measured values -> printed values (default: as measured)
+
+
+@dataclass
+class Section:
+    title: str
+    columns: list
+    rows: list
+    notes: list = field(default_factory=list)
+    per_cell_lines: bool = False   # also print each measured cell (Table 2's 19 tasks)
+
+
+def _mean(values):
+    """The plain mean of cells' means, only when every cell has a value."""
+    if not values or any(v is None for v in values):
+        return None
+    return sum(v[0] for v in values) / len(values), 0.0, 1
+
+
+def _with_mean(values):
+    return list(values) + [_mean(values)]
+
+
+def _prompts(method, arch, total):
+    """Prompt count per run for a table's total (VPT-deep: per block)."""
+    return total // gp.ARCHS[arch][2] if method == "vpt-deep" else total
+
+
+def _fgvc_section(title, ssl, methods, paper, total=None):
+    """One FGVC block: a row per method, a column per dataset and their mean. total: prompts in all (Table 7)."""
+    def spec(task, method):
+        return dict(task=task, ssl=ssl, method=method,
+                    **({"num_prompts": _prompts(method, "vit_base", total)} if total else {}))
+    rows = [Row(m, [(spec(t, m), "test_acc") for t in FGVC_COLUMNS],
+                [paper[m][t] for t in FGVC_COLUMNS] + [paper[m]["mean"]], _with_mean) for m in methods]
+    return Section(title, FGVC_COLUMNS + ["mean"], rows)
+
+
+def table(number):
+    """The sections of paper table `number` (1, 2, 3, 4, 6, 7, 8)."""
+    if number == "1":
+        return [_fgvc_section(f"Table 1 - FGVC, {ssl}, ViT-B/16, top-1 test accuracy (%)", ssl, METHODS,
+                              PAPER["table1"][ssl]) for ssl in ("mae", "mocov3")]
+    if number == "2":
+        groups = {g: [t for t, info in data.VTAB_TASKS.items() if info.group == g]
+                  for g in ("natural", "specialized", "structured")}
+        tasks = list(data.VTAB_TASKS)
+
+        def combine(values):   # group means, then the plain mean of the 19 tasks (the paper's "mean")
+            by_task = dict(zip(tasks, values))
+            return [_mean([by_task[t] for t in ts]) for ts in groups.values()] + [_mean(values)]
+        sections = []
+        for ssl in ("mae", "mocov3"):
+            rows = [Row(m, [(dict(task=t, ssl=ssl, method=m), "test_acc") for t in tasks],
+                        [PAPER["table2"][ssl][m][c] for c in ("natural", "specialized", "structured", "mean")],
+                        combine) for m in METHODS]
+            sections.append(Section(f"Table 2 - VTAB-1k, {ssl}, ViT-B/16, top-1 test accuracy (%)",
+                                    ["natural", "specialized", "structured", "19-task mean"], rows,
+                                    ["the paper's VPT rows are VPT's own reported numbers (VPT's recipe); ours run "
+                                     "Table 5's settings (--recipe vpt --sweep for VPT's)"], per_cell_lines=True))
+        return sections
+    if number in ("3", "6"):
+        sections = []
+        for ssl in ("mae", "mocov3"):
+            ref = PAPER[f"table{number}"][ssl]
+            rows = [Row(m, [(dict(task="ade20k", ssl=ssl, method=m, num_prompts=ref[m]["prompts"]), metric)
+                            for metric in ("miou_ss", "miou_ms")], [ref[m]["miou_ss"], ref[m]["miou_ms"]])
+                    for m in METHODS]
+            total = 100 if number == "3" else 24
+            sections.append(Section(f"Table {number} - ADE20K, SETR-PUP, {ssl}, {total} prompts, mIoU (%)",
+                                    ["mIoU (SS)", "mIoU (MS)"], rows))
+        return sections
+    if number == "4":
+        rows = [Row(m, [(dict(task=t, ssl="mae", method=m, num_prompts=100), "test_acc") for t in ("cub", "flowers")],
+                    [PAPER["table4"][m][t] for t in ("cub", "flowers")]) for m in ("vpt-shallow", "gated-hard",
+                                                                                   "gated+temp")]
+        return [Section("Table 4 - hard vs soft gates, MAE, 100 prompts, top-1 (%)", ["cub", "flowers"], rows)]
+    if number == "7":
+        return [_fgvc_section(f"Table 7 - FGVC, MAE, {total} prompts in total, top-1 (%)", "mae",
+                              ["vpt-deep", "gated+temp"], PAPER["table7"][total], total) for total in (24, 48, 96)]
+    if number == "8":
+        sections = []
+        for arch, ref in PAPER["table8"].items():
+            rows = [Row(m, [(dict(task=t, ssl=ref["ssl"], method=m, arch=arch, num_prompts=_prompts(m, arch, 48)),
+                             "test_acc") for t in ("cub", "flowers")], [ref[m][t] for t in ("cub", "flowers")])
+                    for m in METHODS]
+            sections.append(Section(f"Table 8 - {arch} ({ref['ssl']}), 48 prompts, top-1 (%)", ["cub", "flowers"], rows))
+        return sections
+    raise UserError(f"no table {number}; the paper's tables are 1, 2, 3, 4, 6, 7, 8")
+
+
+def table_cells(number):
+    """Every distinct cell (resolve()'s arguments) of a table, in order: what `--table N --run` runs."""
+    cells, seen = [], set()
+    for section in table(number):
+        for row in section.rows:
+            for spec, _ in row.cells:
+                key = tuple(sorted(spec.items()))
+                if key not in seen:
+                    seen.add(key)
+                    cells.append(spec)
+    return cells
+
+
+def fmt(value, paper=None):
+    ours = "-" if value is None else (f"{value[0]:.2f}" + (f"±{value[1]:.2f}" if value[2] > 1 else ""))
+    return ours if paper is None else f"{ours} ({paper:.2f})"
+
+
+def print_table(number, results_dir, show_all=False):
+    """A paper table from stored runs: `ours (paper)` per cell, only runs of the paper's exact recipe. Other runs
+    of the same cells are counted, and listed with show_all (--all)."""
+    runs = load_runs(results_dir) if Path(results_dir).is_dir() else []
+    others = {}
+    for section in table(number):
+        print(section.title)
+        printed = []
+        for row in section.rows:
+            values = []
+            for spec, metric in row.cells:
+                paper_runs, other_runs = runs_of(runs, spec)
+                values.append(cell_value(paper_runs, metric))
+                for r in other_runs:
+                    if final_metric(r, metric) is not None:
+                        others.setdefault(r["path"], (r, metric))
+            shown = row.combine(values) if row.combine else values
+            done = sum(v is not None for v in values)
+            label = row.label + (f" [{done}/{len(values)}]" if section.per_cell_lines else "")
+            printed.append((label, shown, row.paper, values, row))
+        width = max(len(p[0]) for p in printed) + 2
+        print(" " * width + "".join(f"{c:>18}" for c in section.columns))
+        for label, shown, paper, values, row in printed:
+            print(f"{label:<{width}}" + "".join(f"{fmt(v, p):>18}" for v, p in zip(shown, paper)))
+            if section.per_cell_lines and any(values):
+                print("  " + row.label + " per task: " + ", ".join(
+                    f"{spec['task']} {fmt(v)}" for (spec, _), v in zip(row.cells, values) if v))
+        for note in section.notes:
+            print(f"note: {note}")
+        print("cells: ours (paper); '-' = no run of the paper's exact recipe yet; ± = std over seeds\n")
+    if others and show_all:
+        print("OTHER SETTINGS - runs of these cells that are NOT the paper's recipe (not comparable to the paper):")
+        for path, (r, metric) in sorted(others.items()):
+            print(f"  {final_metric(r, metric):7.2f}  {Path(path).relative_to(results_dir)}  ({how_it_differs(r)})")
+    elif others:
+        print(f"{len(others)} stored run(s) of these cells use other settings or an older recipe version and are "
+              f"not shown; --all lists them")
