@@ -346,7 +346,7 @@ def _download(url: str, target: Path, *, expected_size: int | None, verify: Call
 def _default_model(arch: str, ssl: str) -> torch.nn.Module:
     """A backbone of `arch` on the meta device: key and shape checks without allocating the weights twice."""
     with torch.device("meta"):
-        return gp.VisionTransformer(gp.vit_config(arch, ssl), gp.prompt_config("linear", num_classes=0))
+        return gp.build_model(arch, ssl, "linear", num_classes=0, verbose=False)
 
 
 def checkpoint_path(arch: str, ssl: str, checkpoint_dir: str | os.PathLike = "checkpoints", *,

@@ -9,6 +9,7 @@ workers, paths) live in runtime.Settings and never change which result file a ru
 """
 from pathlib import Path
 
+import torch
 import yaml
 
 import data
@@ -128,8 +129,12 @@ def checkpoint_for(cfg, settings):
         return None
     if settings.checkpoint:
         return settings.checkpoint
+
+    def backbone_of_this_run(arch, ssl):   # what a downloaded file must load into (checked on the meta device)
+        with torch.device("meta"):
+            return build_model(dict(cfg, method="linear"), 0, verbose=False)
     return downloads.checkpoint_path(cfg["arch"], cfg["ssl"], settings.checkpoint_dir, download=settings.download,
-                                     mirror=settings.mirror)
+                                     mirror=settings.mirror, model_factory=backbone_of_this_run)
 
 
 def num_classes(cfg):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import downloads
 import recipes
 import results
 import runtime
@@ -76,11 +77,24 @@ def load_data(cfg, settings, protocol):
         return demo_splits(cfg)
     train_name, eval_name = data.split_names(cfg["task"], protocol)
     names = [train_name, eval_name] + (["val"] if data.task_kind(cfg["task"]) == "fgvc" and protocol == "final" else [])
-    root = data.dataset_root(cfg["task"], settings.data_dir)
+    root = dataset_folder(cfg["task"], settings)
     cache_dir = settings.cache_dir or Path(settings.results_dir) / "cache"
     with runtime.main_first():  # rank 0 decodes into the cache, the other ranks then read it
         splits = data.load_splits(cfg["task"], root, names, cache_dir=cache_dir)
     return splits.pop(train_name), splits
+
+
+def dataset_folder(task, settings):
+    """The task's dataset folder under --data-dir; with --download, CUB / Flowers / Dogs are fetched first (rank 0).
+    A missing folder says what to fetch from where and where to put it."""
+    if settings.download and task in downloads.DATASETS:
+        with runtime.main_first():
+            if runtime.is_main():
+                downloads.fetch_dataset(task, settings.data_dir, mirror=settings.mirror)
+    try:
+        return data.dataset_root(task, settings.data_dir)
+    except data.DataError as err:
+        raise data.DataError(f"{err}\n{downloads.dataset_instructions(task, settings.data_dir)}") from None
 
 
 def demo_splits(cfg):
