@@ -155,12 +155,8 @@ def read_split(task: str, root: str | os.PathLike, split: str) -> tuple[list[str
 
 
 def _read_fgvc_split(dataset: str, root: Path, split: str) -> tuple[list[str], list[int]]:
-    """VPT json layout: {relative image path: class id}; ids -> indices by sorted order.
-
-    The sorted order is taken over the union of ids in all split files present, so every split uses
-    the same mapping. (VPT sorts the ids of each split on its own -- the same mapping whenever every
-    split contains every class, as in the real datasets.)
-    """
+    """VPT json layout: {relative image path: class id}. Every split file present is read and checked
+    (see _fgvc_class_index), so all splits share one id -> index mapping."""
     info = FGVC_DATASETS[dataset]
     if split not in FGVC_SPLITS:
         raise ValueError(f"FGVC split must be one of {FGVC_SPLITS}, got {split!r}")
@@ -174,33 +170,60 @@ def _read_fgvc_split(dataset: str, root: Path, split: str) -> tuple[list[str], l
         raise DataError(f"{dataset}: split file {split_file} not found; build it from the release files with "
                         f"`python reproduce.py prepare --dataset {dataset} --root {root}`.")
     annotations = {s: _read_json_split(root / f"{s}.json") for s in FGVC_SPLITS if (root / f"{s}.json").is_file()}
-    if len({type(cid) for anno in annotations.values() for cid in anno.values()}) > 1:
-        raise DataError(f"{dataset}: the split files in {root} mix int and string class ids")
-    class_ids = sorted({cid for anno in annotations.values() for cid in anno.values()})
-    index_of = {cid: i for i, cid in enumerate(class_ids)}
-    for name, anno in annotations.items():  # report out-of-range ids before decoding anything
-        for key, cid in anno.items():
-            if index_of[cid] >= info.num_classes:
-                raise DataError(f"{root / f'{name}.json'}: image {key!r} has class id {cid!r}, but {dataset} has "
-                                f"{info.num_classes} classes and the split files hold {len(class_ids)} distinct ids")
+    index_of = _fgvc_class_index(dataset, root, annotations)
+    _check_eval_ids_in_train(root, annotations)
     image_root = root / info.image_dir
     anno = annotations[split]
     return [str(image_root / key) for key in anno], [index_of[cid] for cid in anno.values()]
 
 
-def _read_json_split(path: Path) -> dict[str, int | str]:
-    """One VPT split json, checked: non-empty dict of path -> int (or str) class id, one id type."""
+def _read_json_split(path: Path) -> dict[str, int]:
+    """One VPT split json, checked: a non-empty object {relative image path: integer class id}."""
     try:
         anno = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: malformed json ({err.msg})") from None
     if not isinstance(anno, dict) or not anno:
         raise DataError(f"{path}: expected a non-empty json object {{relative image path: class id}}")
-    id_type = type(next(iter(anno.values())))
     for key, cid in anno.items():
-        if type(cid) not in (int, str) or type(cid) is not id_type:
-            raise DataError(f"{path}: image {key!r} has class id {cid!r}; ids must all be ints (or all strings)")
+        if type(cid) is not int:  # also rejects true/false, which Python treats as ints
+            raise DataError(f"{path}: image {key!r} has class id {cid!r}; class ids must be integers")
     return anno
+
+
+def _fgvc_class_index(dataset: str, root: Path, annotations: dict[str, dict[str, int]]) -> dict[int, int]:
+    """Class id -> class index, one mapping for every split file in `annotations` ({split: json}).
+
+    With C classes: if every id is in 0..C-1, index = id. Otherwise the ids are official ids (e.g.
+    NABirds' non-contiguous ones) and get VPT's mapping, the position in sorted order -- allowed only
+    when the files together hold exactly C distinct ids. (VPT's json_dataset.py sorts each split's ids
+    on its own; that is the same mapping as long as every split holds every class.) Anything else is
+    a DataError naming an offending entry, so a stray id can never become an extra class.
+    """
+    n_classes = FGVC_DATASETS[dataset].num_classes
+    ids = {cid for anno in annotations.values() for cid in anno.values()}
+    if all(0 <= cid < n_classes for cid in ids):
+        return {cid: cid for cid in ids}
+    if len(ids) == n_classes:
+        return {cid: index for index, cid in enumerate(sorted(ids))}
+    name, key, cid = next((name, key, cid) for name, anno in annotations.items() for key, cid in anno.items()
+                          if not 0 <= cid < n_classes)
+    raise DataError(f"{root / f'{name}.json'}: image {key!r} has class id {cid}, outside 0..{n_classes - 1} "
+                    f"({dataset} has {n_classes} classes). Ids outside that range are read as official ids "
+                    f"(mapped by sorted order) only when the split files together hold exactly {n_classes} "
+                    f"distinct ids; they hold {len(ids)}.")
+
+
+def _check_eval_ids_in_train(root: Path, annotations: dict[str, dict[str, int]]) -> None:
+    """Every class id of val.json / test.json must occur in train.json (when train.json exists)."""
+    if "train" not in annotations:
+        return
+    train_ids = set(annotations["train"].values())
+    for name in ("val", "test"):
+        for key, cid in annotations.get(name, {}).items():
+            if cid not in train_ids:
+                raise DataError(f"{root / f'{name}.json'}: image {key!r} has class id {cid}, which no image in "
+                                f"{root / 'train.json'} has")
 
 
 def _read_vtab_split(task: str, root: Path, split: str) -> tuple[list[str], list[int]]:
@@ -465,7 +488,9 @@ def prepare(dataset: str, root: str | os.PathLike, *, overwrite: bool = False,
     VPT's own split files are no longer downloadable. Official test = test. The official train set is
     split into train + val with val = round(official_train * vpt_val / (vpt_train + vpt_val)),
     stratified by class (each class gives floor or ceil of its share), seeded. Oxford Flowers ships
-    its own train/val/test (setid.mat), used as is. Json values are the official class ids.
+    its own train/val/test (setid.mat), used as is. Json values are 0-based class indices: the
+    position of the official class id in sorted order (CUB's 1..200 -> 0..199; NABirds' non-contiguous
+    ids -> 0..554), the same mapping VPT applies to official ids.
     """
     info = FGVC_DATASETS[dataset]
     root = Path(root)
@@ -474,14 +499,15 @@ def prepare(dataset: str, root: str | os.PathLike, *, overwrite: bool = False,
     targets = {split: root / f"{split}.json" for split in FGVC_SPLITS}
     existing = [str(path) for path in targets.values() if path.exists()]
     if existing and not overwrite:
-        raise DataError(f"{', '.join(existing)} already exist; pass overwrite to replace them")
+        raise DataError(f"{', '.join(existing)} already exist; to replace them run `python reproduce.py prepare "
+                        f"--dataset {dataset} --root {root} --overwrite`")
     train, val, test = _OFFICIAL_SPLIT_READERS[dataset](root)
     if not train:
         raise DataError(f"{dataset}: the release files under {root} list no training images")
     if val is None:
         vpt_train, vpt_val, _ = info.split_sizes
         train, val = _hold_out_val(train, round(len(train) * vpt_val / (vpt_train + vpt_val)), seed)
-    splits = {"train": train, "val": val, "test": test}
+    splits = _to_class_indices(dataset, root, {"train": train, "val": val, "test": test})
     _check_images_exist(dataset, root / info.image_dir, splits)
     for split, anno in splits.items():
         write_text(targets[split], json.dumps(dict(sorted(anno.items())), indent=0))
@@ -489,6 +515,17 @@ def prepare(dataset: str, root: str | os.PathLike, *, overwrite: bool = False,
     print(f"{dataset}: train {sizes['train']} / val {sizes['val']} / test {sizes['test']} written to {root} "
           f"(VPT: {' / '.join(map(str, info.split_sizes))})")
     return sizes
+
+
+def _to_class_indices(dataset: str, root: Path, splits: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Official class ids -> 0-based indices by sorted order over all splits."""
+    official_ids = sorted({cid for anno in splits.values() for cid in anno.values()})
+    n_classes = FGVC_DATASETS[dataset].num_classes
+    if len(official_ids) > n_classes:
+        raise DataError(f"{dataset}: the release files under {root} hold {len(official_ids)} distinct class ids, "
+                        f"but {dataset} has {n_classes} classes")
+    index_of = {cid: index for index, cid in enumerate(official_ids)}
+    return {split: {key: index_of[cid] for key, cid in anno.items()} for split, anno in splits.items()}
 
 
 def _hold_out_val(train: dict[str, int], n_val: int, seed: int) -> tuple[dict[str, int], dict[str, int]]:

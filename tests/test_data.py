@@ -57,8 +57,7 @@ def test_registries_and_metadata():
 
 @pytest.mark.parametrize("dataset", list(data.FGVC_DATASETS))
 def test_fgvc_fixture_reads_back(tmp_path, dataset):
-    class_ids = (30, 4, 12)  # sorted order 4 -> 0, 12 -> 1, 30 -> 2
-    root = fixtures.write_fgvc_fixture(tmp_path / dataset, dataset, class_ids=class_ids, per_class=(3, 1, 2))
+    root = fixtures.write_fgvc_fixture(tmp_path / dataset, dataset, per_class=(3, 1, 2))
     image_dir = root / data.FGVC_DATASETS[dataset].image_dir
     assert all((image_dir / key).is_file() for key in json.loads((root / "train.json").read_text()))
 
@@ -66,16 +65,69 @@ def test_fgvc_fixture_reads_back(tmp_path, dataset):
         paths, labels = data.read_split(dataset, root, split)
         anno = json.loads((root / f"{split}.json").read_text())
         assert paths == [str(image_dir / key) for key in anno]
-        assert labels == [sorted(class_ids).index(cid) for cid in anno.values()]
+        assert labels == list(anno.values()) and sorted(set(labels)) == [0, 1, 2]  # 0-based ids used as is
     loaded = data.load_split(dataset, root, "test")
     assert loaded.images.shape == (6, 3, 256, 256) and loaded.images.dtype == torch.uint8
     assert loaded.labels.dtype == torch.int64
     assert torch.equal(nearest_class_by_colour(loaded.images, 3), loaded.labels)
 
-    # one mapping for all splits: a split missing classes keeps the union's indices
-    val_of_class_30 = {k: v for k, v in json.loads((root / "val.json").read_text()).items() if v == 30}
-    (root / "val.json").write_text(json.dumps(val_of_class_30))
-    assert data.read_split(dataset, root, "val")[1] == [2]
+
+def write_json(root, split, anno):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{split}.json").write_text(json.dumps(anno))
+
+
+def test_fgvc_ids_in_range_are_indices(tmp_path):
+    """Ids in 0..C-1 are used as is, even when a split (or all of them) lacks some classes."""
+    write_json(tmp_path, "train", {"a.jpg": 7, "b.jpg": 3, "c.jpg": 199})
+    write_json(tmp_path, "test", {"d.jpg": 199, "e.jpg": 3})
+    assert data.read_split("cub", tmp_path, "train")[1] == [7, 3, 199]
+    assert data.read_split("cub", tmp_path, "test")[1] == [199, 3]
+
+
+def test_fgvc_official_ids_map_by_sorted_order(tmp_path):
+    """Ids outside 0..C-1 (NABirds-like: non-contiguous) map by sorted order when exactly C distinct."""
+    official = [295 + 3 * k for k in range(102)]  # 102 = Flowers' class count
+    write_json(tmp_path, "train", {f"{cid}.jpg": cid for cid in reversed(official)})
+    write_json(tmp_path, "val", {"v.jpg": official[-1], "w.jpg": official[5]})
+    assert data.read_split("flowers", tmp_path, "train")[1] == list(reversed(range(102)))
+    assert data.read_split("flowers", tmp_path, "val")[1] == [101, 5]  # the union's mapping, not val's own
+    write_json(tmp_path, "train", {f"{cid}.jpg": cid for cid in range(1, 103)})  # 1-based official ids
+    write_json(tmp_path, "val", {"v.jpg": 102})
+    assert data.read_split("flowers", tmp_path, "val")[1] == [101]
+
+
+def test_fgvc_stray_class_id_is_rejected(tmp_path):
+    """A CUB train.json with ids 0..199 plus a stray 999 must not train a 201st class."""
+    train = {f"{cid}.jpg": cid for cid in range(200)} | {"stray.jpg": 999}
+    write_json(tmp_path, "train", train)
+    write_json(tmp_path, "test", {"t.jpg": 0})
+    for split in ("train", "test"):  # reading any split checks every split file
+        with pytest.raises(DataError, match=r"train\.json: image 'stray\.jpg' has class id 999, outside 0\.\.199"):
+            data.read_split("cub", tmp_path, split)
+    # 1-based ids missing a class: neither all in range nor exactly 200 distinct ids
+    write_json(tmp_path, "train", {f"{cid}.jpg": cid for cid in range(2, 201)})
+    write_json(tmp_path, "test", {"t.jpg": 2})
+    with pytest.raises(DataError, match=r"'200\.jpg' has class id 200.*they hold 199"):
+        data.read_split("cub", tmp_path, "train")
+
+
+@pytest.mark.parametrize("bad_id", ["3", 3.0, True, None])
+def test_fgvc_non_integer_class_id_is_rejected(tmp_path, bad_id):
+    write_json(tmp_path, "train", {"a.jpg": 1, "b.jpg": bad_id})
+    with pytest.raises(DataError, match=r"train\.json: image 'b\.jpg'.*must be integers"):
+        data.read_split("cub", tmp_path, "train")
+
+
+def test_fgvc_eval_ids_must_occur_in_train(tmp_path):
+    write_json(tmp_path, "train", {"a.jpg": 0, "b.jpg": 1})
+    write_json(tmp_path, "val", {"c.jpg": 1})
+    write_json(tmp_path, "test", {"d.jpg": 0, "e.jpg": 2})
+    for split in ("train", "val", "test"):
+        with pytest.raises(DataError, match=r"test\.json: image 'e\.jpg' has class id 2, which no image in .*train\.json"):
+            data.read_split("dogs", tmp_path, split)
+    write_json(tmp_path, "test", {"d.jpg": 0})
+    assert data.read_split("dogs", tmp_path, "test")[1] == [0]
 
 
 def test_vtab_fixture_reads_back(tmp_path):
@@ -310,6 +362,7 @@ def test_prepare_builds_vpt_like_splits(tmp_path, dataset, capsys):
     assert dataset in capsys.readouterr().out
     splits = {s: json.loads((root / f"{s}.json").read_text()) for s in data.FGVC_SPLITS}
     assert sizes == {s: len(a) for s, a in splits.items()}
+    assert {cid for a in splits.values() for cid in a.values()} == {0, 1, 2, 3}  # 0-based, even for NABirds
     assert sizes["test"] == 12 and not set(splits["train"]) & set(splits["val"])
     assert not (set(splits["train"]) | set(splits["val"])) & set(splits["test"])
     if dataset == "flowers":  # setid.mat split used as is: 6 trnid + 6 valid per class
@@ -329,7 +382,7 @@ def test_prepare_is_deterministic_and_refuses_overwrite(tmp_path):
     root = fixtures.write_release_fixture(tmp_path / "cub", "cub", train_per_class=20)
     data.prepare("cub", root)
     val = (root / "val.json").read_text()
-    with pytest.raises(DataError, match="already exist"):
+    with pytest.raises(DataError, match="already exist.* --overwrite"):
         data.prepare("cub", root)
     data.prepare("cub", root, overwrite=True)
     assert (root / "val.json").read_text() == val
