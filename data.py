@@ -108,6 +108,21 @@ class DataError(Exception):
     """Missing or malformed dataset files; the message names the path (the harness exits with 2)."""
 
 
+# Folder names accepted under the data directory, first match wins. The first name is ours; the others
+# are the names the releases unpack to or that common loaders use: CUB_200_2011.tgz unpacks to
+# CUB_200_2011/, the NABirds tarball to nabirds/, torchvision's Flowers102 and StanfordCars datasets
+# use flowers-102/ and stanford_cars/. "vtab" holds the VTAB-1k task folders (the NOAH/RepAdapter
+# archive unpacks to vtab-1k/).
+DATASET_FOLDERS = {
+    "cub": ("cub", "CUB_200_2011"),
+    "nabirds": ("nabirds", "NABirds"),
+    "flowers": ("flowers", "oxford_flowers102", "flowers102", "flowers-102", "102flowers"),
+    "cars": ("cars", "Cars", "stanford_cars", "StanfordCars"),
+    "dogs": ("dogs", "Stanford_Dogs", "StanfordDogs", "stanford_dogs"),
+    "vtab": ("vtab-1k", "VTAB-1k", "vtab"),
+}
+
+
 def task_kind(task: str) -> str:
     """"fgvc" or "vtab"."""
     if task in FGVC_DATASETS:
@@ -120,6 +135,25 @@ def task_kind(task: str) -> str:
 def num_classes(task: str) -> int:
     """Number of classes of an FGVC dataset or VTAB task."""
     return FGVC_DATASETS[task].num_classes if task_kind(task) == "fgvc" else VTAB_TASKS[task].num_classes
+
+
+def dataset_root(task: str, data_dir: str | os.PathLike) -> Path:
+    """The dataset folder of an FGVC task, or the folder holding a VTAB task's folder, under data_dir.
+
+    The first existing folder among DATASET_FOLDERS' names; DataError lists every accepted path.
+    """
+    if task_kind(task) == "fgvc":
+        candidates = [Path(data_dir) / name for name in DATASET_FOLDERS[task]]
+        found = [path for path in candidates if path.is_dir()]
+        where, url = "", FGVC_DATASETS[task].url
+    else:
+        candidates = [Path(data_dir) / name for name in DATASET_FOLDERS["vtab"]]
+        found = [path for path in candidates if (path / task).is_dir()]
+        where, url = f" holding the task folder {task}/", VTAB_URL
+    if found:
+        return found[0]
+    raise DataError(f"{task}: no dataset folder{where} found; looked for {', '.join(map(str, candidates))}. "
+                    f"Download it from {url}")
 
 
 def split_names(task: str, protocol: str) -> tuple[str, str]:

@@ -52,6 +52,44 @@ def test_registries_and_metadata():
         data.task_kind("imagenet")
 
 
+# --- dataset folders --------------------------------------------------------------------------
+
+
+def test_dataset_root_accepts_release_folder_names(tmp_path):
+    (tmp_path / "CUB_200_2011").mkdir()
+    assert data.dataset_root("cub", tmp_path) == tmp_path / "CUB_200_2011"
+    (tmp_path / "cub").mkdir()
+    assert data.dataset_root("cub", tmp_path) == tmp_path / "cub"  # our own name comes first
+    (tmp_path / "stanford_cars").mkdir()
+    assert data.dataset_root("cars", tmp_path) == tmp_path / "stanford_cars"
+    (tmp_path / "VTAB-1k" / "dtd").mkdir(parents=True)
+    assert data.dataset_root("dtd", tmp_path) == tmp_path / "VTAB-1k"
+    (tmp_path / "vtab-1k" / "svhn").mkdir(parents=True)  # vtab-1k/ exists but lacks dtd/
+    assert data.dataset_root("dtd", tmp_path) == tmp_path / "VTAB-1k"
+    assert data.dataset_root("svhn", tmp_path) == tmp_path / "vtab-1k"
+
+
+@pytest.mark.parametrize("task", ["dogs", "eurosat"])
+def test_dataset_root_missing_lists_every_accepted_path(tmp_path, task):
+    with pytest.raises(DataError) as err:
+        data.dataset_root(task, tmp_path)
+    names = data.DATASET_FOLDERS[task if task in data.FGVC_DATASETS else "vtab"]
+    assert all(str(tmp_path / name) in str(err.value) for name in names) and len(names) >= 3
+    url = data.FGVC_DATASETS[task].url if task in data.FGVC_DATASETS else data.VTAB_URL
+    assert url in str(err.value)
+
+
+def test_prepare_and_load_in_unpacked_release_folder(tmp_path):
+    """CUB straight from CUB_200_2011.tgz: data/CUB_200_2011/{images.txt, ..., images/}."""
+    release = fixtures.write_release_fixture(tmp_path / "data" / "CUB_200_2011", "cub", num_classes=3)
+    root = data.dataset_root("cub", tmp_path / "data")
+    assert root == release
+    sizes = data.prepare("cub", root)
+    paths, labels = data.read_split("cub", root, "test")
+    assert len(paths) == sizes["test"] == 12 and sorted(set(labels)) == [0, 1, 2]
+    assert all(path.startswith(str(release / "images")) and Path(path).is_file() for path in paths)
+
+
 # --- readers ----------------------------------------------------------------------------------
 
 
