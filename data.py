@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
@@ -46,8 +47,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # train random crops are drawn from that central square, i.e. slightly less translation along an
 # image's long side than VPT.
 FGVC_RESIZE = 256
-# VTAB in VPT (src/data/datasets/tf_dataset.py): tf.image.resize(image, [224, 224]) (bilinear),
-# no augmentation. We resize to 224x224 with PIL bilinear (antialiased, unlike TF's default).
+# VTAB in VPT (src/data/datasets/tf_dataset.py, preprocess_fn): tf.image.resize(image, [224, 224]), no
+# augmentation, then /255 and ImageNet mean/std. We compute TF2's tf.image.resize default: bilinear,
+# half-pixel centres, no antialiasing (what torch's interpolate computes with align_corners=False,
+# antialias=False), rounded to uint8 for the cache where TF keeps float32 (at most half a grey level
+# apart). VPT imports tensorflow.compat.v1, whose tf.image.resize is TF1's resize_images: ResizeBilinear
+# with half_pixel_centers=False, which samples source x = target x * s (s = in / out) instead of
+# (target x + 0.5) * s - 0.5, i.e. (s - 1) / 2 source pixels apart from ours.
 
 
 @dataclass(frozen=True)
@@ -313,7 +319,7 @@ def decode_image(path: str, size: int, keep_aspect: bool) -> np.ndarray:
     """Decode one image to uint8 [3, size, size] with PIL bilinear resizing; DataError names the file.
 
     keep_aspect=True: shorter side -> size, then the central square (VPT's FGVC Resize(256), see top).
-    keep_aspect=False: stretch to size x size (VTAB).
+    keep_aspect=False: stretch to size x size with resize_like_tf (VTAB).
     """
     if not os.path.isfile(path):
         raise DataError(f"image file {path} not found")
@@ -325,8 +331,15 @@ def decode_image(path: str, size: int, keep_aspect: bool) -> np.ndarray:
     if keep_aspect:
         img = TF.center_crop(TF.resize(img, size, interpolation=InterpolationMode.BILINEAR), size)
     else:
-        img = TF.resize(img, [size, size], interpolation=InterpolationMode.BILINEAR)
+        return resize_like_tf(torch.from_numpy(np.array(img)).permute(2, 0, 1), size).numpy()
     return np.array(img).transpose(2, 0, 1)  # np.array: writable, unlike np.asarray of a PIL image
+
+
+def resize_like_tf(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [3, h, w] -> uint8 [3, size, size] as TF2's tf.image.resize(image, [size, size]) (see top)."""
+    resized = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", align_corners=False,
+                            antialias=False)
+    return resized[0].round().clamp(0, 255).to(torch.uint8)
 
 
 def decode_images(paths: list[str], out: np.ndarray, keep_aspect: bool, desc: str) -> None:

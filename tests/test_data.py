@@ -184,7 +184,6 @@ def test_decode_matches_vpt_torchvision_pipeline(tmp_path):
     """FGVC eval = VPT's Resize(256) (shorter side) + CenterCrop(224) + ToTensor + Normalize, exactly."""
     vpt_eval = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
                           T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
-    vtab_eval = T.Compose([T.Resize((224, 224)), T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
     rng = np.random.default_rng(0)
     for width, height in ((300, 201), (199, 333)):
         path = tmp_path / f"{width}x{height}.png"
@@ -192,8 +191,30 @@ def test_decode_matches_vpt_torchvision_pipeline(tmp_path):
         cached = torch.from_numpy(data.decode_image(str(path), 256, keep_aspect=True))[None]
         loader = data.BatchLoader(cached, torch.zeros(1, dtype=torch.long), 1, train=False)
         assert torch.equal(next(iter(loader))[0][0], vpt_eval(Image.open(path).convert("RGB")))
-        vtab = torch.from_numpy(data.decode_image(str(path), 224, keep_aspect=False))[None]
-        assert torch.equal(normalize(vtab)[0], vtab_eval(Image.open(path).convert("RGB")))
+        vtab = torch.from_numpy(data.decode_image(str(path), 224, keep_aspect=False))
+        raw = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(vtab, data.resize_like_tf(raw, 224))
+
+
+def test_vtab_resize_is_tf_bilinear_with_half_pixel_centres():
+    """Worked by hand: output pixel d samples source (d + 0.5) * in/out - 0.5 (clamped at the border)."""
+    ramp = torch.tensor([[0, 10, 20, 30], [40, 50, 60, 70], [80, 90, 100, 110], [120, 130, 140, 150]])
+    image = ramp.to(torch.uint8).expand(3, 4, 4)
+    # 4 -> 2: samples at 0.5 and 2.5, i.e. the mean of each 2x2 block
+    assert torch.equal(data.resize_like_tf(image, 2), torch.tensor([[25, 45], [105, 125]]).expand(3, 2, 2))
+    # 2 -> 4: samples at -0.25 (-> 0), 0.25, 0.75, 1.25 (-> 1): weights 1, 3/4 + 1/4, 1/4 + 3/4, 1
+    image = torch.tensor([[0, 40], [80, 120]], dtype=torch.uint8).expand(3, 2, 2)
+    expected = torch.tensor([[0, 10, 30, 40], [20, 30, 50, 60], [60, 70, 90, 100], [80, 90, 110, 120]])
+    assert torch.equal(data.resize_like_tf(image, 4), expected.expand(3, 4, 4))
+
+
+def test_vtab_resize_does_not_antialias():
+    """896 -> 224 samples halfway between source columns 4d+1 and 4d+2; PIL averages ~8 columns instead."""
+    row = torch.tensor([255 if x % 4 == 1 else 0 for x in range(896)], dtype=torch.uint8)
+    image = row.expand(3, 896, 896)
+    assert torch.equal(data.resize_like_tf(image, 224), torch.full((3, 224, 224), 128, dtype=torch.uint8))
+    pil = np.array(Image.fromarray(image.permute(1, 2, 0).numpy()).resize((224, 224), Image.BILINEAR))
+    assert 40 < pil.mean() < 90  # about 255 / 4
 
 
 # --- loader -----------------------------------------------------------------------------------
