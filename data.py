@@ -422,7 +422,7 @@ def decode_images(task: str, paths: list[str], pixels: np.ndarray, offsets: np.n
     _parallel_map(decode_into, range(len(paths)), desc)
 
 
-def load_splits(task: str, root: str | os.PathLike, names: list[str] | tuple[str, ...], *,
+def load_splits(task: str, root: str | os.PathLike, names: list[str] | tuple[str, ...],
                 cache_dir: str | os.PathLike | None = None) -> dict[str, ImageSplit]:
     """{name: ImageSplit}: read and check every named split list first, then decode each split once
     (or memory-map it from cache_dir). root: dataset_root(task, data_dir)."""
