@@ -1,10 +1,11 @@
 """Classification data for the Gated Prompt Tuning harness (FGVC and VTAB-1k).
 
 Sections, top to bottom:
-  1. registries and task metadata (REFERENCE.md section 3)
-  2. split-list readers for the on-disk layouts, raising DataError on bad input
-  3. decode-once image cache (threaded PIL decode, optional .npy disk cache)
-  4. BatchLoader: seeded, shardable batches with crop/flip done as tensor indexing
+  1. registries, task metadata and the accepted dataset folder names
+  2. split-list readers for the on-disk layouts, raising DataError on bad input (class ids checked)
+  3. decode-once image cache: each image resized once (FGVC: whole shorter-side-256 image; VTAB:
+     224x224) and kept as uint8 in one ragged buffer (threaded decode, optional memory-mapped disk cache)
+  4. BatchLoader: seeded, shardable, fixed-shape batches; crop/flip is one index gather on the device
   5. prepare: VPT-sized FGVC json splits built from each dataset's own release files
   6. synthetic images (for the demo and the benchmark)
 """
@@ -22,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
-from runtime import write_text
+from runtime import atomic_write, write_text
 
 # ---------------------------------------------------------------------------------------------
 # 1. Registries and metadata
@@ -37,24 +39,28 @@ IMAGE_SIZE = 224  # the ViT input resolution
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Transforms, checked against VPT's official code (KMnP/vpt, src/data/transforms.py, get_transforms
-# with size 224): train = Resize(256) + RandomCrop(224) + RandomHorizontalFlip(0.5); eval = Resize(256)
-# + CenterCrop(224); then ToTensor + ImageNet Normalize. Resize(256) is given an INT, so torchvision
-# scales the SHORTER side to 256 and keeps the aspect ratio -- it is not a square Resize((256, 256)).
-# A fixed-shape uint8 cache needs square images, so we cache the central 256x256 square of the
-# short-side-256 image. Eval output is then identical to VPT's (two centred crops compose exactly);
-# train random crops are drawn from that central square, i.e. slightly less translation along an
-# image's long side than VPT.
+# FGVC transforms in VPT (KMnP/vpt, src/data/transforms.py, get_transforms with size 224): train =
+# Resize(256) + RandomCrop(224) + RandomHorizontalFlip(0.5); eval = Resize(256) + CenterCrop(224); then
+# ToTensor + ImageNet Normalize. Resize(256) is given an INT, so torchvision scales the SHORTER side to
+# 256 and the longer to int(256 * longer / shorter) -- not a square Resize((256, 256)). We run that
+# exact torchvision call on each PIL image once and cache the whole resized image as uint8; the loader
+# then crops per batch: RandomCrop's offsets uniform over each image's own extent (both axes), flip with
+# p=0.5, CenterCrop with torchvision's offset rounding. Outputs equal VPT's pipeline pixel for pixel.
 FGVC_RESIZE = 256
-# VTAB in VPT (src/data/datasets/tf_dataset.py): tf.image.resize(image, [224, 224]) (bilinear),
-# no augmentation. We resize to 224x224 with PIL bilinear (antialiased, unlike TF's default).
+# VTAB in VPT (src/data/datasets/tf_dataset.py, preprocess_fn): tf.image.resize(image, [224, 224]), no
+# augmentation, then /255 and ImageNet mean/std. We compute TF2's tf.image.resize default: bilinear,
+# half-pixel centres, no antialiasing (what torch's interpolate computes with align_corners=False,
+# antialias=False), rounded to uint8 for the cache where TF keeps float32 (at most half a grey level
+# apart). VPT imports tensorflow.compat.v1, whose tf.image.resize is TF1's resize_images: ResizeBilinear
+# with half_pixel_centers=False, which samples source x = target x * s (s = in / out) instead of
+# (target x + 0.5) * s - 0.5, i.e. (s - 1) / 2 source pixels apart from ours.
 
 
 @dataclass(frozen=True)
 class FgvcInfo:
     image_dir: str  # image folder relative to the dataset root; json keys are relative to it
     num_classes: int
-    split_sizes: tuple[int, int, int]  # VPT's (train, val, test) sizes, REFERENCE.md section 3
+    split_sizes: tuple[int, int, int]  # VPT's (train, val, test) split sizes
     url: str  # official download page
 
 
@@ -76,7 +82,7 @@ class VtabInfo:
     group: str  # "natural" | "specialized" | "structured"
 
 
-# The 19 VTAB-1k task folders in the paper's canonical order (REFERENCE.md section 3).
+# The 19 VTAB-1k task folders in the paper's canonical order: Natural, Specialized, Structured.
 VTAB_TASKS = {
     "cifar": VtabInfo(100, "natural"),
     "caltech101": VtabInfo(102, "natural"),
@@ -108,6 +114,21 @@ class DataError(Exception):
     """Missing or malformed dataset files; the message names the path (the harness exits with 2)."""
 
 
+# Folder names accepted under the data directory, first match wins. The first name is ours; the others
+# are the names the releases unpack to or that common loaders use: CUB_200_2011.tgz unpacks to
+# CUB_200_2011/, the NABirds tarball to nabirds/, torchvision's Flowers102 and StanfordCars datasets
+# use flowers-102/ and stanford_cars/. "vtab" holds the VTAB-1k task folders (the NOAH/RepAdapter
+# archive unpacks to vtab-1k/).
+DATASET_FOLDERS = {
+    "cub": ("cub", "CUB_200_2011"),
+    "nabirds": ("nabirds", "NABirds"),
+    "flowers": ("flowers", "oxford_flowers102", "flowers102", "flowers-102", "102flowers"),
+    "cars": ("cars", "Cars", "stanford_cars", "StanfordCars"),
+    "dogs": ("dogs", "Stanford_Dogs", "StanfordDogs", "stanford_dogs"),
+    "vtab": ("vtab-1k", "VTAB-1k", "vtab"),
+}
+
+
 def task_kind(task: str) -> str:
     """"fgvc" or "vtab"."""
     if task in FGVC_DATASETS:
@@ -122,11 +143,30 @@ def num_classes(task: str) -> int:
     return FGVC_DATASETS[task].num_classes if task_kind(task) == "fgvc" else VTAB_TASKS[task].num_classes
 
 
+def dataset_root(task: str, data_dir: str | os.PathLike) -> Path:
+    """The dataset folder of an FGVC task, or the folder holding a VTAB task's folder, under data_dir.
+
+    The first existing folder among DATASET_FOLDERS' names; DataError lists every accepted path.
+    """
+    if task_kind(task) == "fgvc":
+        candidates = [Path(data_dir) / name for name in DATASET_FOLDERS[task]]
+        found = [path for path in candidates if path.is_dir()]
+        where, url = "", FGVC_DATASETS[task].url
+    else:
+        candidates = [Path(data_dir) / name for name in DATASET_FOLDERS["vtab"]]
+        found = [path for path in candidates if (path / task).is_dir()]
+        where, url = f" holding the task folder {task}/", VTAB_URL
+    if found:
+        return found[0]
+    raise DataError(f"{task}: no dataset folder{where} found; looked for {', '.join(map(str, candidates))}. "
+                    f"Download it from {url}")
+
+
 def split_names(task: str, protocol: str) -> tuple[str, str]:
     """(train split, eval split): "final" = train -> test, "sweep" = lr search on held-out val.
 
     FGVC: final train -> test, sweep train -> val. VTAB: final train800val200 -> test,
-    sweep train800 -> val200 (REFERENCE.md section 3, VTAB protocol).
+    sweep train800 -> val200 (the VTAB-1k protocol: tune on 800/200, then train on all 1000 images).
     """
     splits = {
         ("fgvc", "final"): ("train", "test"),
@@ -155,12 +195,8 @@ def read_split(task: str, root: str | os.PathLike, split: str) -> tuple[list[str
 
 
 def _read_fgvc_split(dataset: str, root: Path, split: str) -> tuple[list[str], list[int]]:
-    """VPT json layout: {relative image path: class id}; ids -> indices by sorted order.
-
-    The sorted order is taken over the union of ids in all split files present, so every split uses
-    the same mapping. (VPT sorts the ids of each split on its own -- the same mapping whenever every
-    split contains every class, as in the real datasets.)
-    """
+    """VPT json layout: {relative image path: class id}. Every split file present is read and checked
+    (see _fgvc_class_index), so all splits share one id -> index mapping."""
     info = FGVC_DATASETS[dataset]
     if split not in FGVC_SPLITS:
         raise ValueError(f"FGVC split must be one of {FGVC_SPLITS}, got {split!r}")
@@ -174,33 +210,60 @@ def _read_fgvc_split(dataset: str, root: Path, split: str) -> tuple[list[str], l
         raise DataError(f"{dataset}: split file {split_file} not found; build it from the release files with "
                         f"`python reproduce.py prepare --dataset {dataset} --root {root}`.")
     annotations = {s: _read_json_split(root / f"{s}.json") for s in FGVC_SPLITS if (root / f"{s}.json").is_file()}
-    if len({type(cid) for anno in annotations.values() for cid in anno.values()}) > 1:
-        raise DataError(f"{dataset}: the split files in {root} mix int and string class ids")
-    class_ids = sorted({cid for anno in annotations.values() for cid in anno.values()})
-    index_of = {cid: i for i, cid in enumerate(class_ids)}
-    for name, anno in annotations.items():  # report out-of-range ids before decoding anything
-        for key, cid in anno.items():
-            if index_of[cid] >= info.num_classes:
-                raise DataError(f"{root / f'{name}.json'}: image {key!r} has class id {cid!r}, but {dataset} has "
-                                f"{info.num_classes} classes and the split files hold {len(class_ids)} distinct ids")
+    index_of = _fgvc_class_index(dataset, root, annotations)
+    _check_eval_ids_in_train(root, annotations)
     image_root = root / info.image_dir
     anno = annotations[split]
     return [str(image_root / key) for key in anno], [index_of[cid] for cid in anno.values()]
 
 
-def _read_json_split(path: Path) -> dict[str, int | str]:
-    """One VPT split json, checked: non-empty dict of path -> int (or str) class id, one id type."""
+def _read_json_split(path: Path) -> dict[str, int]:
+    """One VPT split json, checked: a non-empty object {relative image path: integer class id}."""
     try:
         anno = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: malformed json ({err.msg})") from None
     if not isinstance(anno, dict) or not anno:
         raise DataError(f"{path}: expected a non-empty json object {{relative image path: class id}}")
-    id_type = type(next(iter(anno.values())))
     for key, cid in anno.items():
-        if type(cid) not in (int, str) or type(cid) is not id_type:
-            raise DataError(f"{path}: image {key!r} has class id {cid!r}; ids must all be ints (or all strings)")
+        if type(cid) is not int:  # also rejects true/false, which Python treats as ints
+            raise DataError(f"{path}: image {key!r} has class id {cid!r}; class ids must be integers")
     return anno
+
+
+def _fgvc_class_index(dataset: str, root: Path, annotations: dict[str, dict[str, int]]) -> dict[int, int]:
+    """Class id -> class index, one mapping for every split file in `annotations` ({split: json}).
+
+    With C classes: if every id is in 0..C-1, index = id. Otherwise the ids are official ids (e.g.
+    NABirds' non-contiguous ones) and get VPT's mapping, the position in sorted order -- allowed only
+    when the files together hold exactly C distinct ids. (VPT's json_dataset.py sorts each split's ids
+    on its own; that is the same mapping as long as every split holds every class.) Anything else is
+    a DataError naming an offending entry, so a stray id can never become an extra class.
+    """
+    n_classes = FGVC_DATASETS[dataset].num_classes
+    ids = {cid for anno in annotations.values() for cid in anno.values()}
+    if all(0 <= cid < n_classes for cid in ids):
+        return {cid: cid for cid in ids}
+    if len(ids) == n_classes:
+        return {cid: index for index, cid in enumerate(sorted(ids))}
+    name, key, cid = next((name, key, cid) for name, anno in annotations.items() for key, cid in anno.items()
+                          if not 0 <= cid < n_classes)
+    raise DataError(f"{root / f'{name}.json'}: image {key!r} has class id {cid}, outside 0..{n_classes - 1} "
+                    f"({dataset} has {n_classes} classes). Ids outside that range are read as official ids "
+                    f"(mapped by sorted order) only when the split files together hold exactly {n_classes} "
+                    f"distinct ids; they hold {len(ids)}.")
+
+
+def _check_eval_ids_in_train(root: Path, annotations: dict[str, dict[str, int]]) -> None:
+    """Every class id of val.json / test.json must occur in train.json (when train.json exists)."""
+    if "train" not in annotations:
+        return
+    train_ids = set(annotations["train"].values())
+    for name in ("val", "test"):
+        for key, cid in annotations.get(name, {}).items():
+            if cid not in train_ids:
+                raise DataError(f"{root / f'{name}.json'}: image {key!r} has class id {cid}, which no image in "
+                                f"{root / 'train.json'} has")
 
 
 def _read_vtab_split(task: str, root: Path, split: str) -> tuple[list[str], list[int]]:
@@ -233,105 +296,225 @@ def _read_vtab_split(task: str, root: Path, split: str) -> tuple[list[str], list
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Decode-once cache
+# 3. Decode-once cache: every image resized once, kept whole as uint8 in one ragged buffer
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass
 class ImageSplit:
-    """One decoded split: uint8 images [N, 3, S, S] (host or memory-mapped) and int64 labels [N]."""
+    """One decoded split; images of different sizes lie back to back in one uint8 buffer.
+
+    pixels: uint8 [total_pixels, 3], every image's pixels row-major, channels last (host, memory-mapped
+    or device). offsets: int64 [N], index of image n's first pixel in pixels. sizes: int64 [N, 2],
+    (height, width) of image n. labels: int64 [N].
+    """
 
     task: str
     split: str
-    images: torch.Tensor
+    pixels: torch.Tensor
+    offsets: torch.Tensor
+    sizes: torch.Tensor
     labels: torch.Tensor
 
+    def __len__(self) -> int:
+        return len(self.labels)
 
-def cached_image_size(task: str) -> int:
-    """Side of the cached square images: 256 for FGVC (cropped to 224 on the fly), 224 for VTAB."""
-    return FGVC_RESIZE if task_kind(task) == "fgvc" else IMAGE_SIZE
+    @classmethod
+    def from_dense(cls, task: str, split: str, images: torch.Tensor, labels: torch.Tensor) -> "ImageSplit":
+        """Ragged split from same-sized uint8 images [N, 3, H, W] (e.g. make_synthetic_images)."""
+        n, channels, height, width = images.shape
+        if images.dtype != torch.uint8 or channels != 3:
+            raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        pixels = images.permute(0, 2, 3, 1).reshape(n * height * width, 3)
+        sizes = torch.tensor([[height, width]], dtype=torch.int64).repeat(n, 1)
+        return cls(task, split, pixels, torch.from_numpy(_offsets(sizes.numpy())), sizes, labels.long())
+
+    def image(self, n: int) -> torch.Tensor:
+        """uint8 [3, h, w] view of image n."""
+        height, width = self.sizes[n].tolist()
+        start = int(self.offsets[n])
+        return self.pixels[start:start + height * width].view(height, width, 3).permute(2, 0, 1)
 
 
-def decode_image(path: str, size: int, keep_aspect: bool) -> np.ndarray:
-    """Decode one image to uint8 [3, size, size] with PIL bilinear resizing; DataError names the file.
+def _offsets(sizes: np.ndarray) -> np.ndarray:
+    """First-pixel index of each image packed back to back: exclusive cumulative sum of h * w."""
+    areas = sizes[:, 0].astype(np.int64) * sizes[:, 1]
+    return np.cumsum(areas) - areas
 
-    keep_aspect=True: shorter side -> size, then the central square (VPT's FGVC Resize(256), see top).
-    keep_aspect=False: stretch to size x size (VTAB).
-    """
+
+def resized_size(width: int, height: int, short: int = FGVC_RESIZE) -> tuple[int, int]:
+    """(height, width) that torchvision's Resize(short) gives a width x height image: the shorter side
+    becomes `short` and the longer int(short * longer / shorter) (torchvision's _compute_resized_output_size)."""
+    if width <= height:
+        return int(short * height / width), short
+    return short, int(short * width / height)
+
+
+def _open_rgb(path: str) -> Image.Image:
+    """Fully decoded RGB PIL image; DataError names the file if it is missing, truncated or corrupt."""
     if not os.path.isfile(path):
         raise DataError(f"image file {path} not found")
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")  # forces the full decode; truncated/corrupt files fail here
+            return img.convert("RGB")  # forces the full decode; truncated/corrupt files fail here
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot decode image {path}: {err}") from None
-    if keep_aspect:
-        img = TF.center_crop(TF.resize(img, size, interpolation=InterpolationMode.BILINEAR), size)
-    else:
-        img = TF.resize(img, [size, size], interpolation=InterpolationMode.BILINEAR)
-    return np.array(img).transpose(2, 0, 1)  # np.array: writable, unlike np.asarray of a PIL image
 
 
-def decode_images(paths: list[str], out: np.ndarray, keep_aspect: bool, desc: str) -> None:
-    """Decode paths into out [N, 3, S, S] with a thread pool (PIL releases the GIL) and a progress bar."""
-    size = out.shape[-1]
+def _header_size(path: str) -> tuple[int, int]:
+    """(width, height) from the image header only, without decoding the pixels."""
+    if not os.path.isfile(path):
+        raise DataError(f"image file {path} not found")
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {path}: {err}") from None
 
-    def decode_into(i: int) -> None:
-        out[i] = decode_image(paths[i], size, keep_aspect)
 
+def decode_fgvc(path: str) -> np.ndarray:
+    """uint8 [h, w, 3]: VPT's Resize(256) on the PIL image (torchvision, bilinear), the whole image."""
+    return np.asarray(TF.resize(_open_rgb(path), FGVC_RESIZE, interpolation=InterpolationMode.BILINEAR))
+
+
+def decode_vtab(path: str) -> np.ndarray:
+    """uint8 [224, 224, 3]: the decoded image resized with resize_like_tf."""
+    image = torch.from_numpy(np.array(_open_rgb(path))).permute(2, 0, 1)
+    return resize_like_tf(image, IMAGE_SIZE).permute(1, 2, 0).numpy()
+
+
+def resize_like_tf(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [3, h, w] -> uint8 [3, size, size] as TF2's tf.image.resize(image, [size, size]) (see top)."""
+    resized = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", align_corners=False,
+                            antialias=False)
+    return resized[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def _parallel_map(fn, items: list, desc: str) -> list:
+    """fn over items in a thread pool (PIL and torch release the GIL) with a progress bar."""
     pool = ThreadPoolExecutor(max_workers=min(16, max(2, os.cpu_count() or 2)))
     try:  # disable=None: no bar when stderr is not a terminal
-        for _ in tqdm(pool.map(decode_into, range(len(paths))), total=len(paths), desc=desc, disable=None):
-            pass
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=None))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on the first bad image, skip the rest
 
 
-def load_split(task: str, root: str | os.PathLike, split: str, *,
-               cache_dir: str | os.PathLike | None = None) -> ImageSplit:
-    """Read a split list and decode its images once (or memory-map them from cache_dir if cached).
+def image_sizes(task: str, paths: list[str]) -> np.ndarray:
+    """int64 [N, 2] (height, width) each image will have once decoded; FGVC reads only the headers."""
+    if task_kind(task) == "vtab":
+        return np.full((len(paths), 2), IMAGE_SIZE, dtype=np.int64)
+    headers = _parallel_map(_header_size, paths, f"reading {task} image sizes")
+    return np.array([resized_size(width, height) for width, height in headers], dtype=np.int64).reshape(-1, 2)
 
-    The cache file is keyed by task, split, size and a hash of the listed image paths (relative to
-    root) and the resize recipe, so LR-sweep runs reuse it; it does not notice edited image files.
-    """
-    paths, labels = read_split(task, root, split)
-    size, keep_aspect = cached_image_size(task), task_kind(task) == "fgvc"
-    shape = (len(paths), 3, size, size)
+
+def decode_images(task: str, paths: list[str], pixels: np.ndarray, offsets: np.ndarray, sizes: np.ndarray,
+                  desc: str) -> None:
+    """Decode every image into its slot pixels[offsets[i]:offsets[i] + h * w] (threads, progress bar)."""
+    decode = decode_fgvc if task_kind(task) == "fgvc" else decode_vtab
+
+    def decode_into(i: int) -> None:
+        image = decode(paths[i])
+        if image.shape[:2] != tuple(sizes[i]):  # the header and the decoded file disagree
+            raise DataError(f"image {paths[i]} decoded to {image.shape[0]}x{image.shape[1]}, expected "
+                            f"{sizes[i][0]}x{sizes[i][1]} from its header")
+        pixels[offsets[i]:offsets[i] + image.shape[0] * image.shape[1]] = image.reshape(-1, 3)
+
+    _parallel_map(decode_into, range(len(paths)), desc)
+
+
+def load_splits(task: str, root: str | os.PathLike, names: list[str] | tuple[str, ...],
+                cache_dir: str | os.PathLike | None = None) -> dict[str, ImageSplit]:
+    """{name: ImageSplit}: read and check every named split list first, then decode each split once
+    (or memory-map it from cache_dir). root: dataset_root(task, data_dir)."""
+    lists = {name: read_split(task, root, name) for name in names}
+    return {name: _decode_split(task, Path(root), name, paths, labels, cache_dir)
+            for name, (paths, labels) in lists.items()}
+
+
+def _decode_split(task: str, root: Path, split: str, paths: list[str], labels: list[int],
+                  cache_dir: str | os.PathLike | None) -> ImageSplit:
     desc = f"decoding {task}/{split}"
     if cache_dir is None:
-        images = np.empty(shape, dtype=np.uint8)
-        decode_images(paths, images, keep_aspect, desc)
+        sizes = image_sizes(task, paths)
+        offsets = _offsets(sizes)
+        pixels = np.empty((int(np.prod(sizes, axis=1).sum()), 3), dtype=np.uint8)
+        decode_images(task, paths, pixels, offsets, sizes, desc)
     else:
-        recipe = f"keep_aspect={keep_aspect} size={size} pil-bilinear\n"
-        relative = "\n".join(os.path.relpath(p, root) for p in paths)
-        digest = hashlib.sha256((recipe + relative).encode()).hexdigest()[:16]
-        images = _cached_decode(Path(cache_dir) / f"{task}-{split}-{size}px-{digest}.npy",
-                                paths, shape, keep_aspect, desc)
-    return ImageSplit(task, split, torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64))
+        pixels, offsets, sizes = _cached_decode(Path(cache_dir), task, root, split, paths, desc)
+    return ImageSplit(task, split, torch.from_numpy(pixels), torch.from_numpy(offsets), torch.from_numpy(sizes),
+                      torch.tensor(labels, dtype=torch.int64))
 
 
-def _cached_decode(cache_file: Path, paths: list[str], shape: tuple, keep_aspect: bool, desc: str) -> np.ndarray:
-    """Memory-map cache_file if it holds the right array, else decode straight into a new one atomically."""
-    if cache_file.is_file():
-        cached = np.load(cache_file, mmap_mode="c")  # copy-on-write: writable for torch, file untouched
-        if cached.shape == shape and cached.dtype == np.uint8:
-            return cached
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(f"{cache_file.name}.tmp{os.getpid()}")
+# Part of the cache key: change it whenever the cached pixels would change. (Caches from before the
+# ragged format are single .npy files of central 256x256 squares under other names; never read.)
+CACHE_RECIPE = ("ragged-v2 fgvc: torchvision Resize(256) on PIL, whole image; "
+                "vtab: tf.image.resize-style bilinear 224x224, half-pixel centres, no antialias")
+
+
+def _cache_files(cache_dir: Path, task: str, root: Path, split: str, paths: list[str]) -> tuple[Path, Path]:
+    """(pixels .npy, index .npy) keyed by task, split and a hash of the recipe and the listed image paths
+    relative to root. The key does not notice edited image files."""
+    relative = "\n".join(os.path.relpath(p, root) for p in paths)
+    digest = hashlib.sha256(f"{CACHE_RECIPE}\n{relative}".encode()).hexdigest()[:16]
+    stem = f"{task}-{split}-{digest}"
+    return cache_dir / f"{stem}.pixels.npy", cache_dir / f"{stem}.index.npy"
+
+
+def _cached_decode(cache_dir: Path, task: str, root: Path, split: str, paths: list[str],
+                   desc: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pixels, offsets, sizes) memory-mapped from the cache, else decoded into a new cache entry.
+
+    Each file is written to a temporary name and renamed (atomic); the index file, written last,
+    marks the pixels file complete, so a crash never leaves an entry that loads.
+    """
+    pixels_file, index_file = _cache_files(cache_dir, task, root, split, paths)
+    cached = _load_cache(pixels_file, index_file, len(paths))
+    if cached is not None:
+        return cached
+    sizes = image_sizes(task, paths)
+    offsets = _offsets(sizes)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = pixels_file.with_name(f"{pixels_file.name}.tmp{os.getpid()}")
     try:
-        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-        decode_images(paths, images, keep_aspect, desc)
-        images.flush()
-        del images
-        os.replace(tmp, cache_file)  # atomic: concurrent ranks/runs never see a partial file
+        shape = (int(np.prod(sizes, axis=1).sum()), 3)
+        pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        decode_images(task, paths, pixels, offsets, sizes, desc)
+        pixels.flush()
+        del pixels
+        os.replace(tmp, pixels_file)
     finally:
         tmp.unlink(missing_ok=True)
-    return np.load(cache_file, mmap_mode="c")
+    index = np.stack([offsets, sizes[:, 0], sizes[:, 1]], axis=1)
+    atomic_write(index_file, lambda f: np.save(f, index))
+    cached = _load_cache(pixels_file, index_file, len(paths))
+    if cached is None:
+        raise DataError(f"the cache entry {pixels_file} + {index_file.name} does not read back after writing")
+    return cached
+
+
+def _load_cache(pixels_file: Path, index_file: Path, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The cache entry if both files exist and agree with each other and with n images, else None."""
+    if not (pixels_file.is_file() and index_file.is_file()):
+        return None
+    try:
+        index = np.load(index_file)
+        pixels = np.load(pixels_file, mmap_mode="c")  # copy-on-write: writable for torch, file untouched
+    except (OSError, ValueError):
+        return None
+    if index.shape != (n, 3) or index.dtype != np.int64 or pixels.dtype != np.uint8 or pixels.ndim != 2:
+        return None
+    offsets, sizes = np.ascontiguousarray(index[:, 0]), np.ascontiguousarray(index[:, 1:])
+    if (pixels.shape[1] != 3 or not np.array_equal(offsets, _offsets(sizes))
+            or pixels.shape[0] != int(np.prod(sizes, axis=1).sum())):
+        return None
+    return pixels, offsets, sizes
 
 
 # ---------------------------------------------------------------------------------------------
 # 4. Batches
 # ---------------------------------------------------------------------------------------------
+
+PAD_LABEL = -100  # F.cross_entropy's default ignore_index: padded rows leave the mean loss unchanged
 
 
 def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -345,29 +528,35 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 class BatchLoader:
-    """(float32 normalized images [B, 3, crop, crop], int64 labels [B]) batches from uint8 images.
+    """(float32 normalized images [B, 3, crop, crop], int64 labels [B]) batches from an ImageSplit.
 
+    Every batch has exactly batch_size rows; in the last one, rows past the real samples repeat real
+    samples' images and carry PAD_LABEL. No sample is dropped.
     train=True: a fresh shuffle each epoch (call set_epoch), a pure function of (seed, epoch); ranks
     take strided slices of the permutation padded by wrapping, like torch's DistributedSampler
-    (drop_last=False), so every rank has the same count. augment=True (FGVC train): per-sample random
-    crop + horizontal flip (p=0.5) drawn from the same generator. Otherwise: center crop.
-    train=False: contiguous unpadded shards (see shard_range / sample_indices) for exact gathering.
-    Images stay on the host (each batch moved with non_blocking) unless images_on_device=True.
+    (drop_last=False), so every rank has the same count. augment=True (FGVC train): RandomCrop with
+    offsets uniform over each image's own extent + horizontal flip (p=0.5), drawn from the same
+    generator. Otherwise: CenterCrop. train=False: contiguous unpadded shards (see shard_range).
+    Crops are one index gather into the uint8 pixels on their device. Images stay on the host (each
+    batch's crops moved with non_blocking, pinned for CUDA) unless images_on_device=True.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, train: bool,
-                 augment: bool = False, crop_size: int = IMAGE_SIZE, seed: int = 42, rank: int = 0,
-                 world_size: int = 1, device: str | torch.device | None = None, images_on_device: bool = False):
+    def __init__(self, split: ImageSplit, batch_size: int, *, train: bool, augment: bool = False,
+                 crop_size: int = IMAGE_SIZE, seed: int = 42, rank: int = 0, world_size: int = 1,
+                 device: str | torch.device | None = None, images_on_device: bool = False):
         if augment and not train:
             raise ValueError("augment applies to training batches only")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        if images.dtype != torch.uint8 or images.shape[-1] < crop_size or len(images) != len(labels):
-            raise ValueError("expected uint8 images [N, 3, S, S] with S >= crop_size and N labels")
+        if batch_size < 1 or len(split) == 0:
+            raise ValueError(f"need batch_size >= 1 and a non-empty split, got {batch_size} and {len(split)}")
+        if split.pixels.dtype != torch.uint8 or int(split.sizes.min()) < crop_size:
+            raise ValueError(f"expected uint8 pixels and images of at least {crop_size}x{crop_size} "
+                             f"(smallest side here: {int(split.sizes.min())})")
+        self.split = split
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.images_on_device = images_on_device
-        self.images = images.to(self.device) if images_on_device else images
-        self.labels = labels.to(self.device)
+        self.pixels = split.pixels.to(self.device) if images_on_device else split.pixels
         self.batch_size, self.train, self.augment, self.crop_size = batch_size, train, augment, crop_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
@@ -378,77 +567,96 @@ class BatchLoader:
         """Select the epoch whose shuffle/augmentation the next iteration uses."""
         self.epoch = epoch
 
-    def sample_indices(self, epoch: int | None = None) -> torch.Tensor:
-        """Dataset indices this rank visits, in batch order (eval: its contiguous shard)."""
-        return self._plan(self.epoch if epoch is None else epoch)[0]
+    @property
+    def num_samples(self) -> int:
+        """Real samples this rank visits per epoch (train: DistributedSampler's padded share)."""
+        n = len(self.split)
+        if self.train:
+            return math.ceil(n / self.world_size)
+        start, stop = shard_range(n, self.rank, self.world_size)
+        return stop - start
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        start, stop = shard_range(n, self.rank, self.world_size)
-        per_rank = math.ceil(n / self.world_size) if self.train else stop - start
-        return math.ceil(per_rank / self.batch_size)
+        return math.ceil(self.num_samples / self.batch_size)
 
-    def _plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This rank's order and, if augmenting, per-sample (top, left, flip) rows [M, 3] (CPU tensors)."""
-        n = len(self.labels)
+    def sample_indices(self, epoch: int | None = None) -> torch.Tensor:
+        """Dataset indices this rank visits, in batch order, without the padding rows."""
+        return self._plan(self.epoch if epoch is None else epoch)[0]
+
+    def sample_crops(self, epoch: int | None = None) -> torch.Tensor:
+        """int64 [num_samples, 3] (top, left, flip) of each sample in sample_indices' order."""
+        return self._plan(self.epoch if epoch is None else epoch)[1]
+
+    def _plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices [M], crops [M, 3]) of this rank for an epoch, CPU tensors."""
+        n = len(self.split)
         if not self.train:
-            return torch.arange(*shard_range(n, self.rank, self.world_size)), None
+            indices = torch.arange(*shard_range(n, self.rank, self.world_size))
+            return indices, self._center_crops(indices)
         generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
         total = math.ceil(n / self.world_size) * self.world_size
         order = torch.randperm(n, generator=generator).repeat(math.ceil(total / n))[:total]
-        crops = None
-        if self.augment:
-            max_offset = self.images.shape[-1] - self.crop_size
-            top = torch.randint(0, max_offset + 1, (total,), generator=generator)
-            left = torch.randint(0, max_offset + 1, (total,), generator=generator)
-            flip = (torch.rand(total, generator=generator) < 0.5).long()
-            crops = torch.stack([top, left, flip], dim=1)[self.rank::self.world_size]
-        return order[self.rank::self.world_size], crops
+        crops = self._random_crops(order, generator) if self.augment else self._center_crops(order)
+        return order[self.rank::self.world_size], crops[self.rank::self.world_size]
+
+    def _center_crops(self, indices: torch.Tensor) -> torch.Tensor:
+        """torchvision CenterCrop offsets int(round((size - crop) / 2)); torch.round, like Python's
+        round, rounds halves to even."""
+        margins = (self.split.sizes[indices] - self.crop_size).double()
+        no_flip = torch.zeros(len(indices), 1, dtype=torch.int64)
+        return torch.cat([torch.round(margins / 2).long(), no_flip], dim=1)
+
+    def _random_crops(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """RandomCrop: top in 0..h-crop and left in 0..w-crop uniformly per image; flip with p=0.5."""
+        choices = self.split.sizes[indices] - self.crop_size + 1  # [T, 2] possible offsets per axis
+        uniform = torch.rand(len(indices), 2, generator=generator, dtype=torch.float64)
+        top_left = torch.minimum((uniform * choices).long(), choices - 1)  # min: float rounding guard
+        flip = (torch.rand(len(indices), 1, generator=generator) < 0.5).long()
+        return torch.cat([top_left, flip], dim=1)
 
     def __iter__(self):
-        order, crops = self._plan(self.epoch)
+        indices, crops = self._plan(self.epoch)
+        rows = len(self) * self.batch_size
+        if rows == 0:  # an eval shard can be empty when there are more ranks than images
+            return
+        # padding rows repeat this rank's real samples from the start
+        indices, crops = indices[torch.arange(rows) % len(indices)], crops[torch.arange(rows) % len(indices)]
+        labels = self.split.labels[indices].masked_fill(torch.arange(rows) >= self.num_samples, PAD_LABEL)
+        widths = self.split.sizes[indices, 1]
+        starts = self.split.offsets[indices] + crops[:, 0] * widths + crops[:, 1]  # crop's top-left pixel
         # non_blocking: these small per-epoch copies must not synchronize the device either
-        order_on_device = order.to(self.device, non_blocking=True)
-        crops = crops.to(self.device, non_blocking=True) if crops is not None else None
-        for start in range(0, len(order), self.batch_size):
-            batch = slice(start, start + self.batch_size)
-            images = self._fetch(order[batch], order_on_device[batch])
-            if crops is not None:
-                images = random_crop_flip(images, crops[batch], self.crop_size)
-            else:
-                images = center_crop(images, self.crop_size)
-            yield self._normalize(images), self.labels[order_on_device[batch]]
+        gather = torch.stack([starts, widths, crops[:, 2]], dim=1).to(self.pixels.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        for start in range(0, rows, self.batch_size):
+            batch = gather[start:start + self.batch_size]
+            images = gather_crops(self.pixels, batch[:, 0], batch[:, 1], batch[:, 2], self.crop_size)
+            yield self._normalize(self._to_device(images)), labels[start:start + self.batch_size]
 
-    def _fetch(self, host_index: torch.Tensor, device_index: torch.Tensor) -> torch.Tensor:
-        if self.images_on_device:
-            return self.images[device_index]
-        batch = self.images[host_index]
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        if images.device == self.device:
+            return images
         if self.device.type == "cuda":
-            batch = batch.pin_memory()  # pinned source makes the copy truly asynchronous
-        return batch.to(self.device, non_blocking=True)
+            images = images.pin_memory()  # pinned source makes the copy truly asynchronous
+        return images.to(self.device, non_blocking=True)
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 -> float32 (x / 255 - mean) / std: the same ops as ToTensor + Normalize."""
         return images.float().div_(255).sub_(self._mean).div_(self._std)
 
 
-def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Center crop [B, C, S, S] -> [B, C, size, size] with torchvision's offset rounding."""
-    offset = int(round((images.shape[-1] - size) / 2.0))
-    return images[..., offset:offset + size, offset:offset + size]
+def gather_crops(pixels: torch.Tensor, starts: torch.Tensor, widths: torch.Tensor, flips: torch.Tensor,
+                 crop: int) -> torch.Tensor:
+    """uint8 [B, 3, crop, crop] crops of ragged images as one index gather on pixels' device.
 
-
-def random_crop_flip(images: torch.Tensor, crops: torch.Tensor, size: int) -> torch.Tensor:
-    """Per-sample crop at crops[:, 0:2] (top, left) and horizontal flip where crops[:, 2] == 1.
-
-    One advanced-indexing gather on the images' device, no per-image Python loop.
+    Pixel (y, x) of crop b is pixels[starts[b] + y * widths[b] + x], with x -> crop - 1 - x where
+    flips[b] == 1 (horizontal flip); starts[b] is the crop's top-left pixel, widths[b] its image's width.
     """
-    steps = torch.arange(size, device=images.device)
-    rows = crops[:, 0:1] + steps  # [B, size]
-    cols = crops[:, 1:2] + torch.where(crops[:, 2:3] == 1, size - 1 - steps, steps)
-    batch = torch.arange(len(images), device=images.device).view(-1, 1, 1, 1)
-    channels = torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1)
-    return images[batch, channels, rows[:, None, :, None], cols[:, None, None, :]]
+    steps = torch.arange(crop, device=pixels.device)
+    columns = torch.where(flips[:, None] == 1, crop - 1 - steps, steps)  # [B, crop]
+    rows = starts[:, None] + steps * widths[:, None]  # [B, crop]
+    index = rows[:, :, None] + columns[:, None, :]  # [B, crop, crop]
+    crops = pixels.index_select(0, index.flatten()).view(len(starts), crop, crop, 3)
+    return crops.permute(0, 3, 1, 2).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +673,9 @@ def prepare(dataset: str, root: str | os.PathLike, *, overwrite: bool = False,
     VPT's own split files are no longer downloadable. Official test = test. The official train set is
     split into train + val with val = round(official_train * vpt_val / (vpt_train + vpt_val)),
     stratified by class (each class gives floor or ceil of its share), seeded. Oxford Flowers ships
-    its own train/val/test (setid.mat), used as is. Json values are the official class ids.
+    its own train/val/test (setid.mat), used as is. Json values are 0-based class indices: the
+    position of the official class id in sorted order (CUB's 1..200 -> 0..199; NABirds' non-contiguous
+    ids -> 0..554), the same mapping VPT applies to official ids.
     """
     info = FGVC_DATASETS[dataset]
     root = Path(root)
@@ -474,14 +684,15 @@ def prepare(dataset: str, root: str | os.PathLike, *, overwrite: bool = False,
     targets = {split: root / f"{split}.json" for split in FGVC_SPLITS}
     existing = [str(path) for path in targets.values() if path.exists()]
     if existing and not overwrite:
-        raise DataError(f"{', '.join(existing)} already exist; pass overwrite to replace them")
+        raise DataError(f"{', '.join(existing)} already exist; to replace them run `python reproduce.py prepare "
+                        f"--dataset {dataset} --root {root} --overwrite`")
     train, val, test = _OFFICIAL_SPLIT_READERS[dataset](root)
     if not train:
         raise DataError(f"{dataset}: the release files under {root} list no training images")
     if val is None:
         vpt_train, vpt_val, _ = info.split_sizes
         train, val = _hold_out_val(train, round(len(train) * vpt_val / (vpt_train + vpt_val)), seed)
-    splits = {"train": train, "val": val, "test": test}
+    splits = _to_class_indices(dataset, root, {"train": train, "val": val, "test": test})
     _check_images_exist(dataset, root / info.image_dir, splits)
     for split, anno in splits.items():
         write_text(targets[split], json.dumps(dict(sorted(anno.items())), indent=0))
@@ -489,6 +700,17 @@ def prepare(dataset: str, root: str | os.PathLike, *, overwrite: bool = False,
     print(f"{dataset}: train {sizes['train']} / val {sizes['val']} / test {sizes['test']} written to {root} "
           f"(VPT: {' / '.join(map(str, info.split_sizes))})")
     return sizes
+
+
+def _to_class_indices(dataset: str, root: Path, splits: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Official class ids -> 0-based indices by sorted order over all splits."""
+    official_ids = sorted({cid for anno in splits.values() for cid in anno.values()})
+    n_classes = FGVC_DATASETS[dataset].num_classes
+    if len(official_ids) > n_classes:
+        raise DataError(f"{dataset}: the release files under {root} hold {len(official_ids)} distinct class ids, "
+                        f"but {dataset} has {n_classes} classes")
+    index_of = {cid: index for index, cid in enumerate(official_ids)}
+    return {split: {key: index_of[cid] for key, cid in anno.items()} for split, anno in splits.items()}
 
 
 def _hold_out_val(train: dict[str, int], n_val: int, seed: int) -> tuple[dict[str, int], dict[str, int]]:

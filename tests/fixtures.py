@@ -26,14 +26,15 @@ def _write_jpeg(path: Path, image: torch.Tensor, width_height: tuple[int, int] |
     img.save(path, quality=95)
 
 
-def write_fgvc_fixture(root: str | os.PathLike, dataset: str, *, class_ids: tuple = (1, 2, 3),
+def write_fgvc_fixture(root: str | os.PathLike, dataset: str, *, class_ids: tuple = (0, 1, 2),
                        per_class: tuple[int, int, int] = (3, 1, 2), image_size: tuple[int, int] = (48, 36),
                        seed: int = 0) -> Path:
     """VPT-layout FGVC fixture: {train,val,test}.json + JPEGs under the dataset's image folder.
 
-    per_class = images per class in (train, val, test); class_ids are the json values. The i-th
-    smallest id gets synthetic class i, so a correct reader yields labels matching the picture.
-    Images are (width, height) = image_size, non-square by default.
+    per_class = images per class in (train, val, test); class_ids are the json values (0-based, as
+    `prepare` writes them, by default). The i-th smallest id's images show synthetic class i, so with
+    the default ids a correct reader yields labels matching the picture. Images are (width, height) =
+    image_size, non-square by default.
     """
     root = Path(root)
     image_root = root / FGVC_DATASETS[dataset].image_dir

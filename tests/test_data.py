@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
 
@@ -17,17 +18,48 @@ from data import DataError  # noqa: E402
 
 MEAN = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
+# VPT's FGVC eval transform (KMnP/vpt src/data/transforms.py, size 224)
+VPT_EVAL = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+                      T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
 
 
 def normalize(uint8_images):
     return (uint8_images.float() / 255 - MEAN) / STD
 
 
-def nearest_class_by_colour(images, num_classes):
-    """Predict classes of synthetic images from their mean colour (class colours are seed-independent)."""
+def unnormalize(images):
+    """Loader output back to uint8, checking it is exactly (x / 255 - mean) / std of integer pixels."""
+    restored = (images * STD + MEAN) * 255
+    assert torch.allclose(restored, restored.round(), atol=1e-3)
+    return restored.round().to(torch.uint8)
+
+
+def ragged(images, labels=None, task="cub", split="train"):
+    """ImageSplit of uint8 [3, h, w] images of different sizes, packed back to back."""
+    pixels = torch.cat([image.permute(1, 2, 0).reshape(-1, 3) for image in images])
+    sizes = torch.tensor([list(image.shape[1:]) for image in images])
+    areas = sizes[:, 0] * sizes[:, 1]
+    labels = torch.arange(len(images)) if labels is None else labels
+    return data.ImageSplit(task, split, pixels, torch.cumsum(areas, 0) - areas, sizes, labels)
+
+
+def random_images(shapes, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in shapes]
+
+
+def real_rows(batches):
+    """Concatenated (images, labels) of loader batches without the PAD_LABEL rows."""
+    images, labels = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    return images[labels != data.PAD_LABEL], labels[labels != data.PAD_LABEL]
+
+
+def nearest_class_by_colour(split, num_classes):
+    """Predict classes of a split's synthetic images from their mean colour (seed-independent colours)."""
     reference, labels = data.make_synthetic_images(num_classes, 20, 32, seed=123)
     centroids = torch.stack([reference[labels == c].float().mean((0, 2, 3)) for c in range(num_classes)])
-    return torch.cdist(images.float().mean((2, 3)), centroids).argmin(1)
+    colours = torch.stack([split.image(n).float().mean((1, 2)) for n in range(len(split))])
+    return torch.cdist(colours, centroids).argmin(1)
 
 
 # --- registries -------------------------------------------------------------------------------
@@ -52,13 +84,50 @@ def test_registries_and_metadata():
         data.task_kind("imagenet")
 
 
+# --- dataset folders --------------------------------------------------------------------------
+
+
+def test_dataset_root_accepts_release_folder_names(tmp_path):
+    (tmp_path / "CUB_200_2011").mkdir()
+    assert data.dataset_root("cub", tmp_path) == tmp_path / "CUB_200_2011"
+    (tmp_path / "cub").mkdir()
+    assert data.dataset_root("cub", tmp_path) == tmp_path / "cub"  # our own name comes first
+    (tmp_path / "stanford_cars").mkdir()
+    assert data.dataset_root("cars", tmp_path) == tmp_path / "stanford_cars"
+    (tmp_path / "VTAB-1k" / "dtd").mkdir(parents=True)
+    assert data.dataset_root("dtd", tmp_path) == tmp_path / "VTAB-1k"
+    (tmp_path / "vtab-1k" / "svhn").mkdir(parents=True)  # vtab-1k/ exists but lacks dtd/
+    assert data.dataset_root("dtd", tmp_path) == tmp_path / "VTAB-1k"
+    assert data.dataset_root("svhn", tmp_path) == tmp_path / "vtab-1k"
+
+
+@pytest.mark.parametrize("task", ["dogs", "eurosat"])
+def test_dataset_root_missing_lists_every_accepted_path(tmp_path, task):
+    with pytest.raises(DataError) as err:
+        data.dataset_root(task, tmp_path)
+    names = data.DATASET_FOLDERS[task if task in data.FGVC_DATASETS else "vtab"]
+    assert all(str(tmp_path / name) in str(err.value) for name in names) and len(names) >= 3
+    url = data.FGVC_DATASETS[task].url if task in data.FGVC_DATASETS else data.VTAB_URL
+    assert url in str(err.value)
+
+
+def test_prepare_and_load_in_unpacked_release_folder(tmp_path):
+    """CUB straight from CUB_200_2011.tgz: data/CUB_200_2011/{images.txt, ..., images/}."""
+    release = fixtures.write_release_fixture(tmp_path / "data" / "CUB_200_2011", "cub", num_classes=3)
+    root = data.dataset_root("cub", tmp_path / "data")
+    assert root == release
+    sizes = data.prepare("cub", root)
+    paths, labels = data.read_split("cub", root, "test")
+    assert len(paths) == sizes["test"] == 12 and sorted(set(labels)) == [0, 1, 2]
+    assert all(path.startswith(str(release / "images")) and Path(path).is_file() for path in paths)
+
+
 # --- readers ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dataset", list(data.FGVC_DATASETS))
 def test_fgvc_fixture_reads_back(tmp_path, dataset):
-    class_ids = (30, 4, 12)  # sorted order 4 -> 0, 12 -> 1, 30 -> 2
-    root = fixtures.write_fgvc_fixture(tmp_path / dataset, dataset, class_ids=class_ids, per_class=(3, 1, 2))
+    root = fixtures.write_fgvc_fixture(tmp_path / dataset, dataset, per_class=(3, 1, 2))
     image_dir = root / data.FGVC_DATASETS[dataset].image_dir
     assert all((image_dir / key).is_file() for key in json.loads((root / "train.json").read_text()))
 
@@ -66,54 +135,184 @@ def test_fgvc_fixture_reads_back(tmp_path, dataset):
         paths, labels = data.read_split(dataset, root, split)
         anno = json.loads((root / f"{split}.json").read_text())
         assert paths == [str(image_dir / key) for key in anno]
-        assert labels == [sorted(class_ids).index(cid) for cid in anno.values()]
-    loaded = data.load_split(dataset, root, "test")
-    assert loaded.images.shape == (6, 3, 256, 256) and loaded.images.dtype == torch.uint8
-    assert loaded.labels.dtype == torch.int64
-    assert torch.equal(nearest_class_by_colour(loaded.images, 3), loaded.labels)
+        assert labels == list(anno.values()) and sorted(set(labels)) == [0, 1, 2]  # 0-based ids used as is
+    loaded = data.load_splits(dataset, root, data.FGVC_SPLITS)
+    assert {name: len(split) for name, split in loaded.items()} == {"train": 9, "val": 3, "test": 6}
+    test = loaded["test"]
+    assert test.task == dataset and test.split == "test"
+    # 48x36 (w x h) fixture images -> shorter side 256, longer int(256 * 48 / 36) = 341, kept whole
+    assert test.sizes.tolist() == [[256, 341]] * 6 and test.offsets.tolist() == [256 * 341 * n for n in range(6)]
+    assert test.pixels.shape == (6 * 256 * 341, 3) and test.pixels.dtype == torch.uint8
+    assert test.labels.dtype == torch.int64 and test.labels.tolist() == data.read_split(dataset, root, "test")[1]
+    assert torch.equal(nearest_class_by_colour(test, 3), test.labels)
 
-    # one mapping for all splits: a split missing classes keeps the union's indices
-    val_of_class_30 = {k: v for k, v in json.loads((root / "val.json").read_text()).items() if v == 30}
-    (root / "val.json").write_text(json.dumps(val_of_class_30))
-    assert data.read_split(dataset, root, "val")[1] == [2]
+
+def write_json(root, split, anno):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{split}.json").write_text(json.dumps(anno))
+
+
+def test_fgvc_ids_in_range_are_indices(tmp_path):
+    """Ids in 0..C-1 are used as is, even when a split (or all of them) lacks some classes."""
+    write_json(tmp_path, "train", {"a.jpg": 7, "b.jpg": 3, "c.jpg": 199})
+    write_json(tmp_path, "test", {"d.jpg": 199, "e.jpg": 3})
+    assert data.read_split("cub", tmp_path, "train")[1] == [7, 3, 199]
+    assert data.read_split("cub", tmp_path, "test")[1] == [199, 3]
+
+
+def test_fgvc_official_ids_map_by_sorted_order(tmp_path):
+    """Ids outside 0..C-1 (NABirds-like: non-contiguous) map by sorted order when exactly C distinct."""
+    official = [295 + 3 * k for k in range(102)]  # 102 = Flowers' class count
+    write_json(tmp_path, "train", {f"{cid}.jpg": cid for cid in reversed(official)})
+    write_json(tmp_path, "val", {"v.jpg": official[-1], "w.jpg": official[5]})
+    assert data.read_split("flowers", tmp_path, "train")[1] == list(reversed(range(102)))
+    assert data.read_split("flowers", tmp_path, "val")[1] == [101, 5]  # the union's mapping, not val's own
+    write_json(tmp_path, "train", {f"{cid}.jpg": cid for cid in range(1, 103)})  # 1-based official ids
+    write_json(tmp_path, "val", {"v.jpg": 102})
+    assert data.read_split("flowers", tmp_path, "val")[1] == [101]
+
+
+def test_fgvc_stray_class_id_is_rejected(tmp_path):
+    """A CUB train.json with ids 0..199 plus a stray 999 must not train a 201st class."""
+    train = {f"{cid}.jpg": cid for cid in range(200)} | {"stray.jpg": 999}
+    write_json(tmp_path, "train", train)
+    write_json(tmp_path, "test", {"t.jpg": 0})
+    for split in ("train", "test"):  # reading any split checks every split file
+        with pytest.raises(DataError, match=r"train\.json: image 'stray\.jpg' has class id 999, outside 0\.\.199"):
+            data.read_split("cub", tmp_path, split)
+    # 1-based ids missing a class: neither all in range nor exactly 200 distinct ids
+    write_json(tmp_path, "train", {f"{cid}.jpg": cid for cid in range(2, 201)})
+    write_json(tmp_path, "test", {"t.jpg": 2})
+    with pytest.raises(DataError, match=r"'200\.jpg' has class id 200.*they hold 199"):
+        data.read_split("cub", tmp_path, "train")
+
+
+@pytest.mark.parametrize("bad_id", ["3", 3.0, True, None])
+def test_fgvc_non_integer_class_id_is_rejected(tmp_path, bad_id):
+    write_json(tmp_path, "train", {"a.jpg": 1, "b.jpg": bad_id})
+    with pytest.raises(DataError, match=r"train\.json: image 'b\.jpg'.*must be integers"):
+        data.read_split("cub", tmp_path, "train")
+
+
+def test_fgvc_eval_ids_must_occur_in_train(tmp_path):
+    write_json(tmp_path, "train", {"a.jpg": 0, "b.jpg": 1})
+    write_json(tmp_path, "val", {"c.jpg": 1})
+    write_json(tmp_path, "test", {"d.jpg": 0, "e.jpg": 2})
+    for split in ("train", "val", "test"):
+        with pytest.raises(DataError, match=r"test\.json: image 'e\.jpg' has class id 2, which no image in .*train"):
+            data.read_split("dogs", tmp_path, split)
+    write_json(tmp_path, "test", {"d.jpg": 0})
+    assert data.read_split("dogs", tmp_path, "test")[1] == [0]
 
 
 def test_vtab_fixture_reads_back(tmp_path):
     fixtures.write_vtab_fixture(tmp_path, "eurosat", num_classes=4, per_class=(3, 2, 2), image_size=(40, 24))
     sizes = {"train800": 12, "val200": 8, "train800val200": 20, "test": 8}
+    loaded = data.load_splits("eurosat", tmp_path, list(sizes))
     for split, size in sizes.items():
-        loaded = data.load_split("eurosat", tmp_path, split)
-        assert loaded.images.shape == (size, 3, 224, 224)
-        assert torch.equal(nearest_class_by_colour(loaded.images, 4), loaded.labels)
+        assert len(loaded[split]) == size and loaded[split].sizes.tolist() == [[224, 224]] * size
+        assert loaded[split].pixels.shape == (size * 224 * 224, 3)
+        assert torch.equal(nearest_class_by_colour(loaded[split], 4), loaded[split].labels)
     paths, labels = data.read_split("eurosat", tmp_path, "train800val200")
     train_paths, _ = data.read_split("eurosat", tmp_path, "train800")
     assert paths[:12] == train_paths and paths[0] == str(tmp_path / "eurosat" / "images/train800/00000.jpg")
+    for n in (0, 19):  # the TF-style resize of the decoded file, exactly
+        raw = torch.from_numpy(np.array(Image.open(paths[n]).convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(loaded["train800val200"].image(n), data.resize_like_tf(raw, 224))
 
 
-def test_decode_matches_vpt_torchvision_pipeline(tmp_path):
-    """FGVC eval = VPT's Resize(256) (shorter side) + CenterCrop(224) + ToTensor + Normalize, exactly."""
-    vpt_eval = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
-                          T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
-    vtab_eval = T.Compose([T.Resize((224, 224)), T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+def test_resized_size_matches_torchvision_resize_256():
     rng = np.random.default_rng(0)
-    for width, height in ((300, 201), (199, 333)):
-        path = tmp_path / f"{width}x{height}.png"
-        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
-        cached = torch.from_numpy(data.decode_image(str(path), 256, keep_aspect=True))[None]
-        loader = data.BatchLoader(cached, torch.zeros(1, dtype=torch.long), 1, train=False)
-        assert torch.equal(next(iter(loader))[0][0], vpt_eval(Image.open(path).convert("RGB")))
-        vtab = torch.from_numpy(data.decode_image(str(path), 224, keep_aspect=False))[None]
-        assert torch.equal(normalize(vtab)[0], vtab_eval(Image.open(path).convert("RGB")))
+    shapes = [(256, 256), (256, 420), (420, 256), (200, 201), (201, 200), (36, 48), (1000, 37)]
+    shapes += [tuple(int(v) for v in rng.integers(20, 900, 2)) for _ in range(100)]
+    for width, height in shapes:
+        resized = T.Resize(256)(Image.new("RGB", (width, height)))
+        assert data.resized_size(width, height) == (resized.height, resized.width), (width, height)
 
 
-# --- loader -----------------------------------------------------------------------------------
+def test_fgvc_cache_keeps_the_whole_resized_image_and_eval_equals_vpt(tmp_path):
+    """Cached image = torchvision Resize(256) of the file; eval batches = VPT's eval transform, exactly."""
+    rng = np.random.default_rng(0)
+    # (width, height): landscape, portrait, already short side 256 (no resize), odd centre-crop margin
+    shapes = ((300, 201), (199, 333), (420, 256), (200, 201))
+    anno = {}
+    for n, (width, height) in enumerate(shapes):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(tmp_path / f"{n}.png")
+        anno[f"{n}.png"] = n
+    write_json(tmp_path, "train", anno)
+    write_json(tmp_path, "test", anno)
+    split = data.load_splits("cars", tmp_path, ["test"])["test"]
+    files = [Image.open(tmp_path / f"{n}.png").convert("RGB") for n in range(len(shapes))]
+    for n, (file, (width, height)) in enumerate(zip(files, shapes)):
+        expected = torch.from_numpy(np.array(T.Resize(256)(file))).permute(2, 0, 1)
+        assert tuple(split.sizes[n].tolist()) == data.resized_size(width, height) == tuple(expected.shape[1:])
+        assert torch.equal(split.image(n), expected)
+    images, labels = real_rows(list(data.BatchLoader(split, 3, train=False)))
+    assert torch.equal(labels, torch.arange(4))
+    for n, file in enumerate(files):
+        assert torch.equal(images[n], VPT_EVAL(file))
+
+
+def test_vtab_resize_is_tf_bilinear_with_half_pixel_centres():
+    """Worked by hand: output pixel d samples source (d + 0.5) * in/out - 0.5 (clamped at the border)."""
+    ramp = torch.tensor([[0, 10, 20, 30], [40, 50, 60, 70], [80, 90, 100, 110], [120, 130, 140, 150]])
+    image = ramp.to(torch.uint8).expand(3, 4, 4)
+    # 4 -> 2: samples at 0.5 and 2.5, i.e. the mean of each 2x2 block
+    assert torch.equal(data.resize_like_tf(image, 2), torch.tensor([[25, 45], [105, 125]]).expand(3, 2, 2))
+    # 2 -> 4: samples at -0.25 (-> 0), 0.25, 0.75, 1.25 (-> 1): weights 1, 3/4 + 1/4, 1/4 + 3/4, 1
+    image = torch.tensor([[0, 40], [80, 120]], dtype=torch.uint8).expand(3, 2, 2)
+    expected = torch.tensor([[0, 10, 30, 40], [20, 30, 50, 60], [60, 70, 90, 100], [80, 90, 110, 120]])
+    assert torch.equal(data.resize_like_tf(image, 4), expected.expand(3, 4, 4))
+
+
+def test_vtab_resize_does_not_antialias():
+    """896 -> 224 samples halfway between source columns 4d+1 and 4d+2; PIL averages ~8 columns instead."""
+    row = torch.tensor([255 if x % 4 == 1 else 0 for x in range(896)], dtype=torch.uint8)
+    image = row.expand(3, 896, 896)
+    assert torch.equal(data.resize_like_tf(image, 224), torch.full((3, 224, 224), 128, dtype=torch.uint8))
+    pil = np.array(Image.fromarray(image.permute(1, 2, 0).numpy()).resize((224, 224), Image.BILINEAR))
+    assert 40 < pil.mean() < 90  # about 255 / 4
+
+
+def test_every_split_list_is_checked_before_decoding(tmp_path, monkeypatch):
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoding started before every split list was checked")
+
+    monkeypatch.setattr(data, "image_sizes", no_decoding)
+    monkeypatch.setattr(data, "decode_images", no_decoding)
+    fixtures.write_vtab_fixture(tmp_path, "svhn")
+    (tmp_path / "svhn" / "test.txt").write_text("images/test/00000.jpg 11\n")  # svhn has 10 classes
+    with pytest.raises(DataError, match=r"test\.txt:1: label 11"):
+        data.load_splits("svhn", tmp_path, ["train800val200", "test"])
+    root = fixtures.write_fgvc_fixture(tmp_path / "cub", "cub")
+    val = json.loads((root / "val.json").read_text())
+    write_json(root, "val", val | {"extra.jpg": 5})  # class 5 is not in train.json
+    with pytest.raises(DataError, match=r"val\.json: image 'extra\.jpg' has class id 5"):
+        data.load_splits("cub", root, ["train", "test"])
+
+
+# --- ImageSplit and loader ----------------------------------------------------------------------
+
+
+def test_image_split_from_dense_and_ragged_views():
+    images, labels = data.make_synthetic_images(3, 2, 10)
+    split = data.ImageSplit.from_dense("demo", "train", images, labels)
+    assert len(split) == 6 and split.pixels.shape == (600, 3) and split.pixels.dtype == torch.uint8
+    assert split.offsets.tolist() == [0, 100, 200, 300, 400, 500] and split.sizes.tolist() == [[10, 10]] * 6
+    assert torch.equal(split.labels, labels) and split.labels.dtype == torch.int64
+    assert all(torch.equal(split.image(n), images[n]) for n in range(6))
+    shapes = [(9, 14), (16, 8), (8, 8)]
+    images = random_images(shapes)
+    split = ragged(images)
+    assert split.offsets.tolist() == [0, 126, 254] and split.pixels.shape == (318, 3)
+    assert all(torch.equal(split.image(n), images[n]) for n in range(3))
 
 
 def test_train_order_is_pure_function_of_seed_and_epoch():
-    images, labels = data.make_synthetic_images(5, 7, 12)
+    split = data.ImageSplit.from_dense("demo", "train", *data.make_synthetic_images(5, 7, 12))
 
     def loader(batch_size=4, seed=42):
-        return data.BatchLoader(images, labels, batch_size, train=True, augment=True, crop_size=8, seed=seed)
+        return data.BatchLoader(split, batch_size, train=True, augment=True, crop_size=8, seed=seed)
 
     first, second = loader(), loader()
     second.set_epoch(3)
@@ -126,53 +325,103 @@ def test_train_order_is_pure_function_of_seed_and_epoch():
     assert sorted(order.tolist()) == list(range(35))
     assert not torch.equal(order, first.sample_indices(2))
     assert torch.equal(order, loader(batch_size=16).sample_indices(1))
+    assert torch.equal(first.sample_crops(1), loader(batch_size=16).sample_crops(1))
     assert not torch.equal(order, loader(seed=43).sample_indices(1))
     first.set_epoch(1)
-    assert torch.equal(torch.cat([y for _, y in first]), labels[order])
+    assert torch.equal(real_rows(list(first))[1], split.labels[order])
 
 
-def test_random_crop_flip_outputs_true_crops_and_mirrors():
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (40, 3, 12, 12), dtype=torch.uint8, generator=generator)
-    loader = data.BatchLoader(images, torch.arange(40), 16, train=True, augment=True, crop_size=8)
-    batches = list(loader)
-    outputs = torch.cat([x for x, _ in batches])
-    assert outputs.shape == (40, 3, 8, 8) and outputs.dtype == torch.float32
-    restored = (outputs * STD + MEAN) * 255
-    assert torch.allclose(restored, restored.round(), atol=1e-3)  # normalisation is (x/255 - mean)/std
+def test_random_crops_cover_each_images_own_extent():
+    """VPT's RandomCrop(224) after Resize(256): offsets anywhere in the whole resized image."""
+    base = ragged([torch.zeros(3, 256, 420, dtype=torch.uint8), torch.zeros(3, 420, 256, dtype=torch.uint8)])
+    n = 200  # alternately the wide and the tall image (offsets may point at the same pixels)
+    split = data.ImageSplit("cub", "train", base.pixels, base.offsets.repeat(n // 2),
+                            base.sizes.repeat(n // 2, 1), torch.zeros(n, dtype=torch.int64))
+    loader = data.BatchLoader(split, 64, train=True, augment=True)
+    indices = torch.cat([loader.sample_indices(epoch) for epoch in range(40)])
+    crops = torch.cat([loader.sample_crops(epoch) for epoch in range(40)])
+    wide = indices % 2 == 0
+    for rows, long_axis in ((wide, 1), (~wide, 0)):
+        along, across = crops[rows, long_axis], crops[rows, 1 - long_axis]
+        assert along.min() == 0 and along.max() == 420 - 224 and across.min() == 0 and across.max() == 256 - 224
+        counts = torch.bincount(along, minlength=197)
+        assert len(counts) == 197 and (counts > 0).all()  # every offset 0..196 occurs in 4000 draws
+        quarters = torch.tensor([counts[:50].sum(), counts[50:100].sum(), counts[100:150].sum(), counts[150:].sum()])
+        expected = torch.tensor([50, 50, 50, 47]) / 197 * len(along)
+        assert ((quarters - expected).abs() < 0.15 * expected).all(), quarters
+    assert 0.45 < crops[:, 2].float().mean() < 0.55  # flip probability 0.5
+    centre = data.BatchLoader(split, 64, train=False).sample_crops()
+    assert centre[0].tolist() == [16, 98, 0] and centre[1].tolist() == [98, 16, 0]
+
+
+def test_train_batches_are_true_crops_and_mirrors():
+    shapes = [(12, 17), (15, 12), (12, 12), (20, 13), (8, 30)] * 3
+    split = ragged(random_images(shapes))
+    loader = data.BatchLoader(split, 4, train=True, augment=True, crop_size=8, seed=5)
     flips, offsets = 0, set()
-    for out, index in zip(restored.round().to(torch.uint8), loader.sample_indices()):
-        matches = [(top, left, flip) for top in range(5) for left in range(5) for flip in (False, True)
-                   if torch.equal(out, images[index, :, top:top + 8, left:left + 8].flip(-1) if flip
-                                  else images[index, :, top:top + 8, left:left + 8])]
-        assert len(matches) == 1
-        flips += matches[0][2]
-        offsets.add(matches[0][:2])
-    assert 8 <= flips <= 32 and len(offsets) > 5
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == len(loader) == 4
+        assert all(x.shape == (4, 3, 8, 8) and x.dtype == torch.float32 and y.shape == (4,) for x, y in batches)
+        images, labels = real_rows(batches)
+        indices, crops = loader.sample_indices(epoch), loader.sample_crops(epoch)
+        assert torch.equal(labels, split.labels[indices])
+        for out, n, (top, left, flip) in zip(unnormalize(images), indices.tolist(), crops.tolist()):
+            height, width = split.sizes[n].tolist()
+            assert 0 <= top <= height - 8 and 0 <= left <= width - 8
+            expected = split.image(n)[:, top:top + 8, left:left + 8]
+            assert torch.equal(out, expected.flip(-1) if flip else expected)
+            flips += flip
+            offsets.add((n, top, left))
+    assert 10 <= flips <= 35 and len(offsets) > 30
 
 
-def test_eval_center_crop_equals_torchvision():
+def test_center_crops_equal_torchvision():
     images, labels = data.make_synthetic_images(3, 3, 256)
-    loader = data.BatchLoader(images, labels, 4, train=False)
-    outputs = torch.cat([x for x, _ in loader])
-    assert torch.equal(outputs, normalize(T.CenterCrop(224)(images)))
-    assert len(loader) == 3
+    loader = data.BatchLoader(data.ImageSplit.from_dense("demo", "test", images, labels), 4, train=False)
+    outputs, _ = real_rows(list(loader))
+    assert torch.equal(outputs, normalize(T.CenterCrop(224)(images))) and len(loader) == 3
+    shapes = [(11, 13), (8, 8), (14, 9), (9, 20)]  # odd margins: torchvision rounds (size - crop) / 2
+    images = random_images(shapes)
+    for train in (False, True):  # train without augment: centre crop too
+        loader = data.BatchLoader(ragged(images), 3, train=train, crop_size=8)
+        outputs, _ = real_rows(list(loader))
+        for out, n in zip(outputs, loader.sample_indices().tolist()):
+            assert torch.equal(out, normalize(T.CenterCrop(8)(images[n]))[0])
 
 
-def test_train_without_augment_is_center_crop():
-    images, labels = data.make_synthetic_images(2, 4, 10)
-    loader = data.BatchLoader(images, labels, 8, train=True, crop_size=8)
-    x, y = next(iter(loader))
-    assert torch.equal(x, normalize(images[loader.sample_indices()][..., 1:9, 1:9]))
+def test_last_batch_is_padded_to_a_static_shape():
+    images, labels = data.make_synthetic_images(5, 2, 12)
+    split = data.ImageSplit.from_dense("demo", "test", images, labels)
+    batches = list(data.BatchLoader(split, 4, train=False, crop_size=8))
+    (whole_x, whole_y), = list(data.BatchLoader(split, 10, train=False, crop_size=8))
+    assert len(batches) == 3 and all(x.shape == (4, 3, 8, 8) and y.shape == (4,) for x, y in batches)
+    x, y = batches[-1]
+    assert y[2:].tolist() == [data.PAD_LABEL] * 2 and torch.equal(y[:2], labels[8:])
+    assert torch.equal(torch.cat([x for x, _ in batches])[:10], whole_x) and torch.equal(whole_y, labels)
+    assert torch.equal(x[2:], whole_x[:2])  # padding repeats real samples' images
+    logits = torch.randn(4, 5)
+    assert torch.allclose(F.cross_entropy(logits, y), F.cross_entropy(logits[:2], y[:2]))
+    train = data.BatchLoader(split, 4, train=True, augment=True, crop_size=8)
+    batches = list(train)
+    assert len(batches) == 3 and all(x.shape == (4, 3, 8, 8) for x, _ in batches)
+    assert sorted(real_rows(batches)[1].tolist()) == sorted(labels.tolist()) and train.num_samples == 10
+
+
+def test_loader_rejects_images_smaller_than_the_crop():
+    split = ragged(random_images([(12, 12), (12, 7)]))
+    with pytest.raises(ValueError, match="smallest side here: 7"):
+        data.BatchLoader(split, 2, train=False, crop_size=8)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("images_on_device", [False, True])
 def test_cuda_batches_match_cpu_without_host_syncs(images_on_device):
-    images, labels = data.make_synthetic_images(4, 5, 12)
+    split = ragged(random_images([(12, 17), (15, 12), (12, 12), (20, 13)] * 5), torch.arange(20) % 4)
     settings = dict(train=True, augment=True, crop_size=8, seed=3)
-    expected = list(data.BatchLoader(images, labels, 6, **settings))
-    loader = data.BatchLoader(images, labels, 6, device="cuda", images_on_device=images_on_device, **settings)
+    expected = list(data.BatchLoader(split, 6, **settings))
+    loader = data.BatchLoader(split, 6, device="cuda", images_on_device=images_on_device, **settings)
     torch.cuda.set_sync_debug_mode("error")
     try:
         batches = list(loader)
@@ -180,31 +429,37 @@ def test_cuda_batches_match_cpu_without_host_syncs(images_on_device):
         torch.cuda.set_sync_debug_mode("default")
     assert len(batches) == len(expected) == len(loader)
     for (x, y), (x_cpu, y_cpu) in zip(batches, expected):
-        assert x.is_cuda and torch.allclose(x.cpu(), x_cpu) and torch.equal(y.cpu(), y_cpu)
+        assert x.is_cuda and y.is_cuda and torch.allclose(x.cpu(), x_cpu) and torch.equal(y.cpu(), y_cpu)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharded_eval_covers_every_index_once(world_size):
     images, labels = data.make_synthetic_images(11, 1, 8)  # N = 11, not divisible by 2 or 3
+    split = data.ImageSplit.from_dense("demo", "test", images, labels)
     indices, gathered = [], []
     for rank in range(world_size):
-        loader = data.BatchLoader(images, labels, 2, train=False, crop_size=8, rank=rank, world_size=world_size)
+        loader = data.BatchLoader(split, 2, train=False, crop_size=8, rank=rank, world_size=world_size)
         indices.append(loader.sample_indices())
-        gathered.append(torch.cat([y for _, y in loader]))
-        assert len(loader) == math.ceil(len(indices[-1]) / 2)
+        gathered.append(real_rows(list(loader))[1])
+        assert loader.num_samples == len(indices[-1]) and len(loader) == math.ceil(loader.num_samples / 2)
     assert torch.equal(torch.cat(indices), torch.arange(11))
     assert torch.equal(torch.cat(gathered), labels)
     assert [data.shard_range(11, r, world_size) for r in range(world_size)][-1][1] == 11
+    empty = data.BatchLoader(split, 2, train=False, crop_size=8, rank=0, world_size=12)  # 11 images, 12 ranks
+    assert empty.num_samples == len(empty) == 0 and list(empty) == []
 
 
 def test_sharded_train_has_equal_counts_and_covers_all():
     images, labels = data.make_synthetic_images(10, 1, 8)
-    shards = [data.BatchLoader(images, labels, 3, train=True, crop_size=8, rank=r, world_size=3, seed=7)
-              for r in range(3)]
+    split = data.ImageSplit.from_dense("demo", "train", images, labels)
+    shards = [data.BatchLoader(split, 3, train=True, crop_size=8, rank=r, world_size=3, seed=7) for r in range(3)]
     orders = [s.sample_indices(5) for s in shards]
     assert [len(o) for o in orders] == [4, 4, 4] and {len(s) for s in shards} == {2}
+    assert {s.num_samples for s in shards} == {4}
     assert set(torch.cat(orders).tolist()) == set(range(10))
-    assert [len(torch.cat([y for _, y in s])) for s in shards] == [4, 4, 4]
+    for shard in shards:
+        batches = list(shard)
+        assert [len(y) for _, y in batches] == [3, 3] and len(real_rows(batches)[1]) == 4
 
 
 # --- bad inputs -------------------------------------------------------------------------------
@@ -212,10 +467,10 @@ def test_sharded_train_has_equal_counts_and_covers_all():
 
 def test_missing_dataset_folder(tmp_path):
     with pytest.raises(DataError, match="cub_200_2011") as err:
-        data.load_split("cub", tmp_path / "nowhere", "train")
+        data.load_splits("cub", tmp_path / "nowhere", ["train"])
     assert str(tmp_path / "nowhere") in str(err.value)
     with pytest.raises(DataError) as err:
-        data.load_split("dtd", tmp_path, "test")
+        data.load_splits("dtd", tmp_path, ["test"])
     assert str(tmp_path / "dtd") in str(err.value) and data.VTAB_URL in str(err.value)
 
 
@@ -223,12 +478,12 @@ def test_missing_split_file(tmp_path):
     root = fixtures.write_fgvc_fixture(tmp_path / "dogs", "dogs")
     (root / "val.json").unlink()
     with pytest.raises(DataError, match="val.json"):
-        data.load_split("dogs", root, "val")
-    assert len(data.load_split("dogs", root, "test").labels) == 6  # other splits still load
+        data.load_splits("dogs", root, ["train", "val"])
+    assert len(data.load_splits("dogs", root, ["test"])["test"]) == 6  # other splits still load
     fixtures.write_vtab_fixture(tmp_path, "dmlab")
     (tmp_path / "dmlab" / "val200.txt").unlink()
     with pytest.raises(DataError, match="val200.txt"):
-        data.load_split("dmlab", tmp_path, "val200")
+        data.load_splits("dmlab", tmp_path, ["val200"])
 
 
 def test_malformed_lines(tmp_path):
@@ -273,29 +528,70 @@ def test_bad_image_names_the_file(tmp_path, damage):
     else:
         image.unlink()
     with pytest.raises(DataError, match=str(image)):
-        data.load_split("cars", root, "test")
+        data.load_splits("cars", root, ["test"])
+    cache = tmp_path / "cache"
     with pytest.raises(DataError, match=str(image)):  # and no half-written cache file is left behind
-        data.load_split("cars", root, "test", cache_dir=tmp_path / "cache")
-    assert not any((tmp_path / "cache").iterdir())
+        data.load_splits("cars", root, ["test"], cache_dir=cache)
+    assert not cache.exists() or not any(cache.iterdir())
 
 
 # --- disk cache -------------------------------------------------------------------------------
 
 
+def count_decoding(monkeypatch):
+    """Counts decode_images calls (still decoding) and returns the counter list."""
+    calls, decode = [], data.decode_images
+    monkeypatch.setattr(data, "decode_images", lambda *args, **kwargs: calls.append(1) or decode(*args, **kwargs))
+    return calls
+
+
+def assert_same_split(a, b):
+    for field in ("pixels", "offsets", "sizes", "labels"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
 def test_disk_cache_is_reused(tmp_path, monkeypatch):
     root = fixtures.write_fgvc_fixture(tmp_path / "nabirds", "nabirds")
     cache = tmp_path / "cache"
-    first = data.load_split("nabirds", root, "train", cache_dir=cache)
-    assert len(list(cache.glob("nabirds-train-256px-*.npy"))) == 1
+    uncached = data.load_splits("nabirds", root, ["train"])["train"]
+    first = data.load_splits("nabirds", root, ["train"], cache_dir=cache)["train"]
+    assert_same_split(first, uncached)
+    assert len(list(cache.glob("nabirds-train-*.pixels.npy"))) == 1
+    assert len(list(cache.glob("nabirds-train-*.index.npy"))) == 1
+    assert len(list(cache.iterdir())) == 2  # no temporary files left
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although cached")
 
     monkeypatch.setattr(data, "decode_images", no_decoding)
-    second = data.load_split("nabirds", root, "train", cache_dir=cache)
-    assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
+    monkeypatch.setattr(data, "image_sizes", no_decoding)
+    second = data.load_splits("nabirds", root, ["train"], cache_dir=cache)["train"]
+    assert_same_split(first, second)
     with pytest.raises(AssertionError):  # a different image list is a different cache entry
-        data.load_split("nabirds", root, "test", cache_dir=cache)
+        data.load_splits("nabirds", root, ["test"], cache_dir=cache)
+
+
+def test_disk_cache_is_rebuilt_when_stale_or_incomplete(tmp_path, monkeypatch):
+    root = fixtures.write_fgvc_fixture(tmp_path / "dogs", "dogs")
+    cache = tmp_path / "cache"
+    calls = count_decoding(monkeypatch)
+    reference = data.load_splits("dogs", root, ["test"], cache_dir=cache)["test"]
+    data.load_splits("dogs", root, ["test"], cache_dir=cache)
+    assert len(calls) == 1
+    # a crash between writing the pixels and the index leaves no index: rebuilt
+    index_file, = cache.glob("*.index.npy")
+    index_file.unlink()
+    assert_same_split(data.load_splits("dogs", root, ["test"], cache_dir=cache)["test"], reference)
+    assert len(calls) == 2
+    # a pixels file that disagrees with its index (here: too short) is rebuilt too
+    pixels_file, = cache.glob("*.pixels.npy")
+    np.save(pixels_file, np.zeros((10, 3), dtype=np.uint8))
+    assert_same_split(data.load_splits("dogs", root, ["test"], cache_dir=cache)["test"], reference)
+    assert len(calls) == 3
+    # a new recipe (e.g. the central-square caches of earlier versions) is a different entry
+    monkeypatch.setattr(data, "CACHE_RECIPE", data.CACHE_RECIPE + " changed")
+    data.load_splits("dogs", root, ["test"], cache_dir=cache)
+    assert len(calls) == 4 and len(list(cache.glob("*.index.npy"))) == 2
 
 
 # --- prepare ----------------------------------------------------------------------------------
@@ -310,6 +606,7 @@ def test_prepare_builds_vpt_like_splits(tmp_path, dataset, capsys):
     assert dataset in capsys.readouterr().out
     splits = {s: json.loads((root / f"{s}.json").read_text()) for s in data.FGVC_SPLITS}
     assert sizes == {s: len(a) for s, a in splits.items()}
+    assert {cid for a in splits.values() for cid in a.values()} == {0, 1, 2, 3}  # 0-based, even for NABirds
     assert sizes["test"] == 12 and not set(splits["train"]) & set(splits["val"])
     assert not (set(splits["train"]) | set(splits["val"])) & set(splits["test"])
     if dataset == "flowers":  # setid.mat split used as is: 6 trnid + 6 valid per class
@@ -320,16 +617,16 @@ def test_prepare_builds_vpt_like_splits(tmp_path, dataset, capsys):
         assert sizes["train"] == 43
         per_class = np.unique(list(splits["val"].values()), return_counts=True)[1]
         assert set(per_class.tolist()) <= {1, 2}  # stratified: floor or ceil of 5/4 per class
-    loaded = data.load_split(dataset, root, "train")
+    loaded = data.load_splits(dataset, root, ["train"])["train"]
     assert len(loaded.labels) == sizes["train"] and set(loaded.labels.tolist()) == {0, 1, 2, 3}
-    assert torch.equal(nearest_class_by_colour(loaded.images, 4), loaded.labels)
+    assert torch.equal(nearest_class_by_colour(loaded, 4), loaded.labels)
 
 
 def test_prepare_is_deterministic_and_refuses_overwrite(tmp_path):
     root = fixtures.write_release_fixture(tmp_path / "cub", "cub", train_per_class=20)
     data.prepare("cub", root)
     val = (root / "val.json").read_text()
-    with pytest.raises(DataError, match="already exist"):
+    with pytest.raises(DataError, match="already exist.* --overwrite"):
         data.prepare("cub", root)
     data.prepare("cub", root, overwrite=True)
     assert (root / "val.json").read_text() == val
