@@ -48,12 +48,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # p=0.5, CenterCrop with torchvision's offset rounding. Outputs equal VPT's pipeline pixel for pixel.
 FGVC_RESIZE = 256
 # VTAB in VPT (src/data/datasets/tf_dataset.py, preprocess_fn): tf.image.resize(image, [224, 224]), no
-# augmentation, then /255 and ImageNet mean/std. We compute TF2's tf.image.resize default: bilinear,
-# half-pixel centres, no antialiasing (what torch's interpolate computes with align_corners=False,
-# antialias=False), rounded to uint8 for the cache where TF keeps float32 (at most half a grey level
-# apart). VPT imports tensorflow.compat.v1, whose tf.image.resize is TF1's resize_images: ResizeBilinear
-# with half_pixel_centers=False, which samples source x = target x * s (s = in / out) instead of
-# (target x + 0.5) * s - 0.5, i.e. (s - 1) / 2 source pixels apart from ours.
+# augmentation, then /255 and ImageNet mean/std. VPT imports tensorflow.compat.v1, whose tf.image.resize
+# is TF1's resize_images: the ResizeBilinear kernel with align_corners=False and half_pixel_centers=False,
+# i.e. bilinear, output pixel d samples source d * in / out (not TF2's half-pixel (d + 0.5) * in / out - 0.5),
+# no antialiasing. We compute exactly that (resize_like_tf) and round to uint8 for the cache, where TF keeps
+# float32: at most half a grey level apart.
 
 
 @dataclass(frozen=True)
@@ -384,10 +383,20 @@ def decode_vtab(path: str) -> np.ndarray:
 
 
 def resize_like_tf(image: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [3, h, w] -> uint8 [3, size, size] as TF2's tf.image.resize(image, [size, size]) (see top)."""
-    resized = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", align_corners=False,
-                            antialias=False)
-    return resized[0].round().clamp(0, 255).to(torch.uint8)
+    """uint8 [3, h, w] -> uint8 [3, size, size] as VPT's tf.image.resize (TF1 ResizeBilinear, half_pixel_centers
+    False): per axis, output d samples source x = d * in / out in float32, lerp between floor(x) and
+    min(floor(x) + 1, in - 1); no antialiasing."""
+    out = image.float()
+    for dim in (1, 2):
+        n = out.shape[dim]
+        src = torch.arange(size, dtype=torch.float32) * torch.tensor(n / size, dtype=torch.float32)
+        low = src.floor().long().clamp(max=n - 1)
+        high = (low + 1).clamp(max=n - 1)
+        shape = [1, 1, 1]
+        shape[dim] = size
+        weight = (src - low).view(shape)
+        out = out.index_select(dim, low) * (1 - weight) + out.index_select(dim, high) * weight
+    return out.round().clamp(0, 255).to(torch.uint8)
 
 
 def _parallel_map(fn, items: list, desc: str) -> list:
@@ -447,8 +456,8 @@ def _decode_split(task: str, root: Path, split: str, paths: list[str], labels: l
 
 # Part of the cache key: change it whenever the cached pixels would change. (Caches from before the
 # ragged format are single .npy files of central 256x256 squares under other names; never read.)
-CACHE_RECIPE = ("ragged-v2 fgvc: torchvision Resize(256) on PIL, whole image; "
-                "vtab: tf.image.resize-style bilinear 224x224, half-pixel centres, no antialias")
+CACHE_RECIPE = ("ragged-v3 fgvc: torchvision Resize(256) on PIL, whole image; "
+                "vtab: TF1 tf.image.resize bilinear 224x224, half_pixel_centers=False, no antialias")
 
 
 def _cache_files(cache_dir: Path, task: str, root: Path, split: str, paths: list[str]) -> tuple[Path, Path]:

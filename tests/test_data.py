@@ -253,23 +253,26 @@ def test_fgvc_cache_keeps_the_whole_resized_image_and_eval_equals_vpt(tmp_path):
         assert torch.equal(images[n], VPT_EVAL(file))
 
 
-def test_vtab_resize_is_tf_bilinear_with_half_pixel_centres():
-    """Worked by hand: output pixel d samples source (d + 0.5) * in/out - 0.5 (clamped at the border)."""
+def test_vtab_resize_is_vpts_tf1_bilinear():
+    """VPT's tensorflow.compat.v1 tf.image.resize: output pixel d samples source d * in/out (no half-pixel
+    offset), lerp between floor and the next pixel (clamped at the border). Worked by hand."""
     ramp = torch.tensor([[0, 10, 20, 30], [40, 50, 60, 70], [80, 90, 100, 110], [120, 130, 140, 150]])
     image = ramp.to(torch.uint8).expand(3, 4, 4)
-    # 4 -> 2: samples at 0.5 and 2.5, i.e. the mean of each 2x2 block
-    assert torch.equal(data.resize_like_tf(image, 2), torch.tensor([[25, 45], [105, 125]]).expand(3, 2, 2))
-    # 2 -> 4: samples at -0.25 (-> 0), 0.25, 0.75, 1.25 (-> 1): weights 1, 3/4 + 1/4, 1/4 + 3/4, 1
+    # 4 -> 2: samples at 0 and 2 exactly (TF2's half-pixel centres would average 2x2 blocks: 25, 45, ...)
+    assert torch.equal(data.resize_like_tf(image, 2), torch.tensor([[0, 20], [80, 100]]).expand(3, 2, 2))
+    # 4 -> 3: samples at 0, 4/3, 8/3: 10 * (4/3) = 13.33 -> 13, 26.67 -> 27 along a row, 40 x that down
+    assert torch.equal(data.resize_like_tf(image, 3)[0], torch.tensor([[0, 13, 27], [53, 67, 80], [107, 120, 133]]))
+    # 2 -> 4: samples at 0, 0.5, 1, 1.5 (-> 1): weights 1 | 1/2 + 1/2 | 1 | 1 (clamped)
     image = torch.tensor([[0, 40], [80, 120]], dtype=torch.uint8).expand(3, 2, 2)
-    expected = torch.tensor([[0, 10, 30, 40], [20, 30, 50, 60], [60, 70, 90, 100], [80, 90, 110, 120]])
+    expected = torch.tensor([[0, 20, 40, 40], [40, 60, 80, 80], [80, 100, 120, 120], [80, 100, 120, 120]])
     assert torch.equal(data.resize_like_tf(image, 4), expected.expand(3, 4, 4))
 
 
 def test_vtab_resize_does_not_antialias():
-    """896 -> 224 samples halfway between source columns 4d+1 and 4d+2; PIL averages ~8 columns instead."""
-    row = torch.tensor([255 if x % 4 == 1 else 0 for x in range(896)], dtype=torch.uint8)
+    """896 -> 224 samples exactly source column 4d; PIL's antialiased bilinear averages ~8 columns instead."""
+    row = torch.tensor([255 if x % 4 == 0 else 0 for x in range(896)], dtype=torch.uint8)
     image = row.expand(3, 896, 896)
-    assert torch.equal(data.resize_like_tf(image, 224), torch.full((3, 224, 224), 128, dtype=torch.uint8))
+    assert torch.equal(data.resize_like_tf(image, 224), torch.full((3, 224, 224), 255, dtype=torch.uint8))
     pil = np.array(Image.fromarray(image.permute(1, 2, 0).numpy()).resize((224, 224), Image.BILINEAR))
     assert 40 < pil.mean() < 90  # about 255 / 4
 
