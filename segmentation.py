@@ -106,10 +106,11 @@ class SETRPUP(nn.Module):
                                        for _ in self.aux_blocks)
 
     def patch_grid(self, tokens, image):
-        """[B, 1 + prompts + patches, D] -> [B, D, H/p, W/p] (CLS and prompt tokens dropped)."""
+        """[B, 1 + prompts + patches, D] -> [B, D, H/p, W/p]: the patch tokens are the last h*w (CLS and any
+        prompts -- none before the insertion block -- come first)."""
         p = self.backbone.cfg.patch_size
         h, w = image.shape[-2] // p, image.shape[-1] // p
-        patches = tokens[:, 1 + self.backbone.num_prompts:]
+        patches = tokens[:, tokens.shape[1] - h * w:]
         return patches.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
 
     def forward(self, x):

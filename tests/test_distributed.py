@@ -9,12 +9,16 @@ import torch
 import torch.multiprocessing as mp
 
 import data
+import recipes
 import reproduce
+import results
 import runtime
+import trainer
 
 TINY = dict(embed_dim=32, depth=3, num_heads=2, patch_size=8)
-CFG = dict(reproduce.DEMO, method="gated+temp", arch_overrides=TINY, num_classes=6, epochs=3, warmup_epochs=1, bf16=False,
-           compile=False, prompt_dropout=0.0, batch_size=32)  # no dropout: masks would differ across ranks
+# no prompt dropout: the masks would differ across ranks
+CFG = dict(recipes.resolve("demo", arch_overrides=TINY, num_classes=6, epochs=3, warmup_epochs=1),
+           prompt_dropout=0.0, batch_size=32)
 
 
 def free_port():
@@ -23,10 +27,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def args_for(results_dir, **kw):
-    defaults = dict(results_dir=str(results_dir), data_dir="data", cache_dir=None, checkpoint=None,
-                    resume=False, sweep=False, seeds=1)
-    return argparse.Namespace(**dict(defaults, **kw))
+def settings(results_dir, **kw):
+    return runtime.Settings(results_dir=str(results_dir), quiet=True, **kw)
 
 
 def _join(rank, world_size, port):
@@ -37,16 +39,16 @@ def _join(rank, world_size, port):
 
 def _train_rank(rank, world_size, port, results_dir):
     _join(rank, world_size, port)
-    reproduce.run_one(dict(CFG), "final", args_for(results_dir), torch.device("cpu"))
+    reproduce.run_one(dict(CFG), "final", settings(results_dir))
     torch.distributed.destroy_process_group()
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    single = reproduce.run_one(dict(CFG), "final", args_for(tmp_path / "single"), torch.device("cpu"))
+    single = reproduce.run_one(dict(CFG), "final", settings(tmp_path / "single"))
     mp.spawn(_train_rank, args=(2, free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
-    name = reproduce.run_name(CFG, "final")
+    name = results.run_name(CFG, "final")
     ddp = json.loads((tmp_path / "ddp" / f"{name}.json").read_text())
-    assert ddp["world_size"] == 2
+    assert ddp["runtime"]["world_size"] == 2
     assert ddp["final"]["test_acc"] == pytest.approx(single["final"]["test_acc"], abs=1e-9)
     for h1, h2 in zip(single["history"], ddp["history"]):
         assert h1["loss"] == pytest.approx(h2["loss"], rel=1e-4)
@@ -59,8 +61,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 def _eval_rank(rank, world_size, port, n, out):
     _join(rank, world_size, port)
     labels = torch.arange(n) % 3
-    loader = data.BatchLoader(torch.zeros(n, 3, 8, 8, dtype=torch.uint8), labels, 2, train=False, crop_size=8,
-                              rank=rank, world_size=world_size)
+    split = data.ImageSplit.from_dense("demo", "test", torch.zeros(n, 3, 8, 8, dtype=torch.uint8), labels)
+    loader = data.BatchLoader(split, 2, train=False, crop_size=8, rank=rank, world_size=world_size)
     shards = [None] * world_size
     torch.distributed.all_gather_object(shards, loader.sample_indices().tolist())
     seen = torch.tensor([i for shard in shards for i in shard])
@@ -69,12 +71,13 @@ def _eval_rank(rank, world_size, port, n, out):
         def forward(self, images):
             return self.logits.pop(0)
     oracle = Oracle()
-    idx = loader.sample_indices()
-    oracle.logits = [torch.nn.functional.one_hot(torch.where(i < n // 2, labels[i], (labels[i] + 1) % 3), 3).float()
-                     for i in idx.split(2)]
-    acc = reproduce.evaluate(oracle, loader, torch.device("cpu"), bf16=False)
+    batches = [chunk.tolist() for chunk in loader.sample_indices().split(2)]
+    oracle.logits = [torch.nn.functional.one_hot(torch.tensor(
+        [labels[i] if i < n // 2 else (labels[i] + 1) % 3 for i in chunk + chunk[-1:] * (2 - len(chunk))]), 3).float()
+        for chunk in batches]   # padded rows repeat the last real one (their label is PAD_LABEL)
+    correct, count = trainer.evaluate(trainer.make_eval_step(oracle, torch.device("cpu"), False, False), oracle, loader)
     if rank == 0:
-        torch.save({"seen": seen, "acc": acc}, out)
+        torch.save({"seen": seen, "acc": trainer.accuracy(correct, count)}, out)
     torch.distributed.destroy_process_group()
 
 
@@ -86,13 +89,15 @@ def test_sharded_evaluation_counts_every_image_exactly_once(tmp_path, world_size
     assert out["acc"] == pytest.approx(100.0 * (n // 2) / n)
 
 
-def test_a_sweep_spread_over_two_workers_equals_the_serial_sweep(tmp_path):
-    cfg = dict(CFG, epochs=2, lr_grid=[0.1, 1.0])
-    serial = reproduce.run_cells([cfg], args_for(tmp_path / "serial", sweep=True, workers=1), torch.device("cpu"))
-    spread = reproduce.run_cells([cfg], args_for(tmp_path / "spread", sweep=True, workers=2), torch.device("cpu"))
+def test_a_sweep_spread_over_two_workers_equals_the_serial_sweep(tmp_path, monkeypatch):
+    monkeypatch.setattr(recipes, "sweep_grid", lambda cfg: [{"lr": 0.1}, {"lr": 1.0}])
+    cfg = dict(CFG, epochs=2)
+    args = argparse.Namespace(sweep=True, seeds=1, lr=None)
+    serial = reproduce.run_cells([cfg], args, settings(tmp_path / "serial", workers=1))
+    spread = reproduce.run_cells([cfg], args, settings(tmp_path / "spread", workers=2))
     assert serial[0][0]["lr"] == spread[0][0]["lr"]
     assert serial[1][0][0]["final"] == pytest.approx(spread[1][0][0]["final"])
-    name = reproduce.run_name(dict(cfg, lr=0.1), "sweep")
+    name = results.run_name(dict(cfg, lr=0.1), "sweep")
     a = torch.load(tmp_path / "serial" / f"{name}.prompts.pt")
     b = torch.load(tmp_path / "spread" / f"{name}.prompts.pt")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

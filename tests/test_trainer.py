@@ -1,0 +1,265 @@
+"""Classification training as the official code trains, and a fast path whose claims are provable on a CPU."""
+import math
+
+import pytest
+import torch
+import torch._dynamo.testing
+import torch.nn.functional as F
+
+import data
+import gated_prompt as gp
+import recipes
+import runtime
+import trainer
+
+TINY = dict(embed_dim=32, depth=3, num_heads=2, patch_size=8)
+
+
+def tiny_cfg(**kw):
+    """The demo's recipe on a 3-block, 32-wide ViT and 5 classes: a CPU run of seconds."""
+    cfg = recipes.resolve("demo", arch_overrides=TINY, num_classes=5, epochs=2, warmup_epochs=1)
+    cfg.update(kw)
+    return cfg
+
+
+def settings(tmp_path, **kw):
+    return runtime.Settings(**dict(dict(results_dir=str(tmp_path), quiet=True), **kw))
+
+
+def tiny_run(cfg, tmp_path, **kw):
+    """Model, loaders and train() of one config, as run_classification wires them."""
+    torch.manual_seed(cfg["seed"])
+    model = recipes.build_model(cfg, recipes.num_classes(cfg), verbose=False)
+    train_split, evals = trainer.demo_splits(cfg)
+    loaders = trainer.make_loaders(cfg, train_split, evals, torch.device("cpu"))
+    return trainer.train(cfg, model, *loaders, settings(tmp_path, **kw), tmp_path / "state.pt"), model
+
+
+# --- the recipe -----------------------------------------------------------------------------------
+
+def test_schedule_warms_up_linearly_from_zero_then_cosine_to_zero():
+    f = [trainer.lr_factor(e, 10, 100) for e in range(100)]
+    assert f[0] == 0 and f[5] == 0.5 and f[10] == 1.0
+    assert f[55] == pytest.approx(0.5) and f[99] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_every_setting_of_a_resolved_config_reaches_the_model():
+    """arch (and its pooling), img size, prompts, gate init, insertion block, dropout, head size."""
+    cfg = recipes.resolve("cub", "mocov3", "gated+temp", arch="vit_small", num_prompts=7, gate_init=2.0,
+                          insert_at=3, prompt_dropout=0.2)
+    with torch.device("meta"):
+        model = recipes.build_model(dict(cfg, img_size=320), recipes.num_classes(cfg), verbose=False)
+    assert (model.cfg.embed_dim, model.cfg.depth, model.cfg.num_heads, model.cfg.pool) == (384, 12, 12, "cls")
+    assert model.cfg.img_size == 320 and model.pos_embed.shape[1] == 1 + 20 * 20
+    assert (model.num_prompts, model.pcfg.insert_at, model.pcfg.prompt_dropout) == (7, 3, 0.2)
+    assert model.pcfg.gate_init == 2.0 and model.gate_logits.shape == (11,) and model.temperatures is not None
+    assert model.head.out_features == 200 and model.cfg.pos_embed_interpolation == "bicubic"
+    deep = recipes.resolve("dtd", "mae", "vpt-deep")
+    with torch.device("meta"):
+        model = recipes.build_model(deep, recipes.num_classes(deep), verbose=False)
+    assert (model.cfg.pool, model.num_prompts, model.deep_prompts.shape[0], model.head.out_features) == ("mean", 10, 11, 47)
+
+
+def test_a_short_cpu_run_learns(tmp_path):
+    outcome, model = tiny_run(tiny_cfg(epochs=5, num_classes=6), tmp_path)
+    assert outcome.final["test_acc"] > 70  # 6 classes: chance is 16.7 %
+    assert outcome.history[-1]["loss"] < outcome.history[1]["loss"]
+    assert outcome.eval_seconds > 0 and outcome.train_seconds > 0
+    gates = trainer.learned_gates(model)
+    assert len(gates["selection_ratio"]) == TINY["depth"] - 1 and len(gates["temperatures"]) == TINY["depth"]
+
+
+def test_non_finite_loss_stops_the_run_with_a_message(tmp_path):
+    with pytest.raises(runtime.NonFiniteLoss, match="lower --lr.*No state was saved"):
+        tiny_run(tiny_cfg(lr=1e30, epochs=3, warmup_epochs=0), tmp_path)
+    assert not (tmp_path / "state.pt").exists()
+
+
+def test_cpu_runs_flush_denormals(tmp_path, monkeypatch):
+    """Denormal floats make CPU arithmetic 6-25x slower once a loss saturates; runs flush them to zero."""
+    seen = []
+    real = trainer.train
+
+    def spy(*args, **kwargs):
+        seen.append(float(torch.tensor(1e-39) * 1))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(trainer, "train", spy)
+    cfg = tiny_cfg(epochs=1)
+    trainer.run_classification(cfg, "final", settings(tmp_path))
+    assert seen == [0.0]
+    assert float(torch.tensor(1e-39) * 1) != 0.0   # and the process setting is restored afterwards
+
+
+# --- static shapes: one training graph and one evaluation graph per run ------------------------------
+
+def test_padded_masked_step_gives_the_unpadded_gradients():
+    """The last batch is padded to full size with PAD_LABEL rows: the loss is the mean over the real rows, so the
+    gradients equal those of the official unpadded batch."""
+    torch.manual_seed(0)
+    model = recipes.build_model(tiny_cfg(prompt_dropout=0.0), 5, verbose=False).train()
+    images = torch.randn(5, 3, 32, 32)
+    labels = torch.tensor([0, 1, 2, 3, 4])
+
+    def grads(x, y):
+        model.zero_grad()
+        loss, correct = trainer.classification_loss(model(x), y)
+        loss.backward()
+        return loss.detach(), correct, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    loss, correct, unpadded = grads(images, labels)
+    padded_images = torch.cat([images, images[:3]])
+    padded_labels = torch.cat([labels, torch.full((3,), data.PAD_LABEL)])
+    loss_p, correct_p, padded = grads(padded_images, padded_labels)
+    assert torch.allclose(loss, loss_p) and int(correct) == int(correct_p)
+    assert set(padded) == set(unpadded) == {"prompts", "gate_logits", "temperatures", "head.weight", "head.bias"}
+    for name in unpadded:
+        assert torch.allclose(unpadded[name], padded[name], rtol=1e-5, atol=1e-7), name
+    other = grads(images[:4], labels[:4])[2]   # ...and is not a degenerate equality
+    assert not torch.allclose(other["head.weight"], unpadded["head.weight"])
+
+
+def test_two_epochs_with_odd_batches_compile_one_train_and_one_eval_graph(tmp_path):
+    """Train split 5 x 64 = 320 images at batch 48 (a last batch of 32) and a test split of 160 at the eval
+    batch 256: dynamo compiles exactly two graphs -- the training step and the evaluation step -- and never
+    breaks a graph or recompiles for the odd batches."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    backend = torch._dynamo.testing.CompileCounter()
+    cfg = tiny_cfg(batch_size=48, epochs=2)
+    outcome, _ = tiny_run(cfg, tmp_path, compile=backend)
+    assert len(outcome.history) == 2 and outcome.final["test_acc"] >= 0
+    assert backend.frame_count == 2, f"{backend.frame_count} graphs"
+    assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()
+
+
+def test_every_sample_is_trained_on_and_padding_is_ignored(tmp_path):
+    """No drop_last: each epoch counts exactly the split's samples (the padded rows count for nothing)."""
+    cfg = tiny_cfg(batch_size=48, epochs=1)
+    train_split, evals = trainer.demo_splits(cfg)
+    train_loader, _ = trainer.make_loaders(cfg, train_split, evals, torch.device("cpu"))
+    model = recipes.build_model(cfg, 5, verbose=False)
+    optimizer = runtime.make_optimizer(model.trainable_parameters(), 0.1, 0.9, 0.0, torch.device("cpu"))
+    step = runtime.make_train_step(model, optimizer, trainer.classification_loss, torch.device("cpu"), False)
+    stats, _ = trainer.train_epoch(step, model, train_loader, 0, 1, torch.device("cpu"), quiet=True)
+    assert int(stats["seen"]) == len(train_split) == 320 and len(train_loader) == 7
+
+
+# --- host syncs -----------------------------------------------------------------------------------
+
+def test_an_epoch_syncs_with_the_host_once_when_no_bar_is_shown(tmp_path, monkeypatch):
+    """From the first training step to the final evaluation, nothing reads a device value except the one
+    to_host per epoch (the epoch's metrics and the resumable state together); the NaN check reads that copy,
+    so a NaN still stops the run within the epoch. (On a CPU every tensor is a host tensor, so this counts the
+    reads a GPU would have to sync for: any read of a tensor that did not come back through to_host.)"""
+    calls = {"to_host": 0, "reads": 0}
+    counting, host_copies = {"on": False}, set()
+    real_to_host, real_epoch, real_final = runtime.to_host, trainer.train_epoch, trainer.final_metrics
+
+    def to_host(tree):
+        calls["to_host"] += 1
+        out = real_to_host(tree)
+        stack = [out]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, torch.Tensor):
+                host_copies.add(id(x))
+            elif isinstance(x, dict):
+                stack.extend(x.values())
+            elif isinstance(x, (list, tuple)):
+                stack.extend(x)
+        return out
+
+    def train_epoch(*args, **kwargs):
+        counting["on"] = True
+        return real_epoch(*args, **kwargs)
+
+    def final_metrics(*args, **kwargs):
+        counting["on"] = False
+        return real_final(*args, **kwargs)
+    monkeypatch.setattr(runtime, "to_host", to_host)
+    monkeypatch.setattr(trainer, "train_epoch", train_epoch)
+    monkeypatch.setattr(trainer, "final_metrics", final_metrics)
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            calls["reads"] += counting["on"] and id(self) not in host_copies
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    tiny_run(tiny_cfg(epochs=3), tmp_path)
+    assert calls == {"to_host": 3, "reads": 0}
+
+
+def test_fused_sgd_takes_the_same_step_as_the_default():
+    """The CUDA path uses fused SGD: the same math as the official optimizer (checked where torch has a fused
+    CPU kernel)."""
+    torch.manual_seed(0)
+    params = [torch.randn(7, 5), torch.randn(3)]
+    grads = [torch.randn_like(p) for p in params]
+    steps = {}
+    for fused in (False, True):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        try:
+            opt = torch.optim.SGD(ps, lr=0.3, momentum=0.9, weight_decay=0.0, fused=fused)
+            for _ in range(3):
+                for p, g in zip(ps, grads):
+                    p.grad = g.clone()
+                opt.step()
+        except RuntimeError as err:
+            pytest.skip(f"no fused SGD kernel on this device: {err}")
+        steps[fused] = [p.detach() for p in ps]
+    for a, b in zip(steps[False], steps[True]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert runtime.make_optimizer(params, 0.1, 0.9, 0.0, torch.device("cpu")).defaults["fused"] is False
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+def test_a_resumed_run_ends_with_the_same_numbers(tmp_path, monkeypatch):
+    cfg = tiny_cfg(epochs=4)
+    full, full_model = tiny_run(cfg, tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    real_save, saves = runtime.save_training_state, []
+
+    def save_then_crash(path, state):
+        real_save(path, state)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt("killed after epoch 2")
+    monkeypatch.setattr(runtime, "save_training_state", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(cfg, tmp_path / "b")
+    monkeypatch.setattr(runtime, "save_training_state", real_save)
+    with pytest.raises(runtime.UserError, match="other settings"):   # the state belongs to this config only
+        tiny_run(dict(cfg, gate_init=3.0), tmp_path / "b", resume=True)
+    resumed, resumed_model = tiny_run(cfg, tmp_path / "b", resume=True)
+    assert resumed.final == full.final and resumed.elapsed_before > 0
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    a, b = full_model.prompt_state_dict(), resumed_model.prompt_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loading_prompts_refuses_another_models_state():
+    model = recipes.build_model(tiny_cfg(), 5, verbose=False)
+    other = recipes.build_model(tiny_cfg(num_prompts=3), 5, verbose=False)
+    with pytest.raises(ValueError, match="wrong shapes.*prompts"):
+        model.load_prompt_state_dict(other.prompt_state_dict())
+    shallow = recipes.build_model(tiny_cfg(method="vpt-shallow"), 5, verbose=False)
+    with pytest.raises(ValueError, match="missing.*gate_logits"):
+        model.load_prompt_state_dict(shallow.prompt_state_dict())
+    assert isinstance(model.load_prompt_state_dict(model.prompt_state_dict()), gp.VisionTransformer)
+
+
+def test_evaluation_counts_real_samples_only():
+    images, labels = data.make_synthetic_images(3, 5, 32)  # 15 images, eval batch 8: the last batch has 7 rows of padding
+    split = data.ImageSplit.from_dense("demo", "test", images, labels)
+    loader = data.BatchLoader(split, 8, train=False, crop_size=32)
+
+    class Constant(torch.nn.Module):   # always predicts class 0: right on exactly 5 of the 15
+        def forward(self, x):
+            return F.one_hot(torch.zeros(len(x), dtype=torch.long), 3).float()
+    model = Constant()
+    correct, count = trainer.evaluate(trainer.make_eval_step(model, torch.device("cpu"), False, False), model, loader)
+    assert (int(correct), int(count)) == (5, 15)
