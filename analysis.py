@@ -24,7 +24,6 @@ Only torch / torchvision / numpy / tqdm are imported here; matplotlib is importe
 import argparse
 import csv
 import dataclasses
-import glob
 import io
 import json
 import math
@@ -41,65 +40,19 @@ import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 import gated_prompt as gp
+import results
 from data import IMAGENET_MEAN, IMAGENET_STD
 from runtime import EXIT_BAD_INPUT, UserError, atomic_write, write_json, write_text
 
 
 # -----------------------------------------------------------------------------
-# Run files
-
-
-def load_runs(results_dir, protocol="final", **filters):
-    """Every run JSON under results_dir (recursively) whose config matches the filters.
-
-    A filter value may be a single value (config[key] == value) or a list/tuple/set of allowed values;
-    None means "any". Only runs of the given protocol are kept (the run's top-level "protocol", "final"
-    when absent; lr-sweep runs are "sweep"); protocol=None keeps all. Files that are not run JSONs (no
-    "config" dict, unreadable) are skipped. Each returned run dict gets "path" and "mtime" keys."""
-    if not os.path.isdir(results_dir):
-        raise UserError(f"results folder not found: {results_dir}")
-    runs = []
-    for path in sorted(glob.glob(os.path.join(os.fspath(results_dir), "**", "*.json"), recursive=True)):
-        try:
-            with open(path) as f:
-                run = json.load(f)
-        except (OSError, ValueError):
-            continue  # half-written or foreign file
-        if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
-            continue
-        if protocol is not None and run.get("protocol", "final") != protocol:
-            continue
-        if all(_matches(run["config"].get(key), want) for key, want in filters.items()):
-            run["path"], run["mtime"] = path, os.path.getmtime(path)
-            runs.append(run)
-    return runs
-
-
-def _matches(value, want):
-    if want is None:
-        return True
-    if isinstance(want, (list, tuple, set, frozenset)):
-        return value in want
-    return value == want
-
-
-def final_metric(run, metric="test_acc"):
-    """run["final"][metric] as a float, or None when the run has not finished."""
-    value = (run.get("final") or {}).get(metric)
-    return None if value is None else float(value)
-
-
-def newest_lr_runs(runs):
-    """The runs of one plotted point at a single learning rate: the lr of the newest run file (the
-    harness's tables do the same), so re-running a point at another lr replaces it instead of mixing."""
-    lr = max(runs, key=lambda r: r["mtime"])["config"].get("lr")
-    return [r for r in runs if r["config"].get("lr") == lr]
+# Run files: read with results.py (load_runs, final_metric, newest_lr_runs, summary)
 
 
 def _point(runs, metric):
     """Mean/std/n of final[metric] over the seeds of one point (newest lr), with the lr and run files."""
-    runs = newest_lr_runs(runs)
-    mean, std, n = _summary([final_metric(r, metric) for r in runs])
+    runs = results.newest_lr_runs(runs)
+    mean, std, n = results.summary([results.final_metric(r, metric) for r in runs])
     return {"mean": mean, "std": std, "n": n, "lr": runs[0]["config"].get("lr"), "runs": [r["path"] for r in runs]}
 
 
@@ -108,7 +61,7 @@ def _curves(runs, group_names, x_name, x_of, metric):
     {**group, x_name: [x...], "mean", "std", "n", "lr", "runs": [...] per x}. Unfinished runs are skipped."""
     groups = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        if final_metric(run, metric) is not None:
+        if results.final_metric(run, metric) is not None:
             c = run["config"]
             groups[tuple(c.get(name) for name in group_names)][x_of(c)].append(run)
     series = []
@@ -118,13 +71,6 @@ def _curves(runs, group_names, x_name, x_of, metric):
         series.append({**dict(zip(group_names, key)), x_name: xs,
                        **{field: [p[field] for p in points] for field in ("mean", "std", "n", "lr", "runs")}})
     return series
-
-
-def _summary(values):
-    """mean, std (sample std, 0 for one run) and count of a list of numbers."""
-    arr = np.asarray(values, dtype=np.float64)
-    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-    return float(arr.mean()), std, len(arr)
 
 
 def _filter_text(filters):
@@ -189,7 +135,7 @@ def figure_insertion(results_dir, out_dir, method="vpt-shallow", metric="test_ac
     one line per SSL backbone. Runs without an insert_at key count as k = 1. Several runs at one point
     (seeds) are averaged; pass filters (e.g. lr=0.1) to pick the runs. method=None takes every method."""
     filters = dict(filters, method=method)
-    series = _curves(load_runs(results_dir, **filters), ("task", "ssl", "method"),
+    series = _curves(results.load_runs(results_dir, **filters), ("task", "ssl", "method"),
                      "insert_at", lambda c: int(c.get("insert_at", 1)), metric)
     if not series:
         raise UserError(f"figure 1: no finished runs (final.{metric}) in {results_dir} ({_filter_text(filters)})")
@@ -238,7 +184,7 @@ def figure_selection_ratio(results_dir, out_dir, **filters):
     """Figure 4: bar chart of the stored selection ratio r_l (Eq. 11) over blocks 1..L-1, one panel per
     (task, ssl) (and method, when several gated methods are stored). Runs are averaged within a panel."""
     groups = defaultdict(list)   # (task, ssl, method) -> runs
-    for run in load_runs(results_dir, **filters):
+    for run in results.load_runs(results_dir, **filters):
         run["ratio"] = _ratio_list(run.get("selection_ratio"))
         if run["ratio"] is not None:
             c = run["config"]
@@ -248,7 +194,7 @@ def figure_selection_ratio(results_dir, out_dir, **filters):
                         "only gated methods have one")
     panels = []
     for (task, ssl, meth), runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        runs = newest_lr_runs(runs)
+        runs = results.newest_lr_runs(runs)
         lengths = {len(r["ratio"]) for r in runs}
         if len(lengths) > 1:
             raise UserError(f"figure 4: runs for {task}/{ssl}/{meth} store selection ratios of different lengths "
@@ -303,7 +249,7 @@ def figure_prompt_count(results_dir, out_dir, methods=("vpt-deep", "gated", "gat
     method. Also writes Table 7 as CSV: one row per (tokens, method), one column per task, and their mean
     (AVG, only where every task has a run)."""
     filters = dict(filters, method=list(methods) if methods is not None else None)
-    runs = [r for r in load_runs(results_dir, **filters) if r["config"].get("num_prompts") is not None]
+    runs = [r for r in results.load_runs(results_dir, **filters) if r["config"].get("num_prompts") is not None]
     series = _curves(runs, ("ssl", "task", "method"), "prompt_tokens", total_prompt_tokens, metric)
     if not series:
         raise UserError(f"figure 7: no finished runs (final.{metric}) with num_prompts in {results_dir} "
@@ -634,7 +580,7 @@ def figure_dip(models, images, blocks, out_dir, steps=1000, lr=0.01, seed=0, max
              "csv": os.path.join(out_dir, "figure9_dip_scores.csv"),
              "png": os.path.join(out_dir, "figure2_dip_reconstructions.png"),
              "scores_png": os.path.join(out_dir, "figure9_dip_scores.png")}
-    summary = {label: {f"{m}_{stat}": [_summary([v for v in per_block if math.isfinite(v)] or [math.inf])[k]
+    summary = {label: {f"{m}_{stat}": [results.summary([v for v in per_block if math.isfinite(v)] or [math.inf])[k]
                                        for per_block in s[m]]
                        for m in ("psnr", "ssim") for stat, k in (("mean", 0), ("std", 1))}
                for label, s in scores.items()}

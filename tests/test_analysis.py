@@ -16,6 +16,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import analysis  # noqa: E402
 import gated_prompt as gp  # noqa: E402
+import results  # noqa: E402
 from runtime import UserError  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -76,27 +77,31 @@ def write_format_fixture_run(results_dir, name, test_acc=None, selection_ratio=N
 
 
 def test_load_runs_filters_and_skips_foreign_files(tmp_path):
+    """The figures read run files with results.load_runs."""
     write_format_fixture_run(tmp_path, "a", 50.0, ssl="mae")
     write_format_fixture_run(tmp_path, "b", 60.0, ssl="mocov3")
     (tmp_path / "summary.json").write_text(json.dumps([1, 2, 3]))     # not a run
     (tmp_path / "broken.json").write_text("{ half written")
-    assert len(analysis.load_runs(tmp_path)) == 2
-    assert [r["config"]["ssl"] for r in analysis.load_runs(tmp_path, ssl="mocov3")] == ["mocov3"]
-    assert len(analysis.load_runs(tmp_path, ssl=["mae", "mocov3"])) == 2
+    assert len(results.load_runs(tmp_path)) == 2
+    assert [r["config"]["ssl"] for r in results.load_runs(tmp_path, ssl="mocov3")] == ["mocov3"]
+    assert len(results.load_runs(tmp_path, ssl=["mae", "mocov3"])) == 2
     write_format_fixture_run(tmp_path, "sweep", 99.0, protocol="sweep")
-    assert len(analysis.load_runs(tmp_path)) == 2                       # lr-sweep runs are not final results
-    assert len(analysis.load_runs(tmp_path, protocol=None)) == 3
+    assert len(results.load_runs(tmp_path)) == 2                       # lr-sweep runs are not final results
+    assert len(results.load_runs(tmp_path, protocol=None)) == 3
     with pytest.raises(UserError):
-        analysis.load_runs(tmp_path / "missing")
+        results.load_runs(tmp_path / "missing")
 
 
-def test_point_uses_the_newest_lr(tmp_path):
+def test_figure_point_uses_the_newest_lr(tmp_path):
+    """A point re-run at another lr shows the newest file's lr only, its seeds averaged."""
     write_format_fixture_run(tmp_path, "old-lr-s1", 10.0, lr=0.5, seed=1, age=100)
     write_format_fixture_run(tmp_path, "old-lr-s2", 12.0, lr=0.5, seed=2, age=100)
     write_format_fixture_run(tmp_path, "new-lr-s1", 50.0, lr=0.1, seed=1, age=10)
     write_format_fixture_run(tmp_path, "new-lr-s2", 54.0, lr=0.1, seed=2)
-    point = analysis._point(analysis.load_runs(tmp_path), "test_acc")
-    assert (point["lr"], point["n"], point["mean"]) == (0.1, 2, 52.0)
+    paths = analysis.figure_insertion(tmp_path, tmp_path / "out")
+    (series,) = json.loads(open(paths["json"]).read())["series"]
+    assert (series["lr"], series["n"], series["mean"]) == ([0.1], [2], [52.0])
+    assert len(series["runs"][0]) == 2 and all("new-lr" in path for path in series["runs"][0])
 
 
 def test_figure_insertion(tmp_path):
