@@ -12,14 +12,16 @@ From models:
     figure_dip(models, images, blocks, out_dir)   Figures 2 and 9: Deep Image Prior inversion of block
                                                   tokens, reconstructions and their PSNR / SSIM
 
-A run JSON needs "config" (task, ssl, method, num_prompts, insert_at, arch, lr, ...) and, depending on
-the figure, "final" (with "test_acc" in percent) or "selection_ratio"; anything else in it is ignored.
-Only "final"-protocol runs count (top-level "protocol", absent = final). Seeds of one plotted point are
-averaged; if a point was run at several learning rates, the newest run file's lr is used.
+Run files are read with results.py: "config", "recipe_version", "lr_source", "deviations" and, depending on
+the figure, "final" (with "test_acc" in percent) or "selection_ratio". Only "final"-protocol runs count, and
+only runs of the paper's exact recipe (results.is_paper_run; Figure 1 at Section A.2's learning rates):
+with include_other_settings (--all) the others are drawn too, apart and labelled with how they differ, and
+the JSON / CSV give every series a "setting". Seeds of one plotted point are averaged; if a point was run at
+several learning rates, the newest run file's lr is used.
 Figure 5 rebuilds trained models from a run JSON + the <name>.prompts.pt beside it (model_from_run).
 
 Command line: `python reproduce.py figure N ...` (or `python analysis.py N ...`); see main().
-Only torch / torchvision / numpy / tqdm are imported here; matplotlib is imported when a figure is drawn.
+matplotlib is imported only when a figure is drawn.
 """
 import argparse
 import csv
@@ -40,13 +42,57 @@ import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 import gated_prompt as gp
+import recipes
 import results
 from data import IMAGENET_MEAN, IMAGENET_STD
 from runtime import EXIT_BAD_INPUT, UserError, atomic_write, write_json, write_text
 
 
 # -----------------------------------------------------------------------------
-# Run files: read with results.py (load_runs, final_metric, newest_lr_runs, summary)
+# Run files: read with results.py (load_runs, final_metric, newest_lr_runs, summary); a figure shows only runs
+# of the paper's exact recipe (results.is_paper_run) unless asked for the others, which are drawn apart
+
+PAPER_RECIPE = "paper recipe"   # the "setting" of a run of the paper's exact recipe
+
+
+def split_by_setting(runs, figure, include_other_settings=False, paper_lr=lambda config: None):
+    """Tag each run with run["setting"]: "paper recipe" (results.is_paper_run at lr paper_lr(config), None = the
+    recipe's lr) or how it differs (results.how_it_differs). Returns (runs to draw, runs left out): the paper's
+    runs, or every run with include_other_settings. A UserError when runs exist but none is the paper's and
+    the others are not asked for."""
+    for run in runs:
+        paper = results.is_paper_run(run, paper_lr(run["config"]))
+        run["setting"] = PAPER_RECIPE if paper else results.how_it_differs(run)
+    paper = [r for r in runs if r["setting"] == PAPER_RECIPE]
+    others = [r for r in runs if r["setting"] != PAPER_RECIPE]
+    if include_other_settings:
+        return runs, []
+    if not paper and others:
+        examples = "; ".join(f"{r['path']}: {r['setting']}" for r in others[:3])
+        raise UserError(f"{figure}: none of the {len(others)} matching run(s) is of the paper's exact recipe "
+                        f"({examples}{' ...' if len(others) > 3 else ''}); --all draws them, marked as other "
+                        "settings")
+    return paper, others
+
+
+def _left_out(runs):
+    """The JSON record of runs not drawn."""
+    return [{"run": r["path"], "setting": r["setting"]} for r in runs]
+
+
+def _with_setting(label, setting, sep=" "):
+    """A legend / title text marked with the run setting when it is not the paper's recipe."""
+    return label if setting == PAPER_RECIPE else f"{label}{sep}(other settings: {setting})"
+
+
+def _field(run, name):
+    return run["setting"] if name == "setting" else run["config"].get(name)
+
+
+def _group_order(key, names):
+    """Sort key of a group: the paper's recipe before other settings, then by value."""
+    setting = key[names.index("setting")] if "setting" in names else PAPER_RECIPE
+    return setting != PAPER_RECIPE, tuple(map(str, key))
 
 
 def _point(runs, metric):
@@ -57,20 +103,24 @@ def _point(runs, metric):
 
 
 def _curves(runs, group_names, x_name, x_of, metric):
-    """One series per distinct (config[name] for name in group_names), with one point per x_of(config):
-    {**group, x_name: [x...], "mean", "std", "n", "lr", "runs": [...] per x}. Unfinished runs are skipped."""
+    """One series per distinct (config[name] for name in group_names; "setting" is the run's setting), with one
+    point per x_of(config): {**group, x_name: [x...], "mean", "std", "n", "lr", "runs": [...] per x}.
+    Unfinished runs are skipped; runs of different settings never share a point."""
     groups = defaultdict(lambda: defaultdict(list))
     for run in runs:
         if results.final_metric(run, metric) is not None:
-            c = run["config"]
-            groups[tuple(c.get(name) for name in group_names)][x_of(c)].append(run)
+            groups[tuple(_field(run, name) for name in group_names)][x_of(run["config"])].append(run)
     series = []
-    for key, by_x in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for key, by_x in sorted(groups.items(), key=lambda kv: _group_order(kv[0], group_names)):
         xs = sorted(by_x)
         points = [_point(by_x[x], metric) for x in xs]
         series.append({**dict(zip(group_names, key)), x_name: xs,
                        **{field: [p[field] for p in points] for field in ("mean", "std", "n", "lr", "runs")}})
     return series
+
+
+def _finished(results_dir, metric, **filters):
+    return [r for r in results.load_runs(results_dir, **filters) if results.final_metric(r, metric) is not None]
 
 
 def _filter_text(filters):
@@ -130,33 +180,47 @@ def _hide_unused(axes, used):
 # Figure 1: accuracy vs the block where prompts are first inserted
 
 
-def figure_insertion(results_dir, out_dir, method="vpt-shallow", metric="test_acc", **filters):
-    """Figure 1: final accuracy vs insert_at (k = first block that sees prompts), one panel per task,
-    one line per SSL backbone. Runs without an insert_at key count as k = 1. Several runs at one point
-    (seeds) are averaged; pass filters (e.g. lr=0.1) to pick the runs. method=None takes every method."""
+def figure1_lr(config):
+    """The lr of a Figure 1 run (Section A.2: CUB 0.1 for MAE, 1.0 for MoCo v3; KITTI 0.1), from paper_hparams.yaml's
+    figure1_lr; None (the recipe's lr) for other tasks, backbones and methods than VPT-shallow."""
+    if config.get("method") != "vpt-shallow":
+        return None
+    return recipes.HPARAMS["figure1_lr"].get(config.get("task"), {}).get(config.get("ssl"))
+
+
+def figure_insertion(results_dir, out_dir, method="vpt-shallow", metric="test_acc", include_other_settings=False,
+                     **filters):
+    """Figure 1: final accuracy vs insert_at (k = first block that sees prompts), one panel per task, one line per
+    SSL backbone; the paper plots VPT-shallow. Only runs of the paper's recipe at Figure 1's lr (figure1_lr), unless
+    include_other_settings: then the others are drawn too, as their own dashed lines named by how they differ.
+    Runs without an insert_at key count as k = 1. Seeds of one point are averaged; pass filters (e.g. lr=0.1) to
+    pick the runs. method=None takes every method."""
     filters = dict(filters, method=method)
-    series = _curves(results.load_runs(results_dir, **filters), ("task", "ssl", "method"),
-                     "insert_at", lambda c: int(c.get("insert_at", 1)), metric)
-    if not series:
+    runs = _finished(results_dir, metric, **filters)
+    if not runs:
         raise UserError(f"figure 1: no finished runs (final.{metric}) in {results_dir} ({_filter_text(filters)})")
+    runs, left_out = split_by_setting(runs, "figure 1", include_other_settings, paper_lr=figure1_lr)
+    names = ("task", "ssl", "method", "setting")
+    series = _curves(runs, names, "insert_at", lambda c: int(c.get("insert_at", 1)), metric)
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "figure1_insertion.json"),
              "csv": os.path.join(out_dir, "figure1_insertion.csv"),
              "png": os.path.join(out_dir, "figure1_insertion.png")}
-    write_json(paths["json"], {"figure": 1, "metric": metric, "filters": filters, "series": series})
-    _write_csv(paths["csv"], ["task", "ssl", "method", "insert_at", f"{metric}_mean", f"{metric}_std", "n_runs", "lr"],
-               [(s["task"], s["ssl"], s["method"], k, round(m, 4), round(sd, 4), n, lr)
+    write_json(paths["json"], {"figure": 1, "metric": metric, "filters": filters, "series": series,
+                               "other_settings_not_shown": _left_out(left_out)})
+    _write_csv(paths["csv"], ["task", "ssl", "method", "setting", "insert_at", f"{metric}_mean", f"{metric}_std",
+                              "n_runs", "lr"],
+               [(s["task"], s["ssl"], s["method"], s["setting"], k, round(m, 4), round(sd, 4), n, lr)
                 for s in series for k, m, sd, n, lr in zip(s["insert_at"], s["mean"], s["std"], s["n"], s["lr"])])
 
     tasks = sorted({s["task"] for s in series}, key=str)
-    line_keys = [(s["ssl"], s["method"]) for s in series]
-    varying = _varying(line_keys, ("ssl", "method")) | {"ssl"}
+    varying = _varying([(s["ssl"], s["method"]) for s in series], ("ssl", "method")) | {"ssl"}
     nrows, ncols = _grid_shape(len(tasks))
     fig, axes = _new_figure(nrows, ncols)
     for ax, task in zip(axes.flat, tasks):
         for s in (s for s in series if s["task"] == task):
-            ax.errorbar(s["insert_at"], s["mean"], yerr=s["std"], marker="o", capsize=2,
-                        label=_label((s["ssl"], s["method"]), ("ssl", "method"), varying))
+            label = _with_setting(_label((s["ssl"], s["method"]), ("ssl", "method"), varying), s["setting"])
+            ax.errorbar(s["insert_at"], s["mean"], yerr=s["std"], capsize=2, label=label, **_line_style(s["setting"]))
         ax.set_title(str(task))
         ax.set_xlabel("block where prompts are first inserted (k)")
         ax.set_ylabel(f"{metric} (%)")
@@ -166,6 +230,11 @@ def figure_insertion(results_dir, out_dir, method="vpt-shallow", metric="test_ac
     _hide_unused(axes, len(tasks))
     _save(fig, paths["png"], "Figure 1: accuracy vs the first block that sees prompts")
     return paths
+
+
+def _line_style(setting):
+    """Solid lines with dots for the paper's recipe; dashed lines with crosses for other settings."""
+    return {"marker": "o"} if setting == PAPER_RECIPE else {"marker": "x", "linestyle": "--"}
 
 # -----------------------------------------------------------------------------
 # Figure 4: selection ratio (Eq. 10-11)
@@ -180,37 +249,33 @@ def _ratio_list(value):
     return [float(v) for v in value] if isinstance(value, list) and value else None
 
 
-def figure_selection_ratio(results_dir, out_dir, **filters):
+def figure_selection_ratio(results_dir, out_dir, include_other_settings=False, **filters):
     """Figure 4: bar chart of the stored selection ratio r_l (Eq. 11) over blocks 1..L-1, one panel per
-    (task, ssl) (and method, when several gated methods are stored). Runs are averaged within a panel."""
-    groups = defaultdict(list)   # (task, ssl, method) -> runs
+    (task, ssl) (and method, when several gated methods are stored). Runs are averaged within a panel. Only runs of
+    the paper's recipe, unless include_other_settings: then the others get panels of their own (grey bars) whose
+    title says how they differ."""
+    runs = []
     for run in results.load_runs(results_dir, **filters):
         run["ratio"] = _ratio_list(run.get("selection_ratio"))
         if run["ratio"] is not None:
-            c = run["config"]
-            groups[(c.get("task"), c.get("ssl"), c.get("method"))].append(run)
-    if not groups:
+            runs.append(run)
+    if not runs:
         raise UserError(f"figure 4: no runs with a stored selection_ratio in {results_dir} ({_filter_text(filters)}); "
                         "only gated methods have one")
-    panels = []
-    for (task, ssl, meth), runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        runs = results.newest_lr_runs(runs)
-        lengths = {len(r["ratio"]) for r in runs}
-        if len(lengths) > 1:
-            raise UserError(f"figure 4: runs for {task}/{ssl}/{meth} store selection ratios of different lengths "
-                            f"{sorted(lengths)}: {[r['path'] for r in runs]}")
-        arr = np.asarray([r["ratio"] for r in runs], dtype=np.float64)
-        panels.append({"task": task, "ssl": ssl, "method": meth, "blocks": list(range(1, arr.shape[1] + 1)),
-                       "mean": arr.mean(0).tolist(),
-                       "std": (arr.std(0, ddof=1) if len(arr) > 1 else np.zeros(arr.shape[1])).tolist(),
-                       "n": len(arr), "lr": runs[0]["config"].get("lr"), "runs": [r["path"] for r in runs]})
+    runs, left_out = split_by_setting(runs, "figure 4", include_other_settings)
+    groups = defaultdict(list)   # (task, ssl, method, setting) -> runs
+    for run in runs:
+        groups[tuple(_field(run, name) for name in ("task", "ssl", "method", "setting"))].append(run)
+    panels = [_ratio_panel(key, runs) for key, runs in
+              sorted(groups.items(), key=lambda kv: _group_order(kv[0], ("task", "ssl", "method", "setting")))]
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "figure4_selection_ratio.json"),
              "csv": os.path.join(out_dir, "figure4_selection_ratio.csv"),
              "png": os.path.join(out_dir, "figure4_selection_ratio.png")}
-    write_json(paths["json"], {"figure": 4, "filters": filters, "panels": panels})
-    _write_csv(paths["csv"], ["task", "ssl", "method", "block", "ratio_mean", "ratio_std", "n_runs"],
-               [(p["task"], p["ssl"], p["method"], b, round(m, 6), round(s, 6), p["n"])
+    write_json(paths["json"], {"figure": 4, "filters": filters, "panels": panels,
+                               "other_settings_not_shown": _left_out(left_out)})
+    _write_csv(paths["csv"], ["task", "ssl", "method", "setting", "block", "ratio_mean", "ratio_std", "n_runs"],
+               [(p["task"], p["ssl"], p["method"], p["setting"], b, round(m, 6), round(s, 6), p["n"])
                 for p in panels for b, m, s in zip(p["blocks"], p["mean"], p["std"])])
 
     names = ("task", "ssl", "method")
@@ -218,8 +283,11 @@ def figure_selection_ratio(results_dir, out_dir, **filters):
     nrows, ncols = _grid_shape(len(panels))
     fig, axes = _new_figure(nrows, ncols)
     for ax, p in zip(axes.flat, panels):
-        ax.bar(p["blocks"], p["mean"], yerr=p["std"] if p["n"] > 1 else None, color="tab:blue", capsize=2)
-        ax.set_title(_label((p["task"], p["ssl"], p["method"]), names, varying))
+        paper = p["setting"] == PAPER_RECIPE
+        ax.bar(p["blocks"], p["mean"], yerr=p["std"] if p["n"] > 1 else None, capsize=2,
+               color="tab:blue" if paper else "tab:gray")
+        ax.set_title(_with_setting(_label((p["task"], p["ssl"], p["method"]), names, varying), p["setting"], "\n"),
+                     fontsize=10 if paper else 8)
         ax.set_xlabel("block l")
         ax.set_ylabel("selection ratio r_l (Eq. 11)")
         ax.set_xticks(p["blocks"])
@@ -227,6 +295,21 @@ def figure_selection_ratio(results_dir, out_dir, **filters):
     _hide_unused(axes, len(panels))
     _save(fig, paths["png"], "Figure 4: selection ratio (Eq. 11)")
     return paths
+
+
+def _ratio_panel(key, runs):
+    """Mean and std of the selection ratios of one panel's runs (newest lr)."""
+    task, ssl, method, setting = key
+    runs = results.newest_lr_runs(runs)
+    lengths = {len(r["ratio"]) for r in runs}
+    if len(lengths) > 1:
+        raise UserError(f"figure 4: runs for {task}/{ssl}/{method} store selection ratios of different lengths "
+                        f"{sorted(lengths)}: {[r['path'] for r in runs]}")
+    arr = np.asarray([r["ratio"] for r in runs], dtype=np.float64)
+    return {"task": task, "ssl": ssl, "method": method, "setting": setting, "blocks": list(range(1, arr.shape[1] + 1)),
+            "mean": arr.mean(0).tolist(),
+            "std": (arr.std(0, ddof=1) if len(arr) > 1 else np.zeros(arr.shape[1])).tolist(),
+            "n": len(arr), "lr": runs[0]["config"].get("lr"), "runs": [r["path"] for r in runs]}
 
 # -----------------------------------------------------------------------------
 # Figure 7 / Table 7: accuracy vs the total number of prompt tokens
@@ -244,34 +327,30 @@ def total_prompt_tokens(config):
 
 
 def figure_prompt_count(results_dir, out_dir, methods=("vpt-deep", "gated", "gated+temp"), metric="test_acc",
-                        **filters):
+                        include_other_settings=False, **filters):
     """Figure 7 / Table 7: final accuracy vs total prompt tokens, one panel per (ssl, task), one line per
-    method. Also writes Table 7 as CSV: one row per (tokens, method), one column per task, and their mean
-    (AVG, only where every task has a run)."""
+    method. Also writes Table 7 as CSV: one row per (tokens, method, setting), one column per task, and their mean
+    (AVG, only where every task has a run). Only runs of the paper's recipe (Section A.2: Table 1's lr), unless
+    include_other_settings: then the others are drawn too, as their own dashed lines named by how they differ."""
     filters = dict(filters, method=list(methods) if methods is not None else None)
-    runs = [r for r in results.load_runs(results_dir, **filters) if r["config"].get("num_prompts") is not None]
-    series = _curves(runs, ("ssl", "task", "method"), "prompt_tokens", total_prompt_tokens, metric)
-    if not series:
+    runs = [r for r in _finished(results_dir, metric, **filters) if r["config"].get("num_prompts") is not None]
+    if not runs:
         raise UserError(f"figure 7: no finished runs (final.{metric}) with num_prompts in {results_dir} "
                         f"({_filter_text(filters)})")
-
-    # Table 7: rows (ssl, tokens, method), columns tasks + AVG
+    runs, left_out = split_by_setting(runs, "figure 7", include_other_settings)
+    series = _curves(runs, ("ssl", "task", "method", "setting"), "prompt_tokens", total_prompt_tokens, metric)
     tasks = sorted({s["task"] for s in series}, key=str)
-    cell = {(s["ssl"], n, s["method"], s["task"]): m for s in series for n, m in zip(s["prompt_tokens"], s["mean"])}
-    table = []
-    for ssl, n, meth in sorted({(k[0], k[1], k[2]) for k in cell}, key=lambda r: (str(r[0]), r[1], str(r[2]))):
-        values = [cell.get((ssl, n, meth, t)) for t in tasks]
-        avg = float(np.mean(values)) if all(v is not None for v in values) else None
-        table.append({"ssl": ssl, "prompt_tokens": n, "method": meth, **dict(zip(tasks, values)), "AVG": avg})
+    table = _table7(series, tasks)
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "figure7_prompt_count.json"),
              "csv": os.path.join(out_dir, "table7_prompt_count.csv"),
              "png": os.path.join(out_dir, "figure7_prompt_count.png")}
-    write_json(paths["json"], {"figure": 7, "metric": metric, "filters": filters, "series": series, "table7": table})
+    write_json(paths["json"], {"figure": 7, "metric": metric, "filters": filters, "series": series, "table7": table,
+                               "other_settings_not_shown": _left_out(left_out)})
     fmt = lambda v: "" if v is None else round(v, 2)  # noqa: E731
-    _write_csv(paths["csv"], ["ssl", "prompt_tokens", "method"] + [str(t) for t in tasks] + ["AVG"],
-               [[r["ssl"], r["prompt_tokens"], r["method"]] + [fmt(r[t]) for t in tasks] + [fmt(r["AVG"])]
+    _write_csv(paths["csv"], ["ssl", "prompt_tokens", "method", "setting"] + [str(t) for t in tasks] + ["AVG"],
+               [[r["ssl"], r["prompt_tokens"], r["method"], r["setting"]] + [fmt(r[t]) for t in tasks] + [fmt(r["AVG"])]
                 for r in table])
 
     panels = sorted({(s["ssl"], s["task"]) for s in series}, key=lambda k: tuple(map(str, k)))
@@ -279,7 +358,8 @@ def figure_prompt_count(results_dir, out_dir, methods=("vpt-deep", "gated", "gat
     fig, axes = _new_figure(nrows, ncols)
     for ax, (ssl, task) in zip(axes.flat, panels):
         for s in (s for s in series if (s["ssl"], s["task"]) == (ssl, task)):
-            ax.errorbar(s["prompt_tokens"], s["mean"], yerr=s["std"], marker="o", capsize=2, label=s["method"])
+            ax.errorbar(s["prompt_tokens"], s["mean"], yerr=s["std"], capsize=2,
+                        label=_with_setting(s["method"], s["setting"]), **_line_style(s["setting"]))
         ticks = sorted({n for s in series if (s["ssl"], s["task"]) == (ssl, task) for n in s["prompt_tokens"]})
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [str(t) for t in ticks])
@@ -292,6 +372,21 @@ def figure_prompt_count(results_dir, out_dir, methods=("vpt-deep", "gated", "gat
     _hide_unused(axes, len(panels))
     _save(fig, paths["png"], "Figure 7: accuracy vs number of prompt tokens")
     return paths
+
+
+def _table7(series, tasks):
+    """Table 7's rows: one per (ssl, tokens, method, setting), a value per task and their mean (AVG, only where
+    every task has one)."""
+    cell = {(s["ssl"], n, s["method"], s["setting"], s["task"]): m
+            for s in series for n, m in zip(s["prompt_tokens"], s["mean"])}
+    rows = sorted({k[:4] for k in cell}, key=lambda r: (str(r[0]), r[1], str(r[2]), r[3] != PAPER_RECIPE, r[3]))
+    table = []
+    for ssl, n, method, setting in rows:
+        values = [cell.get((ssl, n, method, setting, t)) for t in tasks]
+        avg = float(np.mean(values)) if all(v is not None for v in values) else None
+        table.append({"ssl": ssl, "prompt_tokens": n, "method": method, "setting": setting,
+                      **dict(zip(tasks, values)), "AVG": avg})
+    return table
 
 # -----------------------------------------------------------------------------
 # Images and backbone helpers
@@ -702,6 +797,7 @@ def main(argv=None):
         epilog="""examples:
   reproduce.py figure 1 --filter lr=0.1                 accuracy vs first prompted block (stored runs)
   reproduce.py figure 4                                 selection ratios of the stored gated runs
+  reproduce.py figure 4 --all                           ... and of runs of other settings, marked as such
   reproduce.py figure 7 --filter ssl=mae                accuracy vs prompt tokens + Table 7 (stored runs)
   reproduce.py figure 5 --image bird.jpg --checkpoint checkpoints/mae_pretrain_vit_base.pth \\
       --run results/cub/mae/RUN-gated.json --run results/cub/mae/RUN-gated+temp.json
@@ -712,6 +808,9 @@ def main(argv=None):
     p.add_argument("--out-dir", help="where the figure goes (default <results-dir>/figures)")
     p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                    help="figures 1/4/7: keep runs whose config has KEY=VALUE (repeatable)")
+    p.add_argument("--all", dest="include_other_settings", action="store_true",
+                   help="figures 1/4/7: also draw runs that are not of the paper's exact recipe (shortened, other "
+                        "settings, older recipe version, another lr), each marked with how it differs")
     p.add_argument("--method", default="vpt-shallow", help="figure 1: the method plotted (default vpt-shallow; "
                                                            "'any' for all)")
     p.add_argument("--image", action="append", default=[], help="figures 2/5/9: an image file or folder (repeatable)")
@@ -738,11 +837,13 @@ def main(argv=None):
 
     if args.number == 1:
         paths = figure_insertion(args.results_dir, out_dir, method=None if args.method == "any" else args.method,
-                                 **filters)
+                                 include_other_settings=args.include_other_settings, **filters)
     elif args.number == 4:
-        paths = figure_selection_ratio(args.results_dir, out_dir, **filters)
+        paths = figure_selection_ratio(args.results_dir, out_dir, include_other_settings=args.include_other_settings,
+                                       **filters)
     elif args.number == 7:
-        paths = figure_prompt_count(args.results_dir, out_dir, **filters)
+        paths = figure_prompt_count(args.results_dir, out_dir, include_other_settings=args.include_other_settings,
+                                    **filters)
     elif args.number == 5:
         if not (args.image and args.run and args.checkpoint):
             raise UserError("figure 5 needs --image, --checkpoint and at least one --run")
@@ -767,7 +868,18 @@ def main(argv=None):
                            out_dir, steps=args.steps, lr=args.lr, seed=args.seed)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
+    if args.number in (1, 4, 7):
+        _note_left_out(paths["json"])
     return 0
+
+
+def _note_left_out(json_path):
+    """Say how many runs of other settings a stored-run figure left out (its JSON lists them)."""
+    with open(json_path) as f:
+        left_out = json.load(f)["other_settings_not_shown"]
+    if left_out:
+        print(f"note: {len(left_out)} run(s) are not of the paper's exact recipe and are not shown (listed in "
+              f"{json_path}); --all draws them, marked as other settings")
 
 
 if __name__ == "__main__":

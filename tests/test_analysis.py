@@ -16,6 +16,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import analysis  # noqa: E402
 import gated_prompt as gp  # noqa: E402
+import recipes  # noqa: E402
 import results  # noqa: E402
 from runtime import UserError  # noqa: E402
 
@@ -58,11 +59,15 @@ def read_csv(path):
 
 
 def write_format_fixture_run(results_dir, name, test_acc=None, selection_ratio=None, protocol="final", age=0,
-                             **config):
-    """One fake run JSON in the harness's layout; `age` seconds makes the file older (lr choice by mtime)."""
-    config = {"task": "cub", "ssl": "mae", "method": "vpt-shallow", "num_prompts": 100, "insert_at": 1,
-              "arch": "vit_base", "lr": 0.1, "seed": 42, **config}
-    run = {"config": config, "protocol": protocol, "gates": [], "selection_ratio": selection_ratio,
+                             task="cub", ssl="mae", method="vpt-shallow", recipe_version=recipes.RECIPE_VERSION,
+                             lr_source=None, **overrides):
+    """One fake run JSON in the harness's layout: the config recipes.resolve gives with `overrides` (e.g.
+    insert_at=6, epochs=1), its deviations, and lr_source "recipe" unless an lr is given ("command line").
+    `age` seconds makes the file older (lr choice by mtime)."""
+    config = results.identity(recipes.resolve(task, ssl, method, **overrides))
+    run = {"config": config, "protocol": protocol, "recipe_version": recipe_version,
+           "lr_source": lr_source or ("command line" if "lr" in overrides else "recipe"),
+           "deviations": results.identity(recipes.deviations(config)), "gates": [], "selection_ratio": selection_ratio,
            "temperatures": None, "history": [{"epoch": 1}], "extra_key_the_harness_might_add": {"x": 1}}
     if test_acc is not None:
         run["final"] = {"test_acc": test_acc, "val_acc": None}
@@ -93,11 +98,11 @@ def test_load_runs_filters_and_skips_foreign_files(tmp_path):
 
 
 def test_figure_point_uses_the_newest_lr(tmp_path):
-    """A point re-run at another lr shows the newest file's lr only, its seeds averaged."""
-    write_format_fixture_run(tmp_path, "old-lr-s1", 10.0, lr=0.5, seed=1, age=100)
-    write_format_fixture_run(tmp_path, "old-lr-s2", 12.0, lr=0.5, seed=2, age=100)
-    write_format_fixture_run(tmp_path, "new-lr-s1", 50.0, lr=0.1, seed=1, age=10)
-    write_format_fixture_run(tmp_path, "new-lr-s2", 54.0, lr=0.1, seed=2)
+    """A point re-run at another lr (both picked by the lr sweep) shows the newest file's lr only, seeds averaged."""
+    write_format_fixture_run(tmp_path, "old-lr-s1", 10.0, lr=0.5, seed=1, age=100, lr_source="sweep")
+    write_format_fixture_run(tmp_path, "old-lr-s2", 12.0, lr=0.5, seed=2, age=100, lr_source="sweep")
+    write_format_fixture_run(tmp_path, "new-lr-s1", 50.0, lr=0.1, seed=1, age=10, lr_source="sweep")
+    write_format_fixture_run(tmp_path, "new-lr-s2", 54.0, lr=0.1, seed=2, lr_source="sweep")
     paths = analysis.figure_insertion(tmp_path, tmp_path / "out")
     (series,) = json.loads(open(paths["json"]).read())["series"]
     assert (series["lr"], series["n"], series["mean"]) == ([0.1], [2], [52.0])
@@ -183,6 +188,110 @@ def test_figure_prompt_count_and_table7(tmp_path):
     data = json.loads(open(paths["json"]).read())
     deep_cars = next(s for s in data["series"] if (s["task"], s["method"]) == ("cars", "vpt-deep"))
     assert deep_cars["prompt_tokens"] == [12, 24, 48, 96]
+
+
+def drawn_figure(monkeypatch):
+    """Keeps the matplotlib Figure each figure function saves, to read its legends and titles."""
+    figures = []
+    save = analysis._save
+
+    def keep_and_save(fig, path, *args, **kwargs):
+        figures.append(fig)
+        return save(fig, path, *args, **kwargs)
+    monkeypatch.setattr(analysis, "_save", keep_and_save)
+    return figures
+
+
+def legend_texts(fig):
+    return [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+
+
+def write_runs_of_other_settings(results):
+    """Per figure, one paper-recipe run and two runs of the same point that are not: shortened (epochs=1) and
+    stale (written by an older recipe version)."""
+    ratio = [0.0] * 9 + [0.2, 0.8]
+    for tag, extra in (("paper", {}), ("short", {"epochs": 1}), ("stale", {"recipe_version": 1})):
+        acc = {"paper": 45.0, "short": 5.0, "stale": 25.0}[tag]
+        write_format_fixture_run(results, f"fig1-{tag}", acc, insert_at=6, **extra)
+        write_format_fixture_run(results, f"fig4-{tag}", None, selection_ratio=ratio if tag == "paper" else ratio[::-1],
+                                 task="nabirds", method="gated+temp", **extra)
+        write_format_fixture_run(results, f"fig7-{tag}", acc, task="cars", method="vpt-deep", num_prompts=2, **extra)
+
+
+OTHER_SETTINGS = {"epochs=1", f"stale: recipe version 1, now {recipes.RECIPE_VERSION}"}
+
+
+def test_figures_show_only_the_paper_recipe_by_default(tmp_path):
+    results_dir = tmp_path / "results"
+    write_runs_of_other_settings(results_dir)
+    fig1 = json.loads(open(analysis.figure_insertion(results_dir, tmp_path / "f1")["json"]).read())
+    assert [(s["setting"], s["mean"]) for s in fig1["series"]] == [("paper recipe", [45.0])]   # not averaged in
+    assert {r["setting"] for r in fig1["other_settings_not_shown"]} == OTHER_SETTINGS
+    fig4 = json.loads(open(analysis.figure_selection_ratio(results_dir, tmp_path / "f4")["json"]).read())
+    assert [(p["task"], p["setting"]) for p in fig4["panels"]] == [("nabirds", "paper recipe")]
+    assert fig4["panels"][0]["mean"][-2:] == pytest.approx([0.2, 0.8])
+    paths = analysis.figure_prompt_count(results_dir, tmp_path / "f7")
+    fig7 = json.loads(open(paths["json"]).read())
+    assert [(s["setting"], s["mean"]) for s in fig7["series"]] == [("paper recipe", [45.0])]
+    assert [(r["setting"], r["cars"]) for r in read_csv(paths["csv"])] == [("paper recipe", "45.0")]
+
+
+def test_figures_mark_other_settings_when_asked(tmp_path, monkeypatch):
+    results_dir = tmp_path / "results"
+    write_runs_of_other_settings(results_dir)
+    figures = drawn_figure(monkeypatch)
+    paths = analysis.figure_insertion(results_dir, tmp_path / "f1", include_other_settings=True)
+    series = json.loads(open(paths["json"]).read())["series"]
+    assert [(s["setting"], s["mean"]) for s in series][0] == ("paper recipe", [45.0])    # each its own series
+    assert {(s["setting"], s["mean"][0]) for s in series[1:]} == {
+        ("epochs=1", 5.0), (f"stale: recipe version 1, now {recipes.RECIPE_VERSION}", 25.0)}
+    assert {r["setting"] for r in read_csv(paths["csv"])} == {"paper recipe"} | OTHER_SETTINGS
+    assert sorted(legend_texts(figures[-1])) == sorted(["mae"] + [f"mae (other settings: {s})" for s in OTHER_SETTINGS])
+
+    paths = analysis.figure_selection_ratio(results_dir, tmp_path / "f4", include_other_settings=True)
+    panels = json.loads(open(paths["json"]).read())["panels"]
+    assert [p["setting"] for p in panels][0] == "paper recipe" and {p["setting"] for p in panels[1:]} == OTHER_SETTINGS
+    assert panels[0]["mean"][-2:] == pytest.approx([0.2, 0.8]) and panels[0]["n"] == 1
+    titles = [ax.get_title() for ax in figures[-1].axes if ax.get_visible()]
+    assert sum("other settings: epochs=1" in t for t in titles) == 1 and "other settings" not in titles[0]
+    assert {r["setting"] for r in read_csv(paths["csv"])} == {"paper recipe"} | OTHER_SETTINGS
+
+    paths = analysis.figure_prompt_count(results_dir, tmp_path / "f7", include_other_settings=True)
+    table = {r["setting"]: r["cars"] for r in read_csv(paths["csv"])}
+    assert table == {"paper recipe": "45.0", "epochs=1": "5.0",
+                     f"stale: recipe version 1, now {recipes.RECIPE_VERSION}": "25.0"}
+    assert "vpt-deep (other settings: epochs=1)" in legend_texts(figures[-1])
+    # the command line's --all
+    assert analysis.main(["7", "--results-dir", str(results_dir), "--out-dir", str(tmp_path / "cli"), "--all"]) == 0
+    assert len(read_csv(tmp_path / "cli" / "table7_prompt_count.csv")) == 3
+
+
+def test_figures_without_a_paper_run_point_to_all(tmp_path, capsys):
+    results_dir = tmp_path / "results"
+    write_format_fixture_run(results_dir, "short", 5.0, insert_at=6, epochs=1)
+    write_format_fixture_run(results_dir, "short-ratio", 5.0, task="nabirds", method="gated+temp", epochs=1,
+                             selection_ratio=[0.0] * 10 + [1.0])
+    write_format_fixture_run(results_dir, "short-deep", 5.0, task="cars", method="vpt-deep", num_prompts=2, epochs=1)
+    for figure in (analysis.figure_insertion, analysis.figure_selection_ratio, analysis.figure_prompt_count):
+        with pytest.raises(UserError, match=r"paper's exact recipe.*epochs=1.*--all"):
+            figure(results_dir, tmp_path / "out")
+    # a paper run beside them: drawn, and the command line says what it left out
+    write_format_fixture_run(results_dir, "paper", 45.0, insert_at=6)
+    assert analysis.main(["1", "--results-dir", str(results_dir), "--out-dir", str(tmp_path / "cli")]) == 0
+    assert "1 run(s) are not of the paper's exact recipe" in capsys.readouterr().out
+
+
+def test_figure1_uses_section_a2_learning_rates(tmp_path):
+    """Figure 1's KITTI runs with MoCo v3 are at lr 0.1 (Section A.2), not Table 5's 1.0; VPT-shallow only."""
+    results_dir = tmp_path / "results"
+    assert recipes.resolve("kitti", "mocov3", "vpt-shallow")["lr"] == 1.0
+    write_format_fixture_run(results_dir, "table5-lr", 20.0, task="kitti", ssl="mocov3", insert_at=3)
+    write_format_fixture_run(results_dir, "figure1-lr", 30.0, task="kitti", ssl="mocov3", insert_at=3, lr=0.1)
+    write_format_fixture_run(results_dir, "gated", 99.0, task="kitti", ssl="mocov3", method="gated", insert_at=3)
+    paths = analysis.figure_insertion(results_dir, tmp_path / "out")
+    data = json.loads(open(paths["json"]).read())
+    assert [(s["setting"], s["lr"], s["mean"]) for s in data["series"]] == [("paper recipe", [0.1], [30.0])]
+    assert [r["setting"] for r in data["other_settings_not_shown"]] == ["lr=1.0 (recipe)"]
 
 
 def test_total_prompt_tokens():
