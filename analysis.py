@@ -25,7 +25,6 @@ matplotlib is imported only when a figure is drawn.
 """
 import argparse
 import csv
-import dataclasses
 import io
 import json
 import math
@@ -441,6 +440,8 @@ def backbone_tokens(model, images, block):
 def backbone_twin(model):
     """A prompt-free ("linear" method) copy of model's frozen backbone with the same weights: the
     "frozen backbone" row of Figure 5 and the model whose blocks DIP inverts."""
+    # Built from model.cfg (a gated_prompt ViTConfig), not through recipes.build_model: the twin copies an existing
+    # model's architecture and weights; there is no run config to resolve, and no file to load.
     twin = gp.VisionTransformer(model.cfg, gp.prompt_config("linear", num_classes=0))
     twin.load_state_dict(model.backbone_state_dict())
     return twin.to(_device(model)).eval()
@@ -722,8 +723,8 @@ def figure_dip(models, images, blocks, out_dir, steps=1000, lr=0.01, seed=0, max
 
 
 def model_from_run(run_path, checkpoint, device="cpu"):
-    """Rebuild a trained model: its run JSON's config, the backbone file it was trained on, and the
-    prompt-side weights the harness saves beside the JSON as <name>.prompts.pt. Returns (model, run)."""
+    """Rebuild a trained model: recipes.build_model of its run JSON's config on the backbone file it was trained on,
+    with the prompt-side weights the harness saves beside the JSON as <name>.prompts.pt. Returns (model, run)."""
     run_path = os.fspath(run_path)
     with open(run_path) as f:
         run = json.load(f)
@@ -735,28 +736,24 @@ def model_from_run(run_path, checkpoint, device="cpu"):
         raise UserError(f"{prompts_path}: the trained prompts of {run_path} are missing (the harness writes them "
                         "beside the run JSON)")
     state = torch.load(prompts_path, map_location="cpu", weights_only=True)
-    num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
-    prompt_keys = {f.name for f in dataclasses.fields(gp.PromptConfig)} - {"num_classes"}
-    vit_cfg = gp.vit_config(cfg.get("arch", "vit_base"), cfg.get("ssl", "mae"), img_size=cfg.get("img_size", 224),
-                            **(cfg.get("arch_overrides") or {}))
-    prompt_cfg = gp.prompt_config(cfg["method"], num_classes=num_classes,
-                                  **{k: v for k, v in cfg.items() if k in prompt_keys})
-    model = gp.VisionTransformer(vit_cfg, prompt_cfg)
-    gp.load_backbone(model, checkpoint)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k in model.prompt_state_dict()]
-    if missing or unexpected:
-        raise UserError(f"{prompts_path} does not fit the model of {run_path} (missing {missing}, "
-                        f"unexpected {unexpected})")
+    num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0   # the trained head's size
+    try:
+        model = recipes.build_model(cfg, num_classes, checkpoint, verbose=False)
+    except KeyError as e:
+        raise UserError(f"{run_path}: its config lacks {e} (written by an older harness?)") from None
+    try:
+        model.load_prompt_state_dict(state)
+    except ValueError as e:
+        raise UserError(f"{prompts_path} does not fit the model of {run_path}: {e}") from None
     return model.to(device).eval(), run
 
 
-def backbone_from_file(checkpoint, arch="vit_base", img_size=224, device="cpu", **arch_overrides):
-    """A prompt-free backbone (the "linear" method, no head) loaded from any format load_backbone reads."""
-    model = gp.VisionTransformer(gp.vit_config(arch, "mae", img_size=img_size, **arch_overrides),
-                                 gp.prompt_config("linear", num_classes=0))
-    gp.load_backbone(model, checkpoint)
-    return model.to(device).eval()
+def backbone_from_file(checkpoint, arch="vit_base", img_size=224, device="cpu", ssl="mae", **arch_overrides):
+    """A prompt-free backbone (the "linear" method, no head) loaded from any format load_backbone reads, built by
+    recipes.build_model. ssl sets only the pooling, which the figures' token and attention reads do not use."""
+    cfg = {"arch": arch, "ssl": ssl, "method": "linear", "img_size": img_size, "arch_overrides": arch_overrides,
+           "num_prompts": 0, "gate_init": 0.0, "insert_at": 1, "prompt_dropout": 0.0}   # no prompts, no gates
+    return recipes.build_model(cfg, 0, checkpoint, verbose=False).to(device).eval()
 
 
 def image_files(paths, limit=None):
@@ -885,6 +882,6 @@ def _note_left_out(json_path):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except UserError as e:
+    except (UserError, gp.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

@@ -478,13 +478,13 @@ def test_figure_dip(tmp_path):
 TINY_ARCH = dict(embed_dim=32, depth=4, num_heads=2, patch_size=8)   # img_size is its own config key
 
 
-def save_tiny_run(tmp_path, method, backbone_state, seed):
+def save_tiny_run(tmp_path, method, backbone_state, seed, **config_overrides):
     """A tiny trained-looking run: run JSON (FILE-FORMAT FIXTURE) + <name>.prompts.pt beside it."""
     model = tiny_model(method, seed=seed, gate_init=1.0)
     model.load_state_dict(backbone_state, strict=False)
     config = {"task": "cub", "ssl": "mae", "method": method, "arch": "vit_base", "arch_overrides": TINY_ARCH,
               "img_size": 32, "num_prompts": 3, "gate_init": 1.0, "insert_at": 1, "prompt_dropout": 0.1,
-              "lr": 0.1, "seed": 42}
+              "lr": 0.1, "seed": 42, **config_overrides}
     path = tmp_path / f"{method}.json"
     path.write_text(json.dumps({"config": config, "protocol": "final", "final": {"test_acc": 1.0}}))
     torch.save(model.prompt_state_dict(), tmp_path / f"{method}.prompts.pt")
@@ -527,3 +527,51 @@ def test_figure2_command_line(tmp_path):
     assert_png(out / "figure2_dip_reconstructions.png")
     rows = read_csv(out / "figure9_dip_scores.csv")
     assert [(r["model"], r["block"], r["image"]) for r in rows] == [("MAE", "2", "0")]
+
+
+def tiny_checkpoint(tmp_path, seed=7):
+    backbone = tiny_model("linear", seed=seed)
+    checkpoint = tmp_path / "backbone.pth"
+    torch.save({"model": backbone.backbone_state_dict()}, checkpoint)   # MAE-style file
+    return checkpoint, backbone
+
+
+def test_model_from_run_is_the_model_its_config_builds(tmp_path):
+    """The figure's model is recipes.build_model of the stored config: here a 48-pixel input whose 4x4 stored
+    position grid is resized bilinearly (the config's pos_embed_interpolation), as training resized it."""
+    checkpoint, backbone = tiny_checkpoint(tmp_path)
+    run_path, trained = save_tiny_run(tmp_path, "gated+temp", backbone.backbone_state_dict(), seed=3, img_size=48,
+                                      pos_embed_interpolation="bilinear")
+    rebuilt, run = analysis.model_from_run(run_path, checkpoint)
+    expected = recipes.build_model(run["config"], 5, checkpoint, verbose=False)
+    expected.load_prompt_state_dict(trained.prompt_state_dict())
+    assert rebuilt.cfg == expected.cfg and rebuilt.cfg.pos_embed_interpolation == "bilinear"
+    bicubic = gp.resize_pos_embed(backbone.pos_embed.detach(), (6, 6), "bicubic")
+    assert torch.equal(rebuilt.pos_embed, expected.pos_embed) and not torch.allclose(rebuilt.pos_embed, bicubic)
+    x = analysis.imagenet_normalise(tiny_image(size=48)[None])
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), expected.eval()(x))
+
+
+def test_model_from_run_refuses_prompts_of_another_model(tmp_path):
+    checkpoint, backbone = tiny_checkpoint(tmp_path)
+    run_path, _ = save_tiny_run(tmp_path, "gated+temp", backbone.backbone_state_dict(), seed=3, num_prompts=4)
+    with pytest.raises(UserError, match=r"gated\+temp.prompts.pt does not fit the model of .*gated\+temp.json.*prompts"):
+        analysis.model_from_run(run_path, checkpoint)          # 3 prompts stored, the config says 4
+    gated_path, _ = save_tiny_run(tmp_path, "gated", backbone.backbone_state_dict(), seed=4)
+    os.replace(tmp_path / "gated+temp.prompts.pt", tmp_path / "gated.prompts.pt")
+    with pytest.raises(UserError, match=r"gated.prompts.pt does not fit .*unexpected \['temperatures'\]"):
+        analysis.model_from_run(gated_path, checkpoint)         # a gated+temp file for a gated run
+
+
+def test_backbone_from_file_is_the_linear_model_of_the_file(tmp_path):
+    checkpoint, backbone = tiny_checkpoint(tmp_path)
+    model = analysis.backbone_from_file(checkpoint, img_size=32, ssl="mocov3", **TINY_ARCH)
+    cfg = {"arch": "vit_base", "ssl": "mocov3", "method": "linear", "img_size": 32, "arch_overrides": TINY_ARCH,
+           "num_prompts": 0, "gate_init": 0.0, "insert_at": 1, "prompt_dropout": 0.0}
+    expected = recipes.build_model(cfg, 0, checkpoint, verbose=False)
+    assert model.cfg == expected.cfg and model.cfg.pool == "cls" and model.head is None and model.num_prompts == 0
+    x = analysis.imagenet_normalise(tiny_image()[None])
+    with torch.no_grad():
+        for block in (1, 4):
+            assert torch.equal(analysis.backbone_tokens(model, x, block), analysis.backbone_tokens(backbone, x, block))
