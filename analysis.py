@@ -647,13 +647,28 @@ def figure_dip(models, images, blocks, out_dir, steps=1000, lr=0.01, seed=0, max
     backbone. models: list of (label, model) (e.g. supervised / MoCo v3 / MAE); images: paths, PIL images
     or [3,H,W] tensors in [0,1] (resized to the model's input size). Writes the reconstruction grid
     (Figure 2, first max_grid_images images) and PSNR / SSIM per block per backbone (Figure 9)."""
+    blocks = [int(b) for b in blocks]
+    scores, grid = dip_scores(models, images, blocks, steps, lr, seed, max_grid_images, **dip_options)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "figure9_dip_scores.json"),
+             "csv": os.path.join(out_dir, "figure9_dip_scores.csv"),
+             "png": os.path.join(out_dir, "figure2_dip_reconstructions.png"),
+             "scores_png": os.path.join(out_dir, "figure9_dip_scores.png")}
+    summary = _write_dip_numbers(paths, scores, blocks, len(images), steps=steps, lr=lr, seed=seed)
+    _draw_figure2(grid, blocks, paths["png"])
+    _draw_figure9(summary, blocks, paths["scores_png"])
+    return paths
+
+
+def dip_scores(models, images, blocks, steps=1000, lr=0.01, seed=0, max_grid_images=4, **dip_options):
+    """DIP-reconstruct every image from every block of every model and score it against the image. Returns
+    (scores: {label: {"psnr": [blocks][images], "ssim": ...}}, grid: [(image index, label, original,
+    {block: reconstruction})] for the first max_grid_images images)."""
     if not models or not images:
         raise UserError("figure 2/9: need at least one model and one image")
-    blocks = [int(b) for b in blocks]
     for _, model in models:
         _check_blocks(model, blocks)
-    scores = {}         # label -> {"psnr": [blocks][images], "ssim": ...}
-    grid = []           # (image index, label, original, {block: reconstruction})
+    scores, grid = {}, []
     jobs = tqdm(total=len(models) * len(images) * len(blocks), desc="DIP reconstructions",
                 disable=not dip_options.get("progress", True))
     for label, model in models:
@@ -670,24 +685,27 @@ def figure_dip(models, images, blocks, out_dir, steps=1000, lr=0.01, seed=0, max
             if i < max_grid_images:
                 grid.append((i, label, original, recons))
     jobs.close()
+    return scores, grid
 
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "figure9_dip_scores.json"),
-             "csv": os.path.join(out_dir, "figure9_dip_scores.csv"),
-             "png": os.path.join(out_dir, "figure2_dip_reconstructions.png"),
-             "scores_png": os.path.join(out_dir, "figure9_dip_scores.png")}
-    summary = {label: {f"{m}_{stat}": [results.summary([v for v in per_block if math.isfinite(v)] or [math.inf])[k]
-                                       for per_block in s[m]]
+
+def _write_dip_numbers(paths, scores, blocks, num_images, **settings):
+    """Figure 9's numbers: per-image scores (JSON, CSV) and their mean / std per block over the images with a
+    finite score (PSNR is infinite for an exact reconstruction). Returns the summary."""
+    def stats(per_block):
+        return results.summary([v for v in per_block if math.isfinite(v)] or [math.inf])
+    summary = {label: {f"{m}_{stat}": [stats(per_block)[k] for per_block in s[m]]
                        for m in ("psnr", "ssim") for stat, k in (("mean", 0), ("std", 1))}
                for label, s in scores.items()}
-    write_json(paths["json"], {"figures": [2, 9], "blocks": blocks, "num_images": len(images), "steps": steps,
-                               "lr": lr, "seed": seed, "summary": summary,
-                               "per_image": scores})
+    write_json(paths["json"], {"figures": [2, 9], "blocks": blocks, "num_images": num_images, **settings,
+                               "summary": summary, "per_image": scores})
     _write_csv(paths["csv"], ["model", "block", "image", "psnr_db", "ssim"],
                [(label, b, i, round(s["psnr"][j][i], 4), round(s["ssim"][j][i], 6))
-                for label, s in scores.items() for j, b in enumerate(blocks) for i in range(len(images))])
+                for label, s in scores.items() for j, b in enumerate(blocks) for i in range(num_images)])
+    return summary
 
-    # Figure 2: per (image, backbone) a row: the original, then the reconstruction from each block
+
+def _draw_figure2(grid, blocks, path):
+    """Figure 2: per (image, backbone) a row: the original, then the reconstruction from each block."""
     fig, axes = _new_figure(len(grid), 1 + len(blocks), panel_size=(2.2, 2.2))
     for r, (i, label, original, recons) in enumerate(grid):
         axes[r, 0].imshow(original.permute(1, 2, 0).numpy())
@@ -701,9 +719,11 @@ def figure_dip(models, images, blocks, out_dir, steps=1000, lr=0.01, seed=0, max
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    _save(fig, paths["png"], "Figure 2: Deep Image Prior reconstructions from block tokens")
+    _save(fig, path, "Figure 2: Deep Image Prior reconstructions from block tokens")
 
-    # Figure 9: (a) PSNR and (b) SSIM per block, one line per backbone
+
+def _draw_figure9(summary, blocks, path):
+    """Figure 9: (a) PSNR and (b) SSIM per block, one line per backbone."""
     fig, axes = _new_figure(1, 2)
     for ax, metric, unit in ((axes[0, 0], "psnr", "(a) PSNR (dB)"), (axes[0, 1], "ssim", "(b) SSIM")):
         for label, s in summary.items():
@@ -714,8 +734,7 @@ def figure_dip(models, images, blocks, out_dir, steps=1000, lr=0.01, seed=0, max
         ax.set_xticks(blocks)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, paths["scores_png"], "Figure 9: quality of the DIP reconstructions")
-    return paths
+    _save(fig, path, "Figure 9: quality of the DIP reconstructions")
 
 
 # -----------------------------------------------------------------------------
@@ -787,7 +806,8 @@ def _parse_filter(text):
     return key, value
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The figure command line's arguments."""
     p = argparse.ArgumentParser(
         prog="reproduce.py figure", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Draw a figure of the paper; writes PNG + JSON/CSV under --out-dir.",
@@ -827,47 +847,74 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=0.01, help="figures 2/9: DIP Adam learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available")
-    args = p.parse_args(argv)
-    out_dir = args.out_dir or os.path.join(args.results_dir, "figures")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    filters = dict(_parse_filter(f) for f in args.filter)
+    return p.parse_args(argv)
 
-    if args.number == 1:
-        paths = figure_insertion(args.results_dir, out_dir, method=None if args.method == "any" else args.method,
-                                 include_other_settings=args.include_other_settings, **filters)
-    elif args.number == 4:
-        paths = figure_selection_ratio(args.results_dir, out_dir, include_other_settings=args.include_other_settings,
-                                       **filters)
-    elif args.number == 7:
-        paths = figure_prompt_count(args.results_dir, out_dir, include_other_settings=args.include_other_settings,
-                                    **filters)
-    elif args.number == 5:
-        if not (args.image and args.run and args.checkpoint):
-            raise UserError("figure 5 needs --image, --checkpoint and at least one --run")
-        specs = []
-        for run_path in args.run:
-            model, run = model_from_run(run_path, args.checkpoint, device)
-            if not specs:   # first row: the frozen backbone the prompts were trained on
-                specs.append((f"{run['config'].get('ssl', 'backbone')} (frozen)", backbone_twin(model)))
-            specs.append((run["config"]["method"], model))
-        image = image_files(args.image[:1])[0]
-        paths = figure_attention(specs, image, out_dir, blocks=tuple(args.blocks or (3, 7, 12)))
-    else:  # 2 and 9
-        if not (args.image and args.backbone):
-            raise UserError("figures 2/9 need --image (file or folder) and at least one --backbone LABEL=FILE")
-        models = []
-        for spec in args.backbone:
-            label, sep, path = spec.partition("=")
-            if not sep:
-                label, path = os.path.basename(spec), spec
-            models.append((label, backbone_from_file(path, args.arch, args.img_size, device, **args.arch_overrides)))
-        paths = figure_dip(models, image_files(args.image, args.max_images), tuple(args.blocks or (1, 4, 7, 10, 12)),
-                           out_dir, steps=args.steps, lr=args.lr, seed=args.seed)
+
+def main(argv=None):
+    """`python reproduce.py figure N ...`: draw figure N, print where its files are."""
+    args = parse_args(argv)
+    out_dir = args.out_dir or os.path.join(args.results_dir, "figures")
+    paths = FIGURES[args.number](args, out_dir)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     if args.number in (1, 4, 7):
         _note_left_out(paths["json"])
     return 0
+
+
+def _filters(args):
+    return dict(_parse_filter(f) for f in args.filter)
+
+
+def _device_of(args):
+    """--device, else cuda if available."""
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _figure_1(args, out_dir):
+    return figure_insertion(args.results_dir, out_dir, method=None if args.method == "any" else args.method,
+                            include_other_settings=args.include_other_settings, **_filters(args))
+
+
+def _figure_4(args, out_dir):
+    return figure_selection_ratio(args.results_dir, out_dir, include_other_settings=args.include_other_settings,
+                                  **_filters(args))
+
+
+def _figure_7(args, out_dir):
+    return figure_prompt_count(args.results_dir, out_dir, include_other_settings=args.include_other_settings,
+                               **_filters(args))
+
+
+def _figure_5(args, out_dir):
+    """Rows: the frozen backbone the runs were trained on, then each --run's trained model."""
+    if not (args.image and args.run and args.checkpoint):
+        raise UserError("figure 5 needs --image, --checkpoint and at least one --run")
+    specs = []
+    for run_path in args.run:
+        model, run = model_from_run(run_path, args.checkpoint, _device_of(args))
+        if not specs:   # first row: the frozen backbone the prompts were trained on
+            specs.append((f"{run['config'].get('ssl', 'backbone')} (frozen)", backbone_twin(model)))
+        specs.append((run["config"]["method"], model))
+    image = image_files(args.image[:1])[0]
+    return figure_attention(specs, image, out_dir, blocks=tuple(args.blocks or (3, 7, 12)))
+
+
+def _figures_2_and_9(args, out_dir):
+    """One model per --backbone LABEL=FILE (a bare FILE is labelled by its name)."""
+    if not (args.image and args.backbone):
+        raise UserError("figures 2/9 need --image (file or folder) and at least one --backbone LABEL=FILE")
+    models, device = [], _device_of(args)
+    for spec in args.backbone:
+        label, sep, path = spec.partition("=")
+        if not sep:
+            label, path = os.path.basename(spec), spec
+        models.append((label, backbone_from_file(path, args.arch, args.img_size, device, **args.arch_overrides)))
+    return figure_dip(models, image_files(args.image, args.max_images), tuple(args.blocks or (1, 4, 7, 10, 12)),
+                      out_dir, steps=args.steps, lr=args.lr, seed=args.seed)
+
+
+FIGURES = {1: _figure_1, 2: _figures_2_and_9, 4: _figure_4, 5: _figure_5, 7: _figure_7, 9: _figures_2_and_9}
 
 
 def _note_left_out(json_path):

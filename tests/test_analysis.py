@@ -556,7 +556,8 @@ def test_model_from_run_is_the_model_its_config_builds(tmp_path):
 def test_model_from_run_refuses_prompts_of_another_model(tmp_path):
     checkpoint, backbone = tiny_checkpoint(tmp_path)
     run_path, _ = save_tiny_run(tmp_path, "gated+temp", backbone.backbone_state_dict(), seed=3, num_prompts=4)
-    with pytest.raises(UserError, match=r"gated\+temp.prompts.pt does not fit the model of .*gated\+temp.json.*prompts"):
+    misfit = r"gated\+temp.prompts.pt does not fit the model of .*gated\+temp.json.*prompts"
+    with pytest.raises(UserError, match=misfit):
         analysis.model_from_run(run_path, checkpoint)          # 3 prompts stored, the config says 4
     gated_path, _ = save_tiny_run(tmp_path, "gated", backbone.backbone_state_dict(), seed=4)
     os.replace(tmp_path / "gated+temp.prompts.pt", tmp_path / "gated.prompts.pt")
