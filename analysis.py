@@ -12,19 +12,19 @@ From models:
     figure_dip(models, images, blocks, out_dir)   Figures 2 and 9: Deep Image Prior inversion of block
                                                   tokens, reconstructions and their PSNR / SSIM
 
-A run JSON needs "config" (task, ssl, method, num_prompts, insert_at, arch, lr, ...) and, depending on
-the figure, "final" (with "test_acc" in percent) or "selection_ratio"; anything else in it is ignored.
-Only "final"-protocol runs count (top-level "protocol", absent = final). Seeds of one plotted point are
-averaged; if a point was run at several learning rates, the newest run file's lr is used.
+Run files are read with results.py: "config", "recipe_version", "lr_source", "deviations" and, depending on
+the figure, "final" (with "test_acc" in percent) or "selection_ratio". Only "final"-protocol runs count, and
+only runs of the paper's exact recipe (results.is_paper_run; Figure 1 at Section A.2's learning rates):
+with include_other_settings (--all) the others are drawn too, apart and labelled with how they differ, and
+the JSON / CSV give every series a "setting". Seeds of one plotted point are averaged; if a point was run at
+several learning rates, the newest run file's lr is used.
 Figure 5 rebuilds trained models from a run JSON + the <name>.prompts.pt beside it (model_from_run).
 
 Command line: `python reproduce.py figure N ...` (or `python analysis.py N ...`); see main().
-Only torch / torchvision / numpy / tqdm are imported here; matplotlib is imported when a figure is drawn.
+matplotlib is imported only when a figure is drawn.
 """
 import argparse
 import csv
-import dataclasses
-import glob
 import io
 import json
 import math
@@ -41,78 +41,76 @@ import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 import gated_prompt as gp
+import recipes
+import results
 from data import IMAGENET_MEAN, IMAGENET_STD
 from runtime import EXIT_BAD_INPUT, UserError, atomic_write, write_json, write_text
 
 
 # -----------------------------------------------------------------------------
-# Run files
+# Run files: read with results.py (load_runs, final_metric, newest_lr_runs, summary); a figure shows only runs
+# of the paper's exact recipe (results.is_paper_run) unless asked for the others, which are drawn apart
+
+PAPER_RECIPE = "paper recipe"   # the "setting" of a run of the paper's exact recipe
 
 
-def load_runs(results_dir, protocol="final", **filters):
-    """Every run JSON under results_dir (recursively) whose config matches the filters.
-
-    A filter value may be a single value (config[key] == value) or a list/tuple/set of allowed values;
-    None means "any". Only runs of the given protocol are kept (the run's top-level "protocol", "final"
-    when absent; lr-sweep runs are "sweep"); protocol=None keeps all. Files that are not run JSONs (no
-    "config" dict, unreadable) are skipped. Each returned run dict gets "path" and "mtime" keys."""
-    if not os.path.isdir(results_dir):
-        raise UserError(f"results folder not found: {results_dir}")
-    runs = []
-    for path in sorted(glob.glob(os.path.join(os.fspath(results_dir), "**", "*.json"), recursive=True)):
-        try:
-            with open(path) as f:
-                run = json.load(f)
-        except (OSError, ValueError):
-            continue  # half-written or foreign file
-        if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
-            continue
-        if protocol is not None and run.get("protocol", "final") != protocol:
-            continue
-        if all(_matches(run["config"].get(key), want) for key, want in filters.items()):
-            run["path"], run["mtime"] = path, os.path.getmtime(path)
-            runs.append(run)
-    return runs
+def split_by_setting(runs, figure, include_other_settings=False, paper_lr=lambda config: None):
+    """Tag each run with run["setting"]: "paper recipe" (results.is_paper_run at lr paper_lr(config), None = the
+    recipe's lr) or how it differs (results.how_it_differs). Returns (runs to draw, runs left out): the paper's
+    runs, or every run with include_other_settings. A UserError when runs exist but none is the paper's and
+    the others are not asked for."""
+    for run in runs:
+        paper = results.is_paper_run(run, paper_lr(run["config"]))
+        run["setting"] = PAPER_RECIPE if paper else results.how_it_differs(run)
+    paper = [r for r in runs if r["setting"] == PAPER_RECIPE]
+    others = [r for r in runs if r["setting"] != PAPER_RECIPE]
+    if include_other_settings:
+        return runs, []
+    if not paper and others:
+        examples = "; ".join(f"{r['path']}: {r['setting']}" for r in others[:3])
+        raise UserError(f"{figure}: none of the {len(others)} matching run(s) is of the paper's exact recipe "
+                        f"({examples}{' ...' if len(others) > 3 else ''}); --all draws them, marked as other "
+                        "settings")
+    return paper, others
 
 
-def _matches(value, want):
-    if want is None:
-        return True
-    if isinstance(want, (list, tuple, set, frozenset)):
-        return value in want
-    return value == want
+def _left_out(runs):
+    """The JSON record of runs not drawn."""
+    return [{"run": r["path"], "setting": r["setting"]} for r in runs]
 
 
-def final_metric(run, metric="test_acc"):
-    """run["final"][metric] as a float, or None when the run has not finished."""
-    value = (run.get("final") or {}).get(metric)
-    return None if value is None else float(value)
+def _with_setting(label, setting, sep=" "):
+    """A legend / title text marked with the run setting when it is not the paper's recipe."""
+    return label if setting == PAPER_RECIPE else f"{label}{sep}(other settings: {setting})"
 
 
-def newest_lr_runs(runs):
-    """The runs of one plotted point at a single learning rate: the lr of the newest run file (the
-    harness's tables do the same), so re-running a point at another lr replaces it instead of mixing."""
-    lr = max(runs, key=lambda r: r["mtime"])["config"].get("lr")
-    return [r for r in runs if r["config"].get("lr") == lr]
+def _field(run, name):
+    return run["setting"] if name == "setting" else run["config"].get(name)
+
+
+def _group_order(key, names):
+    """Sort key of a group: the paper's recipe before other settings, then by value."""
+    setting = key[names.index("setting")] if "setting" in names else PAPER_RECIPE
+    return setting != PAPER_RECIPE, tuple(map(str, key))
 
 
 def _point(runs, metric):
     """Mean/std/n of final[metric] over the seeds of one point (newest lr), with the lr and run files."""
-    runs = newest_lr_runs(runs)
-    mean, std, n = _summary([final_metric(r, metric) for r in runs])
+    runs = results.newest_lr_runs(runs)
+    mean, std, n = results.summary([results.final_metric(r, metric) for r in runs])
     return {"mean": mean, "std": std, "n": n, "lr": runs[0]["config"].get("lr"), "runs": [r["path"] for r in runs]}
 
 
 def _curves(runs, group_names, x_name, x_of, metric):
-    """One series per distinct (config[name] for name in group_names), with one point per x_of(config):
-    {**group, x_name: [x...], "mean", "std", "n", "lr", "runs": [...] per x}. Unfinished runs are skipped."""
+    """One series per distinct (config[name] for name in group_names; "setting" is the run's setting), with one
+    point per x_of(config): {**group, x_name: [x...], "mean", "std", "n", "lr", "runs": [...] per x}.
+    Unfinished runs are skipped; runs of different settings never share a point."""
     groups = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        if final_metric(run, metric) is not None:
-            c = run["config"]
-            groups[tuple(c.get(name) for name in group_names)][x_of(c)].append(run)
+        if results.final_metric(run, metric) is not None:
+            groups[tuple(_field(run, name) for name in group_names)][x_of(run["config"])].append(run)
     series = []
-    for key, by_x in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for key, by_x in sorted(groups.items(), key=lambda kv: _group_order(kv[0], group_names)):
         xs = sorted(by_x)
         points = [_point(by_x[x], metric) for x in xs]
         series.append({**dict(zip(group_names, key)), x_name: xs,
@@ -120,11 +118,8 @@ def _curves(runs, group_names, x_name, x_of, metric):
     return series
 
 
-def _summary(values):
-    """mean, std (sample std, 0 for one run) and count of a list of numbers."""
-    arr = np.asarray(values, dtype=np.float64)
-    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-    return float(arr.mean()), std, len(arr)
+def _finished(results_dir, metric, **filters):
+    return [r for r in results.load_runs(results_dir, **filters) if results.final_metric(r, metric) is not None]
 
 
 def _filter_text(filters):
@@ -184,33 +179,47 @@ def _hide_unused(axes, used):
 # Figure 1: accuracy vs the block where prompts are first inserted
 
 
-def figure_insertion(results_dir, out_dir, method="vpt-shallow", metric="test_acc", **filters):
-    """Figure 1: final accuracy vs insert_at (k = first block that sees prompts), one panel per task,
-    one line per SSL backbone. Runs without an insert_at key count as k = 1. Several runs at one point
-    (seeds) are averaged; pass filters (e.g. lr=0.1) to pick the runs. method=None takes every method."""
+def figure1_lr(config):
+    """The lr of a Figure 1 run (Section A.2: CUB 0.1 for MAE, 1.0 for MoCo v3; KITTI 0.1), from paper_hparams.yaml's
+    figure1_lr; None (the recipe's lr) for other tasks, backbones and methods than VPT-shallow."""
+    if config.get("method") != "vpt-shallow":
+        return None
+    return recipes.HPARAMS["figure1_lr"].get(config.get("task"), {}).get(config.get("ssl"))
+
+
+def figure_insertion(results_dir, out_dir, method="vpt-shallow", metric="test_acc", include_other_settings=False,
+                     **filters):
+    """Figure 1: final accuracy vs insert_at (k = first block that sees prompts), one panel per task, one line per
+    SSL backbone; the paper plots VPT-shallow. Only runs of the paper's recipe at Figure 1's lr (figure1_lr), unless
+    include_other_settings: then the others are drawn too, as their own dashed lines named by how they differ.
+    Runs without an insert_at key count as k = 1. Seeds of one point are averaged; pass filters (e.g. lr=0.1) to
+    pick the runs. method=None takes every method."""
     filters = dict(filters, method=method)
-    series = _curves(load_runs(results_dir, **filters), ("task", "ssl", "method"),
-                     "insert_at", lambda c: int(c.get("insert_at", 1)), metric)
-    if not series:
+    runs = _finished(results_dir, metric, **filters)
+    if not runs:
         raise UserError(f"figure 1: no finished runs (final.{metric}) in {results_dir} ({_filter_text(filters)})")
+    runs, left_out = split_by_setting(runs, "figure 1", include_other_settings, paper_lr=figure1_lr)
+    names = ("task", "ssl", "method", "setting")
+    series = _curves(runs, names, "insert_at", lambda c: int(c.get("insert_at", 1)), metric)
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "figure1_insertion.json"),
              "csv": os.path.join(out_dir, "figure1_insertion.csv"),
              "png": os.path.join(out_dir, "figure1_insertion.png")}
-    write_json(paths["json"], {"figure": 1, "metric": metric, "filters": filters, "series": series})
-    _write_csv(paths["csv"], ["task", "ssl", "method", "insert_at", f"{metric}_mean", f"{metric}_std", "n_runs", "lr"],
-               [(s["task"], s["ssl"], s["method"], k, round(m, 4), round(sd, 4), n, lr)
+    write_json(paths["json"], {"figure": 1, "metric": metric, "filters": filters, "series": series,
+                               "other_settings_not_shown": _left_out(left_out)})
+    _write_csv(paths["csv"], ["task", "ssl", "method", "setting", "insert_at", f"{metric}_mean", f"{metric}_std",
+                              "n_runs", "lr"],
+               [(s["task"], s["ssl"], s["method"], s["setting"], k, round(m, 4), round(sd, 4), n, lr)
                 for s in series for k, m, sd, n, lr in zip(s["insert_at"], s["mean"], s["std"], s["n"], s["lr"])])
 
     tasks = sorted({s["task"] for s in series}, key=str)
-    line_keys = [(s["ssl"], s["method"]) for s in series]
-    varying = _varying(line_keys, ("ssl", "method")) | {"ssl"}
+    varying = _varying([(s["ssl"], s["method"]) for s in series], ("ssl", "method")) | {"ssl"}
     nrows, ncols = _grid_shape(len(tasks))
     fig, axes = _new_figure(nrows, ncols)
     for ax, task in zip(axes.flat, tasks):
         for s in (s for s in series if s["task"] == task):
-            ax.errorbar(s["insert_at"], s["mean"], yerr=s["std"], marker="o", capsize=2,
-                        label=_label((s["ssl"], s["method"]), ("ssl", "method"), varying))
+            label = _with_setting(_label((s["ssl"], s["method"]), ("ssl", "method"), varying), s["setting"])
+            ax.errorbar(s["insert_at"], s["mean"], yerr=s["std"], capsize=2, label=label, **_line_style(s["setting"]))
         ax.set_title(str(task))
         ax.set_xlabel("block where prompts are first inserted (k)")
         ax.set_ylabel(f"{metric} (%)")
@@ -220,6 +229,11 @@ def figure_insertion(results_dir, out_dir, method="vpt-shallow", metric="test_ac
     _hide_unused(axes, len(tasks))
     _save(fig, paths["png"], "Figure 1: accuracy vs the first block that sees prompts")
     return paths
+
+
+def _line_style(setting):
+    """Solid lines with dots for the paper's recipe; dashed lines with crosses for other settings."""
+    return {"marker": "o"} if setting == PAPER_RECIPE else {"marker": "x", "linestyle": "--"}
 
 # -----------------------------------------------------------------------------
 # Figure 4: selection ratio (Eq. 10-11)
@@ -234,37 +248,33 @@ def _ratio_list(value):
     return [float(v) for v in value] if isinstance(value, list) and value else None
 
 
-def figure_selection_ratio(results_dir, out_dir, **filters):
+def figure_selection_ratio(results_dir, out_dir, include_other_settings=False, **filters):
     """Figure 4: bar chart of the stored selection ratio r_l (Eq. 11) over blocks 1..L-1, one panel per
-    (task, ssl) (and method, when several gated methods are stored). Runs are averaged within a panel."""
-    groups = defaultdict(list)   # (task, ssl, method) -> runs
-    for run in load_runs(results_dir, **filters):
+    (task, ssl) (and method, when several gated methods are stored). Runs are averaged within a panel. Only runs of
+    the paper's recipe, unless include_other_settings: then the others get panels of their own (grey bars) whose
+    title says how they differ."""
+    runs = []
+    for run in results.load_runs(results_dir, **filters):
         run["ratio"] = _ratio_list(run.get("selection_ratio"))
         if run["ratio"] is not None:
-            c = run["config"]
-            groups[(c.get("task"), c.get("ssl"), c.get("method"))].append(run)
-    if not groups:
+            runs.append(run)
+    if not runs:
         raise UserError(f"figure 4: no runs with a stored selection_ratio in {results_dir} ({_filter_text(filters)}); "
                         "only gated methods have one")
-    panels = []
-    for (task, ssl, meth), runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        runs = newest_lr_runs(runs)
-        lengths = {len(r["ratio"]) for r in runs}
-        if len(lengths) > 1:
-            raise UserError(f"figure 4: runs for {task}/{ssl}/{meth} store selection ratios of different lengths "
-                            f"{sorted(lengths)}: {[r['path'] for r in runs]}")
-        arr = np.asarray([r["ratio"] for r in runs], dtype=np.float64)
-        panels.append({"task": task, "ssl": ssl, "method": meth, "blocks": list(range(1, arr.shape[1] + 1)),
-                       "mean": arr.mean(0).tolist(),
-                       "std": (arr.std(0, ddof=1) if len(arr) > 1 else np.zeros(arr.shape[1])).tolist(),
-                       "n": len(arr), "lr": runs[0]["config"].get("lr"), "runs": [r["path"] for r in runs]})
+    runs, left_out = split_by_setting(runs, "figure 4", include_other_settings)
+    groups = defaultdict(list)   # (task, ssl, method, setting) -> runs
+    for run in runs:
+        groups[tuple(_field(run, name) for name in ("task", "ssl", "method", "setting"))].append(run)
+    panels = [_ratio_panel(key, runs) for key, runs in
+              sorted(groups.items(), key=lambda kv: _group_order(kv[0], ("task", "ssl", "method", "setting")))]
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "figure4_selection_ratio.json"),
              "csv": os.path.join(out_dir, "figure4_selection_ratio.csv"),
              "png": os.path.join(out_dir, "figure4_selection_ratio.png")}
-    write_json(paths["json"], {"figure": 4, "filters": filters, "panels": panels})
-    _write_csv(paths["csv"], ["task", "ssl", "method", "block", "ratio_mean", "ratio_std", "n_runs"],
-               [(p["task"], p["ssl"], p["method"], b, round(m, 6), round(s, 6), p["n"])
+    write_json(paths["json"], {"figure": 4, "filters": filters, "panels": panels,
+                               "other_settings_not_shown": _left_out(left_out)})
+    _write_csv(paths["csv"], ["task", "ssl", "method", "setting", "block", "ratio_mean", "ratio_std", "n_runs"],
+               [(p["task"], p["ssl"], p["method"], p["setting"], b, round(m, 6), round(s, 6), p["n"])
                 for p in panels for b, m, s in zip(p["blocks"], p["mean"], p["std"])])
 
     names = ("task", "ssl", "method")
@@ -272,8 +282,11 @@ def figure_selection_ratio(results_dir, out_dir, **filters):
     nrows, ncols = _grid_shape(len(panels))
     fig, axes = _new_figure(nrows, ncols)
     for ax, p in zip(axes.flat, panels):
-        ax.bar(p["blocks"], p["mean"], yerr=p["std"] if p["n"] > 1 else None, color="tab:blue", capsize=2)
-        ax.set_title(_label((p["task"], p["ssl"], p["method"]), names, varying))
+        paper = p["setting"] == PAPER_RECIPE
+        ax.bar(p["blocks"], p["mean"], yerr=p["std"] if p["n"] > 1 else None, capsize=2,
+               color="tab:blue" if paper else "tab:gray")
+        ax.set_title(_with_setting(_label((p["task"], p["ssl"], p["method"]), names, varying), p["setting"], "\n"),
+                     fontsize=10 if paper else 8)
         ax.set_xlabel("block l")
         ax.set_ylabel("selection ratio r_l (Eq. 11)")
         ax.set_xticks(p["blocks"])
@@ -281,6 +294,21 @@ def figure_selection_ratio(results_dir, out_dir, **filters):
     _hide_unused(axes, len(panels))
     _save(fig, paths["png"], "Figure 4: selection ratio (Eq. 11)")
     return paths
+
+
+def _ratio_panel(key, runs):
+    """Mean and std of the selection ratios of one panel's runs (newest lr)."""
+    task, ssl, method, setting = key
+    runs = results.newest_lr_runs(runs)
+    lengths = {len(r["ratio"]) for r in runs}
+    if len(lengths) > 1:
+        raise UserError(f"figure 4: runs for {task}/{ssl}/{method} store selection ratios of different lengths "
+                        f"{sorted(lengths)}: {[r['path'] for r in runs]}")
+    arr = np.asarray([r["ratio"] for r in runs], dtype=np.float64)
+    return {"task": task, "ssl": ssl, "method": method, "setting": setting, "blocks": list(range(1, arr.shape[1] + 1)),
+            "mean": arr.mean(0).tolist(),
+            "std": (arr.std(0, ddof=1) if len(arr) > 1 else np.zeros(arr.shape[1])).tolist(),
+            "n": len(arr), "lr": runs[0]["config"].get("lr"), "runs": [r["path"] for r in runs]}
 
 # -----------------------------------------------------------------------------
 # Figure 7 / Table 7: accuracy vs the total number of prompt tokens
@@ -298,34 +326,30 @@ def total_prompt_tokens(config):
 
 
 def figure_prompt_count(results_dir, out_dir, methods=("vpt-deep", "gated", "gated+temp"), metric="test_acc",
-                        **filters):
+                        include_other_settings=False, **filters):
     """Figure 7 / Table 7: final accuracy vs total prompt tokens, one panel per (ssl, task), one line per
-    method. Also writes Table 7 as CSV: one row per (tokens, method), one column per task, and their mean
-    (AVG, only where every task has a run)."""
+    method. Also writes Table 7 as CSV: one row per (tokens, method, setting), one column per task, and their mean
+    (AVG, only where every task has a run). Only runs of the paper's recipe (Section A.2: Table 1's lr), unless
+    include_other_settings: then the others are drawn too, as their own dashed lines named by how they differ."""
     filters = dict(filters, method=list(methods) if methods is not None else None)
-    runs = [r for r in load_runs(results_dir, **filters) if r["config"].get("num_prompts") is not None]
-    series = _curves(runs, ("ssl", "task", "method"), "prompt_tokens", total_prompt_tokens, metric)
-    if not series:
+    runs = [r for r in _finished(results_dir, metric, **filters) if r["config"].get("num_prompts") is not None]
+    if not runs:
         raise UserError(f"figure 7: no finished runs (final.{metric}) with num_prompts in {results_dir} "
                         f"({_filter_text(filters)})")
-
-    # Table 7: rows (ssl, tokens, method), columns tasks + AVG
+    runs, left_out = split_by_setting(runs, "figure 7", include_other_settings)
+    series = _curves(runs, ("ssl", "task", "method", "setting"), "prompt_tokens", total_prompt_tokens, metric)
     tasks = sorted({s["task"] for s in series}, key=str)
-    cell = {(s["ssl"], n, s["method"], s["task"]): m for s in series for n, m in zip(s["prompt_tokens"], s["mean"])}
-    table = []
-    for ssl, n, meth in sorted({(k[0], k[1], k[2]) for k in cell}, key=lambda r: (str(r[0]), r[1], str(r[2]))):
-        values = [cell.get((ssl, n, meth, t)) for t in tasks]
-        avg = float(np.mean(values)) if all(v is not None for v in values) else None
-        table.append({"ssl": ssl, "prompt_tokens": n, "method": meth, **dict(zip(tasks, values)), "AVG": avg})
+    table = _table7(series, tasks)
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "figure7_prompt_count.json"),
              "csv": os.path.join(out_dir, "table7_prompt_count.csv"),
              "png": os.path.join(out_dir, "figure7_prompt_count.png")}
-    write_json(paths["json"], {"figure": 7, "metric": metric, "filters": filters, "series": series, "table7": table})
+    write_json(paths["json"], {"figure": 7, "metric": metric, "filters": filters, "series": series, "table7": table,
+                               "other_settings_not_shown": _left_out(left_out)})
     fmt = lambda v: "" if v is None else round(v, 2)  # noqa: E731
-    _write_csv(paths["csv"], ["ssl", "prompt_tokens", "method"] + [str(t) for t in tasks] + ["AVG"],
-               [[r["ssl"], r["prompt_tokens"], r["method"]] + [fmt(r[t]) for t in tasks] + [fmt(r["AVG"])]
+    _write_csv(paths["csv"], ["ssl", "prompt_tokens", "method", "setting"] + [str(t) for t in tasks] + ["AVG"],
+               [[r["ssl"], r["prompt_tokens"], r["method"], r["setting"]] + [fmt(r[t]) for t in tasks] + [fmt(r["AVG"])]
                 for r in table])
 
     panels = sorted({(s["ssl"], s["task"]) for s in series}, key=lambda k: tuple(map(str, k)))
@@ -333,7 +357,8 @@ def figure_prompt_count(results_dir, out_dir, methods=("vpt-deep", "gated", "gat
     fig, axes = _new_figure(nrows, ncols)
     for ax, (ssl, task) in zip(axes.flat, panels):
         for s in (s for s in series if (s["ssl"], s["task"]) == (ssl, task)):
-            ax.errorbar(s["prompt_tokens"], s["mean"], yerr=s["std"], marker="o", capsize=2, label=s["method"])
+            ax.errorbar(s["prompt_tokens"], s["mean"], yerr=s["std"], capsize=2,
+                        label=_with_setting(s["method"], s["setting"]), **_line_style(s["setting"]))
         ticks = sorted({n for s in series if (s["ssl"], s["task"]) == (ssl, task) for n in s["prompt_tokens"]})
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [str(t) for t in ticks])
@@ -346,6 +371,21 @@ def figure_prompt_count(results_dir, out_dir, methods=("vpt-deep", "gated", "gat
     _hide_unused(axes, len(panels))
     _save(fig, paths["png"], "Figure 7: accuracy vs number of prompt tokens")
     return paths
+
+
+def _table7(series, tasks):
+    """Table 7's rows: one per (ssl, tokens, method, setting), a value per task and their mean (AVG, only where
+    every task has one)."""
+    cell = {(s["ssl"], n, s["method"], s["setting"], s["task"]): m
+            for s in series for n, m in zip(s["prompt_tokens"], s["mean"])}
+    rows = sorted({k[:4] for k in cell}, key=lambda r: (str(r[0]), r[1], str(r[2]), r[3] != PAPER_RECIPE, r[3]))
+    table = []
+    for ssl, n, method, setting in rows:
+        values = [cell.get((ssl, n, method, setting, t)) for t in tasks]
+        avg = float(np.mean(values)) if all(v is not None for v in values) else None
+        table.append({"ssl": ssl, "prompt_tokens": n, "method": method, "setting": setting,
+                      **dict(zip(tasks, values)), "AVG": avg})
+    return table
 
 # -----------------------------------------------------------------------------
 # Images and backbone helpers
@@ -400,6 +440,8 @@ def backbone_tokens(model, images, block):
 def backbone_twin(model):
     """A prompt-free ("linear" method) copy of model's frozen backbone with the same weights: the
     "frozen backbone" row of Figure 5 and the model whose blocks DIP inverts."""
+    # Built from model.cfg (a gated_prompt ViTConfig), not through recipes.build_model: the twin copies an existing
+    # model's architecture and weights; there is no run config to resolve, and no file to load.
     twin = gp.VisionTransformer(model.cfg, gp.prompt_config("linear", num_classes=0))
     twin.load_state_dict(model.backbone_state_dict())
     return twin.to(_device(model)).eval()
@@ -605,13 +647,28 @@ def figure_dip(models, images, blocks, out_dir, steps=1000, lr=0.01, seed=0, max
     backbone. models: list of (label, model) (e.g. supervised / MoCo v3 / MAE); images: paths, PIL images
     or [3,H,W] tensors in [0,1] (resized to the model's input size). Writes the reconstruction grid
     (Figure 2, first max_grid_images images) and PSNR / SSIM per block per backbone (Figure 9)."""
+    blocks = [int(b) for b in blocks]
+    scores, grid = dip_scores(models, images, blocks, steps, lr, seed, max_grid_images, **dip_options)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "figure9_dip_scores.json"),
+             "csv": os.path.join(out_dir, "figure9_dip_scores.csv"),
+             "png": os.path.join(out_dir, "figure2_dip_reconstructions.png"),
+             "scores_png": os.path.join(out_dir, "figure9_dip_scores.png")}
+    summary = _write_dip_numbers(paths, scores, blocks, len(images), steps=steps, lr=lr, seed=seed)
+    _draw_figure2(grid, blocks, paths["png"])
+    _draw_figure9(summary, blocks, paths["scores_png"])
+    return paths
+
+
+def dip_scores(models, images, blocks, steps=1000, lr=0.01, seed=0, max_grid_images=4, **dip_options):
+    """DIP-reconstruct every image from every block of every model and score it against the image. Returns
+    (scores: {label: {"psnr": [blocks][images], "ssim": ...}}, grid: [(image index, label, original,
+    {block: reconstruction})] for the first max_grid_images images)."""
     if not models or not images:
         raise UserError("figure 2/9: need at least one model and one image")
-    blocks = [int(b) for b in blocks]
     for _, model in models:
         _check_blocks(model, blocks)
-    scores = {}         # label -> {"psnr": [blocks][images], "ssim": ...}
-    grid = []           # (image index, label, original, {block: reconstruction})
+    scores, grid = {}, []
     jobs = tqdm(total=len(models) * len(images) * len(blocks), desc="DIP reconstructions",
                 disable=not dip_options.get("progress", True))
     for label, model in models:
@@ -628,24 +685,27 @@ def figure_dip(models, images, blocks, out_dir, steps=1000, lr=0.01, seed=0, max
             if i < max_grid_images:
                 grid.append((i, label, original, recons))
     jobs.close()
+    return scores, grid
 
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "figure9_dip_scores.json"),
-             "csv": os.path.join(out_dir, "figure9_dip_scores.csv"),
-             "png": os.path.join(out_dir, "figure2_dip_reconstructions.png"),
-             "scores_png": os.path.join(out_dir, "figure9_dip_scores.png")}
-    summary = {label: {f"{m}_{stat}": [_summary([v for v in per_block if math.isfinite(v)] or [math.inf])[k]
-                                       for per_block in s[m]]
+
+def _write_dip_numbers(paths, scores, blocks, num_images, **settings):
+    """Figure 9's numbers: per-image scores (JSON, CSV) and their mean / std per block over the images with a
+    finite score (PSNR is infinite for an exact reconstruction). Returns the summary."""
+    def stats(per_block):
+        return results.summary([v for v in per_block if math.isfinite(v)] or [math.inf])
+    summary = {label: {f"{m}_{stat}": [stats(per_block)[k] for per_block in s[m]]
                        for m in ("psnr", "ssim") for stat, k in (("mean", 0), ("std", 1))}
                for label, s in scores.items()}
-    write_json(paths["json"], {"figures": [2, 9], "blocks": blocks, "num_images": len(images), "steps": steps,
-                               "lr": lr, "seed": seed, "summary": summary,
-                               "per_image": scores})
+    write_json(paths["json"], {"figures": [2, 9], "blocks": blocks, "num_images": num_images, **settings,
+                               "summary": summary, "per_image": scores})
     _write_csv(paths["csv"], ["model", "block", "image", "psnr_db", "ssim"],
                [(label, b, i, round(s["psnr"][j][i], 4), round(s["ssim"][j][i], 6))
-                for label, s in scores.items() for j, b in enumerate(blocks) for i in range(len(images))])
+                for label, s in scores.items() for j, b in enumerate(blocks) for i in range(num_images)])
+    return summary
 
-    # Figure 2: per (image, backbone) a row: the original, then the reconstruction from each block
+
+def _draw_figure2(grid, blocks, path):
+    """Figure 2: per (image, backbone) a row: the original, then the reconstruction from each block."""
     fig, axes = _new_figure(len(grid), 1 + len(blocks), panel_size=(2.2, 2.2))
     for r, (i, label, original, recons) in enumerate(grid):
         axes[r, 0].imshow(original.permute(1, 2, 0).numpy())
@@ -659,9 +719,11 @@ def figure_dip(models, images, blocks, out_dir, steps=1000, lr=0.01, seed=0, max
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    _save(fig, paths["png"], "Figure 2: Deep Image Prior reconstructions from block tokens")
+    _save(fig, path, "Figure 2: Deep Image Prior reconstructions from block tokens")
 
-    # Figure 9: (a) PSNR and (b) SSIM per block, one line per backbone
+
+def _draw_figure9(summary, blocks, path):
+    """Figure 9: (a) PSNR and (b) SSIM per block, one line per backbone."""
     fig, axes = _new_figure(1, 2)
     for ax, metric, unit in ((axes[0, 0], "psnr", "(a) PSNR (dB)"), (axes[0, 1], "ssim", "(b) SSIM")):
         for label, s in summary.items():
@@ -672,8 +734,7 @@ def figure_dip(models, images, blocks, out_dir, steps=1000, lr=0.01, seed=0, max
         ax.set_xticks(blocks)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, paths["scores_png"], "Figure 9: quality of the DIP reconstructions")
-    return paths
+    _save(fig, path, "Figure 9: quality of the DIP reconstructions")
 
 
 # -----------------------------------------------------------------------------
@@ -681,8 +742,8 @@ def figure_dip(models, images, blocks, out_dir, steps=1000, lr=0.01, seed=0, max
 
 
 def model_from_run(run_path, checkpoint, device="cpu"):
-    """Rebuild a trained model: its run JSON's config, the backbone file it was trained on, and the
-    prompt-side weights the harness saves beside the JSON as <name>.prompts.pt. Returns (model, run)."""
+    """Rebuild a trained model: recipes.build_model of its run JSON's config on the backbone file it was trained on,
+    with the prompt-side weights the harness saves beside the JSON as <name>.prompts.pt. Returns (model, run)."""
     run_path = os.fspath(run_path)
     with open(run_path) as f:
         run = json.load(f)
@@ -694,28 +755,24 @@ def model_from_run(run_path, checkpoint, device="cpu"):
         raise UserError(f"{prompts_path}: the trained prompts of {run_path} are missing (the harness writes them "
                         "beside the run JSON)")
     state = torch.load(prompts_path, map_location="cpu", weights_only=True)
-    num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
-    prompt_keys = {f.name for f in dataclasses.fields(gp.PromptConfig)} - {"num_classes"}
-    vit_cfg = gp.vit_config(cfg.get("arch", "vit_base"), cfg.get("ssl", "mae"), img_size=cfg.get("img_size", 224),
-                            **(cfg.get("arch_overrides") or {}))
-    prompt_cfg = gp.prompt_config(cfg["method"], num_classes=num_classes,
-                                  **{k: v for k, v in cfg.items() if k in prompt_keys})
-    model = gp.VisionTransformer(vit_cfg, prompt_cfg)
-    gp.load_backbone(model, checkpoint)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k in model.prompt_state_dict()]
-    if missing or unexpected:
-        raise UserError(f"{prompts_path} does not fit the model of {run_path} (missing {missing}, "
-                        f"unexpected {unexpected})")
+    num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0   # the trained head's size
+    try:
+        model = recipes.build_model(cfg, num_classes, checkpoint, verbose=False)
+    except KeyError as e:
+        raise UserError(f"{run_path}: its config lacks {e} (written by an older harness?)") from None
+    try:
+        model.load_prompt_state_dict(state)
+    except ValueError as e:
+        raise UserError(f"{prompts_path} does not fit the model of {run_path}: {e}") from None
     return model.to(device).eval(), run
 
 
-def backbone_from_file(checkpoint, arch="vit_base", img_size=224, device="cpu", **arch_overrides):
-    """A prompt-free backbone (the "linear" method, no head) loaded from any format load_backbone reads."""
-    model = gp.VisionTransformer(gp.vit_config(arch, "mae", img_size=img_size, **arch_overrides),
-                                 gp.prompt_config("linear", num_classes=0))
-    gp.load_backbone(model, checkpoint)
-    return model.to(device).eval()
+def backbone_from_file(checkpoint, arch="vit_base", img_size=224, device="cpu", ssl="mae", **arch_overrides):
+    """A prompt-free backbone (the "linear" method, no head) loaded from any format load_backbone reads, built by
+    recipes.build_model. ssl sets only the pooling, which the figures' token and attention reads do not use."""
+    cfg = {"arch": arch, "ssl": ssl, "method": "linear", "img_size": img_size, "arch_overrides": arch_overrides,
+           "num_prompts": 0, "gate_init": 0.0, "insert_at": 1, "prompt_dropout": 0.0}   # no prompts, no gates
+    return recipes.build_model(cfg, 0, checkpoint, verbose=False).to(device).eval()
 
 
 def image_files(paths, limit=None):
@@ -749,13 +806,15 @@ def _parse_filter(text):
     return key, value
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The figure command line's arguments."""
     p = argparse.ArgumentParser(
         prog="reproduce.py figure", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Draw a figure of the paper; writes PNG + JSON/CSV under --out-dir.",
         epilog="""examples:
   reproduce.py figure 1 --filter lr=0.1                 accuracy vs first prompted block (stored runs)
   reproduce.py figure 4                                 selection ratios of the stored gated runs
+  reproduce.py figure 4 --all                           ... and of runs of other settings, marked as such
   reproduce.py figure 7 --filter ssl=mae                accuracy vs prompt tokens + Table 7 (stored runs)
   reproduce.py figure 5 --image bird.jpg --checkpoint checkpoints/mae_pretrain_vit_base.pth \\
       --run results/cub/mae/RUN-gated.json --run results/cub/mae/RUN-gated+temp.json
@@ -766,6 +825,9 @@ def main(argv=None):
     p.add_argument("--out-dir", help="where the figure goes (default <results-dir>/figures)")
     p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                    help="figures 1/4/7: keep runs whose config has KEY=VALUE (repeatable)")
+    p.add_argument("--all", dest="include_other_settings", action="store_true",
+                   help="figures 1/4/7: also draw runs that are not of the paper's exact recipe (shortened, other "
+                        "settings, older recipe version, another lr), each marked with how it differs")
     p.add_argument("--method", default="vpt-shallow", help="figure 1: the method plotted (default vpt-shallow; "
                                                            "'any' for all)")
     p.add_argument("--image", action="append", default=[], help="figures 2/5/9: an image file or folder (repeatable)")
@@ -785,48 +847,88 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=0.01, help="figures 2/9: DIP Adam learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available")
-    args = p.parse_args(argv)
-    out_dir = args.out_dir or os.path.join(args.results_dir, "figures")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    filters = dict(_parse_filter(f) for f in args.filter)
+    return p.parse_args(argv)
 
-    if args.number == 1:
-        paths = figure_insertion(args.results_dir, out_dir, method=None if args.method == "any" else args.method,
-                                 **filters)
-    elif args.number == 4:
-        paths = figure_selection_ratio(args.results_dir, out_dir, **filters)
-    elif args.number == 7:
-        paths = figure_prompt_count(args.results_dir, out_dir, **filters)
-    elif args.number == 5:
-        if not (args.image and args.run and args.checkpoint):
-            raise UserError("figure 5 needs --image, --checkpoint and at least one --run")
-        specs = []
-        for run_path in args.run:
-            model, run = model_from_run(run_path, args.checkpoint, device)
-            if not specs:   # first row: the frozen backbone the prompts were trained on
-                specs.append((f"{run['config'].get('ssl', 'backbone')} (frozen)", backbone_twin(model)))
-            specs.append((run["config"]["method"], model))
-        image = image_files(args.image[:1])[0]
-        paths = figure_attention(specs, image, out_dir, blocks=tuple(args.blocks or (3, 7, 12)))
-    else:  # 2 and 9
-        if not (args.image and args.backbone):
-            raise UserError("figures 2/9 need --image (file or folder) and at least one --backbone LABEL=FILE")
-        models = []
-        for spec in args.backbone:
-            label, sep, path = spec.partition("=")
-            if not sep:
-                label, path = os.path.basename(spec), spec
-            models.append((label, backbone_from_file(path, args.arch, args.img_size, device, **args.arch_overrides)))
-        paths = figure_dip(models, image_files(args.image, args.max_images), tuple(args.blocks or (1, 4, 7, 10, 12)),
-                           out_dir, steps=args.steps, lr=args.lr, seed=args.seed)
+
+def main(argv=None):
+    """`python reproduce.py figure N ...`: draw figure N, print where its files are."""
+    args = parse_args(argv)
+    out_dir = args.out_dir or os.path.join(args.results_dir, "figures")
+    paths = FIGURES[args.number](args, out_dir)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
+    if args.number in (1, 4, 7):
+        _note_left_out(paths["json"])
     return 0
+
+
+def _filters(args):
+    return dict(_parse_filter(f) for f in args.filter)
+
+
+def _device_of(args):
+    """--device, else cuda if available."""
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _figure_1(args, out_dir):
+    return figure_insertion(args.results_dir, out_dir, method=None if args.method == "any" else args.method,
+                            include_other_settings=args.include_other_settings, **_filters(args))
+
+
+def _figure_4(args, out_dir):
+    return figure_selection_ratio(args.results_dir, out_dir, include_other_settings=args.include_other_settings,
+                                  **_filters(args))
+
+
+def _figure_7(args, out_dir):
+    return figure_prompt_count(args.results_dir, out_dir, include_other_settings=args.include_other_settings,
+                               **_filters(args))
+
+
+def _figure_5(args, out_dir):
+    """Rows: the frozen backbone the runs were trained on, then each --run's trained model."""
+    if not (args.image and args.run and args.checkpoint):
+        raise UserError("figure 5 needs --image, --checkpoint and at least one --run")
+    specs = []
+    for run_path in args.run:
+        model, run = model_from_run(run_path, args.checkpoint, _device_of(args))
+        if not specs:   # first row: the frozen backbone the prompts were trained on
+            specs.append((f"{run['config'].get('ssl', 'backbone')} (frozen)", backbone_twin(model)))
+        specs.append((run["config"]["method"], model))
+    image = image_files(args.image[:1])[0]
+    return figure_attention(specs, image, out_dir, blocks=tuple(args.blocks or (3, 7, 12)))
+
+
+def _figures_2_and_9(args, out_dir):
+    """One model per --backbone LABEL=FILE (a bare FILE is labelled by its name)."""
+    if not (args.image and args.backbone):
+        raise UserError("figures 2/9 need --image (file or folder) and at least one --backbone LABEL=FILE")
+    models, device = [], _device_of(args)
+    for spec in args.backbone:
+        label, sep, path = spec.partition("=")
+        if not sep:
+            label, path = os.path.basename(spec), spec
+        models.append((label, backbone_from_file(path, args.arch, args.img_size, device, **args.arch_overrides)))
+    return figure_dip(models, image_files(args.image, args.max_images), tuple(args.blocks or (1, 4, 7, 10, 12)),
+                      out_dir, steps=args.steps, lr=args.lr, seed=args.seed)
+
+
+FIGURES = {1: _figure_1, 2: _figures_2_and_9, 4: _figure_4, 5: _figure_5, 7: _figure_7, 9: _figures_2_and_9}
+
+
+def _note_left_out(json_path):
+    """Say how many runs of other settings a stored-run figure left out (its JSON lists them)."""
+    with open(json_path) as f:
+        left_out = json.load(f)["other_settings_not_shown"]
+    if left_out:
+        print(f"note: {len(left_out)} run(s) are not of the paper's exact recipe and are not shown (listed in "
+              f"{json_path}); --all draws them, marked as other settings")
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except UserError as e:
+    except (UserError, gp.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

@@ -16,6 +16,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import analysis  # noqa: E402
 import gated_prompt as gp  # noqa: E402
+import recipes  # noqa: E402
+import results  # noqa: E402
 from runtime import UserError  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -57,11 +59,15 @@ def read_csv(path):
 
 
 def write_format_fixture_run(results_dir, name, test_acc=None, selection_ratio=None, protocol="final", age=0,
-                             **config):
-    """One fake run JSON in the harness's layout; `age` seconds makes the file older (lr choice by mtime)."""
-    config = {"task": "cub", "ssl": "mae", "method": "vpt-shallow", "num_prompts": 100, "insert_at": 1,
-              "arch": "vit_base", "lr": 0.1, "seed": 42, **config}
-    run = {"config": config, "protocol": protocol, "gates": [], "selection_ratio": selection_ratio,
+                             task="cub", ssl="mae", method="vpt-shallow", recipe_version=recipes.RECIPE_VERSION,
+                             lr_source=None, **overrides):
+    """One fake run JSON in the harness's layout: the config recipes.resolve gives with `overrides` (e.g.
+    insert_at=6, epochs=1), its deviations, and lr_source "recipe" unless an lr is given ("command line").
+    `age` seconds makes the file older (lr choice by mtime)."""
+    config = results.identity(recipes.resolve(task, ssl, method, **overrides))
+    run = {"config": config, "protocol": protocol, "recipe_version": recipe_version,
+           "lr_source": lr_source or ("command line" if "lr" in overrides else "recipe"),
+           "deviations": results.identity(recipes.deviations(config)), "gates": [], "selection_ratio": selection_ratio,
            "temperatures": None, "history": [{"epoch": 1}], "extra_key_the_harness_might_add": {"x": 1}}
     if test_acc is not None:
         run["final"] = {"test_acc": test_acc, "val_acc": None}
@@ -76,27 +82,31 @@ def write_format_fixture_run(results_dir, name, test_acc=None, selection_ratio=N
 
 
 def test_load_runs_filters_and_skips_foreign_files(tmp_path):
+    """The figures read run files with results.load_runs."""
     write_format_fixture_run(tmp_path, "a", 50.0, ssl="mae")
     write_format_fixture_run(tmp_path, "b", 60.0, ssl="mocov3")
     (tmp_path / "summary.json").write_text(json.dumps([1, 2, 3]))     # not a run
     (tmp_path / "broken.json").write_text("{ half written")
-    assert len(analysis.load_runs(tmp_path)) == 2
-    assert [r["config"]["ssl"] for r in analysis.load_runs(tmp_path, ssl="mocov3")] == ["mocov3"]
-    assert len(analysis.load_runs(tmp_path, ssl=["mae", "mocov3"])) == 2
+    assert len(results.load_runs(tmp_path)) == 2
+    assert [r["config"]["ssl"] for r in results.load_runs(tmp_path, ssl="mocov3")] == ["mocov3"]
+    assert len(results.load_runs(tmp_path, ssl=["mae", "mocov3"])) == 2
     write_format_fixture_run(tmp_path, "sweep", 99.0, protocol="sweep")
-    assert len(analysis.load_runs(tmp_path)) == 2                       # lr-sweep runs are not final results
-    assert len(analysis.load_runs(tmp_path, protocol=None)) == 3
+    assert len(results.load_runs(tmp_path)) == 2                       # lr-sweep runs are not final results
+    assert len(results.load_runs(tmp_path, protocol=None)) == 3
     with pytest.raises(UserError):
-        analysis.load_runs(tmp_path / "missing")
+        results.load_runs(tmp_path / "missing")
 
 
-def test_point_uses_the_newest_lr(tmp_path):
-    write_format_fixture_run(tmp_path, "old-lr-s1", 10.0, lr=0.5, seed=1, age=100)
-    write_format_fixture_run(tmp_path, "old-lr-s2", 12.0, lr=0.5, seed=2, age=100)
-    write_format_fixture_run(tmp_path, "new-lr-s1", 50.0, lr=0.1, seed=1, age=10)
-    write_format_fixture_run(tmp_path, "new-lr-s2", 54.0, lr=0.1, seed=2)
-    point = analysis._point(analysis.load_runs(tmp_path), "test_acc")
-    assert (point["lr"], point["n"], point["mean"]) == (0.1, 2, 52.0)
+def test_figure_point_uses_the_newest_lr(tmp_path):
+    """A point re-run at another lr (both picked by the lr sweep) shows the newest file's lr only, seeds averaged."""
+    write_format_fixture_run(tmp_path, "old-lr-s1", 10.0, lr=0.5, seed=1, age=100, lr_source="sweep")
+    write_format_fixture_run(tmp_path, "old-lr-s2", 12.0, lr=0.5, seed=2, age=100, lr_source="sweep")
+    write_format_fixture_run(tmp_path, "new-lr-s1", 50.0, lr=0.1, seed=1, age=10, lr_source="sweep")
+    write_format_fixture_run(tmp_path, "new-lr-s2", 54.0, lr=0.1, seed=2, lr_source="sweep")
+    paths = analysis.figure_insertion(tmp_path, tmp_path / "out")
+    (series,) = json.loads(open(paths["json"]).read())["series"]
+    assert (series["lr"], series["n"], series["mean"]) == ([0.1], [2], [52.0])
+    assert len(series["runs"][0]) == 2 and all("new-lr" in path for path in series["runs"][0])
 
 
 def test_figure_insertion(tmp_path):
@@ -178,6 +188,110 @@ def test_figure_prompt_count_and_table7(tmp_path):
     data = json.loads(open(paths["json"]).read())
     deep_cars = next(s for s in data["series"] if (s["task"], s["method"]) == ("cars", "vpt-deep"))
     assert deep_cars["prompt_tokens"] == [12, 24, 48, 96]
+
+
+def drawn_figure(monkeypatch):
+    """Keeps the matplotlib Figure each figure function saves, to read its legends and titles."""
+    figures = []
+    save = analysis._save
+
+    def keep_and_save(fig, path, *args, **kwargs):
+        figures.append(fig)
+        return save(fig, path, *args, **kwargs)
+    monkeypatch.setattr(analysis, "_save", keep_and_save)
+    return figures
+
+
+def legend_texts(fig):
+    return [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+
+
+def write_runs_of_other_settings(results):
+    """Per figure, one paper-recipe run and two runs of the same point that are not: shortened (epochs=1) and
+    stale (written by an older recipe version)."""
+    ratio = [0.0] * 9 + [0.2, 0.8]
+    for tag, extra in (("paper", {}), ("short", {"epochs": 1}), ("stale", {"recipe_version": 1})):
+        acc = {"paper": 45.0, "short": 5.0, "stale": 25.0}[tag]
+        write_format_fixture_run(results, f"fig1-{tag}", acc, insert_at=6, **extra)
+        write_format_fixture_run(results, f"fig4-{tag}", None, selection_ratio=ratio if tag == "paper" else ratio[::-1],
+                                 task="nabirds", method="gated+temp", **extra)
+        write_format_fixture_run(results, f"fig7-{tag}", acc, task="cars", method="vpt-deep", num_prompts=2, **extra)
+
+
+OTHER_SETTINGS = {"epochs=1", f"stale: recipe version 1, now {recipes.RECIPE_VERSION}"}
+
+
+def test_figures_show_only_the_paper_recipe_by_default(tmp_path):
+    results_dir = tmp_path / "results"
+    write_runs_of_other_settings(results_dir)
+    fig1 = json.loads(open(analysis.figure_insertion(results_dir, tmp_path / "f1")["json"]).read())
+    assert [(s["setting"], s["mean"]) for s in fig1["series"]] == [("paper recipe", [45.0])]   # not averaged in
+    assert {r["setting"] for r in fig1["other_settings_not_shown"]} == OTHER_SETTINGS
+    fig4 = json.loads(open(analysis.figure_selection_ratio(results_dir, tmp_path / "f4")["json"]).read())
+    assert [(p["task"], p["setting"]) for p in fig4["panels"]] == [("nabirds", "paper recipe")]
+    assert fig4["panels"][0]["mean"][-2:] == pytest.approx([0.2, 0.8])
+    paths = analysis.figure_prompt_count(results_dir, tmp_path / "f7")
+    fig7 = json.loads(open(paths["json"]).read())
+    assert [(s["setting"], s["mean"]) for s in fig7["series"]] == [("paper recipe", [45.0])]
+    assert [(r["setting"], r["cars"]) for r in read_csv(paths["csv"])] == [("paper recipe", "45.0")]
+
+
+def test_figures_mark_other_settings_when_asked(tmp_path, monkeypatch):
+    results_dir = tmp_path / "results"
+    write_runs_of_other_settings(results_dir)
+    figures = drawn_figure(monkeypatch)
+    paths = analysis.figure_insertion(results_dir, tmp_path / "f1", include_other_settings=True)
+    series = json.loads(open(paths["json"]).read())["series"]
+    assert [(s["setting"], s["mean"]) for s in series][0] == ("paper recipe", [45.0])    # each its own series
+    assert {(s["setting"], s["mean"][0]) for s in series[1:]} == {
+        ("epochs=1", 5.0), (f"stale: recipe version 1, now {recipes.RECIPE_VERSION}", 25.0)}
+    assert {r["setting"] for r in read_csv(paths["csv"])} == {"paper recipe"} | OTHER_SETTINGS
+    assert sorted(legend_texts(figures[-1])) == sorted(["mae"] + [f"mae (other settings: {s})" for s in OTHER_SETTINGS])
+
+    paths = analysis.figure_selection_ratio(results_dir, tmp_path / "f4", include_other_settings=True)
+    panels = json.loads(open(paths["json"]).read())["panels"]
+    assert [p["setting"] for p in panels][0] == "paper recipe" and {p["setting"] for p in panels[1:]} == OTHER_SETTINGS
+    assert panels[0]["mean"][-2:] == pytest.approx([0.2, 0.8]) and panels[0]["n"] == 1
+    titles = [ax.get_title() for ax in figures[-1].axes if ax.get_visible()]
+    assert sum("other settings: epochs=1" in t for t in titles) == 1 and "other settings" not in titles[0]
+    assert {r["setting"] for r in read_csv(paths["csv"])} == {"paper recipe"} | OTHER_SETTINGS
+
+    paths = analysis.figure_prompt_count(results_dir, tmp_path / "f7", include_other_settings=True)
+    table = {r["setting"]: r["cars"] for r in read_csv(paths["csv"])}
+    assert table == {"paper recipe": "45.0", "epochs=1": "5.0",
+                     f"stale: recipe version 1, now {recipes.RECIPE_VERSION}": "25.0"}
+    assert "vpt-deep (other settings: epochs=1)" in legend_texts(figures[-1])
+    # the command line's --all
+    assert analysis.main(["7", "--results-dir", str(results_dir), "--out-dir", str(tmp_path / "cli"), "--all"]) == 0
+    assert len(read_csv(tmp_path / "cli" / "table7_prompt_count.csv")) == 3
+
+
+def test_figures_without_a_paper_run_point_to_all(tmp_path, capsys):
+    results_dir = tmp_path / "results"
+    write_format_fixture_run(results_dir, "short", 5.0, insert_at=6, epochs=1)
+    write_format_fixture_run(results_dir, "short-ratio", 5.0, task="nabirds", method="gated+temp", epochs=1,
+                             selection_ratio=[0.0] * 10 + [1.0])
+    write_format_fixture_run(results_dir, "short-deep", 5.0, task="cars", method="vpt-deep", num_prompts=2, epochs=1)
+    for figure in (analysis.figure_insertion, analysis.figure_selection_ratio, analysis.figure_prompt_count):
+        with pytest.raises(UserError, match=r"paper's exact recipe.*epochs=1.*--all"):
+            figure(results_dir, tmp_path / "out")
+    # a paper run beside them: drawn, and the command line says what it left out
+    write_format_fixture_run(results_dir, "paper", 45.0, insert_at=6)
+    assert analysis.main(["1", "--results-dir", str(results_dir), "--out-dir", str(tmp_path / "cli")]) == 0
+    assert "1 run(s) are not of the paper's exact recipe" in capsys.readouterr().out
+
+
+def test_figure1_uses_section_a2_learning_rates(tmp_path):
+    """Figure 1's KITTI runs with MoCo v3 are at lr 0.1 (Section A.2), not Table 5's 1.0; VPT-shallow only."""
+    results_dir = tmp_path / "results"
+    assert recipes.resolve("kitti", "mocov3", "vpt-shallow")["lr"] == 1.0
+    write_format_fixture_run(results_dir, "table5-lr", 20.0, task="kitti", ssl="mocov3", insert_at=3)
+    write_format_fixture_run(results_dir, "figure1-lr", 30.0, task="kitti", ssl="mocov3", insert_at=3, lr=0.1)
+    write_format_fixture_run(results_dir, "gated", 99.0, task="kitti", ssl="mocov3", method="gated", insert_at=3)
+    paths = analysis.figure_insertion(results_dir, tmp_path / "out")
+    data = json.loads(open(paths["json"]).read())
+    assert [(s["setting"], s["lr"], s["mean"]) for s in data["series"]] == [("paper recipe", [0.1], [30.0])]
+    assert [r["setting"] for r in data["other_settings_not_shown"]] == ["lr=1.0 (recipe)"]
 
 
 def test_total_prompt_tokens():
@@ -364,13 +478,13 @@ def test_figure_dip(tmp_path):
 TINY_ARCH = dict(embed_dim=32, depth=4, num_heads=2, patch_size=8)   # img_size is its own config key
 
 
-def save_tiny_run(tmp_path, method, backbone_state, seed):
+def save_tiny_run(tmp_path, method, backbone_state, seed, **config_overrides):
     """A tiny trained-looking run: run JSON (FILE-FORMAT FIXTURE) + <name>.prompts.pt beside it."""
     model = tiny_model(method, seed=seed, gate_init=1.0)
     model.load_state_dict(backbone_state, strict=False)
     config = {"task": "cub", "ssl": "mae", "method": method, "arch": "vit_base", "arch_overrides": TINY_ARCH,
               "img_size": 32, "num_prompts": 3, "gate_init": 1.0, "insert_at": 1, "prompt_dropout": 0.1,
-              "lr": 0.1, "seed": 42}
+              "lr": 0.1, "seed": 42, **config_overrides}
     path = tmp_path / f"{method}.json"
     path.write_text(json.dumps({"config": config, "protocol": "final", "final": {"test_acc": 1.0}}))
     torch.save(model.prompt_state_dict(), tmp_path / f"{method}.prompts.pt")
@@ -413,3 +527,52 @@ def test_figure2_command_line(tmp_path):
     assert_png(out / "figure2_dip_reconstructions.png")
     rows = read_csv(out / "figure9_dip_scores.csv")
     assert [(r["model"], r["block"], r["image"]) for r in rows] == [("MAE", "2", "0")]
+
+
+def tiny_checkpoint(tmp_path, seed=7):
+    backbone = tiny_model("linear", seed=seed)
+    checkpoint = tmp_path / "backbone.pth"
+    torch.save({"model": backbone.backbone_state_dict()}, checkpoint)   # MAE-style file
+    return checkpoint, backbone
+
+
+def test_model_from_run_is_the_model_its_config_builds(tmp_path):
+    """The figure's model is recipes.build_model of the stored config: here a 48-pixel input whose 4x4 stored
+    position grid is resized bilinearly (the config's pos_embed_interpolation), as training resized it."""
+    checkpoint, backbone = tiny_checkpoint(tmp_path)
+    run_path, trained = save_tiny_run(tmp_path, "gated+temp", backbone.backbone_state_dict(), seed=3, img_size=48,
+                                      pos_embed_interpolation="bilinear")
+    rebuilt, run = analysis.model_from_run(run_path, checkpoint)
+    expected = recipes.build_model(run["config"], 5, checkpoint, verbose=False)
+    expected.load_prompt_state_dict(trained.prompt_state_dict())
+    assert rebuilt.cfg == expected.cfg and rebuilt.cfg.pos_embed_interpolation == "bilinear"
+    bicubic = gp.resize_pos_embed(backbone.pos_embed.detach(), (6, 6), "bicubic")
+    assert torch.equal(rebuilt.pos_embed, expected.pos_embed) and not torch.allclose(rebuilt.pos_embed, bicubic)
+    x = analysis.imagenet_normalise(tiny_image(size=48)[None])
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), expected.eval()(x))
+
+
+def test_model_from_run_refuses_prompts_of_another_model(tmp_path):
+    checkpoint, backbone = tiny_checkpoint(tmp_path)
+    run_path, _ = save_tiny_run(tmp_path, "gated+temp", backbone.backbone_state_dict(), seed=3, num_prompts=4)
+    misfit = r"gated\+temp.prompts.pt does not fit the model of .*gated\+temp.json.*prompts"
+    with pytest.raises(UserError, match=misfit):
+        analysis.model_from_run(run_path, checkpoint)          # 3 prompts stored, the config says 4
+    gated_path, _ = save_tiny_run(tmp_path, "gated", backbone.backbone_state_dict(), seed=4)
+    os.replace(tmp_path / "gated+temp.prompts.pt", tmp_path / "gated.prompts.pt")
+    with pytest.raises(UserError, match=r"gated.prompts.pt does not fit .*unexpected \['temperatures'\]"):
+        analysis.model_from_run(gated_path, checkpoint)         # a gated+temp file for a gated run
+
+
+def test_backbone_from_file_is_the_linear_model_of_the_file(tmp_path):
+    checkpoint, backbone = tiny_checkpoint(tmp_path)
+    model = analysis.backbone_from_file(checkpoint, img_size=32, ssl="mocov3", **TINY_ARCH)
+    cfg = {"arch": "vit_base", "ssl": "mocov3", "method": "linear", "img_size": 32, "arch_overrides": TINY_ARCH,
+           "num_prompts": 0, "gate_init": 0.0, "insert_at": 1, "prompt_dropout": 0.0}
+    expected = recipes.build_model(cfg, 0, checkpoint, verbose=False)
+    assert model.cfg == expected.cfg and model.cfg.pool == "cls" and model.head is None and model.num_prompts == 0
+    x = analysis.imagenet_normalise(tiny_image()[None])
+    with torch.no_grad():
+        for block in (1, 4):
+            assert torch.equal(analysis.backbone_tokens(model, x, block), analysis.backbone_tokens(backbone, x, block))
