@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gated_prompt as gp  # noqa: E402
 import runtime  # noqa: E402
+import trainer  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -126,7 +127,7 @@ def test_training_curves_match():
     for name, model, bf16 in (("fast", fast, True), ("reference", ref, False)):
         model.train()
         optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9)
-        step, _ = runtime.make_train_step(model, optimizer, CPU, bf16=bf16, compile=False)
+        step = runtime.make_train_step(model, optimizer, trainer.classification_loss, CPU, bf16=bf16, compile=False)
         curves[name] = torch.stack([step(x, y)[0] for _ in range(30)]).tolist()
     fast, ref = curves["fast"], curves["reference"]
     for i, (f, r) in enumerate(zip(fast, ref)):
