@@ -77,7 +77,7 @@ class Checkpoint:
 CHECKPOINTS = {  # (arch, ssl) -> the official file
     ("vit_base", "mae"): Checkpoint(
         "mae_pretrain_vit_base.pth", "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth",
-        # as pinned by a third-party project (REFERENCE.md section 2); a mismatch is reported, not ignored
+        # size and SHA-256 as a third-party project pins them (Meta publishes none); a mismatch is reported
         sha256="aec5f0b68e5f3193a00b07bc65a37440db549c15b36b8bea242606cc40c4bc5d", size=343_249_461),
     ("vit_large", "mae"): Checkpoint(
         "mae_pretrain_vit_large.pth", "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large.pth"),

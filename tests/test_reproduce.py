@@ -62,6 +62,14 @@ def test_every_task_and_backbone_resolves_to_table_5(task, ssl):
     assert not recipes.deviations(cfg)
 
 
+@pytest.mark.parametrize("task,ssl,row", [("cub", "mocov3", (64, 100, 1.0, 5)), ("oxford_iiit_pet", "mocov3", (64, 100, 1.0, 1)),
+                                          ("smallnorb_azi", "mae", (128, 1, 0.1, 20)), ("ade20k", "mae", (16, 100, 0.001, 10))])
+def test_resolved_cells_carry_the_papers_table_5_values(task, ssl, row):
+    """Spot checks typed in from the paper's Table 5 (tests/test_paper_numbers.py compares every row)."""
+    cfg = recipes.resolve(task, ssl)
+    assert (cfg["batch_size"], cfg["num_prompts"], cfg["lr"], cfg["gate_init"]) == row
+
+
 def test_print_config_shows_overrides_and_touches_nothing(tmp_path):
     out = cli("--task", "cub", "--ssl", "mocov3", "--method", "vpt-deep", "--lr", "0.25", "--print-config",
               "--data-dir", str(tmp_path / "absent"), cwd=tmp_path)

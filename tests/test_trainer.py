@@ -76,6 +76,13 @@ def test_non_finite_loss_stops_the_run_with_a_message(tmp_path):
     assert not (tmp_path / "state.pt").exists()
 
 
+def test_a_non_finite_loss_after_the_first_epoch_keeps_the_last_good_state(tmp_path):
+    """Epoch 1 runs at lr 0 (warm-up from 0) and saves its state; epoch 2 at lr 1e30 blows up."""
+    with pytest.raises(runtime.NonFiniteLoss, match="epoch 2.*The last good epoch's state is kept"):
+        tiny_run(tiny_cfg(lr=1e30, epochs=3, warmup_epochs=1), tmp_path)
+    assert (tmp_path / "state.pt").is_file() and torch.load(tmp_path / "state.pt", weights_only=False)["step"] == 0
+
+
 def test_cpu_runs_flush_denormals(tmp_path, monkeypatch):
     """Denormal floats make CPU arithmetic 6-25x slower once a loss saturates; runs flush them to zero."""
     seen = []
