@@ -63,8 +63,8 @@ def parse_args(argv):
     proto.add_argument("--recipe", choices=recipes.RECIPES, default=None,
                        help="paper (default): Table 5's settings for every method; vpt: VPT's own recipe for the "
                             "VPT baselines (lr x weight-decay search with lr per 256 images; needs --sweep)")
-    over = p.add_argument_group("overrides of paper_hparams.yaml (a run with any of these is stored apart and "
-                                "never shown as a paper cell)")
+    over = p.add_argument_group("overrides of paper_hparams.yaml (a run that departs from the paper's recipe is "
+                                "stored under its own name and never fills a paper cell)")
     for name, kind in OVERRIDES:
         over.add_argument(name, type=kind, default=None)
     over.add_argument("--arch", choices=list(gp.ARCHS), default=None, help="backbone size (default vit_base)")
@@ -259,7 +259,11 @@ def main(argv=None):
     if args.table and not args.run:
         return results.print_table(args.table, args.results_dir, show_all=args.all)
     if args.print_config:
-        print(json.dumps(resolve_config(args), indent=2))
+        cfg = resolve_config(args)
+        print(json.dumps(cfg, indent=2))
+        if cfg["method"] in ("vpt-shallow", "vpt-deep") and cfg.get("recipe") == "paper":
+            print("note: the VPT baselines run Table 5's batch size and lr of the paper's method (the paper lists "
+                  "none for them); --recipe vpt --sweep runs VPT's own recipe", file=sys.stderr)
         return
     runtime.init_distributed()
     settings = settings_from(args)
