@@ -87,7 +87,7 @@ def load_data(cfg, settings, protocol):
 def dataset_folder(task, settings):
     """The task's dataset folder under --data-dir; with --download, CUB / Flowers / Dogs are fetched first (rank 0).
     A missing folder says what to fetch from where and where to put it."""
-    if settings.download and task in downloads.DATASETS:
+    if settings.download and task in downloads.DATASETS and not _folder_exists(task, settings.data_dir):
         with runtime.main_first():
             if runtime.is_main():
                 downloads.fetch_dataset(task, settings.data_dir, mirror=settings.mirror)
@@ -95,6 +95,14 @@ def dataset_folder(task, settings):
         return data.dataset_root(task, settings.data_dir)
     except data.DataError as err:
         raise data.DataError(f"{err}\n{downloads.dataset_instructions(task, settings.data_dir)}") from None
+
+
+def _folder_exists(task, data_dir):
+    """A folder under any accepted name (e.g. CUB_200_2011 unpacked by hand) is used as it is."""
+    try:
+        return data.dataset_root(task, data_dir).is_dir()
+    except data.DataError:
+        return False
 
 
 def demo_splits(cfg):
