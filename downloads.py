@@ -458,22 +458,38 @@ def fetch_dataset(dataset: str, data_dir: str | os.PathLike = "data", *, mirror:
     """
     if dataset not in DATASETS:
         raise DownloadError(dataset_instructions(dataset, data_dir))
-    src = DATASETS[dataset]
     data_dir = Path(data_dir)
-    root, downloads = dataset_root(dataset, data_dir), data_dir / "downloads"
-    sums = downloads / SUMS_NAME
+    root = dataset_root(dataset, data_dir)
+    if _usable_already(dataset, data_dir, root):
+        return root
+    src, downloads = DATASETS[dataset], data_dir / "downloads"
+    print(f"{dataset}: {src.title} ({src.page}); archives are kept in {downloads}")
+    todo = _plan_downloads(dataset, src, data_dir, downloads, mirror)
+    records = _fetch_archives(dataset, src, downloads, todo, mirror)
+    _unpack_prepare_and_mark(dataset, src, data_dir, downloads, root, records)
+    print(f"{dataset}: ready in {root} (marker {READY_MARKER}); the archives in {downloads} can be deleted")
+    return root
+
+
+def _usable_already(dataset: str, data_dir: Path, root: Path) -> bool:
+    """True for a ready folder, or a user's folder that already has split files; a user's folder without them is
+    refused (never overwritten)."""
     if dataset_ready(dataset, data_dir):
         print(f"{dataset}: {root} is ready (downloaded {read_marker(root).get('date', '?')}); nothing to fetch")
-        return root
+        return True
     if root.exists() and read_marker(root) is None:
         if all((root / f"{split}.json").is_file() for split in data.FGVC_SPLITS):
             print(f"{dataset}: using the existing {root} (split files present; not created by the downloader)")
-            return root
+            return True
         raise DownloadError(f"{root} exists but was not created by the downloader and has no split files. Move "
                             f"it away to download afresh, or, if it holds the release files, build the splits "
                             f"with `python reproduce.py prepare --dataset {dataset} --root {root}`.")
+    return False
 
-    print(f"{dataset}: {src.title} ({src.page}); archives are kept in {downloads}")
+
+def _plan_downloads(dataset: str, src: DatasetSource, data_dir: Path, downloads: Path, mirror: str | None) -> list:
+    """[(file, url, target, Content-Length)] still to download; prints each file's size and refuses when the disk
+    cannot hold the downloads plus their unpacked copies."""
     todo, need = [], 0
     for f in src.files:
         target = downloads / url_filename(f.url)
@@ -490,9 +506,13 @@ def fetch_dataset(dataset: str, data_dir: str | os.PathLike = "data", *, mirror:
             print(f"  {target.name}: {format_bytes(size)}{'' if length else ' (approximate)'} to download from {url}")
         need += size or 0  # unpacked copy (about the archive size: the images are already compressed)
     _check_disk(data_dir, need, f"{dataset} (downloads + unpacked files)")
+    return todo
 
-    records = {}
-    for f in src.files:  # reuse what is there (verified), download what is not
+
+def _fetch_archives(dataset: str, src: DatasetSource, downloads: Path, todo: list, mirror: str | None) -> dict:
+    """{archive name: sha256}: kept archives verified again, the missing ones downloaded and verified."""
+    sums, records = downloads / SUMS_NAME, {}
+    for f in src.files:
         target = downloads / url_filename(f.url)
         if target.is_file():
             records[target.name] = _verify_kept_archive(target, f, sums, dataset, mirror)
@@ -501,7 +521,13 @@ def fetch_dataset(dataset: str, data_dir: str | os.PathLike = "data", *, mirror:
         records[target.name] = _download(url, target, expected_size=length,
                                          verify=lambda p, f=f, url=url, target=target:
                                          _verify_new_archive(p, f, url, target, sums))
+    return records
 
+
+def _unpack_prepare_and_mark(dataset: str, src: DatasetSource, data_dir: Path, downloads: Path, root: Path,
+                             records: dict) -> None:
+    """Unpack into a staging folder, build the split files, write the marker, then rename the folder into place:
+    the folder appears complete, with its marker, or not at all."""
     staging = data_dir / f".{src.folder}.unpacking"
     shutil.rmtree(staging, ignore_errors=True)  # an interrupted unpack or prepare starts over
     try:
@@ -520,11 +546,9 @@ def fetch_dataset(dataset: str, data_dir: str | os.PathLike = "data", *, mirror:
         runtime.write_json(release / READY_MARKER, marker)
         if root.exists():  # ours (it had a marker) but incomplete: replace it
             shutil.rmtree(root)
-        os.replace(release, root)  # the commit point: the folder appears complete, with its marker
+        os.replace(release, root)  # the commit point
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"{dataset}: ready in {root} (marker {READY_MARKER}); the archives in {downloads} can be deleted")
-    return root
 
 
 def _archive_fix(path: Path, dataset: str) -> str:
