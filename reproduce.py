@@ -15,6 +15,7 @@ classification, segmentation.py for ADE20K: data -> model -> train -> evaluate) 
 -> summary or table. No other module imports this one.
 """
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -31,6 +32,7 @@ import gated_prompt as gp
 import recipes
 import results
 import runtime
+import segmentation
 import trainer
 
 OVERRIDES = (("--lr", float), ("--num-prompts", int), ("--gate-init", float), ("--batch-size", int),
@@ -115,7 +117,6 @@ def run_one(cfg, protocol, settings, lr_source="recipe"):
             print(f"{files.result} exists; reusing it (delete it to run again)")
         return stored
     if recipes.task_kind(cfg["task"]) == "segmentation":
-        import segmentation
         body, prompt_state = segmentation.train_segmentation(cfg, settings, files.state)
     else:
         body, prompt_state = trainer.run_classification(cfg, protocol, settings)
@@ -126,13 +127,14 @@ def run_one(cfg, protocol, settings, lr_source="recipe"):
     return result
 
 
-def lr_source(cfg, args):
+def lr_source(args):
+    """Where a run's lr comes from (results.is_paper_run also accepts a command-line lr equal to the recipe's)."""
     return "command line" if args.lr is not None else "recipe"
 
 
 def run_cells(cfgs, args, settings):
     """Cells (one, or a whole table): all sweep runs, then all final runs (--seeds each), through one queue."""
-    sources = [lr_source(c, args) for c in cfgs]
+    sources = [lr_source(args)] * len(cfgs)
     if args.sweep:
         grids = [recipes.sweep_grid(c) for c in cfgs]
         jobs = [(dict(c, **point), "sweep", "sweep grid") for c, grid in zip(cfgs, grids) for point in grid]
@@ -177,7 +179,7 @@ def run_queue(jobs, settings):
     devices = ctx.Queue()
     for i in range(workers):
         devices.put(f"cuda:{i}" if settings.device.type == "cuda" else "cpu")
-    quiet = runtime.Settings(**dict(vars(settings), quiet=True))
+    quiet = dataclasses.replace(settings, quiet=True)
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(devices,)) as pool:
         futures = [pool.submit(_worker_run, cfg, protocol, quiet, source) for cfg, protocol, source in jobs]
         for _ in tqdm(as_completed(futures), total=len(futures), desc=f"runs on {workers} workers"):
@@ -195,7 +197,7 @@ def _worker_init(devices):
 
 
 def _worker_run(cfg, protocol, settings, source):
-    return run_one(cfg, protocol, runtime.Settings(**dict(vars(settings), device=_WORKER_DEVICE)), source)
+    return run_one(cfg, protocol, dataclasses.replace(settings, device=_WORKER_DEVICE), source)
 
 
 def run_table(number, args, settings):
@@ -228,14 +230,13 @@ def print_summary(cfg, runs):
 def run_demo(args, settings):
     print("PIPELINE DEMO - generated images, a small randomly initialised ViT, CPU-sized. These are NOT the\n"
           "paper's numbers; they show the harness end to end. For a paper cell: --task cub --ssl mocov3.\n")
-    settings = runtime.Settings(**dict(vars(settings), results_dir=str(Path(settings.results_dir) / "demo"),
-                                       compile=False))
+    settings = dataclasses.replace(settings, results_dir=str(Path(settings.results_dir) / "demo"), compile=False)
     shutil.rmtree(settings.results_dir, ignore_errors=True)  # the demo always runs afresh
     rows = []
     for method in recipes.HPARAMS["demo"]["methods"]:
         cfg = recipes.resolve("demo", method=method, **overrides_from(args))
         print(f"--- {method}")
-        rows.append((method, run_one(cfg, "final", settings, lr_source(cfg, args))))
+        rows.append((method, run_one(cfg, "final", settings, lr_source(args))))
     print("\nDEMO RESULTS (generated data; not comparable to the paper)")
     print(f"{'method':<14}{'test acc %':>12}{'train img/s':>14}")
     for method, r in rows:
