@@ -13,6 +13,7 @@ starting from the same weights, both stepping runtime.make_optimizer's SGD (fuse
 fast/reference speed-up, all measured in the same run. torch.compile runs on CUDA unless --no-compile
 (--compile forces it on a CPU, where compiling takes minutes).
 
+    python bench.py --report                          # everything below in one process -> BENCHMARKS.md
     python bench.py                                   # ViT-B/16, gated+temp, 100 prompts, batch 64
     python bench.py --prompts 10 100 --batch 32 128 --json bench.json
     python bench.py --sweep-prompts --sweep-batch     # fast path: images/s vs prompts and vs batch
@@ -26,6 +27,11 @@ On a CPU the same code runs (bf16 autocast works there too); peak fraction and m
                           (GPU random crop + flip) / 5,794 test (the cub/MAE recipe). Random backbone.
   --segmentation          the SETR-PUP ADE20K training iteration and the sliding-window inference of one
                           512x683 image, sizes from the resolved ADE20K recipe; projected schedule hours.
+  --report                the targets' figures in one process: the training step fast vs reference at 100
+                          prompts / batch 64 and 1 prompt / batch 128, both sweeps (fast path without
+                          compile), both end-to-end runs for a few epochs projected to 100; writes
+                          BENCHMARKS.md and benchmarks.json (--out-dir). `--report --arch tiny` is the
+                          seconds-long CPU smoke run of the same code.
 """
 import argparse
 import datetime
@@ -79,7 +85,19 @@ SYNTHETIC_PER_CLASS = 2   # generated images per class, tiled to the requested c
 SEG_TEST_IMAGE = (512, 683)   # H x W: a typical ADE20K image at the test scale (short side 512)
 ADE_VAL_IMAGES = 2000
 
+# --report: (prompts, batch, train-step images/s target on one H100, task). The shapes are the CUB and the
+# VTAB (dtd) recipes', and the eval step runs at the harness's eval batch, so the end-to-end runs after them
+# compile the same graphs (inductor's cache serves them)
+REPORT_POINTS = ((100, 64, 2700, "cub"), (1, 128, 4200, "dtd"))
+TARGET_SPEEDUP = 9.0
+TARGET_PEAK_FRACTION = 0.5        # an aim, not a requirement
+TARGET_MEMORY_GIB = 6.0           # the fast training step at 100 prompts, batch 64
+REPORT_DEFAULTS = dict(steps=10, warmup=3, repeats=3, epochs=5)
+# --report --arch tiny: sizes for a CPU smoke run of the same code; its step batches are the report's / 16
+REPORT_SMOKE = dict(img_size=32, steps=2, warmup=1, repeats=2, epochs=3, train_images=48, test_images=32)
+SMOKE_BATCH_DIVISOR = 16
 TABLE_DEFAULTS = dict(steps=20, warmup=5, repeats=5)
+CPU_SMOKE_NOTE = "CPU smoke run, not a GPU measurement"
 
 
 def arch_spec(name):
@@ -688,6 +706,157 @@ def format_segmentation(r):
     return "\n".join(f"  {name:<{width}}{value}" for name, value in lines)
 
 # -----------------------------------------------------------------------------
+# --report: the targets' figures in one process, written to BENCHMARKS.md and benchmarks.json
+
+
+def report_shapes(args):
+    """(points [(prompts, batch, target img/s, task, eval batch)], sweep prompts, sweep batches) of --report:
+    REPORT_POINTS with the harness's eval batch (trainer.make_loaders'), and the sweeps; --arch tiny divides
+    every step batch by SMOKE_BATCH_DIVISOR (the CPU smoke run)."""
+    divisor = SMOKE_BATCH_DIVISOR if args.arch == "tiny" else 1
+    points = [(prompts, batch // divisor, target, task, max(trainer.EVAL_BATCH, batch) // divisor)
+              for prompts, batch, target, task in REPORT_POINTS]
+    return points, SWEEP_PROMPTS, tuple(batch // divisor for batch in SWEEP_BATCH)
+
+
+def run_report(args, device, peak):
+    """Training step fast vs reference at the report's points (fast path compiled as the run's setting), both
+    sweeps (fast path without compile; a shared point is timed once), both end-to-end runs. Returns a dict."""
+    points, sweep_prompts, sweep_batch = report_shapes(args)
+    print(f"--report: step comparison | {args.arch}, {args.method}, {args.img_size or data.IMAGE_SIZE}px\n{HEADER}")
+    results, ratios = [], []
+    for num_prompts, batch, _, task, eval_batch in points:
+        rows, pair_ratios = compare_paths(args, device, peak, num_prompts, batch, task=task, eval_batch=eval_batch)
+        results, ratios = results + rows, ratios + pair_ratios
+    prompts_fixed, batch_fixed = points[0][:2]
+    measured = {}
+    sweeps = {"prompts": run_sweep(args, device, peak, "prompts", sweep_prompts, batch_fixed, measured, False),
+              "batch": run_sweep(args, device, peak, "batch", sweep_batch, prompts_fixed, measured, False)}
+    end_to_end = {}
+    for run in END_TO_END:
+        print()
+        end_to_end[run] = run_end_to_end(args, device, run)
+    report = {"report_points": points, "results": results, "ratios": ratios, "sweeps": sweeps,
+              "end_to_end": end_to_end}
+    report["targets"] = target_rows(report, device, args)
+    return report
+
+
+def _find(rows, prompts, batch, path="fast", step="train"):
+    return next((r for r in rows if (r["prompts"], r["batch"], r["path"], r["step"]) == (prompts, batch, path, step)),
+                None)
+
+
+def _target_row(figure, value, unit, op, target, comparable, aim=False):
+    met = None
+    if comparable and value is not None:
+        met = {">=": value >= target, "<=": value <= target, "<": value < target}[op]
+    return {"figure": figure, "value": value, "unit": unit, "op": op, "target": target, "aim": aim, "met": met}
+
+
+def target_rows(report, device, args):
+    """Each target figure next to its target on one H100. met is None where the run cannot be compared: not
+    an H100, or not ViT-B/16 gated+temp at 224 px, or (end to end) reduced data sizes."""
+    comparable = (device.type == "cuda" and "H100" in runtime.device_name(device).upper()
+                  and args.arch == "vit_base" and args.method == "gated+temp"
+                  and (args.img_size or data.IMAGE_SIZE) == data.IMAGE_SIZE)
+    rows = []
+    for prompts, batch, target, *_ in report["report_points"]:
+        shape = f"{prompts} prompt{'s' if prompts != 1 else ''}, batch {batch}"
+        fast = _find(report["results"], prompts, batch)
+        ratio = next((r["speedup"] for r in report["ratios"]
+                      if (r["prompts"], r["batch"], r["step"]) == (prompts, batch, "train")), None)
+        fraction = fast["peak_fraction"] if fast else None
+        rows += [_target_row(f"train step, {shape}", fast and fast["images_per_s"], "img/s", ">=", target,
+                             comparable),
+                 _target_row(f"fast / reference, train step, {shape}", ratio, "x", ">=", TARGET_SPEEDUP, comparable),
+                 _target_row(f"fraction of bf16 peak, train step, {shape}", fraction and 100 * fraction, "%", ">=",
+                             100 * TARGET_PEAK_FRACTION, comparable, aim=True)]
+    prompts, batch, *_ = report["report_points"][0]
+    fast = _find(report["results"], prompts, batch)
+    rows.append(_target_row(f"peak GPU memory, train step, {prompts} prompts, batch {batch}",
+                            fast and fast["peak_memory_gib"], "GiB", "<=", TARGET_MEMORY_GIB, comparable))
+    for run, r in report["end_to_end"].items():
+        spec = END_TO_END[run]
+        estimate = r["projected_wall_s"] if r["projected_wall_s"] is not None else r["wall_s"]
+        projected = f"projected from {r['epochs']} to {r['full_epochs']} epochs" \
+            if r["projected_wall_s"] is not None else f"{r['epochs']} epochs"
+        rows.append(_target_row(f"{spec['label']} end to end ({projected})", estimate, "s", "<", spec["target_s"],
+                                comparable and r["full_size"]))
+    return rows
+
+
+UNIT_FORMAT = {"img/s": "{:,.0f}", "x": "{:.2f}", "%": "{:.1f}", "GiB": "{:.2f}", "s": "{:.1f}"}
+
+
+def format_value(value, unit):
+    return "n/a" if value is None else UNIT_FORMAT[unit].format(value) + ("" if unit == "x" else " ") + unit
+
+
+def report_markdown(out):
+    """BENCHMARKS.md: header facts, the targets table, then every timed row."""
+    lines = ["# Benchmarks", ""]
+    if not out["cuda_device"]:
+        lines += [f"**{CPU_SMOKE_NOTE}.** The GPU report's code on a CPU; no figure below says anything about "
+                  "GPU speed, and no target is judged.", ""]
+    if out["args"]["arch"] == "tiny":
+        lines += [f"Tiny sizes: a 12-block ViT of width {TINY_ARCH['embed_dim']}, step batches the GPU report's / "
+                  f"{SMOKE_BATCH_DIVISOR}, {out['args']['train_images']} train / {out['args']['test_images']} test "
+                  "generated images end to end.", ""]
+    lines += ["| | |", "|---|---|", f"| device | {out['device']} |", f"| torch | {out['torch']} |",
+              f"| CUDA | {out['cuda'] or 'none'} |", f"| date | {out['date']} |",
+              f"| command | `{out['command']}` |",
+              f"| model | {out['args']['arch']}, {out['args']['method']}, {out['img_size']} px, random weights |",
+              f"| bf16 dense peak | {out['peak_bf16_tflops'] or 'unknown'} TFLOP/s |", ""]
+    lines += ["## Targets (one H100)", "", "| figure | measured | target on one H100 | met |", "|---|---|---|---|"]
+    for t in out["targets"]:
+        target = ("aim " if t["aim"] else "") + f"{t['op']} " + format_value(t["target"], t["unit"])
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['figure']} | {format_value(t['value'], t['unit'])} | {target} | {met} |")
+    lines += ["", "## Training and evaluation steps, fast vs reference", ""] + _markdown_steps(out["results"])
+    lines += ["", "## Sweeps (fast path without torch.compile)", ""]
+    for name, rows in out["sweeps"].items():
+        lines += [f"Over {name}:", ""] + _markdown_steps(rows) + [""]
+    lines += ["## End to end (generated data)", ""] + _markdown_end_to_end(out["end_to_end"])
+    lines += ["", "Every number is in the JSON file written beside this one. Compile times in one process can be "
+              "shorter than in a fresh one: inductor's on-disk cache outlives torch._dynamo.reset.", ""]
+    return "\n".join(lines)
+
+
+def _markdown_steps(rows):
+    lines = ["| prompts | batch | path | step | torch.compile | images/s (min-max) | TFLOP/s | % peak | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        frac = f"{100 * r['peak_fraction']:.1f}" if r["peak_fraction"] is not None else "n/a"
+        mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
+        lines.append(f"| {r['prompts']} | {r['batch']} | {r['path']} | {r['step']} | {r['mode']} | "
+                     f"{r['images_per_s']:,.1f} ({r['images_per_s_min']:,.1f}-{r['images_per_s_max']:,.1f}) | "
+                     f"{r['tflops']:.3g} | {frac} | {mem} |")
+    return lines
+
+
+def _markdown_end_to_end(runs):
+    lines = ["| run | train / test images | epochs run | setup s | epoch 1 s | later epoch s | train s | "
+             "test eval s | wall s | projected wall s | compiled |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run, r in runs.items():
+        later = f"{r['later_epoch_s']:.3f}" if r["later_epoch_s"] is not None else "n/a"
+        projected = f"{r['projected_wall_s']:.1f}" if r["projected_wall_s"] is not None else "n/a"
+        lines.append(f"| {run} ({r['task']}, {r['num_prompts']} prompt(s), batch {r['batch_size']}) | "
+                     f"{r['train_images']} / {r['test_images']} | {r['epochs']} | {r['setup_s']:.2f} | "
+                     f"{r['epoch1_s']:.2f} | {later} | {r['train_s']:.2f} | {r['test_eval_s']:.2f} | "
+                     f"{r['wall_s']:.2f} | {projected} | {'yes' if r['compiled'] else 'no'} |")
+    return lines
+
+
+def write_report(out, out_dir):
+    """BENCHMARKS.md and benchmarks.json in out_dir; returns their paths."""
+    markdown, json_file = Path(out_dir) / "BENCHMARKS.md", Path(out_dir) / "benchmarks.json"
+    runtime.write_json(json_file, out)
+    runtime.write_text(markdown, report_markdown(out))
+    print(f"wrote {markdown} and {json_file}")
+    return markdown, json_file
+
+# -----------------------------------------------------------------------------
 # CLI
 
 
@@ -700,8 +869,10 @@ def build_parser():
                     "               numerics), from the same weights, with their speed ratio.\n"
                     "--end-to-end   seconds for one whole training run (trainer.train) on generated data of\n"
                     "               the real sizes (setup, epoch 1 with compiling, later epochs, evaluation).\n"
-                    "--segmentation SETR-PUP ADE20K iterations/s, inference time, projected schedule hours.",
+                    "--segmentation SETR-PUP ADE20K iterations/s, inference time, projected schedule hours.\n"
+                    "--report       all the targets' figures in one process -> BENCHMARKS.md, benchmarks.json.",
         epilog="examples:\n"
+               "  python bench.py --report                         # the GPU report, ~10 min on one H100\n"
                "  python bench.py                                  # ViT-B/16, 100 prompts, batch 64\n"
                "  python bench.py --prompts 10 100 --batch 32 128 --json bench.json\n"
                "  python bench.py --sweep-prompts --sweep-batch    # fast path only\n"
@@ -709,6 +880,7 @@ def build_parser():
                "  python bench.py --end-to-end cub --json e2e_cub.json     # target: < 5 min on one H100\n"
                "  python bench.py --segmentation --json seg.json\n"
                "CPU smoke runs (seconds):\n"
+               "  python bench.py --report --arch tiny --out-dir /tmp/smoke\n"
                "  python bench.py --arch vit_small --prompts 1 --batch 2 --img-size 32 --steps 2 \\\n"
                "      --warmup 1 --repeats 2\n"
                "  python bench.py --end-to-end vtab --arch tiny --img-size 32 --train-images 24 \\\n"
@@ -725,6 +897,10 @@ def build_parser():
     mode.add_argument("--segmentation", action="store_true",
                       help="time the SETR-PUP ADE20K training iteration (150 classes) and the sliding-window "
                            "inference of one 512x683 image; project the recipe's iteration schedule")
+    mode.add_argument("--report", action="store_true",
+                      help="in one process: the training step fast vs reference at 100 prompts / batch 64 and "
+                           "1 prompt / batch 128, both sweeps (fast path without compile), both end-to-end runs "
+                           "(a few epochs, projected to 100); writes BENCHMARKS.md and benchmarks.json")
     p.add_argument("--arch", default="vit_base", choices=ARCH_CHOICES,
                    help="backbone size; tiny = 12 blocks of width 32, for CPU smoke tests (default: %(default)s)")
     p.add_argument("--method", default="gated+temp", choices=sorted(gp.METHODS),
@@ -739,15 +915,16 @@ def build_parser():
                    help="the evaluation step runs on K x the training batch (default: %(default)s)")
     p.add_argument("--img-size", type=int, default=None,
                    help="input resolution, a multiple of the patch size (default: the recipe's, 224; "
-                        "--segmentation: the crop, 512)")
+                        "--segmentation: the crop, 512; --report --arch tiny: 32)")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"timed steps per repetition (default: {TABLE_DEFAULTS['steps']})")
+                   help=f"timed steps per repetition (default: {TABLE_DEFAULTS['steps']}; --report: "
+                        f"{REPORT_DEFAULTS['steps']})")
     p.add_argument("--warmup", type=int, default=None,
                    help=f"untimed steps before timing, after the compiling call (default: "
-                        f"{TABLE_DEFAULTS['warmup']})")
+                        f"{TABLE_DEFAULTS['warmup']}; --report: {REPORT_DEFAULTS['warmup']})")
     p.add_argument("--repeats", type=int, default=None,
                    help=f"timed repetitions; the table shows their median and min-max (default: "
-                        f"{TABLE_DEFAULTS['repeats']})")
+                        f"{TABLE_DEFAULTS['repeats']}; --report: {REPORT_DEFAULTS['repeats']})")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the fast path (default: on CUDA only; compiling on a CPU takes minutes)")
     p.add_argument("--skip-reference", action="store_true", help="time the fast path only")
@@ -760,13 +937,16 @@ def build_parser():
     p.add_argument("--sweep-batch", type=int, nargs="*", default=None, metavar="B",
                    help=f"instead of the table: fast-path images/s vs batch size "
                         f"(no values: {' '.join(map(str, SWEEP_BATCH))}; prompts = first --prompts)")
-    e2e = p.add_argument_group("--end-to-end sizes (defaults: the real ones; smaller for a quick check)")
+    e2e = p.add_argument_group("--end-to-end / --report sizes (defaults: the real ones; smaller for a quick check)")
     e2e.add_argument("--epochs", type=int, default=None, metavar="N",
-                     help="epochs to train (default: the recipe's 100); fewer also gives a projection to 100")
+                     help=f"epochs to train (default: the recipe's 100; --report: {REPORT_DEFAULTS['epochs']}); "
+                          "fewer also gives a projection to 100")
     e2e.add_argument("--train-images", type=int, default=None, metavar="N",
-                     help="generated training images (default: 1000 for vtab, 5994 for cub)")
+                     help="generated training images (default: 1000 for vtab, 5994 for cub; --report: for both)")
     e2e.add_argument("--test-images", type=int, default=None, metavar="N",
-                     help="generated test images (default: 10000 for vtab, 5794 for cub)")
+                     help="generated test images (default: 10000 for vtab, 5794 for cub; --report: for both)")
+    p.add_argument("--out-dir", default=None, metavar="DIR",
+                   help="--report: where BENCHMARKS.md and benchmarks.json go (default: .)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--json", metavar="OUT", default=None, help="also write every number to this JSON file")
     return p
@@ -775,10 +955,17 @@ def build_parser():
 def check_args(p, args):
     """Refuse flag combinations that do not apply (p.error: message on stderr, exit status 2)."""
     single_run = args.end_to_end or args.segmentation
-    if single_run and (args.sweep_prompts is not None or args.sweep_batch is not None):
-        p.error("--sweep-prompts / --sweep-batch time the step table; not with --end-to-end or --segmentation")
-    if not args.end_to_end and any(v is not None for v in (args.epochs, args.train_images, args.test_images)):
-        p.error("--epochs, --train-images and --test-images belong to --end-to-end")
+    if (single_run or args.report) and (args.sweep_prompts is not None or args.sweep_batch is not None):
+        p.error("--sweep-prompts / --sweep-batch time the step table; not with --end-to-end, --segmentation "
+                "or --report")
+    if args.report and (args.prompts is not None or args.batch is not None or args.skip_reference):
+        p.error("--report times the targets' fixed configurations, fast and reference path; --prompts, --batch "
+                "and --skip-reference do not apply")
+    if args.out_dir is not None and not args.report:
+        p.error("--out-dir belongs to --report")
+    if not (args.end_to_end or args.report) and any(
+            v is not None for v in (args.epochs, args.train_images, args.test_images)):
+        p.error("--epochs, --train-images and --test-images belong to --end-to-end and --report")
     for name in ("batch", "prompts"):
         values = getattr(args, name)
         if single_run and values is not None and len(values) > 1:
@@ -799,10 +986,15 @@ def check_args(p, args):
 def fill_defaults(args):
     """The mode's defaults for what was not given. None left in batch / prompts / img_size / epochs means the
     recipe's (resolved with the config)."""
-    for key, value in TABLE_DEFAULTS.items():
+    if args.report:
+        defaults = dict(REPORT_DEFAULTS, **(REPORT_SMOKE if args.arch == "tiny" else {}))
+        args.out_dir = args.out_dir or "."
+    else:
+        defaults = TABLE_DEFAULTS
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if not (args.end_to_end or args.segmentation):
+    if not (args.end_to_end or args.segmentation or args.report):
         args.batch = args.batch or [64]
         args.prompts = args.prompts or [100]
     return args
@@ -816,8 +1008,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    """Run the benchmark; prints the table(s) (or the --end-to-end / --segmentation figures) and returns
-    every number as a dict (also --json)."""
+    """Run the benchmark; prints the table(s) (or the --end-to-end / --segmentation / --report figures) and
+    returns every number as a dict (also --json; --report also writes BENCHMARKS.md and benchmarks.json)."""
     args = parse_args(argv)
     device = runtime.pick_device(args.device)
     peak = peak_tflops(device, args.peak_tflops)
@@ -830,6 +1022,8 @@ def main(argv=None):
            "peak_bf16_tflops": peak, "args": vars(args), "results": [], "ratios": [], "sweeps": {}}
     with runtime.flush_denormals(device):
         run_mode(args, device, peak, out)
+    if args.report:
+        write_report(out, args.out_dir)
     if args.json:
         runtime.write_json(args.json, out)
         print(f"wrote {args.json}")
@@ -838,7 +1032,9 @@ def main(argv=None):
 
 def run_mode(args, device, peak, out):
     """The chosen mode's measurements, into `out`."""
-    if args.end_to_end:
+    if args.report:
+        out.update(run_report(args, device, peak))
+    elif args.end_to_end:
         out["end_to_end"] = run_end_to_end(args, device, args.end_to_end)
     elif args.segmentation:
         out["segmentation"] = run_segmentation(args, device)

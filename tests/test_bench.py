@@ -1,6 +1,7 @@
 """bench.py: the analytic FLOP count against hand counts, the CLI's refusals, and every mode end to end on a CPU."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -85,11 +86,16 @@ def test_peak_lookup(name, peak):
 
 @pytest.mark.parametrize("argv,message", [
     (["--end-to-end", "vtab", "--segmentation"], "argument --segmentation: not allowed with argument --end-to-end"),
-    (["--epochs", "2"], "--epochs, --train-images and --test-images belong to --end-to-end"),
-    (["--segmentation", "--train-images", "5"], "belong to --end-to-end"),
+    (["--report", "--segmentation"], "argument --segmentation: not allowed with argument --report"),
+    (["--epochs", "2"], "--epochs, --train-images and --test-images belong to --end-to-end and --report"),
+    (["--segmentation", "--train-images", "5"], "belong to --end-to-end and --report"),
     (["--segmentation", "--batch", "2", "4"], "--batch takes one value with --end-to-end / --segmentation"),
     (["--end-to-end", "cub", "--prompts", "1", "2"], "--prompts takes one value with --end-to-end"),
     (["--segmentation", "--sweep-batch"], "--sweep-prompts / --sweep-batch time the step table"),
+    (["--report", "--sweep-prompts", "1"], "--sweep-prompts / --sweep-batch time the step table"),
+    (["--report", "--prompts", "1"], "--report times the targets' fixed configurations"),
+    (["--report", "--skip-reference"], "--report times the targets' fixed configurations"),
+    (["--out-dir", "x"], "--out-dir belongs to --report"),
     (["--segmentation", "--img-size", "500"], "--img-size 500 is not a multiple of vit_base's patch size 16"),
     (["--arch", "tiny", "--img-size", "40"], "--img-size 40 is not a multiple of tiny's patch size 16"),
     (["--arch", "vit_huge", "--img-size", "230"], "--img-size 230 is not a multiple of vit_huge's patch size 14"),
@@ -109,7 +115,7 @@ def test_cli_refuses_with_its_reason(argv, message, capsys):
 def test_cli_accepts_what_it_documents():
     bench.parse_args(["--prompts", "0", "--method", "linear"])
     bench.parse_args(["--arch", "vit_huge", "--img-size", "224"])
-    bench.parse_args(["--end-to-end", "cub", "--epochs", "2", "--train-images", "8"])
+    bench.parse_args(["--report", "--epochs", "2", "--train-images", "8", "--out-dir", "x"])
 
 
 def test_defaults_per_mode():
@@ -119,6 +125,11 @@ def test_defaults_per_mode():
     seg, e2e = bench.parse_args(["--segmentation"]), bench.parse_args(["--end-to-end", "cub"])
     for args in (seg, e2e):
         assert (args.batch, args.prompts, args.img_size, args.epochs) == (None, None, None, None)
+    report = bench.parse_args(["--report"])
+    assert (report.steps, report.warmup, report.repeats, report.epochs, report.out_dir) == (10, 3, 3, 5, ".")
+    assert (report.img_size, report.train_images, report.test_images) == (None, None, None)   # the real sizes
+    smoke = bench.parse_args(["--report", "--arch", "tiny", "--steps", "4"])
+    assert (smoke.img_size, smoke.steps, smoke.warmup, smoke.repeats, smoke.epochs) == (32, 4, 1, 2, 3)
 
 
 @pytest.mark.parametrize("argv,device,expected", [
@@ -338,3 +349,87 @@ def test_segmentation_failed_compile_falls_back_to_eager(monkeypatch):
     assert r["train_mode"].startswith("eager (torch.compile failed on the training step: RuntimeError: no backend")
     assert r["infer_mode"].startswith("eager (torch.compile failed on the inference: RuntimeError: no backend")
     assert r["iters_per_s"] > 0 and r["infer_s_per_image"] > 0
+
+
+# --- --report -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("report")
+    out = bench.main(["--report", "--arch", "tiny", "--out-dir", str(out_dir)])
+    return out, (out_dir / "BENCHMARKS.md").read_text(), json.loads((out_dir / "benchmarks.json").read_text())
+
+
+def markdown_table(markdown, heading):
+    """Rows (lists of cell strings, header and rule left out) of the first table after `heading`."""
+    lines = markdown.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[start + 2:end]]
+
+
+def number(cell):
+    return float(re.match(r"[-\d,.]+", cell).group().replace(",", ""))
+
+
+def fast_train(saved, prompts, batch):
+    return next(r for r in saved["results"]
+                if (r["prompts"], r["batch"], r["path"], r["step"]) == (prompts, batch, "fast", "train"))
+
+
+def test_report_writes_both_files_saying_cpu(smoke_report):
+    out, markdown, saved = smoke_report
+    assert "**CPU smoke run, not a GPU measurement.**" in markdown
+    for fact in (f"| device | {saved['device']} |", f"| torch | {torch.__version__} |", "| CUDA | none |",
+                 f"| date | {saved['date']} |"):
+        assert fact in markdown
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", saved["date"])
+    assert saved["results"] == json.loads(json.dumps(out["results"]))
+    assert all(t["met"] is None for t in saved["targets"])                # a CPU judges no target
+
+
+def test_report_times_the_targets_shapes(smoke_report):
+    _, _, saved = smoke_report
+    # the targets' 100 prompts / batch 64 and 1 prompt / batch 128, batches / 16 for the tiny smoke run;
+    # eval at the harness's eval batch (256 / 16)
+    expected = [(100, 4, "train"), (100, 16, "eval"), (1, 8, "train"), (1, 16, "eval")]
+    shapes = {(r["prompts"], r["batch"], r["path"], r["step"]) for r in saved["results"]}
+    assert shapes == {(prompts, batch, path, step) for path in ("fast", "reference")
+                      for prompts, batch, step in expected}
+    assert [(r["prompts"], r["batch"], r["step"]) for r in saved["ratios"]] == expected
+    assert [r["prompts"] for r in saved["sweeps"]["prompts"] if r["step"] == "train"] == [1, 10, 50, 100, 200]
+    assert [r["batch"] for r in saved["sweeps"]["batch"] if r["step"] == "train"] == [1, 2, 4, 8, 16]
+    assert all(r["mode"] == "eager" for rows in saved["sweeps"].values() for r in rows)
+    points = {name: list(zip(rows[::2], rows[1::2])) for name, rows in saved["sweeps"].items()}   # (train, eval)
+    shared = [pair for pair in points["prompts"] if pair[0]["prompts"] == 100]
+    assert shared == [pair for pair in points["batch"] if pair[0]["batch"] == 4]      # timed once, reused
+    for run, prompts in (("vtab", 1), ("cub", 100)):
+        e2e = saved["end_to_end"][run]
+        assert (e2e["epochs"], e2e["train_images"], e2e["test_images"], e2e["num_prompts"]) == (3, 48, 32, prompts)
+        assert e2e["projected_wall_s"] > e2e["wall_s"] > 0
+
+
+def test_report_markdown_figures_are_the_json_numbers(smoke_report):
+    _, markdown, saved = smoke_report
+    targets = {row[0]: row for row in markdown_table(markdown, "## Targets (one H100)")}
+    ratio = {(r["prompts"], r["batch"]): r["speedup"] for r in saved["ratios"] if r["step"] == "train"}
+    for prompts, batch, shape in ((100, 4, "100 prompts, batch 4"), (1, 8, "1 prompt, batch 8")):
+        assert number(targets[f"train step, {shape}"][1]) == pytest.approx(
+            fast_train(saved, prompts, batch)["images_per_s"], abs=0.5)
+        assert number(targets[f"fast / reference, train step, {shape}"][1]) == pytest.approx(
+            ratio[prompts, batch], abs=0.005)
+        assert targets[f"fraction of bf16 peak, train step, {shape}"][1] == "n/a"   # CPU: no known peak
+    assert targets["peak GPU memory, train step, 100 prompts, batch 4"][1] == "n/a"  # CPU: no GPU memory
+    for run, label in (("vtab", "VTAB-1k task"), ("cub", "CUB")):
+        row = targets[f"{label} end to end (projected from 3 to 100 epochs)"]
+        assert number(row[1]) == pytest.approx(saved["end_to_end"][run]["projected_wall_s"], abs=0.05)
+        assert row[3] == "n/a"
+    assert number(targets["VTAB-1k task end to end (projected from 3 to 100 epochs)"][2].split()[1]) == 60
+    assert number(targets["CUB end to end (projected from 3 to 100 epochs)"][2].split()[1]) == 300
+    steps = markdown_table(markdown, "## Training and evaluation steps")
+    assert len(steps) == len(saved["results"])
+    for row, r in zip(steps, saved["results"]):
+        assert [int(row[0]), int(row[1]), row[2], row[3], row[4]] == [r["prompts"], r["batch"], r["path"], r["step"],
+                                                                     r["mode"]]
+        assert number(row[5]) == pytest.approx(r["images_per_s"], abs=0.05)
