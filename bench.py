@@ -8,10 +8,10 @@ evaluation step trainer.make_eval_step -- the functions the harness trains and e
              what training runs;
   reference  fp32, explicit-softmax attention, eager: the official code's numerics;
 
-starting from the same weights, both stepping runtime.make_optimizer's SGD (fused on CUDA). Printed: images/s (median and min-max over --repeats), achieved TFLOP/s
-(analytic count, see `flops`), the fraction of the GPU's bf16 dense peak, peak GPU memory and the
-fast/reference speed-up, all measured in the same run. torch.compile runs on CUDA unless --no-compile
-(--compile forces it on a CPU, where compiling takes minutes).
+starting from the same weights, both stepping runtime.make_optimizer's SGD (fused on CUDA). Printed:
+images/s (median and min-max over --repeats), achieved TFLOP/s (analytic count, see `flops`), the fraction
+of the GPU's bf16 dense peak, peak GPU memory and the fast/reference speed-up, all measured in the same run.
+torch.compile runs on CUDA unless --no-compile (--compile forces it on a CPU, where compiling takes minutes).
 
     python bench.py --report                          # everything below in one process -> BENCHMARKS.md
     python bench.py                                   # ViT-B/16, gated+temp, 100 prompts, batch 64
@@ -221,23 +221,24 @@ def time_loop(fn, batch, steps, warmup, repeats, device):
 
 
 def _compiled_or_eager(make, compile, device, what):
-    """(fn, mode). make(compile) returns the function to time. When compiling, its first call (made here,
-    untimed) compiles; if that fails for any reason but memory, make(False) is timed instead and the mode
-    says why."""
+    """(fn, mode, seconds of the compiling call or None). make(compile) returns the function to time. When
+    compiling, its first call (made here, outside the timed loop) compiles; if that fails for any reason but
+    memory, make(False) is timed instead and the mode says why."""
     if not compile:
-        return make(False), "eager"
+        return make(False), "eager", None
     fn = make(compile)
     try:
+        start = time.perf_counter()
         fn()
         _sync(device)
-        return fn, "torch.compile"
+        return fn, "torch.compile", time.perf_counter() - start
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - any compiler failure: time eager instead, and say so
         reason = (str(err).strip().splitlines() or [""])[0][:200]
         mode = f"eager (torch.compile failed on the {what}: {type(err).__name__}: {reason})"
         print(f"  {mode}", flush=True)
-        return make(False), mode
+        return make(False), mode, None
 
 # -----------------------------------------------------------------------------
 # The training and evaluation step, fast and reference path
@@ -313,22 +314,24 @@ def measure(args, device, path, num_prompts, batch, state=None, peak=None, compi
                                            ("eval", make_eval, eval_batch, count["forward"])):
         model.train(kind == "train")
         _reset_memory(device)
-        fn, mode = _compiled_or_eager(make, compile, device, f"{kind} step")
+        fn, mode, compile_s = _compiled_or_eager(make, compile, device, f"{kind} step")
         rates = time_loop(fn, n, args.steps, args.warmup, args.repeats, device)
-        rows.append(step_row(path, kind, num_prompts, n, rates, flops_per_image, peak, device, fast, mode))
+        rows.append(step_row(path, kind, num_prompts, n, rates, flops_per_image, peak, device, fast, mode,
+                             compile_s))
     del model, optimizer
     _release(device)
     return rows, state
 
 
-def step_row(path, kind, num_prompts, batch, rates, flops_per_image, peak, device, fast, mode):
+def step_row(path, kind, num_prompts, batch, rates, flops_per_image, peak, device, fast, mode, compile_s):
     median = statistics.median(rates)
     tflops = median * flops_per_image / 1e12
     return {"prompts": num_prompts, "batch": batch, "path": path, "step": kind,
             "images_per_s": median, "images_per_s_min": min(rates), "images_per_s_max": max(rates),
             "repeats": rates, "gflops_per_image": flops_per_image / 1e9, "tflops": tflops,
             "peak_fraction": tflops / peak if peak else None, "peak_memory_gib": _peak_memory_gib(device),
-            "mode": mode, "compiled": mode == "torch.compile", "bf16": fast, "fused_attention": fast}
+            "mode": mode, "compiled": mode == "torch.compile", "compile_s": compile_s, "bf16": fast,
+            "fused_attention": fast}
 
 
 def _measure_or_oom(args, device, path, num_prompts, batch, **kwargs):
@@ -645,9 +648,9 @@ def time_segmentation_training(args, device, run):
         return iteration
     model.train()
     _reset_memory(device)
-    fn, mode = _compiled_or_eager(make, run["compile"], device, "training step")
+    fn, mode, compile_s = _compiled_or_eager(make, run["compile"], device, "training step")
     rates = time_loop(fn, cfg["batch_size"], args.steps, args.warmup, args.repeats, device)
-    return {"rates": rates, "mode": mode, "peak_memory_gib": _peak_memory_gib(device)}
+    return {"rates": rates, "mode": mode, "compile_s": compile_s, "peak_memory_gib": _peak_memory_gib(device)}
 
 
 def time_segmentation_inference(args, device, run):
@@ -660,11 +663,11 @@ def time_segmentation_inference(args, device, run):
         forward = runtime.compiled(model, c)
         return lambda: segmentation.predict(forward, image, crop, stride, bf16=run["bf16"])
     _reset_memory(device)
-    fn, mode = _compiled_or_eager(make, run["compile"], device, "inference")
+    fn, mode, compile_s = _compiled_or_eager(make, run["compile"], device, "inference")
     # the geometry alone decides the windows: a zero model stands in for the segmenter
     windows = window_count(lambda x: torch.zeros(len(x), 1, *x.shape[-2:], device=x.device), image, crop, stride)
     rates = time_loop(fn, 1, args.steps, max(1, args.warmup), args.repeats, device)
-    return {"s_per_image": 1 / statistics.median(rates), "mode": mode, "windows": windows,
+    return {"s_per_image": 1 / statistics.median(rates), "mode": mode, "compile_s": compile_s, "windows": windows,
             "peak_memory_gib": _peak_memory_gib(device)}
 
 
@@ -679,6 +682,7 @@ def segmentation_result(args, run, train, infer):
         "crop_size": crop, "slide_stride": cfg["slide_stride"], "aux_blocks": list(cfg["aux_blocks"]),
         "num_classes": segmentation.NUM_CLASSES, "bf16": run["bf16"],
         "train_mode": train["mode"], "infer_mode": infer["mode"], "compiled": train["mode"] == "torch.compile",
+        "train_compile_s": train["compile_s"], "infer_compile_s": infer["compile_s"],
         "iters_per_s": iters_per_s, "iters_per_s_min": min(rates) / batch, "iters_per_s_max": max(rates) / batch,
         "images_per_s": statistics.median(rates), "train_peak_memory_gib": train["peak_memory_gib"],
         "projected_iters": iters, "projected_s": iters / iters_per_s, "projected_hours": iters / iters_per_s / 3600,
@@ -818,18 +822,22 @@ def report_markdown(out):
     for name, rows in out["sweeps"].items():
         lines += [f"Over {name}:", ""] + _markdown_steps(rows) + [""]
     lines += ["## End to end (generated data)", ""] + _markdown_end_to_end(out["end_to_end"])
-    lines += ["", "Every number is in the JSON file written beside this one. Compile times in one process can be "
-              "shorter than in a fresh one: inductor's on-disk cache outlives torch._dynamo.reset.", ""]
+    lines += ["", "The end-to-end runs compile the same graphs as the step comparison before them (same shapes and "
+              "eval batch), and inductor's caches outlive torch._dynamo.reset, so their epoch 1 holds little "
+              "compiling: it is what a repeated run of that shape costs. A first run on a fresh machine adds about "
+              "the comparison's compiling-call seconds (fast path, train + eval) of the same shape.", "",
+              "Every number is in the JSON file written beside this one.", ""]
     return "\n".join(lines)
 
 
 def _markdown_steps(rows):
-    lines = ["| prompts | batch | path | step | torch.compile | images/s (min-max) | TFLOP/s | % peak | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| prompts | batch | path | step | torch.compile | compiling call s | images/s (min-max) | TFLOP/s | "
+             "% peak | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         frac = f"{100 * r['peak_fraction']:.1f}" if r["peak_fraction"] is not None else "n/a"
         mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
-        lines.append(f"| {r['prompts']} | {r['batch']} | {r['path']} | {r['step']} | {r['mode']} | "
+        compile_s = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "n/a"
+        lines.append(f"| {r['prompts']} | {r['batch']} | {r['path']} | {r['step']} | {r['mode']} | {compile_s} | "
                      f"{r['images_per_s']:,.1f} ({r['images_per_s_min']:,.1f}-{r['images_per_s_max']:,.1f}) | "
                      f"{r['tflops']:.3g} | {frac} | {mem} |")
     return lines

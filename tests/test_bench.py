@@ -217,6 +217,15 @@ def broken_compile(*args, **kwargs):
     return call
 
 
+def test_working_compile_is_timed_and_reported(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)   # a "compiler" that keeps the function
+    out = bench.main(TINY + ["--prompts", "1", "--batch", "2", "--steps", "1", "--repeats", "1", "--compile"])
+    fast = [r for r in out["results"] if r["path"] == "fast"]
+    reference = [r for r in out["results"] if r["path"] == "reference"]
+    assert all(r["mode"] == "torch.compile" and r["compiled"] and r["compile_s"] > 0 for r in fast)
+    assert all(r["mode"] == "eager" and r["compile_s"] is None for r in reference)   # never compiled
+
+
 def test_failed_compile_falls_back_to_eager(monkeypatch, capsys):
     monkeypatch.setattr(torch, "compile", broken_compile)
     out = bench.main(TINY + ["--prompts", "1", "--batch", "2", "--steps", "1", "--repeats", "1", "--compile",
@@ -224,6 +233,7 @@ def test_failed_compile_falls_back_to_eager(monkeypatch, capsys):
     modes = {r["step"]: r["mode"] for r in out["results"]}
     assert modes == {step: f"eager (torch.compile failed on the {step} step: RuntimeError: no backend)"
                      for step in ("train", "eval")}
+    assert all(r["compile_s"] is None for r in out["results"])
     assert all(r["images_per_s"] > 0 and not r["compiled"] for r in out["results"])
     assert "torch.compile failed on the train step" in capsys.readouterr().out
 
@@ -432,4 +442,5 @@ def test_report_markdown_figures_are_the_json_numbers(smoke_report):
     for row, r in zip(steps, saved["results"]):
         assert [int(row[0]), int(row[1]), row[2], row[3], row[4]] == [r["prompts"], r["batch"], r["path"], r["step"],
                                                                      r["mode"]]
-        assert number(row[5]) == pytest.approx(r["images_per_s"], abs=0.05)
+        assert row[5] == "n/a" and r["compile_s"] is None                  # eager: no compiling call
+        assert number(row[6]) == pytest.approx(r["images_per_s"], abs=0.05)
