@@ -1,22 +1,28 @@
-"""bench.py: the analytic FLOP count against hand counts, and the CLI end to end on a CPU."""
+"""bench.py: the analytic FLOP count against hand counts, the CLI's refusals, and every mode end to end on a CPU."""
 import json
 import os
-import statistics
+import re
+import subprocess
 import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import bench  # noqa: E402
 import gated_prompt as gp  # noqa: E402
 
-TINY = ["--arch", "vit_small", "--img-size", "32", "--steps", "2", "--warmup", "1", "--repeats", "2", "--no-compile"]
+CPU = torch.device("cpu")
+TINY = ["--arch", "vit_small", "--img-size", "32", "--steps", "2", "--warmup", "1", "--repeats", "2"]
 
 
 def tiny_cfg(**overrides):
     """D = 8, one block, 32px images of 16px patches: N = 4 patches, T = 5 tokens without prompts."""
     return gp.vit_config("vit_small", img_size=32, patch_size=16, embed_dim=8, depth=1, num_heads=2, **overrides)
+
+
+# --- FLOP count -----------------------------------------------------------------------------------------
 
 
 def test_flops_hand_count():
@@ -59,9 +65,13 @@ def test_flops_vit_base():
     assert late["forward"] < f["forward"] and 1.5 < late["train"] / late["forward"] < 1.7
 
 
-def test_model_flops_matches_config():
-    model = gp.VisionTransformer(tiny_cfg(), gp.prompt_config("gated+temp", num_classes=3, num_prompts=1))
-    assert bench.model_flops(model) == bench.flops(tiny_cfg(), 1, 3, trainable_temperatures=True)
+@pytest.mark.parametrize("method,train", [
+    ("gated+temp", 49152 + 2 * 9216 + 3 * 1152 + 3 * 48),   # T = 6: linear 2*6*96*8, attention 4*36*8
+    ("linear", 7680 + 800 + 49152 + 48 + 2 * 48),            # no prompts: forward + the head's backward
+])
+def test_model_flops_reads_the_built_model(method, train):
+    model = gp.VisionTransformer(tiny_cfg(), gp.prompt_config(method, num_classes=3, num_prompts=1))
+    assert bench.model_flops(model)["train"] == train
 
 
 @pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
@@ -69,6 +79,73 @@ def test_model_flops_matches_config():
                                        ("NVIDIA GeForce RTX 4090", None)])
 def test_peak_lookup(name, peak):
     assert bench.peak_for_name(name) == peak
+
+
+# --- arguments ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--end-to-end", "vtab", "--segmentation"], "argument --segmentation: not allowed with argument --end-to-end"),
+    (["--report", "--segmentation"], "argument --segmentation: not allowed with argument --report"),
+    (["--epochs", "2"], "--epochs, --train-images and --test-images belong to --end-to-end and --report"),
+    (["--segmentation", "--train-images", "5"], "belong to --end-to-end and --report"),
+    (["--segmentation", "--batch", "2", "4"], "--batch takes one value with --end-to-end / --segmentation"),
+    (["--end-to-end", "cub", "--prompts", "1", "2"], "--prompts takes one value with --end-to-end"),
+    (["--segmentation", "--sweep-batch"], "--sweep-prompts / --sweep-batch time the step table"),
+    (["--report", "--sweep-prompts", "1"], "--sweep-prompts / --sweep-batch time the step table"),
+    (["--report", "--prompts", "1"], "--report times the targets' fixed configurations"),
+    (["--report", "--skip-reference"], "--report times the targets' fixed configurations"),
+    (["--out-dir", "x"], "--out-dir belongs to --report"),
+    (["--segmentation", "--img-size", "500"], "--img-size 500 is not a multiple of vit_base's patch size 16"),
+    (["--arch", "tiny", "--img-size", "40"], "--img-size 40 is not a multiple of tiny's patch size 16"),
+    (["--arch", "vit_huge", "--img-size", "230"], "--img-size 230 is not a multiple of vit_huge's patch size 14"),
+    (["--end-to-end", "vtab", "--train-images", "0"], "--epochs, --train-images and --test-images must be >= 1"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--prompts", "0"], "--prompts 0 is the linear probe (--method linear); gated+temp needs >= 1 prompt"),
+    (["--steps", "0"], "--steps and --repeats must be >= 1, --warmup >= 0"),
+    (["--warmup", "-1"], "--steps and --repeats must be >= 1, --warmup >= 0"),
+])
+def test_cli_refuses_with_its_reason(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_accepts_what_it_documents():
+    bench.parse_args(["--prompts", "0", "--method", "linear"])
+    bench.parse_args(["--arch", "vit_huge", "--img-size", "224"])
+    bench.parse_args(["--report", "--epochs", "2", "--train-images", "8", "--out-dir", "x"])
+
+
+def test_defaults_per_mode():
+    table = bench.parse_args([])
+    assert (table.batch, table.prompts, table.img_size) == ([64], [100], None)   # None: the recipe's 224
+    assert (table.steps, table.warmup, table.repeats) == (20, 5, 5)
+    seg, e2e = bench.parse_args(["--segmentation"]), bench.parse_args(["--end-to-end", "cub"])
+    for args in (seg, e2e):
+        assert (args.batch, args.prompts, args.img_size, args.epochs) == (None, None, None, None)
+    report = bench.parse_args(["--report"])
+    assert (report.steps, report.warmup, report.repeats, report.epochs, report.out_dir) == (10, 3, 3, 5, ".")
+    assert (report.img_size, report.train_images, report.test_images) == (None, None, None)   # the real sizes
+    smoke = bench.parse_args(["--report", "--arch", "tiny", "--steps", "4"])
+    assert (smoke.img_size, smoke.steps, smoke.warmup, smoke.repeats, smoke.epochs) == (32, 4, 1, 2, 3)
+
+
+@pytest.mark.parametrize("argv,device,expected", [
+    ([], "cpu", False), ([], "cuda", True), (["--no-compile"], "cuda", False), (["--compile"], "cpu", True)])
+def test_compile_only_on_cuda_unless_told(argv, device, expected):
+    assert bench.compile_enabled(bench.parse_args(argv), torch.device(device)) is expected
+
+
+def test_no_module_imports_the_cli():
+    code = "import sys, bench; print('reproduce' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+# --- default table and sweeps ---------------------------------------------------------------------------
 
 
 def test_cli_table_and_json(tmp_path, capsys):
@@ -80,12 +157,17 @@ def test_cli_table_and_json(tmp_path, capsys):
         assert r["images_per_s_min"] <= r["images_per_s"] <= r["images_per_s_max"]
         assert r["images_per_s"] > 0 and r["tflops"] > 0 and len(r["repeats"]) == 2
         assert r["peak_fraction"] is None and r["peak_memory_gib"] is None   # CPU: unknown peak, no GPU memory
-    assert rows["fast", "eval"]["batch"] == 4 * rows["fast", "train"]["batch"] == 8
-    assert {r["step"] for r in out["ratios"]} == {"train", "eval"} and all(r["speedup"] > 0 for r in out["ratios"])
+        assert r["mode"] == "eager" and not r["compiled"]                     # CPU: no compile unless --compile
+    assert rows["fast", "train"]["bf16"] and not rows["reference", "train"]["bf16"]
+    assert not rows["reference", "train"]["fused_attention"]
+    assert rows["fast", "eval"]["batch"] == 8 and rows["fast", "train"]["batch"] == 2   # eval: 4 x the batch
+    for ratio in out["ratios"]:
+        assert ratio["speedup"] == pytest.approx(rows["fast", ratio["step"]]["images_per_s"]
+                                                 / rows["reference", ratio["step"]]["images_per_s"])
     printed = capsys.readouterr().out
     assert "fast/ref" in printed and "reference" in printed
     saved = json.loads(out_file.read_text())
-    assert saved["device"].startswith("cpu") and saved["torch"] and len(saved["results"]) == 4
+    assert saved["device"].startswith("cpu") and saved["torch"] == torch.__version__ and len(saved["results"]) == 4
     assert saved["ratios"] == out["ratios"]
 
 
@@ -95,13 +177,24 @@ def test_cli_sweeps_and_peak_override():
     assert out["results"] == [] and out["ratios"] == []             # a sweep replaces the main table
     assert [(r["prompts"], r["step"]) for r in out["sweeps"]["prompts"]] == [(1, "train"), (1, "eval"),
                                                                            (4, "train"), (4, "eval")]
-    assert [(r["batch"], r["path"]) for r in out["sweeps"]["batch"]] == [(1, "fast"), (4, "fast")]
+    assert [(r["prompts"], r["batch"], r["path"]) for r in out["sweeps"]["batch"]] == [(100, 1, "fast"),
+                                                                                       (100, 4, "fast")]
     assert all(r["peak_fraction"] == r["tflops"] for r in out["sweeps"]["prompts"])   # peak = 1 TFLOP/s
 
 
-def test_cli_rejects_bad_sizes():
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--img-size", "30"])
+def test_sweeps_time_a_shared_point_once(monkeypatch):
+    calls = []
+    real = bench.measure
+
+    def measure(args, device, path, num_prompts, batch, **kwargs):
+        calls.append((num_prompts, batch))
+        return real(args, device, path, num_prompts, batch, **kwargs)
+    monkeypatch.setattr(bench, "measure", measure)
+    out = bench.main(TINY + ["--prompts", "3", "--batch", "2", "--steps", "1", "--repeats", "1",
+                             "--sweep-prompts", "1", "3", "--sweep-batch", "2", "4"])
+    assert calls == [(1, 2), (3, 2), (3, 4)]                          # (3, 2) lies in both sweeps
+    shared = [r for r in out["sweeps"]["prompts"] if r["prompts"] == 3]
+    assert shared == [r for r in out["sweeps"]["batch"] if r["batch"] in (2, 8)]
 
 
 def test_out_of_memory_configuration_is_skipped(monkeypatch, capsys):
@@ -118,67 +211,92 @@ def test_out_of_memory_configuration_is_skipped(monkeypatch, capsys):
     assert "reference out of GPU memory" in capsys.readouterr().out
 
 
+def broken_compile(*args, **kwargs):
+    def call(*a, **k):
+        raise RuntimeError("no backend\nsecond line")
+    return call
+
+
+def test_working_compile_is_timed_and_reported(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)   # a "compiler" that keeps the function
+    out = bench.main(TINY + ["--prompts", "1", "--batch", "2", "--steps", "1", "--repeats", "1", "--compile"])
+    fast = [r for r in out["results"] if r["path"] == "fast"]
+    reference = [r for r in out["results"] if r["path"] == "reference"]
+    assert all(r["mode"] == "torch.compile" and r["compiled"] and r["compile_s"] > 0 for r in fast)
+    assert all(r["mode"] == "eager" and r["compile_s"] is None for r in reference)   # never compiled
+
+
+def test_failed_compile_falls_back_to_eager(monkeypatch, capsys):
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    out = bench.main(TINY + ["--prompts", "1", "--batch", "2", "--steps", "1", "--repeats", "1", "--compile",
+                             "--skip-reference"])
+    modes = {r["step"]: r["mode"] for r in out["results"]}
+    assert modes == {step: f"eager (torch.compile failed on the {step} step: RuntimeError: no backend)"
+                     for step in ("train", "eval")}
+    assert all(r["compile_s"] is None for r in out["results"])
+    assert all(r["images_per_s"] > 0 and not r["compiled"] for r in out["results"])
+    assert "torch.compile failed on the train step" in capsys.readouterr().out
+
+
 # --- --end-to-end ---------------------------------------------------------------------------------------
 
 E2E_TINY = ["--arch", "tiny", "--img-size", "32", "--train-images", "20", "--test-images", "12", "--batch", "8"]
 
 
-def test_defaults_per_mode():
-    table, seg, e2e = bench.parse_args([]), bench.parse_args(["--segmentation"]), bench.parse_args(["--end-to-end", "cub"])
-    assert (table.batch, table.prompts, table.img_size) == ([64], [100], 224)
-    assert (seg.batch, seg.prompts, seg.img_size) == ([16], [100], 512)
-    assert (e2e.batch, e2e.prompts, e2e.img_size, e2e.epochs) == (None, None, 224, None)   # None: the recipe's
-
-
-@pytest.mark.parametrize("argv", [["--end-to-end", "vtab", "--segmentation"], ["--epochs", "2"],
-                                  ["--segmentation", "--batch", "2", "4"], ["--end-to-end", "cub", "--prompts", "1", "2"],
-                                  ["--segmentation", "--sweep-batch"], ["--segmentation", "--img-size", "500"],
-                                  ["--end-to-end", "vtab", "--train-images", "0"], ["--arch", "tiny", "--img-size", "40"]])
-def test_cli_rejects_bad_mode_combinations(argv):
-    with pytest.raises(SystemExit):
-        bench.parse_args(argv)
-
-
 @pytest.mark.parametrize("run,task,batch,prompts,lr", [("vtab", "dtd", 128, 1, 0.25), ("cub", "cub", 64, 100, 0.1)])
 def test_end_to_end_uses_the_papers_recipe(run, task, batch, prompts, lr):
-    cfg = bench.end_to_end_config(bench.parse_args(["--end-to-end", run]), torch.device("cpu"))
+    """Table 5's MAE rows: dtd 128 / 1 prompt / lr 0.25, CUB 64 / 100 prompts / lr 0.1; 100 epochs."""
+    cfg = bench.end_to_end_config(bench.parse_args(["--end-to-end", run]), run)
     assert (cfg["task"], cfg["ssl"], cfg["method"], cfg["arch"]) == (task, "mae", "gated+temp", "vit_base")
-    assert (cfg["batch_size"], cfg["num_prompts"], cfg["lr"], cfg["epochs"]) == (batch, prompts, lr, 100)
-    assert cfg["compile"] and not cfg["bf16"] and cfg["img_size"] == 224   # bf16 on CUDA only
+    assert (cfg["batch_size"], cfg["num_prompts"], cfg["lr"], cfg["epochs"], cfg["img_size"]) == (
+        batch, prompts, lr, 100, 224)
     cfg = bench.end_to_end_config(bench.parse_args(["--end-to-end", run, "--epochs", "7", "--batch", "3",
-                                                    "--prompts", "5", "--no-compile"]), torch.device("cuda"))
-    assert (cfg["epochs"], cfg["batch_size"], cfg["num_prompts"], cfg["compile"], cfg["bf16"]) == (7, 3, 5, False, True)
+                                                    "--prompts", "5", "--arch", "tiny"]), run)
+    assert (cfg["epochs"], cfg["batch_size"], cfg["num_prompts"]) == (7, 3, 5)
+    assert cfg["arch_overrides"] == {"embed_dim": 32, "depth": 12, "num_heads": 2}
     assert (bench.END_TO_END[run]["train"], bench.END_TO_END[run]["test"]) == {"vtab": (1000, 10000),
                                                                                "cub": (5994, 5794)}[run]
 
 
+@pytest.mark.parametrize("argv,device,bf16,compile", [([], "cpu", False, False), ([], "cuda", True, True),
+                                                      (["--no-compile"], "cuda", True, False)])
+def test_end_to_end_settings(argv, device, bf16, compile):
+    settings = bench.end_to_end_settings(bench.parse_args(["--end-to-end", "vtab"] + argv), torch.device(device))
+    assert (settings.bf16, settings.compile, settings.quiet, settings.device.type) == (bf16, compile, True, device)
+
+
 def test_synthetic_split_tiles_every_class():
     split = bench.synthetic_split("dtd", "train", 100, 16, seed=0)   # 47 classes, 2 generated images each
-    assert split.images.shape == (100, 3, 16, 16) and split.images.dtype == torch.uint8
+    assert len(split) == 100 and split.pixels.dtype == torch.uint8 and split.sizes.tolist() == [[16, 16]] * 100
     assert split.labels.tolist() == [i % 47 for i in range(100)] and split.task == "dtd"
-    assert torch.equal(split.images[0], split.images[94]) and not torch.equal(split.images[0], split.images[47])
-    assert not torch.equal(split.images[0], bench.synthetic_split("dtd", "test", 1, 16, seed=1).images[0])
+    assert torch.equal(split.image(0), split.image(94)) and not torch.equal(split.image(0), split.image(47))
+    assert not torch.equal(split.image(0), bench.synthetic_split("dtd", "test", 1, 16, seed=1).image(0))
+
+
+def test_projection_to_the_full_schedule():
+    # setup 1 s, 3 epochs in 14 s of which epoch 1 took 10: later epochs 2 s each; 97 more of them; eval 2 s
+    assert bench.projected_wall_s(1.0, 10.0, 14.0, 3, 2.0, 100) == 1 + 14 + 97 * 2 + 2 == 211
+    assert bench.projected_wall_s(1.0, 10.0, 10.0, 1, 2.0, 100) is None     # no later epoch to go by
 
 
 @pytest.mark.parametrize("run", ["vtab", "cub"])
 def test_end_to_end_tiny(run, tmp_path, capsys):
-    real_final_metrics = bench.reproduce.final_metrics
     out_file = tmp_path / "e2e.json"
     out = bench.main(["--end-to-end", run, "--epochs", "3", "--json", str(out_file)] + E2E_TINY)
     r = out["end_to_end"]
     assert r["epochs"] == 3 and len(r["epoch_s"]) == 3 and all(s > 0 for s in r["epoch_s"])
-    assert r["epoch1_s"] == r["epoch_s"][0] and r["median_epoch_s"] == statistics.median(r["epoch_s"][1:]) > 0
-    assert r["train_images_per_s"] == pytest.approx(20 / r["median_epoch_s"])
+    assert r["epoch1_s"] == r["epoch_s"][0] and r["later_epoch_s"] == pytest.approx((r["train_s"] - r["epoch1_s"]) / 2)
+    assert r["train_images_per_s"] == pytest.approx(20 / r["later_epoch_s"])
     assert r["setup_s"] > 0 and r["test_eval_s"] > 0 and r["train_s"] >= sum(r["epoch_s"])
-    assert r["wall_s"] >= r["setup_s"] + r["train_s"] + r["test_eval_s"] - 1e-9
-    assert r["projected_wall_s"] == pytest.approx(r["setup_s"] + r["epoch1_s"] + 99 * r["median_epoch_s"]
+    assert r["wall_s"] >= r["setup_s"] + r["train_s"] + r["test_eval_s"]
+    assert r["projected_wall_s"] == pytest.approx(r["setup_s"] + r["train_s"] + 97 * r["later_epoch_s"]
                                                   + r["test_eval_s"])
     assert 0 <= r["test_acc"] <= 100
     assert (r["train_images"], r["test_images"], r["batch_size"]) == (20, 12, 8)
-    assert r["num_prompts"] == {"vtab": 1, "cub": 100}[run]
+    assert r["num_prompts"] == {"vtab": 1, "cub": 100}[run]               # Table 5's MAE rows
     assert r["cached_size"] == {"vtab": 32, "cub": 36}[run]                # FGVC: cached 256/224 x the crop
-    assert not r["images_on_gpu"] and not r["compiled"] and r["target_met"] is None and not r["full_size"]
-    assert bench.reproduce.final_metrics is real_final_metrics             # the timing wrapper is removed
+    assert not r["images_on_gpu"] and not r["compiled"] and not r["bf16"]
+    assert r["target_met"] is None and not r["full_size"]
     printed = capsys.readouterr().out
     assert "total wall" in printed and "projected wall for 100 epochs" in printed and "target" not in printed
     saved = json.loads(out_file.read_text())["end_to_end"]
@@ -186,6 +304,31 @@ def test_end_to_end_tiny(run, tmp_path, capsys):
 
 
 # --- --segmentation -------------------------------------------------------------------------------------
+
+
+def test_segmentation_constants_come_from_the_ade20k_recipe():
+    """mmseg's setr_pup_512x512_160k_b16_ade20k: batch 16 of 512 crops, 160k iterations, slide stride 341, aux
+    heads on blocks 5 and 9 (ViT-B/16), 0.4 each; the paper's 100 prompts."""
+    cfg = bench.segmentation_config(bench.parse_args(["--segmentation"]))
+    assert (cfg["batch_size"], cfg["img_size"], cfg["iters"], cfg["slide_stride"]) == (16, 512, 160000, 341)
+    assert (list(cfg["aux_blocks"]), cfg["aux_loss_weight"], cfg["num_prompts"]) == ([5, 9], 0.4, 100)
+    cfg = bench.segmentation_config(bench.parse_args(["--segmentation", "--arch", "tiny", "--img-size", "64",
+                                                      "--batch", "2", "--prompts", "3"]))
+    assert (cfg["batch_size"], cfg["img_size"], cfg["num_prompts"], cfg["head_channels"]) == (2, 64, 3, 32)
+
+
+@pytest.mark.parametrize("size,crop,windows", [
+    ((512, 683), 512, 2),    # test scale keeps 512 x 683: one row, columns at x = 0 and 171
+    ((300, 300), 512, 1),    # rescaled to 512 x 512: one window
+    ((512, 1400), 512, 4),   # columns at 0, 341, 682 and 888 (the last one shifted back to end at the border)
+    ((700, 512), 512, 2),    # rows at 0 and 188
+    ((256, 700), 512, 4),    # rescaled by 2 to 512 x 1400
+    ((512, 683), 64, 2),     # crop 64: rescaled to 64 x 85, stride 341: columns at 0 and 21
+])
+def test_window_count_runs_slide_inference(size, crop, windows):
+    def zeros(x):
+        return torch.zeros(len(x), 1, *x.shape[-2:])
+    assert bench.window_count(zeros, torch.zeros(3, *size, dtype=torch.uint8), crop, 341) == windows
 
 
 def test_segmentation_tiny(tmp_path, capsys):
@@ -199,6 +342,7 @@ def test_segmentation_tiny(tmp_path, capsys):
     assert r["projected_s"] == pytest.approx(160000 / r["iters_per_s"])
     assert r["projected_hours"] == pytest.approx(160000 / r["iters_per_s"] / 3600)
     assert (r["batch_size"], r["crop_size"], r["num_classes"], r["num_prompts"]) == (2, 64, 150, 100)
+    assert (r["slide_stride"], r["aux_blocks"]) == (341, [5, 9])
     assert r["infer_scaled_to"] == [64, 85] and r["infer_windows"] == 2 and r["infer_s_per_image"] > 0
     assert r["projected_val_eval_s"] == pytest.approx(2000 * r["infer_s_per_image"])
     assert r["train_mode"] == r["infer_mode"] == "eager" and not r["compiled"] and not r["bf16"]
@@ -208,24 +352,95 @@ def test_segmentation_tiny(tmp_path, capsys):
     assert json.loads(out_file.read_text())["segmentation"]["projected_hours"] == r["projected_hours"]
 
 
-@pytest.mark.parametrize("size", [(512, 683), (300, 300), (512, 2048), (700, 512)])
-def test_window_count_matches_slide_inference(size):
-    calls = []
-
-    def model(x):
-        calls.append(len(x))
-        return torch.zeros(len(x), 1, *x.shape[-2:])
-    bench.segmentation.slide_inference(model, torch.zeros(1, 3, *size), num_classes=1, crop=512, stride=341)
-    assert bench._window_count(*size, 512, 341) == sum(calls)
+def test_segmentation_failed_compile_falls_back_to_eager(monkeypatch):
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    r = bench.main(["--segmentation", "--arch", "tiny", "--img-size", "32", "--batch", "2", "--prompts", "2",
+                    "--steps", "1", "--warmup", "0", "--repeats", "1", "--compile"])["segmentation"]
+    assert r["train_mode"].startswith("eager (torch.compile failed on the training step: RuntimeError: no backend")
+    assert r["infer_mode"].startswith("eager (torch.compile failed on the inference: RuntimeError: no backend")
+    assert r["iters_per_s"] > 0 and r["infer_s_per_image"] > 0
 
 
-def test_failed_compile_falls_back_to_eager(monkeypatch, capsys):
-    def broken(_model):
-        def call(*args):
-            raise RuntimeError("no backend\nsecond line")
-        return call
-    monkeypatch.setattr(torch, "compile", broken)
-    fn, mode = bench._compiled_or_eager(lambda forward: (lambda: forward(1)), lambda x: x + 1, True,
-                                        torch.device("cpu"), "training step")
-    assert fn() == 2 and mode.startswith("eager (torch.compile failed on the training step: RuntimeError: no backend")
-    assert "torch.compile failed" in capsys.readouterr().out
+# --- --report -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("report")
+    out = bench.main(["--report", "--arch", "tiny", "--out-dir", str(out_dir)])
+    return out, (out_dir / "BENCHMARKS.md").read_text(), json.loads((out_dir / "benchmarks.json").read_text())
+
+
+def markdown_table(markdown, heading):
+    """Rows (lists of cell strings, header and rule left out) of the first table after `heading`."""
+    lines = markdown.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[start + 2:end]]
+
+
+def number(cell):
+    return float(re.match(r"[-\d,.]+", cell).group().replace(",", ""))
+
+
+def fast_train(saved, prompts, batch):
+    return next(r for r in saved["results"]
+                if (r["prompts"], r["batch"], r["path"], r["step"]) == (prompts, batch, "fast", "train"))
+
+
+def test_report_writes_both_files_saying_cpu(smoke_report):
+    out, markdown, saved = smoke_report
+    assert "**CPU smoke run, not a GPU measurement.**" in markdown
+    for fact in (f"| device | {saved['device']} |", f"| torch | {torch.__version__} |", "| CUDA | none |",
+                 f"| date | {saved['date']} |"):
+        assert fact in markdown
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", saved["date"])
+    assert saved["results"] == json.loads(json.dumps(out["results"]))
+    assert all(t["met"] is None for t in saved["targets"])                # a CPU judges no target
+
+
+def test_report_times_the_targets_shapes(smoke_report):
+    _, _, saved = smoke_report
+    # the targets' 100 prompts / batch 64 and 1 prompt / batch 128, batches / 16 for the tiny smoke run;
+    # eval at the harness's eval batch (256 / 16)
+    expected = [(100, 4, "train"), (100, 16, "eval"), (1, 8, "train"), (1, 16, "eval")]
+    shapes = {(r["prompts"], r["batch"], r["path"], r["step"]) for r in saved["results"]}
+    assert shapes == {(prompts, batch, path, step) for path in ("fast", "reference")
+                      for prompts, batch, step in expected}
+    assert [(r["prompts"], r["batch"], r["step"]) for r in saved["ratios"]] == expected
+    assert [r["prompts"] for r in saved["sweeps"]["prompts"] if r["step"] == "train"] == [1, 10, 50, 100, 200]
+    assert [r["batch"] for r in saved["sweeps"]["batch"] if r["step"] == "train"] == [1, 2, 4, 8, 16]
+    assert all(r["mode"] == "eager" for rows in saved["sweeps"].values() for r in rows)
+    points = {name: list(zip(rows[::2], rows[1::2])) for name, rows in saved["sweeps"].items()}   # (train, eval)
+    shared = [pair for pair in points["prompts"] if pair[0]["prompts"] == 100]
+    assert shared == [pair for pair in points["batch"] if pair[0]["batch"] == 4]      # timed once, reused
+    for run, prompts in (("vtab", 1), ("cub", 100)):
+        e2e = saved["end_to_end"][run]
+        assert (e2e["epochs"], e2e["train_images"], e2e["test_images"], e2e["num_prompts"]) == (3, 48, 32, prompts)
+        assert e2e["projected_wall_s"] > e2e["wall_s"] > 0
+
+
+def test_report_markdown_figures_are_the_json_numbers(smoke_report):
+    _, markdown, saved = smoke_report
+    targets = {row[0]: row for row in markdown_table(markdown, "## Targets (one H100)")}
+    ratio = {(r["prompts"], r["batch"]): r["speedup"] for r in saved["ratios"] if r["step"] == "train"}
+    for prompts, batch, shape in ((100, 4, "100 prompts, batch 4"), (1, 8, "1 prompt, batch 8")):
+        assert number(targets[f"train step, {shape}"][1]) == pytest.approx(
+            fast_train(saved, prompts, batch)["images_per_s"], abs=0.5)
+        assert number(targets[f"fast / reference, train step, {shape}"][1]) == pytest.approx(
+            ratio[prompts, batch], abs=0.005)
+        assert targets[f"fraction of bf16 peak, train step, {shape}"][1] == "n/a"   # CPU: no known peak
+    assert targets["peak GPU memory, train step, 100 prompts, batch 4"][1] == "n/a"  # CPU: no GPU memory
+    for run, label in (("vtab", "VTAB-1k task"), ("cub", "CUB")):
+        row = targets[f"{label} end to end (projected from 3 to 100 epochs)"]
+        assert number(row[1]) == pytest.approx(saved["end_to_end"][run]["projected_wall_s"], abs=0.05)
+        assert row[3] == "n/a"
+    assert number(targets["VTAB-1k task end to end (projected from 3 to 100 epochs)"][2].split()[1]) == 60
+    assert number(targets["CUB end to end (projected from 3 to 100 epochs)"][2].split()[1]) == 300
+    steps = markdown_table(markdown, "## Training and evaluation steps")
+    assert len(steps) == len(saved["results"])
+    for row, r in zip(steps, saved["results"]):
+        assert [int(row[0]), int(row[1]), row[2], row[3], row[4]] == [r["prompts"], r["batch"], r["path"], r["step"],
+                                                                     r["mode"]]
+        assert row[5] == "n/a" and r["compile_s"] is None                  # eager: no compiling call
+        assert number(row[6]) == pytest.approx(r["images_per_s"], abs=0.05)
