@@ -440,7 +440,7 @@ def backbone_tokens(model, images, block):
 def backbone_twin(model):
     """A prompt-free ("linear" method) copy of model's frozen backbone with the same weights: the
     "frozen backbone" row of Figure 5 and the model whose blocks DIP inverts."""
-    # Built from model.cfg (a gated_prompt ViTConfig), not through recipes.build_model: the twin copies an existing
+    # Built from model.cfg (a gated_prompt ViTConfig), not through recipes.model_from_config: the twin copies an existing
     # model's architecture and weights; there is no run config to resolve, and no file to load.
     twin = gp.VisionTransformer(model.cfg, gp.prompt_config("linear", num_classes=0))
     twin.load_state_dict(model.backbone_state_dict())
@@ -742,7 +742,7 @@ def _draw_figure9(summary, blocks, path):
 
 
 def model_from_run(run_path, checkpoint, device="cpu"):
-    """Rebuild a trained model: recipes.build_model of its run JSON's config on the backbone file it was trained on,
+    """Rebuild a trained model: recipes.model_from_config of its run JSON's config on the backbone file it was trained on,
     with the prompt-side weights the harness saves beside the JSON as <name>.prompts.pt. Returns (model, run)."""
     run_path = os.fspath(run_path)
     with open(run_path) as f:
@@ -757,7 +757,7 @@ def model_from_run(run_path, checkpoint, device="cpu"):
     state = torch.load(prompts_path, map_location="cpu", weights_only=True)
     num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0   # the trained head's size
     try:
-        model = recipes.build_model(cfg, num_classes, checkpoint, verbose=False)
+        model = recipes.model_from_config(cfg, num_classes, checkpoint, verbose=False)
     except KeyError as e:
         raise UserError(f"{run_path}: its config lacks {e} (written by an older harness?)") from None
     try:
@@ -769,10 +769,10 @@ def model_from_run(run_path, checkpoint, device="cpu"):
 
 def backbone_from_file(checkpoint, arch="vit_base", img_size=224, device="cpu", ssl="mae", **arch_overrides):
     """A prompt-free backbone (the "linear" method, no head) loaded from any format load_backbone reads, built by
-    recipes.build_model. ssl sets only the pooling, which the figures' token and attention reads do not use."""
+    recipes.model_from_config. ssl sets only the pooling, which the figures' token and attention reads do not use."""
     cfg = {"arch": arch, "ssl": ssl, "method": "linear", "img_size": img_size, "arch_overrides": arch_overrides,
            "num_prompts": 0, "gate_init": 0.0, "insert_at": 1, "prompt_dropout": 0.0}   # no prompts, no gates
-    return recipes.build_model(cfg, 0, checkpoint, verbose=False).to(device).eval()
+    return recipes.model_from_config(cfg, 0, checkpoint, verbose=False).to(device).eval()
 
 
 def image_files(paths, limit=None):

@@ -1,6 +1,6 @@
 """Throughput benchmark for Gated Prompt Tuning: the fast path against the official code's numerics.
 
-Every config comes from recipes.resolve and every model from recipes.build_model; the training step is
+Every config comes from recipes.resolve and every model from recipes.model_from_config; the training step is
 runtime.make_train_step with trainer.classification_loss (segmentation: segmentation.setr_loss), the
 evaluation step trainer.make_eval_step -- the functions the harness trains and evaluates with. Two paths:
 
@@ -258,7 +258,7 @@ def build_path_model(cfg, path, state=None):
     vit_overrides = {} if path == "fast" else {"fused_attention": False}
 
     def make():
-        return recipes.build_model(cfg, recipes.num_classes(cfg), verbose=False, **vit_overrides)
+        return recipes.model_from_config(cfg, recipes.num_classes(cfg), verbose=False, **vit_overrides)
     if state is None:
         torch.manual_seed(0)
         return make()
@@ -387,7 +387,7 @@ def compare_paths(args, device, peak, num_prompts, batch, skip_reference=False, 
     return fast_rows + ref_rows, ratios
 
 
-def run_table(args, device, peak):
+def time_step_table(args, device, peak):
     """The main table: every (prompts, batch), fast and reference path, and their ratio."""
     results, ratios = [], []
     print(HEADER)
@@ -495,7 +495,7 @@ def time_training_run(cfg, settings, train_split, eval_splits):
     _reset_memory(device)
     start = time.perf_counter()
     runtime.seed_everything(cfg["seed"])
-    model = recipes.build_model(cfg, recipes.num_classes(cfg), verbose=False).to(device)
+    model = recipes.model_from_config(cfg, recipes.num_classes(cfg), verbose=False).to(device)
     if settings.bf16 and device.type == "cuda":
         model.store_frozen_weights(torch.bfloat16)
     on_gpu = trainer.fits_on_gpu([train_split, *eval_splits.values()], device)   # make_loaders' decision
@@ -594,7 +594,7 @@ def window_count(model, image, crop, stride):
     return sum(seen)
 
 
-def run_segmentation(args, device):
+def time_segmentation(args, device):
     """Time segmentation.py's training iteration (runtime.make_train_step with setr_loss, then the poly lr step)
     on random data, then segmentation.predict (single scale, sliding window) on one 512x683 image.
     Returns every number as a dict."""
@@ -1020,6 +1020,9 @@ def main(argv=None):
     returns every number as a dict (also --json; --report also writes BENCHMARKS.md and benchmarks.json)."""
     args = parse_args(argv)
     device = runtime.pick_device(args.device)
+    if args.report and device.type != "cuda" and args.arch != "tiny":
+        raise SystemExit(f"bench.py: error: --report times ViT-B at the targets' sizes, hours on a {device.type}; "
+                         "run it on a GPU, or add --arch tiny for the CPU smoke run")
     peak = peak_tflops(device, args.peak_tflops)
     out = {"device": runtime.device_name(device), "cuda_device": device.type == "cuda", "torch": torch.__version__,
            "cuda": torch.version.cuda if device.type == "cuda" else None,
@@ -1045,7 +1048,7 @@ def run_mode(args, device, peak, out):
     elif args.end_to_end:
         out["end_to_end"] = run_end_to_end(args, device, args.end_to_end)
     elif args.segmentation:
-        out["segmentation"] = run_segmentation(args, device)
+        out["segmentation"] = time_segmentation(args, device)
     else:
         print(f"{args.arch}, {args.method}, {out['img_size']}px, eval batch = {args.eval_batch_factor} x batch | "
               f"{out['device']} (bf16 dense peak: {peak or 'unknown'} TFLOP/s) | torch {torch.__version__} | "
@@ -1053,7 +1056,7 @@ def run_mode(args, device, peak, out):
               f"eager")
         sweeps = [("prompts", args.sweep_prompts, SWEEP_PROMPTS), ("batch", args.sweep_batch, SWEEP_BATCH)]
         if all(values is None for _, values, _ in sweeps):
-            out["results"], out["ratios"] = run_table(args, device, peak)
+            out["results"], out["ratios"] = time_step_table(args, device, peak)
         measured = {}
         for name, values, default in sweeps:
             if values is not None:

@@ -2,7 +2,7 @@
 
     cfg = recipes.resolve("cub", "mocov3")                     # Table 5's row + the recipe
     cfg = recipes.resolve("ade20k", "mae", iters=4)            # every task goes through the same resolver
-    model = recipes.build_model(cfg, num_classes=200, checkpoint="checkpoints/linear-vit-b-300ep.pth.tar")
+    model = recipes.model_from_config(cfg, num_classes=200, checkpoint="checkpoints/linear-vit-b-300ep.pth.tar")
 
 A config holds only what defines a run's numbers (its identity). Runtime settings (device, bf16, compile,
 workers, paths) live in runtime.Settings and never change which result file a run belongs to.
@@ -110,7 +110,7 @@ def sweep_grid(cfg):
     return [{"lr": lr} for lr in HPARAMS["recipe"]["lr_grid"]]
 
 
-def build_model(cfg, num_classes, checkpoint=None, verbose=True, **vit_overrides):
+def model_from_config(cfg, num_classes, checkpoint=None, verbose=True, **vit_overrides):
     """The model of a config -- the one place every caller (training, segmentation, benchmark, figures) builds
     one. num_classes 0: no head (segmentation, features). vit_overrides: e.g. fused_attention=False."""
     vit = dict(cfg.get("arch_overrides") or {}, **vit_overrides)
@@ -132,7 +132,7 @@ def checkpoint_for(cfg, settings):
 
     def backbone_of_this_run(arch, ssl):   # what a downloaded file must load into (checked on the meta device)
         with torch.device("meta"):
-            return build_model(dict(cfg, method="linear"), 0, verbose=False)
+            return model_from_config(dict(cfg, method="linear"), 0, verbose=False)
     return downloads.checkpoint_path(cfg["arch"], cfg["ssl"], settings.checkpoint_dir, download=settings.download,
                                      mirror=settings.mirror, model_factory=backbone_of_this_run)
 

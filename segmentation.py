@@ -156,9 +156,9 @@ def _resize_to(logits, size):
 
 
 def build_segmenter(cfg, checkpoint=None, verbose=True):
-    """SETRPUP of a resolved ADE20K config (recipes.build_model's backbone, no classification head); loads the
+    """SETRPUP of a resolved ADE20K config (recipes.model_from_config's backbone, no classification head); loads the
     backbone when a checkpoint is given, resizing its position grid to the crop's (14x14 -> 32x32)."""
-    backbone = recipes.build_model(cfg, 0, checkpoint, verbose=verbose and runtime.is_main())
+    backbone = recipes.model_from_config(cfg, 0, checkpoint, verbose=verbose and runtime.is_main())
     return SETRPUP(backbone, NUM_CLASSES, cfg["aux_blocks"], cfg["head_channels"])
 
 

@@ -275,7 +275,7 @@ def run_classification(cfg, protocol, settings):
     tic = time.perf_counter()
     with runtime.flush_denormals(settings.device):
         runtime.seed_everything(cfg["seed"])
-        model = recipes.build_model(cfg, recipes.num_classes(cfg), recipes.checkpoint_for(cfg, settings),
+        model = recipes.model_from_config(cfg, recipes.num_classes(cfg), recipes.checkpoint_for(cfg, settings),
                                     verbose=runtime.is_main())
         if settings.bf16 and settings.device.type == "cuda":
             model.store_frozen_weights(torch.bfloat16)

@@ -537,13 +537,13 @@ def tiny_checkpoint(tmp_path, seed=7):
 
 
 def test_model_from_run_is_the_model_its_config_builds(tmp_path):
-    """The figure's model is recipes.build_model of the stored config: here a 48-pixel input whose 4x4 stored
+    """The figure's model is recipes.model_from_config of the stored config: here a 48-pixel input whose 4x4 stored
     position grid is resized bilinearly (the config's pos_embed_interpolation), as training resized it."""
     checkpoint, backbone = tiny_checkpoint(tmp_path)
     run_path, trained = save_tiny_run(tmp_path, "gated+temp", backbone.backbone_state_dict(), seed=3, img_size=48,
                                       pos_embed_interpolation="bilinear")
     rebuilt, run = analysis.model_from_run(run_path, checkpoint)
-    expected = recipes.build_model(run["config"], 5, checkpoint, verbose=False)
+    expected = recipes.model_from_config(run["config"], 5, checkpoint, verbose=False)
     expected.load_prompt_state_dict(trained.prompt_state_dict())
     assert rebuilt.cfg == expected.cfg and rebuilt.cfg.pos_embed_interpolation == "bilinear"
     bicubic = gp.resize_pos_embed(backbone.pos_embed.detach(), (6, 6), "bicubic")
@@ -570,7 +570,7 @@ def test_backbone_from_file_is_the_linear_model_of_the_file(tmp_path):
     model = analysis.backbone_from_file(checkpoint, img_size=32, ssl="mocov3", **TINY_ARCH)
     cfg = {"arch": "vit_base", "ssl": "mocov3", "method": "linear", "img_size": 32, "arch_overrides": TINY_ARCH,
            "num_prompts": 0, "gate_init": 0.0, "insert_at": 1, "prompt_dropout": 0.0}
-    expected = recipes.build_model(cfg, 0, checkpoint, verbose=False)
+    expected = recipes.model_from_config(cfg, 0, checkpoint, verbose=False)
     assert model.cfg == expected.cfg and model.cfg.pool == "cls" and model.head is None and model.num_prompts == 0
     x = analysis.imagenet_normalise(tiny_image()[None])
     with torch.no_grad():

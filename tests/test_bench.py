@@ -444,3 +444,10 @@ def test_report_markdown_figures_are_the_json_numbers(smoke_report):
                                                                      r["mode"]]
         assert row[5] == "n/a" and r["compile_s"] is None                  # eager: no compiling call
         assert number(row[6]) == pytest.approx(r["images_per_s"], abs=0.05)
+
+
+def test_report_refuses_vit_b_on_a_cpu(capsys):
+    """--report at the real sizes would run ViT-B on a CPU for hours: it says so instead, before any work."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--report", "--device", "cpu"])
+    assert "--arch tiny" in str(exit_info.value) and "on a GPU" in str(exit_info.value)

@@ -185,12 +185,12 @@ def test_ade20k_cell_trains_the_configured_model_and_writes_one_result(tmp_path,
     cfg = recipes.resolve("ade20k", "mae", iters=3, insert_at=2, arch_overrides=dict(TINY, patch_size=16),
                           img_size=64, batch_size=2, aux_blocks=[1, 2], head_channels=16)
     seen = []
-    real = recipes.build_model
-    recipes.build_model = lambda cfg, *a, **k: seen.append(real(cfg, *a, **k)) or seen[-1]
+    real = recipes.model_from_config
+    recipes.model_from_config = lambda cfg, *a, **k: seen.append(real(cfg, *a, **k)) or seen[-1]
     try:
         result = reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt), loader_workers=0))
     finally:
-        recipes.build_model = real
+        recipes.model_from_config = real
     assert seen[-1].pcfg.insert_at == 2 and seen[-1].cfg.pos_embed_interpolation == "bilinear"
     files = results.run_files(tmp_path / "results", cfg, "final")
     assert "-k2-lr0.001-s42-final-" in files.result.name and "-iters3" in files.result.name

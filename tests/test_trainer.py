@@ -29,7 +29,7 @@ def settings(tmp_path, **kw):
 def tiny_run(cfg, tmp_path, **kw):
     """Model, loaders and train() of one config, as run_classification wires them."""
     torch.manual_seed(cfg["seed"])
-    model = recipes.build_model(cfg, recipes.num_classes(cfg), verbose=False)
+    model = recipes.model_from_config(cfg, recipes.num_classes(cfg), verbose=False)
     train_split, evals = trainer.demo_splits(cfg)
     loaders = trainer.make_loaders(cfg, train_split, evals, torch.device("cpu"))
     return trainer.train(cfg, model, *loaders, settings(tmp_path, **kw), tmp_path / "state.pt"), model
@@ -49,7 +49,7 @@ def test_every_setting_of_a_resolved_config_reaches_the_model():
     cfg = recipes.resolve("cub", "mocov3", "gated+temp", arch="vit_small", num_prompts=7, gate_init=2.0,
                           insert_at=3, prompt_dropout=0.2)
     with torch.device("meta"):
-        model = recipes.build_model(dict(cfg, img_size=320), recipes.num_classes(cfg), verbose=False)
+        model = recipes.model_from_config(dict(cfg, img_size=320), recipes.num_classes(cfg), verbose=False)
     assert (model.cfg.embed_dim, model.cfg.depth, model.cfg.num_heads, model.cfg.pool) == (384, 12, 12, "cls")
     assert model.cfg.img_size == 320 and model.pos_embed.shape[1] == 1 + 20 * 20
     assert (model.num_prompts, model.pcfg.insert_at, model.pcfg.prompt_dropout) == (7, 3, 0.2)
@@ -57,7 +57,7 @@ def test_every_setting_of_a_resolved_config_reaches_the_model():
     assert model.head.out_features == 200 and model.cfg.pos_embed_interpolation == "bicubic"
     deep = recipes.resolve("dtd", "mae", "vpt-deep")
     with torch.device("meta"):
-        model = recipes.build_model(deep, recipes.num_classes(deep), verbose=False)
+        model = recipes.model_from_config(deep, recipes.num_classes(deep), verbose=False)
     assert (model.cfg.pool, model.num_prompts, model.deep_prompts.shape[0], model.head.out_features) == ("mean", 10, 11, 47)
 
 
@@ -104,7 +104,7 @@ def test_padded_masked_step_gives_the_unpadded_gradients():
     """The last batch is padded to full size with PAD_LABEL rows: the loss is the mean over the real rows, so the
     gradients equal those of the official unpadded batch."""
     torch.manual_seed(0)
-    model = recipes.build_model(tiny_cfg(prompt_dropout=0.0), 5, verbose=False).train()
+    model = recipes.model_from_config(tiny_cfg(prompt_dropout=0.0), 5, verbose=False).train()
     images = torch.randn(5, 3, 32, 32)
     labels = torch.tensor([0, 1, 2, 3, 4])
 
@@ -146,7 +146,7 @@ def test_every_sample_is_trained_on_and_padding_is_ignored(tmp_path):
     cfg = tiny_cfg(batch_size=48, epochs=1)
     train_split, evals = trainer.demo_splits(cfg)
     train_loader, _ = trainer.make_loaders(cfg, train_split, evals, torch.device("cpu"))
-    model = recipes.build_model(cfg, 5, verbose=False)
+    model = recipes.model_from_config(cfg, 5, verbose=False)
     optimizer = runtime.make_optimizer(model.trainable_parameters(), 0.1, 0.9, 0.0, torch.device("cpu"))
     step = runtime.make_train_step(model, optimizer, trainer.classification_loss, torch.device("cpu"), False)
     stats, _ = trainer.train_epoch(step, model, train_loader, 0, 1, torch.device("cpu"), quiet=True)
@@ -249,11 +249,11 @@ def test_a_resumed_run_ends_with_the_same_numbers(tmp_path, monkeypatch):
 
 
 def test_loading_prompts_refuses_another_models_state():
-    model = recipes.build_model(tiny_cfg(), 5, verbose=False)
-    other = recipes.build_model(tiny_cfg(num_prompts=3), 5, verbose=False)
+    model = recipes.model_from_config(tiny_cfg(), 5, verbose=False)
+    other = recipes.model_from_config(tiny_cfg(num_prompts=3), 5, verbose=False)
     with pytest.raises(ValueError, match="wrong shapes.*prompts"):
         model.load_prompt_state_dict(other.prompt_state_dict())
-    shallow = recipes.build_model(tiny_cfg(method="vpt-shallow"), 5, verbose=False)
+    shallow = recipes.model_from_config(tiny_cfg(method="vpt-shallow"), 5, verbose=False)
     with pytest.raises(ValueError, match="missing.*gate_logits"):
         model.load_prompt_state_dict(shallow.prompt_state_dict())
     assert isinstance(model.load_prompt_state_dict(model.prompt_state_dict()), gp.VisionTransformer)
