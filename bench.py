@@ -288,9 +288,7 @@ def measure(args, device, path, num_prompts, batch, state=None, peak=None, compi
     cfg = step_config(args, num_prompts, batch, task)
     model = build_path_model(cfg, path, state)
     state = state if state is not None else {k: v.clone() for k, v in model.state_dict().items()}
-    model.to(device)
-    if fast and device.type == "cuda":
-        model.store_frozen_weights(torch.bfloat16)
+    runtime.place_model(model, device, bf16=fast)
     optimizer = make_optimizer(cfg, model, device)
     count = model_flops(model)
     size, classes = cfg["img_size"], recipes.num_classes(cfg)
@@ -495,9 +493,8 @@ def time_training_run(cfg, settings, train_split, eval_splits):
     _reset_memory(device)
     start = time.perf_counter()
     runtime.seed_everything(cfg["seed"])
-    model = recipes.model_from_config(cfg, recipes.num_classes(cfg), verbose=False).to(device)
-    if settings.bf16 and device.type == "cuda":
-        model.store_frozen_weights(torch.bfloat16)
+    model = runtime.place_model(recipes.model_from_config(cfg, recipes.num_classes(cfg), verbose=False), device,
+                                settings.bf16)
     on_gpu = trainer.fits_on_gpu([train_split, *eval_splits.values()], device)   # make_loaders' decision
     train_loader, eval_loaders = trainer.make_loaders(cfg, train_split, eval_splits, device)
     _sync(device)
@@ -619,9 +616,7 @@ def segmentation_setup(args, device):
     if compile:
         torch._dynamo.reset()
     runtime.seed_everything(cfg["seed"])
-    model = segmentation.build_segmenter(cfg, verbose=False).to(device)
-    if bf16 and device.type == "cuda":
-        model.backbone.store_frozen_weights(torch.bfloat16)
+    model = runtime.place_model(segmentation.build_segmenter(cfg, verbose=False), device, bf16)
     optimizer = runtime.make_optimizer(model.param_groups(cfg["lr"], cfg["head_lr_mult"]), cfg["lr"],
                                        cfg["momentum"], cfg["weight_decay"], device)
     scheduler = segmentation.poly_scheduler(optimizer, cfg["iters"], cfg["poly_power"], cfg["min_lr"])

@@ -400,7 +400,7 @@ def checkpoint_path(arch: str, ssl: str, checkpoint_dir: str | os.PathLike = "ch
             expected, source = (ck.sha256, ck.size), f"the published checksum of {ck.url}"
         fix = (f"The download from {url} is not the expected file; nothing was kept. "
                + (f"If the file changed upstream on purpose, delete its lines in {sums} and run `{command}` "
-                  f"again." if record is not None else f"Try again, or another mirror."))
+                  f"again." if record is not None else "Try again, or another mirror."))
         sha = _verify(partial, sha256=expected[0], size=expected[1], md5=None, source=source, fix=fix)
         try:
             report = gp.load_backbone(factory(arch, ssl), partial)

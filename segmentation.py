@@ -141,6 +141,12 @@ class SETRPUP(nn.Module):
     def load_prompt_state_dict(self, state):
         return gp.load_exactly(self, self.prompt_state_dict(), state)
 
+    def store_frozen_weights(self, dtype):
+        """The backbone's frozen weights in `dtype` (gated_prompt.VisionTransformer.store_frozen_weights); the
+        heads train and stay fp32."""
+        self.backbone.store_frozen_weights(dtype)
+        return self
+
     def param_groups(self, lr, head_lr_mult):
         """SGD groups: prompt side at `lr`, heads at head_lr_mult * lr (mmseg custom_keys={'head': lr_mult})."""
         prompt_side = [p for p in self.backbone.parameters() if p.requires_grad]
@@ -508,9 +514,7 @@ class Training:
         self.val_set = ADE20K(settings.data_dir, "validation")
         runtime.seed_everything(cfg["seed"])
         model = build_segmenter(cfg, recipes.checkpoint_for(cfg, settings))
-        if settings.bf16 and self.device.type == "cuda":
-            model.backbone.store_frozen_weights(torch.bfloat16)
-        self.model = sync_batchnorm_if_distributed(model.to(self.device))
+        self.model = sync_batchnorm_if_distributed(runtime.place_model(model, self.device, settings.bf16))
         self.optimizer = runtime.make_optimizer(self.model.param_groups(cfg["lr"], cfg["head_lr_mult"]), cfg["lr"],
                                                 cfg["momentum"], cfg["weight_decay"], self.device)
         self.scheduler = poly_scheduler(self.optimizer, cfg["iters"], cfg["poly_power"], cfg["min_lr"])

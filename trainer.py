@@ -276,9 +276,8 @@ def run_classification(cfg, protocol, settings):
     with runtime.flush_denormals(settings.device):
         runtime.seed_everything(cfg["seed"])
         model = recipes.model_from_config(cfg, recipes.num_classes(cfg), recipes.checkpoint_for(cfg, settings),
-                                    verbose=runtime.is_main())
-        if settings.bf16 and settings.device.type == "cuda":
-            model.store_frozen_weights(torch.bfloat16)
+                                          verbose=runtime.is_main())
+        runtime.place_model(model, settings.device, settings.bf16)
         train_split, eval_splits = load_data(cfg, settings, protocol)
         train_loader, eval_loaders = make_loaders(cfg, train_split, eval_splits, settings.device)
         outcome = train(cfg, model, train_loader, eval_loaders, settings, files.state)

@@ -82,7 +82,7 @@ def test_a_run_of_other_settings_never_fills_a_paper_cell(tmp_path, capsys, how)
     listed = out.split("OTHER SETTINGS")[1]
     assert "0.00" in listed
     key, value = next(iter(how.items()))
-    assert (f"recipe version 1" if key == "version" else f"{key}={value}") in listed
+    assert ("recipe version 1" if key == "version" else f"{key}={value}") in listed
 
 
 def test_the_lr_picked_by_the_sweep_counts_as_the_papers_protocol(tmp_path, capsys):
