@@ -9,7 +9,7 @@ From stored runs (one JSON per run under a results folder, as the harness writes
     figure_prompt_count(results_dir, out_dir)     Figure 7 / Table 7: accuracy vs total prompt tokens
 From models:
     figure_attention(model_specs, image, out_dir) Figure 5: CLS-to-patch attention at blocks 3, 7, 12
-    figure_dip(models, images, blocks, out_dir)   Figures 2 and 9: Deep Image Prior inversion of block
+    dip.figure_dip(models, images, blocks, ...)   Figures 2 and 9 (dip.py): Deep Image Prior inversion of block
                                                   tokens, reconstructions and their PSNR / SSIM
 
 Run files are read with results.py: "config", "recipe_version", "lr_source", "deviations" and, depending on
@@ -20,31 +20,28 @@ the JSON / CSV give every series a "setting". Seeds of one plotted point are ave
 several learning rates, the newest run file's lr is used.
 Figure 5 rebuilds trained models from a run JSON + the <name>.prompts.pt beside it (model_from_run).
 
-Command line: `python reproduce.py figure N ...` (or `python analysis.py N ...`); see main().
+Command line: `python reproduce.py figure N ...` (or `python analysis.py N ...`) for every figure, 2 and 9
+included; see main(). figure_io.py holds what the figures share (image input, matplotlib files out);
 matplotlib is imported only when a figure is drawn.
 """
 import argparse
-import csv
-import io
 import json
 import math
 import os
 import sys
 from collections import defaultdict
-from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
-from tqdm import tqdm
 
+import dip
 import gated_prompt as gp
 import recipes
 import results
-from data import IMAGENET_MEAN, IMAGENET_STD
-from runtime import EXIT_BAD_INPUT, UserError, atomic_write, write_json, write_text
+from figure_io import (check_blocks, eval_and_frozen, imagenet_normalise, model_device, new_figure, save_figure,
+                       to_image_tensor, write_csv)
+from runtime import EXIT_BAD_INPUT, UserError, write_json
 
 
 # -----------------------------------------------------------------------------
@@ -136,34 +133,8 @@ def _varying(keys, names):
     return {n for i, n in enumerate(names) if len({k[i] for k in keys}) > 1}
 
 
-def _write_csv(path, header, rows):
-    text = io.StringIO(newline="")
-    writer = csv.writer(text)
-    writer.writerow(header)
-    writer.writerows(rows)
-    write_text(path, text.getvalue())
-
 # -----------------------------------------------------------------------------
-# Plotting plumbing (matplotlib's object API with the Agg canvas: no global pyplot state)
-
-
-def _new_figure(nrows, ncols, panel_size=(4.0, 3.2), **kw):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("drawing figures needs matplotlib: pip install matplotlib") from None
-    fig = Figure(figsize=(panel_size[0] * ncols, panel_size[1] * nrows), layout="constrained", **kw)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes
-
-
-def _save(fig, path, title=None, dpi=120):
-    if title:
-        fig.suptitle(title)
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
-    return path
+# Panel layout
 
 
 def _grid_shape(n, max_cols=3):
@@ -207,7 +178,7 @@ def figure_insertion(results_dir, out_dir, method="vpt-shallow", metric="test_ac
              "png": os.path.join(out_dir, "figure1_insertion.png")}
     write_json(paths["json"], {"figure": 1, "metric": metric, "filters": filters, "series": series,
                                "other_settings_not_shown": _left_out(left_out)})
-    _write_csv(paths["csv"], ["task", "ssl", "method", "setting", "insert_at", f"{metric}_mean", f"{metric}_std",
+    write_csv(paths["csv"], ["task", "ssl", "method", "setting", "insert_at", f"{metric}_mean", f"{metric}_std",
                               "n_runs", "lr"],
                [(s["task"], s["ssl"], s["method"], s["setting"], k, round(m, 4), round(sd, 4), n, lr)
                 for s in series for k, m, sd, n, lr in zip(s["insert_at"], s["mean"], s["std"], s["n"], s["lr"])])
@@ -215,7 +186,7 @@ def figure_insertion(results_dir, out_dir, method="vpt-shallow", metric="test_ac
     tasks = sorted({s["task"] for s in series}, key=str)
     varying = _varying([(s["ssl"], s["method"]) for s in series], ("ssl", "method")) | {"ssl"}
     nrows, ncols = _grid_shape(len(tasks))
-    fig, axes = _new_figure(nrows, ncols)
+    fig, axes = new_figure(nrows, ncols)
     for ax, task in zip(axes.flat, tasks):
         for s in (s for s in series if s["task"] == task):
             label = _with_setting(_label((s["ssl"], s["method"]), ("ssl", "method"), varying), s["setting"])
@@ -227,7 +198,7 @@ def figure_insertion(results_dir, out_dir, method="vpt-shallow", metric="test_ac
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _hide_unused(axes, len(tasks))
-    _save(fig, paths["png"], "Figure 1: accuracy vs the first block that sees prompts")
+    save_figure(fig, paths["png"], "Figure 1: accuracy vs the first block that sees prompts")
     return paths
 
 
@@ -273,14 +244,14 @@ def figure_selection_ratio(results_dir, out_dir, include_other_settings=False, *
              "png": os.path.join(out_dir, "figure4_selection_ratio.png")}
     write_json(paths["json"], {"figure": 4, "filters": filters, "panels": panels,
                                "other_settings_not_shown": _left_out(left_out)})
-    _write_csv(paths["csv"], ["task", "ssl", "method", "setting", "block", "ratio_mean", "ratio_std", "n_runs"],
+    write_csv(paths["csv"], ["task", "ssl", "method", "setting", "block", "ratio_mean", "ratio_std", "n_runs"],
                [(p["task"], p["ssl"], p["method"], p["setting"], b, round(m, 6), round(s, 6), p["n"])
                 for p in panels for b, m, s in zip(p["blocks"], p["mean"], p["std"])])
 
     names = ("task", "ssl", "method")
     varying = _varying([(p["task"], p["ssl"], p["method"]) for p in panels], names) | {"task", "ssl"}
     nrows, ncols = _grid_shape(len(panels))
-    fig, axes = _new_figure(nrows, ncols)
+    fig, axes = new_figure(nrows, ncols)
     for ax, p in zip(axes.flat, panels):
         paper = p["setting"] == PAPER_RECIPE
         ax.bar(p["blocks"], p["mean"], yerr=p["std"] if p["n"] > 1 else None, capsize=2,
@@ -292,7 +263,7 @@ def figure_selection_ratio(results_dir, out_dir, include_other_settings=False, *
         ax.set_xticks(p["blocks"])
         ax.set_ylim(0, max(1e-6, max(m + s for m, s in zip(p["mean"], p["std"]))) * 1.1)
     _hide_unused(axes, len(panels))
-    _save(fig, paths["png"], "Figure 4: selection ratio (Eq. 11)")
+    save_figure(fig, paths["png"], "Figure 4: selection ratio (Eq. 11)")
     return paths
 
 
@@ -348,13 +319,13 @@ def figure_prompt_count(results_dir, out_dir, methods=("vpt-deep", "gated", "gat
     write_json(paths["json"], {"figure": 7, "metric": metric, "filters": filters, "series": series, "table7": table,
                                "other_settings_not_shown": _left_out(left_out)})
     fmt = lambda v: "" if v is None else round(v, 2)  # noqa: E731
-    _write_csv(paths["csv"], ["ssl", "prompt_tokens", "method", "setting"] + [str(t) for t in tasks] + ["AVG"],
+    write_csv(paths["csv"], ["ssl", "prompt_tokens", "method", "setting"] + [str(t) for t in tasks] + ["AVG"],
                [[r["ssl"], r["prompt_tokens"], r["method"], r["setting"]] + [fmt(r[t]) for t in tasks] + [fmt(r["AVG"])]
                 for r in table])
 
     panels = sorted({(s["ssl"], s["task"]) for s in series}, key=lambda k: tuple(map(str, k)))
     nrows, ncols = _grid_shape(len(panels))
-    fig, axes = _new_figure(nrows, ncols)
+    fig, axes = new_figure(nrows, ncols)
     for ax, (ssl, task) in zip(axes.flat, panels):
         for s in (s for s in series if (s["ssl"], s["task"]) == (ssl, task)):
             ax.errorbar(s["prompt_tokens"], s["mean"], yerr=s["std"], capsize=2,
@@ -369,7 +340,7 @@ def figure_prompt_count(results_dir, out_dir, methods=("vpt-deep", "gated", "gat
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _hide_unused(axes, len(panels))
-    _save(fig, paths["png"], "Figure 7: accuracy vs number of prompt tokens")
+    save_figure(fig, paths["png"], "Figure 7: accuracy vs number of prompt tokens")
     return paths
 
 
@@ -388,92 +359,27 @@ def _table7(series, tasks):
     return table
 
 # -----------------------------------------------------------------------------
-# Images and backbone helpers
-
-
-def to_image_tensor(image, size=None):
-    """A path, PIL image or [3,H,W] / [1,3,H,W] tensor -> float [3,H,W] in [0,1]; with size, resized
-    (shorter side) and centre-cropped to size x size."""
-    if isinstance(image, (str, os.PathLike)):
-        from PIL import Image
-        with Image.open(image) as im:
-            image = im.convert("RGB")
-    if not isinstance(image, torch.Tensor):
-        image = TF.to_tensor(image.convert("RGB"))
-    if image.dim() == 4 and image.shape[0] == 1:
-        image = image[0]
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected an RGB image [3,H,W], got shape {tuple(image.shape)}")
-    image = image.float() / 255 if image.dtype == torch.uint8 else image.float()
-    if size is not None and tuple(image.shape[-2:]) != (size, size):
-        image = TF.center_crop(TF.resize(image, size, antialias=True), size).clamp(0, 1)
-    return image
-
-
-def imagenet_normalise(images):
-    """[B,3,H,W] in [0,1] -> ImageNet mean/std normalised (what the backbones were trained on)."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images - mean) / std
-
-
-def _device(model):
-    return next(model.parameters()).device
-
-
-def _check_blocks(model, blocks):
-    depth = len(model.blocks)
-    bad = [b for b in blocks if not 1 <= int(b) <= depth]
-    if bad:
-        raise UserError(f"blocks {bad} out of range: this model has blocks 1..{depth}")
-
-
-def backbone_tokens(model, images, block):
-    """Tokens [B, 1+N, D] (CLS + patches) after block `block` (1-based) of the frozen backbone alone:
-    no prompts, no temperatures. Runs only blocks 1..block. images: ImageNet-normalised."""
-    x = model.embed(images)
-    for blk in model.blocks[:block]:
-        x, _ = blk(x)
-    return x
+# Figure 5: self-attention maps
 
 
 def backbone_twin(model):
     """A prompt-free ("linear" method) copy of model's frozen backbone with the same weights: the
-    "frozen backbone" row of Figure 5 and the model whose blocks DIP inverts."""
-    # Built from model.cfg (a gated_prompt ViTConfig), not through recipes.model_from_config: the twin copies an existing
-    # model's architecture and weights; there is no run config to resolve, and no file to load.
+    "frozen backbone" row of Figure 5."""
+    # The twin copies an existing model's architecture (its gated_prompt ViTConfig) and weights, so it is built
+    # from those two directly: there is no run config to resolve and no file to load.
     twin = gp.VisionTransformer(model.cfg, gp.prompt_config("linear", num_classes=0))
     twin.load_state_dict(model.backbone_state_dict())
-    return twin.to(_device(model)).eval()
-
-
-@contextmanager
-def _eval_and_frozen(model):
-    """Eval mode (no prompt dropout) and no parameter gradients, restored afterwards."""
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-# -----------------------------------------------------------------------------
-# Figure 5: self-attention maps
+    return twin.to(model_device(model)).eval()
 
 
 @torch.no_grad()
 def cls_attention_maps(model, image, blocks=(3, 7, 12)):
     """{block: [gh, gw]} attention of CLS to each patch after softmax, averaged over heads (Figure 5).
     Prompt tokens (if any) take part in the softmax but are not shown. image: [3,H,W] in [0,1]."""
-    _check_blocks(model, blocks)
-    x = imagenet_normalise(image[None].to(_device(model)))
+    check_blocks(model, blocks)
+    x = imagenet_normalise(image[None].to(model_device(model)))
     gh, gw = x.shape[-2] // model.cfg.patch_size, x.shape[-1] // model.cfg.patch_size
-    with _eval_and_frozen(model):
+    with eval_and_frozen(model):
         attns = model.attention_maps(x, blocks=tuple(blocks))
     # sequence = [CLS, prompts, patches]: the patches are always the last gh*gw tokens
     return {b: attns[b][0, :, 0, -gh * gw:].float().mean(0).reshape(gh, gw).cpu() for b in blocks}
@@ -496,7 +402,7 @@ def figure_attention(model_specs, image, out_dir, blocks=(3, 7, 12)):
     write_json(paths["json"], {"figure": 5, "blocks": list(blocks), "models": maps_by_model,
                                "note": "CLS-to-patch softmax attention averaged over heads, on the patch grid"})
 
-    fig, axes = _new_figure(len(rows), 1 + len(blocks), panel_size=(2.6, 2.6))
+    fig, axes = new_figure(len(rows), 1 + len(blocks), panel_size=(2.6, 2.6))
     for r, (label, img, maps) in enumerate(rows):
         picture = img.permute(1, 2, 0).numpy()
         axes[r, 0].imshow(picture)
@@ -513,232 +419,11 @@ def figure_attention(model_specs, image, out_dir, blocks=(3, 7, 12)):
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    _save(fig, paths["png"], "Figure 5: CLS-to-patch self-attention (mean over heads)")
+    save_figure(fig, paths["png"], "Figure 5: CLS-to-patch self-attention (mean over heads)")
     return paths
 
 # -----------------------------------------------------------------------------
-# Image quality: PSNR and SSIM (Wang et al. 2004), in torch
-
-
-def _as_batch(a, b):
-    if a.shape != b.shape:
-        raise ValueError(f"images differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    single = a.dim() == 3
-    a, b = (a[None], b[None]) if single else (a, b)
-    if a.dim() != 4:
-        raise ValueError(f"expected [C,H,W] or [B,C,H,W], got {tuple(a.shape)}")
-    return a.double(), b.double(), single
-
-
-def psnr(a, b, data_range=1.0):
-    """Peak signal-to-noise ratio in dB, 10 log10(range^2 / MSE); inf for identical images.
-    [C,H,W] -> 0-d tensor, [B,C,H,W] -> [B]."""
-    a, b, single = _as_batch(a, b)
-    mse = (a - b).pow(2).mean(dim=(1, 2, 3))
-    out = 10 * torch.log10(data_range ** 2 / mse)
-    return out[0] if single else out
-
-
-def gaussian_window(size=11, sigma=1.5, dtype=torch.float64):
-    """The normalised 1-D Gaussian of SSIM (the 2-D window is its outer product)."""
-    coords = torch.arange(size, dtype=dtype) - (size - 1) / 2
-    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
-    return g / g.sum()
-
-
-def ssim(a, b, data_range=1.0, window_size=11, sigma=1.5, k1=0.01, k2=0.03):
-    """Structural similarity (Wang et al. 2004): local statistics under an 11x11 Gaussian window
-    (sigma 1.5) at every position where the window fits, C1 = (K1 R)^2, C2 = (K2 R)^2, SSIM map averaged
-    per channel, then over channels. [C,H,W] -> 0-d tensor, [B,C,H,W] -> [B]."""
-    a, b, single = _as_batch(a, b)
-    channels, height, width = a.shape[1:]
-    if min(height, width) < window_size:
-        raise ValueError(f"SSIM needs images of at least {window_size}x{window_size}, got {height}x{width}")
-    g = gaussian_window(window_size, sigma).to(a.device)
-    window = torch.outer(g, g).expand(channels, 1, window_size, window_size)
-    filt = lambda x: F.conv2d(x, window, groups=channels)  # noqa: E731  ('valid': no padding)
-    mu_a, mu_b = filt(a), filt(b)
-    var_a = filt(a * a) - mu_a ** 2
-    var_b = filt(b * b) - mu_b ** 2
-    cov = filt(a * b) - mu_a * mu_b
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    out = ssim_map.mean(dim=(2, 3)).mean(dim=1)
-    return out[0] if single else out
-
-# -----------------------------------------------------------------------------
-# Figures 2 and 9: Deep Image Prior (Ulyanov et al. 2018) inversion of a block's tokens
-
-
-def _conv_bn_relu(c_in, c_out, kernel=3, stride=1):
-    return [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, inplace=True)]
-
-
-class DIPGenerator(nn.Module):
-    """DIP's hourglass: strided-conv encoder, bilinear-upsampling decoder with thin skip connections,
-    sigmoid output in [0,1]. Fed a fixed noise tensor [1, noise_channels, H, W]."""
-
-    def __init__(self, noise_channels=32, widths=(128, 128, 128, 128, 128), skip_channels=4):
-        super().__init__()
-        self.down, self.skip, self.up = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        c = noise_channels
-        for w in widths:
-            self.skip.append(nn.Sequential(*_conv_bn_relu(c, skip_channels, kernel=1)))
-            self.down.append(nn.Sequential(*_conv_bn_relu(c, w, stride=2), *_conv_bn_relu(w, w)))
-            c = w
-        for w in reversed(widths):
-            self.up.append(nn.Sequential(nn.BatchNorm2d(c + skip_channels), *_conv_bn_relu(c + skip_channels, w),
-                                         *_conv_bn_relu(w, w, kernel=1)))
-            c = w
-        self.out = nn.Conv2d(c, 3, 1)
-
-    def forward(self, noise):
-        x, skips = noise, []
-        for down, skip in zip(self.down, self.skip):
-            skips.append(skip(x))
-            x = down(x)
-        for up, s in zip(self.up, reversed(skips)):
-            x = F.interpolate(x, size=s.shape[-2:], mode="bilinear", align_corners=False)
-            x = up(torch.cat([x, s], dim=1))
-        return torch.sigmoid(self.out(x))
-
-
-def dip_reconstruct(model, image, block, steps=1000, lr=0.01, seed=0, widths=(128, 128, 128, 128, 128),
-                    noise_channels=32, progress=True, return_losses=False):
-    """Deep Image Prior inversion (Figure 2): optimise a conv generator fed fixed noise so that the frozen
-    backbone's tokens after `block` (CLS + patches, no prompts or temperatures) for its output match those
-    of `image` (MSE). image: [3,H,W] in [0,1]. Returns the reconstruction [3,H,W] in [0,1] (on the CPU),
-    and with return_losses=True also the loss before each step plus the loss of the returned image.
-    The paper gives no DIP settings; Adam at lr 0.01 on an hourglass fed uniform noise follows DIP's
-    own defaults (Ulyanov et al. 2018) and is our choice."""
-    _check_blocks(model, (block,))
-    device = _device(model)
-    image = image.to(device)
-    levels = max(1, int(math.log2(min(image.shape[-2:]) / 4)))   # keep the bottleneck >= 4x4 (BatchNorm)
-    with torch.random.fork_rng(devices=[]):   # seeded without touching the caller's random state
-        torch.manual_seed(seed)
-        generator = DIPGenerator(noise_channels, tuple(widths)[:levels])
-        noise = torch.rand(1, noise_channels, *image.shape[-2:]) * 0.1   # DIP's input: uniform noise x 1/10
-    generator, noise = generator.to(device).train(), noise.to(device)
-    optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
-    losses = []
-    with _eval_and_frozen(model):
-        with torch.no_grad():
-            target = backbone_tokens(model, imagenet_normalise(image[None]), block)
-
-        def feature_loss(out):   # MSE between the block's tokens of the generated image and of the image
-            return F.mse_loss(backbone_tokens(model, imagenet_normalise(out), block), target)
-
-        for _ in tqdm(range(steps), desc=f"DIP block {block}", leave=False, disable=not progress):
-            optimizer.zero_grad(set_to_none=True)
-            loss = feature_loss(generator(noise))
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        with torch.no_grad():
-            reconstruction = generator(noise)
-            losses.append(feature_loss(reconstruction).item())
-    reconstruction = reconstruction[0].detach().cpu()
-    return (reconstruction, losses) if return_losses else reconstruction
-
-
-def figure_dip(models, images, blocks, out_dir, steps=1000, lr=0.01, seed=0, max_grid_images=4, **dip_options):
-    """Figures 2 and 9: DIP reconstruction of every image from the tokens after every block of every
-    backbone. models: list of (label, model) (e.g. supervised / MoCo v3 / MAE); images: paths, PIL images
-    or [3,H,W] tensors in [0,1] (resized to the model's input size). Writes the reconstruction grid
-    (Figure 2, first max_grid_images images) and PSNR / SSIM per block per backbone (Figure 9)."""
-    blocks = [int(b) for b in blocks]
-    scores, grid = dip_scores(models, images, blocks, steps, lr, seed, max_grid_images, **dip_options)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "figure9_dip_scores.json"),
-             "csv": os.path.join(out_dir, "figure9_dip_scores.csv"),
-             "png": os.path.join(out_dir, "figure2_dip_reconstructions.png"),
-             "scores_png": os.path.join(out_dir, "figure9_dip_scores.png")}
-    summary = _write_dip_numbers(paths, scores, blocks, len(images), steps=steps, lr=lr, seed=seed)
-    _draw_figure2(grid, blocks, paths["png"])
-    _draw_figure9(summary, blocks, paths["scores_png"])
-    return paths
-
-
-def dip_scores(models, images, blocks, steps=1000, lr=0.01, seed=0, max_grid_images=4, **dip_options):
-    """DIP-reconstruct every image from every block of every model and score it against the image. Returns
-    (scores: {label: {"psnr": [blocks][images], "ssim": ...}}, grid: [(image index, label, original,
-    {block: reconstruction})] for the first max_grid_images images)."""
-    if not models or not images:
-        raise UserError("figure 2/9: need at least one model and one image")
-    for _, model in models:
-        _check_blocks(model, blocks)
-    scores, grid = {}, []
-    jobs = tqdm(total=len(models) * len(images) * len(blocks), desc="DIP reconstructions",
-                disable=not dip_options.get("progress", True))
-    for label, model in models:
-        scores[label] = {"psnr": [[None] * len(images) for _ in blocks], "ssim": [[None] * len(images) for _ in blocks]}
-        for i, image in enumerate(images):
-            original = to_image_tensor(image, model.cfg.img_size)
-            recons = {}
-            for j, block in enumerate(blocks):
-                recon = dip_reconstruct(model, original, block, steps=steps, lr=lr, seed=seed, **dip_options)
-                scores[label]["psnr"][j][i] = float(psnr(recon, original))
-                scores[label]["ssim"][j][i] = float(ssim(recon, original))
-                recons[block] = recon
-                jobs.update()
-            if i < max_grid_images:
-                grid.append((i, label, original, recons))
-    jobs.close()
-    return scores, grid
-
-
-def _write_dip_numbers(paths, scores, blocks, num_images, **settings):
-    """Figure 9's numbers: per-image scores (JSON, CSV) and their mean / std per block over the images with a
-    finite score (PSNR is infinite for an exact reconstruction). Returns the summary."""
-    def stats(per_block):
-        return results.summary([v for v in per_block if math.isfinite(v)] or [math.inf])
-    summary = {label: {f"{m}_{stat}": [stats(per_block)[k] for per_block in s[m]]
-                       for m in ("psnr", "ssim") for stat, k in (("mean", 0), ("std", 1))}
-               for label, s in scores.items()}
-    write_json(paths["json"], {"figures": [2, 9], "blocks": blocks, "num_images": num_images, **settings,
-                               "summary": summary, "per_image": scores})
-    _write_csv(paths["csv"], ["model", "block", "image", "psnr_db", "ssim"],
-               [(label, b, i, round(s["psnr"][j][i], 4), round(s["ssim"][j][i], 6))
-                for label, s in scores.items() for j, b in enumerate(blocks) for i in range(num_images)])
-    return summary
-
-
-def _draw_figure2(grid, blocks, path):
-    """Figure 2: per (image, backbone) a row: the original, then the reconstruction from each block."""
-    fig, axes = _new_figure(len(grid), 1 + len(blocks), panel_size=(2.2, 2.2))
-    for r, (i, label, original, recons) in enumerate(grid):
-        axes[r, 0].imshow(original.permute(1, 2, 0).numpy())
-        axes[r, 0].set_ylabel(f"{label}\nimage {i}", fontsize=8)
-        for c, b in enumerate(blocks, start=1):
-            axes[r, c].imshow(recons[b].permute(1, 2, 0).clamp(0, 1).numpy())
-            if r == 0:
-                axes[r, c].set_title(f"block {b}")
-        if r == 0:
-            axes[r, 0].set_title("original")
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    _save(fig, path, "Figure 2: Deep Image Prior reconstructions from block tokens")
-
-
-def _draw_figure9(summary, blocks, path):
-    """Figure 9: (a) PSNR and (b) SSIM per block, one line per backbone."""
-    fig, axes = _new_figure(1, 2)
-    for ax, metric, unit in ((axes[0, 0], "psnr", "(a) PSNR (dB)"), (axes[0, 1], "ssim", "(b) SSIM")):
-        for label, s in summary.items():
-            ax.errorbar(blocks, s[f"{metric}_mean"], yerr=s[f"{metric}_std"], marker="o", capsize=2, label=label)
-        ax.set_title(unit)
-        ax.set_xlabel("block whose tokens are inverted")
-        ax.set_ylabel(unit.split(" ", 1)[1])
-        ax.set_xticks(blocks)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    _save(fig, path, "Figure 9: quality of the DIP reconstructions")
-
-
-# -----------------------------------------------------------------------------
-# Models for Figures 2, 5 and 9
+# Models for Figures 2, 5 and 9 from files
 
 
 def model_from_run(run_path, checkpoint, device="cpu"):
@@ -768,10 +453,12 @@ def model_from_run(run_path, checkpoint, device="cpu"):
 
 
 def backbone_from_file(checkpoint, arch="vit_base", img_size=224, device="cpu", ssl="mae", **arch_overrides):
-    """A prompt-free backbone (the "linear" method, no head) loaded from any format load_backbone reads, built by
-    recipes.model_from_config. ssl sets only the pooling, which the figures' token and attention reads do not use."""
-    cfg = {"arch": arch, "ssl": ssl, "method": "linear", "img_size": img_size, "arch_overrides": arch_overrides,
-           "num_prompts": 0, "gate_init": 0.0, "insert_at": 1, "prompt_dropout": 0.0}   # no prompts, no gates
+    """A prompt-free backbone (the "linear" method, no head) loaded from any format load_backbone reads: the config
+    recipes.resolve gives for a linear probe with no prompts, built by recipes.model_from_config. ssl ("mae" or
+    "mocov3") sets only the pooling, which the figures' token and attention reads do not use."""
+    # Any classification task resolves to the same backbone; CUB's row only fills training fields unused here.
+    cfg = recipes.resolve("cub", ssl, "linear", arch=arch, img_size=img_size, arch_overrides=arch_overrides,
+                          num_prompts=0, gate_init=0.0, prompt_dropout=0.0)
     return recipes.model_from_config(cfg, 0, checkpoint, verbose=False).to(device).eval()
 
 
@@ -910,7 +597,7 @@ def _figures_2_and_9(args, out_dir):
         if not sep:
             label, path = os.path.basename(spec), spec
         models.append((label, backbone_from_file(path, args.arch, args.img_size, device, **args.arch_overrides)))
-    return figure_dip(models, image_files(args.image, args.max_images), tuple(args.blocks or (1, 4, 7, 10, 12)),
+    return dip.figure_dip(models, image_files(args.image, args.max_images), tuple(args.blocks or (1, 4, 7, 10, 12)),
                       out_dir, steps=args.steps, lr=args.lr, seed=args.seed)
 
 

@@ -1,24 +1,27 @@
-"""Tests of analysis.py: the figure functions end to end, PSNR / SSIM, insertion at block k, DIP.
+"""Tests of analysis.py and dip.py: the figure functions end to end, PSNR / SSIM, insertion at block k, DIP.
 
 The run JSONs written below are FIXTURES OF THE RESULT-FILE FORMAT (made-up numbers) used to check the
-plotting and tabulation code; they are not results of the method."""
+plotting and tabulation code; they are not results of the method. Expected token and attention values come from
+timm's VisionTransformer loaded with the same weights, PSNR / SSIM values from numpy written out by hand."""
 import csv
 import json
 import math
 import os
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import analysis  # noqa: E402
-import gated_prompt as gp  # noqa: E402
-import recipes  # noqa: E402
-import results  # noqa: E402
-from runtime import UserError  # noqa: E402
+import analysis
+import dip
+import gated_prompt as gp
+import recipes
+import results
+from runtime import UserError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -39,6 +42,37 @@ def tiny_image(seed=0, size=32):
     blob = torch.exp(-((xx - 0.6) ** 2 + (yy - 0.4) ** 2) / 0.05)
     img = torch.stack([xx, yy, blob]) * 0.8 + 0.1 * torch.rand(3, size, size, generator=g)
     return img.clamp(0, 1)
+
+
+def timm_reference(model):
+    """timm's VisionTransformer with `model`'s backbone weights: the frozen backbone computed by other code."""
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    c = model.cfg
+    ref = timm_vit.VisionTransformer(img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth,
+                                     num_heads=c.num_heads, qkv_bias=True, num_classes=0,
+                                     norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    ref.load_state_dict(model.backbone_state_dict())
+    return ref.eval()
+
+
+@torch.no_grad()
+def timm_tokens(ref, x, block):
+    """CLS + patch tokens after block `block` (1-based; 0 = the embedded input) of timm's ViT."""
+    x = ref._pos_embed(ref.patch_embed(x))
+    for blk in ref.blocks[:block]:
+        x = blk(x)
+    return x
+
+
+@torch.no_grad()
+def timm_cls_attention(ref, x, block):
+    """Block `block`'s softmax attention of CLS to each patch, head-averaged, written out from timm's weights."""
+    blk, tokens = ref.blocks[block - 1], timm_tokens(ref, x, block - 1)
+    B, N, D = tokens.shape
+    H = blk.attn.num_heads
+    q, k, _ = blk.attn.qkv(blk.norm1(tokens)).reshape(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)
+    attn = (q @ k.transpose(-2, -1) / math.sqrt(D // H)).softmax(-1)
+    return attn[0, :, 0, 1:].mean(0)
 
 
 def assert_png(path):
@@ -193,12 +227,12 @@ def test_figure_prompt_count_and_table7(tmp_path):
 def drawn_figure(monkeypatch):
     """Keeps the matplotlib Figure each figure function saves, to read its legends and titles."""
     figures = []
-    save = analysis._save
+    save = analysis.save_figure
 
     def keep_and_save(fig, path, *args, **kwargs):
         figures.append(fig)
         return save(fig, path, *args, **kwargs)
-    monkeypatch.setattr(analysis, "_save", keep_and_save)
+    monkeypatch.setattr(analysis, "save_figure", keep_and_save)
     return figures
 
 
@@ -324,11 +358,10 @@ def test_figure_attention(tmp_path):
     assert_png(paths["png"])
     data = json.loads(open(paths["json"]).read())
     assert data["blocks"] == [1, 2, 4] and list(data["models"]) == ["MAE", "GATE", "GATE+LT"]
-    # the frozen backbone's map is the CLS row of its attention (over the 4x4 patches), head-averaged
+    # the frozen backbone's map is the CLS row of its attention (over the 4x4 patches), head-averaged: timm's
+    # weights with the softmax written out
     x = analysis.imagenet_normalise(image[None])
-    attn = gp.VisionTransformer(gated.cfg, gp.prompt_config("linear", num_classes=0))
-    attn.load_state_dict(gated.backbone_state_dict())
-    expected = attn.eval().attention_maps(x, blocks=(2,))[2][0, :, 0, 1:].mean(0).reshape(4, 4)
+    expected = timm_cls_attention(timm_reference(gated), x, 2).reshape(4, 4)
     assert torch.allclose(torch.tensor(data["models"]["MAE"]["2"]), expected, atol=1e-6)
     # without prompts CLS attention over CLS + patches sums to 1; so the patches get < 1
     assert 0 < np.sum(data["models"]["MAE"]["4"]) < 1
@@ -342,34 +375,39 @@ def test_figure_attention(tmp_path):
 # PSNR / SSIM
 
 
+def numpy_psnr(a, b):
+    """10 log10(1 / MSE) for images in [0,1], written out in numpy."""
+    return 10 * np.log10(1.0 / np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+
+
 def test_psnr_known_values():
     a = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.8
-    assert float(analysis.psnr(a + 0.1, a)) == pytest.approx(20.0, abs=1e-9)   # MSE 0.01 -> 20 dB
-    assert float(analysis.psnr(a, a + 0.01)) == pytest.approx(40.0, abs=1e-6)
-    assert math.isinf(float(analysis.psnr(a, a)))
-    batch = analysis.psnr(torch.stack([a, a]), torch.stack([a + 0.1, a + 0.01]))
+    assert float(dip.psnr(a + 0.1, a)) == pytest.approx(20.0, abs=1e-9)   # MSE 0.01 -> 20 dB
+    assert float(dip.psnr(a, a + 0.01)) == pytest.approx(40.0, abs=1e-6)
+    assert math.isinf(float(dip.psnr(a, a)))
+    batch = dip.psnr(torch.stack([a, a]), torch.stack([a + 0.1, a + 0.01]))
     assert batch.shape == (2,) and batch.tolist() == pytest.approx([20.0, 40.0], abs=1e-6)
+    b = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))     # float32, as reconstructions are
+    assert float(dip.psnr(b, a.float())) == pytest.approx(numpy_psnr(b.numpy(), a.numpy()), abs=1e-6)
 
 
 def test_ssim_identical_and_constant_images():
     a = tiny_image()
-    assert float(analysis.ssim(a, a)) == pytest.approx(1.0, abs=1e-12)
+    assert float(dip.ssim(a, a)) == pytest.approx(1.0, abs=1e-12)
     # two constant images: variances and covariance are 0, so SSIM = (2 mu1 mu2 + C1) / (mu1^2 + mu2^2 + C1)
-    mu1, mu2, c1 = 0.3, 0.7, (0.01 * 1.0) ** 2
-    expected = (2 * mu1 * mu2 + c1) / (mu1 ** 2 + mu2 ** 2 + c1)
-    value = analysis.ssim(torch.full((3, 20, 20), mu1, dtype=torch.float64),
-                          torch.full((3, 20, 20), mu2, dtype=torch.float64))
-    assert float(value) == pytest.approx(expected, abs=1e-9)
+    # = (0.42 + 0.0001) / (0.58 + 0.0001) = 0.7242...
+    value = dip.ssim(torch.full((3, 20, 20), 0.3, dtype=torch.float64), torch.full((3, 20, 20), 0.7, dtype=torch.float64))
+    assert float(value) == pytest.approx(0.4201 / 0.5801, abs=1e-9)
 
 
 def naive_ssim(a, b):
-    """SSIM written out window by window in numpy (independent of analysis.ssim's convolutions)."""
+    """SSIM written out window by window in numpy (independent of dip.ssim's convolutions)."""
     k, sigma, c1, c2 = 11, 1.5, 0.01 ** 2, 0.03 ** 2
     r = np.arange(k) - 5
     w = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma ** 2))
     w /= w.sum()
     per_channel = []
-    for x, y in zip(a, b):
+    for x, y in zip(np.asarray(a, np.float64), np.asarray(b, np.float64)):
         values = []
         for i in range(x.shape[0] - k + 1):
             for j in range(x.shape[1] - k + 1):
@@ -386,7 +424,7 @@ def test_ssim_matches_windowwise_definition():
     g = torch.Generator().manual_seed(1)
     a = torch.rand(3, 16, 18, generator=g, dtype=torch.float64)
     b = (0.6 * a + 0.4 * torch.rand(3, 16, 18, generator=g, dtype=torch.float64)).clamp(0, 1)
-    assert float(analysis.ssim(a, b)) == pytest.approx(naive_ssim(a.numpy(), b.numpy()), abs=1e-10)
+    assert float(dip.ssim(a, b)) == pytest.approx(naive_ssim(a.numpy(), b.numpy()), abs=1e-10)
 
 
 def test_ssim_drops_with_noise():
@@ -394,11 +432,11 @@ def test_ssim_drops_with_noise():
     a = tiny_image(size=48)
     light = (a + 0.03 * torch.randn(a.shape, generator=g)).clamp(0, 1)
     heavy = (a + 0.2 * torch.randn(a.shape, generator=g)).clamp(0, 1)
-    s_light, s_heavy = float(analysis.ssim(light, a)), float(analysis.ssim(heavy, a))
+    s_light, s_heavy = float(dip.ssim(light, a)), float(dip.ssim(heavy, a))
     assert 1.0 > s_light > s_heavy > -1.0
-    assert float(analysis.psnr(light, a)) > float(analysis.psnr(heavy, a))
+    assert float(dip.psnr(light, a)) > float(dip.psnr(heavy, a))
     with pytest.raises(ValueError):
-        analysis.ssim(torch.rand(3, 8, 8), torch.rand(3, 8, 8))   # smaller than the 11x11 window
+        dip.ssim(torch.rand(3, 8, 8), torch.rand(3, 8, 8))   # smaller than the 11x11 window
 
 # -----------------------------------------------------------------------------
 # Figure 1's premise: with insert_at = k, blocks before k never see prompts
@@ -408,30 +446,39 @@ def test_ssim_drops_with_noise():
 @pytest.mark.parametrize("k", [2, 3])
 def test_blocks_before_insertion_see_no_prompts(method, k):
     prompted = tiny_model(method, insert_at=k, num_prompts=4, gate_init=0.0)
-    frozen = analysis.backbone_twin(prompted)
+    ref = timm_reference(prompted)   # the prompt-free backbone, computed by timm
     x = analysis.imagenet_normalise(torch.stack([tiny_image(0), tiny_image(1)]))
     blocks = tuple(range(1, 5))
     with torch.no_grad():
         _, ours, _ = prompted.forward_tokens(x, out_blocks=blocks)
-        _, ref, _ = frozen.forward_tokens(x, out_blocks=blocks)
     for l in blocks:
+        plain = timm_tokens(ref, x, l)
         if l < k:
-            assert ours[l].shape == ref[l].shape            # CLS + patches only
-            assert torch.equal(ours[l], ref[l])
+            assert ours[l].shape == plain.shape             # CLS + patches only
+            assert torch.allclose(ours[l], plain, atol=1e-5)
         else:
-            assert ours[l].shape[1] == ref[l].shape[1] + 4   # CLS, 4 prompts, patches
+            assert ours[l].shape[1] == plain.shape[1] + 4   # CLS, 4 prompts, patches
             cls_and_patches = torch.cat([ours[l][:, :1], ours[l][:, 5:]], dim=1)
-            assert not torch.allclose(cls_and_patches, ref[l], atol=1e-4)
+            assert not torch.allclose(cls_and_patches, plain, atol=1e-4)
 
 
 def test_backbone_tokens_is_the_prompt_free_forward():
     prompted = tiny_model("gated+temp")
-    frozen = analysis.backbone_twin(prompted)
+    ref = timm_reference(prompted)
     x = analysis.imagenet_normalise(tiny_image()[None])
     with torch.no_grad():
-        _, ref, _ = frozen.forward_tokens(x, out_blocks=(2, 4))
         for block in (2, 4):
-            assert torch.allclose(analysis.backbone_tokens(prompted, x, block), ref[block], atol=1e-6)
+            assert torch.allclose(dip.backbone_tokens(prompted, x, block), timm_tokens(ref, x, block), atol=1e-5)
+
+
+def test_backbone_twin_is_the_frozen_backbone_without_prompts():
+    prompted = tiny_model("gated+temp")
+    twin = analysis.backbone_twin(prompted)
+    assert twin.num_prompts == 0 and twin.head is None
+    x = analysis.imagenet_normalise(tiny_image()[None])
+    with torch.no_grad():
+        _, tokens, _ = twin.forward_tokens(x, out_blocks=(4,))
+    assert torch.allclose(tokens[4], timm_tokens(timm_reference(prompted), x, 4), atol=1e-5)
 
 # -----------------------------------------------------------------------------
 # Deep Image Prior (Figures 2 and 9)
@@ -443,8 +490,8 @@ def test_dip_reduces_feature_loss():
     model = tiny_model("linear")
     image = tiny_image()
     rng_before = torch.get_rng_state()
-    recon, losses = analysis.dip_reconstruct(model, image, block=2, steps=40, lr=0.01, seed=0, return_losses=True,
-                                             **SMALL_GENERATOR)
+    recon, losses = dip.dip_reconstruct(model, image, block=2, steps=40, lr=0.01, seed=0, return_losses=True,
+                                        **SMALL_GENERATOR)
     assert torch.equal(torch.get_rng_state(), rng_before)   # seeded locally
     assert recon.shape == image.shape and 0 <= recon.min() and recon.max() <= 1
     assert len(losses) == 41
@@ -455,21 +502,39 @@ def test_dip_reduces_feature_loss():
 def test_figure_dip(tmp_path):
     models = [("supervised", tiny_model("linear", seed=0)), ("MAE", tiny_model("gated", seed=1))]
     images = [tiny_image(0), tiny_image(1)]
-    paths = analysis.figure_dip(models, images, blocks=(1, 4), out_dir=tmp_path, steps=3, lr=0.01, seed=0,
-                                **SMALL_GENERATOR)
+    paths = dip.figure_dip(models, images, blocks=(1, 4), out_dir=tmp_path, steps=3, lr=0.01, seed=0,
+                           **SMALL_GENERATOR)
     assert_png(paths["png"])
     assert_png(paths["scores_png"])
     data = json.loads(open(paths["json"]).read())
     assert data["blocks"] == [1, 4] and data["num_images"] == 2
     rows = read_csv(paths["csv"])
     assert len(rows) == 2 * 2 * 2
-    # the stored numbers are those of the reconstruction (deterministic given the seed)
-    recon = analysis.dip_reconstruct(models[1][1], images[1], 4, steps=3, lr=0.01, seed=0, **SMALL_GENERATOR)
-    row = next(r for r in rows if (r["model"], r["block"], r["image"]) == ("MAE", "4", "1"))
-    assert float(row["psnr_db"]) == pytest.approx(float(analysis.psnr(recon, images[1])), abs=1e-3)
-    assert float(row["ssim"]) == pytest.approx(float(analysis.ssim(recon, images[1])), abs=1e-5)
-    per_image = data["per_image"]["MAE"]["psnr"][1]                # block 4, both images
-    assert data["summary"]["MAE"]["psnr_mean"][1] == pytest.approx(np.mean(per_image))
+    # the reconstruction is deterministic given the seed
+    again = [dip.dip_reconstruct(models[1][1], images[1], 4, steps=3, lr=0.01, seed=0, **SMALL_GENERATOR)
+             for _ in range(2)]
+    assert torch.equal(again[0], again[1])
+
+
+def test_figure_dip_stores_the_scores_of_each_reconstruction(tmp_path, monkeypatch):
+    """With a stand-in reconstruction that differs per backbone, block and image, every stored PSNR / SSIM is the
+    one numpy gives for that reconstruction against that image, and Figure 9's means are their means."""
+    models = [("supervised", tiny_model("linear", seed=0)), ("MAE", tiny_model("gated", seed=1))]
+    images = [tiny_image(0), tiny_image(1)]
+
+    def stand_in(model, image, block, **_):
+        return (0.5 * image + 0.05 * block + (0.1 if model is models[1][1] else 0.0)).clamp(0, 1)
+    monkeypatch.setattr(dip, "dip_reconstruct", stand_in)
+    paths = dip.figure_dip(models, images, blocks=(1, 4), out_dir=tmp_path, steps=3, **SMALL_GENERATOR)
+    rows = {(r["model"], int(r["block"]), int(r["image"])): r for r in read_csv(paths["csv"])}
+    expected = {(label, b, i): numpy_psnr(stand_in(model, images[i], b).numpy(), images[i].numpy())
+                for label, model in models for b in (1, 4) for i in (0, 1)}
+    assert {key: float(r["psnr_db"]) for key, r in rows.items()} == pytest.approx(expected, abs=1e-3)
+    for label, model in models:   # SSIM of one image per backbone against the window-by-window numpy definition
+        recon = stand_in(model, images[1], 4).numpy()
+        assert float(rows[(label, 4, 1)]["ssim"]) == pytest.approx(naive_ssim(recon, images[1].numpy()), abs=1e-5)
+    summary = json.loads(open(paths["json"]).read())["summary"]
+    assert summary["MAE"]["psnr_mean"][1] == pytest.approx(np.mean([expected[("MAE", 4, i)] for i in (0, 1)]))
 
 
 # -----------------------------------------------------------------------------
@@ -478,13 +543,15 @@ def test_figure_dip(tmp_path):
 TINY_ARCH = dict(embed_dim=32, depth=4, num_heads=2, patch_size=8)   # img_size is its own config key
 
 
-def save_tiny_run(tmp_path, method, backbone_state, seed, **config_overrides):
-    """A tiny trained-looking run: run JSON (FILE-FORMAT FIXTURE) + <name>.prompts.pt beside it."""
+def save_tiny_run(tmp_path, method, backbone_state, seed, pos_embed_interpolation=None, **overrides):
+    """A tiny trained-looking run: run JSON (FILE-FORMAT FIXTURE: the config recipes.resolve gives for a tiny CUB
+    run, plus pos_embed_interpolation when given) + <name>.prompts.pt beside it."""
     model = tiny_model(method, seed=seed, gate_init=1.0)
     model.load_state_dict(backbone_state, strict=False)
-    config = {"task": "cub", "ssl": "mae", "method": method, "arch": "vit_base", "arch_overrides": TINY_ARCH,
-              "img_size": 32, "num_prompts": 3, "gate_init": 1.0, "insert_at": 1, "prompt_dropout": 0.1,
-              "lr": 0.1, "seed": 42, **config_overrides}
+    config = recipes.resolve("cub", "mae", method, **{"arch_overrides": TINY_ARCH, "img_size": 32, "num_prompts": 3,
+                                                      "gate_init": 1.0, "lr": 0.1, **overrides})
+    if pos_embed_interpolation:
+        config["pos_embed_interpolation"] = pos_embed_interpolation
     path = tmp_path / f"{method}.json"
     path.write_text(json.dumps({"config": config, "protocol": "final", "final": {"test_acc": 1.0}}))
     torch.save(model.prompt_state_dict(), tmp_path / f"{method}.prompts.pt")
@@ -536,18 +603,31 @@ def tiny_checkpoint(tmp_path, seed=7):
     return checkpoint, backbone
 
 
+def resized_grid(pos_embed, size, mode):
+    """The stored 4x4 position grid resized to size x size by torch's interpolate (CLS position kept)."""
+    grid = pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(size, size), mode=mode, align_corners=False)
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, size * size, -1)], dim=1)
+
+
 def test_model_from_run_is_the_model_its_config_builds(tmp_path):
-    """The figure's model is recipes.model_from_config of the stored config: here a 48-pixel input whose 4x4 stored
-    position grid is resized bilinearly (the config's pos_embed_interpolation), as training resized it."""
+    """The figure's model is the one its stored config describes: here a 48-pixel input whose 4x4 stored position
+    grid is resized bilinearly (the config's pos_embed_interpolation), as training resized it."""
     checkpoint, backbone = tiny_checkpoint(tmp_path)
     run_path, trained = save_tiny_run(tmp_path, "gated+temp", backbone.backbone_state_dict(), seed=3, img_size=48,
                                       pos_embed_interpolation="bilinear")
     rebuilt, run = analysis.model_from_run(run_path, checkpoint)
-    expected = recipes.model_from_config(run["config"], 5, checkpoint, verbose=False)
+    c = rebuilt.cfg
+    assert (c.embed_dim, c.depth, c.num_heads, c.patch_size, c.img_size, c.pool, c.pos_embed_interpolation) == (
+        32, 4, 2, 8, 48, "mean", "bilinear")
+    assert (rebuilt.num_prompts, rebuilt.head.out_features, rebuilt.pcfg.gate_init) == (3, 5, 1.0)
+    stored = backbone.pos_embed.detach()
+    assert torch.allclose(rebuilt.pos_embed, resized_grid(stored, 6, "bilinear"), atol=1e-6)
+    assert not torch.allclose(rebuilt.pos_embed, resized_grid(stored, 6, "bicubic"), atol=1e-4)
+    # the same model written out with gated_prompt: the file's backbone and the run's trained prompts
+    expected = gp.VisionTransformer(c, gp.prompt_config("gated+temp", num_classes=5, num_prompts=3, gate_init=1.0))
+    gp.load_backbone(expected, torch.load(checkpoint, weights_only=True))
     expected.load_prompt_state_dict(trained.prompt_state_dict())
-    assert rebuilt.cfg == expected.cfg and rebuilt.cfg.pos_embed_interpolation == "bilinear"
-    bicubic = gp.resize_pos_embed(backbone.pos_embed.detach(), (6, 6), "bicubic")
-    assert torch.equal(rebuilt.pos_embed, expected.pos_embed) and not torch.allclose(rebuilt.pos_embed, bicubic)
     x = analysis.imagenet_normalise(tiny_image(size=48)[None])
     with torch.no_grad():
         assert torch.equal(rebuilt(x), expected.eval()(x))
@@ -565,14 +645,21 @@ def test_model_from_run_refuses_prompts_of_another_model(tmp_path):
         analysis.model_from_run(gated_path, checkpoint)         # a gated+temp file for a gated run
 
 
-def test_backbone_from_file_is_the_linear_model_of_the_file(tmp_path):
+def test_backbone_from_file_is_the_linear_model_of_the_file(tmp_path, monkeypatch):
     checkpoint, backbone = tiny_checkpoint(tmp_path)
+    configs = []
+    build = recipes.model_from_config
+    monkeypatch.setattr(recipes, "model_from_config", lambda cfg, *a, **k: configs.append(cfg) or build(cfg, *a, **k))
     model = analysis.backbone_from_file(checkpoint, img_size=32, ssl="mocov3", **TINY_ARCH)
-    cfg = {"arch": "vit_base", "ssl": "mocov3", "method": "linear", "img_size": 32, "arch_overrides": TINY_ARCH,
-           "num_prompts": 0, "gate_init": 0.0, "insert_at": 1, "prompt_dropout": 0.0}
-    expected = recipes.model_from_config(cfg, 0, checkpoint, verbose=False)
-    assert model.cfg == expected.cfg and model.cfg.pool == "cls" and model.head is None and model.num_prompts == 0
+    c = model.cfg
+    assert (c.embed_dim, c.depth, c.num_heads, c.patch_size, c.img_size, c.pool) == (32, 4, 2, 8, 32, "cls")
+    assert model.head is None and model.num_prompts == 0
+    # a whole run config (the keys of any resolved classification run + the small model's arch_overrides), for a
+    # linear probe without prompts
+    (cfg,) = configs
+    assert set(cfg) == set(recipes.resolve("dtd", "mae", "gated")) | {"arch_overrides"}
+    assert (cfg["method"], cfg["ssl"], cfg["num_prompts"], cfg["arch_overrides"]) == ("linear", "mocov3", 0, TINY_ARCH)
     x = analysis.imagenet_normalise(tiny_image()[None])
     with torch.no_grad():
         for block in (1, 4):
-            assert torch.equal(analysis.backbone_tokens(model, x, block), analysis.backbone_tokens(backbone, x, block))
+            assert torch.equal(dip.backbone_tokens(model, x, block), dip.backbone_tokens(backbone, x, block))

@@ -20,12 +20,24 @@ METHOD = {"VPT-SHALLOW": "vpt-shallow", "VPT-DEEP": "vpt-deep", "OURS": "gated+t
 FGVC = ["cub", "flowers", "cars", "dogs", "nabirds", "mean"]
 
 
+def paper_lines(paper_dir):
+    """The lines of the paper's text in paper_dir; skips, saying what is missing and where it goes, without it."""
+    files = sorted(Path(paper_dir).glob("*.txt"))
+    if not files:
+        pytest.skip(f"paper_hparams.yaml is NOT checked against the paper: no paper text (*.txt) in {paper_dir}. "
+                    "Put the project's plain-text copy of the paper there (CI checks it out as ../shared/paper "
+                    "beside the repository) to run these tests")
+    return files[0].read_text(errors="replace").splitlines()
+
+
 @pytest.fixture(scope="module")
 def lines():
-    files = sorted(PAPER_DIR.glob("*.txt"))
-    if not files:
-        pytest.skip(f"the paper's text is not at {PAPER_DIR}")
-    return files[0].read_text(errors="replace").splitlines()
+    return paper_lines(PAPER_DIR)
+
+
+def test_the_skip_says_what_is_missing_and_where_it_goes(tmp_path):
+    with pytest.raises(pytest.skip.Exception, match=rf"NOT checked against the paper.*\*\.txt.*{tmp_path}.*shared/paper"):
+        paper_lines(tmp_path)
 
 
 def numbers(text):
