@@ -799,6 +799,10 @@ def load_backbone(model, checkpoint, trust_pickle=False, name=None):
                             ("unexpected backbone keys", unknown)):
             if keys:
                 lines.append(f"  {label} ({len(keys)}): " + _summarise(keys))
+        registers = count_registers(raw, name)
+        if registers != model.cfg.num_reg_tokens:
+            lines.append(f"  the file has {registers} register tokens, the model {model.cfg.num_reg_tokens}: "
+                         f"build_model(..., checkpoint=...) reads the count, or set num_reg_tokens={registers}")
         if any(k.startswith("norm.") for k in missing) and any(k.startswith(prefix + "fc_norm.") for k in raw):
             lines.append("  the file has fc_norm.* and no norm.*: a classifier fine-tuned with global pooling "
                          "(timm / MAE global_pool), whose final norm is fc_norm after the pooling; load the "
