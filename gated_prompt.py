@@ -10,10 +10,15 @@ VPT-deep (Eq. 5). Depends on torch and numpy only; copy it into your project.
     model = gp.build_model("vit_base", ssl="mae", method="gated+temp", num_classes=200,
                            num_prompts=100, gate_init=5.0,
                            checkpoint="mae_pretrain_vit_base.pth")  # any format in load_backbone
-    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9)
-    logits = model(images)                   # images: [B, 3, 224, 224], ImageNet-normalised
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9)  # lr: Table 5's, per task
+    loss = F.cross_entropy(model(images), labels)   # images: [B, 3, 224, 224], ImageNet-normalised
+    opt.zero_grad(); loss.backward(); opt.step()
+    gp.project_temperatures(model)           # Eq. 9's tau back into [0.01, 10] after every step
     model.selection_ratio()                  # Eq. 10-11, one value per gated block
     model.attention_maps(images, blocks=(3, 7, 12))   # Figure 5
+
+ssl="dino" / "dinov2" / "supervised" (DeiT) read those backbones; ViT-S has 6 heads except with
+ssl="mocov3" (12, as MoCo v3's).
 
 Blocks are numbered 1..L as in the paper; Python lists are indexed 0..L-1.
 """
@@ -82,7 +87,8 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     norm_eps: float = 1e-6
-    pool: str = "cls"            # "cls": norm then CLS (MoCo v3); "mean": mean of non-CLS tokens then norm (MAE)
+    pool: str = "cls"            # "cls": norm then CLS (MoCo v3, DINO, DINOv2, DeiT); "mean": mean of non-CLS
+    #                              tokens then norm (MAE)
     fused_attention: bool = True  # SDPA kernels; False = explicit softmax (the official code's numerics)
     # resizing the stored position grid: "bicubic" (the official MAE / MoCo v3 / DINO code), "bicubic-antialias"
     # (timm >= 0.9, DINOv2's default), "bilinear" (mmseg's SETR configs)
@@ -133,7 +139,8 @@ def vit_config(arch="vit_base", ssl="mae", **overrides):
     _check_choice("ssl", ssl, tuple(SSL))
     patch_size, embed_dim, depth, num_heads = ARCHS[arch]
     fields = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
-    fields.update(SSL[ssl], **ARCH_FOR_SSL.get((arch, ssl), {}), **overrides)
+    for layer in (SSL[ssl], ARCH_FOR_SSL.get((arch, ssl), {}), overrides):
+        fields.update(layer)
     return ViTConfig(**fields)
 
 
