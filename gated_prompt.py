@@ -22,6 +22,7 @@ ssl="mocov3" (12, as MoCo v3's).
 
 Blocks are numbered 1..L as in the paper; Python lists are indexed 0..L-1.
 """
+import contextlib
 import math
 import os
 import pickle
@@ -361,7 +362,7 @@ class VisionTransformer(nn.Module):
         return self.gates()
 
     def _check_blocks(self, blocks, what):
-        bad = [b for b in blocks if not (isinstance(b, int) and 1 <= b <= len(self.blocks))]
+        bad = [b for b in blocks if b not in range(1, len(self.blocks) + 1)]
         if bad:
             raise ValueError(f"{what}={tuple(blocks)}: blocks are numbered 1..{len(self.blocks)}, got {bad}")
 
@@ -629,7 +630,10 @@ def _safe_globals():
     """What real checkpoints pickle besides tensors and containers, allowed without running code: the training
     arguments (argparse.Namespace in MAE / DINO / DeiT training files) and numpy scalars (e.g. a stored metric)."""
     import argparse
-    scalar = np.core.multiarray.scalar if not hasattr(np, "_core") else np._core.multiarray.scalar
+    try:
+        from numpy._core.multiarray import scalar   # numpy >= 2
+    except ImportError:
+        from numpy.core.multiarray import scalar
     dtypes = [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")]
     return [argparse.Namespace, np.dtype, scalar, (scalar, "numpy.core.multiarray.scalar"),
             (scalar, "numpy._core.multiarray.scalar"), *dtypes]
@@ -660,8 +664,9 @@ def read_checkpoint(path, trust_pickle=False):
                 raw, fmt = {k: npz[k] for k in npz.files}, "npz"
         elif trust_pickle:
             raw, fmt = torch.load(path, map_location="cpu", weights_only=False), None
-        else:
-            with torch.serialization.safe_globals(_safe_globals()):
+        else:   # torch < 2.5 has no safe_globals: extras then fail with a CheckpointError naming them
+            allow = getattr(torch.serialization, "safe_globals", lambda _: contextlib.nullcontext())
+            with allow(_safe_globals()):
                 raw, fmt = torch.load(path, map_location="cpu", weights_only=True), None
     except pickle.UnpicklingError as e:
         if "GLOBAL" not in str(e):
