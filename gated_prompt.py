@@ -10,16 +10,23 @@ VPT-deep (Eq. 5). Depends on torch and numpy only; copy it into your project.
     model = gp.build_model("vit_base", ssl="mae", method="gated+temp", num_classes=200,
                            num_prompts=100, gate_init=5.0,
                            checkpoint="mae_pretrain_vit_base.pth")  # any format in load_backbone
-    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9)
-    logits = model(images)                   # images: [B, 3, 224, 224], ImageNet-normalised
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9)  # lr: Table 5's, per task
+    loss = F.cross_entropy(model(images), labels)   # images: [B, 3, 224, 224], ImageNet-normalised
+    opt.zero_grad(); loss.backward(); opt.step()
+    gp.project_temperatures(model)           # Eq. 9's tau back into [0.01, 10] after every step
     model.selection_ratio()                  # Eq. 10-11, one value per gated block
     model.attention_maps(images, blocks=(3, 7, 12))   # Figure 5
 
+ssl="dino" / "dinov2" / "supervised" (DeiT) read those backbones; ViT-S has 6 heads except with
+ssl="mocov3" (12, as MoCo v3's).
+
 Blocks are numbered 1..L as in the paper; Python lists are indexed 0..L-1.
 """
+import contextlib
 import math
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, replace
 
@@ -28,16 +35,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+__all__ = ["ARCHS", "SSL", "SSL_POOLING", "METHODS", "TEMPERATURE_RANGE", "ViTConfig", "PromptConfig", "vit_config",
+           "prompt_config", "VisionTransformer", "build_model", "project_temperatures", "resize_pos_embed",
+           "aggregation_weights", "selection_ratio", "hard_gates", "classification_head", "load_exactly",
+           "load_backbone", "read_checkpoint", "detect_format", "convert_state_dict", "count_registers",
+           "NAME_TABLES", "CheckpointError"]
+
 # -----------------------------------------------------------------------------
 # Configuration
 
-ARCHS = {  # name: (patch_size, embed_dim, depth, num_heads)
-    "vit_small": (16, 384, 12, 12),   # the MoCo v3 ViT-S/16 (12 heads; timm's has 6)
+ARCHS = {  # name: (patch_size, embed_dim, depth, num_heads): the timm / DINO / DeiT sizes
+    "vit_small": (16, 384, 12, 6),
     "vit_base": (16, 768, 12, 12),
     "vit_large": (16, 1024, 24, 16),
     "vit_huge": (14, 1280, 32, 16),
 }
-SSL_POOLING = {"mae": "mean", "mocov3": "cls", "supervised": "cls"}
+SSL = {  # name: the ViTConfig fields a pretraining fixes, on top of ARCHS
+    "mae": dict(pool="mean"),
+    "mocov3": dict(pool="cls"),
+    "supervised": dict(pool="cls"),   # DeiT, Google ViT
+    "dino": dict(pool="cls"),         # DINO v1: CLS after the final norm
+    "dinov2": dict(pool="cls", patch_size=14, layer_scale=True, pos_grid=37,  # position table for 518 px
+                   pos_embed_interpolation="bicubic-antialias"),              # resized like timm
+}
+ARCH_FOR_SSL = {("vit_small", "mocov3"): dict(num_heads=12)}  # the MoCo v3 ViT-S has 12 heads, not 6
+REFUSED_ARCHS = {"vit_giant": "ViT-g/14 (DINOv2's SwiGLU MLP) is not supported",
+                 "vit_g": "ViT-g/14 (DINOv2's SwiGLU MLP) is not supported"}
+SSL_POOLING = {name: fields["pool"] for name, fields in SSL.items()}
 METHODS = {  # name: (prompt, gates, learn_temperature)
     "linear": ("none", "none", False),
     "vpt-shallow": ("shallow", "none", False),
@@ -64,16 +88,25 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     norm_eps: float = 1e-6
-    pool: str = "cls"            # "cls": norm then CLS (MoCo v3); "mean": mean of non-CLS tokens then norm (MAE)
+    pool: str = "cls"            # "cls": norm then CLS (MoCo v3, DINO, DINOv2, DeiT); "mean": mean of non-CLS
+    #                              tokens then norm (MAE)
     fused_attention: bool = True  # SDPA kernels; False = explicit softmax (the official code's numerics)
-    pos_embed_interpolation: str = "bicubic"  # resizing the stored position grid: timm's bicubic; SETR uses bilinear
+    # resizing the stored position grid: "bicubic" (the official MAE / MoCo v3 / DINO code), "bicubic-antialias"
+    # (timm >= 0.9, DINOv2's default), "bilinear" (mmseg's SETR configs)
+    pos_embed_interpolation: str = "bicubic"
+    layer_scale: bool = False    # DINOv2: x + gamma * f(x) in both residual branches (ls1.gamma, ls2.gamma)
+    num_reg_tokens: int = 0      # DINOv2 registers (build_model reads the count from the checkpoint)
+    pos_grid: int = 0            # side of the stored position grid; 0: img_size // patch_size
 
     def __post_init__(self):
         _check_choice("pool", self.pool, ("cls", "mean"))
-        _check_choice("pos_embed_interpolation", self.pos_embed_interpolation, ("bicubic", "bilinear"))
+        _check_choice("pos_embed_interpolation", self.pos_embed_interpolation,
+                      ("bicubic", "bicubic-antialias", "bilinear"))
         if self.embed_dim % self.num_heads or self.img_size % self.patch_size:
             raise ValueError(f"embed_dim {self.embed_dim} must divide by num_heads {self.num_heads} and img_size "
                              f"{self.img_size} by patch_size {self.patch_size}")
+        if self.num_reg_tokens and self.pool == "mean":
+            raise ValueError("pool='mean' averages every token but CLS; with register tokens use pool='cls'")
 
 
 @dataclass
@@ -100,12 +133,16 @@ class PromptConfig:
 
 
 def vit_config(arch="vit_base", ssl="mae", **overrides):
+    """ARCHS[arch], then what the pretraining `ssl` fixes (SSL, ARCH_FOR_SSL), then `overrides`."""
+    if arch in REFUSED_ARCHS:
+        raise ValueError(f"arch={arch!r}: {REFUSED_ARCHS[arch]}")
     _check_choice("arch", arch, tuple(ARCHS))
-    _check_choice("ssl", ssl, tuple(SSL_POOLING))
+    _check_choice("ssl", ssl, tuple(SSL))
     patch_size, embed_dim, depth, num_heads = ARCHS[arch]
-    cfg = ViTConfig(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                    pool=SSL_POOLING[ssl])
-    return replace(cfg, **overrides)
+    fields = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    for layer in (SSL[ssl], ARCH_FOR_SSL.get((arch, ssl), {}), overrides):
+        fields.update(layer)
+    return ViTConfig(**fields)
 
 
 def prompt_config(method="gated+temp", **overrides):
@@ -138,12 +175,20 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, T, C)), (attn if return_attn else None)
 
 
+def at_least_fp32(x):
+    """bf16 / fp16 -> fp32; fp32 and fp64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class LayerNorm(nn.LayerNorm):
-    """Statistics in fp32, output in the input's dtype: under bf16 autocast the residual stream stays bf16
-    (plain nn.LayerNorm under CUDA autocast returns fp32, which would promote every later add)."""
+    """Statistics in at least fp32 (fp64 stays fp64), output in the input's dtype: under bf16 autocast the
+    residual stream stays bf16 (plain nn.LayerNorm under CUDA autocast returns fp32, which would promote every
+    later add)."""
 
     def forward(self, x):
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+        h = at_least_fp32(x)
+        w, b = (None if t is None else t.to(h.dtype) for t in (self.weight, self.bias))
+        return F.layer_norm(h, self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 class Mlp(nn.Module):
@@ -155,18 +200,31 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class LayerScale(nn.Module):
+    """DINOv2's per-channel residual scale (timm and the official code name it `gamma`)."""
+
+    def __init__(self, dim, init=1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.norm1 = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias, cfg.fused_attention)
+        self.ls1 = LayerScale(cfg.embed_dim) if cfg.layer_scale else nn.Identity()
         self.norm2 = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
+        self.ls2 = LayerScale(cfg.embed_dim) if cfg.layer_scale else nn.Identity()
 
     def forward(self, x, temperature=None, return_attn=False):
         a, attn = self.attn(self.norm1(x), temperature, return_attn)
-        x = x + a
-        return x + self.mlp(self.norm2(x)), attn
+        x = x + self.ls1(a)
+        return x + self.ls2(self.mlp(self.norm2(x))), attn
 
 
 class PatchEmbed(nn.Module):
@@ -179,8 +237,8 @@ class PatchEmbed(nn.Module):
 
 
 def resize_pos_embed(pos_embed, new_grid, mode="bicubic"):
-    """[1, 1+h*w, D] -> [1, 1+H*W, D] on the patch grid, CLS kept. timm resizes bicubically; mmseg's SETR
-    configs use bilinear (ViTConfig.pos_embed_interpolation)."""
+    """[1, 1+h*w, D] -> [1, 1+H*W, D] on the patch grid, CLS kept. mode: "bicubic" (the official MAE / MoCo v3 /
+    DINO code), "bicubic-antialias" (timm >= 0.9's resample_abs_pos_embed), "bilinear" (mmseg's SETR)."""
     cls_pos, grid_pos = pos_embed[:, :1], pos_embed[:, 1:]
     old = int(math.isqrt(grid_pos.shape[1]))
     if old * old != grid_pos.shape[1]:
@@ -188,25 +246,32 @@ def resize_pos_embed(pos_embed, new_grid, mode="bicubic"):
     if (old, old) == tuple(new_grid):
         return pos_embed
     g = grid_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    g = F.interpolate(g, size=tuple(new_grid), mode=mode, align_corners=False)
+    g = F.interpolate(g, size=tuple(new_grid), mode=mode.split("-")[0], align_corners=False,
+                      antialias=mode.endswith("-antialias"))
     g = g.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(pos_embed.dtype)
     return torch.cat([cls_pos, g], dim=1)
 
 
 class VisionTransformer(nn.Module):
-    """A frozen ViT plus the prompt-side parameters: prompts, gate logits, temperatures, head."""
+    """A frozen ViT plus the prompt-side parameters: prompts, gate logits, temperatures, head.
+
+    The token sequence is [CLS, registers, patches] before prompts and [CLS, prompts, registers, patches] after:
+    prompts go right after CLS (VPT), also on DINOv2 backbones with register tokens. Neither prompts nor
+    registers carry a position and attention does not see order, so this is the same model as [CLS, registers,
+    prompts, patches]; this order keeps the prompts at positions 1..P for every backbone."""
 
     def __init__(self, cfg: ViTConfig, pcfg: PromptConfig = None):
         super().__init__()
         pcfg = pcfg or PromptConfig(prompt="none", gates="none", learn_temperature=False)
         self.cfg, self.pcfg = cfg, pcfg
-        D, L, grid = cfg.embed_dim, cfg.depth, cfg.img_size // cfg.patch_size
+        D, L, grid = cfg.embed_dim, cfg.depth, cfg.pos_grid or cfg.img_size // cfg.patch_size
         if not 1 <= pcfg.insert_at <= L:
             raise ValueError(f"insert_at must be in 1..{L}, got {pcfg.insert_at}")
         # backbone (frozen)
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, D))
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.num_reg_tokens, D)) if cfg.num_reg_tokens else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, D))  # CLS + grid; registers get none
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(L)])
         self.norm = LayerNorm(D, eps=cfg.norm_eps)
         self._init_backbone()
@@ -223,19 +288,21 @@ class VisionTransformer(nn.Module):
         if pcfg.learn_temperature:  # tau_1 .. tau_L
             self.temperatures = nn.Parameter(torch.ones(L))
         self.prompt_dropout = nn.Dropout(pcfg.prompt_dropout)
-        self.head = classification_head(D, pcfg.num_classes) if pcfg.num_classes else None
+        self.head = classification_head(D, pcfg.num_classes) if pcfg.num_classes else nn.Identity()  # 0: features
         self.freeze_backbone()
 
     def _init_backbone(self):  # only matters without a checkpoint
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
     # --- what trains ---------------------------------------------------------
-    BACKBONE = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")
+    BACKBONE = ("patch_embed", "cls_token", "reg_token", "pos_embed", "blocks", "norm")
 
     def freeze_backbone(self):
         for name, p in self.named_parameters():
@@ -254,8 +321,8 @@ class VisionTransformer(nn.Module):
 
     def load_prompt_state_dict(self, state):
         """Load what prompt_state_dict saved (e.g. trained prompts onto a freshly loaded backbone); every key
-        must be there with its shape."""
-        return load_exactly(self, self.prompt_state_dict(), state)
+        must be there with its shape. Temperatures are projected into TEMPERATURE_RANGE."""
+        return load_exactly(self, self.prompt_state_dict(), state).project_temperatures()
 
     def store_frozen_weights(self, dtype):
         """Keep the frozen Linear and patch-embedding weights and biases in `dtype` (bf16 under bf16 autocast:
@@ -275,34 +342,56 @@ class VisionTransformer(nn.Module):
     def gates(self):
         """g_1 .. g_{L-1} (Eq. 6); hard gates sample Gumbel-sigmoid while training."""
         if self.pcfg.gates == "hard":
-            return hard_gates(self.gate_logits.float(), sample=self.training)
-        return torch.sigmoid(self.gate_logits.float())
+            return hard_gates(at_least_fp32(self.gate_logits), sample=self.training)
+        return torch.sigmoid(at_least_fp32(self.gate_logits))
 
     @torch.no_grad()
     def aggregation_weights(self):
-        return aggregation_weights(self.gates(), self.pcfg.insert_at)
+        return aggregation_weights(self._gates_or_error("aggregation_weights"), self.pcfg.insert_at)
 
     @torch.no_grad()
     def selection_ratio(self):
-        return selection_ratio(self.gates(), self.pcfg.insert_at)
+        return selection_ratio(self._gates_or_error("selection_ratio"), self.pcfg.insert_at)
+
+    def _gates_or_error(self, what):
+        if self.gate_logits is None:
+            method = next((name for name, spec in METHODS.items() if spec == (
+                self.pcfg.prompt, self.pcfg.gates, self.pcfg.learn_temperature)), "of this model")
+            gated = ", ".join(name for name, spec in METHODS.items() if spec[1] != "none")
+            raise ValueError(f"{what}(): method {method!r} has no gates (the gated methods: {gated})")
+        return self.gates()
+
+    def _check_blocks(self, blocks, what):
+        bad = [b for b in blocks if b not in range(1, len(self.blocks) + 1)]
+        if bad:
+            raise ValueError(f"{what}={tuple(blocks)}: blocks are numbered 1..{len(self.blocks)}, got {bad}")
 
     @torch.no_grad()
     def project_temperatures(self):
-        """Keep each tau in [0.01, 10] by projecting the stored value (the official code does this before
-        every forward); a clamp inside the graph would zero the gradient of a tau outside the range."""
+        """Projected SGD for Eq. 9: clamp each stored tau into TEMPERATURE_RANGE. Call it after every
+        optimizer.step() (project_temperatures(model) does it for every ViT inside a wrapper). The official code
+        clamps the stored value before every forward: the same iterates, while the forward itself stays pure
+        (two forwards before one backward work). A clamp inside the graph would zero a tau's gradient outside
+        the range."""
         if self.temperatures is not None:
             self.temperatures.clamp_(*TEMPERATURE_RANGE)
+        return self
 
     # --- forward ---------------------------------------------------------------
     def embed(self, x):
-        """Eq. 1: patch tokens + positions, CLS first, in the patch embedding's dtype (bf16 under autocast).
-        Resizes the position grid for other image sizes."""
-        grid = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)
-        pos = resize_pos_embed(self.pos_embed, grid, self.cfg.pos_embed_interpolation)
+        """Eq. 1: patch tokens + positions, CLS first (then the registers, which get no position), in the patch
+        embedding's dtype (bf16 under autocast). Resizes the position grid for other image sizes."""
+        H, W, p = x.shape[-2], x.shape[-1], self.cfg.patch_size
+        if H % p or W % p or H < p or W < p:
+            raise ValueError(f"images of {H}x{W} px: height and width must be positive multiples of the patch "
+                             f"size {p}")
+        pos = resize_pos_embed(self.pos_embed, (H // p, W // p), self.cfg.pos_embed_interpolation)
         x = self.patch_embed(x)
         x = x + pos[:, 1:].to(x.dtype)
-        cls = (self.cls_token + pos[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
-        return torch.cat([cls, x], dim=1)
+        prefix = [(self.cls_token + pos[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)]
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.to(x.dtype).expand(x.shape[0], -1, -1))
+        return torch.cat([*prefix, x], dim=1)
 
     def batch_prompts(self, prompts, batch, dtype):
         """[P, D] -> [B, P, D], then dropout: every image draws its own mask (the official code expands the
@@ -311,8 +400,9 @@ class VisionTransformer(nn.Module):
 
     def forward_tokens(self, x, out_blocks=(), attn_blocks=()):
         """Run the blocks; returns (tokens after block L, {block: tokens}, {block: attention [B,H,T,T]}).
-        The sequence is [CLS, prompts, patches] once prompts are inserted."""
-        self.project_temperatures()
+        The sequence is [CLS, prompts, patches] once prompts are inserted. Changes no parameter or buffer."""
+        self._check_blocks(out_blocks, "out_blocks")
+        self._check_blocks(attn_blocks, "blocks")
         x = self.embed(x)
         B, P, L = x.shape[0], self.num_prompts, len(self.blocks)
         gates = self.gates() if self.gate_logits is not None else None
@@ -329,7 +419,7 @@ class VisionTransformer(nn.Module):
             x, attn = blk(x, tau, return_attn=l in attn_blocks)
             if gates is not None and self.pcfg.insert_at <= l < L:  # Eq. 7, blocks 1..L-1, mixed in fp32
                 g = gates[i]
-                gated = g * x[:, 1:1 + P].float() + (1 - g) * prompts_in.float()
+                gated = g * at_least_fp32(x[:, 1:1 + P]) + (1 - g) * at_least_fp32(prompts_in)
                 x = torch.cat([x[:, :1], gated.to(x.dtype), x[:, 1 + P:]], dim=1)
             if l in out_blocks:
                 outs[l] = x
@@ -350,7 +440,8 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def attention_maps(self, x, blocks=(3, 7, 12)):
-        """{block: [B, heads, T, T]} softmax attention (T = 1 + prompts + patches), for Figure 5."""
+        """{block: [B, heads, T, T]} softmax attention (T = 1 + prompts + registers + patches), for Figure 5;
+        blocks are numbered 1..L."""
         return self.forward_tokens(x, attn_blocks=tuple(blocks))[2]
 
 
@@ -399,19 +490,37 @@ def aggregation_weights(gates, insert_at=1):
 
 
 def selection_ratio(gates, insert_at=1):
-    """Eq. 11: r_l = g~_l / sum_m g~_m, blocks 1..L-1."""
+    """Eq. 11: r_l = g~_l / sum_m g~_m, blocks 1..L-1. When no block contributes (every gate closed, as hard
+    gates are at init, or insert_at = L so that no block is gated), the prompts reach block L unchanged and every
+    r_l is 0 (instead of 0/0)."""
     _, g_tilde = aggregation_weights(gates, insert_at)
-    return (g_tilde / g_tilde.sum()).float()
+    total = g_tilde.sum()
+    return (g_tilde / total if total > 0 else torch.zeros_like(g_tilde)).float()
+
+
+def project_temperatures(model):
+    """Clamp the temperatures of every VisionTransformer inside `model` (a wrapper, DDP, a compiled module) into
+    TEMPERATURE_RANGE: call it right after each optimizer.step() (projected SGD, as the official code)."""
+    for module in model.modules():
+        if isinstance(module, VisionTransformer):
+            module.project_temperatures()
+    return model
 
 
 def build_model(arch="vit_base", ssl="mae", method="gated+temp", num_classes=1000, checkpoint=None,
-                img_size=224, vit_overrides=None, verbose=True, **prompt_overrides):
-    """One call: architecture + SSL pooling + method (+ checkpoint), backbone frozen. vit_overrides: other
-    ViTConfig fields (e.g. pos_embed_interpolation, or a small width for tests)."""
-    model = VisionTransformer(vit_config(arch, ssl, img_size=img_size, **(vit_overrides or {})),
-                              prompt_config(method, num_classes=num_classes, **prompt_overrides))
+                img_size=224, vit_overrides=None, verbose=False, trust_pickle=False, **prompt_overrides):
+    """One call: architecture + what the pretraining fixes (pooling, patch, LayerScale) + method (+ checkpoint,
+    whose register-token count it reads), backbone frozen. vit_overrides: other ViTConfig fields (e.g.
+    pos_embed_interpolation, or a small width for tests). trust_pickle: see read_checkpoint."""
+    vit = dict(vit_overrides or {})
+    raw, name = None, None
     if checkpoint is not None:
-        report = load_backbone(model, checkpoint)
+        raw, name = open_checkpoint(checkpoint, trust_pickle)
+        vit.setdefault("num_reg_tokens", count_registers(raw, name))
+    model = VisionTransformer(vit_config(arch, ssl, img_size=img_size, **vit),
+                              prompt_config(method, num_classes=num_classes, **prompt_overrides))
+    if raw is not None:
+        report = load_backbone(model, raw, name=name)
         if verbose:
             print(report)
     return model
@@ -437,8 +546,15 @@ def _hf_table(layer, q, k, v, attn_out, fc1, fc2, norm1, norm2):
 
 
 _NPZ_BLOCK, QKV = "Transformer/encoderblock_{i}", ("query", "key", "value")
-NAME_TABLES = {
-    "timm": None,  # our names are timm's: MAE .pth, MoCo v3 .pth.tar (after the prefix), timm state dicts
+NAME_TABLES = {  # a name a table does not list is read unchanged
+    "timm": {},  # our names are timm's: MAE .pth, MoCo v3 .pth.tar and DINO files (after the prefix), DeiT, timm
+    "dinov2": {"reg_token": "register_tokens"},  # the official DINOv2 hub files (their mask_token is dropped)
+    "hf-dinov2": {**_hf_table("encoder.layer.{i}", "attention.attention.query", "attention.attention.key",
+                              "attention.attention.value", "attention.output.dense", "mlp.fc1", "mlp.fc2",
+                              "norm1", "norm2"),
+                  "blocks.{i}.ls1.gamma": "encoder.layer.{i}.layer_scale1.lambda1",
+                  "blocks.{i}.ls2.gamma": "encoder.layer.{i}.layer_scale2.lambda1",
+                  "reg_token": "embeddings.register_tokens"},   # Dinov2Model, Dinov2WithRegistersModel
     "hf": _hf_table("encoder.layer.{i}", "attention.attention.query", "attention.attention.key",
                     "attention.attention.value", "attention.output.dense", "intermediate.dense",
                     "output.dense", "layernorm_before", "layernorm_after"),
@@ -510,8 +626,24 @@ def _read_safetensors(path):
     return out
 
 
-def read_checkpoint(path):
-    """Open a .pth / .pth.tar / .bin torch file, a .safetensors or a Google .npz; returns (raw dict, "npz" or None)."""
+def _safe_globals():
+    """What real checkpoints pickle besides tensors and containers, allowed without running code: the training
+    arguments (argparse.Namespace in MAE / DINO / DeiT training files) and numpy scalars (e.g. a stored metric)."""
+    import argparse
+    try:
+        from numpy._core.multiarray import scalar   # numpy >= 2
+    except ImportError:
+        from numpy.core.multiarray import scalar
+    dtypes = [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")]
+    return [argparse.Namespace, np.dtype, scalar, (scalar, "numpy.core.multiarray.scalar"),
+            (scalar, "numpy._core.multiarray.scalar"), *dtypes]
+
+
+def read_checkpoint(path, trust_pickle=False):
+    """Open a .pth / .pth.tar / .bin torch file, a .safetensors or a Google .npz; returns (raw dict, "npz" or None).
+    Torch files are unpickled with weights_only=True plus _safe_globals(): loading runs no code from the file.
+    A file that pickles anything else is a CheckpointError naming the type; trust_pickle=True unpickles it in
+    full (which runs whatever code the file carries: only for files you trust)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -530,16 +662,19 @@ def read_checkpoint(path):
         if zipfile.is_zipfile(path) and not any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist()):
             with np.load(path) as npz:
                 raw, fmt = {k: npz[k] for k in npz.files}, "npz"
-        else:
-            try:
-                raw = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError:
-                if not zipfile.is_zipfile(path):
-                    raise
-                # a torch archive that pickles more than tensors (e.g. an argparse Namespace of 'args'):
-                # allowed for a file the user chose to download
-                raw = torch.load(path, map_location="cpu", weights_only=False)
-            fmt = None
+        elif trust_pickle:
+            raw, fmt = torch.load(path, map_location="cpu", weights_only=False), None
+        else:   # torch < 2.5 has no safe_globals: extras then fail with a CheckpointError naming them
+            allow = getattr(torch.serialization, "safe_globals", lambda _: contextlib.nullcontext())
+            with allow(_safe_globals()):
+                raw, fmt = torch.load(path, map_location="cpu", weights_only=True), None
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):
+            raise CheckpointError(f"{path}: not a readable checkpoint: {type(e).__name__}: {str(e)[:200]}") from None
+        names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
+        raise CheckpointError(f"{path}: the file pickles {', '.join(names)}, which loading would have to run; "
+                              "refused. Only if you trust the file: trust_pickle=True (read_checkpoint, "
+                              "load_backbone, build_model)") from None
     except Exception as e:  # truncated, not a checkpoint, text file, ...
         raise CheckpointError(f"{path}: not a readable checkpoint (expected a .pth/.pth.tar/.bin torch file, "
                               f".safetensors or .npz): {type(e).__name__}: {str(e)[:200]}") from None
@@ -548,31 +683,55 @@ def read_checkpoint(path):
     return raw, fmt
 
 
+def open_checkpoint(checkpoint, trust_pickle=False):
+    """(raw dict, name for messages) of a path or of an already-loaded state dict."""
+    if isinstance(checkpoint, dict):
+        return checkpoint, "<state dict>"
+    return read_checkpoint(checkpoint, trust_pickle)[0], os.fspath(checkpoint)
+
+
 def detect_format(raw, name="<state dict>"):
     """Unwrap and name the layout of a raw checkpoint dict; returns (state dict, format, key prefix)."""
     for prefix in ("", "opt/target/"):  # big_vision files keep the params under opt/target/
         if f"{prefix}Transformer/encoder_norm/scale" in raw:
             return raw, "npz (Google ViT)", prefix
-    for wrapper in ("model", "state_dict"):   # MAE: {'model': sd}; MoCo v3: {'state_dict': sd, ...}
+    # MAE, DeiT: {'model': sd}; MoCo v3: {'state_dict': sd, ...}; DINO training files: {'teacher': sd, ...}
+    for wrapper in ("model", "state_dict", "teacher"):
         if isinstance(raw.get(wrapper), dict):
             raw = raw[wrapper]
     keys = list(raw)
+    swiglu = [k for k in keys if k.endswith(("mlp.w12.weight", "mlp.weights_in.weight"))]
+    if swiglu:
+        raise CheckpointError(f"{name}: ViT-g/14 (DINOv2's SwiGLU MLP, {swiglu[0]}) is not supported")
     for prefix, fmt in (("module.base_encoder.", "MoCo v3 pretrain"), ("module.", "MoCo v3 linear-probe / DDP"),
-                        ("", "timm / MAE")):
+                        ("backbone.", "DINO training checkpoint (teacher)"), ("", "timm / MAE")):
         if f"{prefix}blocks.0.attn.qkv.weight" in raw:
+            if "register_tokens" in raw or ("mask_token" in raw and "blocks.0.ls1.gamma" in raw):
+                fmt = "DINOv2 (official)"
             return raw, fmt, prefix
-    for fmt, probe in (("Hugging Face ViT", "encoder.layer.0.attention.attention.query.weight"),
+    for fmt, probe in (("Hugging Face DINOv2", "encoder.layer.0.layer_scale1.lambda1"),
+                       ("Hugging Face ViT", "encoder.layer.0.attention.attention.query.weight"),
                        ("Hugging Face ViT (transformers 5)", "layers.0.attention.q_proj.weight")):
         hit = [k for k in keys if k.endswith(probe)]
         if hit:
             return raw, fmt, hit[0][: -len(probe)]
-    raise CheckpointError(f"{name}: no ViT backbone keys of a known format (MAE, MoCo v3, timm, Hugging Face, "
-                          f"Google npz); first keys: {keys[:8]}")
+    raise CheckpointError(f"{name}: no ViT backbone keys of a known format (MAE, MoCo v3, DINO, DINOv2, timm, "
+                          f"Hugging Face, Google npz); first keys: {keys[:8]}")
 
 
 def _table_for(fmt):
     return NAME_TABLES["npz" if fmt.startswith("npz") else "hf-v5" if "transformers 5" in fmt
-                       else "hf" if fmt.startswith("Hugging") else "timm"]
+                       else "hf-dinov2" if fmt == "Hugging Face DINOv2" else "hf" if fmt.startswith("Hugging")
+                       else "dinov2" if fmt.startswith("DINOv2") else "timm"]
+
+
+def count_registers(raw, name="<state dict>"):
+    """Register tokens a checkpoint carries (timm `reg_token`, DINOv2 `register_tokens`, HF
+    `embeddings.register_tokens`): [1, R, D] -> R; 0 without."""
+    sd, fmt, prefix = detect_format(raw, name)
+    source = _table_for(fmt).get("reg_token", "reg_token")
+    tokens = sd.get(prefix + source)
+    return 0 if tokens is None else int(torch.as_tensor(tokens).shape[-2])
 
 
 def convert_state_dict(raw, fmt, prefix, model):
@@ -580,15 +739,12 @@ def convert_state_dict(raw, fmt, prefix, model):
     table = _table_for(fmt)
     converted, missing, used = {}, [], set()
     for ours in model.backbone_state_dict():
-        if table is None:
-            sources = (prefix + ours,)
-        else:
-            parts = ours.split(".")
-            i = parts[1] if parts[0] == "blocks" else None
-            p = parts[-1]
-            template = next(t for t in table if t.format(i=i, p=p) == ours)
-            src = table[template]
-            sources = tuple(prefix + s.format(i=i, p=p) for s in (src if isinstance(src, tuple) else (src,)))
+        parts = ours.split(".")
+        i = parts[1] if parts[0] == "blocks" else None
+        p = parts[-1]
+        template = next((t for t in table if t.format(i=i, p=p) == ours), None)
+        src = table[template] if template else ours
+        sources = tuple(prefix + s.format(i=i, p=p) for s in (src if isinstance(src, tuple) else (src,)))
         if not all(s in raw for s in sources):
             missing.append(f"{ours} (from {', '.join(s for s in sources if s not in raw)})")
             continue
@@ -600,6 +756,9 @@ def convert_state_dict(raw, fmt, prefix, model):
             converted[ours] = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
         if ours in ("cls_token", "pos_embed") and converted[ours].dim() == 2:
             converted[ours] = converted[ours][None]
+        n = converted[ours].shape[1] if ours == "pos_embed" else 0
+        if n > 1 and math.isqrt(n) ** 2 == n:  # no CLS entry (timm _reg4_: CLS position folded into cls_token)
+            converted[ours] = torch.cat([converted[ours][:, :1] * 0, converted[ours]], dim=1)
     return converted, missing, used
 
 
@@ -609,8 +768,8 @@ def _guess_arch(sd):
     if w is None:
         return "unknown"
     for name, (patch, dim, d, _) in ARCHS.items():
-        if (dim, d, patch) == (w.shape[0], depth, w.shape[-1]):
-            return name
+        if (dim, d) == (w.shape[0], depth):
+            return name + ("" if patch == w.shape[-1] else f" with patch {w.shape[-1]}")
     return f"ViT with width {w.shape[0]}, depth {depth}, patch {w.shape[-1]}"
 
 
@@ -622,19 +781,21 @@ def _summarise(keys, shown=6):
     return text + (f" [blocks {blocks[0]}-{blocks[-1]}]" if blocks else "")
 
 
-def load_backbone(model, checkpoint):
-    """Load a backbone from a path (or an already-loaded state dict in timm names) into `model`.
-    Detects: MAE .pth, MoCo v3 linear-probe / pretrain .pth.tar, timm state dicts, Hugging Face ViT /
-    ViTMAE (hub names and transformers 5 names), Google .npz. Returns a one-paragraph report; raises
-    CheckpointError on anything missing or of the wrong shape. The stored pos_embed is always used."""
-    name = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else "<state dict>"
-    raw = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)[0]
+def load_backbone(model, checkpoint, trust_pickle=False, name=None):
+    """Load a backbone from a path (or an already-loaded state dict in any format below) into `model`.
+    Detects: MAE .pth, MoCo v3 linear-probe / pretrain .pth.tar, DINO (plain and training checkpoints: the
+    teacher), DINOv2 hub files, timm state dicts (DeiT, DINO, DINOv2 and _reg4_ included), Hugging Face ViT /
+    ViTMAE / DINOv2 (hub names and transformers 5 ViT names), Google .npz. Returns a one-paragraph report;
+    raises CheckpointError on anything missing or of the wrong shape. The stored pos_embed is always used,
+    resized to the model's grid if it differs. trust_pickle: see read_checkpoint."""
+    raw, opened_name = open_checkpoint(checkpoint, trust_pickle)
+    name = name or opened_name
     raw, fmt, prefix = detect_format(raw, name)
     sd, missing, used = convert_state_dict(raw, fmt, prefix, model)
     target = model.backbone_state_dict()
     if "pos_embed" in sd and sd["pos_embed"].shape != target["pos_embed"].shape \
             and sd["pos_embed"].shape[-1] == target["pos_embed"].shape[-1]:
-        grid = model.cfg.img_size // model.cfg.patch_size
+        grid = math.isqrt(target["pos_embed"].shape[1] - 1)
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], (grid, grid), model.cfg.pos_embed_interpolation)
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
              for k, v in sd.items() if v.shape != target[k].shape]
@@ -650,6 +811,14 @@ def load_backbone(model, checkpoint):
                             ("unexpected backbone keys", unknown)):
             if keys:
                 lines.append(f"  {label} ({len(keys)}): " + _summarise(keys))
+        registers = count_registers(raw, name)
+        if registers != model.cfg.num_reg_tokens:
+            lines.append(f"  the file has {registers} register tokens, the model {model.cfg.num_reg_tokens}: "
+                         f"build_model(..., checkpoint=...) reads the count, or set num_reg_tokens={registers}")
+        if any(k.startswith("norm.") for k in missing) and any(k.startswith(prefix + "fc_norm.") for k in raw):
+            lines.append("  the file has fc_norm.* and no norm.*: a classifier fine-tuned with global pooling "
+                         "(timm / MAE global_pool), whose final norm is fc_norm after the pooling; load the "
+                         "pretrained backbone file instead")
         raise CheckpointError("\n".join(lines))
     with torch.no_grad():
         for k, v in sd.items():

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import gated_prompt as gp
+
 EXIT_BAD_INPUT = 2  # missing data / checkpoint, corrupt file, bad label: a user error, not a crash
 
 
@@ -318,5 +320,6 @@ def make_train_step(model, optimizer, loss_fn, device, bf16=True, compile=False)
         loss.backward()
         all_reduce_gradients(params)
         optimizer.step()
+        gp.project_temperatures(model)   # Eq. 9's tau back into [0.01, 10]: projected SGD
         return loss.detach(), stats
     return step

@@ -474,7 +474,7 @@ def test_backbone_tokens_is_the_prompt_free_forward():
 def test_backbone_twin_is_the_frozen_backbone_without_prompts():
     prompted = tiny_model("gated+temp")
     twin = analysis.backbone_twin(prompted)
-    assert twin.num_prompts == 0 and twin.head is None
+    assert twin.num_prompts == 0 and isinstance(twin.head, torch.nn.Identity)
     x = analysis.imagenet_normalise(tiny_image()[None])
     with torch.no_grad():
         _, tokens, _ = twin.forward_tokens(x, out_blocks=(4,))
@@ -653,7 +653,7 @@ def test_backbone_from_file_is_the_linear_model_of_the_file(tmp_path, monkeypatc
     model = analysis.backbone_from_file(checkpoint, img_size=32, ssl="mocov3", **TINY_ARCH)
     c = model.cfg
     assert (c.embed_dim, c.depth, c.num_heads, c.patch_size, c.img_size, c.pool) == (32, 4, 2, 8, 32, "cls")
-    assert model.head is None and model.num_prompts == 0
+    assert isinstance(model.head, torch.nn.Identity) and model.num_prompts == 0
     # a whole run config (the keys of any resolved classification run + the small model's arch_overrides), for a
     # linear probe without prompts
     (cfg,) = configs

@@ -256,3 +256,56 @@ def test_missing_file_and_non_vit_file(tmp_path):
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "resnet50.pth")
     with pytest.raises(gp.CheckpointError, match="resnet50.pth: no ViT backbone keys"):
         gp.load_backbone(small_vit(), tmp_path / "resnet50.pth")
+
+
+# --- loading runs no code from the file (issue #18, point 2) ------------------------------------
+
+class WritesAMarker:
+    """Unpickling this calls open(marker, 'w'): a stand-in for any code a pickled payload can run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_a_pickled_payload_is_refused_and_never_runs(source, tmp_path, zip_format):
+    marker = tmp_path / "payload_ran"
+    torch.save({"model": timm_sd(source), "extra": WritesAMarker(marker)}, tmp_path / "mae.pth",
+               _use_new_zipfile_serialization=zip_format)
+    for load in (lambda: gp.load_backbone(small_vit(), tmp_path / "mae.pth"),
+                 lambda: gp.build_model("vit_base", method="linear", num_classes=0, img_size=32,
+                                        checkpoint=tmp_path / "mae.pth",
+                                        vit_overrides=dict(embed_dim=D, depth=DEPTH, num_heads=HEADS, patch_size=PATCH)),
+                 lambda: gp.read_checkpoint(tmp_path / "mae.pth")):
+        with pytest.raises(gp.CheckpointError, match=r"mae.pth: the file pickles io.open, .*trust_pickle=True"):
+            load()
+        assert not marker.exists()
+    # the explicit opt-in unpickles everything (so the payload above is a real one)
+    target = small_vit(seed=1)
+    gp.load_backbone(target, tmp_path / "mae.pth", trust_pickle=True)
+    assert marker.exists() and torch.allclose(features(target), features(source), atol=1e-6)
+
+
+def test_training_checkpoints_with_args_and_numpy_scalars_load_without_trust(source, tmp_path):
+    """MAE / DINO / DeiT training files carry the run's argparse.Namespace; some store numpy scalars."""
+    import argparse
+    torch.save({"model": timm_sd(source), "optimizer": {"state": {}, "param_groups": []}, "epoch": 399,
+                "scaler": {"scale": 65536.0}, "args": argparse.Namespace(model="mae_vit_base_patch16", mask_ratio=0.75,
+                                                                         input_size=224, output_dir="./out", resume=None),
+                "max_accuracy": np.float64(83.6), "dtype": np.dtype("float32")}, tmp_path / "checkpoint-399.pth")
+    target = small_vit(seed=1)
+    assert "loaded" in gp.load_backbone(target, tmp_path / "checkpoint-399.pth")
+    assert torch.allclose(features(target), features(source), atol=1e-6)
+
+
+def test_a_fine_tuned_global_pool_file_names_fc_norm(source, tmp_path):
+    """timm / MAE fine-tuned with global_pool: fc_norm after the pooling instead of norm."""
+    sd = timm_sd(source)
+    sd["fc_norm.weight"], sd["fc_norm.bias"] = sd.pop("norm.weight"), sd.pop("norm.bias")
+    sd["head.weight"], sd["head.bias"] = torch.zeros(100, D), torch.zeros(100)
+    torch.save({"model": sd}, tmp_path / "mae_finetuned_vit_base.pth")
+    with pytest.raises(gp.CheckpointError, match=r"missing backbone keys \(2\): norm.weight[\s\S]*fc_norm"):
+        gp.load_backbone(small_vit(), tmp_path / "mae_finetuned_vit_base.pth")

@@ -32,16 +32,20 @@ IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 @pytest.mark.parametrize("img_size", [224, 512])
 def test_vit_b16_matches_timm(img_size):
-    """From-scratch ViT-B/16 = timm's VisionTransformer with the same weights (also at 512 px, resized grid)."""
+    """From-scratch ViT-B/16 = timm's VisionTransformer with the same weights (also at 512 px, resized grid; there
+    with 2 of the 12 blocks to keep the test fast)."""
     timm_vit = pytest.importorskip("timm.models.vision_transformer")
     torch.manual_seed(0)
-    ours = gp.build_model("vit_base", ssl="mocov3", method="linear", num_classes=0, img_size=224).eval()
+    depth = 12 if img_size == 224 else 2
+    ours = gp.build_model("vit_base", ssl="mocov3", method="linear", num_classes=0, img_size=224,
+                          vit_overrides=dict(depth=depth)).eval()
     state = ours.backbone_state_dict()
     if img_size != 224:
-        ours = gp.build_model("vit_base", ssl="mocov3", method="linear", num_classes=0, img_size=img_size).eval()
+        ours = gp.build_model("vit_base", ssl="mocov3", method="linear", num_classes=0, img_size=img_size,
+                              vit_overrides=dict(depth=depth)).eval()
         gp.load_backbone(ours, state)  # resizes the 14x14 position grid to 32x32
         state = ours.backbone_state_dict()
-    ref = timm_vit.VisionTransformer(img_size=img_size, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+    ref = timm_vit.VisionTransformer(img_size=img_size, patch_size=16, embed_dim=768, depth=depth, num_heads=12,
                                      qkv_bias=True, num_classes=0,
                                      norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).eval()
     ref.load_state_dict(state)
@@ -79,9 +83,12 @@ def test_architectures_have_the_published_sizes(arch, timm_name):
     n_ours = sum(p.numel() for p in ours.parameters())
     n_ref = sum(p.numel() for p in ref.parameters())
     assert n_ours == n_ref
-    published = {"vit_small": (384, 12, 12), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16),
-                 "vit_huge": (1280, 32, 16)}[arch]   # (width, depth, heads); MoCo v3 ViT-S has 12 heads
+    published = {"vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16),
+                 "vit_huge": (1280, 32, 16)}[arch]   # (width, depth, heads) of timm / DINO / DeiT
     assert (ours.cfg.embed_dim, ours.cfg.depth, ours.cfg.num_heads) == published
+    assert ours.cfg.num_heads == ref.blocks[0].attn.num_heads
+    mocov3 = gp.vit_config(arch, "mocov3")   # MoCo v3's ViT-S has 12 heads (REFERENCE.md section 2)
+    assert mocov3.num_heads == (12 if arch == "vit_small" else published[2])
 
 
 # --- Eq. 6-7: gates ------------------------------------------------------------------
@@ -173,8 +180,10 @@ def test_temperatures_are_projected_into_range_and_keep_gradients():
     with torch.no_grad():
         model.temperatures.copy_(torch.tensor([20.0, 0.001, 1.0, 5.0]))
     model(IMAGES).sum().backward()
+    assert model.temperatures.tolist() == pytest.approx([20.0, 0.001, 1.0, 5.0])  # the forward changes nothing
+    assert (model.temperatures.grad != 0).all()  # no clamp inside the graph
+    gp.project_temperatures(torch.nn.Sequential(model))   # finds the ViT inside a wrapper
     assert model.temperatures.tolist() == pytest.approx([10.0, 0.01, 1.0, 5.0])
-    assert (model.temperatures.grad != 0).all()  # the projection is outside the graph
 
 
 # --- attention paths and training -------------------------------------------------------
@@ -293,11 +302,209 @@ def test_head_is_initialised_as_the_official_head():
     (lambda: gp.PromptConfig(prompt="deep", gates="soft"), "gates act on prompts inserted once"),
     (lambda: gp.vit_config("vit_base", pool="avg"), "pool='avg' is not one of 'cls', 'mean'"),
     (lambda: gp.vit_config("vit_base", pos_embed_interpolation="nearest"), "pos_embed_interpolation='nearest'"),
-    (lambda: gp.vit_config("vit_giant"), "arch='vit_giant' is not one of 'vit_small'"),
-    (lambda: gp.vit_config("vit_base", "dino"), "ssl='dino' is not one of 'mae'"),
+    (lambda: gp.vit_config("vit_gaint"), "arch='vit_gaint' is not one of 'vit_small'"),
+    (lambda: gp.vit_config("vit_giant", "dinov2"), "ViT-g/14 .DINOv2's SwiGLU MLP. is not supported"),
+    (lambda: gp.vit_config("vit_base", "dinov3"), "ssl='dinov3' is not one of 'mae'"),
     (lambda: tiny("gated", insert_at=9), "insert_at must be in 1..4"),
 ])
 def test_bad_configuration_is_refused(make, message):
     """Every enumerated option is checked: a typo raises, naming the allowed values, instead of running."""
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("+", r"\+")):
         make()
+
+
+# --- a forward changes nothing (issue #18, point 1) -----------------------------------------
+
+ALL_METHODS = list(gp.METHODS)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_two_forwards_then_one_backward(method):
+    """Two augmented views and a consistency loss, or a validation forward / attention maps between forward and
+    backward: the graph of the first forward must still be intact."""
+    model = tiny(method).train()
+    with torch.no_grad():
+        if model.temperatures is not None:
+            model.temperatures.copy_(torch.tensor([50.0, 0.001, 1.0, 2.0]))   # outside the range on purpose
+    a = model(IMAGES)
+    b = model(IMAGES.flip(-1))
+    model.attention_maps(IMAGES, blocks=(1, 4))
+    with torch.no_grad():
+        model.eval()(IMAGES)
+    model.train()
+    ((a - b) ** 2).sum().add(a.sum()).backward()
+    assert all(p.grad is not None for p in model.trainable_parameters())
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_forward_leaves_the_state_dict_unchanged(method, mode):
+    model = tiny(method).train(mode == "train")
+    with torch.no_grad():
+        if model.temperatures is not None:
+            model.temperatures.copy_(torch.tensor([50.0, 0.001, 1.0, 2.0]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model(IMAGES)
+    model.attention_maps(IMAGES, blocks=(2,))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_temperatures_stay_in_range_through_training_steps():
+    """The harness's one training step projects after optimizer.step(); SGD with a huge lr pushes every tau
+    far outside [0.01, 10] each step."""
+    runtime = pytest.importorskip("runtime")
+    model = tiny("gated+temp").train()
+    opt = torch.optim.SGD([{"params": [model.temperatures], "lr": 1e4},   # huge: every step leaves the range
+                           {"params": [p for p in model.trainable_parameters() if p is not model.temperatures],
+                            "lr": 0.1}], momentum=0.9)
+    loss = lambda out, y: (torch.nn.functional.cross_entropy(out.float(), y), {})
+    step = runtime.make_train_step(model, opt, loss, torch.device("cpu"), bf16=False)
+    seen = []
+    for _ in range(4):
+        step(IMAGES, torch.tensor([0, 1]))
+        seen.append(model.temperatures.detach().clone())
+    seen = torch.stack(seen)
+    assert seen.min() >= 0.01 and seen.max() <= 10.0
+    assert ((seen == 0.01) | (seen == 10.0)).any()   # the lr did push some tau to a bound
+    assert torch.isfinite(model(IMAGES)).all()
+
+
+def test_loading_prompts_projects_the_temperatures():
+    model = tiny("gated+temp")
+    state = {k: v.clone() for k, v in model.prompt_state_dict().items()}
+    state["temperatures"] = torch.tensor([50.0, 0.001, 1.0, 2.0])
+    model.load_prompt_state_dict(state)
+    assert model.temperatures.tolist() == pytest.approx([10.0, 0.01, 1.0, 2.0])
+
+
+# --- what an adopter hits (point 6) -----------------------------------------------------------
+
+def test_num_classes_0_is_an_identity_head_returning_features():
+    model = tiny("gated+temp", num_classes=0)
+    assert torch.equal(model(IMAGES), model.forward_features(IMAGES)) and model(IMAGES).shape == (2, 32)
+    assert not any(k.startswith("head") for k in model.prompt_state_dict())
+
+
+@pytest.mark.parametrize("method", ["linear", "vpt-shallow", "vpt-deep"])
+def test_selection_ratio_of_a_method_without_gates_says_so(method):
+    model = tiny(method)
+    for call in (model.selection_ratio, model.aggregation_weights):
+        with pytest.raises(ValueError, match=f"method '{method}' has no gates"):
+            call()
+
+
+def test_selection_ratio_is_zero_not_nan_when_no_block_contributes():
+    """All gates closed (hard gates at init: logits < 0 -> g = 0 in eval) or insert_at = L (no gated block):
+    the prompts reach block L unchanged, every r_l = 0 (documented in selection_ratio)."""
+    hard = tiny("gated-hard", gate_init=5.0)
+    assert hard.selection_ratio().tolist() == [0.0, 0.0, 0.0]
+    last = tiny("gated+temp", insert_at=4)
+    assert last.selection_ratio().tolist() == [0.0, 0.0, 0.0]
+    w_p, _ = last.aggregation_weights()
+    assert float(w_p) == 1.0
+
+
+@pytest.mark.parametrize("blocks", [(13,), (0,), (1, 5)])
+def test_attention_maps_of_a_block_that_does_not_exist_is_an_error(blocks):
+    with pytest.raises(ValueError, match=r"blocks are numbered 1\.\.4"):
+        tiny("gated+temp").attention_maps(IMAGES, blocks=blocks)
+
+
+def test_double_precision_model_runs_in_float64():
+    model = tiny("gated+temp").double()
+    out = model(IMAGES.double())
+    assert out.dtype == torch.float64
+    ref = tiny("gated+temp")   # same seed, fp32
+    assert (out - ref(IMAGES).double()).abs().max() < 1e-4
+    ln = model.blocks[0].norm1
+    x = torch.randn(3, 32, dtype=torch.float64) * 1e4 + 1e8   # fp32 statistics would lose this
+    expected = torch.nn.functional.layer_norm(x, (32,), ln.weight, ln.bias, ln.eps)
+    assert torch.allclose(ln(x), expected, atol=1e-9)
+
+
+@pytest.mark.parametrize("size", [(30, 32), (32, 36), (4, 4)])
+def test_image_size_not_a_multiple_of_the_patch_is_an_error(size):
+    with pytest.raises(ValueError, match=rf"images of {size[0]}x{size[1]} px: .* multiples of the patch size 8"):
+        tiny("gated+temp")(torch.randn(1, 3, *size))
+
+
+def test_build_model_prints_nothing_by_default(capsys, tmp_path):
+    model = gp.build_model("vit_base", method="linear", num_classes=0, img_size=32,
+                           vit_overrides=dict(embed_dim=16, depth=1, num_heads=2, patch_size=8))
+    torch.save(model.backbone_state_dict(), tmp_path / "sd.pth")
+    gp.build_model("vit_base", method="linear", num_classes=0, img_size=32, checkpoint=tmp_path / "sd.pth",
+                   vit_overrides=dict(embed_dim=16, depth=1, num_heads=2, patch_size=8))
+    assert capsys.readouterr().out == ""
+
+
+def test_public_names():
+    assert {"build_model", "VisionTransformer", "load_backbone", "project_temperatures", "CheckpointError"} \
+        <= set(gp.__all__)
+    assert all(hasattr(gp, name) for name in gp.__all__)
+
+
+# --- claims of the paper not covered above (point 7) --------------------------------------
+
+def test_eq10_11_with_prompts_inserted_after_block_1():
+    """insert_at k = 3 of L = 5: g~_l = 0 for l < k; g~_4 = g_4, g~_3 = g_3 (1 - g_4), by hand."""
+    model = tiny("gated", depth=5, insert_at=3)
+    g = torch.tensor([0.9, 0.7, 0.5, 0.25])
+    with torch.no_grad():
+        model.gate_logits.copy_(torch.log(g / (1 - g)))
+    w_p, g_tilde = model.aggregation_weights()
+    assert g_tilde.tolist() == pytest.approx([0.0, 0.0, 0.5 * 0.75, 0.25])
+    assert float(w_p) == pytest.approx(0.5 * 0.75)
+    assert model.selection_ratio().tolist() == pytest.approx([0, 0, 0.375 / 0.625, 0.25 / 0.625], abs=1e-6)
+    # and the forward agrees: blocks 1..2 see no prompts, so closing their gates changes nothing
+    other = copy_shared(model, tiny("gated", depth=5, insert_at=3))
+    with torch.no_grad():
+        other.gate_logits[:2] = -float("inf")
+    assert torch.equal(other(IMAGES), model(IMAGES))
+
+
+def test_gate_logits_before_insert_at_get_no_gradient():
+    model = tiny("gated+temp", depth=5, insert_at=3).train()
+    model(IMAGES).sum().backward()
+    grad = model.gate_logits.grad
+    assert torch.equal(grad[:2], torch.zeros(2)) and (grad[2:] != 0).all()
+
+
+def test_vpt_deep_with_insert_at_k_has_L_minus_k_prompt_sets():
+    """Figure 1 with VPT-deep: blocks before k see no prompts; k gets P, k+1..L get fresh sets (L - k of them)."""
+    model = tiny("vpt-deep", depth=5, insert_at=2)
+    P = model.num_prompts
+    assert model.deep_prompts.shape == (5 - 2, P, 32)
+    with torch.no_grad():
+        model.deep_prompts.normal_()
+    _, outs, _ = model.forward_tokens(IMAGES, out_blocks=(1, 2, 3, 4, 5))
+    assert outs[1].shape[1] == 1 + 16 and outs[2].shape[1] == 1 + P + 16
+    with torch.no_grad():
+        fed = torch.cat([outs[1][:, :1], model.prompts.expand(2, -1, -1), outs[1][:, 1:]], dim=1)
+        assert torch.equal(model.blocks[1](fed)[0], outs[2])
+        for l in (3, 4, 5):   # block l gets set l - k - 1 = l - 3
+            fed = torch.cat([outs[l - 1][:, :1], model.deep_prompts[l - 3].expand(2, -1, -1), outs[l - 1][:, 1 + P:]], 1)
+            assert torch.equal(model.blocks[l - 1](fed)[0], outs[l])
+
+
+def test_hard_gates_open_with_probability_sigmoid_gamma():
+    """Gumbel-sigmoid: P(g = 1) = sigmoid(gamma). 20000 draws per logit: 4 standard errors < 0.015."""
+    gamma = torch.tensor([-2.0, -0.5, 0.0, 1.0, 3.0])
+    torch.manual_seed(0)
+    draws = gp.hard_gates(gamma.expand(20000, -1), sample=True)   # element-wise: 20000 independent draws each
+    assert set(draws.unique().tolist()) <= {0.0, 1.0}
+    p = torch.sigmoid(gamma)
+    assert (draws.mean(0) - p).abs().max() < 4 * math.sqrt(0.25 / 20000)
+
+
+def test_hard_gate_straight_through_gradient_is_sigmoid_prime_times_upstream():
+    """Straight-through: d g / d gamma = sigmoid'(gamma + noise); with the noise fixed by the seed, recompute the
+    noise as hard_gates draws it (torch.rand_like) and compare with the gradient for an upstream vector."""
+    gamma = torch.tensor([-1.0, 0.3, 2.0], requires_grad=True)
+    upstream = torch.tensor([0.5, -2.0, 3.0])
+    torch.manual_seed(5)
+    (gp.hard_gates(gamma, sample=True) * upstream).sum().backward()
+    torch.manual_seed(5)
+    u = torch.rand(3).clamp(1e-6, 1 - 1e-6)
+    s = torch.sigmoid(gamma.detach() + torch.log(u) - torch.log(1 - u))
+    assert torch.allclose(gamma.grad, s * (1 - s) * upstream, atol=1e-6)
