@@ -143,7 +143,7 @@ def backbone_file(packs, checkpoint):
 def load_image(path, transform):
     """uint8 [3, crop, crop]: the pack's evaluation transform with data.py's decoders (DataError if unreadable)."""
     decode = data.decode_fgvc if transform["kind"] == "fgvc" else data.decode_vtab
-    image = torch.from_numpy(np.ascontiguousarray(decode(str(path)))).permute(2, 0, 1)
+    image = torch.from_numpy(np.array(decode(str(path)))).permute(2, 0, 1)
     if min(image.shape[1:]) < transform["crop"]:
         raise data.DataError(f"image {path} is smaller than the {transform['crop']}px crop after resizing")
     return TF.center_crop(image, transform["crop"])  # torchvision's CenterCrop, as the loader's offsets
