@@ -88,7 +88,7 @@ def test_predict_command_on_a_folder_prints_top5_and_writes_json(served, tmp_pat
 def test_predictions_are_each_packs_own_model_on_its_task_transform(served, tmp_path):
     root, packs = served
     records = reproduce.main(["predict", "--pack", packs["birds"], "--pack", packs["textures"], "--pack",
-                              packs["dogs"], "--checkpoint", str(root / "mae.pth"), "--batch-size", "4",
+                              packs["dogs"], "--checkpoint", str(root / "mae.pth"), "--batch-size", "4", "--device", "cpu",
                               str(root / "photos" / "a.jpg"), str(root / "photos" / "nested"),
                               "--out", str(tmp_path / "p.csv")])
     assert [(Path(r["image"]).name, r["pack"]) for r in records] == [
