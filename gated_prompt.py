@@ -14,7 +14,11 @@ VPT-deep (Eq. 5). Depends on torch and numpy only; copy it into your project.
     logits = model(images)                   # images: [B, 3, 224, 224], ImageNet-normalised
     model.selection_ratio()                  # Eq. 10-11, one value per gated block
     model.attention_maps(images, blocks=(3, 7, 12))   # Figure 5
+    model.save_pack("cub.pack.pt", ssl="mae")          # the trained prompt side, one self-describing file
+    serve = gp.MultiTask("mae_pretrain_vit_base.pth", {"cub": "cub.pack.pt", "dtd": "dtd.pack.pt"})
+    serve(images, ["cub", "dtd", ...])                   # one batch, each image with its own task's prompts
 
+Prompt packs and MultiTask are the method's practical payoff: one frozen backbone serves many tasks.
 Blocks are numbered 1..L as in the paper; Python lists are indexed 0..L-1.
 """
 import hashlib
