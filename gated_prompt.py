@@ -491,6 +491,22 @@ def read_pack(path):
     return pack
 
 
+def _config(cls, fields, name):
+    """ViTConfig / PromptConfig from a pack's dict; fields this code does not know are a CheckpointError."""
+    unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise CheckpointError(f"{name}: {cls.__name__} fields unknown to this code: {unknown} (a newer version?)")
+    return cls(**fields)
+
+
+def _as_pack(model, backbone, fingerprint):
+    """A loaded model's prompt side in pack form (its fingerprint is the backbone's when it shares its tensors)."""
+    shared = all(a.data_ptr() == b.data_ptr() for a, b in zip(model.backbone_state_dict().values(),
+                                                                backbone.backbone_state_dict().values()))
+    return {"vit": asdict(model.cfg), "prompt": asdict(model.pcfg), "tensors": model.prompt_state_dict(),
+            "backbone_fingerprint": fingerprint if shared else backbone_fingerprint(model)}
+
+
 def _backbone_from(checkpoint, cfg):
     """A frozen backbone without prompts or head, loaded from a file or a state dict."""
     backbone = VisionTransformer(cfg, PromptConfig(prompt="none", gates="none", learn_temperature=False,
@@ -518,8 +534,9 @@ def _attach(pack, backbone, fingerprint, strict, name):
     if wrong:
         warnings.warn(f"{name}: loading onto another backbone or configuration (strict=False): " + "; ".join(wrong))
     with torch.device("meta"):  # allocates nothing: every tensor comes from the backbone or the pack
-        model = VisionTransformer(replace(ViTConfig(**pack["vit"]), fused_attention=backbone.cfg.fused_attention),
-                                  PromptConfig(**pack["prompt"]))
+        model = VisionTransformer(replace(_config(ViTConfig, pack["vit"], name),
+                                          fused_attention=backbone.cfg.fused_attention),
+                                  _config(PromptConfig, pack["prompt"], name))
     device = backbone.pos_embed.device
     state = {**backbone.backbone_state_dict(), **{k: v.to(device) for k, v in pack["tensors"].items()}}
     try:
@@ -536,7 +553,7 @@ def load_pack(path, checkpoint, strict=True):
     both); strict=False loads anyway and warns."""
     pack = read_pack(path)
     backbone = checkpoint if isinstance(checkpoint, VisionTransformer) else \
-        _backbone_from(checkpoint, ViTConfig(**pack["vit"]))
+        _backbone_from(checkpoint, _config(ViTConfig, pack["vit"], os.fspath(path)))
     return _attach(pack, backbone, backbone_fingerprint(backbone), strict, os.fspath(path))
 
 
@@ -558,21 +575,10 @@ class MultiTask(nn.Module):
         if not isinstance(backbone, VisionTransformer):
             first = next(iter(packs.values()))
             backbone = _backbone_from(backbone, first.cfg if isinstance(first, VisionTransformer)
-                                      else ViTConfig(**first["vit"]))
+                                      else _config(ViTConfig, first["vit"], "the first pack"))
         fingerprint = backbone_fingerprint(backbone)
-        models = {}
-        for name, p in packs.items():
-            if not isinstance(p, VisionTransformer):
-                models[name] = _attach(p, backbone, fingerprint, strict, f"pack {name!r}")
-                continue
-            shared = all(a.data_ptr() == b.data_ptr() for a, b in
-                         zip(p.backbone_state_dict().values(), backbone.backbone_state_dict().values()))
-            pseudo = {"vit": asdict(p.cfg), "backbone_fingerprint": fingerprint if shared else backbone_fingerprint(p)}
-            wrong = _mismatches(pseudo, backbone, fingerprint)
-            if wrong and strict:
-                raise CheckpointError(f"model {name!r} was trained on another backbone or configuration: "
-                                      + "; ".join(wrong))
-            models[name] = p
+        models = {name: _attach(p if isinstance(p, dict) else _as_pack(p, backbone, fingerprint), backbone,
+                                fingerprint, strict, f"pack {name!r}") for name, p in packs.items()}
         self.backbone, self.names = backbone.eval(), list(models)
         self.heads = nn.ModuleDict({n: m.head if m.head is not None else nn.Identity() for n, m in models.items()})
         self.class_names = {n: p.get("class_names") if isinstance(p, dict) else None for n, p in packs.items()}
@@ -583,8 +589,8 @@ class MultiTask(nn.Module):
         """Per task t and block i: the prompt tokens written before the block (Eq. 4 at insert_at, Eq. 5 after),
         which slots are live, the gate (1 = ungated) and the temperature (1 = none)."""
         L, D = self.backbone.cfg.depth, self.backbone.cfg.embed_dim
-        self.P = max(m.num_prompts for m in models)
-        T, P = len(models), self.P
+        self.slots = max(m.num_prompts for m in models)  # prompt slots in every image's sequence
+        T, P = len(models), self.slots
         writes, write_at = torch.zeros(T, L, P, D), torch.zeros(T, L, dtype=torch.bool)
         live, gates, taus = torch.zeros(T, L, P, dtype=torch.bool), torch.ones(T, L), torch.ones(T, L)
         for t, m in enumerate(models):
@@ -602,7 +608,7 @@ class MultiTask(nn.Module):
             self.register_buffer(name, value, persistent=False)
         # host-side switches: a block with no writes, no padding, no gate or no temperature skips that work
         self.block_writes = write_at.any(0).tolist()
-        self.block_masked = (~live).any(2).any(0).tolist() if P else [False] * L
+        self.block_masked = (~live).any(2).any(0).tolist()
         self.block_gated = (gates != 1).any(0).tolist()
         self.has_tau = bool((taus != 1).any())
 
@@ -611,7 +617,7 @@ class MultiTask(nn.Module):
         if unknown or len(tasks) != len(images):
             raise ValueError(f"need one task per image from {self.names}; got {len(tasks)} for {len(images)} "
                              f"images" + (f", unknown {unknown}" if unknown else ""))
-        bb, P = self.backbone, self.P
+        bb, P = self.backbone, self.slots
         t = torch.tensor([self.names.index(name) for name in tasks], device=images.device)
         x = bb.embed(images)
         B, N = x.shape[0], x.shape[1] - 1
