@@ -900,6 +900,7 @@ def build_parser():
     mode.add_argument("--segmentation", action="store_true",
                       help="time the SETR-PUP ADE20K training iteration (150 classes) and the sliding-window "
                            "inference of one 512x683 image; project the recipe's iteration schedule")
+    mode.add_argument("--multitask", action="store_true", help="inference images/s: a batch mixing 8 prompt packs (gated_prompt.MultiTask) vs one pack, same batch and prompts")
     mode.add_argument("--report", action="store_true",
                       help="in one process: the training step fast vs reference at 100 prompts / batch 64 and "
                            "1 prompt / batch 128, both sweeps (fast path without compile), both end-to-end runs "
@@ -1044,6 +1045,8 @@ def run_mode(args, device, peak, out):
         out["end_to_end"] = run_end_to_end(args, device, args.end_to_end)
     elif args.segmentation:
         out["segmentation"] = time_segmentation(args, device)
+    elif args.multitask:
+        out["multitask"] = time_multitask(args, device)
     else:
         print(f"{args.arch}, {args.method}, {out['img_size']}px, eval batch = {args.eval_batch_factor} x batch | "
               f"{out['device']} (bf16 dense peak: {peak or 'unknown'} TFLOP/s) | torch {torch.__version__} | "
@@ -1057,6 +1060,52 @@ def run_mode(args, device, peak, out):
             if values is not None:
                 fixed = args.batch[0] if name == "prompts" else args.prompts[0]
                 out["sweeps"][name] = run_sweep(args, device, peak, name, values or list(default), fixed, measured)
+
+
+def time_multitask(args, device, packs=8):
+    """The mixed-batch row: gated_prompt.MultiTask on a batch whose images cycle through `packs` prompt packs
+    (--method, the first --prompts, random prompt sides on one random backbone) against the plain model of one
+    pack on a batch of the same size (the first --batch). Inference: eval mode, no grad, bf16 autocast on CUDA,
+    both eager; the two are timed alternately, --repeats times each."""
+    P, B = args.prompts[0], args.batch[0]
+    cfg = step_config(args, P, B)
+    bf16 = device.type == "cuda"
+    single = recipes.model_from_config(cfg, recipes.num_classes(cfg), verbose=False).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"pack0": single.save_pack(f"{tmp}/pack0.pt")}
+        for k in range(1, packs):   # the same pack with fresh random tensors (speed does not depend on them)
+            pack = gp.read_pack(paths["pack0"])
+            pack["tensors"] = {name: torch.randn_like(t) for name, t in pack["tensors"].items()}
+            paths[f"pack{k}"] = f"{tmp}/pack{k}.pt"
+            torch.save(pack, paths[f"pack{k}"])
+        mixed = gp.MultiTask(single, paths)
+    mixed.to(device)
+    runtime.place_model(single, device, bf16)
+    images = torch.randn(B, 3, cfg["img_size"], cfg["img_size"], device=device)
+    tasks = [f"pack{b % packs}" for b in range(B)]
+
+    def run(model, *extra):
+        def fn():
+            with torch.no_grad(), runtime.autocast(device, bf16):
+                return model(images, *extra)
+        return fn
+    fns = {"single": run(single), "mixed": run(mixed, tasks)}
+    for fn in fns.values():
+        for _ in range(args.warmup):
+            fn()
+    rates = {name: [] for name in fns}
+    for _ in range(args.repeats):
+        for name, fn in fns.items():
+            rates[name] += time_loop(fn, B, args.steps, 0, 1, device)
+    single_rate, mixed_rate = (statistics.median(rates[n]) for n in ("single", "mixed"))
+    row = {"packs": packs, "batch": B, "prompts": P, "method": args.method, "arch": args.arch,
+           "img_size": cfg["img_size"], "device": runtime.device_name(device), "bf16": bf16, "mode": "eager",
+           "single_images_per_second": single_rate, "mixed_images_per_second": mixed_rate,
+           "single_rates": rates["single"], "mixed_rates": rates["mixed"], "ratio": mixed_rate / single_rate}
+    print(f"mixed batch of {packs} packs vs one pack ({args.arch}, {args.method}, {P} prompts, batch {B}, "
+          f"{cfg['img_size']}px, eager{', bf16' if bf16 else ', fp32'}, {row['device']}): {single_rate:.1f} vs "
+          f"{mixed_rate:.1f} images/s -> {row['ratio']:.3f}x")
+    return row
 
 
 if __name__ == "__main__":

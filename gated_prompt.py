@@ -16,19 +16,26 @@ VPT-deep (Eq. 5). Depends on torch and numpy only; copy it into your project.
     gp.project_temperatures(model)           # Eq. 9's tau back into [0.01, 10] after every step
     model.selection_ratio()                  # Eq. 10-11, one value per gated block
     model.attention_maps(images, blocks=(3, 7, 12))   # Figure 5
+    model.save_pack("cub.pack.pt", ssl="mae")          # the trained prompt side, one self-describing file
+    serve = gp.MultiTask("mae_pretrain_vit_base.pth", {"cub": "cub.pack.pt", "dtd": "dtd.pack.pt"})
+    serve(images, ["cub", "dtd", ...])                   # one batch, each image with its own task's prompts
 
 ssl="dino" / "dinov2" / "supervised" (DeiT) read those backbones; ViT-S has 6 heads except with
-ssl="mocov3" (12, as MoCo v3's).
+ssl="mocov3" (12, as MoCo v3's). Prompt packs and MultiTask are the method's practical payoff: one frozen
+backbone serves many tasks.
 
 Blocks are numbered 1..L as in the paper; Python lists are indexed 0..L-1.
 """
 import contextlib
+import hashlib
+import json
 import math
 import os
 import pickle
 import re
+import warnings
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -39,7 +46,8 @@ __all__ = ["ARCHS", "SSL", "SSL_POOLING", "METHODS", "TEMPERATURE_RANGE", "ViTCo
            "prompt_config", "VisionTransformer", "build_model", "project_temperatures", "resize_pos_embed",
            "aggregation_weights", "selection_ratio", "hard_gates", "classification_head", "load_exactly",
            "load_backbone", "read_checkpoint", "detect_format", "convert_state_dict", "count_registers",
-           "NAME_TABLES", "CheckpointError"]
+           "NAME_TABLES", "CheckpointError", "backbone_fingerprint", "save_pack", "read_pack", "load_pack",
+           "MultiTask"]
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -161,17 +169,22 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, temperature=None, return_attn=False):
+    def forward(self, x, temperature=None, return_attn=False, attn_mask=None):
+        """temperature: a scalar or one per image [B, 1, 1, 1]; attn_mask: bool [B, 1, 1, T], False = a key no
+        query attends to (MultiTask's padded prompts)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         if temperature is not None:
             q = q / temperature  # Eq. 9: softmax(QK^T / (sqrt(d) tau)), tau folded into q
         attn = None
         if return_attn or not self.fused:   # Eq. 3, explicit
-            attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+            attn = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+            if attn_mask is not None:
+                attn = attn.masked_fill(~attn_mask, float("-inf"))
+            attn = attn.softmax(dim=-1)
             x = attn @ v
         else:
-            x = F.scaled_dot_product_attention(q, k, v)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(x.transpose(1, 2).reshape(B, T, C)), (attn if return_attn else None)
 
 
@@ -221,8 +234,8 @@ class Block(nn.Module):
         self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
         self.ls2 = LayerScale(cfg.embed_dim) if cfg.layer_scale else nn.Identity()
 
-    def forward(self, x, temperature=None, return_attn=False):
-        a, attn = self.attn(self.norm1(x), temperature, return_attn)
+    def forward(self, x, temperature=None, return_attn=False, attn_mask=None):
+        a, attn = self.attn(self.norm1(x), temperature, return_attn, attn_mask)
         x = x + self.ls1(a)
         return x + self.ls2(self.mlp(self.norm2(x))), attn
 
@@ -444,6 +457,10 @@ class VisionTransformer(nn.Module):
         blocks are numbered 1..L."""
         return self.forward_tokens(x, attn_blocks=tuple(blocks))[2]
 
+    def save_pack(self, path, class_names=None, ssl=None, **info):
+        """This model's trained prompt side as a prompt pack file (see save_pack below the class)."""
+        return save_pack(self, path, class_names, ssl, **info)
+
 
 def load_exactly(module, expected, state):
     """Copy `state` into the entries `expected` (a subset of module.state_dict()) names: a ValueError on any
@@ -524,6 +541,225 @@ def build_model(arch="vit_base", ssl="mae", method="gated+temp", num_classes=100
         if verbose:
             print(report)
     return model
+
+# -----------------------------------------------------------------------------
+# Prompt packs and many tasks in one batch: the method's practical payoff. One frozen backbone serves every
+# task; a task is a file of a few hundred thousand numbers (prompts, gates, temperatures, head) that says
+# which backbone and settings it belongs to.
+
+PACK_FORMAT, PACK_VERSION = "gated-prompt-pack", 1
+
+
+def backbone_fingerprint(model):
+    """"sha256:<hex>" over the backbone's tensors (a VisionTransformer's, or a state dict in our names): names,
+    shapes and values rounded to bf16, in sorted name order. The same weights give the same fingerprint
+    whatever file format they came from, and also when their frozen weights are stored in bf16 on a GPU."""
+    state = model.backbone_state_dict() if isinstance(model, VisionTransformer) else model
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu", torch.bfloat16).contiguous()
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.int16).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def save_pack(model, path, class_names=None, ssl=None, **info):
+    """Write the trained prompt side of `model` as a prompt pack: plain tensors, numbers, strings, lists and
+    dicts only, so torch.load(path, weights_only=True) reads it and no code runs. Fields: see read_pack."""
+    if class_names is not None and len(class_names) != model.pcfg.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a head of {model.pcfg.num_classes} classes")
+    pack = {"format": PACK_FORMAT, "version": PACK_VERSION,
+            "tensors": {k: v.detach().cpu().clone() for k, v in model.prompt_state_dict().items()},
+            "vit": asdict(model.cfg), "prompt": asdict(model.pcfg), "ssl": ssl,
+            "backbone_fingerprint": backbone_fingerprint(model),
+            "class_names": None if class_names is None else [str(c) for c in class_names],
+            "info": json.loads(json.dumps(info))}  # plain data only (a TypeError names anything else)
+    path = os.fspath(path)
+    torch.save(pack, path + ".tmp")
+    os.replace(path + ".tmp", path)  # readers never see half a file
+    return path
+
+
+def read_pack(path):
+    """The dict save_pack wrote: format, version, tensors (prompt_state_dict), vit (ViTConfig fields), prompt
+    (PromptConfig fields), ssl, backbone_fingerprint, class_names (or None), info (whatever the writer added:
+    the harness puts task, recipe, config, metrics, transform, checkpoint)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"prompt pack not found: {path}")
+    try:
+        pack = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle of objects, a truncated file, text, ...
+        raise CheckpointError(f"{path} is not a prompt pack: {type(e).__name__}: {str(e)[:160]}") from None
+    if not isinstance(pack, dict) or pack.get("format") != PACK_FORMAT:
+        raw = isinstance(pack, dict) and pack and all(isinstance(v, torch.Tensor) for v in pack.values())
+        raise CheckpointError(f"{path} is not a prompt pack" + (
+            " (raw prompt tensors without their settings, e.g. a .prompts.pt: load those with "
+            "model.load_prompt_state_dict onto a model built with the run's settings)" if raw else ""))
+    if pack.get("version", 0) > PACK_VERSION:
+        raise CheckpointError(f"{path}: prompt pack version {pack['version']}; this code reads up to {PACK_VERSION}")
+    return pack
+
+
+def _config(cls, fields, name):
+    """ViTConfig / PromptConfig from a pack's dict; fields this code does not know are a CheckpointError."""
+    unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise CheckpointError(f"{name}: {cls.__name__} fields unknown to this code: {unknown} (a newer version?)")
+    return cls(**fields)
+
+
+def _as_pack(model, backbone, fingerprint):
+    """A loaded model's prompt side in pack form (its fingerprint is the backbone's when it shares its tensors)."""
+    shared = all(a.data_ptr() == b.data_ptr() for a, b in zip(model.backbone_state_dict().values(),
+                                                                backbone.backbone_state_dict().values()))
+    return {"vit": asdict(model.cfg), "prompt": asdict(model.pcfg), "tensors": model.prompt_state_dict(),
+            "backbone_fingerprint": fingerprint if shared else backbone_fingerprint(model)}
+
+
+def _backbone_from(checkpoint, cfg):
+    """A frozen backbone without prompts or head, loaded from a file or a state dict."""
+    backbone = VisionTransformer(cfg, PromptConfig(prompt="none", gates="none", learn_temperature=False,
+                                                   num_classes=0))
+    load_backbone(backbone, checkpoint)
+    return backbone.eval()
+
+
+def _mismatches(pack, backbone, fingerprint):
+    """What contradicts between a pack and a backbone: ViTConfig fields (attention kernel aside) and fingerprint."""
+    found = asdict(backbone.cfg)
+    wrong = [f"{k}: pack {v!r}, backbone {found.get(k)!r}" for k, v in pack["vit"].items()
+             if k != "fused_attention" and found.get(k) != v]
+    if fingerprint != pack["backbone_fingerprint"]:
+        wrong.append(f"backbone fingerprint: pack {pack['backbone_fingerprint']}, backbone {fingerprint}")
+    return wrong
+
+
+def _attach(pack, backbone, fingerprint, strict, name):
+    """A VisionTransformer with the pack's prompt side that shares `backbone`'s tensors (nothing is copied)."""
+    wrong = _mismatches(pack, backbone, fingerprint)
+    if wrong and strict:
+        raise CheckpointError(f"{name} was trained on another backbone or configuration (strict=False loads it "
+                              f"anyway): " + "; ".join(wrong))
+    if wrong:
+        warnings.warn(f"{name}: loading onto another backbone or configuration (strict=False): " + "; ".join(wrong))
+    with torch.device("meta"):  # allocates nothing: every tensor comes from the backbone or the pack
+        model = VisionTransformer(replace(_config(ViTConfig, pack["vit"], name),
+                                          fused_attention=backbone.cfg.fused_attention),
+                                  _config(PromptConfig, pack["prompt"], name))
+    device = backbone.pos_embed.device
+    state = {**backbone.backbone_state_dict(), **{k: v.to(device) for k, v in pack["tensors"].items()}}
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{name}: its tensors do not fit its own configuration: {str(e)[:300]}") from None
+    return model.freeze_backbone().eval()
+
+
+def load_pack(path, checkpoint, strict=True):
+    """A ready VisionTransformer (eval mode) from a prompt pack and its backbone: `checkpoint` is a backbone file
+    in any format load_backbone reads, a state dict, or a VisionTransformer whose backbone tensors are shared.
+    A backbone whose fingerprint or configuration differs from the pack's is refused (CheckpointError naming
+    both); strict=False loads anyway and warns."""
+    pack = read_pack(path)
+    backbone = checkpoint if isinstance(checkpoint, VisionTransformer) else \
+        _backbone_from(checkpoint, _config(ViTConfig, pack["vit"], os.fspath(path)))
+    return _attach(pack, backbone, backbone_fingerprint(backbone), strict, os.fspath(path))
+
+
+class MultiTask(nn.Module):
+    """Many tasks through one frozen backbone in one batched pass (inference, eval mode). Image b runs with its
+    own task's prompts, gates (Eq. 7), temperatures (Eq. 9) and head. Tasks with fewer prompts (or none, or
+    prompts from a later block) get padding slots that no token attends to and MAE's mean pooling skips, so
+    every image's logits equal those of its task's own model. The prompt side is copied at construction.
+
+        mt = gp.MultiTask("mae_pretrain_vit_base.pth", {"cub": "cub.pack.pt", "dtd": "dtd.pack.pt"})
+        logits = mt(images, ["cub", "dtd", "cub"])   # a list: one [num_classes of its task] tensor per image
+    """
+
+    def __init__(self, backbone, packs, strict=True):
+        super().__init__()
+        if not packs:
+            raise ValueError("MultiTask needs at least one pack")
+        packs = {name: p if isinstance(p, VisionTransformer) else read_pack(p) for name, p in packs.items()}
+        if not isinstance(backbone, VisionTransformer):
+            first = next(iter(packs.values()))
+            backbone = _backbone_from(backbone, first.cfg if isinstance(first, VisionTransformer)
+                                      else _config(ViTConfig, first["vit"], "the first pack"))
+        fingerprint = backbone_fingerprint(backbone)
+        models = {name: _attach(p if isinstance(p, dict) else _as_pack(p, backbone, fingerprint), backbone,
+                                fingerprint, strict, f"pack {name!r}") for name, p in packs.items()}
+        self.backbone, self.names = backbone.eval(), list(models)
+        self.heads = nn.ModuleDict({n: m.head if m.head is not None else nn.Identity() for n, m in models.items()})
+        self.class_names = {n: p.get("class_names") if isinstance(p, dict) else None for n, p in packs.items()}
+        self._tables(list(models.values()))
+
+    @torch.no_grad()
+    def _tables(self, models):
+        """Per task t and block i: the prompt tokens written before the block (Eq. 4 at insert_at, Eq. 5 after),
+        which slots are live, the gate (1 = ungated) and the temperature (1 = none)."""
+        L, D = self.backbone.cfg.depth, self.backbone.cfg.embed_dim
+        self.slots = max(m.num_prompts for m in models)  # prompt slots in every image's sequence
+        T, P = len(models), self.slots
+        writes, write_at = torch.zeros(T, L, P, D), torch.zeros(T, L, dtype=torch.bool)
+        live, gates, taus = torch.zeros(T, L, P, dtype=torch.bool), torch.ones(T, L), torch.ones(T, L)
+        for t, m in enumerate(models):
+            k, n = m.pcfg.insert_at, m.num_prompts
+            if n:
+                writes[t, k - 1, :n], write_at[t, k - 1], live[t, k - 1:, :n] = m.prompts[0].float().cpu(), True, True
+            if m.deep_prompts is not None:
+                writes[t, k:, :n], write_at[t, k:] = m.deep_prompts.float().cpu(), True
+            if m.gate_logits is not None:
+                gates[t, k - 1:L - 1] = m.eval().gates()[k - 1:].cpu()
+            if m.temperatures is not None:
+                taus[t] = m.temperatures.float().cpu()
+        for name, value in (("writes", writes), ("write_at", write_at), ("live", live), ("gate", gates),
+                            ("tau", taus)):
+            self.register_buffer(name, value, persistent=False)
+        # host-side switches: a block with no writes, no padding, no gate or no temperature skips that work
+        self.block_writes = write_at.any(0).tolist()
+        self.block_masked = (~live).any(2).any(0).tolist()
+        self.block_gated = (gates != 1).any(0).tolist()
+        self.has_tau = bool((taus != 1).any())
+
+    def forward(self, images, tasks):
+        unknown = sorted(set(tasks) - set(self.names))
+        if unknown or len(tasks) != len(images):
+            raise ValueError(f"need one task per image from {self.names}; got {len(tasks)} for {len(images)} "
+                             f"images" + (f", unknown {unknown}" if unknown else ""))
+        bb, P = self.backbone, self.slots
+        t = torch.tensor([self.names.index(name) for name in tasks], device=images.device)
+        x = bb.embed(images)
+        B, N = x.shape[0], x.shape[1] - 1
+        if P:
+            x = torch.cat([x[:, :1], x.new_zeros(B, P, x.shape[2]), x[:, 1:]], dim=1)
+        ones = torch.ones(B, 1, dtype=torch.bool, device=x.device)
+        for i, blk in enumerate(bb.blocks):
+            if self.block_writes[i]:  # Eq. 4 / 5, per image
+                new = torch.where(self.write_at[t, i].view(B, 1, 1), self.writes[t, i].to(x.dtype), x[:, 1:1 + P])
+                x = torch.cat([x[:, :1], new, x[:, 1 + P:]], dim=1)
+            mask = None
+            if self.block_masked[i]:  # CLS, live prompt slots, patches
+                mask = torch.cat([ones, self.live[t, i], ones.expand(B, N)], dim=1).view(B, 1, 1, -1)
+            tau = self.tau[t, i].view(B, 1, 1, 1).to(x.dtype) if self.has_tau else None  # Eq. 9, per image
+            prompts_in = x[:, 1:1 + P]
+            x, _ = blk(x, tau, attn_mask=mask)
+            if self.block_gated[i]:  # Eq. 7, per image, mixed in fp32
+                g = self.gate[t, i].view(B, 1, 1)
+                gated = g * x[:, 1:1 + P].float() + (1 - g) * prompts_in.float()
+                x = torch.cat([x[:, :1], gated.to(x.dtype), x[:, 1 + P:]], dim=1)
+        if bb.cfg.pool == "mean":  # MAE: mean over live prompts and patches, then norm
+            keep = torch.cat([self.live[t, -1], ones.expand(B, N)], dim=1).float()[..., None] if P else None
+            pooled = x[:, 1:].mean(dim=1) if keep is None else (x[:, 1:].float() * keep).sum(1) / keep.sum(1)
+            features = bb.norm(pooled.to(x.dtype))
+        else:
+            features = bb.pool(x)
+        logits = [None] * B
+        for name in dict.fromkeys(tasks):
+            rows = [b for b, task in enumerate(tasks) if task == name]
+            for b, out in zip(rows, self.heads[name](features[rows])):
+                logits[b] = out
+        return logits
 
 # -----------------------------------------------------------------------------
 # Checkpoints: each format's names -> ours. "{i}" is the block index; a tuple of sources is

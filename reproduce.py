@@ -9,6 +9,7 @@
     python reproduce.py download --ssl mae --arch vit_base   # fetch and verify a backbone checkpoint
     python reproduce.py prepare --dataset cub             # VPT-sized splits from the release files
     python reproduce.py figure 4                          # analyses (see `python reproduce.py figure -h`)
+    python reproduce.py predict --pack RUN.pack.pt photos/   # top-5 classes per image (see `predict -h`)
 
 Reads top to bottom: arguments -> config (recipes.resolve, paper_hparams.yaml) -> runs (trainer.py for
 classification, segmentation.py for ADE20K: data -> model -> train -> evaluate) -> result files (results.py)
@@ -29,6 +30,7 @@ import analysis
 import data
 import downloads
 import gated_prompt as gp
+import predict
 import recipes
 import results
 import runtime
@@ -251,7 +253,8 @@ def run_demo(args, settings):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    subcommands = {"prepare": prepare_main, "figure": analysis.main, "download": download_main}
+    subcommands = {"prepare": prepare_main, "figure": analysis.main, "download": download_main,
+                   "predict": predict.main}
     if argv[:1] and argv[0] in subcommands:
         return subcommands[argv[0]](argv[1:])
     args = parse_args(argv)

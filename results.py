@@ -51,12 +51,13 @@ class RunFiles:
     result: Path    # the JSON
     prompts: Path   # what training changed (prompt_state_dict), for figures and reuse
     state: Path     # resumable training state, removed when the run finishes
+    pack: Path = None  # the prompt pack (gated_prompt.read_pack): prompts + settings + backbone fingerprint
 
 
 def run_files(results_dir, cfg, protocol):
     base = Path(results_dir) / run_name(cfg, protocol)
     return RunFiles(base.with_name(base.name + ".json"), base.with_name(base.name + ".prompts.pt"),
-                    base.with_name(base.name + ".state.pt"))
+                    base.with_name(base.name + ".state.pt"), base.with_name(base.name + ".pack.pt"))
 
 
 def identity(cfg):

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import data
 import downloads
+import predict
 import recipes
 import results
 import runtime
@@ -275,13 +276,15 @@ def run_classification(cfg, protocol, settings):
     tic = time.perf_counter()
     with runtime.flush_denormals(settings.device):
         runtime.seed_everything(cfg["seed"])
-        model = recipes.model_from_config(cfg, recipes.num_classes(cfg), recipes.checkpoint_for(cfg, settings),
-                                          verbose=runtime.is_main())
+        checkpoint = recipes.checkpoint_for(cfg, settings)
+        model = recipes.model_from_config(cfg, recipes.num_classes(cfg), checkpoint, verbose=runtime.is_main())
         runtime.place_model(model, settings.device, settings.bf16)
         train_split, eval_splits = load_data(cfg, settings, protocol)
         train_loader, eval_loaders = make_loaders(cfg, train_split, eval_splits, settings.device)
         outcome = train(cfg, model, train_loader, eval_loaders, settings, files.state)
     session = time.perf_counter() - tic
+    if runtime.is_main():  # the prompt pack, beside the .prompts.pt the result writer saves
+        predict.write_run_pack(model, cfg, protocol, settings, outcome.final, checkpoint, files.pack)
     body = {"history": outcome.history, "final": outcome.final, **learned_gates(model),
             "wall_seconds": outcome.elapsed_before + session, "wall_seconds_this_session": session,
             "train_seconds": outcome.train_seconds, "eval_seconds": outcome.eval_seconds}

@@ -1,0 +1,241 @@
+"""Serve trained prompts: `python reproduce.py predict` and the prompt pack every finished run writes.
+
+    python reproduce.py predict --pack results/cub/mae/....pack.pt photos/           # top-5 per image
+    python reproduce.py predict --pack cub.pack.pt --pack dtd.pack.pt --checkpoint mae_pretrain_vit_base.pth \\
+        photos/ more.jpg --out predictions.csv                                        # or .json
+
+Every (image, pack) pair goes through one gated_prompt.MultiTask: one frozen backbone, each row with its own
+pack's prompts, gates, temperatures and head, in batches, on the GPU when there is one, under bf16 autocast
+as in training (--fp32 turns it off). Each pack records its task's evaluation transform and the harness
+applies it with data.py's decoders: FGVC = torchvision Resize(256) + CenterCrop, VTAB = TF1's bilinear resize
+to 224 (+ CenterCrop to the model's size when smaller). Unreadable images are reported on stderr and
+skipped. Bad input (a missing or foreign pack, no images, an unknown --out type) stops with one line before
+the backbone is read.
+"""
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from tqdm import tqdm
+
+import data
+import gated_prompt as gp
+import runtime
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+TOP = 5
+
+# --- what a finished run writes --------------------------------------------------------------------
+
+
+def eval_transform(cfg):
+    """The evaluation transform of a run's task as the harness applies it (data.py): FGVC decodes with
+    Resize(256) and center-crops img_size; VTAB resizes to 224 (TF1 bilinear) and center-crops img_size.
+    None for the demo (generated images, no files)."""
+    kind = data.task_kind(cfg["task"]) if cfg["task"] != "demo" else "demo"
+    if kind == "fgvc":
+        return {"kind": "fgvc", "resize": data.FGVC_RESIZE, "crop": cfg["img_size"]}
+    if kind == "vtab":
+        return {"kind": "vtab", "resize": data.IMAGE_SIZE, "crop": cfg["img_size"]}
+    return None
+
+
+def class_names(cfg, data_dir, split):
+    """Names of the classes when the dataset folder has them: the folder each class's training images lie in
+    (CUB's 001.Black_footed_Albatross, Dogs' n02085620-Chihuahua), when every class has its own folder."""
+    if cfg["task"] == "demo":
+        return None
+    try:
+        paths, labels = data.read_split(cfg["task"], data.dataset_root(cfg["task"], data_dir), split)
+    except (data.DataError, OSError):
+        return None
+    folders = {}
+    for path, label in zip(paths, labels):
+        folders.setdefault(label, set()).add(Path(path).parent.name)
+    names = [next(iter(folders.get(c, {None}))) for c in range(max(folders, default=-1) + 1)]
+    one_each = all(len(folders.get(c, ())) == 1 for c in range(len(names))) and len(set(names)) == len(names)
+    return names if names and one_each else None
+
+
+def write_run_pack(model, cfg, protocol, settings, final, checkpoint, path):
+    """The prompt pack of a finished classification run, beside its .prompts.pt."""
+    train_split = data.split_names(cfg["task"], protocol)[0] if cfg["task"] != "demo" else None
+    names = class_names(cfg, settings.data_dir, train_split)
+    if names is not None and len(names) != model.pcfg.num_classes:
+        names = None
+    model.save_pack(path, class_names=names, ssl=cfg["ssl"], task=cfg["task"], recipe=cfg.get("recipe"),
+                    protocol=protocol, config=cfg, metrics=final, transform=eval_transform(cfg),
+                    checkpoint=None if checkpoint is None else str(checkpoint))
+
+# --- predict ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="reproduce.py predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="*", metavar="IMAGES_OR_DIRS", help="image files and folders (searched recursively)")
+    p.add_argument("--pack", action="append", default=[], required=True,
+                   help="a prompt pack (<run>.pack.pt); repeat for several tasks")
+    p.add_argument("--checkpoint", help="the backbone file (default: the one the packs record, if it exists)")
+    p.add_argument("--out", help="also write every prediction to this .json or .csv file")
+    p.add_argument("--batch-size", type=int, default=64, help="rows (image x pack) per forward pass (default 64)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--fp32", action="store_true", help="disable bf16 autocast on the GPU")
+    return p.parse_args(argv)
+
+
+def find_images(inputs):
+    """Files as given (any name: an unreadable one is reported later) and image files under folders, sorted."""
+    if not inputs:
+        raise runtime.UserError("no images given: name image files or folders after the options")
+    found = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise runtime.UserError(f"image or folder not found: {item}")
+    if not found:
+        raise runtime.UserError(f"no image files ({' '.join(sorted(IMAGE_SUFFIXES))}) in {' '.join(inputs)}")
+    return found
+
+
+def pack_names(paths):
+    """A short unique name per pack: its file name without .pack.pt / .pt."""
+    names = []
+    for path in map(Path, paths):
+        name = path.name.removesuffix(".pt").removesuffix(".pack")
+        names.append(name if name not in names else f"{name}#{len(names) + 1}")
+    return names
+
+
+def read_packs(paths):
+    """{name: pack} with a transform predict can apply; CheckpointError / UserError name the file."""
+    packs = {}
+    for name, path in zip(pack_names(paths), paths):
+        pack = gp.read_pack(path)
+        transform = (pack.get("info") or {}).get("transform")
+        if not transform or transform.get("kind") not in ("fgvc", "vtab"):
+            raise runtime.UserError(f"{path} records no image transform (a demo run on generated images, or a pack "
+                                    "written outside the harness: pass transform={'kind': 'fgvc' or 'vtab', "
+                                    "'resize': 256 or 224, 'crop': 224} to save_pack)")
+        packs[name] = pack
+    return packs
+
+
+def backbone_file(packs, checkpoint):
+    if checkpoint:
+        return checkpoint
+    recorded = sorted({str((p.get("info") or {}).get("checkpoint")) for p in packs.values()})
+    if len(recorded) == 1 and Path(recorded[0]).is_file():
+        return recorded[0]
+    raise runtime.UserError("pass --checkpoint: the backbone file the packs were trained on (they record "
+                            f"{', '.join(recorded)}, not found here)")
+
+
+def load_image(path, transform):
+    """uint8 [3, crop, crop]: the pack's evaluation transform with data.py's decoders (DataError if unreadable)."""
+    decode = data.decode_fgvc if transform["kind"] == "fgvc" else data.decode_vtab
+    image = torch.from_numpy(np.array(decode(str(path)))).permute(2, 0, 1)
+    if min(image.shape[1:]) < transform["crop"]:
+        raise data.DataError(f"image {path} is smaller than the {transform['crop']}px crop after resizing")
+    return TF.center_crop(image, transform["crop"])  # torchvision's CenterCrop, as the loader's offsets
+
+
+def normalise(images):
+    """uint8 -> float (x / 255 - mean) / std, as data.BatchLoader."""
+    mean = torch.tensor(data.IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(data.IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def predict(model, packs, images, device, bf16, batch_size, top=TOP):
+    """[{image, pack, top: [{rank, class, name, probability}]}] for every readable image x pack, and the
+    skipped (path, reason) pairs."""
+    names = list(packs)
+    transforms = {n: json.dumps(packs[n]["info"]["transform"], sort_keys=True) for n in names}
+    per_chunk = max(1, batch_size // len(names))
+    records, skipped = [], []
+    bar = tqdm(total=len(images), desc="predict", unit="img", disable=None)
+    for start in range(0, len(images), per_chunk):
+        rows, tensors = [], []
+        for path in images[start:start + per_chunk]:
+            try:
+                decoded = {t: load_image(path, json.loads(t)) for t in set(transforms.values())}
+            except data.DataError as err:
+                skipped.append((str(path), str(err)))
+                tqdm.write(f"skipped {path}: {err}", file=sys.stderr)
+                continue
+            for n in names:
+                rows.append((str(path), n))
+                tensors.append(decoded[transforms[n]])
+        bar.update(min(per_chunk, len(images) - start))
+        if not rows:
+            continue
+        batch = normalise(torch.stack(tensors).to(device))
+        with torch.no_grad(), runtime.autocast(device, bf16):
+            logits = model(batch, [n for _, n in rows])
+        for (path, n), out in zip(rows, logits):
+            prob = out.float().softmax(-1)
+            values, indices = prob.topk(min(top, prob.numel()))
+            labels = packs[n].get("class_names")
+            records.append({"image": path, "pack": n, "top": [
+                {"rank": r + 1, "class": int(c), "name": labels[int(c)] if labels else None, "probability": float(v)}
+                for r, (v, c) in enumerate(zip(values.tolist(), indices.tolist()))]})
+    bar.close()
+    return records, skipped
+
+
+def format_record(record):
+    return f"  {record['pack']}: " + "  ".join(
+        f"{t['rank']}. {t['name'] if t['name'] is not None else 'class ' + str(t['class'])} {100 * t['probability']:.1f}%"
+        for t in record["top"])
+
+
+def write_out(path, records):
+    if path.endswith(".json"):
+        runtime.write_json(path, records)
+        return
+    rows = [[r["image"], r["pack"], t["rank"], t["class"], t["name"] or "", f"{t['probability']:.6f}"]
+            for r in records for t in r["top"]]
+
+    text = io.StringIO()
+    csv.writer(text).writerows([["image", "pack", "rank", "class", "name", "probability"], *rows])
+    runtime.write_text(path, text.getvalue())
+
+
+def main(argv):
+    args = parse_args(argv)
+    if args.out and not args.out.endswith((".json", ".csv")):
+        raise runtime.UserError(f"--out {args.out}: give a .json or .csv file name")
+    if args.batch_size < 1:
+        raise runtime.UserError("--batch-size must be >= 1")
+    packs = read_packs(args.pack)
+    images = find_images(args.inputs)
+    checkpoint = backbone_file(packs, args.checkpoint)
+    settings = runtime.Settings.for_device(args.device, fp32=args.fp32)
+    model = gp.MultiTask(checkpoint, dict(zip(packs, args.pack)))
+    model.to(settings.device)
+    runtime.place_model(model.backbone, settings.device, settings.bf16)
+    records, skipped = predict(model, packs, images, settings.device, settings.bf16, args.batch_size)
+    current = None
+    for record in records:
+        if record["image"] != current:
+            current = record["image"]
+            print(current)
+        print(format_record(record))
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s): " + ", ".join(p for p, _ in skipped), file=sys.stderr)
+    if args.out:
+        write_out(args.out, records)
+        print(f"wrote {args.out}")
+    if not records:
+        raise runtime.UserError("none of the images could be read")
+    return records
