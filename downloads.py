@@ -9,7 +9,7 @@ stop with the exact path, the URL and the one command that fetches the file. Wit
                   file against that record.
   CUB, Flowers, Dogs -> release archives kept in <data_dir>/downloads/ (md5 checked where published, SHA-256
                   recorded in <data_dir>/downloads/SHA256SUMS), unpacked safely into a temporary folder,
-                  split files written by `data.prepare`, a marker file `.gated_prompt_ready` written, and only
+                  split files written by `releases.prepare`, a marker file `.gated_prompt_ready` written, and only
                   then renamed into place (<data_dir>/cub, <data_dir>/flowers, <data_dir>/dogs).
   Cars, NABirds, VTAB-1k, ADE20K -> `dataset_instructions(task)`: what to fetch by hand and where to put it.
 
@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 import data
 import gated_prompt as gp
+import releases
 import runtime
 
 MIRROR_ENV = "GATED_PROMPT_MIRROR"
@@ -351,7 +352,7 @@ def _default_model(arch: str, ssl: str) -> torch.nn.Module:
 
 def checkpoint_path(arch: str, ssl: str, checkpoint_dir: str | os.PathLike = "checkpoints", *,
                     download: bool = False, mirror: str | None = None,
-                    model_factory: Callable[[str, str], torch.nn.Module] | None = None) -> Path:
+                    model_factory: Callable[[], torch.nn.Module] | None = None) -> Path:
     """The verified official backbone file <checkpoint_dir>/<file name> for (arch, ssl).
 
     Present: checked against <checkpoint_dir>/SHA256SUMS (size, SHA-256); without a record it is checked
@@ -391,7 +392,7 @@ def checkpoint_path(arch: str, ssl: str, checkpoint_dir: str | os.PathLike = "ch
         print(f"  warning: the server reports {content_length} bytes, the published size is {ck.size}")
     print(f"  size: {format_bytes(size) if size else '~' + format_bytes(estimated_checkpoint_bytes(arch)) + ' (estimated)'}")
     _check_disk(directory, size or estimated_checkpoint_bytes(arch), f"{ck.filename}")
-    factory = model_factory or _default_model
+    factory = model_factory or (lambda: _default_model(arch, ssl))
 
     def verify(partial: Path) -> str:
         if record is not None:  # the file was deleted, its record kept: the new download must match it
@@ -403,7 +404,7 @@ def checkpoint_path(arch: str, ssl: str, checkpoint_dir: str | os.PathLike = "ch
                   f"again." if record is not None else "Try again, or another mirror."))
         sha = _verify(partial, sha256=expected[0], size=expected[1], md5=None, source=source, fix=fix)
         try:
-            report = gp.load_backbone(factory(arch, ssl), partial)
+            report = gp.load_backbone(factory(), partial)
         except gp.CheckpointError as err:
             raise DownloadError(f"the file downloaded from {url} does not load as a {arch} backbone; it was "
                                 f"deleted.\n{err}") from None
@@ -533,7 +534,7 @@ def _unpack_prepare_and_mark(dataset: str, src: DatasetSource, data_dir: Path, d
     try:
         release = _unpack(src, downloads, staging)
         try:
-            sizes = data.prepare(dataset, release, overwrite=True)
+            sizes = releases.prepare(dataset, release, overwrite=True)
         except data.DataError as err:
             raise DownloadError(f"{dataset}: the unpacked release files in {downloads} do not give split files: "
                                 f"{err}") from None

@@ -30,6 +30,7 @@ import data
 import downloads
 import gated_prompt as gp
 import recipes
+import releases
 import results
 import runtime
 import segmentation
@@ -295,7 +296,7 @@ def prepare_main(argv):
     p.add_argument("--overwrite", action="store_true", help="replace existing split files")
     args = p.parse_args(argv)
     root = args.root or data.dataset_root(args.dataset, args.data_dir)
-    print(data.prepare(args.dataset, root, overwrite=args.overwrite))
+    print(releases.prepare(args.dataset, root, overwrite=args.overwrite))
 
 
 def download_main(argv):

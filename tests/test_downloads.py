@@ -106,8 +106,7 @@ def server(_server, release_files, monkeypatch):
     return _server
 
 
-def tiny_factory(arch, ssl):
-    assert (arch, ssl) == ("vit_base", "mae")
+def tiny_factory():
     return ra.tiny_model()
 
 
@@ -195,12 +194,12 @@ def test_interrupted_dataset_download_leaves_nothing_usable_and_a_rerun_succeeds
 
 def test_interruption_while_unpacking_or_preparing_resumes_from_the_kept_archives(server, tmp_path, monkeypatch):
     data_dir = tmp_path / "data"
-    real_prepare = dl.data.prepare
+    real_prepare = dl.releases.prepare
 
     def interrupted(*args, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dl.data, "prepare", interrupted)
+    monkeypatch.setattr(dl.releases, "prepare", interrupted)
     with pytest.raises(KeyboardInterrupt):
         dl.fetch_dataset("flowers", data_dir, mirror=server.mirror)
     assert not (data_dir / "flowers").exists() and not dl.dataset_ready("flowers", data_dir)
@@ -210,7 +209,7 @@ def test_interruption_while_unpacking_or_preparing_resumes_from_the_kept_archive
     (data_dir / ".flowers.unpacking" / "jpg").mkdir(parents=True)
     (data_dir / ".flowers.unpacking" / "jpg" / "image_99999.jpg").write_bytes(b"half a jpeg")
     (data_dir / "downloads" / "setid.mat.partial.0123abcd.partial").write_bytes(b"half")
-    monkeypatch.setattr(dl.data, "prepare", real_prepare)
+    monkeypatch.setattr(dl.releases, "prepare", real_prepare)
     server.requests.clear()
     root = dl.fetch_dataset("flowers", data_dir, mirror=server.mirror)
     assert server.gets() == [] and dl.dataset_ready("flowers", data_dir)
@@ -235,7 +234,7 @@ def test_archive_md5_mismatch_is_refused(server, tmp_path, monkeypatch):
 
 def test_kept_archive_changed_on_disk_is_refused_against_its_record(server, tmp_path, monkeypatch):
     data_dir = tmp_path / "data"
-    monkeypatch.setattr(dl.data, "prepare", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(dl.releases, "prepare", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         dl.fetch_dataset("dogs", data_dir, mirror=server.mirror)
     lists = data_dir / "downloads" / "lists.tar"
