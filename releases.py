@@ -23,7 +23,7 @@ PREPARE_SEED = 42
 
 
 def prepare(dataset: str, root: str | os.PathLike, *, overwrite: bool = False,
-            seed: int = PREPARE_SEED) -> dict[str, int]:
+            seed: int = PREPARE_SEED, verbose: bool = True) -> dict[str, int]:
     """Write <root>/{train,val,test}.json from the official release files; return the split sizes.
 
     VPT's own split files are no longer downloadable. Official test = test. The official train set is
@@ -53,8 +53,9 @@ def prepare(dataset: str, root: str | os.PathLike, *, overwrite: bool = False,
     for split, anno in splits.items():
         write_text(targets[split], json.dumps(dict(sorted(anno.items())), indent=0))
     sizes = {split: len(anno) for split, anno in splits.items()}
-    print(f"{dataset}: train {sizes['train']} / val {sizes['val']} / test {sizes['test']} written to {root} "
-          f"(VPT: {' / '.join(map(str, info.split_sizes))})")
+    if verbose:
+        print(f"{dataset}: train {sizes['train']} / val {sizes['val']} / test {sizes['test']} written to {root} "
+              f"(VPT: {' / '.join(map(str, info.split_sizes))})")
     return sizes
 
 
