@@ -169,6 +169,17 @@ def test_a_host_that_ignores_range_is_downloaded_again_from_byte_0(server, tmp_p
     assert "does not resume downloads; starting again from byte 0" in capsys.readouterr().out
 
 
+def test_a_complete_kept_partial_is_checked_without_downloading_again(server, tmp_path):
+    """Killed after the last byte, before the check: the host answers the Range request with 416 and the
+    file's size, and the kept bytes are checked and used."""
+    blob = server.files[CKPT]
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / f"{CKPT}.partial").write_bytes(blob)
+    assert fetch_ckpt(tmp_path, server).read_bytes() == blob
+    assert server.ranges(CKPT) == [f"bytes={len(blob)}-"]
+    assert leftovers(tmp_path / "checkpoints") == sorted([CKPT, dl.SUMS_NAME])
+
+
 def test_a_killed_download_process_is_resumed_by_the_next_one(server, tmp_path):
     """A real process killed (SIGKILL) mid-download: its lock dies with it, the partial file stays, and the next
     command asks for the rest (HTTP Range) and gets a file that verifies."""
