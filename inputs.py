@@ -4,15 +4,16 @@
     root = inputs.dataset_folder(cfg["task"], settings)  # the dataset folder under --data-dir
 
 The entry points (trainer, segmentation) call these; the config module (recipes) never reaches the network.
-With --download a missing file is fetched through downloads.py. Under torchrun rank 0 goes first and the other
-ranks then find its result; parallel processes that are not ranks of one job (--workers, two commands) are kept
-apart by downloads.py's file locks.
+With --download a missing file is fetched through downloads.py (checkpoints) and releases.py (datasets). Under
+torchrun rank 0 goes first and the other ranks then find its result; parallel processes that are not ranks of
+one job (--workers, two commands) are kept apart by downloads.py's file locks.
 """
 import torch
 
 import data
 import downloads
 import recipes
+import releases
 import runtime
 
 
@@ -35,14 +36,14 @@ def checkpoint_for(cfg, settings):
 def dataset_folder(task, settings):
     """The task's dataset folder under --data-dir; with --download, CUB / Flowers / Dogs are fetched first (rank 0).
     A missing folder says what to fetch from where and where to put it."""
-    if settings.download and task in downloads.DATASETS and not _folder_exists(task, settings.data_dir):
+    if settings.download and task in releases.DATASETS and not _folder_exists(task, settings.data_dir):
         with runtime.main_first():
             if runtime.is_main():
-                downloads.fetch_dataset(task, settings.data_dir, mirror=settings.mirror)
+                releases.fetch_dataset(task, settings.data_dir, mirror=settings.mirror)
     try:
         return data.dataset_root(task, settings.data_dir)
     except data.DataError as err:
-        raise data.DataError(f"{err}\n{downloads.dataset_instructions(task, settings.data_dir)}") from None
+        raise data.DataError(f"{err}\n{releases.dataset_instructions(task, settings.data_dir)}") from None
 
 
 def _folder_exists(task, data_dir):

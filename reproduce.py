@@ -312,7 +312,7 @@ def download_main(argv):
     p.add_argument("--mirror", default=None, help="base URL replacing the official hosts (or GATED_PROMPT_MIRROR)")
     args = p.parse_args(argv)
     if args.dataset:
-        print(downloads.fetch_dataset(args.dataset, args.data_dir, mirror=args.mirror))
+        print(releases.fetch_dataset(args.dataset, args.data_dir, mirror=args.mirror))
     else:
         print(downloads.checkpoint_path(args.arch, args.ssl, args.checkpoint_dir, download=True, mirror=args.mirror))
 

@@ -30,7 +30,7 @@ import inputs
 import recipes
 import results
 import runtime
-from downloads import ADE_URL  # every download address lives in downloads.py
+from releases import ADE_URL  # where each dataset comes from is written in releases.py
 from runtime import UserError
 
 NUM_CLASSES = 150

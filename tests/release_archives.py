@@ -1,4 +1,5 @@
-"""Test fixtures for downloads.py: the files the real hosts serve, tiny but in the real release formats.
+"""Test fixtures for downloads.py and releases.py: the files the real hosts serve, tiny but in the real release
+formats.
 
   CUB_200_2011.tgz   CUB_200_2011/{images/, images.txt, image_class_labels.txt, train_test_split.txt,
                      classes.txt} (+ attributes.txt beside the folder, as in the real archive)
@@ -6,8 +7,9 @@
   images.tar         Images/n<synset>-<breed>/*.jpg;  lists.tar: train_list.mat, test_list.mat, file_list.mat
   a checkpoint       MAE .pth layout {"model": state dict in timm names} of a tiny ViT
 
-`fixture_tables(files)` gives downloads.py's tables with every pin replaced by the fixture files' own values
-(same kinds, same prefix lengths): the checking logic runs as it does on the real files. Run as a script, this
+`fixture_tables(files)` gives the download tables (downloads.CHECKPOINTS, releases.DATASETS) with every pin
+replaced by the fixture files' own values (same kinds, same prefix lengths): the checking logic runs as it does
+on the real files. Run as a script, this
 file installs those tables in a real process and then runs the CLI or a tiny training run, e.g.
 
     python tests/release_archives.py PINS.json reproduce download --ssl mae --arch vit_base --mirror URL \
@@ -34,6 +36,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 import downloads as dl  # noqa: E402
+import releases as rel  # noqa: E402
 import fixtures  # noqa: E402
 import gated_prompt as gp  # noqa: E402
 
@@ -204,11 +207,11 @@ def _fixture_pins(pins: tuple, values: dict) -> tuple:
 
 
 def fixture_tables(values: dict[str, dict]) -> tuple[dict, dict]:
-    """(CHECKPOINTS, DATASETS) of downloads.py with the pins of the files in `values` (pins_json) replaced."""
+    """(downloads.CHECKPOINTS, releases.DATASETS) with the pins of the files in `values` (pins_json) replaced."""
     checkpoints = {key: dataclasses.replace(ck, pins=_fixture_pins(ck.pins, values[ck.filename]))
                    if ck.filename in values else ck for key, ck in dl.CHECKPOINTS.items()}
     datasets = {}
-    for name, src in dl.DATASETS.items():
+    for name, src in rel.DATASETS.items():
         files = tuple(dataclasses.replace(f, pins=_fixture_pins(f.pins, values[dl.url_filename(f.url)]))
                       if dl.url_filename(f.url) in values else f for f in src.files)
         datasets[name] = dataclasses.replace(src, files=files)
@@ -230,7 +233,7 @@ def _tiny_run(results_dir, data_dir, checkpoint_dir, mirror):
 
 def main(argv: list[str]) -> int:
     import runtime
-    dl.CHECKPOINTS, dl.DATASETS = fixture_tables(json.loads(Path(argv[0]).read_text()))
+    dl.CHECKPOINTS, rel.DATASETS = fixture_tables(json.loads(Path(argv[0]).read_text()))
     dl._default_model = lambda arch, ssl: tiny_model()  # what `download` checks a checkpoint against
     try:
         if argv[1] == "tiny-run":

@@ -1,5 +1,6 @@
-"""Tests for downloads.py, fully offline: the release files are served by a local HTTP server started here
-(127.0.0.1, port 0) and reached through the mirror mechanism, exactly as a lab mirror would be."""
+"""Tests for downloads.py and the dataset fetching of releases.py, fully offline: the release files are served by
+a local HTTP server started here (127.0.0.1, port 0) and reached through the mirror mechanism, exactly as a lab
+mirror would be."""
 import collections
 import dataclasses
 import errno
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import release_archives as ra  # noqa: E402
 import downloads as dl  # noqa: E402
+import releases as rel  # noqa: E402
 import gated_prompt as gp  # noqa: E402
 import runtime  # noqa: E402
 
@@ -55,15 +57,15 @@ def server(_server, release_files, monkeypatch):
     monkeypatch.delenv(dl.MIRROR_ENV, raising=False)
     checkpoints, datasets = ra.fixture_tables(ra.pins_json(release_files))
     monkeypatch.setattr(dl, "CHECKPOINTS", checkpoints)
-    monkeypatch.setattr(dl, "DATASETS", datasets)
+    monkeypatch.setattr(rel, "DATASETS", datasets)
     return _server
 
 
 def unpin(monkeypatch, dataset, *names):
     """Drop the pins of some files of a dataset (what an unpinned download meets)."""
-    src = dl.DATASETS[dataset]
+    src = rel.DATASETS[dataset]
     files = tuple(dataclasses.replace(f, pins=()) if dl.url_filename(f.url) in names else f for f in src.files)
-    monkeypatch.setitem(dl.DATASETS, dataset, dataclasses.replace(src, files=files))
+    monkeypatch.setitem(rel.DATASETS, dataset, dataclasses.replace(src, files=files))
 
 
 def tiny_factory():
@@ -94,7 +96,7 @@ def test_mirror_url_keeps_file_names_strips_queries_and_reads_the_environment(mo
     assert dl.mirror_url(cub) == "http://env-mirror/files/CUB_200_2011.tgz"
     assert dl.mirror_url(cub, "http://explicit") == "http://explicit/CUB_200_2011.tgz"  # the argument wins
     # every served file keeps a distinct name on a flat mirror
-    names = [dl.url_filename(f.url) for s in dl.DATASETS.values() for f in s.files]
+    names = [dl.url_filename(f.url) for s in rel.DATASETS.values() for f in s.files]
     names += [c.filename for c in dl.CHECKPOINTS.values()]
     assert len(names) == len(set(names)) and all(dl.url_filename(c.url) == c.filename for c in dl.CHECKPOINTS.values())
 
@@ -114,16 +116,16 @@ def test_checkpoint_download_through_the_environment_mirror(server, tmp_path, mo
 ])
 def test_fetch_dataset_downloads_unpacks_prepares_and_marks_ready(server, tmp_path, dataset, folder, served):
     data_dir = tmp_path / "data"
-    root = dl.fetch_dataset(dataset, data_dir, mirror=server.mirror)
+    root = rel.fetch_dataset(dataset, data_dir, mirror=server.mirror)
     assert root == data_dir / folder and sorted(server.gets()) == sorted(served)
     for split, n in ra.EXPECTED_SPLITS[dataset].items():
         anno = json.loads((root / f"{split}.json").read_text())
         assert len(anno) == n
         image_root = root / {"cub": "images", "flowers": "", "dogs": "Images"}[dataset]
         assert all((image_root / key).is_file() for key in anno)
-    for entry in dl.DATASETS[dataset].expect:
+    for entry in rel.DATASETS[dataset].expect:
         assert (root / entry).exists()
-    marker = json.loads((root / dl.READY_MARKER).read_text())
+    marker = json.loads((root / rel.READY_MARKER).read_text())
     assert marker["dataset"] == dataset and marker["split_sizes"] == ra.EXPECTED_SPLITS[dataset]
     assert sorted(f["name"] for f in marker["files"]) == sorted(served)
     assert all(f["sha256"] == ra.sha256(server.files[f["name"]]) for f in marker["files"])
@@ -133,10 +135,10 @@ def test_fetch_dataset_downloads_unpacks_prepares_and_marks_ready(server, tmp_pa
     assert sorted(p.name for p in data_dir.iterdir()) == sorted(["downloads", folder])
     if dataset == "cub":  # the archive's top-level extras stay out of the dataset folder
         assert not (root / "attributes.txt").exists() and (root / "classes.txt").is_file()
-    assert dl.dataset_ready(dataset, data_dir)
+    assert rel.dataset_ready(dataset, data_dir)
     # a second call: no request at all, and the ready folder is left as it is
     before, inode = len(server.requests), root.stat().st_ino
-    assert dl.fetch_dataset(dataset, data_dir, mirror=server.mirror) == root
+    assert rel.fetch_dataset(dataset, data_dir, mirror=server.mirror) == root
     assert len(server.requests) == before and root.stat().st_ino == inode
 
 
@@ -145,16 +147,16 @@ def test_interrupted_dataset_download_resumes_with_http_range(server, tmp_path):
     blob = server.files["CUB_200_2011.tgz"]
     server.faults["CUB_200_2011.tgz"] = ("truncate", {"GET"})
     with pytest.raises(dl.DownloadError, match=r"closed early.*got \d+ of \d+ bytes.*kept.*resume"):
-        dl.fetch_dataset("cub", data_dir, mirror=server.mirror)
+        rel.fetch_dataset("cub", data_dir, mirror=server.mirror)
     # no archive, no dataset folder, no marker, no record; the bytes received are kept for the rerun
     assert leftovers(data_dir) == ["downloads", "downloads/CUB_200_2011.tgz.partial"]
     assert (data_dir / "downloads" / "CUB_200_2011.tgz.partial").read_bytes() == blob[:len(blob) // 2]
-    assert not dl.dataset_ready("cub", data_dir)
+    assert not rel.dataset_ready("cub", data_dir)
     server.faults.clear()
-    root = dl.fetch_dataset("cub", data_dir, mirror=server.mirror)
+    root = rel.fetch_dataset("cub", data_dir, mirror=server.mirror)
     assert server.ranges("CUB_200_2011.tgz") == [None, f"bytes={len(blob) // 2}-"]
     assert (data_dir / "downloads" / "CUB_200_2011.tgz").read_bytes() == blob
-    assert dl.dataset_ready("cub", data_dir) and len(json.loads((root / "test.json").read_text())) == 12
+    assert rel.dataset_ready("cub", data_dir) and len(json.loads((root / "test.json").read_text())) == 12
 
 
 def test_a_host_that_ignores_range_is_downloaded_again_from_byte_0(server, tmp_path, capsys):
@@ -163,7 +165,7 @@ def test_a_host_that_ignores_range_is_downloaded_again_from_byte_0(server, tmp_p
     (data_dir / "downloads").mkdir(parents=True)
     (data_dir / "downloads" / "CUB_200_2011.tgz.partial").write_bytes(blob[:1000])
     server.honour_range = False
-    dl.fetch_dataset("cub", data_dir, mirror=server.mirror)
+    rel.fetch_dataset("cub", data_dir, mirror=server.mirror)
     assert server.ranges("CUB_200_2011.tgz") == ["bytes=1000-"]  # asked, answered 200 with the whole file
     assert (data_dir / "downloads" / "CUB_200_2011.tgz").read_bytes() == blob
     assert "does not resume downloads; starting again from byte 0" in capsys.readouterr().out
@@ -248,7 +250,7 @@ def test_two_download_commands_at_once_share_one_download(server, tmp_path):
     assert "using its result" in text[1] and "is ready" in text[1]
     assert (tmp_path / "checkpoints" / CKPT).read_bytes() == server.files[CKPT]
     assert leftovers(tmp_path / "checkpoints") == sorted([CKPT, dl.SUMS_NAME])
-    assert dl.dataset_ready("dogs", tmp_path / "data")
+    assert rel.dataset_ready("dogs", tmp_path / "data")
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["dogs", "downloads"]  # no lock, no staging
 
 
@@ -261,38 +263,38 @@ def wait_for(condition, outputs, timeout=120):
 
 def test_interruption_while_unpacking_or_preparing_resumes_from_the_kept_archives(server, tmp_path, monkeypatch):
     data_dir = tmp_path / "data"
-    real_prepare = dl.releases.prepare
+    real_prepare = rel.prepare
 
     def interrupted(*args, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dl.releases, "prepare", interrupted)
+    monkeypatch.setattr(rel, "prepare", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        dl.fetch_dataset("flowers", data_dir, mirror=server.mirror)
-    assert not (data_dir / "flowers").exists() and not dl.dataset_ready("flowers", data_dir)
+        rel.fetch_dataset("flowers", data_dir, mirror=server.mirror)
+    assert not (data_dir / "flowers").exists() and not rel.dataset_ready("flowers", data_dir)
     assert sorted(p.name for p in (data_dir / "downloads").iterdir()) == \
         ["102flowers.tgz", "imagelabels.mat", "setid.mat"]  # kept; recorded only once they prepared
     # a killed process may also leave a half-unpacked staging folder and a partial download behind
     (data_dir / ".flowers.unpacking" / "jpg").mkdir(parents=True)
     (data_dir / ".flowers.unpacking" / "jpg" / "image_99999.jpg").write_bytes(b"half a jpeg")
     (data_dir / "downloads" / "setid.mat.partial").write_bytes(b"half")
-    monkeypatch.setattr(dl.releases, "prepare", real_prepare)
+    monkeypatch.setattr(rel, "prepare", real_prepare)
     server.requests.clear()
-    root = dl.fetch_dataset("flowers", data_dir, mirror=server.mirror)
-    assert server.gets() == [] and dl.dataset_ready("flowers", data_dir)
+    root = rel.fetch_dataset("flowers", data_dir, mirror=server.mirror)
+    assert server.gets() == [] and rel.dataset_ready("flowers", data_dir)
     assert sorted(p.name for p in data_dir.iterdir()) == ["downloads", "flowers"]
     assert not list((data_dir / "downloads").glob("*.partial"))
     assert len(json.loads((root / "val.json").read_text())) == 15 and not (root / "jpg" / "image_99999.jpg").exists()
 
 
 def test_archive_md5_mismatch_is_refused(server, tmp_path, monkeypatch):
-    src = dl.DATASETS["flowers"]
-    bad = dataclasses.replace(src.files[1], pins=(dl.Pin("md5", "0" * 32, dl.TORCHVISION_FLOWERS),))
-    monkeypatch.setitem(dl.DATASETS, "flowers", dataclasses.replace(src, files=(src.files[0], bad, src.files[2])))
+    src = rel.DATASETS["flowers"]
+    bad = dataclasses.replace(src.files[1], pins=(dl.Pin("md5", "0" * 32, rel.TORCHVISION_FLOWERS),))
+    monkeypatch.setitem(rel.DATASETS, "flowers", dataclasses.replace(src, files=(src.files[0], bad, src.files[2])))
     with pytest.raises(dl.DownloadError) as err:
-        dl.fetch_dataset("flowers", tmp_path / "data", mirror=server.mirror)
+        rel.fetch_dataset("flowers", tmp_path / "data", mirror=server.mirror)
     message = str(err.value)
-    assert f"md5 mismatch against {dl.TORCHVISION_FLOWERS}" in message and "0" * 32 in message
+    assert f"md5 mismatch against {rel.TORCHVISION_FLOWERS}" in message and "0" * 32 in message
     assert ra.md5(server.files["imagelabels.mat"]) in message and "imagelabels.mat" in message
     assert not (tmp_path / "data" / "downloads" / "imagelabels.mat").exists()
     assert not (tmp_path / "data" / "flowers").exists()
@@ -300,16 +302,16 @@ def test_archive_md5_mismatch_is_refused(server, tmp_path, monkeypatch):
 
 def test_kept_archive_changed_on_disk_is_refused_against_its_pin(server, tmp_path, monkeypatch):
     data_dir = tmp_path / "data"
-    monkeypatch.setattr(dl.releases, "prepare", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(rel, "prepare", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        dl.fetch_dataset("dogs", data_dir, mirror=server.mirror)
+        rel.fetch_dataset("dogs", data_dir, mirror=server.mirror)
     lists = data_dir / "downloads" / "lists.tar"
     blob = bytearray(lists.read_bytes())
     blob[100] ^= 1
     lists.write_bytes(bytes(blob))
     with pytest.raises(dl.DownloadError, match=r"lists\.tar: SHA-256 mismatch against the size / SHA-256 published "
                                                r"in TensorFlow Datasets' url_checksums for stanford_dogs.*rm .*lists\.tar"):
-        dl.fetch_dataset("dogs", data_dir, mirror=server.mirror)
+        rel.fetch_dataset("dogs", data_dir, mirror=server.mirror)
 
 
 def test_unpinned_truncated_first_copy_is_not_recorded_and_a_correct_one_is_accepted(server, tmp_path, monkeypatch):
@@ -320,15 +322,15 @@ def test_unpinned_truncated_first_copy_is_not_recorded_and_a_correct_one_is_acce
     good = server.files["images.tar"]
     server.files["images.tar"] = good[:len(good) // 2 // 512 * 512]  # cut at a block edge: still a tar header
     with pytest.raises(dl.DownloadError) as err:
-        dl.fetch_dataset("dogs", data_dir, mirror=server.mirror)
+        rel.fetch_dataset("dogs", data_dir, mirror=server.mirror)
     message = str(err.value)
     assert "images.tar" in message and "deleted: run the same command again" in message
     assert ".dogs.unpacking" not in message
     assert not (data_dir / "downloads" / "images.tar").exists() and not (data_dir / "downloads" / "lists.tar").exists()
     assert dl.read_sums(data_dir / "downloads" / dl.SUMS_NAME) == {}
     server.files["images.tar"] = good
-    root = dl.fetch_dataset("dogs", data_dir, mirror=server.mirror)
-    assert dl.dataset_ready("dogs", data_dir) and root == data_dir / "dogs"
+    root = rel.fetch_dataset("dogs", data_dir, mirror=server.mirror)
+    assert rel.dataset_ready("dogs", data_dir) and root == data_dir / "dogs"
     assert dl.read_sums(data_dir / "downloads" / dl.SUMS_NAME)["images.tar"] == (ra.sha256(good), len(good))
 
 
@@ -343,7 +345,7 @@ def test_full_disk_while_unpacking_is_reported_as_a_full_disk(server, tmp_path, 
 
     monkeypatch.setattr(tarfile.TarFile, "extract", no_space)
     with pytest.raises(dl.DownloadError) as err:
-        dl.fetch_dataset("cub", data_dir, mirror=server.mirror)
+        rel.fetch_dataset("cub", data_dir, mirror=server.mirror)
     message = str(err.value)
     size = len(server.files["CUB_200_2011.tgz"])
     assert message.startswith("the disk is full: unpacking CUB_200_2011.tgz into " + str(data_dir))
@@ -352,8 +354,8 @@ def test_full_disk_while_unpacking_is_reported_as_a_full_disk(server, tmp_path, 
     assert (data_dir / "downloads" / "CUB_200_2011.tgz").is_file()  # the archive is fine: kept
     monkeypatch.setattr(tarfile.TarFile, "extract", real_extract)
     server.requests.clear()
-    dl.fetch_dataset("cub", data_dir, mirror=server.mirror)
-    assert server.gets() == [] and dl.dataset_ready("cub", data_dir)
+    rel.fetch_dataset("cub", data_dir, mirror=server.mirror)
+    assert server.gets() == [] and rel.dataset_ready("cub", data_dir)
 
 
 def test_release_file_errors_name_no_path_inside_the_deleted_staging_folder(server, tmp_path, monkeypatch, release_files):
@@ -369,7 +371,7 @@ def test_release_file_errors_name_no_path_inside_the_deleted_staging_folder(serv
     server.files["CUB_200_2011.tgz"] = buffer.getvalue()
     unpin(monkeypatch, "cub", "CUB_200_2011.tgz")
     with pytest.raises(dl.DownloadError) as err:
-        dl.fetch_dataset("cub", tmp_path / "data", mirror=server.mirror)
+        rel.fetch_dataset("cub", tmp_path / "data", mirror=server.mirror)
     message = str(err.value)
     assert "do not give split files" in message and "image id 9999 of [CUB_200_2011.tgz]/images.txt" in message
     assert ".cub.unpacking" not in message
@@ -382,8 +384,8 @@ def test_a_host_refusing_head_still_downloads(server, tmp_path, capsys, redirect
     server.faults["CUB_200_2011.tgz"] = (403, {"HEAD"})
     if redirect:
         server.redirect.add("CUB_200_2011.tgz")
-    root = dl.fetch_dataset("cub", tmp_path / "data", mirror=server.mirror)
-    assert dl.dataset_ready("cub", tmp_path / "data") and root == tmp_path / "data" / "cub"
+    root = rel.fetch_dataset("cub", tmp_path / "data", mirror=server.mirror)
+    assert rel.dataset_ready("cub", tmp_path / "data") and root == tmp_path / "data" / "cub"
     assert "CUB_200_2011.tgz: 1.15 GB (approximate)" in capsys.readouterr().out or sys.version_info < (3, 13)
     server.faults[CKPT] = (403, {"HEAD"})
     assert fetch_ckpt(tmp_path, server).read_bytes() == server.files[CKPT]
@@ -393,7 +395,7 @@ def test_a_host_refusing_head_still_downloads(server, tmp_path, capsys, redirect
 def test_server_errors_name_the_url(server, tmp_path, code):
     server.faults["images.tar"] = (code, {"HEAD", "GET"})
     with pytest.raises(dl.DownloadError) as err:
-        dl.fetch_dataset("dogs", tmp_path / "data", mirror=server.mirror)
+        rel.fetch_dataset("dogs", tmp_path / "data", mirror=server.mirror)
     assert f"{server.mirror}/images.tar: HTTP {code}" in str(err.value)
     assert not (tmp_path / "data" / "dogs").exists()
 
@@ -411,7 +413,7 @@ def test_connection_refused(tmp_path, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(dl.DownloadError, match=f"cannot reach http://127.0.0.1:{port}/m/CUB_200_2011.tgz"):
-        dl.fetch_dataset("cub", tmp_path / "data", mirror=f"http://127.0.0.1:{port}/m")
+        rel.fetch_dataset("cub", tmp_path / "data", mirror=f"http://127.0.0.1:{port}/m")
 
 
 def test_unsafe_archive_member_is_refused(server, tmp_path, monkeypatch):
@@ -423,7 +425,7 @@ def test_unsafe_archive_member_is_refused(server, tmp_path, monkeypatch):
     server.files["lists.tar"] = buffer.getvalue()
     unpin(monkeypatch, "dogs", "lists.tar")  # what a pin would refuse before unpacking
     with pytest.raises(dl.DownloadError, match="lists.tar: damaged or unsafe archive"):
-        dl.fetch_dataset("dogs", tmp_path / "data", mirror=server.mirror)
+        rel.fetch_dataset("dogs", tmp_path / "data", mirror=server.mirror)
     assert not (tmp_path / "data" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
     assert not (tmp_path / "data" / "dogs").exists()
 
@@ -432,7 +434,7 @@ def test_disk_space_refusal_before_any_download(server, tmp_path, monkeypatch):
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(dl.DownloadError, match=r"not enough free disk space.*1\.00 kB free"):
-        dl.fetch_dataset("cub", tmp_path / "data", mirror=server.mirror)
+        rel.fetch_dataset("cub", tmp_path / "data", mirror=server.mirror)
     with pytest.raises(dl.DownloadError, match="not enough free disk space"):
         fetch_ckpt(tmp_path, server)
     assert server.gets() == []
@@ -444,11 +446,11 @@ def test_existing_user_folder_is_used_or_refused_never_deleted(server, tmp_path)
     (data_dir / "cub").mkdir(parents=True)
     (data_dir / "cub" / "my_notes.txt").write_text("mine")
     with pytest.raises(dl.DownloadError, match="not created by the downloader"):
-        dl.fetch_dataset("cub", data_dir, mirror=server.mirror)
+        rel.fetch_dataset("cub", data_dir, mirror=server.mirror)
     assert (data_dir / "cub" / "my_notes.txt").read_text() == "mine"
     for split in ("train", "val", "test"):
         (data_dir / "cub" / f"{split}.json").write_text("{}")
-    assert dl.fetch_dataset("cub", data_dir, mirror=server.mirror) == data_dir / "cub"
+    assert rel.fetch_dataset("cub", data_dir, mirror=server.mirror) == data_dir / "cub"
     assert server.requests == []
 
 
@@ -459,12 +461,12 @@ def test_existing_user_folder_is_used_or_refused_never_deleted(server, tmp_path)
     ("ade20k", ["data/ADEChallengeData2016/images/{training,validation}", "ADEChallengeData2016.zip"]),
 ])
 def test_instructions_only_datasets(tmp_path, task, expected):
-    text = dl.dataset_instructions(task)
+    text = rel.dataset_instructions(task)
     assert all(piece in text for piece in expected), text
     with pytest.raises(dl.DownloadError) as err:
-        dl.fetch_dataset(task, "data")
+        rel.fetch_dataset(task, "data")
     assert str(err.value) == text
-    assert "CUB_200_2011.tgz" in dl.dataset_instructions("cub") and "data/downloads" in dl.dataset_instructions("cub")
+    assert "CUB_200_2011.tgz" in rel.dataset_instructions("cub") and "data/downloads" in rel.dataset_instructions("cub")
 
 # --- checkpoints ------------------------------------------------------------------------------------
 
@@ -607,7 +609,7 @@ def test_the_pinned_tables_hold_the_published_values():
     assert pins(dl.CHECKPOINTS[("vit_base", "mocov3")]) == {"md5": "8f39ce"}
     assert pins(dl.CHECKPOINTS[("vit_small", "mocov3")]) == {}
     assert "pinned by this project" in dl.CHECKPOINTS[("vit_base", "mae")].pins[2].source
-    files = {dl.url_filename(f.url): f for src in dl.DATASETS.values() for f in src.files}
+    files = {dl.url_filename(f.url): f for src in rel.DATASETS.values() for f in src.files}
     assert {name: pins(f) for name, f in files.items()} == {
         "CUB_200_2011.tgz": {"md5": "97eceeb196236b17998738112f37df78"},
         "102flowers.tgz": {"size": 344862509, "md5": "52808999861908f626f3c1f4e79d11fa",
@@ -651,7 +653,7 @@ def test_one_command_from_nothing_to_a_trained_epoch(server, tmp_path):
     result = reproduce.run_one(cfg, "final", settings)
     assert len(result["history"]) == 1 and 0 <= result["final"]["test_acc"] <= 100
     assert result["history"][0]["images_per_second"] > 0
-    assert dl.dataset_ready("cub", tmp_path / "data") and (tmp_path / "checkpoints" / dl.SUMS_NAME).is_file()
+    assert rel.dataset_ready("cub", tmp_path / "data") and (tmp_path / "checkpoints" / dl.SUMS_NAME).is_file()
     assert sorted(set(server.gets())) == ["CUB_200_2011.tgz", CKPT]
     server.requests.clear()
     assert reproduce.run_one(cfg, "final", settings) == result and server.gets() == []   # nothing fetched again
