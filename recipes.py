@@ -9,11 +9,9 @@ workers, paths) live in runtime.Settings and never change which result file a ru
 """
 from pathlib import Path
 
-import torch
 import yaml
 
 import data
-import downloads
 import gated_prompt as gp
 from runtime import UserError
 
@@ -120,21 +118,6 @@ def model_from_config(cfg, num_classes, checkpoint=None, verbose=True, **vit_ove
                           img_size=cfg["img_size"], vit_overrides=vit, verbose=verbose,
                           num_prompts=cfg["num_prompts"], gate_init=cfg["gate_init"], insert_at=cfg["insert_at"],
                           prompt_dropout=cfg["prompt_dropout"])
-
-
-def checkpoint_for(cfg, settings):
-    """The backbone file of a run: --checkpoint, else the official file, verified (downloaded with --download).
-    None for the demo's random backbone."""
-    if cfg["task"] == "demo":
-        return None
-    if settings.checkpoint:
-        return settings.checkpoint
-
-    def backbone_of_this_run(arch, ssl):   # what a downloaded file must load into (checked on the meta device)
-        with torch.device("meta"):
-            return model_from_config(dict(cfg, method="linear"), 0, verbose=False)
-    return downloads.checkpoint_path(cfg["arch"], cfg["ssl"], settings.checkpoint_dir, download=settings.download,
-                                     mirror=settings.mirror, model_factory=backbone_of_this_run)
 
 
 def num_classes(cfg):

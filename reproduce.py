@@ -32,6 +32,7 @@ import downloads
 import gated_prompt as gp
 import predict
 import recipes
+import releases
 import results
 import runtime
 import segmentation
@@ -298,7 +299,7 @@ def prepare_main(argv):
     p.add_argument("--overwrite", action="store_true", help="replace existing split files")
     args = p.parse_args(argv)
     root = args.root or data.dataset_root(args.dataset, args.data_dir)
-    print(data.prepare(args.dataset, root, overwrite=args.overwrite))
+    print(releases.prepare(args.dataset, root, overwrite=args.overwrite))
 
 
 def download_main(argv):
@@ -314,7 +315,7 @@ def download_main(argv):
     p.add_argument("--mirror", default=None, help="base URL replacing the official hosts (or GATED_PROMPT_MIRROR)")
     args = p.parse_args(argv)
     if args.dataset:
-        print(downloads.fetch_dataset(args.dataset, args.data_dir, mirror=args.mirror))
+        print(releases.fetch_dataset(args.dataset, args.data_dir, mirror=args.mirror))
     else:
         print(downloads.checkpoint_path(args.arch, args.ssl, args.checkpoint_dir, download=True, mirror=args.mirror))
 

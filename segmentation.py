@@ -26,16 +26,17 @@ from tqdm import tqdm
 
 import data
 import gated_prompt as gp
+import inputs
 import recipes
 import results
 import runtime
+from releases import ADE_URL  # where each dataset comes from is written in releases.py
 from runtime import UserError
 
 NUM_CLASSES = 150
 IGNORE_INDEX = 255
 MEAN = tuple(255 * m for m in data.IMAGENET_MEAN)  # 0..255 scale, as mmseg's SegDataPreProcessor
 STD = tuple(255 * s for s in data.IMAGENET_STD)
-ADE_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
 ADE_CLASSES = (  # mmseg's ADE20KDataset order; index = training label
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
     "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
@@ -513,7 +514,7 @@ class Training:
         self.train_set = ADE20KTrain(settings.data_dir, cfg["img_size"], cfg["seed"])
         self.val_set = ADE20K(settings.data_dir, "validation")
         runtime.seed_everything(cfg["seed"])
-        model = build_segmenter(cfg, recipes.checkpoint_for(cfg, settings))
+        model = build_segmenter(cfg, inputs.checkpoint_for(cfg, settings))
         self.model = sync_batchnorm_if_distributed(runtime.place_model(model, self.device, settings.bf16))
         self.optimizer = runtime.make_optimizer(self.model.param_groups(cfg["lr"], cfg["head_lr_mult"]), cfg["lr"],
                                                 cfg["momentum"], cfg["weight_decay"], self.device)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import downloads
+import inputs
 import predict
 import recipes
 import results
@@ -78,32 +78,11 @@ def load_data(cfg, settings, protocol):
         return demo_splits(cfg)
     train_name, eval_name = data.split_names(cfg["task"], protocol)
     names = [train_name, eval_name] + (["val"] if data.task_kind(cfg["task"]) == "fgvc" and protocol == "final" else [])
-    root = dataset_folder(cfg["task"], settings)
+    root = inputs.dataset_folder(cfg["task"], settings)
     cache_dir = settings.cache_dir or Path(settings.results_dir) / "cache"
     with runtime.main_first():  # rank 0 decodes into the cache, the other ranks then read it
         splits = data.load_splits(cfg["task"], root, names, cache_dir=cache_dir)
     return splits.pop(train_name), splits
-
-
-def dataset_folder(task, settings):
-    """The task's dataset folder under --data-dir; with --download, CUB / Flowers / Dogs are fetched first (rank 0).
-    A missing folder says what to fetch from where and where to put it."""
-    if settings.download and task in downloads.DATASETS and not _folder_exists(task, settings.data_dir):
-        with runtime.main_first():
-            if runtime.is_main():
-                downloads.fetch_dataset(task, settings.data_dir, mirror=settings.mirror)
-    try:
-        return data.dataset_root(task, settings.data_dir)
-    except data.DataError as err:
-        raise data.DataError(f"{err}\n{downloads.dataset_instructions(task, settings.data_dir)}") from None
-
-
-def _folder_exists(task, data_dir):
-    """A folder under any accepted name (e.g. CUB_200_2011 unpacked by hand) is used as it is."""
-    try:
-        return data.dataset_root(task, data_dir).is_dir()
-    except data.DataError:
-        return False
 
 
 def demo_splits(cfg):
@@ -276,7 +255,7 @@ def run_classification(cfg, protocol, settings):
     tic = time.perf_counter()
     with runtime.flush_denormals(settings.device):
         runtime.seed_everything(cfg["seed"])
-        checkpoint = recipes.checkpoint_for(cfg, settings)
+        checkpoint = inputs.checkpoint_for(cfg, settings)
         model = recipes.model_from_config(cfg, recipes.num_classes(cfg), checkpoint, verbose=runtime.is_main())
         runtime.place_model(model, settings.device, settings.bf16)
         train_split, eval_splits = load_data(cfg, settings, protocol)

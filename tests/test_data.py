@@ -14,6 +14,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fixtures  # noqa: E402
 import data  # noqa: E402
+import releases  # noqa: E402
 from data import DataError  # noqa: E402
 
 MEAN = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -116,7 +117,7 @@ def test_prepare_and_load_in_unpacked_release_folder(tmp_path):
     release = fixtures.write_release_fixture(tmp_path / "data" / "CUB_200_2011", "cub", num_classes=3)
     root = data.dataset_root("cub", tmp_path / "data")
     assert root == release
-    sizes = data.prepare("cub", root)
+    sizes = releases.prepare("cub", root)
     paths, labels = data.read_split("cub", root, "test")
     assert len(paths) == sizes["test"] == 12 and sorted(set(labels)) == [0, 1, 2]
     assert all(path.startswith(str(release / "images")) and Path(path).is_file() for path in paths)
@@ -605,7 +606,7 @@ def test_prepare_builds_vpt_like_splits(tmp_path, dataset, capsys):
     pytest.importorskip("scipy")
     root = fixtures.write_release_fixture(tmp_path / dataset, dataset, num_classes=4, train_per_class=12,
                                       test_per_class=3)
-    sizes = data.prepare(dataset, root)
+    sizes = releases.prepare(dataset, root)
     assert dataset in capsys.readouterr().out
     splits = {s: json.loads((root / f"{s}.json").read_text()) for s in data.FGVC_SPLITS}
     assert sizes == {s: len(a) for s, a in splits.items()}
@@ -627,13 +628,13 @@ def test_prepare_builds_vpt_like_splits(tmp_path, dataset, capsys):
 
 def test_prepare_is_deterministic_and_refuses_overwrite(tmp_path):
     root = fixtures.write_release_fixture(tmp_path / "cub", "cub", train_per_class=20)
-    data.prepare("cub", root)
+    releases.prepare("cub", root)
     val = (root / "val.json").read_text()
     with pytest.raises(DataError, match="already exist.* --overwrite"):
-        data.prepare("cub", root)
-    data.prepare("cub", root, overwrite=True)
+        releases.prepare("cub", root)
+    releases.prepare("cub", root, overwrite=True)
     assert (root / "val.json").read_text() == val
-    data.prepare("cub", root, overwrite=True, seed=1)
+    releases.prepare("cub", root, overwrite=True, seed=1)
     assert (root / "val.json").read_text() != val
 
 
@@ -641,16 +642,16 @@ def test_prepare_reports_missing_release_files(tmp_path):
     root = fixtures.write_release_fixture(tmp_path / "cub", "cub")
     (root / "train_test_split.txt").unlink()
     with pytest.raises(DataError, match="train_test_split.txt.*caltech"):
-        data.prepare("cub", root)
+        releases.prepare("cub", root)
     pytest.importorskip("scipy")
     root = fixtures.write_release_fixture(tmp_path / "cars", "cars")
     (root / "cars_test_annos_withlabels.mat").unlink()
     with pytest.raises(DataError, match="cars_test_annos_withlabels.mat"):
-        data.prepare("cars", root)
+        releases.prepare("cars", root)
     root = fixtures.write_release_fixture(tmp_path / "dogs", "dogs")
     next((root / "Images").rglob("*.jpg")).unlink()
     with pytest.raises(DataError, match="1 listed images are missing"):
-        data.prepare("dogs", root)
+        releases.prepare("dogs", root)
 
 
 # --- synthetic data ---------------------------------------------------------------------------

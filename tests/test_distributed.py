@@ -3,6 +3,9 @@ import argparse
 import json
 import os
 import socket
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -101,3 +104,28 @@ def test_a_sweep_spread_over_two_workers_equals_the_serial_sweep(tmp_path, monke
     a = torch.load(tmp_path / "serial" / f"{name}.prompts.pt")
     b = torch.load(tmp_path / "spread" / f"{name}.prompts.pt")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_torchrun_with_download_fetches_each_file_once(tmp_path):
+    """`torchrun --nproc_per_node 2 ... --download` on a fresh machine: rank 0 fetches the checkpoint and CUB
+    (held half-way for a moment, so a rank that did not wait would ask too), the other rank then uses them."""
+    import release_archives as ra
+    server = ra.Server()
+    try:
+        server.files = ra.build_release_files(tmp_path / "release")
+        server.files["mae_pretrain_vit_base.pth"] = ra.tiny_checkpoint()
+        server.gates["mae_pretrain_vit_base.pth"] = threading.Event()
+        threading.Timer(3.0, server.gates["mae_pretrain_vit_base.pth"].set).start()
+        (tmp_path / "pins.json").write_text(json.dumps(ra.pins_json(server.files)))
+        out = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", ra.__file__,
+             str(tmp_path / "pins.json"), "tiny-run", str(tmp_path / "results"), str(tmp_path / "data"),
+             str(tmp_path / "checkpoints"), server.mirror],
+            cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    finally:
+        server.gates["mae_pretrain_vit_base.pth"].set()
+        server.close()
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert sorted(server.gets()) == ["CUB_200_2011.tgz", "mae_pretrain_vit_base.pth"]
+    [result] = (tmp_path / "results" / "cub").rglob("*final*.json")
+    assert json.loads(result.read_text())["runtime"]["world_size"] == 2

@@ -1,0 +1,54 @@
+"""Find or fetch a run's inputs: the backbone checkpoint and the dataset folder.
+
+    checkpoint = inputs.checkpoint_for(cfg, settings)   # --checkpoint, else the verified official file
+    root = inputs.dataset_folder(cfg["task"], settings)  # the dataset folder under --data-dir
+
+The entry points (trainer, segmentation) call these; the config module (recipes) never reaches the network.
+With --download a missing file is fetched through downloads.py (checkpoints) and releases.py (datasets). Under
+torchrun rank 0 goes first and the other ranks then find its result; parallel processes that are not ranks of
+one job (--workers, two commands) are kept apart by downloads.py's file locks.
+"""
+import torch
+
+import data
+import downloads
+import recipes
+import releases
+import runtime
+
+
+def checkpoint_for(cfg, settings):
+    """The backbone file of a run: --checkpoint, else the official file, verified (downloaded with --download;
+    rank 0 first). None for the demo's random backbone."""
+    if cfg["task"] == "demo":
+        return None
+    if settings.checkpoint:
+        return settings.checkpoint
+
+    def backbone_of_this_run():  # what a downloaded file must load into (checked on the meta device)
+        with torch.device("meta"):
+            return recipes.model_from_config(dict(cfg, method="linear"), 0, verbose=False)
+    with runtime.main_first():
+        return downloads.checkpoint_path(cfg["arch"], cfg["ssl"], settings.checkpoint_dir, download=settings.download,
+                                         mirror=settings.mirror, model_factory=backbone_of_this_run)
+
+
+def dataset_folder(task, settings):
+    """The task's dataset folder under --data-dir; with --download, CUB / Flowers / Dogs are fetched first (rank 0).
+    A missing folder says what to fetch from where and where to put it."""
+    if settings.download and task in releases.DATASETS and not _folder_exists(task, settings.data_dir):
+        with runtime.main_first():
+            if runtime.is_main():
+                releases.fetch_dataset(task, settings.data_dir, mirror=settings.mirror)
+    try:
+        return data.dataset_root(task, settings.data_dir)
+    except data.DataError as err:
+        raise data.DataError(f"{err}\n{releases.dataset_instructions(task, settings.data_dir)}") from None
+
+
+def _folder_exists(task, data_dir):
+    """A folder under any accepted name (e.g. CUB_200_2011 unpacked by hand) is used as it is."""
+    try:
+        return data.dataset_root(task, data_dir).is_dir()
+    except data.DataError:
+        return False
