@@ -7,6 +7,8 @@ import json
 import math
 import os
 import random
+import re
+import socket
 import subprocess
 import tempfile
 
@@ -118,13 +120,29 @@ def set_rng_state(state):
 # --- files ---------------------------------------------------------------------
 
 
+def temporary_prefix():
+    """Prefix of this process's temporary files: .tmp-<pid>@<host>- (remove_dead_temporaries reads it back)."""
+    return f".tmp-{os.getpid()}@{socket.gethostname()}-"
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+
+
 def atomic_write(path, write):
     """Write through write(binary file) to a temporary file beside `path`, then rename: readers never see
-    a half-written file, and a crash leaves the old one."""
+    a half-written file, and a crash leaves the old one. The file gets the umask's permissions (mkstemp
+    alone would leave it 0600, unreadable to colleagues sharing a results folder)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=temporary_prefix())
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
@@ -132,6 +150,33 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True   # another user's live process
+    return True
+
+
+def remove_dead_temporaries(folder, recursive=True):
+    """Delete temporary files (.tmp-<pid>@<host>-* of atomic_write, *.tmp<pid>@<host> of the image cache)
+    left by killed processes of this host; files of live processes and of other hosts stay. Returns them."""
+    if not os.path.isdir(folder):
+        return []
+    host, removed = socket.gethostname(), []
+    walk = os.walk(folder) if recursive else [(folder, [], os.listdir(folder))]
+    for parent, _, names in walk:
+        for name in names:
+            m = re.fullmatch(r"\.tmp-(\d+)@(.+)-\w+", name) or re.fullmatch(r".+\.tmp(\d+)@(.+)", name)
+            if m and m.group(2) == host and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(parent, name))
+                    removed.append(os.path.join(parent, name))
+    return removed
 
 
 def write_text(path, text):
