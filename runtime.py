@@ -24,7 +24,14 @@ class UserError(Exception):
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The loss became NaN / inf. Carries the facts (value, where, whether a state of an earlier epoch was saved);
+    the command line words the advice."""
+    def __init__(self, value, where, state_saved):
+        super().__init__(f"loss became {value} at {where}")
+        self.value, self.where, self.state_saved = value, where, state_saved
+
+    def __reduce__(self):   # crosses process boundaries (parallel sweep workers)
+        return NonFiniteLoss, (self.value, self.where, self.state_saved), self.__dict__
 
 
 @dataclasses.dataclass
@@ -226,12 +233,16 @@ def save_training_state(path, host_state):
 
 
 def load_training_state(path, model, optimizer, scheduler):
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:   # truncated or not a state file: the path and what to do, not a traceback
+        raise UserError(f"{path} is not a readable training state ({type(e).__name__}; truncated?): delete it to "
+                        "start the run over") from None
     try:
         model.load_prompt_state_dict(state["model"])
-    except ValueError as e:
-        raise UserError(f"{path}: resume state does not match this model ({e}); was it written with other "
-                        "--method / --num-prompts?") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: this training state does not match the model being trained ({e}); delete it "
+                        "to start the run over") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
@@ -261,9 +272,7 @@ def code_version():
 def check_finite(value, where, state_saved):
     """Stop on NaN/inf with exit code 3 (the CLI maps NonFiniteLoss to it)."""
     if not math.isfinite(value):
-        kept = ("The last good epoch's state is kept: lower --lr and pass --resume to continue it, or delete it."
-                if state_saved else "No state was saved (it failed before the first checkpoint).")
-        raise NonFiniteLoss(f"loss became {value} at {where}; lower --lr or check the data. {kept}")
+        raise NonFiniteLoss(value, where, state_saved)
 
 # --- data parallel (torchrun) ---------------------------------------------------
 

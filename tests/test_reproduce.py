@@ -82,8 +82,9 @@ def test_print_config_shows_overrides_and_touches_nothing(tmp_path):
 def test_print_config_without_a_task_is_the_demos_and_the_demo_honours_lr_and_epochs():
     out = cli("--print-config", "--lr", "0.2", "--epochs", "3")
     assert out.returncode == 0, out.stderr
-    cfg = json.loads(out.stdout)
-    assert cfg["task"] == "demo" and (cfg["lr"], cfg["epochs"]) == (0.2, 3)
+    cfgs = json.loads(out.stdout)   # one config per demo method
+    assert [c["method"] for c in cfgs] == ["vpt-shallow", "gated+temp"]
+    assert all(c["task"] == "demo" and (c["lr"], c["epochs"]) == (0.2, 3) for c in cfgs)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -206,7 +207,7 @@ def test_ade20k_cell_trains_the_configured_model_and_writes_one_result(tmp_path,
 
 def test_missing_dataset_names_the_paths_and_how_to_get_it(tmp_path):
     ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
-    cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1)
+    cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0)
     with pytest.raises(data.DataError) as err:
         reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))
     assert str(tmp_path / "data" / "vtab-1k" / "dtd") in str(err.value) and "train800val200,test}.txt" in str(err.value)
@@ -225,7 +226,7 @@ def test_corrupt_image_is_named(tmp_path):
     bad = next((tmp_path / "data" / "vtab-1k" / "dtd" / "images" / "train800").glob("*.jpg"))
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     ckpt = write_tiny_mae_checkpoint(tmp_path / "tiny.pth")   # a backbone that fits the small config below
-    cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1)
+    cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0)
     with pytest.raises(data.DataError, match=bad.name):
         reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))
 
@@ -236,7 +237,7 @@ def test_vtab_label_out_of_range_is_an_error(tmp_path):
     lines = listing.read_text().splitlines()
     lines[0] = lines[0].rsplit(" ", 1)[0] + " 10"  # eurosat has 10 classes: 0..9
     listing.write_text("\n".join(lines) + "\n")
-    cfg = recipes.resolve("eurosat", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1)
+    cfg = recipes.resolve("eurosat", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0)
     with pytest.raises(data.DataError, match=r"train800val200\.txt:1: label 10 out of range"):
         reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(write_tiny_mae_checkpoint(tmp_path / "t.pth"))))
 
@@ -247,7 +248,7 @@ def test_fgvc_class_id_out_of_range_exits_2_before_decoding(tmp_path):
     key = next(iter(anno))
     anno[key] = 999
     (root / "train.json").write_text(json.dumps(anno))
-    cfg = recipes.resolve("cub", "mae", arch_overrides=dict(TINY, patch_size=32), num_classes=3, epochs=1)
+    cfg = recipes.resolve("cub", "mae", arch_overrides=dict(TINY, patch_size=32), num_classes=3, epochs=1, warmup_epochs=0)
     with pytest.raises(data.DataError) as err:
         reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(write_tiny_mae_checkpoint(tmp_path / "t.pth"))))
     assert "train.json" in str(err.value) and key in str(err.value) and "999" in str(err.value)
@@ -287,10 +288,135 @@ def test_help_explains_the_tasks_methods_and_subcommands():
         assert word in out.stdout
 
 
+# --- --table N --run: which cells, with which settings (expectations typed in from the paper) ---------------
+
+TABLE_CELL_COUNTS = {"1": 2 * 3 * 5, "2": 2 * 3 * 19, "3": 2 * 3, "4": 3 * 2, "6": 2 * 3, "7": 3 * 2 * 5,
+                     "8": 2 * 3 * 2}   # backbones x rows x columns
+
+
 @pytest.mark.parametrize("number", ["1", "2", "3", "4", "6", "7", "8"])
-def test_table_run_queues_the_cells_the_table_prints(number, monkeypatch, tmp_path):
+def test_table_run_queues_every_cell_of_the_table(number, monkeypatch, tmp_path):
     queued = []
     monkeypatch.setattr(reproduce, "run_cells", lambda cfgs, args, settings: queued.extend(cfgs))
     args = reproduce.parse_args(["--table", number, "--run"])
-    reproduce.run_table(number, args, settings(tmp_path))
-    assert [recipes.resolve(**c) for c in results.table_cells(number)] == queued
+    reproduce.run_table(reproduce.planned_configs(args), args, settings(tmp_path))
+    assert len(queued) == TABLE_CELL_COUNTS[number]
+    assert len({results.run_name(c, "final") for c in queued}) == len(queued)
+
+
+def test_table_4_cells_carry_table_5_and_100_prompts():
+    """Table 4: MAE, 100 prompts, CUB and Flowers; batch 64 and Table 5's lr / gate init (CUB 0.1 / 5,
+    Flowers 0.1 / 15), 100 epochs with 10 warm-up."""
+    cfgs = reproduce.planned_configs(reproduce.parse_args(["--table", "4", "--run"]))
+    got = [(c["task"], c["method"], c["ssl"], c["num_prompts"], c["batch_size"], c["lr"], c["gate_init"],
+            c["epochs"], c["warmup_epochs"]) for c in cfgs]
+    assert sorted(got) == sorted([
+        ("cub", "vpt-shallow", "mae", 100, 64, 0.1, 5, 100, 10), ("flowers", "vpt-shallow", "mae", 100, 64, 0.1, 15, 100, 10),
+        ("cub", "gated-hard", "mae", 100, 64, 0.1, 5, 100, 10), ("flowers", "gated-hard", "mae", 100, 64, 0.1, 15, 100, 10),
+        ("cub", "gated+temp", "mae", 100, 64, 0.1, 5, 100, 10), ("flowers", "gated+temp", "mae", 100, 64, 0.1, 15, 100, 10)])
+
+
+def test_table_run_applies_the_command_lines_overrides_to_every_cell(monkeypatch, tmp_path):
+    """The user's report: `--table 4 --run --epochs 1 --lr 0.5` queued 100-epoch cells at Table 5's lr."""
+    seen = []
+    monkeypatch.setattr(reproduce, "run_one", lambda cfg, protocol, settings, source: seen.append(
+        (cfg["epochs"], cfg["warmup_epochs"], cfg["lr"], cfg["num_prompts"], source)))
+    monkeypatch.setattr(results, "print_table", lambda *a, **k: None)
+    reproduce.main(["--table", "4", "--run", "--epochs", "1", "--warmup-epochs", "0", "--lr", "0.5",
+                    "--results-dir", str(tmp_path / "r")])
+    assert seen == [(1, 0, 0.5, 100, "command line")] * 6
+
+
+def test_table_print_config_is_a_dry_run_of_every_cell(tmp_path):
+    out = cli("--table", "4", "--run", "--print-config", "--epochs", "2", "--warmup-epochs", "1",
+              "--results-dir", str(tmp_path / "r"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    cfgs = json.loads(out.stdout)
+    assert len(cfgs) == 6 and {c["epochs"] for c in cfgs} == {2} and {c["task"] for c in cfgs} == {"cub", "flowers"}
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- every flag applies or is refused, in every mode ----------------------------------------------
+
+# flag -> (value, the config key it sets, the value expected there); typed in, not derived
+CONFIG_FLAGS = {"--lr": ("0.3", "lr", 0.3), "--num-prompts": ("7", "num_prompts", 7),
+                "--gate-init": ("3", "gate_init", 3.0), "--batch-size": ("16", "batch_size", 16),
+                "--epochs": ("20", "epochs", 20), "--warmup-epochs": ("2", "warmup_epochs", 2),
+                "--insert-at": ("4", "insert_at", 4), "--seed": ("7", "seed", 7),
+                "--prompt-dropout": ("0.2", "prompt_dropout", 0.2), "--weight-decay": ("0.01", "weight_decay", 0.01),
+                "--iters": ("9", "iters", 9), "--arch": ("vit_small", "arch", "vit_small"),
+                "--recipe": ("paper", "recipe", "paper"), "--method": ("gated", "method", "gated"),
+                "--ssl": ("mocov3", "ssl", "mocov3")}
+# flags that change how a run goes, not its config: flag -> (argv, Settings field or args field, expected value)
+RUN_FLAGS = {"--seeds": (["--seeds", "3"], "seeds", 3), "--sweep": (["--sweep"], "sweep", True),
+             "--resume": (["--resume"], "resume", True), "--checkpoint": (["--checkpoint", "x.pth"], "checkpoint", "x.pth"),
+             "--workers": (["--workers", "2"], "workers", 2), "--data-dir": (["--data-dir", "d"], "data_dir", "d"),
+             "--cache-dir": (["--cache-dir", "c"], "cache_dir", "c"), "--download": (["--download"], "download", True),
+             "--mirror": (["--mirror", "http://m"], "mirror", "http://m"), "--device": (["--device", "cpu"], "device", torch.device("cpu")),
+             "--fp32": (["--fp32"], "bf16", False), "--no-compile": (["--no-compile"], "compile", False),
+             "--results-dir": (["--results-dir", "rr"], "results_dir", "rr"), "--all": (["--all"], "all", True)}
+MODES = {"one cell": ["--task", "flowers"], "--table 4 --run": ["--table", "4", "--run"], "demo": ["--demo"]}
+# what each mode refuses (exit 2 naming the flag), hand-written from the README's "Flags must apply"
+REFUSED = {"one cell": {"--iters", "--all"},
+           "--table 4 --run": {"--method", "--ssl", "--iters"},
+           "demo": {"--num-prompts", "--gate-init", "--batch-size", "--insert-at", "--prompt-dropout", "--weight-decay",
+                    "--iters", "--arch", "--recipe", "--ssl", "--seeds", "--sweep", "--resume", "--checkpoint",
+                    "--workers", "--data-dir", "--cache-dir", "--download", "--mirror", "--all"}}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("flag", list(CONFIG_FLAGS) + list(RUN_FLAGS))
+def test_each_flag_applies_or_is_refused_by_name(flag, mode):
+    argv = MODES[mode] + (["--" + "epochs", "20"] if flag == "--warmup-epochs" else []) + (
+        ["--" + "method", "vpt-deep"] if flag == "--recipe" and mode != "--table 4 --run" else []) + (
+        ["--sweep"] if flag == "--recipe" and mode == "one cell" else [])
+    argv += [flag, CONFIG_FLAGS[flag][0]] if flag in CONFIG_FLAGS else RUN_FLAGS[flag][0]
+    if flag in REFUSED[mode]:
+        with pytest.raises(runtime.UserError, match=f"{flag} does not apply"):
+            args = reproduce.parse_args(argv)
+            reproduce.check_flags(args)
+            reproduce.planned_configs(args)
+        return
+    args = reproduce.parse_args(argv)
+    reproduce.check_flags(args)
+    cfgs = reproduce.planned_configs(args)
+    assert cfgs
+    if flag in CONFIG_FLAGS:
+        _, key, want = CONFIG_FLAGS[flag]
+        assert all(c[key] == want for c in cfgs), [c[key] for c in cfgs]
+    else:
+        _, field, want = RUN_FLAGS[flag]
+        where = reproduce.settings_from(args) if hasattr(runtime.Settings(), field) else args
+        assert getattr(where, field) == want
+
+
+def test_a_refused_demo_command_keeps_the_previous_demo_results(tmp_path):
+    demo = tmp_path / "results" / "demo"
+    demo.mkdir(parents=True)
+    (demo / "kept.json").write_text("{}")
+    out = cli("--demo", "--ssl", "mocov3", "--results-dir", str(tmp_path / "results"), cwd=tmp_path)
+    assert out.returncode == 2 and "--ssl does not apply to the demo" in out.stderr
+    assert (demo / "kept.json").is_file()
+
+
+# --- bad values stop before any work ---------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "0"], "--batch-size 0 is not usable"),
+    (["--num-prompts", "0"], "--num-prompts 0 is not usable"),
+    (["--insert-at", "13"], "--insert-at 13 is not usable: it must be a block in 1..12"),
+    (["--prompt-dropout", "2"], "--prompt-dropout 2.0 is not usable"),
+    (["--seeds", "0"], "--seeds 0 is not usable"),
+    (["--epochs", "-1"], "--epochs -1 is not usable"),
+    (["--epochs", "5"], "--epochs 5 is at or below the warm-up (10 epochs)"),
+    (["--workers", "0"], "--workers 0 is not usable"),
+    (["--device", "gpu"], "--device gpu is not a device"),
+    (["--lr", "0"], "--lr 0.0 is not usable"),
+] + ([(["--device", "cuda"], "no CUDA GPU is visible")] if not torch.cuda.is_available() else []))
+def test_bad_values_exit_2_with_one_line_before_loading_anything(argv, message, tmp_path):
+    """A real checkpoint path that does not exist and no data: the message must come before either is looked at."""
+    out = cli("--task", "cub", *argv, "--checkpoint", str(tmp_path / "absent.pth"), "--data-dir",
+              str(tmp_path / "absent"), "--results-dir", str(tmp_path / "r"), cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "r").exists()
