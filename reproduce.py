@@ -520,15 +520,22 @@ def download_main(argv):
         print(downloads.checkpoint_path(args.arch, args.ssl, args.checkpoint_dir, download=True, mirror=args.mirror))
 
 
-if __name__ == "__main__":
+def cli_main(argv=None):
+    """main with the command line's exits: 0 done, 2 bad input (one line naming it), 3 diverged, 130 Ctrl-C."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        main()
+        main(argv)
     except (runtime.UserError, data.DataError, gp.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(runtime.EXIT_BAD_INPUT)
+        return runtime.EXIT_BAD_INPUT
     except runtime.NonFiniteLoss as e:
         print(f"error: {e}. {nan_advice(e)}", file=sys.stderr)
-        sys.exit(3)
+        return 3
     except KeyboardInterrupt as e:
-        print(interrupted_message(e, sys.argv[1:]), file=sys.stderr)
-        sys.exit(130)
+        print(interrupted_message(e, argv), file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())

@@ -120,8 +120,10 @@ def fits_on_gpu(splits, device, fraction=0.3):
     return sum(s.pixels.numel() for s in splits) < fraction * torch.cuda.mem_get_info(device)[0]
 
 
-def make_loaders(cfg, train, evals, device):
-    """Batches come from the uint8 arrays: crop/flip and normalisation run on `device`, no JPEG decoding."""
+def make_loaders(cfg, train, evals, device, compile=True):
+    """Batches come from the uint8 arrays: crop/flip and normalisation run on `device`, no JPEG decoding.
+    Evaluation batches are padded to EVAL_BATCH rows only for a compiled step (one static shape); eager
+    evaluation of a small split runs it at its own size."""
     rank, world_size = runtime.world()
     augment = cfg["task"] == "demo" or data.task_kind(cfg["task"]) == "fgvc"  # random crop + flip
     on_gpu = fits_on_gpu([train, *evals.values()], device)
@@ -130,8 +132,9 @@ def make_loaders(cfg, train, evals, device):
     common = dict(crop_size=cfg["img_size"], rank=rank, world_size=world_size, device=device, images_on_device=on_gpu)
     train_loader = data.BatchLoader(train, cfg["batch_size"] // world_size, train=True, augment=augment,
                                     seed=cfg["seed"], **common)
-    eval_loaders = {name: data.BatchLoader(s, max(EVAL_BATCH, cfg["batch_size"]), train=False, **common)
-                    for name, s in evals.items()}
+    eval_batch = max(EVAL_BATCH, cfg["batch_size"])
+    eval_loaders = {name: data.BatchLoader(s, eval_batch if compile else min(eval_batch, max(1, math.ceil(
+                        len(s) / world_size))), train=False, **common) for name, s in evals.items()}
     return train_loader, eval_loaders
 
 # -----------------------------------------------------------------------------
@@ -279,7 +282,8 @@ def run_classification(cfg, protocol, settings):
                                           verbose=runtime.is_main())
         runtime.place_model(model, settings.device, settings.bf16)
         train_split, eval_splits = load_data(cfg, settings, protocol)
-        train_loader, eval_loaders = make_loaders(cfg, train_split, eval_splits, settings.device)
+        train_loader, eval_loaders = make_loaders(cfg, train_split, eval_splits, settings.device,
+                                                  compile=bool(settings.compile))
         outcome = train(cfg, model, train_loader, eval_loaders, settings, files.state)
     session = time.perf_counter() - tic
     body = {"history": outcome.history, "final": outcome.final, **learned_gates(model),

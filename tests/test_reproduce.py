@@ -2,6 +2,7 @@
 before any slow work."""
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -413,10 +414,197 @@ def test_a_refused_demo_command_keeps_the_previous_demo_results(tmp_path):
     (["--device", "gpu"], "--device gpu is not a device"),
     (["--lr", "0"], "--lr 0.0 is not usable"),
 ] + ([(["--device", "cuda"], "no CUDA GPU is visible")] if not torch.cuda.is_available() else []))
-def test_bad_values_exit_2_with_one_line_before_loading_anything(argv, message, tmp_path):
-    """A real checkpoint path that does not exist and no data: the message must come before either is looked at."""
-    out = cli("--task", "cub", *argv, "--checkpoint", str(tmp_path / "absent.pth"), "--data-dir",
-              str(tmp_path / "absent"), "--results-dir", str(tmp_path / "r"), cwd=tmp_path)
-    assert out.returncode == 2, out.stderr
-    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+def test_bad_values_exit_2_with_one_line_before_loading_anything(argv, message, tmp_path, monkeypatch, capsys):
+    """Nothing may be looked up, loaded or decoded before the message."""
+    def too_late(*a, **k):
+        pytest.fail("reached the checkpoint or the data before refusing")
+    monkeypatch.setattr(recipes, "checkpoint_for", too_late)
+    monkeypatch.setattr(data, "load_splits", too_late)
+    code = reproduce.cli_main(["--task", "cub", *argv, "--results-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_command_line_exits_2_on_a_bad_device(tmp_path):
+    out = cli("--task", "cub", "--device", "gpu", "--results-dir", str(tmp_path / "r"), cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.strip() == "error: --device gpu is not a device: use cuda, cuda:N or cpu"
+
+
+# --- a run's identity: the backbone file ------------------------------------------------------------
+
+def tiny_cell(ssl="mae", **kw):
+    return recipes.resolve("dtd", ssl, **dict(dict(arch_overrides=dict(TINY, patch_size=32), epochs=2,
+                                                      warmup_epochs=1, num_prompts=4), **kw))
+
+
+def store_finished(tmp_path, cfg, ckpt):
+    """A finished result of cfg trained on ckpt, as run_one writes it."""
+    s = settings(tmp_path, checkpoint=str(ckpt))
+    backbone = results.backbone_identity(ckpt, tmp_path / "results" / "cache")
+    files = results.run_files(s.results_dir, cfg, "final")
+    results.write_result(files, results.new_result(cfg, "final", "recipe", s, {"final": {"test_acc": 50.0}}, "x",
+                                                   backbone))
+    return files
+
+
+def test_a_result_records_the_backbones_sha256_and_format_and_is_reused_only_for_that_file(tmp_path, monkeypatch):
+    import hashlib
+    ckpt = write_tiny_mae_checkpoint(tmp_path / "a.pth")
+    cfg = tiny_cell()
+    files = store_finished(tmp_path, cfg, ckpt)
+    stored = json.loads(files.result.read_text())
+    assert stored["backbone"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert stored["backbone"]["format"] == "timm / MAE" and stored["backbone"]["ssl"] == "mae"
+    monkeypatch.setattr(trainer, "run_classification", lambda *a, **k: pytest.fail("trained again"))
+    assert reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))["final"]["test_acc"] == 50.0
+    other = tmp_path / "b.pth"
+    torch.save({"model": {k: v + 1 for k, v in torch.load(ckpt)["model"].items()}}, other)
+    with pytest.raises(runtime.UserError, match="was trained on .*a.pth.*this run's backbone is .*b.pth"):
+        reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(other)))
+    with pytest.raises(gp.CheckpointError, match="checkpoint not found"):
+        reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(tmp_path / "does-not-exist.pth")))
+
+
+def test_the_backbone_hash_is_remembered_by_path_size_and_mtime(tmp_path, monkeypatch):
+    import hashlib
+    import os
+    ckpt = write_tiny_mae_checkpoint(tmp_path / "a.pth")
+    first = results.backbone_identity(ckpt, tmp_path / "cache")
+    assert (tmp_path / "cache" / "backbones.json").is_file()
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: pytest.fail("hashed again"))
+    assert results.backbone_identity(ckpt, tmp_path / "cache") == first
+    monkeypatch.undo()
+    os.utime(ckpt, ns=(1, 1))    # a replaced file (new mtime) is hashed again
+    calls = []
+    real = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    assert results.backbone_identity(ckpt, tmp_path / "cache")["sha256"] == first["sha256"] and calls
+
+
+def test_a_file_whose_layout_contradicts_ssl_exits_2_naming_both(tmp_path, monkeypatch, capsys):
+    mae = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
+    monkeypatch.setattr(trainer, "run_classification", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(runtime.UserError, match=r"mae.pth is a MAE checkpoint.*--ssl mocov3"):
+        reproduce.run_one(tiny_cell(ssl="mocov3"), "final", settings(tmp_path, checkpoint=str(mae)))
+    moco = tmp_path / "moco.pth.tar"
+    torch.save({"state_dict": {"module." + k: v for k, v in torch.load(mae)["model"].items()}, "epoch": 300}, moco)
+    with pytest.raises(runtime.UserError, match=r"moco.pth.tar is a MoCo v3 checkpoint.*--ssl mae"):
+        reproduce.run_one(tiny_cell(), "final", settings(tmp_path, checkpoint=str(moco)))
+
+
+def test_a_non_finite_weight_in_the_backbone_is_refused_at_load(tmp_path):
+    ckpt = write_tiny_mae_checkpoint(tmp_path / "nan.pth")
+    sd = torch.load(ckpt)
+    sd["model"]["blocks.1.mlp.fc1.weight"][0, 0] = float("nan")
+    torch.save(sd, ckpt)
+    with pytest.raises(runtime.UserError, match=r"nan.pth: 1 backbone tensor\(s\) hold NaN or inf"):
+        reproduce.run_one(tiny_cell(), "final", settings(tmp_path, checkpoint=str(ckpt)))
+
+
+def test_table_run_with_one_checkpoint_for_both_backbones_is_refused(tmp_path, capsys):
+    code = reproduce.cli_main(["--table", "1", "--run", "--checkpoint", str(tmp_path / "x.pth"),
+                               "--results-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Table 1 needs 2 (mae vit_base, mocov3 vit_base)" in err and not (tmp_path / "r").exists()
+
+
+# --- the harness's own files, read defensively ----------------------------------------------------
+
+def test_a_truncated_or_edited_result_file_exits_2_naming_it(tmp_path, monkeypatch, capsys):
+    cfg = tiny_demo_cfg(epochs=2)
+    files = results.run_files(tmp_path / "results", cfg, "final")
+    files.result.parent.mkdir(parents=True)
+    files.result.write_text('{"config": {"task": "demo", "ssl"')
+    with pytest.raises(results.BadResultFile, match=re.escape(files.result.name) + " is not a readable result file.*delete it"):
+        reproduce.run_one(cfg, "final", settings(tmp_path))
+    result = results.new_result(cfg, "final", "recipe", runtime.Settings(), {"final": {"test_acc": "high"}}, "x")
+    files.result.write_text(json.dumps(result))
+    with pytest.raises(results.BadResultFile, match="final test_acc is 'high', not a number"):
+        reproduce.run_one(cfg, "final", settings(tmp_path))
+
+
+def test_a_truncated_training_state_exits_2_naming_it(tmp_path):
+    model = gp.build_model("vit_base", "mae", "gated+temp", num_classes=3, vit_overrides=TINY, img_size=32,
+                           num_prompts=2)
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
+    state = tmp_path / "run.state.pt"
+    runtime.save_training_state(state, runtime.training_state(model, opt, sched, 0, []))
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(runtime.UserError, match=r"run.state.pt is not a readable training state.*delete it"):
+        runtime.load_training_state(state, model, opt, sched)
+
+
+def test_the_table_lists_unreadable_and_implausible_files_under_it(tmp_path, capsys):
+    good = results.new_result(recipes.resolve("cub", "mae"), "final", "recipe", runtime.Settings(),
+                              {"final": {"test_acc": 70.0}}, "x")
+    results.write_result(results.run_files(tmp_path, recipes.resolve("cub", "mae"), "final"), good)
+    edited = recipes.resolve("flowers", "mae")
+    results.write_result(results.run_files(tmp_path, edited, "final"),
+                         dict(good, config=results.identity(edited), final={"test_acc": 1e9}))
+    (tmp_path / "cars" / "mae").mkdir(parents=True)
+    (tmp_path / "cars" / "mae" / "cut.json").write_text('{"config": ')
+    results.print_table("1", tmp_path)
+    out = capsys.readouterr().out
+    assert "1000000000.00" not in out and "70.00" in out
+    assert "NOT SHOWN - 2 file(s)" in out and "cut.json: unreadable" in out
+    assert "flowers" in out.split("NOT SHOWN")[1] and "not a percentage in [0, 100]" in out
+
+
+# --- nothing half-written, nothing left behind ------------------------------------------------------
+
+def test_prompts_are_written_atomically_and_before_the_result(tmp_path, monkeypatch):
+    cfg = tiny_demo_cfg(epochs=2)
+    files = results.run_files(tmp_path, cfg, "final")
+    real_save = torch.save
+
+    def killed_midway(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        results.write_result(files, {"final": {}}, {"prompts": torch.zeros(2)})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert list(files.result.parent.iterdir()) == []   # no half file, no result without its prompts
+
+
+def test_files_respect_the_umask(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        runtime.UMASK = 0o022
+        runtime.write_json(tmp_path / "r.json", {})
+    finally:
+        os.umask(old)
+        runtime.UMASK = old
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_run_removes_temporaries_of_killed_runs_and_checks_the_folder_first(tmp_path, capsys):
+    import os
+    import socket
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    left = tmp_path / "r" / "cub" / "mae" / f".tmp-{proc.pid}@{socket.gethostname()}-abc123"
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"half a result")
+    live = left.with_name(f".tmp-{os.getpid()}@{socket.gethostname()}-abc123")
+    live.write_bytes(b"being written")
+    assert reproduce.cli_main(["--demo", "--method", "linear", "--epochs", "2", "--results-dir",
+                               str(tmp_path / "r")]) == 0
+    assert not left.exists() and live.exists()
+    if os.geteuid() != 0:   # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o500)
+        assert reproduce.cli_main(["--task", "cub", "--results-dir", str(tmp_path / "ro")]) == 2
+        assert "cannot write to" in capsys.readouterr().err
+
+
+def test_cpu_evaluation_is_not_padded_to_the_compiled_batch():
+    cfg = tiny_demo_cfg()
+    images, labels = data.make_synthetic_images(3, 2, 40, seed=0)
+    split = data.ImageSplit.from_dense("demo", "test", images, labels)
+    _, eager = trainer.make_loaders(cfg, split, {"test": split}, torch.device("cpu"), compile=False)
+    _, compiled = trainer.make_loaders(cfg, split, {"test": split}, torch.device("cpu"), compile=True)
+    assert [len(x) for x, _ in eager["test"]] == [6]
+    assert [len(x) for x, _ in compiled["test"]] == [256]
