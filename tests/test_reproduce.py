@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -608,3 +609,111 @@ def test_cpu_evaluation_is_not_padded_to_the_compiled_batch():
     _, compiled = trainer.make_loaders(cfg, split, {"test": split}, torch.device("cpu"), compile=True)
     assert [len(x) for x, _ in eager["test"]] == [6]
     assert [len(x) for x, _ in compiled["test"]] == [256]
+
+
+# --- two processes, one cell -----------------------------------------------------------------------
+
+WORKER = """
+import sys, time, os
+sys.path.insert(0, {root!r})
+import torch
+torch.set_num_threads(1)   # two processes on a shared CI machine
+import recipes, reproduce, runtime
+while not os.path.exists({go!r}):
+    time.sleep(0.01)
+tiny = dict(embed_dim=32, depth=3, num_heads=2, patch_size=8)
+jobs = [(recipes.resolve("demo", arch_overrides=tiny, num_classes=6, epochs=2, warmup_epochs=1, seed=s), "final",
+         "recipe") for s in range(4)]
+reproduce.run_queue(jobs, runtime.Settings(results_dir={results!r}, quiet=True))
+"""
+
+
+def test_two_processes_on_one_results_folder_train_each_cell_once(tmp_path):
+    """Two real processes (as two machines of a SLURM array running --table N --run) take the same queue of four
+    cells at the same moment: each cell is trained by exactly one of them, and every result is complete."""
+    go = tmp_path / "go"
+    script = WORKER.format(root=str(ROOT), go=str(go), results=str(tmp_path / "results"))
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, cwd=tmp_path) for _ in range(2)]
+    time.sleep(0.5)
+    go.touch()
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    wrote = [line for out in outs for line in out.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 4 and len(set(wrote)) == 4, outs        # each cell trained once
+    assert all(o.count("wrote ") > 0 for o in outs) or "is training this cell; skipping it" in "".join(outs)
+    finished = list((tmp_path / "results").rglob("*.json"))
+    assert len(finished) == 4 and not list((tmp_path / "results").rglob("*.claim"))
+    for path in finished:
+        assert json.loads(path.read_text())["final"]["test_acc"] >= 0
+        assert path.with_name(path.name[:-5] + ".prompts.pt").is_file()
+
+
+def test_a_dead_processes_claim_is_taken_over_and_another_hosts_is_respected(tmp_path):
+    files = results.run_files(tmp_path, tiny_demo_cfg(), "final")
+    files.claim.parent.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    import socket
+    files.claim.write_text(json.dumps({"holder": "x", "pid": proc.pid, "host": socket.gethostname(), "started": "t"}))
+    assert results.claim_cell(files) is None                      # dead holder on this host: taken over
+    assert json.loads(files.claim.read_text())["pid"] == __import__("os").getpid()
+    results.release_cell(files)
+    assert not files.claim.exists()
+    files.claim.write_text(json.dumps({"holder": "u@node7", "pid": 1, "host": "node7", "started": "t"}))
+    assert results.claim_cell(files)["holder"] == "u@node7"        # another host's claim: respected
+
+
+# --- messages that tell the truth; sweeps survive a diverging lr ------------------------------------
+
+def fake_training(tmp_path, monkeypatch, raise_what, save_state=True):
+    """run_classification that saves an epoch's state (as train() does) and then raises."""
+    def run(cfg, protocol, settings):
+        if save_state:
+            state = results.run_files(settings.results_dir, cfg, protocol).state
+            state.parent.mkdir(parents=True, exist_ok=True)
+            state.write_bytes(b"state of epoch 2")
+        raise raise_what
+    monkeypatch.setattr(trainer, "run_classification", run)
+
+
+def test_after_a_nan_the_advice_says_what_resume_and_a_lower_lr_really_do(tmp_path, monkeypatch, capsys):
+    fake_training(tmp_path, monkeypatch, runtime.NonFiniteLoss(float("nan"), "epoch 3", True))
+    code = reproduce.cli_main(["--demo", "--method", "gated+temp", "--results-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 3 and "loss became nan at epoch 3" in err
+    assert "-lr0.5-s42-final" in err and ".state.pt" in err   # the kept state, named
+    assert "same settings" in err and "a lower --lr is another run" in err and "starts from scratch" in err
+    assert "lower --lr and pass --resume" not in err
+
+
+def test_ctrl_c_prints_one_line_naming_the_state_and_the_resume_command(tmp_path, monkeypatch, capsys):
+    fake_training(tmp_path, monkeypatch, KeyboardInterrupt())
+    code = reproduce.cli_main(["--demo", "--method", "gated+temp", "--results-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 130 and len(err.splitlines()) == 1
+    assert ".state.pt" in err and "python reproduce.py --demo --method gated+temp --results-dir" in err
+    assert err.endswith("--resume") and "Traceback" not in err
+    claims = list((tmp_path / "r").rglob("*.claim"))
+    assert claims == []   # the claim goes with the process
+
+
+def test_a_diverging_sweep_point_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
+    trained = []
+
+    def run(cfg, protocol, settings):
+        trained.append((protocol, cfg["lr"]))
+        if cfg["lr"] == 5.0:
+            raise runtime.NonFiniteLoss(float("nan"), "epoch 2", True)
+        return {"final": {"val200_acc" if protocol == "sweep" else "test_acc": 10 * cfg["lr"]}, "history": []}, None
+    monkeypatch.setattr(trainer, "run_classification", run)
+    monkeypatch.setattr(recipes, "sweep_grid", lambda cfg: [{"lr": 0.5}, {"lr": 1.0}, {"lr": 5.0}])
+    args = argparse.Namespace(sweep=True, seeds=1, lr=None)
+    (best,), _ = reproduce.run_cells([tiny_cell()], args, settings(tmp_path, checkpoint=str(ckpt)))
+    out = capsys.readouterr().out
+    assert best["lr"] == 1.0 and "lr 5: failed (diverged)" in out and "-> lr 1" in out
+    failed = results.run_files(tmp_path / "results", dict(tiny_cell(), lr=5.0), "sweep").result
+    assert "nan at epoch 2" in json.loads(failed.read_text())["failed"]
+    reproduce.run_cells([tiny_cell()], args, settings(tmp_path, checkpoint=str(ckpt)))
+    assert trained.count(("sweep", 5.0)) == 1   # the failure is remembered, not retried
