@@ -183,7 +183,7 @@ def sweep_grid(cfg):
     if cfg.get("recipe") == "vpt":
         vpt = HPARAMS["vpt_recipe"]
         return [{"lr": base * cfg["batch_size"] / 256, "weight_decay": wd}
-                for base in vpt["lr_grid"] for wd in vpt["weight_decay_grid"]]
+                for base in vpt["lr_grid"][task_kind(cfg["task"])] for wd in vpt["weight_decay_grid"]]
     return [{"lr": lr} for lr in HPARAMS["recipe"]["lr_grid"]]
 
 

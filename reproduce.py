@@ -279,13 +279,12 @@ def lr_source(args):
     return "command line" if args.lr is not None else "recipe"
 
 
-VPT_SEEDS = (42, 44, 82, 100, 800)   # KMnP/vpt's final runs average these five seeds
-
-
 def seeds_of(cfg, n):
-    """The seeds of --seeds n: the recipe's seed, +1, +2, ...; --recipe vpt: VPT's five seeds, then +1, ..."""
-    if cfg.get("recipe") == "vpt" and cfg["seed"] == VPT_SEEDS[0]:
-        return list(VPT_SEEDS[:n]) + [VPT_SEEDS[-1] + i for i in range(1, n - len(VPT_SEEDS) + 1)]
+    """The seeds of --seeds n: the run's seed, +1, +2, ...; --recipe vpt at its default seed: VPT's final-run
+    seeds 42, 44, 82, 100, 800 (the first n; beyond five, 801, 802, ...)."""
+    vpt_seeds = recipes.HPARAMS["vpt_recipe"]["seeds"]
+    if cfg.get("recipe") == "vpt" and cfg["seed"] == vpt_seeds[0]:
+        return list(vpt_seeds[:n]) + [vpt_seeds[-1] + i for i in range(1, n - len(vpt_seeds) + 1)]
     return [cfg["seed"] + i for i in range(n)]
 
 

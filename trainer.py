@@ -178,7 +178,7 @@ def train(cfg, model, train_loader, eval_loaders, settings, state_path):
     """The paper's recipe, resumable after every epoch. Returns an Outcome."""
     device = settings.device
     model.to(device)
-    optimizer = runtime.make_optimizer(model.trainable_parameters(), cfg["lr"], cfg["momentum"],
+    optimizer = runtime.make_optimizer(decay_groups(model, cfg["weight_decay"]), cfg["lr"], cfg["momentum"],
                                        cfg["weight_decay"], device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg["warmup_epochs"], cfg["epochs"]))
     step = runtime.make_train_step(model, optimizer, classification_loss, device, settings.bf16, settings.compile)
@@ -220,6 +220,17 @@ def train(cfg, model, train_loader, eval_loaders, settings, state_path):
     tic = time.perf_counter()
     final = final_metrics(model, eval_step, eval_loaders, best)
     return Outcome(history, final, train_seconds, time.perf_counter() - tic, elapsed_before)
+
+
+def decay_groups(model, weight_decay):
+    """The trainable tensors for SGD. With weight decay (VPT's recipe), VPT's optimizer (KMnP/vpt
+    src/solver/optimizer.py) decays every trainable tensor except the head's bias: that one gets its own group
+    without decay. Without weight decay (the paper's recipe) one plain list."""
+    if not weight_decay:
+        return model.trainable_parameters()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if n != "head.bias"]},
+            {"params": [p for n, p in named if n == "head.bias"], "weight_decay": 0.0}]
 
 
 def resume_or_start(cfg, model, optimizer, scheduler, settings, state_path):

@@ -106,11 +106,44 @@ def test_flags_that_do_not_apply_are_refused_by_name(argv, message, tmp_path):
 
 
 def test_vpt_recipe_searches_lr_per_256_images_and_weight_decay():
+    """KMnP/vpt: tune_fgvc.py's prompt grid has 9 base lrs (no 0.05), tune_vtab.py's 10 (with 0.05); 4 weight
+    decays; lr per 256 images."""
     cfg = recipes.resolve("cub", "mae", "vpt-shallow", recipe="vpt")
     grid = recipes.sweep_grid(cfg)
-    assert cfg["prompt_dropout"] == 0.0 and len(grid) == 10 * 4
+    assert cfg["prompt_dropout"] == 0.0 and len(grid) == 9 * 4
     assert {"lr": 5.0 * 64 / 256, "weight_decay": 0.001} in grid   # VPT's base lr 5.0 at batch 64
+    assert {p["lr"] for p in grid} == {b * 64 / 256 for b in (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0)}
+    vtab = recipes.sweep_grid(recipes.resolve("dtd", "mae", "vpt-deep", recipe="vpt"))
+    assert len(vtab) == 10 * 4 and {"lr": 0.05 * 128 / 256, "weight_decay": 0.0} in vtab   # dtd: batch 128
+    assert {p["weight_decay"] for p in vtab} == {0.0, 0.0001, 0.001, 0.01}
     assert recipes.sweep_grid(recipes.resolve("cub", "mae")) == [{"lr": lr} for lr in (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)]
+
+
+def test_vpt_recipe_decays_every_trainable_tensor_but_the_heads_bias():
+    model = gp.build_model("vit_base", "mae", "vpt-deep", num_classes=3, vit_overrides=TINY, img_size=32, num_prompts=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD(trainer.decay_groups(model, 0.1), lr=1.0, weight_decay=0.1)
+    for p in model.trainable_parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()   # zero gradient: a decayed tensor becomes p - lr * wd * p = 0.9 p
+    after = dict(model.named_parameters())
+    assert torch.equal(after["head.bias"], before["head.bias"])
+    for name in set(before) - {"head.bias"}:
+        assert torch.allclose(after[name], 0.9 * before[name]), name
+    assert set(before) >= {"prompts", "deep_prompts", "head.weight"}
+
+
+def test_seeds_5_under_vpts_recipe_are_vpts_final_run_seeds(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(reproduce, "run_one", lambda cfg, protocol, settings, source: seen.append(cfg["seed"]) or
+                        {"final": {"test_acc": 1.0}})
+    cfg = recipes.resolve("cub", "mae", "vpt-shallow", recipe="vpt", lr=0.5, weight_decay=0.001)
+    reproduce.run_cells([cfg], argparse.Namespace(sweep=False, seeds=5, lr=0.5), settings(tmp_path))
+    assert seen == [42, 44, 82, 100, 800]
+    seen.clear()
+    reproduce.run_cells([recipes.resolve("cub", "mae")], argparse.Namespace(sweep=False, seeds=3, lr=None),
+                        settings(tmp_path))
+    assert seen == [42, 43, 44]
 
 
 # --- one run, one result file ------------------------------------------------------------------
