@@ -467,8 +467,17 @@ def main(argv=None):
         print_summary(cfg, runs)
 
 
-def nan_advice(e):
+def _is_demo(argv):
+    try:
+        return mode_of(parse_args(argv)) == "demo"
+    except SystemExit:
+        return False
+
+
+def nan_advice(e, argv):
     """The CLI's words for a diverged run (runtime.NonFiniteLoss carries the facts)."""
+    if _is_demo(argv):
+        return "The demo always starts afresh: run it again with a lower --lr."
     state = getattr(e, "state_path", None)
     if getattr(e, "state_saved", False) and state is not None and Path(state).is_file():
         return (f"The state after the last good epoch is kept at {state}. --resume continues it only with the same "
@@ -478,6 +487,8 @@ def nan_advice(e):
 
 
 def interrupted_message(e, argv):
+    if _is_demo(argv):
+        return "interrupted; the demo always starts afresh (run it again)"
     state = getattr(e, "state_path", None)
     again = "python reproduce.py " + shlex.join([a for a in argv if a != "--resume"] + ["--resume"])
     if state is not None and Path(state).is_file():
@@ -528,7 +539,7 @@ def cli_main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return runtime.EXIT_BAD_INPUT
     except runtime.NonFiniteLoss as e:
-        print(f"error: {e}. {nan_advice(e)}", file=sys.stderr)
+        print(f"error: {e}. {nan_advice(e, argv)}", file=sys.stderr)
         return 3
     except KeyboardInterrupt as e:
         print(interrupted_message(e, argv), file=sys.stderr)

@@ -712,23 +712,29 @@ def fake_training(tmp_path, monkeypatch, raise_what, save_state=True):
 
 def test_after_a_nan_the_advice_says_what_resume_and_a_lower_lr_really_do(tmp_path, monkeypatch, capsys):
     fake_training(tmp_path, monkeypatch, runtime.NonFiniteLoss(float("nan"), "epoch 3", True))
-    code = reproduce.cli_main(["--demo", "--method", "gated+temp", "--results-dir", str(tmp_path / "r")])
+    ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
+    cell = ["--task", "dtd", "--checkpoint", str(ckpt), "--results-dir", str(tmp_path / "r")]
+    code = reproduce.cli_main(cell)
     err = capsys.readouterr().err
     assert code == 3 and "loss became nan at epoch 3" in err
-    assert "-lr0.5-s42-final" in err and ".state.pt" in err   # the kept state, named
+    assert "-lr0.25-s42-final.state.pt" in err   # the kept state, named (dtd / MAE: Table 5 lr 0.25)
     assert "same settings" in err and "a lower --lr is another run" in err and "starts from scratch" in err
     assert "lower --lr and pass --resume" not in err
+    assert reproduce.cli_main(["--demo", "--method", "gated+temp", "--results-dir", str(tmp_path / "d")]) == 3
+    assert "The demo always starts afresh" in capsys.readouterr().err   # the demo refuses --resume
 
 
 def test_ctrl_c_prints_one_line_naming_the_state_and_the_resume_command(tmp_path, monkeypatch, capsys):
     fake_training(tmp_path, monkeypatch, KeyboardInterrupt())
-    code = reproduce.cli_main(["--demo", "--method", "gated+temp", "--results-dir", str(tmp_path / "r")])
+    ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
+    cell = ["--task", "dtd", "--checkpoint", str(ckpt), "--results-dir", str(tmp_path / "r")]
+    code = reproduce.cli_main(cell)
     err = capsys.readouterr().err.strip()
-    assert code == 130 and len(err.splitlines()) == 1
-    assert ".state.pt" in err and "python reproduce.py --demo --method gated+temp --results-dir" in err
-    assert err.endswith("--resume") and "Traceback" not in err
-    claims = list((tmp_path / "r").rglob("*.claim"))
-    assert claims == []   # the claim goes with the process
+    assert code == 130 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "-lr0.25-s42-final.state.pt" in err and err.endswith("python reproduce.py " + " ".join(cell) + " --resume")
+    assert list((tmp_path / "r").rglob("*.claim")) == []   # the claim goes with the process
+    assert reproduce.cli_main(["--demo", "--method", "gated+temp", "--results-dir", str(tmp_path / "d")]) == 130
+    assert "the demo always starts afresh" in capsys.readouterr().err
 
 
 def test_a_diverging_sweep_point_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
