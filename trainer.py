@@ -229,8 +229,9 @@ def decay_groups(model, weight_decay):
     if not weight_decay:
         return model.trainable_parameters()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in named if n != "head.bias"]},
-            {"params": [p for n, p in named if n == "head.bias"], "weight_decay": 0.0}]
+    groups = [{"params": [p for n, p in named if n != "head.bias"]},
+              {"params": [p for n, p in named if n == "head.bias"], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def resume_or_start(cfg, model, optimizer, scheduler, settings, state_path):

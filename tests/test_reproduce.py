@@ -362,11 +362,12 @@ def test_table_run_applies_the_command_lines_overrides_to_every_cell(monkeypatch
     assert seen == [(1, 0, 0.5, 100, "command line")] * 6
 
 
-def test_table_print_config_is_a_dry_run_of_every_cell(tmp_path):
-    out = cli("--table", "4", "--run", "--print-config", "--epochs", "2", "--warmup-epochs", "1",
-              "--results-dir", str(tmp_path / "r"), cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    cfgs = json.loads(out.stdout)
+def test_table_print_config_is_a_dry_run_of_every_cell(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = reproduce.cli_main(["--table", "4", "--run", "--print-config", "--epochs", "2", "--warmup-epochs", "1",
+                               "--results-dir", str(tmp_path / "r")])
+    assert code == 0
+    cfgs = json.loads(capsys.readouterr().out)
     assert len(cfgs) == 6 and {c["epochs"] for c in cfgs} == {2} and {c["task"] for c in cfgs} == {"cub", "flowers"}
     assert list(tmp_path.iterdir()) == []
 
@@ -425,12 +426,12 @@ def test_each_flag_applies_or_is_refused_by_name(flag, mode):
         assert getattr(where, field) == want
 
 
-def test_a_refused_demo_command_keeps_the_previous_demo_results(tmp_path):
+def test_a_refused_demo_command_keeps_the_previous_demo_results(tmp_path, capsys):
     demo = tmp_path / "results" / "demo"
     demo.mkdir(parents=True)
     (demo / "kept.json").write_text("{}")
-    out = cli("--demo", "--ssl", "mocov3", "--results-dir", str(tmp_path / "results"), cwd=tmp_path)
-    assert out.returncode == 2 and "--ssl does not apply to the demo" in out.stderr
+    assert reproduce.cli_main(["--demo", "--ssl", "mocov3", "--results-dir", str(tmp_path / "results")]) == 2
+    assert "--ssl does not apply to the demo" in capsys.readouterr().err
     assert (demo / "kept.json").is_file()
 
 
