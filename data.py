@@ -16,6 +16,8 @@ import hashlib
 import json
 import math
 import os
+import socket
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
-from runtime import atomic_write
+from runtime import UMASK, atomic_write, remove_dead_temporaries, write_text
 
 # ---------------------------------------------------------------------------------------------
 # 1. Registries and metadata
@@ -458,55 +460,90 @@ CACHE_RECIPE = ("ragged-v3 fgvc: torchvision Resize(256) on PIL, whole image; "
                 "vtab: TF1 tf.image.resize bilinear 224x224, half_pixel_centers=False, no antialias")
 
 
-def _cache_files(cache_dir: Path, task: str, root: Path, split: str, paths: list[str]) -> tuple[Path, Path]:
-    """(pixels .npy, index .npy) keyed by task, split and a hash of the recipe and the listed image paths
-    relative to root. The key does not notice edited image files."""
-    relative = "\n".join(os.path.relpath(p, root) for p in paths)
-    digest = hashlib.sha256(f"{CACHE_RECIPE}\n{relative}".encode()).hexdigest()[:16]
-    stem = f"{task}-{split}-{digest}"
-    return cache_dir / f"{stem}.pixels.npy", cache_dir / f"{stem}.index.npy"
+def _cache_key(root: Path, paths: list[str]) -> str:
+    """What determines a split's pixels: the recipe, the dataset folder's absolute path and each listed file's
+    path, size and modification time. Another copy of a dataset, or a re-downloaded file, is another entry."""
+    h = hashlib.sha256(f"{CACHE_RECIPE}\n{os.path.realpath(root)}\n".encode())
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{os.path.relpath(p, root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:   # a missing file is reported by the decoder, naming it
+            h.update(f"{os.path.relpath(p, root)}\tmissing\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_files(cache_dir: Path, task: str, root: Path, split: str, paths: list[str]) -> tuple[Path, Path, Path]:
+    """(pixels .npy, index .npy, checksum .json) of a split's cache entry, named by task, split and _cache_key."""
+    stem = f"{task}-{split}-{_cache_key(root, paths)}"
+    return cache_dir / f"{stem}.pixels.npy", cache_dir / f"{stem}.index.npy", cache_dir / f"{stem}.check.json"
+
+
+def _file_crc(path: Path) -> int:
+    """CRC-32 of a whole file, read in 16 MiB chunks (zlib's crc32 runs at GB/s: a flipped byte is caught
+    at the cost of one read per run)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def _cached_decode(cache_dir: Path, task: str, root: Path, split: str, paths: list[str],
                    desc: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pixels, offsets, sizes) memory-mapped from the cache, else decoded into a new cache entry.
 
-    Each file is written to a temporary name and renamed (atomic); the index file, written last,
-    marks the pixels file complete, so a crash never leaves an entry that loads.
+    Each file is written to a temporary name and renamed (atomic); the checksum file, written last, marks
+    the entry complete, so a crash never leaves an entry that loads. Temporary pixel files of killed runs
+    (*.pixels.npy.tmp<pid>@<host>, as large as a split) are removed first.
     """
-    pixels_file, index_file = _cache_files(cache_dir, task, root, split, paths)
-    cached = _load_cache(pixels_file, index_file, len(paths))
+    files = _cache_files(cache_dir, task, root, split, paths)
+    cached = _load_cache(*files, len(paths))
     if cached is not None:
         return cached
+    if files[2].is_file():
+        print(f"cache entry {files[0].name} does not match its checksum {files[2].name} (corrupt or edited); "
+              "decoding again")
+    pixels_file, index_file, check_file = files
     sizes = image_sizes(task, paths)
     offsets = _offsets(sizes)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = pixels_file.with_name(f"{pixels_file.name}.tmp{os.getpid()}")
+    remove_dead_temporaries(cache_dir, recursive=False)
+    check_file.unlink(missing_ok=True)
+    tmp = pixels_file.with_name(f"{pixels_file.name}.tmp{os.getpid()}@{socket.gethostname()}")
     try:
         shape = (int(np.prod(sizes, axis=1).sum()), 3)
         pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         decode_images(task, paths, pixels, offsets, sizes, desc)
         pixels.flush()
         del pixels
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, pixels_file)
     finally:
         tmp.unlink(missing_ok=True)
     index = np.stack([offsets, sizes[:, 0], sizes[:, 1]], axis=1)
     atomic_write(index_file, lambda f: np.save(f, index))
-    cached = _load_cache(pixels_file, index_file, len(paths))
+    write_text(check_file, json.dumps({"pixels_crc32": _file_crc(pixels_file), "index_crc32": _file_crc(index_file)}))
+    cached = _load_cache(pixels_file, index_file, check_file, len(paths))
     if cached is None:
         raise DataError(f"the cache entry {pixels_file} + {index_file.name} does not read back after writing")
     return cached
 
 
-def _load_cache(pixels_file: Path, index_file: Path, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The cache entry if both files exist and agree with each other and with n images, else None."""
-    if not (pixels_file.is_file() and index_file.is_file()):
+def _load_cache(pixels_file: Path, index_file: Path, check_file: Path,
+                n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The cache entry if all three files exist, the CRCs in check_file match the other two files, and they
+    agree with each other and with n images; else None."""
+    if not (pixels_file.is_file() and index_file.is_file() and check_file.is_file()):
         return None
     try:
+        check = json.loads(check_file.read_text())
+        if (check.get("pixels_crc32") != _file_crc(pixels_file)
+                or check.get("index_crc32") != _file_crc(index_file)):
+            return None
         index = np.load(index_file)
         pixels = np.load(pixels_file, mmap_mode="c")  # copy-on-write: writable for torch, file untouched
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return None
     if index.shape != (n, 3) or index.dtype != np.int64 or pixels.dtype != np.uint8 or pixels.ndim != 2:
         return None

@@ -7,6 +7,7 @@
 A config holds only what defines a run's numbers (its identity). Runtime settings (device, bf16, compile,
 workers, paths) live in runtime.Settings and never change which result file a run belongs to.
 """
+import math
 from pathlib import Path
 
 import yaml
@@ -22,7 +23,11 @@ RECIPE_VERSION = HPARAMS["recipe_version"]
 TASKS = list(data.FGVC_DATASETS) + list(data.VTAB_TASKS) + ["ade20k"]
 RECIPES = ("paper", "vpt")
 
-# What a user may override, per kind of task (the command line's flags, as config keys)
+# Every override flag once: config key -> type. The command line's flags are these keys with dashes.
+OVERRIDE_TYPES = {"lr": float, "num_prompts": int, "gate_init": float, "batch_size": int, "epochs": int,
+                  "warmup_epochs": int, "insert_at": int, "seed": int, "prompt_dropout": float,
+                  "weight_decay": float, "iters": int, "arch": str, "recipe": str}
+# What a user may override, per kind of task
 CLASSIFICATION_OVERRIDES = ("lr", "num_prompts", "gate_init", "batch_size", "epochs", "warmup_epochs", "insert_at",
                             "seed", "prompt_dropout", "weight_decay", "arch", "recipe")
 SEGMENTATION_OVERRIDES = ("lr", "num_prompts", "gate_init", "batch_size", "iters", "insert_at", "seed",
@@ -31,6 +36,19 @@ DEMO_OVERRIDES = ("lr", "epochs", "warmup_epochs", "seed")
 # Settings that tests, the benchmark and the demo may also set (small models); no flag reaches them
 PROGRAMMATIC = ("arch_overrides", "num_classes", "img_size")
 SEGMENTATION_PROGRAMMATIC = ("aux_blocks", "head_channels")
+# The keys a resolved config holds, per kind (check_config refuses any other and any missing one)
+CONFIG_KEYS = {
+    "classification": ("task", "ssl", "method", "recipe", "arch", "batch_size", "num_prompts", "lr", "gate_init",
+                       "momentum", "weight_decay", "prompt_dropout", "epochs", "warmup_epochs", "seed", "insert_at",
+                       "img_size"),
+    "segmentation": ("task", "ssl", "method", "arch", "batch_size", "num_prompts", "lr", "gate_init", "momentum",
+                     "weight_decay", "prompt_dropout", "iters", "seed", "insert_at", "img_size", "aux_blocks",
+                     "aux_loss_weight", "head_channels", "head_lr_mult", "poly_power", "min_lr", "slide_stride",
+                     "ms_ratios", "pos_embed_interpolation"),
+    "demo": ("task", "ssl", "method", "arch", "arch_overrides", "img_size", "num_classes", "batch_size",
+             "num_prompts", "lr", "gate_init", "epochs", "warmup_epochs", "weight_decay", "momentum",
+             "prompt_dropout", "seed", "insert_at"),
+}
 
 
 def task_kind(task):
@@ -89,9 +107,68 @@ def resolve(task="demo", ssl="mae", method="gated+temp", **overrides):
             raise UserError(f"--recipe vpt is VPT's own recipe for its baselines; not for --method {method}")
         cfg["prompt_dropout"] = HPARAMS["vpt_recipe"]["prompt_dropout"][method]
     cfg.update(overrides)
+    check_config(cfg)
+    return cfg
+
+
+def _config_kind(task):
+    kind = task_kind(task)
+    return kind if kind in ("demo", "segmentation") else "classification"
+
+
+def check_config(cfg):
+    """Refuse a config with unknown or missing keys, or a value no run can take (UserError naming the flag and
+    the accepted range). Every config is checked here, where resolve makes it."""
+    kind = _config_kind(cfg.get("task", "demo"))
+    required = set(CONFIG_KEYS[kind])
+    optional = set(PROGRAMMATIC) | (set(SEGMENTATION_PROGRAMMATIC) if kind == "segmentation" else set())
+    missing, unknown = sorted(required - set(cfg)), sorted(set(cfg) - required - optional)
+    if missing or unknown:
+        raise UserError(f"config of {cfg.get('task')}: " + "; ".join(
+            part for part in (f"missing keys {', '.join(missing)}" if missing else "",
+                              f"unknown keys {', '.join(unknown)}" if unknown else "") if part))
     if cfg["arch"] not in gp.ARCHS or cfg.get("recipe", "paper") not in RECIPES:
         raise UserError(f"--arch must be one of {', '.join(gp.ARCHS)} and --recipe one of {', '.join(RECIPES)}")
-    return cfg
+    depth = (cfg.get("arch_overrides") or {}).get("depth", gp.ARCHS[cfg["arch"]][2])
+    checks = [("batch_size", _is_int(cfg["batch_size"]) and cfg["batch_size"] >= 1, "a whole number >= 1"),
+              ("lr", _is_number(cfg["lr"]) and cfg["lr"] > 0, "a number > 0"),
+              ("weight_decay", _is_number(cfg["weight_decay"]) and cfg["weight_decay"] >= 0, "a number >= 0"),
+              ("gate_init", _is_number(cfg["gate_init"]), "a finite number"),
+              ("prompt_dropout", _is_number(cfg["prompt_dropout"]) and 0 <= cfg["prompt_dropout"] < 1,
+               "in [0, 1)"),
+              ("seed", _is_int(cfg["seed"]) and cfg["seed"] >= 0, "a whole number >= 0"),
+              ("insert_at", _is_int(cfg["insert_at"]) and 1 <= cfg["insert_at"] <= depth,
+               f"a block in 1..{depth} ({cfg['arch']} has {depth} blocks)")]
+    if cfg["method"] != "linear":
+        checks.append(("num_prompts", _is_int(cfg["num_prompts"]) and cfg["num_prompts"] >= 1,
+                       "a whole number >= 1 (--method linear trains no prompts)"))
+    if kind == "segmentation":
+        checks.append(("iters", _is_int(cfg["iters"]) and cfg["iters"] >= 1, "a whole number >= 1"))
+    else:
+        checks += [("epochs", _is_int(cfg["epochs"]) and cfg["epochs"] >= 1, "a whole number >= 1"),
+                   ("warmup_epochs", _is_int(cfg["warmup_epochs"]) and cfg["warmup_epochs"] >= 0,
+                    "a whole number >= 0")]
+    for key, ok, want in checks:
+        if not ok:
+            raise UserError(f"{flag(key)} {cfg[key]} is not usable: it must be {want}")
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def schedule_problem(cfg):
+    """A sentence when the lr schedule never leaves the warm-up (--epochs at or below --warmup-epochs: epoch 1
+    runs at lr 0 and no epoch reaches the recipe's lr), else None."""
+    if "epochs" in cfg and cfg["warmup_epochs"] > 0 and cfg["epochs"] <= cfg["warmup_epochs"]:
+        return (f"--epochs {cfg['epochs']} is at or below the warm-up ({cfg['warmup_epochs']} epochs): the lr "
+                f"never leaves the warm-up and epoch 1 runs at lr 0; add --warmup-epochs N with N < {cfg['epochs']} "
+                "(0: no warm-up)")
+    return None
 
 
 def sweep_grid(cfg):
@@ -104,7 +181,7 @@ def sweep_grid(cfg):
     if cfg.get("recipe") == "vpt":
         vpt = HPARAMS["vpt_recipe"]
         return [{"lr": base * cfg["batch_size"] / 256, "weight_decay": wd}
-                for base in vpt["lr_grid"] for wd in vpt["weight_decay_grid"]]
+                for base in vpt["lr_grid"][task_kind(cfg["task"])] for wd in vpt["weight_decay_grid"]]
     return [{"lr": lr} for lr in HPARAMS["recipe"]["lr_grid"]]
 
 

@@ -10,19 +10,21 @@ import hashlib
 import json
 import math
 import os
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import data
 import gated_prompt as gp
 import recipes
-from runtime import UserError, write_json
+from runtime import UserError, atomic_write, pid_alive, write_json
 
 HPARAMS = recipes.HPARAMS
 PAPER = HPARAMS["paper"]
 FGVC_COLUMNS = ["cub", "flowers", "cars", "dogs", "nabirds"]  # the paper's column order (Tables 1, 7)
-METHODS = ["vpt-shallow", "vpt-deep", "gated+temp"]
-SEED_FREE = ("seed",)  # seeds are repeats of one cell
+TABLE_METHODS = ["vpt-shallow", "vpt-deep", "gated+temp"]   # the rows of Tables 1-3, 6, 8 (gp.METHODS: all six)
+CELL_KEYS = ("task", "ssl", "method", "arch", "num_prompts", "insert_at")  # a cell apart from its recipe
 
 # -----------------------------------------------------------------------------
 # Files
@@ -48,16 +50,17 @@ def run_name(cfg, protocol):
 
 @dataclass
 class RunFiles:
-    result: Path    # the JSON
-    prompts: Path   # what training changed (prompt_state_dict), for figures and reuse
+    result: Path    # the JSON, written last: its presence means the run finished
+    prompts: Path   # what training changed (prompt_state_dict), for figures and reuse; written before the JSON
     state: Path     # resumable training state, removed when the run finishes
-    pack: Path = None  # the prompt pack (gated_prompt.read_pack): prompts + settings + backbone fingerprint
+    claim: Path     # who is training this cell now (claim_cell)
+    pack: Path      # the prompt pack (gated_prompt.read_pack): prompts + settings + backbone fingerprint
 
 
 def run_files(results_dir, cfg, protocol):
     base = Path(results_dir) / run_name(cfg, protocol)
-    return RunFiles(base.with_name(base.name + ".json"), base.with_name(base.name + ".prompts.pt"),
-                    base.with_name(base.name + ".state.pt"), base.with_name(base.name + ".pack.pt"))
+    return RunFiles(*(base.with_name(base.name + suffix) for suffix in (".json", ".prompts.pt", ".state.pt",
+                                                                           ".claim", ".pack.pt")))
 
 
 def identity(cfg):
@@ -65,12 +68,30 @@ def identity(cfg):
     return json.loads(json.dumps(cfg))
 
 
-def stored_result(files, cfg):
-    """The finished result of this config, or None. A file of another recipe version or other settings under the
-    same name is refused with what to do, never reused or overwritten."""
+class BadResultFile(UserError):
+    """A result file of this harness that cannot be used as it is (truncated, edited, implausible)."""
+
+
+def read_result(path):
+    """A result JSON as a dict; BadResultFile naming the file and what to do when it does not parse."""
+    try:
+        run = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise BadResultFile(f"{path} is not a readable result file ({type(e).__name__}: {str(e)[:80]}; truncated "
+                            "or edited?): delete it to run its cell again") from None
+    if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
+        raise BadResultFile(f"{path} is not a result file of this harness (no 'config'): move it out of the "
+                            "results folder")
+    return run
+
+
+def stored_result(files, cfg, backbone=None):
+    """The finished result of this config on this backbone (backbone_identity; None for the demo), or None.
+    A file of another recipe version, other settings or another backbone under the same name is refused with
+    what to do, never reused or overwritten."""
     if not files.result.is_file():
         return None
-    stored = json.loads(files.result.read_text())
+    stored = read_result(files.result)
     if stored.get("recipe_version") != recipes.RECIPE_VERSION:
         raise UserError(f"{files.result} was written by recipe version {stored.get('recipe_version', 1)} "
                         f"(now {recipes.RECIPE_VERSION}: the training code changed since); move or delete it to "
@@ -80,38 +101,201 @@ def stored_result(files, cfg):
     if changed:
         raise UserError(f"{files.result} holds a run with other settings ({', '.join(changed)}); delete it or "
                         "pass another --results-dir")
+    if backbone is not None:
+        theirs = stored.get("backbone") or {}
+        if theirs.get("sha256") != backbone["sha256"]:
+            was = (f"{theirs.get('path')} (sha256 {str(theirs.get('sha256'))[:12]})" if theirs
+                   else "a backbone it does not record")
+            raise UserError(f"{files.result} was trained on {was}, this run's backbone is {backbone['path']} "
+                            f"(sha256 {backbone['sha256'][:12]}); delete it or pass another --results-dir")
+    final = stored.get("final")
+    if not isinstance(final, dict):
+        raise BadResultFile(f"{files.result} has no 'final' metrics: delete it to run its cell again")
+    for metric in final:
+        if stored.get("failed") is None:
+            final_metric(dict(stored, path=str(files.result)), metric)  # BadResultFile if not a plausible number
     return stored
 
 
-def new_result(cfg, protocol, lr_source, settings, body, code_version):
-    """The JSON of one run: what ran (config, recipe version, where the lr came from), how (settings), and
-    `body` (history, final metrics, learned gates, timings)."""
+def new_result(cfg, protocol, lr_source, settings, body, code_version, backbone=None):
+    """The JSON of one run: what ran (config, recipe version, where the lr came from, the backbone file's
+    SHA-256 and format), how (settings), and `body` (history, final metrics, learned gates, timings)."""
     return {"config": identity(cfg), "protocol": protocol, "recipe_version": recipes.RECIPE_VERSION,
-            "lr_source": lr_source, "deviations": identity(recipes.deviations(cfg)),
+            "lr_source": lr_source, "deviations": identity(recipes.deviations(cfg)), "backbone": backbone,
             "code_version": code_version, "runtime": settings.record(), **body}
 
 
 def write_result(files, result, prompt_state=None):
+    """The prompts first, the JSON last, each written atomically: a kill at any moment leaves either no result
+    or a result whose prompts are complete. Then the resumable state is removed."""
     import torch  # only writing needs it
     files.result.parent.mkdir(parents=True, exist_ok=True)
     if prompt_state is not None:
-        torch.save(prompt_state, files.prompts)
+        atomic_write(files.prompts, lambda f: torch.save(prompt_state, f))
     write_json(files.result, result)
     files.state.unlink(missing_ok=True)
 
 
-def load_runs(results_dir, protocol="final", **filters):
+# -----------------------------------------------------------------------------
+# Backbone identity: which file a run's numbers come from
+
+
+def ssl_of_wrapper(raw):
+    """The self-supervised method a raw checkpoint's wrapper names: MAE files are {'model': sd} (timm names),
+    MoCo v3 files {'state_dict': sd} with 'module.' keys; None when the layout does not say (timm, Hugging Face,
+    npz state dicts)."""
+    if isinstance(raw.get("model"), dict) and any(k.startswith(("blocks.", "patch_embed.")) for k in raw["model"]):
+        return "mae"
+    if isinstance(raw.get("state_dict"), dict) and any(k.startswith("module.") for k in raw["state_dict"]):
+        return "mocov3"
+    return None
+
+
+def backbone_identity(path, memo_dir):
+    """{path, bytes, sha256, format, ssl} of a backbone file. Hashing and reading a 340 MB file takes seconds, so
+    the answer is remembered in <memo_dir>/backbones.json by absolute path + size + mtime. The first read also
+    checks every floating tensor for NaN / inf (UserError naming the file)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        raise gp.CheckpointError(f"checkpoint not found: {path}") from None
+    memo_file = Path(memo_dir) / "backbones.json"
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_file.read_text())
+        memo = memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo and isinstance(memo[key], dict) and "sha256" in memo[key]:
+        return dict(memo[key], path=str(path))
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    raw, _ = gp.read_checkpoint(path)
+    state, fmt, _ = gp.detect_format(raw, str(path))
+    bad = [k for k, v in state.items() if _non_finite(v)]
+    if bad:
+        raise UserError(f"{path}: {len(bad)} backbone tensor(s) hold NaN or inf (e.g. {bad[0]}); the file is "
+                        "damaged: download it again")
+    record = {"bytes": st.st_size, "sha256": h.hexdigest(), "format": fmt, "ssl": ssl_of_wrapper(raw)}
+    memo[key] = record
+    try:
+        write_json(memo_file, memo)
+    except OSError:
+        pass  # only a speed-up
+    return dict(record, path=str(path))
+
+
+def _non_finite(value):
+    import numpy as np
+    import torch
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point() and not bool(torch.isfinite(value).all())
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        return not bool(np.isfinite(value).all())
+    return False
+
+
+SSL_NAMES = {"mae": "MAE", "mocov3": "MoCo v3"}
+
+
+def check_backbone_fits(backbone, ssl):
+    """UserError when the file's wrapper says it is another method's checkpoint than --ssl."""
+    if backbone and backbone.get("ssl") and backbone["ssl"] != ssl:
+        raise UserError(f"{backbone['path']} is a {SSL_NAMES[backbone['ssl']]} checkpoint (its layout: "
+                        f"{backbone['format']}), but --ssl {ssl} asks for {SSL_NAMES.get(ssl, ssl)}: pass "
+                        f"--ssl {backbone['ssl']} or the {SSL_NAMES.get(ssl, ssl)} file")
+
+
+# -----------------------------------------------------------------------------
+# Claims: one process trains a cell; others skip it
+
+
+def _holder():
+    import getpass
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "?"
+    return {"holder": f"{user}@{socket.gethostname()}", "pid": os.getpid(), "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def claim_cell(files):
+    """Claim a cell before training it: create files.claim exclusively (O_EXCL) holding who, pid, host and start
+    time. Returns None when claimed, else the live holder's record. A claim of a dead process on this host is
+    taken over; a claim from another host is taken as live (delete the .claim file if that machine died)."""
+    files.claim.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(5):
+        try:
+            fd = os.open(files.claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            holder = _read_claim(files.claim)
+            if holder is None and _age(files.claim) < 10:
+                continue   # being written or just released: look again
+            if holder is not None and not _claim_is_dead(holder):
+                return holder
+            stale = files.claim.with_name(f"{files.claim.name}.stale{os.getpid()}")
+            try:
+                os.rename(files.claim, stale)   # only one process wins the takeover
+                stale.unlink()
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(_holder(), f)
+        return None
+    return _read_claim(files.claim) or {"holder": "another process", "pid": None, "host": None, "started": "?"}
+
+
+def _read_claim(path):
+    try:
+        holder = json.loads(Path(path).read_text())
+        return holder if isinstance(holder, dict) else None
+    except (OSError, ValueError):
+        time.sleep(0.05)
+        return None
+
+
+def _age(path):
+    try:
+        return time.time() - os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _claim_is_dead(holder):
+    return holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
+        and holder["pid"] != os.getpid() and not pid_alive(holder["pid"])
+
+
+def release_cell(files):
+    """Remove this process's claim."""
+    holder = _read_claim(files.claim)
+    if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        files.claim.unlink(missing_ok=True)
+
+
+def load_runs(results_dir, protocol="final", problems=None, **filters):
     """Every run JSON under results_dir (recursively) whose config matches the filters (a value, a list of
     allowed values, or None for any). Only runs of `protocol` (None: all). Files that are not run JSONs are
-    skipped. Each run gets "path" and "mtime"."""
+    skipped; with a `problems` list, unreadable ones are appended to it as (path, what is wrong). Each run gets
+    "path" and "mtime"."""
     if not os.path.isdir(results_dir):
         raise UserError(f"results folder not found: {results_dir}")
     runs = []
     for path in sorted(Path(results_dir).rglob("*.json")):
+        if path.name == "backbones.json" or path.name.endswith(".check.json"):
+            continue   # the cache's own files
         try:
             run = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # half-written or foreign file
+        except (OSError, ValueError) as e:
+            if problems is not None:
+                problems.append((str(path), f"unreadable ({type(e).__name__}; truncated?): delete it and run its "
+                                            "cell again"))
+            continue
         if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
             continue
         if protocol is not None and run.get("protocol", "final") != protocol:
@@ -130,10 +314,23 @@ def _matches(value, want):
     return value == want
 
 
+PERCENT_METRICS = ("acc", "miou")   # metrics in percent: a stored value outside [0, 100] is not a result
+
+
 def final_metric(run, metric="test_acc"):
-    """run["final"][metric] as a float, or None when the run has not finished."""
+    """run["final"][metric] as a float, or None when the run has not finished (or failed). BadResultFile naming
+    the file when the stored value is not a number, not finite, or a percentage outside [0, 100]."""
     value = (run.get("final") or {}).get(metric)
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    where = run.get("path", "a result file")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadResultFile(f"{where}: final {metric} is {value!r}, not a number (edited?): delete it and run its "
+                            "cell again")
+    if any(m in metric for m in PERCENT_METRICS) and not 0.0 <= value <= 100.0:
+        raise BadResultFile(f"{where}: final {metric} = {value} is not a percentage in [0, 100] (edited?): delete "
+                            "it and run its cell again")
+    return float(value)
 
 
 def newest_lr_runs(runs):
@@ -185,14 +382,13 @@ def how_it_differs(run):
 def cell_key(spec):
     """What identifies a cell apart from its recipe: task, backbone, method, size, prompts, insertion block."""
     cfg = recipes.resolve(**{k: v for k, v in spec.items() if k != "lr"})
-    return tuple(cfg.get(k) for k in ("task", "ssl", "method", "arch", "num_prompts", "insert_at"))
+    return tuple(cfg.get(k) for k in CELL_KEYS)
 
 
 def runs_of(runs, spec):
     """(paper-recipe runs, other runs) of one cell."""
     key = cell_key(spec)
-    mine = [r for r in runs if tuple(r["config"].get(k) for k in ("task", "ssl", "method", "arch", "num_prompts",
-                                                                  "insert_at")) == key]
+    mine = [r for r in runs if tuple(r["config"].get(k) for k in CELL_KEYS) == key]
     paper = [r for r in mine if is_paper_run(r, spec.get("lr"))]
     return paper, [r for r in mine if r not in paper]
 
@@ -220,7 +416,7 @@ def paper_value(result, metric):
 
 
 def _spec_of(cfg):
-    return {k: cfg[k] for k in ("task", "ssl", "method", "arch", "num_prompts", "insert_at") if k in cfg}
+    return {k: cfg[k] for k in CELL_KEYS if k in cfg}
 
 # -----------------------------------------------------------------------------
 # The tables: each defined once; printing and `--table N --run` both read these definitions
@@ -276,7 +472,7 @@ def _fgvc_section(title, ssl, methods, paper, total=None):
 def table(number):
     """The sections of paper table `number` (1, 2, 3, 4, 6, 7, 8)."""
     if number == "1":
-        return [_fgvc_section(f"Table 1 - FGVC, {ssl}, ViT-B/16, top-1 test accuracy (%)", ssl, METHODS,
+        return [_fgvc_section(f"Table 1 - FGVC, {ssl}, ViT-B/16, top-1 test accuracy (%)", ssl, TABLE_METHODS,
                               PAPER["table1"][ssl]) for ssl in ("mae", "mocov3")]
     if number == "2":
         groups = {g: [t for t, info in data.VTAB_TASKS.items() if info.group == g]
@@ -290,7 +486,7 @@ def table(number):
         for ssl in ("mae", "mocov3"):
             rows = [Row(m, [(dict(task=t, ssl=ssl, method=m), "test_acc") for t in tasks],
                         [PAPER["table2"][ssl][m][c] for c in ("natural", "specialized", "structured", "mean")],
-                        combine) for m in METHODS]
+                        combine) for m in TABLE_METHODS]
             sections.append(Section(f"Table 2 - VTAB-1k, {ssl}, ViT-B/16, top-1 test accuracy (%)",
                                     ["natural", "specialized", "structured", "19-task mean"], rows,
                                     ["the paper's VPT rows are VPT's own reported numbers (VPT's recipe); " + VPT_NOTE],
@@ -302,7 +498,7 @@ def table(number):
             ref = PAPER[f"table{number}"][ssl]
             rows = [Row(m, [(dict(task="ade20k", ssl=ssl, method=m, num_prompts=ref[m]["prompts"]), metric)
                             for metric in ("miou_ss", "miou_ms")], [ref[m]["miou_ss"], ref[m]["miou_ms"]])
-                    for m in METHODS]
+                    for m in TABLE_METHODS]
             total = 100 if number == "3" else 24
             sections.append(Section(f"Table {number} - ADE20K, SETR-PUP, {ssl}, {total} prompts, mIoU (%)",
                                     ["mIoU (SS)", "mIoU (MS)"], rows))
@@ -320,7 +516,7 @@ def table(number):
         for arch, ref in PAPER["table8"].items():
             rows = [Row(m, [(dict(task=t, ssl=ref["ssl"], method=m, arch=arch, num_prompts=_prompts(m, arch, 48)),
                              "test_acc") for t in ("cub", "flowers")], [ref[m][t] for t in ("cub", "flowers")])
-                    for m in METHODS]
+                    for m in TABLE_METHODS]
             sections.append(Section(f"Table 8 - {arch} ({ref['ssl']}), 48 prompts, top-1 (%)", ["cub", "flowers"], rows))
         return sections
     raise UserError(f"no table {number}; the paper's tables are 1, 2, 3, 4, 6, 7, 8")
@@ -347,7 +543,8 @@ def fmt(value, paper=None):
 def print_table(number, results_dir, show_all=False):
     """A paper table from stored runs: `ours (paper)` per cell, only runs of the paper's exact recipe. Other runs
     of the same cells are counted, and listed with show_all (--all)."""
-    runs = load_runs(results_dir) if Path(results_dir).is_dir() else []
+    problems = []
+    runs = _plausible(load_runs(results_dir, problems=problems), problems) if Path(results_dir).is_dir() else []
     others = {}
     for section in table(number):
         print(section.title)
@@ -381,3 +578,21 @@ def print_table(number, results_dir, show_all=False):
     elif others:
         print(f"{len(others)} stored run(s) of these cells use other settings or an older recipe version and are "
               f"not shown; --all lists them")
+    if problems:
+        print(f"NOT SHOWN - {len(problems)} file(s) in {results_dir} could not be used:")
+        for path, what in problems:
+            print(f"  {path}: {what}")
+
+
+def _plausible(runs, problems):
+    """The runs whose stored metrics are numbers (percentages in [0, 100]); the others go to `problems`."""
+    keep = []
+    for run in runs:
+        try:
+            for metric in run.get("final") or {}:
+                final_metric(run, metric)
+        except BadResultFile as e:
+            problems.append((run["path"], str(e).split(": ", 1)[1]))
+            continue
+        keep.append(run)
+    return keep

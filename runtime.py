@@ -7,6 +7,8 @@ import json
 import math
 import os
 import random
+import re
+import socket
 import subprocess
 import tempfile
 
@@ -24,7 +26,14 @@ class UserError(Exception):
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The loss became NaN / inf. Carries the facts (value, where, whether a state of an earlier epoch was saved);
+    the command line words the advice."""
+    def __init__(self, value, where, state_saved):
+        super().__init__(f"loss became {value} at {where}")
+        self.value, self.where, self.state_saved = value, where, state_saved
+
+    def __reduce__(self):   # crosses process boundaries (parallel sweep workers)
+        return NonFiniteLoss, (self.value, self.where, self.state_saved), self.__dict__
 
 
 @dataclasses.dataclass
@@ -120,13 +129,29 @@ def set_rng_state(state):
 # --- files ---------------------------------------------------------------------
 
 
+def temporary_prefix():
+    """Prefix of this process's temporary files: .tmp-<pid>@<host>- (remove_dead_temporaries reads it back)."""
+    return f".tmp-{os.getpid()}@{socket.gethostname()}-"
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+
+
 def atomic_write(path, write):
     """Write through write(binary file) to a temporary file beside `path`, then rename: readers never see
-    a half-written file, and a crash leaves the old one."""
+    a half-written file, and a crash leaves the old one. The file gets the umask's permissions (mkstemp
+    alone would leave it 0600, unreadable to colleagues sharing a results folder)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=temporary_prefix())
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
@@ -134,6 +159,33 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True   # another user's live process
+    return True
+
+
+def remove_dead_temporaries(folder, recursive=True):
+    """Delete temporary files (.tmp-<pid>@<host>-* of atomic_write, *.tmp<pid>@<host> of the image cache)
+    left by killed processes of this host; files of live processes and of other hosts stay. Returns them."""
+    if not os.path.isdir(folder):
+        return []
+    host, removed = socket.gethostname(), []
+    walk = os.walk(folder) if recursive else [(folder, [], os.listdir(folder))]
+    for parent, _, names in walk:
+        for name in names:
+            m = re.fullmatch(r"\.tmp-(\d+)@(.+)-\w+", name) or re.fullmatch(r".+\.tmp(\d+)@(.+)", name)
+            if m and m.group(2) == host and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(parent, name))
+                    removed.append(os.path.join(parent, name))
+    return removed
 
 
 def write_text(path, text):
@@ -183,12 +235,16 @@ def save_training_state(path, host_state):
 
 
 def load_training_state(path, model, optimizer, scheduler):
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:   # truncated or not a state file: the path and what to do, not a traceback
+        raise UserError(f"{path} is not a readable training state ({type(e).__name__}; truncated?): delete it to "
+                        "start the run over") from None
     try:
         model.load_prompt_state_dict(state["model"])
-    except ValueError as e:
-        raise UserError(f"{path}: resume state does not match this model ({e}); was it written with other "
-                        "--method / --num-prompts?") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: this training state does not match the model being trained ({e}); delete it "
+                        "to start the run over") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
@@ -218,9 +274,7 @@ def code_version():
 def check_finite(value, where, state_saved):
     """Stop on NaN/inf with exit code 3 (the CLI maps NonFiniteLoss to it)."""
     if not math.isfinite(value):
-        kept = ("The last good epoch's state is kept: lower --lr and pass --resume to continue it, or delete it."
-                if state_saved else "No state was saved (it failed before the first checkpoint).")
-        raise NonFiniteLoss(f"loss became {value} at {where}; lower --lr or check the data. {kept}")
+        raise NonFiniteLoss(value, where, state_saved)
 
 # --- data parallel (torchrun) ---------------------------------------------------
 

@@ -100,8 +100,10 @@ def fits_on_gpu(splits, device, fraction=0.3):
     return sum(s.pixels.numel() for s in splits) < fraction * torch.cuda.mem_get_info(device)[0]
 
 
-def make_loaders(cfg, train, evals, device):
-    """Batches come from the uint8 arrays: crop/flip and normalisation run on `device`, no JPEG decoding."""
+def make_loaders(cfg, train, evals, device, compile=True):
+    """Batches come from the uint8 arrays: crop/flip and normalisation run on `device`, no JPEG decoding.
+    Evaluation batches are padded to EVAL_BATCH rows only for a compiled step (one static shape); eager
+    evaluation of a small split runs it at its own size."""
     rank, world_size = runtime.world()
     augment = cfg["task"] == "demo" or data.task_kind(cfg["task"]) == "fgvc"  # random crop + flip
     on_gpu = fits_on_gpu([train, *evals.values()], device)
@@ -110,8 +112,9 @@ def make_loaders(cfg, train, evals, device):
     common = dict(crop_size=cfg["img_size"], rank=rank, world_size=world_size, device=device, images_on_device=on_gpu)
     train_loader = data.BatchLoader(train, cfg["batch_size"] // world_size, train=True, augment=augment,
                                     seed=cfg["seed"], **common)
-    eval_loaders = {name: data.BatchLoader(s, max(EVAL_BATCH, cfg["batch_size"]), train=False, **common)
-                    for name, s in evals.items()}
+    eval_batch = max(EVAL_BATCH, cfg["batch_size"])
+    eval_loaders = {name: data.BatchLoader(s, eval_batch if compile else min(eval_batch, max(1, math.ceil(
+                        len(s) / world_size))), train=False, **common) for name, s in evals.items()}
     return train_loader, eval_loaders
 
 # -----------------------------------------------------------------------------
@@ -155,7 +158,7 @@ def train(cfg, model, train_loader, eval_loaders, settings, state_path):
     """The paper's recipe, resumable after every epoch. Returns an Outcome."""
     device = settings.device
     model.to(device)
-    optimizer = runtime.make_optimizer(model.trainable_parameters(), cfg["lr"], cfg["momentum"],
+    optimizer = runtime.make_optimizer(decay_groups(model, cfg["weight_decay"]), cfg["lr"], cfg["momentum"],
                                        cfg["weight_decay"], device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg["warmup_epochs"], cfg["epochs"]))
     step = runtime.make_train_step(model, optimizer, classification_loss, device, settings.bf16, settings.compile)
@@ -197,6 +200,18 @@ def train(cfg, model, train_loader, eval_loaders, settings, state_path):
     tic = time.perf_counter()
     final = final_metrics(model, eval_step, eval_loaders, best)
     return Outcome(history, final, train_seconds, time.perf_counter() - tic, elapsed_before)
+
+
+def decay_groups(model, weight_decay):
+    """The trainable tensors for SGD. With weight decay (VPT's recipe), VPT's optimizer (KMnP/vpt
+    src/solver/optimizer.py) decays every trainable tensor except the head's bias: that one gets its own group
+    without decay. Without weight decay (the paper's recipe) one plain list."""
+    if not weight_decay:
+        return model.trainable_parameters()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n != "head.bias"]},
+              {"params": [p for n, p in named if n == "head.bias"], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def resume_or_start(cfg, model, optimizer, scheduler, settings, state_path):
@@ -259,7 +274,8 @@ def run_classification(cfg, protocol, settings):
         model = recipes.model_from_config(cfg, recipes.num_classes(cfg), checkpoint, verbose=runtime.is_main())
         runtime.place_model(model, settings.device, settings.bf16)
         train_split, eval_splits = load_data(cfg, settings, protocol)
-        train_loader, eval_loaders = make_loaders(cfg, train_split, eval_splits, settings.device)
+        train_loader, eval_loaders = make_loaders(cfg, train_split, eval_splits, settings.device,
+                                                  compile=bool(settings.compile))
         outcome = train(cfg, model, train_loader, eval_loaders, settings, files.state)
     session = time.perf_counter() - tic
     if runtime.is_main():  # the prompt pack, beside the .prompts.pt the result writer saves

@@ -562,7 +562,8 @@ def test_disk_cache_is_reused(tmp_path, monkeypatch):
     assert_same_split(first, uncached)
     assert len(list(cache.glob("nabirds-train-*.pixels.npy"))) == 1
     assert len(list(cache.glob("nabirds-train-*.index.npy"))) == 1
-    assert len(list(cache.iterdir())) == 2  # no temporary files left
+    assert len(list(cache.glob("nabirds-train-*.check.json"))) == 1
+    assert len(list(cache.iterdir())) == 3  # no temporary files left
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although cached")
@@ -596,6 +597,63 @@ def test_disk_cache_is_rebuilt_when_stale_or_incomplete(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "CACHE_RECIPE", data.CACHE_RECIPE + " changed")
     data.load_splits("dogs", root, ["test"], cache_dir=cache)
     assert len(calls) == 4 and len(list(cache.glob("*.index.npy"))) == 2
+
+
+def test_a_second_copy_of_a_dataset_under_another_root_is_decoded_fresh(tmp_path, monkeypatch):
+    """Same file names, other pixels, another --data-dir: the cache must not hand back the first copy."""
+    first_root = fixtures.write_fgvc_fixture(tmp_path / "a" / "cub", "cub", seed=0)
+    second_root = fixtures.write_fgvc_fixture(tmp_path / "b" / "cub", "cub", seed=5)
+    cache = tmp_path / "cache"
+    first = data.load_splits("cub", first_root, ["test"], cache_dir=cache)["test"]
+    second = data.load_splits("cub", second_root, ["test"], cache_dir=cache)["test"]
+    assert_same_split(second, data.load_splits("cub", second_root, ["test"])["test"])
+    assert not torch.equal(first.pixels, second.pixels)
+
+
+def test_a_re_downloaded_image_with_the_same_name_is_decoded_fresh(tmp_path):
+    root = fixtures.write_fgvc_fixture(tmp_path / "cub", "cub")
+    cache = tmp_path / "cache"
+    data.load_splits("cub", root, ["test"], cache_dir=cache)
+    image = sorted((root / "images").rglob("*test_000.jpg"))[0]
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(image)
+    fixed = data.load_splits("cub", root, ["test"], cache_dir=cache)["test"]
+    assert_same_split(fixed, data.load_splits("cub", root, ["test"])["test"])
+
+
+def test_a_flipped_byte_in_the_cache_is_detected_and_the_entry_rebuilt(tmp_path, monkeypatch, capsys):
+    root = fixtures.write_fgvc_fixture(tmp_path / "dogs", "dogs")
+    cache = tmp_path / "cache"
+    reference = data.load_splits("dogs", root, ["test"])["test"]
+    data.load_splits("dogs", root, ["test"], cache_dir=cache)
+    pixels_file, = cache.glob("*.pixels.npy")
+    raw = bytearray(pixels_file.read_bytes())
+    raw[-7] ^= 0x01
+    pixels_file.write_bytes(bytes(raw))
+    calls = count_decoding(monkeypatch)
+    again = data.load_splits("dogs", root, ["test"], cache_dir=cache)["test"]
+    assert len(calls) == 1 and "does not match its checksum" in capsys.readouterr().out
+    assert_same_split(again, reference)
+
+
+def test_temporary_pixel_files_of_killed_runs_are_removed(tmp_path):
+    import socket
+    root = fixtures.write_fgvc_fixture(tmp_path / "dogs", "dogs")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = subprocess_pid_that_exited()
+    left = cache / f"dogs-test-0123456789abcdef.pixels.npy.tmp{dead}@{socket.gethostname()}"
+    other_host = cache / f"dogs-test-0123456789abcdef.pixels.npy.tmp{dead}@another-machine"
+    left.write_bytes(b"x" * 100)
+    other_host.write_bytes(b"x")
+    data.load_splits("dogs", root, ["test"], cache_dir=cache)
+    assert not left.exists() and other_host.exists()
+
+
+def subprocess_pid_that_exited():
+    import subprocess
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 # --- prepare ----------------------------------------------------------------------------------

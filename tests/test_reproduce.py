@@ -2,8 +2,10 @@
 before any slow work."""
 import argparse
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,8 +84,9 @@ def test_print_config_shows_overrides_and_touches_nothing(tmp_path):
 def test_print_config_without_a_task_is_the_demos_and_the_demo_honours_lr_and_epochs():
     out = cli("--print-config", "--lr", "0.2", "--epochs", "3")
     assert out.returncode == 0, out.stderr
-    cfg = json.loads(out.stdout)
-    assert cfg["task"] == "demo" and (cfg["lr"], cfg["epochs"]) == (0.2, 3)
+    cfgs = json.loads(out.stdout)   # one config per demo method
+    assert [c["method"] for c in cfgs] == ["vpt-shallow", "gated+temp"]
+    assert all(c["task"] == "demo" and (c["lr"], c["epochs"]) == (0.2, 3) for c in cfgs)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -103,11 +106,44 @@ def test_flags_that_do_not_apply_are_refused_by_name(argv, message, tmp_path):
 
 
 def test_vpt_recipe_searches_lr_per_256_images_and_weight_decay():
+    """KMnP/vpt: tune_fgvc.py's prompt grid has 9 base lrs (no 0.05), tune_vtab.py's 10 (with 0.05); 4 weight
+    decays; lr per 256 images."""
     cfg = recipes.resolve("cub", "mae", "vpt-shallow", recipe="vpt")
     grid = recipes.sweep_grid(cfg)
-    assert cfg["prompt_dropout"] == 0.0 and len(grid) == 10 * 4
+    assert cfg["prompt_dropout"] == 0.0 and len(grid) == 9 * 4
     assert {"lr": 5.0 * 64 / 256, "weight_decay": 0.001} in grid   # VPT's base lr 5.0 at batch 64
+    assert {p["lr"] for p in grid} == {b * 64 / 256 for b in (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0)}
+    vtab = recipes.sweep_grid(recipes.resolve("dtd", "mae", "vpt-deep", recipe="vpt"))
+    assert len(vtab) == 10 * 4 and {"lr": 0.05 * 128 / 256, "weight_decay": 0.0} in vtab   # dtd: batch 128
+    assert {p["weight_decay"] for p in vtab} == {0.0, 0.0001, 0.001, 0.01}
     assert recipes.sweep_grid(recipes.resolve("cub", "mae")) == [{"lr": lr} for lr in (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)]
+
+
+def test_vpt_recipe_decays_every_trainable_tensor_but_the_heads_bias():
+    model = gp.build_model("vit_base", "mae", "vpt-deep", num_classes=3, vit_overrides=TINY, img_size=32, num_prompts=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD(trainer.decay_groups(model, 0.1), lr=1.0, weight_decay=0.1)
+    for p in model.trainable_parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()   # zero gradient: a decayed tensor becomes p - lr * wd * p = 0.9 p
+    after = dict(model.named_parameters())
+    assert torch.equal(after["head.bias"], before["head.bias"])
+    for name in set(before) - {"head.bias"}:
+        assert torch.allclose(after[name], 0.9 * before[name]), name
+    assert set(before) >= {"prompts", "deep_prompts", "head.weight"}
+
+
+def test_seeds_5_under_vpts_recipe_are_vpts_final_run_seeds(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(reproduce, "run_one", lambda cfg, protocol, settings, source: seen.append(cfg["seed"]) or
+                        {"final": {"test_acc": 1.0}})
+    cfg = recipes.resolve("cub", "mae", "vpt-shallow", recipe="vpt", lr=0.5, weight_decay=0.001)
+    reproduce.run_cells([cfg], argparse.Namespace(sweep=False, seeds=5, lr=0.5), settings(tmp_path))
+    assert seen == [42, 44, 82, 100, 800]
+    seen.clear()
+    reproduce.run_cells([recipes.resolve("cub", "mae")], argparse.Namespace(sweep=False, seeds=3, lr=None),
+                        settings(tmp_path))
+    assert seen == [42, 43, 44]
 
 
 # --- one run, one result file ------------------------------------------------------------------
@@ -206,7 +242,7 @@ def test_ade20k_cell_trains_the_configured_model_and_writes_one_result(tmp_path,
 
 def test_missing_dataset_names_the_paths_and_how_to_get_it(tmp_path):
     ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
-    cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1)
+    cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0)
     with pytest.raises(data.DataError) as err:
         reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))
     assert str(tmp_path / "data" / "vtab-1k" / "dtd") in str(err.value) and "train800val200,test}.txt" in str(err.value)
@@ -225,7 +261,7 @@ def test_corrupt_image_is_named(tmp_path):
     bad = next((tmp_path / "data" / "vtab-1k" / "dtd" / "images" / "train800").glob("*.jpg"))
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     ckpt = write_tiny_mae_checkpoint(tmp_path / "tiny.pth")   # a backbone that fits the small config below
-    cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1)
+    cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0)
     with pytest.raises(data.DataError, match=bad.name):
         reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))
 
@@ -236,7 +272,7 @@ def test_vtab_label_out_of_range_is_an_error(tmp_path):
     lines = listing.read_text().splitlines()
     lines[0] = lines[0].rsplit(" ", 1)[0] + " 10"  # eurosat has 10 classes: 0..9
     listing.write_text("\n".join(lines) + "\n")
-    cfg = recipes.resolve("eurosat", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1)
+    cfg = recipes.resolve("eurosat", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0)
     with pytest.raises(data.DataError, match=r"train800val200\.txt:1: label 10 out of range"):
         reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(write_tiny_mae_checkpoint(tmp_path / "t.pth"))))
 
@@ -247,7 +283,7 @@ def test_fgvc_class_id_out_of_range_exits_2_before_decoding(tmp_path):
     key = next(iter(anno))
     anno[key] = 999
     (root / "train.json").write_text(json.dumps(anno))
-    cfg = recipes.resolve("cub", "mae", arch_overrides=dict(TINY, patch_size=32), num_classes=3, epochs=1)
+    cfg = recipes.resolve("cub", "mae", arch_overrides=dict(TINY, patch_size=32), num_classes=3, epochs=1, warmup_epochs=0)
     with pytest.raises(data.DataError) as err:
         reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(write_tiny_mae_checkpoint(tmp_path / "t.pth"))))
     assert "train.json" in str(err.value) and key in str(err.value) and "999" in str(err.value)
@@ -287,10 +323,437 @@ def test_help_explains_the_tasks_methods_and_subcommands():
         assert word in out.stdout
 
 
+# --- --table N --run: which cells, with which settings (expectations typed in from the paper) ---------------
+
+TABLE_CELL_COUNTS = {"1": 2 * 3 * 5, "2": 2 * 3 * 19, "3": 2 * 3, "4": 3 * 2, "6": 2 * 3, "7": 3 * 2 * 5,
+                     "8": 2 * 3 * 2}   # backbones x rows x columns
+
+
 @pytest.mark.parametrize("number", ["1", "2", "3", "4", "6", "7", "8"])
-def test_table_run_queues_the_cells_the_table_prints(number, monkeypatch, tmp_path):
+def test_table_run_queues_every_cell_of_the_table(number, monkeypatch, tmp_path):
     queued = []
     monkeypatch.setattr(reproduce, "run_cells", lambda cfgs, args, settings: queued.extend(cfgs))
     args = reproduce.parse_args(["--table", number, "--run"])
-    reproduce.run_table(number, args, settings(tmp_path))
-    assert [recipes.resolve(**c) for c in results.table_cells(number)] == queued
+    reproduce.run_table(reproduce.planned_configs(args), args, settings(tmp_path))
+    assert len(queued) == TABLE_CELL_COUNTS[number]
+    assert len({results.run_name(c, "final") for c in queued}) == len(queued)
+
+
+def test_table_4_cells_carry_table_5_and_100_prompts():
+    """Table 4: MAE, 100 prompts, CUB and Flowers; batch 64 and Table 5's lr / gate init (CUB 0.1 / 5,
+    Flowers 0.1 / 15), 100 epochs with 10 warm-up."""
+    cfgs = reproduce.planned_configs(reproduce.parse_args(["--table", "4", "--run"]))
+    got = [(c["task"], c["method"], c["ssl"], c["num_prompts"], c["batch_size"], c["lr"], c["gate_init"],
+            c["epochs"], c["warmup_epochs"]) for c in cfgs]
+    assert sorted(got) == sorted([
+        ("cub", "vpt-shallow", "mae", 100, 64, 0.1, 5, 100, 10), ("flowers", "vpt-shallow", "mae", 100, 64, 0.1, 15, 100, 10),
+        ("cub", "gated-hard", "mae", 100, 64, 0.1, 5, 100, 10), ("flowers", "gated-hard", "mae", 100, 64, 0.1, 15, 100, 10),
+        ("cub", "gated+temp", "mae", 100, 64, 0.1, 5, 100, 10), ("flowers", "gated+temp", "mae", 100, 64, 0.1, 15, 100, 10)])
+
+
+def test_table_run_applies_the_command_lines_overrides_to_every_cell(monkeypatch, tmp_path):
+    """The user's report: `--table 4 --run --epochs 1 --lr 0.5` queued 100-epoch cells at Table 5's lr."""
+    seen = []
+    monkeypatch.setattr(reproduce, "run_one", lambda cfg, protocol, settings, source: seen.append(
+        (cfg["epochs"], cfg["warmup_epochs"], cfg["lr"], cfg["num_prompts"], source)))
+    monkeypatch.setattr(results, "print_table", lambda *a, **k: None)
+    reproduce.main(["--table", "4", "--run", "--epochs", "1", "--warmup-epochs", "0", "--lr", "0.5",
+                    "--results-dir", str(tmp_path / "r")])
+    assert seen == [(1, 0, 0.5, 100, "command line")] * 6
+
+
+def test_table_print_config_is_a_dry_run_of_every_cell(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = reproduce.cli_main(["--table", "4", "--run", "--print-config", "--epochs", "2", "--warmup-epochs", "1",
+                               "--results-dir", str(tmp_path / "r")])
+    assert code == 0
+    cfgs = json.loads(capsys.readouterr().out)
+    assert len(cfgs) == 6 and {c["epochs"] for c in cfgs} == {2} and {c["task"] for c in cfgs} == {"cub", "flowers"}
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- every flag applies or is refused, in every mode ----------------------------------------------
+
+# flag -> (value, the config key it sets, the value expected there); typed in, not derived
+CONFIG_FLAGS = {"--lr": ("0.3", "lr", 0.3), "--num-prompts": ("7", "num_prompts", 7),
+                "--gate-init": ("3", "gate_init", 3.0), "--batch-size": ("16", "batch_size", 16),
+                "--epochs": ("20", "epochs", 20), "--warmup-epochs": ("2", "warmup_epochs", 2),
+                "--insert-at": ("4", "insert_at", 4), "--seed": ("7", "seed", 7),
+                "--prompt-dropout": ("0.2", "prompt_dropout", 0.2), "--weight-decay": ("0.01", "weight_decay", 0.01),
+                "--iters": ("9", "iters", 9), "--arch": ("vit_small", "arch", "vit_small"),
+                "--recipe": ("paper", "recipe", "paper"), "--method": ("gated", "method", "gated"),
+                "--ssl": ("mocov3", "ssl", "mocov3")}
+# flags that change how a run goes, not its config: flag -> (argv, Settings field or args field, expected value)
+RUN_FLAGS = {"--seeds": (["--seeds", "3"], "seeds", 3), "--sweep": (["--sweep"], "sweep", True),
+             "--resume": (["--resume"], "resume", True), "--checkpoint": (["--checkpoint", "x.pth"], "checkpoint", "x.pth"),
+             "--workers": (["--workers", "2"], "workers", 2), "--data-dir": (["--data-dir", "d"], "data_dir", "d"),
+             "--cache-dir": (["--cache-dir", "c"], "cache_dir", "c"), "--download": (["--download"], "download", True),
+             "--mirror": (["--mirror", "http://m"], "mirror", "http://m"), "--device": (["--device", "cpu"], "device", torch.device("cpu")),
+             "--fp32": (["--fp32"], "bf16", False), "--no-compile": (["--no-compile"], "compile", False),
+             "--results-dir": (["--results-dir", "rr"], "results_dir", "rr"), "--all": (["--all"], "all", True)}
+MODES = {"one cell": ["--task", "flowers"], "--table 4 --run": ["--table", "4", "--run"], "demo": ["--demo"]}
+# what each mode refuses (exit 2 naming the flag), hand-written from the README's "Flags must apply"
+REFUSED = {"one cell": {"--iters", "--all"},
+           "--table 4 --run": {"--method", "--ssl", "--iters"},
+           "demo": {"--num-prompts", "--gate-init", "--batch-size", "--insert-at", "--prompt-dropout", "--weight-decay",
+                    "--iters", "--arch", "--recipe", "--ssl", "--seeds", "--sweep", "--resume", "--checkpoint",
+                    "--workers", "--data-dir", "--cache-dir", "--download", "--mirror", "--all"}}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("flag", list(CONFIG_FLAGS) + list(RUN_FLAGS))
+def test_each_flag_applies_or_is_refused_by_name(flag, mode):
+    argv = MODES[mode] + (["--" + "epochs", "20"] if flag == "--warmup-epochs" else []) + (
+        ["--" + "method", "vpt-deep"] if flag == "--recipe" and mode != "--table 4 --run" else []) + (
+        ["--sweep"] if flag == "--recipe" and mode == "one cell" else [])
+    argv += [flag, CONFIG_FLAGS[flag][0]] if flag in CONFIG_FLAGS else RUN_FLAGS[flag][0]
+    if flag in REFUSED[mode]:
+        with pytest.raises(runtime.UserError, match=f"{flag} does not apply"):
+            args = reproduce.parse_args(argv)
+            reproduce.check_flags(args)
+            reproduce.planned_configs(args)
+        return
+    args = reproduce.parse_args(argv)
+    reproduce.check_flags(args)
+    cfgs = reproduce.planned_configs(args)
+    assert cfgs
+    if flag in CONFIG_FLAGS:
+        _, key, want = CONFIG_FLAGS[flag]
+        assert all(c[key] == want for c in cfgs), [c[key] for c in cfgs]
+    else:
+        _, field, want = RUN_FLAGS[flag]
+        where = reproduce.settings_from(args) if hasattr(runtime.Settings(), field) else args
+        assert getattr(where, field) == want
+
+
+def test_a_refused_demo_command_keeps_the_previous_demo_results(tmp_path, capsys):
+    demo = tmp_path / "results" / "demo"
+    demo.mkdir(parents=True)
+    (demo / "kept.json").write_text("{}")
+    assert reproduce.cli_main(["--demo", "--ssl", "mocov3", "--results-dir", str(tmp_path / "results")]) == 2
+    assert "--ssl does not apply to the demo" in capsys.readouterr().err
+    assert (demo / "kept.json").is_file()
+
+
+# --- bad values stop before any work ---------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "0"], "--batch-size 0 is not usable"),
+    (["--num-prompts", "0"], "--num-prompts 0 is not usable"),
+    (["--insert-at", "13"], "--insert-at 13 is not usable: it must be a block in 1..12"),
+    (["--prompt-dropout", "2"], "--prompt-dropout 2.0 is not usable"),
+    (["--seeds", "0"], "--seeds 0 is not usable"),
+    (["--epochs", "-1"], "--epochs -1 is not usable"),
+    (["--epochs", "5"], "--epochs 5 is at or below the warm-up (10 epochs)"),
+    (["--workers", "0"], "--workers 0 is not usable"),
+    (["--device", "gpu"], "--device gpu is not a device"),
+    (["--lr", "0"], "--lr 0.0 is not usable"),
+] + ([(["--device", "cuda"], "no CUDA GPU is visible")] if not torch.cuda.is_available() else []))
+def test_bad_values_exit_2_with_one_line_before_loading_anything(argv, message, tmp_path, monkeypatch, capsys):
+    """Nothing may be looked up, loaded or decoded before the message."""
+    def too_late(*a, **k):
+        pytest.fail("reached the checkpoint or the data before refusing")
+    monkeypatch.setattr(recipes, "checkpoint_for", too_late)
+    monkeypatch.setattr(data, "load_splits", too_late)
+    code = reproduce.cli_main(["--task", "cub", *argv, "--results-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_command_line_exits_2_on_a_bad_device(tmp_path):
+    out = cli("--task", "cub", "--device", "gpu", "--results-dir", str(tmp_path / "r"), cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.strip() == "error: --device gpu is not a device: use cuda, cuda:N or cpu"
+
+
+# --- a run's identity: the backbone file ------------------------------------------------------------
+
+def tiny_cell(ssl="mae", **kw):
+    return recipes.resolve("dtd", ssl, **dict(dict(arch_overrides=dict(TINY, patch_size=32), epochs=2,
+                                                      warmup_epochs=1, num_prompts=4), **kw))
+
+
+def store_finished(tmp_path, cfg, ckpt):
+    """A finished result of cfg trained on ckpt, as run_one writes it."""
+    s = settings(tmp_path, checkpoint=str(ckpt))
+    backbone = results.backbone_identity(ckpt, tmp_path / "results" / "cache")
+    files = results.run_files(s.results_dir, cfg, "final")
+    results.write_result(files, results.new_result(cfg, "final", "recipe", s, {"final": {"test_acc": 50.0}}, "x",
+                                                   backbone))
+    return files
+
+
+def test_a_result_records_the_backbones_sha256_and_format_and_is_reused_only_for_that_file(tmp_path, monkeypatch):
+    import hashlib
+    ckpt = write_tiny_mae_checkpoint(tmp_path / "a.pth")
+    cfg = tiny_cell()
+    files = store_finished(tmp_path, cfg, ckpt)
+    stored = json.loads(files.result.read_text())
+    assert stored["backbone"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert stored["backbone"]["format"] == "timm / MAE" and stored["backbone"]["ssl"] == "mae"
+    monkeypatch.setattr(trainer, "run_classification", lambda *a, **k: pytest.fail("trained again"))
+    assert reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))["final"]["test_acc"] == 50.0
+    other = tmp_path / "b.pth"
+    torch.save({"model": {k: v + 1 for k, v in torch.load(ckpt)["model"].items()}}, other)
+    with pytest.raises(runtime.UserError, match="was trained on .*a.pth.*this run's backbone is .*b.pth"):
+        reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(other)))
+    with pytest.raises(gp.CheckpointError, match="checkpoint not found"):
+        reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(tmp_path / "does-not-exist.pth")))
+
+
+def test_the_backbone_hash_is_remembered_by_path_size_and_mtime(tmp_path, monkeypatch):
+    import hashlib
+    import os
+    ckpt = write_tiny_mae_checkpoint(tmp_path / "a.pth")
+    first = results.backbone_identity(ckpt, tmp_path / "cache")
+    assert (tmp_path / "cache" / "backbones.json").is_file()
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: pytest.fail("hashed again"))
+    assert results.backbone_identity(ckpt, tmp_path / "cache") == first
+    monkeypatch.undo()
+    os.utime(ckpt, ns=(1, 1))    # a replaced file (new mtime) is hashed again
+    calls = []
+    real = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    assert results.backbone_identity(ckpt, tmp_path / "cache")["sha256"] == first["sha256"] and calls
+
+
+def test_a_file_whose_layout_contradicts_ssl_exits_2_naming_both(tmp_path, monkeypatch, capsys):
+    mae = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
+    monkeypatch.setattr(trainer, "run_classification", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(runtime.UserError, match=r"mae.pth is a MAE checkpoint.*--ssl mocov3"):
+        reproduce.run_one(tiny_cell(ssl="mocov3"), "final", settings(tmp_path, checkpoint=str(mae)))
+    moco = tmp_path / "moco.pth.tar"
+    torch.save({"state_dict": {"module." + k: v for k, v in torch.load(mae)["model"].items()}, "epoch": 300}, moco)
+    with pytest.raises(runtime.UserError, match=r"moco.pth.tar is a MoCo v3 checkpoint.*--ssl mae"):
+        reproduce.run_one(tiny_cell(), "final", settings(tmp_path, checkpoint=str(moco)))
+
+
+def test_a_non_finite_weight_in_the_backbone_is_refused_at_load(tmp_path):
+    ckpt = write_tiny_mae_checkpoint(tmp_path / "nan.pth")
+    sd = torch.load(ckpt)
+    sd["model"]["blocks.1.mlp.fc1.weight"][0, 0] = float("nan")
+    torch.save(sd, ckpt)
+    with pytest.raises(runtime.UserError, match=r"nan.pth: 1 backbone tensor\(s\) hold NaN or inf"):
+        reproduce.run_one(tiny_cell(), "final", settings(tmp_path, checkpoint=str(ckpt)))
+
+
+def test_table_run_with_one_checkpoint_for_both_backbones_is_refused(tmp_path, capsys):
+    code = reproduce.cli_main(["--table", "1", "--run", "--checkpoint", str(tmp_path / "x.pth"),
+                               "--results-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Table 1 needs 2 (mae vit_base, mocov3 vit_base)" in err and not (tmp_path / "r").exists()
+
+
+# --- the harness's own files, read defensively ----------------------------------------------------
+
+def test_a_truncated_or_edited_result_file_exits_2_naming_it(tmp_path, monkeypatch, capsys):
+    cfg = tiny_demo_cfg(epochs=2)
+    files = results.run_files(tmp_path / "results", cfg, "final")
+    files.result.parent.mkdir(parents=True)
+    files.result.write_text('{"config": {"task": "demo", "ssl"')
+    with pytest.raises(results.BadResultFile, match=re.escape(files.result.name) + " is not a readable result file.*delete it"):
+        reproduce.run_one(cfg, "final", settings(tmp_path))
+    result = results.new_result(cfg, "final", "recipe", runtime.Settings(), {"final": {"test_acc": "high"}}, "x")
+    files.result.write_text(json.dumps(result))
+    with pytest.raises(results.BadResultFile, match="final test_acc is 'high', not a number"):
+        reproduce.run_one(cfg, "final", settings(tmp_path))
+
+
+def test_a_truncated_training_state_exits_2_naming_it(tmp_path):
+    model = gp.build_model("vit_base", "mae", "gated+temp", num_classes=3, vit_overrides=TINY, img_size=32,
+                           num_prompts=2)
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
+    state = tmp_path / "run.state.pt"
+    runtime.save_training_state(state, runtime.training_state(model, opt, sched, 0, []))
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(runtime.UserError, match=r"run.state.pt is not a readable training state.*delete it"):
+        runtime.load_training_state(state, model, opt, sched)
+
+
+def test_the_table_lists_unreadable_and_implausible_files_under_it(tmp_path, capsys):
+    good = results.new_result(recipes.resolve("cub", "mae"), "final", "recipe", runtime.Settings(),
+                              {"final": {"test_acc": 70.0}}, "x")
+    results.write_result(results.run_files(tmp_path, recipes.resolve("cub", "mae"), "final"), good)
+    edited = recipes.resolve("flowers", "mae")
+    results.write_result(results.run_files(tmp_path, edited, "final"),
+                         dict(good, config=results.identity(edited), final={"test_acc": 1e9}))
+    (tmp_path / "cars" / "mae").mkdir(parents=True)
+    (tmp_path / "cars" / "mae" / "cut.json").write_text('{"config": ')
+    results.print_table("1", tmp_path)
+    out = capsys.readouterr().out
+    assert "1000000000.00" not in out and "70.00" in out
+    assert "NOT SHOWN - 2 file(s)" in out and "cut.json: unreadable" in out
+    assert "flowers" in out.split("NOT SHOWN")[1] and "not a percentage in [0, 100]" in out
+
+
+# --- nothing half-written, nothing left behind ------------------------------------------------------
+
+def test_prompts_are_written_atomically_and_before_the_result(tmp_path, monkeypatch):
+    cfg = tiny_demo_cfg(epochs=2)
+    files = results.run_files(tmp_path, cfg, "final")
+    real_save = torch.save
+
+    def killed_midway(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        results.write_result(files, {"final": {}}, {"prompts": torch.zeros(2)})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert list(files.result.parent.iterdir()) == []   # no half file, no result without its prompts
+
+
+def test_files_respect_the_umask(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        runtime.UMASK = 0o022
+        runtime.write_json(tmp_path / "r.json", {})
+    finally:
+        os.umask(old)
+        runtime.UMASK = old
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_run_removes_temporaries_of_killed_runs_and_checks_the_folder_first(tmp_path, capsys):
+    import os
+    import socket
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    left = tmp_path / "r" / "cub" / "mae" / f".tmp-{proc.pid}@{socket.gethostname()}-abc123"
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"half a result")
+    live = left.with_name(f".tmp-{os.getpid()}@{socket.gethostname()}-abc123")
+    live.write_bytes(b"being written")
+    assert reproduce.cli_main(["--demo", "--method", "linear", "--epochs", "2", "--results-dir",
+                               str(tmp_path / "r")]) == 0
+    assert not left.exists() and live.exists()
+    if os.geteuid() != 0:   # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o500)
+        assert reproduce.cli_main(["--task", "cub", "--results-dir", str(tmp_path / "ro")]) == 2
+        assert "cannot write to" in capsys.readouterr().err
+
+
+def test_cpu_evaluation_is_not_padded_to_the_compiled_batch():
+    cfg = tiny_demo_cfg()
+    images, labels = data.make_synthetic_images(3, 2, 40, seed=0)
+    split = data.ImageSplit.from_dense("demo", "test", images, labels)
+    _, eager = trainer.make_loaders(cfg, split, {"test": split}, torch.device("cpu"), compile=False)
+    _, compiled = trainer.make_loaders(cfg, split, {"test": split}, torch.device("cpu"), compile=True)
+    assert [len(x) for x, _ in eager["test"]] == [6]
+    assert [len(x) for x, _ in compiled["test"]] == [256]
+
+
+# --- two processes, one cell -----------------------------------------------------------------------
+
+WORKER = """
+import sys, time, os
+sys.path.insert(0, {root!r})
+import torch
+torch.set_num_threads(1)   # two processes on a shared CI machine
+import recipes, reproduce, runtime
+while not os.path.exists({go!r}):
+    time.sleep(0.01)
+tiny = dict(embed_dim=32, depth=3, num_heads=2, patch_size=8)
+jobs = [(recipes.resolve("demo", arch_overrides=tiny, num_classes=6, epochs=2, warmup_epochs=1, seed=s), "final",
+         "recipe") for s in range(4)]
+reproduce.run_queue(jobs, runtime.Settings(results_dir={results!r}, quiet=True))
+"""
+
+
+def test_two_processes_on_one_results_folder_train_each_cell_once(tmp_path):
+    """Two real processes (as two machines of a SLURM array running --table N --run) take the same queue of four
+    cells at the same moment: each cell is trained by exactly one of them, and every result is complete."""
+    go = tmp_path / "go"
+    script = WORKER.format(root=str(ROOT), go=str(go), results=str(tmp_path / "results"))
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, cwd=tmp_path) for _ in range(2)]
+    time.sleep(0.5)
+    go.touch()
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    wrote = [line for out in outs for line in out.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 4 and len(set(wrote)) == 4, outs        # each cell trained once
+    assert all(o.count("wrote ") > 0 for o in outs) or "is training this cell; skipping it" in "".join(outs)
+    finished = list((tmp_path / "results").rglob("*.json"))
+    assert len(finished) == 4 and not list((tmp_path / "results").rglob("*.claim"))
+    for path in finished:
+        assert json.loads(path.read_text())["final"]["test_acc"] >= 0
+        assert path.with_name(path.name[:-5] + ".prompts.pt").is_file()
+
+
+def test_a_dead_processes_claim_is_taken_over_and_another_hosts_is_respected(tmp_path):
+    files = results.run_files(tmp_path, tiny_demo_cfg(), "final")
+    files.claim.parent.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    import socket
+    files.claim.write_text(json.dumps({"holder": "x", "pid": proc.pid, "host": socket.gethostname(), "started": "t"}))
+    assert results.claim_cell(files) is None                      # dead holder on this host: taken over
+    assert json.loads(files.claim.read_text())["pid"] == __import__("os").getpid()
+    results.release_cell(files)
+    assert not files.claim.exists()
+    files.claim.write_text(json.dumps({"holder": "u@node7", "pid": 1, "host": "node7", "started": "t"}))
+    assert results.claim_cell(files)["holder"] == "u@node7"        # another host's claim: respected
+
+
+# --- messages that tell the truth; sweeps survive a diverging lr ------------------------------------
+
+def fake_training(tmp_path, monkeypatch, raise_what, save_state=True):
+    """run_classification that saves an epoch's state (as train() does) and then raises."""
+    def run(cfg, protocol, settings):
+        if save_state:
+            state = results.run_files(settings.results_dir, cfg, protocol).state
+            state.parent.mkdir(parents=True, exist_ok=True)
+            state.write_bytes(b"state of epoch 2")
+        raise raise_what
+    monkeypatch.setattr(trainer, "run_classification", run)
+
+
+def test_after_a_nan_the_advice_says_what_resume_and_a_lower_lr_really_do(tmp_path, monkeypatch, capsys):
+    fake_training(tmp_path, monkeypatch, runtime.NonFiniteLoss(float("nan"), "epoch 3", True))
+    ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
+    cell = ["--task", "dtd", "--checkpoint", str(ckpt), "--results-dir", str(tmp_path / "r")]
+    code = reproduce.cli_main(cell)
+    err = capsys.readouterr().err
+    assert code == 3 and "loss became nan at epoch 3" in err
+    assert "-lr0.25-s42-final.state.pt" in err   # the kept state, named (dtd / MAE: Table 5 lr 0.25)
+    assert "same settings" in err and "a lower --lr is another run" in err and "starts from scratch" in err
+    assert "lower --lr and pass --resume" not in err
+    assert reproduce.cli_main(["--demo", "--method", "gated+temp", "--results-dir", str(tmp_path / "d")]) == 3
+    assert "The demo always starts afresh" in capsys.readouterr().err   # the demo refuses --resume
+
+
+def test_ctrl_c_prints_one_line_naming_the_state_and_the_resume_command(tmp_path, monkeypatch, capsys):
+    fake_training(tmp_path, monkeypatch, KeyboardInterrupt())
+    ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
+    cell = ["--task", "dtd", "--checkpoint", str(ckpt), "--results-dir", str(tmp_path / "r")]
+    code = reproduce.cli_main(cell)
+    err = capsys.readouterr().err.strip()
+    assert code == 130 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "-lr0.25-s42-final.state.pt" in err and err.endswith("python reproduce.py " + " ".join(cell) + " --resume")
+    assert list((tmp_path / "r").rglob("*.claim")) == []   # the claim goes with the process
+    assert reproduce.cli_main(["--demo", "--method", "gated+temp", "--results-dir", str(tmp_path / "d")]) == 130
+    assert "the demo always starts afresh" in capsys.readouterr().err
+
+
+def test_a_diverging_sweep_point_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
+    trained = []
+
+    def run(cfg, protocol, settings):
+        trained.append((protocol, cfg["lr"]))
+        if cfg["lr"] == 5.0:
+            raise runtime.NonFiniteLoss(float("nan"), "epoch 2", True)
+        return {"final": {"val200_acc" if protocol == "sweep" else "test_acc": 10 * cfg["lr"]}, "history": []}, None
+    monkeypatch.setattr(trainer, "run_classification", run)
+    monkeypatch.setattr(recipes, "sweep_grid", lambda cfg: [{"lr": 0.5}, {"lr": 1.0}, {"lr": 5.0}])
+    args = argparse.Namespace(sweep=True, seeds=1, lr=None)
+    (best,), _ = reproduce.run_cells([tiny_cell()], args, settings(tmp_path, checkpoint=str(ckpt)))
+    out = capsys.readouterr().out
+    assert best["lr"] == 1.0 and "lr 5: failed (diverged)" in out and "-> lr 1" in out
+    failed = results.run_files(tmp_path / "results", dict(tiny_cell(), lr=5.0), "sweep").result
+    assert "nan at epoch 2" in json.loads(failed.read_text())["failed"]
+    reproduce.run_cells([tiny_cell()], args, settings(tmp_path, checkpoint=str(ckpt)))
+    assert trained.count(("sweep", 5.0)) == 1   # the failure is remembered, not retried

@@ -351,9 +351,9 @@ def dict_settings(run, **kw):
 
 def test_non_finite_loss_stops_before_saving(fixture_root, checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(seg, "seg_loss", lambda logits, labels: logits.float().mean() * float("nan"))
-    with pytest.raises(runtime.NonFiniteLoss, match="No state was saved"):
+    with pytest.raises(runtime.NonFiniteLoss, match="loss became nan at iteration") as err:
         seg.train_segmentation(dict(TINY, iters=2), settings(fixture_root, checkpoint), tmp_path / "s.pt")
-    assert not (tmp_path / "s.pt").exists()
+    assert not err.value.state_saved and not (tmp_path / "s.pt").exists()
 
 
 class Interrupted(Exception):
