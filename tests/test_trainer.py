@@ -27,12 +27,11 @@ def settings(tmp_path, **kw):
 
 
 def tiny_run(cfg, tmp_path, **kw):
-    """Model, loaders and train() of one config, as run_classification wires them."""
+    """One config through trainer.fit, the entry point run_classification and bench call."""
     torch.manual_seed(cfg["seed"])
     model = recipes.model_from_config(cfg, recipes.num_classes(cfg), verbose=False)
     train_split, evals = trainer.demo_splits(cfg)
-    loaders = trainer.make_loaders(cfg, train_split, evals, torch.device("cpu"))
-    return trainer.train(cfg, model, *loaders, settings(tmp_path, **kw), tmp_path / "state.pt"), model
+    return trainer.fit(cfg, model, train_split, evals, settings(tmp_path, **kw), tmp_path / "state.pt"), model
 
 
 # --- the recipe -----------------------------------------------------------------------------------
@@ -66,7 +65,7 @@ def test_a_short_cpu_run_learns(tmp_path):
     assert outcome.final["test_acc"] > 70  # 6 classes: chance is 16.7 %
     assert outcome.history[-1]["loss"] < outcome.history[1]["loss"]
     assert outcome.eval_seconds > 0 and outcome.train_seconds > 0
-    gates = trainer.learned_gates(model)
+    gates = runtime.learned_gates(model)
     assert len(gates["selection_ratio"]) == TINY["depth"] - 1 and len(gates["temperatures"]) == TINY["depth"]
 
 
@@ -141,6 +140,63 @@ def test_two_epochs_with_odd_batches_compile_one_train_and_one_eval_graph(tmp_pa
     torch._dynamo.reset()
 
 
+class CountingBackend:
+    """A torch.compile backend that runs the graph dynamo traced (gm.forward) and counts graphs and their calls."""
+
+    def __init__(self):
+        self.graphs = self.calls = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+
+        def run(*args):
+            self.calls += 1
+            return gm.forward(*args)
+        return run
+
+
+def test_many_runs_in_one_process_all_run_compiled(tmp_path):
+    """Table 2 runs 94 configurations in one process, heads differing per task. dynamo's recompile limit (8) is
+    keyed on code objects shared by every run: 10 head sizes and 3 prompt counts in a row must each put every
+    training and evaluation step through a compiled graph, and the result must say so (counted, not the
+    setting). Each run: 2 images per class at batch 8, 2 epochs; one eval batch (256)."""
+    backend = CountingBackend()
+    runs = [(classes, 1) for classes in range(2, 12)] + [(3, 2), (3, 3)]
+    for n, (classes, prompts) in enumerate(runs):
+        cfg = tiny_cfg(num_classes=classes, epochs=2, warmup_epochs=0, batch_size=8)
+        cfg.update(num_prompts=prompts, insert_at=1)
+        torch.manual_seed(0)
+        model = recipes.model_from_config(cfg, classes, verbose=False)
+        images, labels = data.make_synthetic_images(classes, 2, 40, seed=0)
+        split = data.ImageSplit.from_dense("demo", "train", images, labels)
+        calls_before = backend.calls
+        outcome = trainer.fit(cfg, model, split, {"test": split}, settings(tmp_path, compile=backend),
+                              tmp_path / f"state{n}.pt")
+        steps = 2 * math.ceil(2 * classes / 8)
+        assert backend.calls - calls_before >= steps + 1, f"run {n + 1} ({classes} classes, {prompts} prompts) ran eager"
+        assert outcome.compile == {"compile": True, "compiled_calls": {"train": [steps, steps], "eval": [1, 1]},
+                                   "all_compiled": True}, f"run {n + 1}"
+    torch._dynamo.reset()
+
+
+def test_a_run_that_fell_back_to_eager_says_so(tmp_path, capsys, monkeypatch):
+    """Without the reset between runs and with dynamo's recompile limit at 2 (one run's two graphs), a second
+    configuration runs eager (dynamo's silent fallback): its result counts 0 compiled calls and a warning is
+    printed."""
+    monkeypatch.setattr(runtime, "reset_compiler", lambda: None)
+    torch._dynamo.reset()
+    outcomes = []
+    with torch._dynamo.config.patch(recompile_limit=2):   # one run: a training and an evaluation graph
+        for prompts in (1, 2):
+            cfg = tiny_cfg(epochs=1, warmup_epochs=0)
+            cfg.update(num_prompts=prompts)
+            outcomes.append(tiny_run(cfg, tmp_path / str(prompts), compile=CountingBackend())[0].compile)
+    assert outcomes[0]["all_compiled"] and not outcomes[1]["all_compiled"]
+    assert outcomes[1]["compiled_calls"]["train"][0] == 0 < outcomes[1]["compiled_calls"]["train"][1]
+    assert "WARNING: torch.compile was on but these steps ran eager: train" in capsys.readouterr().out
+    torch._dynamo.reset()
+
+
 def test_every_sample_is_trained_on_and_padding_is_ignored(tmp_path):
     """No drop_last: each epoch counts exactly the split's samples (the padded rows count for nothing)."""
     cfg = tiny_cfg(batch_size=48, epochs=1)
@@ -149,7 +205,7 @@ def test_every_sample_is_trained_on_and_padding_is_ignored(tmp_path):
     model = recipes.model_from_config(cfg, 5, verbose=False)
     optimizer = runtime.make_optimizer(model.trainable_parameters(), 0.1, 0.9, 0.0, torch.device("cpu"))
     step = runtime.make_train_step(model, optimizer, trainer.classification_loss, torch.device("cpu"), False)
-    stats, _ = trainer.train_epoch(step, model, train_loader, 0, 1, torch.device("cpu"), quiet=True)
+    stats = trainer.train_epoch(step, model, train_loader, 0, 1, torch.device("cpu"), quiet=True)
     assert int(stats["seen"]) == len(train_split) == 320 and len(train_loader) == 7
 
 
@@ -230,8 +286,8 @@ def test_a_resumed_run_ends_with_the_same_numbers(tmp_path, monkeypatch):
     (tmp_path / "b").mkdir()
     real_save, saves = runtime.save_training_state, []
 
-    def save_then_crash(path, state):
-        real_save(path, state)
+    def save_then_crash(path, state, *args, **kwargs):
+        real_save(path, state, *args, **kwargs)
         saves.append(1)
         if len(saves) == 2:
             raise KeyboardInterrupt("killed after epoch 2")
@@ -239,7 +295,7 @@ def test_a_resumed_run_ends_with_the_same_numbers(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         tiny_run(cfg, tmp_path / "b")
     monkeypatch.setattr(runtime, "save_training_state", real_save)
-    with pytest.raises(runtime.UserError, match="other settings"):   # the state belongs to this config only
+    with pytest.raises(runtime.UserError, match="another configuration"):   # the state belongs to this config only
         tiny_run(dict(cfg, gate_init=3.0), tmp_path / "b", resume=True)
     resumed, resumed_model = tiny_run(cfg, tmp_path / "b", resume=True)
     assert resumed.final == full.final and resumed.elapsed_before > 0
