@@ -107,11 +107,15 @@ def load_data(cfg, settings, protocol):
     if cfg["task"] == "demo":
         return demo_splits(cfg)
     train_name, eval_name = data.split_names(cfg["task"], protocol)
-    names = [train_name, eval_name] + (["val"] if data.task_kind(cfg["task"]) == "fgvc" and protocol == "final" else [])
+    kind = data.task_kind(cfg["task"])
+    names = [train_name, eval_name] + (["val"] if kind == "fgvc" and protocol == "final" else [])
     root = dataset_folder(cfg["task"], settings)
     cache_dir = settings.cache_dir or Path(settings.results_dir) / "cache"
+    # VTAB's test split is read once per run, at the end: streamed, not cached (Table 2 fits on disk). The
+    # training splits (read every epoch) and val200 (reused by every run of an lr sweep) stay cached.
+    stream = (eval_name,) if kind == "vtab" and protocol == "final" else ()
     with runtime.main_first():  # rank 0 decodes into the cache, the other ranks then read it
-        splits = data.load_splits(cfg["task"], root, names, cache_dir=cache_dir)
+        splits = data.load_splits(cfg["task"], root, names, cache_dir=cache_dir, stream=stream)
     return splits.pop(train_name), splits
 
 
@@ -148,7 +152,8 @@ def fits_on_gpu(splits, device, fraction=0.3):
     """Keep the uint8 images in GPU memory when they take under `fraction` of what is free (else host)."""
     if device.type != "cuda":
         return False
-    return sum(s.pixels.numel() for s in splits) < fraction * torch.cuda.mem_get_info(device)[0]
+    kept = [s for s in splits if not isinstance(s, data.StreamedSplit)]   # a streamed split is never held whole
+    return sum(s.pixels.numel() for s in kept) < fraction * torch.cuda.mem_get_info(device)[0]
 
 
 def make_loaders(cfg, train, evals, device, on_gpu=False):
@@ -161,8 +166,8 @@ def make_loaders(cfg, train, evals, device, on_gpu=False):
     common = dict(crop_size=cfg["img_size"], rank=rank, world_size=world_size, device=device, images_on_device=on_gpu)
     train_loader = data.BatchLoader(train, cfg["batch_size"] // world_size, train=True, augment=augment,
                                     seed=cfg["seed"], **common)
-    eval_loaders = {name: data.BatchLoader(s, max(EVAL_BATCH, cfg["batch_size"]), train=False, **common)
-                    for name, s in evals.items()}
+    eval_loaders = {name: (data.StreamedBatchLoader if isinstance(s, data.StreamedSplit) else data.BatchLoader)(
+                        s, max(EVAL_BATCH, cfg["batch_size"]), train=False, **common) for name, s in evals.items()}
     return train_loader, eval_loaders
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Classification training as the official code trains, and a fast path whose claims are provable on a CPU."""
 import math
+import os
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch._dynamo.testing
 import torch.nn.functional as F
 
 import data
+import fixtures
 import gated_prompt as gp
 import recipes
 import runtime
@@ -326,3 +328,34 @@ def test_evaluation_counts_real_samples_only():
     model = Constant()
     correct, count = trainer.evaluate(trainer.make_eval_step(model, torch.device("cpu"), False, False), model, loader)
     assert (int(correct), int(count)) == (5, 15)
+
+
+# --- disk: a split read once is streamed --------------------------------------------------------------
+
+def test_vtab_test_split_is_streamed_never_cached_and_evaluates_the_same(tmp_path):
+    """VTAB's final protocol reads its test split once: it is decoded chunk by chunk while evaluated, and only
+    train800val200 (read every epoch) lands in the cache. The streamed batches hold the same images and labels
+    as the fully decoded split's, so evaluation counts the same."""
+    fixtures.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "dtd", num_classes=3, per_class=(3, 1, 5))
+    cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1)
+    train, evals = trainer.load_data(cfg, settings(tmp_path, data_dir=str(tmp_path / "data")), "final")
+    assert len(train) == 12 and isinstance(evals["test"], data.StreamedSplit) and len(evals["test"]) == 15
+    cached = sorted(os.listdir(tmp_path / "cache"))
+    assert cached and all(name.startswith("dtd-train800val200-") for name in cached)
+    streamed = evals["test"]
+    streamed.chunk = 4                                            # 4 + 4 + 4 + 3 images
+    loader = data.StreamedBatchLoader(streamed, 8, crop_size=224)
+    whole = data.load_splits("dtd", tmp_path / "data" / "vtab-1k", ["test"])["test"]
+    reference = data.BatchLoader(whole, 8, train=False, crop_size=224)
+
+    def real_rows(batches):
+        images, labels = zip(*[(x[y != data.PAD_LABEL], y[y != data.PAD_LABEL]) for x, y in batches])
+        return torch.cat(images), torch.cat(labels)
+    assert len(loader) == 4 and len(list(loader)) == 4
+    (xs, ys), (xr, yr) = real_rows(loader), real_rows(reference)
+    assert torch.equal(ys, yr) and torch.equal(xs, xr) and len(ys) == 15
+    torch.manual_seed(0)
+    model = recipes.model_from_config(cfg, 47, verbose=False)
+    eval_step = trainer.make_eval_step(model, torch.device("cpu"), False, False)
+    assert [int(v) for v in trainer.evaluate(eval_step, model, loader)] == \
+        [int(v) for v in trainer.evaluate(eval_step, model, reference)]
