@@ -383,3 +383,13 @@ def test_resume_matches_uninterrupted_run(fixture_root, checkpoint, tmp_path, mo
     assert resumed["history"] == full["history"]
     assert resumed["final"] == full["final"]
     assert resumed["wall_seconds"] > resumed["wall_seconds_this_session"]   # both segments are counted
+
+
+def test_a_stale_state_is_announced_and_replaced_without_resume(fixture_root, checkpoint, tmp_path, capsys):
+    """A state left by an interrupted run is not silently overwritten: without --resume the run says it starts
+    over (as the classification trainer does: one runtime.resume_or_start), and its first save replaces it."""
+    state = tmp_path / "s.pt"
+    state.write_bytes(b"an interrupted run's state")
+    seg.train_segmentation(dict(TINY, iters=1), settings(fixture_root, checkpoint), state, loader_workers=0)
+    assert f"{state} holds an interrupted run; starting over (pass --resume to continue it)" in capsys.readouterr().out
+    assert torch.load(state, weights_only=False)["step"] == 1
