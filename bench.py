@@ -174,7 +174,7 @@ def measure(args, device, path, num_prompts, batch, state=None, peak=None, compi
     eval_batch: None = --eval-batch-factor x batch. Each step's inputs are made after the memory reset before it,
     so the training row's peak holds no evaluation batch. Returns (rows, state dict of the initial weights)."""
     fast = path == "fast"
-    compile = (compile_enabled(args, device) if compile is None else compile) and fast
+    compile = (compile_enabled(args, device) if compile is None else compile) if fast else False
     _release(device)
     if compile:
         runtime.reset_compiler()   # every configuration starts from empty dynamo caches, as every harness run
@@ -394,6 +394,11 @@ def run_report(args, device, peak, header):
         print(f"[{n}/{len(units)}] {key}: done in {time.perf_counter() - tic:.1f} s, written to {store.json}",
               flush=True)
     out = store.write(assemble_report(args, device, store.units))
+    print("\ntargets (one H100):")
+    for t in out["targets"]:
+        met = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        print(f"  {t['figure']}: {bench_report.format_value(t['value'], t['unit'])} (target {t['op']} "
+              f"{bench_report.format_value(t['target'], t['unit'])}): {met}")
     print(f"wrote {store.markdown} and {store.json}")
     return out
 

@@ -67,7 +67,7 @@ class Settings:
     def record(self):
         """What a result file keeps of these settings."""
         return {"device": device_name(self.device), "bf16": self.bf16, "compile": bool(self.compile),
-                "world_size": world()[1]}
+                "compile_mode": self.compile_mode, "world_size": world()[1]}
 
 # --- device and precision ------------------------------------------------------
 
