@@ -227,7 +227,7 @@ def resume_or_start(state_path, config, model, optimizer, scheduler, resume):
     if state["extra"].get("config") != config:
         raise UserError(f"{state_path} was written by a run with another configuration; delete it to start over")
     if is_main():
-        print(f"resumed from {state_path} after step {state['step']}")
+        print(f"resumed from {state_path} ({len(state['history'])} history records)")
     return state
 
 
