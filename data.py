@@ -432,12 +432,64 @@ def decode_images(task: str, paths: list[str], pixels: np.ndarray, offsets: np.n
 
 
 def load_splits(task: str, root: str | os.PathLike, names: list[str] | tuple[str, ...],
-                cache_dir: str | os.PathLike | None = None) -> dict[str, ImageSplit]:
+                cache_dir: str | os.PathLike | None = None, stream: tuple[str, ...] = ()) -> dict:
     """{name: ImageSplit}: read and check every named split list first, then decode each split once
-    (or memory-map it from cache_dir). root: dataset_root(task, data_dir)."""
+    (or memory-map it from cache_dir). Names in `stream` become StreamedSplits instead: decoded while they
+    are read, never cached. root: dataset_root(task, data_dir)."""
     lists = {name: read_split(task, root, name) for name in names}
-    return {name: _decode_split(task, Path(root), name, paths, labels, cache_dir)
+    return {name: StreamedSplit(task, Path(root), name, paths, labels) if name in stream
+            else _decode_split(task, Path(root), name, paths, labels, cache_dir)
             for name, (paths, labels) in lists.items()}
+
+
+class StreamedSplit:
+    """A split decoded chunk by chunk while it is read, never cached: for a split a run reads once (the VTAB
+    test set, evaluated once at the end), whose persistent uint8 cache would only cost disk (~58 GB for all 19
+    VTAB test sets at 224 px). `chunks` decodes `chunk` images at a time with the decoding thread pool, the
+    next chunk in the background while the current one is used; peak memory is two chunks."""
+
+    def __init__(self, task: str, root: Path, split: str, paths: list[str], labels: list[int], chunk: int = 4096):
+        self.task, self.root, self.split, self.paths, self.labels, self.chunk = task, root, split, paths, labels, chunk
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def chunks(self, start: int = 0, stop: int | None = None):
+        """ImageSplits of images start..stop-1 in order, `chunk` at a time."""
+        stop = len(self) if stop is None else stop
+        bounds = [(a, min(a + self.chunk, stop)) for a in range(start, stop, self.chunk)]
+
+        def decode(bound):
+            a, b = bound
+            return _decode_split(self.task, self.root, self.split, self.paths[a:b], self.labels[a:b], None)
+        with ThreadPoolExecutor(max_workers=1) as ahead:
+            pending = ahead.submit(decode, bounds[0]) if bounds else None
+            for k in range(len(bounds)):
+                current = pending.result()
+                pending = ahead.submit(decode, bounds[k + 1]) if k + 1 < len(bounds) else None
+                yield current
+
+
+class StreamedBatchLoader:
+    """Evaluation batches of a StreamedSplit, as BatchLoader(train=False) gives them for the decoded split:
+    this rank's contiguous shard (shard_range), chunk by chunk, every batch full size (padding rows carry
+    PAD_LABEL). With a chunk size that is a multiple of batch_size, only the shard's last batch is padded."""
+
+    def __init__(self, split: StreamedSplit, batch_size: int, *, crop_size: int = IMAGE_SIZE, rank: int = 0,
+                 world_size: int = 1, device: str | torch.device | None = None, **unused):
+        self.split, self.batch_size, self.crop_size, self.device = split, batch_size, crop_size, device
+        self.start, self.stop = shard_range(len(split), rank, world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return sum(math.ceil(min(self.split.chunk, self.stop - a) / self.batch_size)
+                   for a in range(self.start, self.stop, self.split.chunk))
+
+    def __iter__(self):
+        for part in self.split.chunks(self.start, self.stop):
+            yield from BatchLoader(part, self.batch_size, train=False, crop_size=self.crop_size, device=self.device)
 
 
 def _decode_split(task: str, root: Path, split: str, paths: list[str], labels: list[int],

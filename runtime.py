@@ -1,5 +1,14 @@
-"""Plumbing shared by the classification and segmentation harnesses: run settings, device and precision,
-seeding, atomic files, resumable training states with one host sync, data-parallel helpers, the training step."""
+"""Plumbing shared by the classification and segmentation harnesses and the benchmark: run settings, device and
+precision, seeding, atomic files, resumable training states with one host sync, data-parallel helpers, and the
+parts of training that all three share -- torch.compile with counted compiled calls, model placement, the
+optimizer, the training step, the learned-gates summary.
+
+Why the training step lives here and not in trainer.py: trainer.py is the classification harness, and the
+segmentation harness and bench.py train with the same step, optimizer and placement; kept in trainer.py they
+would make segmentation import the classification module. Nothing here knows a task, a dataset or a model class.
+
+Process-wide state, all of it here: torch.compile's caches (`reset_compiler`, called at the start of every
+compiled run) and the result of the start-up compile check (`check_compile`, once per device and setting)."""
 import contextlib
 import dataclasses
 import hashlib
@@ -48,24 +57,28 @@ class Settings:
     device: torch.device = torch.device("cpu")
     bf16: bool = False              # bf16 autocast (CUDA default); False = the official code's fp32 numerics
     compile: object = False         # torch.compile the step (CUDA default); or a torch.compile backend
+    compile_mode: str = None        # "max-autotune": inductor's autotuning, without CUDA graphs
     resume: bool = False
     quiet: bool = False             # no progress bars or per-epoch lines
     download: bool = False          # fetch a missing checkpoint / dataset (downloads.py)
     mirror: str = None              # base URL replacing the official hosts
-    workers: int = None             # independent runs at once (default: one per GPU)
-    loader_workers: int = None      # ADE20K decoding processes (default: from the CPU count)
+    workers: int = None             # independent runs at once, each its own process (default: one per GPU)
 
     @classmethod
     def for_device(cls, device=None, fp32=False, no_compile=False, **kw):
-        """bf16 autocast and torch.compile on CUDA unless turned off; fp32 and eager elsewhere."""
+        """bf16 autocast and torch.compile on CUDA unless turned off; fp32 and eager elsewhere. With compile on,
+        a tiny compiled call is made on the device first (check_compile): a compiler that cannot work stops
+        here with a UserError naming what is missing, not at the first training step."""
         device = pick_device(device)
         cuda = device.type == "cuda"
-        return cls(device=device, bf16=cuda and not fp32, compile=cuda and not no_compile, **kw)
+        settings = cls(device=device, bf16=cuda and not fp32, compile=cuda and not no_compile, **kw)
+        check_compile(settings.device, settings.compile)
+        return settings
 
     def record(self):
         """What a result file keeps of these settings."""
         return {"device": device_name(self.device), "bf16": self.bf16, "compile": bool(self.compile),
-                "world_size": world()[1]}
+                "compile_mode": self.compile_mode, "world_size": world()[1]}
 
 # --- device and precision ------------------------------------------------------
 
@@ -222,16 +235,20 @@ def to_host(tree):
     return out
 
 
-def training_state(model, optimizer, scheduler, step, history, extra=None):
-    """Prompt-side parameters, optimizer, scheduler, RNG and history: enough to resume bit-for-bit. Tensors stay
-    where they are; pass the state through to_host (with the epoch's metrics) before saving it."""
+def training_state(model, optimizer, scheduler, step):
+    """Prompt-side parameters, optimizer, scheduler, RNG and step: with save_training_state's history and extra,
+    enough to resume bit-for-bit. Tensors stay where they are; pass the state through to_host (with the epoch's
+    metrics) before saving it."""
     return {"model": model.prompt_state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "step": step, "history": history, "rng": rng_state(),
-            "extra": extra or {}}
+            "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state()}
 
 
-def save_training_state(path, host_state):
-    atomic_write(path, lambda f: torch.save(host_state, f))
+def save_training_state(path, host_state, history, config, elapsed, **extra):
+    """Write a resumable state: training_state's host copy, the history so far, and `extra` = the run's config
+    identity (resume_or_start refuses a state of another config), the seconds spent so far, and what else the
+    harness keeps (the classification trainer: its best-val record)."""
+    state = dict(host_state, history=history, extra=dict(extra, config=config, elapsed=elapsed))
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_training_state(path, model, optimizer, scheduler):
@@ -248,6 +265,27 @@ def load_training_state(path, model, optimizer, scheduler):
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
+    return state
+
+
+def resume_or_start(state_path, config, model, optimizer, scheduler, resume):
+    """The saved state to continue from (keys step, history, extra; model, optimizer, scheduler and RNG are
+    loaded), or None to start from scratch. A state left by an interrupted run is only continued with `resume`;
+    without it the run says so and starts over (its first save replaces the state). A state of another config
+    is refused."""
+    if not os.path.isfile(state_path):
+        if resume and is_main():
+            print(f"--resume: no saved state at {state_path}; starting from scratch")
+        return None
+    if not resume:
+        if is_main():
+            print(f"{state_path} holds an interrupted run; starting over (pass --resume to continue it)")
+        return None
+    state = load_training_state(state_path, model, optimizer, scheduler)
+    if state["extra"].get("config") != config:
+        raise UserError(f"{state_path} was written by a run with another configuration; delete it to start over")
+    if is_main():
+        print(f"resumed from {state_path} ({len(state['history'])} history records)")
     return state
 
 
@@ -332,14 +370,103 @@ def all_reduce_sum(tensor):
         dist.all_reduce(tensor)
     return tensor
 
-# --- the training step (classification, segmentation and the benchmark) --------
+# --- torch.compile, counted ----------------------------------------------------
 
-def compiled(fn, compile):
-    """torch.compile with static shapes (every batch is padded to full size, so one graph serves a whole run),
-    or `fn` itself. `compile`: False, True (inductor) or a torch.compile backend (tests count compiles)."""
+_COMPILE_CHECKED = {}
+
+
+def check_compile(device, compile):
+    """With compile on, compile and run a tiny function on `device` once per process: a compiler that cannot
+    work (no C compiler, no Python headers for Triton's launcher) stops the run here with a UserError naming
+    what is missing, before any data is decoded. A no-op with compile off."""
     if not compile:
-        return fn
-    return torch.compile(fn, dynamic=False, **({} if compile is True else {"backend": compile}))
+        return
+    key = (str(device), compile if isinstance(compile, (bool, str)) else id(compile))
+    if key not in _COMPILE_CHECKED:
+        try:
+            probe = compiled(lambda x: (x * 2).sin().sum(), compile)
+            float(probe(torch.ones(8, device=device)))
+            _COMPILE_CHECKED[key] = None
+        except Exception as err:  # noqa: BLE001 - any compiler failure is the message
+            _COMPILE_CHECKED[key] = compile_failure(err, device)
+    if _COMPILE_CHECKED[key]:
+        raise UserError(_COMPILE_CHECKED[key])
+
+
+def compile_failure(err, device):
+    """One line naming what torch.compile lacks on `device`, from the compiler's error."""
+    text = f"{type(err).__name__}: {err}"
+    if "Python.h" in text:
+        missing = "the Python development headers (Python.h; e.g. apt install python3-dev)"
+    elif any(s in text for s in ("C compiler", "gcc", "cc1", "clang", "CalledProcessError")):
+        missing = "a working C compiler (e.g. apt install gcc)"
+    elif "triton" in text.lower():
+        missing = "a working Triton (pip install triton)"
+    else:
+        missing = "something: " + (text.strip().splitlines() or [""])[0][:200]
+    return f"torch.compile cannot build on {device_name(device)}: missing {missing}; pass --no-compile to run eager"
+
+
+def reset_compiler():
+    """Empty dynamo's caches (process-wide). dynamo keys its compiled graphs and its recompile limit (8) on the
+    code objects of the step functions, which are the same for every run in a process: without a reset, the 9th
+    distinct configuration would silently run eager. Every compiled run calls this first; inductor's on-disk
+    cache still serves graphs compiled before."""
+    torch._dynamo.reset()
+
+
+class Compiled:
+    """`fn` under torch.compile (static shapes), counting its calls and how many of them ran a compiled graph
+    (dynamo falls back to eager at its recompile limit, silently): `calls`, `compiled_calls`, `graphs`."""
+
+    def __init__(self, fn, compile, mode=None):
+        self.calls = self.compiled_calls = self.graphs = 0
+        self._graph_runs = 0
+        if compile is True or isinstance(compile, str):
+            from torch._inductor.compile_fx import compile_fx
+            patches = {"max_autotune": True, "triton.cudagraphs": False} if mode == "max-autotune" else None
+            backend = (lambda gm, inputs: compile_fx(gm, inputs, config_patches=patches)) \
+                if compile in (True, "inductor") else torch._dynamo.lookup_backend(compile)
+        else:
+            backend = compile
+
+        def counting(gm, example_inputs):
+            self.graphs += 1
+            graph = backend(gm, example_inputs)
+
+            def run(*args):
+                self._graph_runs += 1
+                return graph(*args)
+            return run
+        self.fn = torch.compile(fn, dynamic=False, backend=counting)
+
+    def __call__(self, *args, **kwargs):
+        before = self._graph_runs
+        out = self.fn(*args, **kwargs)
+        self.calls += 1
+        self.compiled_calls += self._graph_runs > before
+        return out
+
+
+def compiled(fn, compile, mode=None):
+    """A Compiled `fn` (static shapes: every batch is padded to full size, so one graph serves a whole run), or
+    `fn` itself. `compile`: False, True (inductor) or a torch.compile backend (tests count compiles); mode
+    "max-autotune": inductor's autotuning without CUDA graphs."""
+    return Compiled(fn, compile, mode) if compile else fn
+
+
+def compile_record(compile, **fns):
+    """What a result keeps of torch.compile: the setting, and per step function the calls that ran a compiled
+    graph out of all calls, counted; warns when compile was on but some calls ran eager."""
+    counts = {name: [fn.compiled_calls, fn.calls] for name, fn in fns.items() if isinstance(fn, Compiled)}
+    eager = {name: c for name, c in counts.items() if c[0] < c[1]}
+    if compile and eager and is_main():
+        print("WARNING: torch.compile was on but these steps ran eager: "
+              + ", ".join(f"{name} {c[1] - c[0]} of {c[1]}" for name, c in eager.items()), flush=True)
+    return {"compile": bool(compile), "compiled_calls": counts,
+            "all_compiled": bool(compile) and bool(counts) and not eager}
+
+# --- the training step (classification, segmentation and the benchmark) --------
 
 
 def place_model(model, device, bf16):
@@ -352,20 +479,28 @@ def place_model(model, device, bf16):
 
 
 def make_optimizer(params, lr, momentum, weight_decay, device):
-    """The official SGD; fused into one kernel on CUDA (the same math)."""
+    """The official SGD; fused into one kernel on CUDA (the same math; `fused` needs torch >= 2.3)."""
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                            fused=device.type == "cuda")
 
 
-def make_train_step(model, optimizer, loss_fn, device, bf16=True, compile=False):
-    """One SGD step. The forward under bf16 autocast and loss_fn(output, targets) -> (fp32 loss, stats) form one
-    compiled region; then backward, the all-reduce of the trainable gradients, the optimizer step. Returns
-    step(inputs, targets) -> (detached loss, stats) as device tensors; it never syncs with the host."""
-    def forward_loss(inputs, targets):
-        with autocast(device, bf16):
-            output = model(inputs)
-        return loss_fn(output, targets)
-    forward_loss = compiled(forward_loss, compile)
+def make_train_step(model, optimizer, loss_fn, device, bf16=True, compile=False, forward=None):
+    """One SGD step. `forward(inputs)` -> output (autocast and any compiling are its own); without one, the
+    model's forward under bf16 autocast and loss_fn(output, targets) -> (fp32 loss, stats) form one compiled
+    region. Then backward, the all-reduce of the trainable gradients, the optimizer step. Returns
+    step(inputs, targets) -> (detached loss, stats) as device tensors; it never syncs with the host.
+    step.compiled is the Compiled function it calls (for compile_record), or None."""
+    if forward is None:
+        def forward_loss(inputs, targets):
+            with autocast(device, bf16):
+                output = model(inputs)
+            return loss_fn(output, targets)
+        forward_loss = compiled(forward_loss, compile)
+        counted = forward_loss
+    else:
+        def forward_loss(inputs, targets):
+            return loss_fn(forward(inputs), targets)
+        counted = getattr(forward, "compiled", None)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(inputs, targets):
@@ -376,4 +511,24 @@ def make_train_step(model, optimizer, loss_fn, device, bf16=True, compile=False)
         optimizer.step()
         gp.project_temperatures(model)   # Eq. 9's tau back into [0.01, 10]: projected SGD
         return loss.detach(), stats
+    step.compiled = counted if isinstance(counted, Compiled) else None
     return step
+
+
+def learned_gates(vit):
+    """Gates (Eq. 6), selection ratio (Eq. 11) and temperatures (Eq. 9) of a trained prompted ViT (the
+    classifier, or the segmenter's backbone); None where the method has none."""
+    out = {"gates": None, "selection_ratio": None, "temperatures": None}
+    if vit.gate_logits is not None:
+        vit.eval()
+        out["gates"] = vit.gates().detach().cpu().tolist()
+        out["selection_ratio"] = vit.selection_ratio().tolist()
+    if vit.temperatures is not None:
+        out["temperatures"] = vit.temperatures.detach().cpu().tolist()
+    return out
+
+
+def synchronize(device):
+    """Wait for the device's queued work (CUDA); a no-op on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

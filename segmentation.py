@@ -494,27 +494,44 @@ def _percent(values):
     return [None if v != v else 100 * v for v in values]  # NaN (class absent) -> null in JSON
 
 
-def loader_workers(settings):
-    """Decoding processes per rank: --loader-workers, else the CPU count shared by the ranks on this node (<= 8)."""
-    if settings.loader_workers is not None:
-        return settings.loader_workers
+def default_loader_workers():
+    """Decoding processes per rank: the CPU count shared by the ranks on this node, at most 8."""
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return max(1, min(8, (os.cpu_count() or 2) // per_node - 1))
 
 
-class Training:
-    """What one ADE20K run holds: data, model, optimizer, schedule and the compiled step."""
+class ADE20KData:
+    """The data of one ADE20K run: the augmented training stream and the validation set, decoded by
+    `loader_workers` processes per rank (default_loader_workers() when None)."""
 
-    def __init__(self, cfg, settings):
-        rank, world_size = runtime.world()
+    def __init__(self, cfg, data_dir, loader_workers=None):
+        world_size = runtime.world()[1]
         if cfg["batch_size"] % world_size:
             raise UserError(f"batch_size {cfg['batch_size']} is not divisible by the {world_size} processes")
-        self.device, self.workers = settings.device, loader_workers(settings)
         self.per_rank_batch = cfg["batch_size"] // world_size
-        self.train_set = ADE20KTrain(settings.data_dir, cfg["img_size"], cfg["seed"])
-        self.val_set = ADE20K(settings.data_dir, "validation")
+        self.loader_workers = default_loader_workers() if loader_workers is None else loader_workers
+        self.train_set = ADE20KTrain(data_dir, cfg["img_size"], cfg["seed"])
+        self.val_set = ADE20K(data_dir, "validation")
+
+    def batches(self, cfg, start_iteration, device):
+        loader = DataLoader(self.train_set, batch_size=self.per_rank_batch, num_workers=self.loader_workers,
+                            sampler=TrainSampleStream(len(self.train_set), self.per_rank_batch, cfg["seed"],
+                                                      start_iteration),
+                            pin_memory=device.type == "cuda", drop_last=True,
+                            generator=torch.Generator().manual_seed(cfg["seed"]))  # the global RNG stays untouched
+        return iter(loader)
+
+
+class Training:
+    """Model, optimizer, poly schedule and the compiled step of one run -- no data: bench builds it on random
+    batches. The model comes from `checkpoint` (None: random backbone); seeded with the config's seed."""
+
+    def __init__(self, cfg, settings, checkpoint=None, verbose=True):
+        self.device = settings.device
+        if settings.compile:
+            runtime.reset_compiler()
         runtime.seed_everything(cfg["seed"])
-        model = build_segmenter(cfg, inputs.checkpoint_for(cfg, settings))
+        model = build_segmenter(cfg, checkpoint, verbose=verbose)
         self.model = sync_batchnorm_if_distributed(runtime.place_model(model, self.device, settings.bf16))
         self.optimizer = runtime.make_optimizer(self.model.param_groups(cfg["lr"], cfg["head_lr_mult"]), cfg["lr"],
                                                 cfg["momentum"], cfg["weight_decay"], self.device)
@@ -522,60 +539,49 @@ class Training:
         self.step = runtime.make_train_step(self.model, self.optimizer, setr_loss(cfg["aux_loss_weight"]),
                                             self.device, settings.bf16, settings.compile)
 
-    def batches(self, cfg, start_iteration):
-        loader = DataLoader(self.train_set, batch_size=self.per_rank_batch, num_workers=self.workers,
-                            sampler=TrainSampleStream(len(self.train_set), self.per_rank_batch, cfg["seed"],
-                                                      start_iteration),
-                            pin_memory=self.device.type == "cuda", drop_last=True,
-                            generator=torch.Generator().manual_seed(cfg["seed"]))  # the global RNG stays untouched
-        return iter(loader)
+    def iteration(self, images, labels):
+        """One training iteration: the step, then the per-iteration lr decay. Returns the detached loss."""
+        loss, _ = self.step(images, labels)
+        self.scheduler.step()
+        return loss
 
 
-def train_segmentation(cfg, settings, state_path, save_every=SAVE_EVERY):
+def train_segmentation(cfg, settings, state_path, save_every=SAVE_EVERY, loader_workers=None):
     """Train SETR-PUP + prompts on ADE20K (a resolved config), then evaluate single- and multi-scale on the
     validation set. Saves a resumable state at `state_path` every `save_every` iterations (--resume continues it;
     the caller removes it once the result is written). Returns (result body, trained prompt-side state)."""
     with runtime.flush_denormals(settings.device):
-        run = Training(cfg, settings)
-        step, history, elapsed_before = resume_or_start(run, cfg, settings, state_path)
+        data_ = ADE20KData(cfg, settings.data_dir, loader_workers)
+        run = Training(cfg, settings, inputs.checkpoint_for(cfg, settings))
+        state = runtime.resume_or_start(state_path, results.identity(cfg), run.model, run.optimizer, run.scheduler,
+                                        settings.resume)
+        step, history, elapsed_before = (0, [], 0.0) if state is None else (
+            state["step"], state["history"], state["extra"]["elapsed"])
         tic = time.perf_counter()
         start = step
-        step = train_loop(run, cfg, settings, state_path, step, history, elapsed_before, tic, save_every)
+        step = train_loop(run, data_, cfg, settings, state_path, step, history, elapsed_before, tic, save_every)
         train_seconds = time.perf_counter() - tic
-        body = evaluate_and_report(run, cfg, settings)
+        body = evaluate_and_report(run, data_, cfg, settings)
     body.update(history=history, iters=step, train_seconds=train_seconds,
                 train_iters_per_second=(step - start) / max(train_seconds, 1e-9),
                 wall_seconds=elapsed_before + time.perf_counter() - tic,
-                wall_seconds_this_session=time.perf_counter() - tic)
+                wall_seconds_this_session=time.perf_counter() - tic,
+                compiled=runtime.compile_record(settings.compile, train=run.step.compiled))
     return body, run.model.prompt_state_dict()
 
 
-def resume_or_start(run, cfg, settings, state_path):
-    """(iteration, history, seconds already spent): from the saved state with --resume, else from scratch."""
-    if not (settings.resume and os.path.isfile(state_path)):
-        return 0, [], 0.0
-    state = runtime.load_training_state(state_path, run.model, run.optimizer, run.scheduler)
-    if state["extra"].get("config") != results.identity(cfg):
-        raise UserError(f"{state_path} was written with another configuration; delete it or use the same settings")
-    if runtime.is_main():
-        print(f"resuming from {state_path} at iteration {state['step']}")
-    return state["step"], state["history"], state["extra"].get("elapsed", 0.0)
-
-
-def train_loop(run, cfg, settings, state_path, step, history, elapsed_before, tic, save_every):
+def train_loop(run, data_, cfg, settings, state_path, step, history, elapsed_before, tic, save_every):
     """Iterations step+1 .. iters; a loss read-out (and NaN check) every LOG_EVERY, a saved state every save_every."""
     running, last_log = torch.zeros((), device=run.device), step
     run.model.train()
     bar = tqdm(total=cfg["iters"], initial=step, desc="train", dynamic_ncols=True,
                disable=settings.quiet or not runtime.is_main())
-    batches = run.batches(cfg, step) if step < cfg["iters"] else None
+    batches = data_.batches(cfg, step, run.device) if step < cfg["iters"] else None
     while step < cfg["iters"]:
         images, labels = next(batches)
-        loss, _ = run.step(images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True))
-        run.scheduler.step()
+        running += run.iteration(images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True))
         step += 1
         bar.update(1)
-        running += loss
         saving = step == cfg["iters"] or (save_every and step % save_every == 0)
         if step % LOG_EVERY == 0 or saving:  # never save a state that has gone non-finite
             mean_loss = running.item() / (step - last_log)
@@ -585,29 +591,25 @@ def train_loop(run, cfg, settings, state_path, step, history, elapsed_before, ti
             last_log = step
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{history[-1]['lr']:.2e}")
         if saving and runtime.is_main():
-            state = runtime.training_state(run.model, run.optimizer, run.scheduler, step, history,
-                                           {"config": results.identity(cfg),
-                                            "elapsed": elapsed_before + time.perf_counter() - tic})
-            runtime.save_training_state(state_path, runtime.to_host(state))
+            state = runtime.to_host(runtime.training_state(run.model, run.optimizer, run.scheduler, step))
+            runtime.save_training_state(state_path, state, history, results.identity(cfg),
+                                        elapsed_before + time.perf_counter() - tic)
     bar.close()
     return step
 
 
-def evaluate_and_report(run, cfg, settings):
+def evaluate_and_report(run, data_, cfg, settings):
     """Single- and multi-scale mIoU on the validation set, per-class IoU and the learned gates."""
     tic = time.perf_counter()
-    cm_single, cm_multi = confusion_matrices(run.model, run.val_set, cfg, True, settings.bf16, run.workers,
-                                             progress=not settings.quiet)
+    cm_single, cm_multi = confusion_matrices(run.model, data_.val_set, cfg, True, settings.bf16,
+                                             data_.loader_workers, progress=not settings.quiet)
     single, multi = segmentation_metrics(cm_single), segmentation_metrics(cm_multi)
-    vit = run.model.backbone
     return {
         "final": {"miou_ss": 100 * single["miou"], "miou_ms": 100 * multi["miou"],
                   "aacc_ss": 100 * single["aacc"], "aacc_ms": 100 * multi["aacc"],
                   "macc_ss": 100 * single["macc"], "macc_ms": 100 * multi["macc"]},
         "per_class_iou_ss": dict(zip(ADE_CLASSES, _percent(single["iou"]))),
         "per_class_iou_ms": dict(zip(ADE_CLASSES, _percent(multi["iou"]))),
-        "gates": vit.gates().detach().cpu().tolist() if vit.gate_logits is not None else None,
-        "selection_ratio": vit.selection_ratio().tolist() if vit.gate_logits is not None else None,
-        "temperatures": vit.temperatures.detach().cpu().tolist() if vit.temperatures is not None else None,
-        "eval_seconds": time.perf_counter() - tic, "num_val_images": len(run.val_set),
+        **runtime.learned_gates(run.model.backbone),
+        "eval_seconds": time.perf_counter() - tic, "num_val_images": len(data_.val_set),
     }

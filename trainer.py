@@ -1,6 +1,7 @@
 """Classification training and evaluation (FGVC, VTAB-1k, the demo) as the official code trains.
 
-    body = trainer.run_classification(cfg, "final", settings)      # -> history, final metrics, gates, timings
+    body, prompts = trainer.run_classification(cfg, "final", settings)   # loads model and data, then fit
+    outcome = trainer.fit(cfg, model, train_split, eval_splits, settings, state_path)   # given model and data
 
 Recipe: SGD (momentum 0.9, weight decay 0), linear warm-up from 0 then cosine to 0, stepped per epoch; the
 frozen backbone in eval mode; cross-entropy. Protocols: "final" trains on train (FGVC) / train800val200 (VTAB)
@@ -9,8 +10,10 @@ on train / train800 and reports the last epoch's val / val200 accuracy.
 
 Speed without changing the math: every batch has the full batch size (the last one is padded with rows whose
 label data.PAD_LABEL the loss and the accuracy ignore), so torch.compile builds one training graph and one
-evaluation graph per run; the step never syncs with the host, and an epoch syncs once (its metrics and the
-resumable state come back together) unless a progress bar is shown.
+evaluation graph of the backbone per run (the head runs eager: classifier_forward); the step never syncs with
+the host, and an epoch waits for the device twice -- after its last step, for its timing, and when its metrics
+and the resumable state come back together -- unless a progress bar is shown. Every result records how many
+step calls actually ran a compiled graph (runtime.compile_record).
 """
 import math
 import time
@@ -45,13 +48,41 @@ def classification_loss(logits, labels):
     return loss, (logits.argmax(-1) == labels).sum()
 
 
-def make_eval_step(model, device, bf16, compile):
-    """(images, labels) -> (correct, real count) as device tensors; compiled once for the eval batch shape."""
+def classifier_forward(model, device, bf16, compile, mode=None):
+    """images -> logits as the harness runs the classifier: the backbone (patch embedding to pooled features,
+    under bf16 autocast) compiled, the head eager. Heads differ per task, backbones per prompt count and method:
+    the graphs of a whole table are few (about 13 for Table 2's 94 configurations), and inductor's cache serves a
+    repeated one. forward.compiled is the Compiled backbone (runtime.compile_record counts it), or None."""
+    if not compile:
+        def forward(images):
+            with runtime.autocast(device, bf16):
+                return model(images)
+        forward.compiled = None
+        return forward
+
+    def features(images):
+        with runtime.autocast(device, bf16):
+            return model.forward_features(images)
+    features = runtime.compiled(features, compile, mode)
+
+    def forward(images):
+        with runtime.autocast(device, bf16):
+            return model.head(features(images))
+    forward.compiled = features
+    return forward
+
+
+def make_eval_step(model, device, bf16, compile, mode=None):
+    """(images, labels) -> (correct, real count) as device tensors; the backbone compiled once for the eval batch
+    shape (classifier_forward). eval_step.compiled: see classifier_forward."""
+    forward = classifier_forward(model, device, bf16, compile, mode)
+
     def eval_step(images, labels):
-        with torch.no_grad(), runtime.autocast(device, bf16):
-            logits = model(images)
+        with torch.no_grad():
+            logits = forward(images)
         return (logits.argmax(-1) == labels).sum(), (labels != data.PAD_LABEL).sum()
-    return runtime.compiled(eval_step, compile)
+    eval_step.compiled = forward.compiled
+    return eval_step
 
 
 def evaluate(eval_step, model, loader):
@@ -77,11 +108,15 @@ def load_data(cfg, settings, protocol):
     if cfg["task"] == "demo":
         return demo_splits(cfg)
     train_name, eval_name = data.split_names(cfg["task"], protocol)
-    names = [train_name, eval_name] + (["val"] if data.task_kind(cfg["task"]) == "fgvc" and protocol == "final" else [])
+    kind = data.task_kind(cfg["task"])
+    names = [train_name, eval_name] + (["val"] if kind == "fgvc" and protocol == "final" else [])
     root = inputs.dataset_folder(cfg["task"], settings)
     cache_dir = settings.cache_dir or Path(settings.results_dir) / "cache"
+    # VTAB's test split is read once per run, at the end: streamed, not cached (Table 2 fits on disk). The
+    # training splits (read every epoch) and val200 (reused by every run of an lr sweep) stay cached.
+    stream = (eval_name,) if kind == "vtab" and protocol == "final" else ()
     with runtime.main_first():  # rank 0 decodes into the cache, the other ranks then read it
-        splits = data.load_splits(cfg["task"], root, names, cache_dir=cache_dir)
+        splits = data.load_splits(cfg["task"], root, names, cache_dir=cache_dir, stream=stream)
     return splits.pop(train_name), splits
 
 
@@ -97,24 +132,26 @@ def fits_on_gpu(splits, device, fraction=0.3):
     """Keep the uint8 images in GPU memory when they take under `fraction` of what is free (else host)."""
     if device.type != "cuda":
         return False
-    return sum(s.pixels.numel() for s in splits) < fraction * torch.cuda.mem_get_info(device)[0]
+    kept = [s for s in splits if not isinstance(s, data.StreamedSplit)]   # a streamed split is never held whole
+    return sum(s.pixels.numel() for s in kept) < fraction * torch.cuda.mem_get_info(device)[0]
 
 
-def make_loaders(cfg, train, evals, device, compile=True):
-    """Batches come from the uint8 arrays: crop/flip and normalisation run on `device`, no JPEG decoding.
-    Evaluation batches are padded to EVAL_BATCH rows only for a compiled step (one static shape); eager
-    evaluation of a small split runs it at its own size."""
+def make_loaders(cfg, train, evals, device, on_gpu=False, compile=True):
+    """Batches come from the uint8 arrays: crop/flip and normalisation run on `device`, no JPEG decoding; the
+    arrays themselves are copied to the GPU once when `on_gpu` (fits_on_gpu decides). Evaluation batches are
+    padded to EVAL_BATCH rows only for a compiled step (one static shape); eager evaluation of a small split
+    runs it at its own size."""
     rank, world_size = runtime.world()
     augment = cfg["task"] == "demo" or data.task_kind(cfg["task"]) == "fgvc"  # random crop + flip
-    on_gpu = fits_on_gpu([train, *evals.values()], device)
     if runtime.is_main() and device.type == "cuda":
         print(f"images kept in {'GPU' if on_gpu else 'host'} memory as uint8")
     common = dict(crop_size=cfg["img_size"], rank=rank, world_size=world_size, device=device, images_on_device=on_gpu)
     train_loader = data.BatchLoader(train, cfg["batch_size"] // world_size, train=True, augment=augment,
                                     seed=cfg["seed"], **common)
     eval_batch = max(EVAL_BATCH, cfg["batch_size"])
-    eval_loaders = {name: data.BatchLoader(s, eval_batch if compile else min(eval_batch, max(1, math.ceil(
-                        len(s) / world_size))), train=False, **common) for name, s in evals.items()}
+    eval_loaders = {name: (data.StreamedBatchLoader if isinstance(s, data.StreamedSplit) else data.BatchLoader)(
+                        s, eval_batch if compile else min(eval_batch, max(1, math.ceil(len(s) / world_size))),
+                        train=False, **common) for name, s in evals.items()}
     return train_loader, eval_loaders
 
 # -----------------------------------------------------------------------------
@@ -128,17 +165,37 @@ class Outcome:
     train_seconds: float     # this session's training loop
     eval_seconds: float      # this session's final evaluation
     elapsed_before: float    # seconds spent by the sessions this run resumed from
+    setup_seconds: float = 0.0       # placing the model and building the loaders (fit)
+    images_on_device: bool = False   # the uint8 images were kept in GPU memory
+    compile: dict = None             # runtime.compile_record: the setting and the calls that ran compiled
+
+
+def fit(cfg, model, train_split, eval_splits, settings, state_path):
+    """The one entry point of a classification run once its model and data exist (run_classification, bench and
+    the tests call it): place the model, build the loaders, train with the paper's recipe (resumable after
+    every epoch at `state_path`), evaluate. eval_splits: {"test" | "val" | "val200": split}. Returns an Outcome."""
+    if settings.compile:
+        runtime.reset_compiler()
+    tic = time.perf_counter()
+    runtime.place_model(model, settings.device, settings.bf16)
+    on_device = fits_on_gpu([train_split, *eval_splits.values()], settings.device)
+    train_loader, eval_loaders = make_loaders(cfg, train_split, eval_splits, settings.device, on_device,
+                                              compile=bool(settings.compile))
+    runtime.synchronize(settings.device)
+    setup_seconds = time.perf_counter() - tic
+    outcome = train(cfg, model, train_loader, eval_loaders, settings, state_path)
+    outcome.setup_seconds, outcome.images_on_device = setup_seconds, on_device
+    return outcome
 
 
 def train_epoch(step, model, loader, epoch, epochs, device, quiet, log_every=25):
-    """One pass over the training split. Returns device tensors {loss_sum, correct, seen} and the seconds.
+    """One pass over the training split. Returns device tensors {loss_sum, correct, seen}.
     With a progress bar the bar's numbers sync every `log_every` steps; without one nothing syncs."""
     model.train()
     loader.set_epoch(epoch)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = torch.zeros((), dtype=torch.long, device=device)
-    tic = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                disable=True if quiet or not runtime.is_main() else None)
     for i, (images, labels) in enumerate(bar):
@@ -151,55 +208,64 @@ def train_epoch(step, model, loader, epoch, epochs, device, quiet, log_every=25)
             runtime.check_finite(loss.item(), f"epoch {epoch + 1}, step {i + 1}", epoch > 0)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct.item() / seen.item():.1f}")
     return {"loss_sum": runtime.all_reduce_sum(loss_sum), "correct": runtime.all_reduce_sum(correct),
-            "seen": runtime.all_reduce_sum(seen)}, time.perf_counter() - tic
+            "seen": runtime.all_reduce_sum(seen)}
 
 
 def train(cfg, model, train_loader, eval_loaders, settings, state_path):
-    """The paper's recipe, resumable after every epoch. Returns an Outcome."""
+    """The paper's recipe, resumable after every epoch. Returns an Outcome. An epoch's seconds run from the
+    device sync before its first step to the one after its last (the steps queue up without syncing)."""
     device = settings.device
-    model.to(device)
     optimizer = runtime.make_optimizer(decay_groups(model, cfg["weight_decay"]), cfg["lr"], cfg["momentum"],
                                        cfg["weight_decay"], device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg["warmup_epochs"], cfg["epochs"]))
-    step = runtime.make_train_step(model, optimizer, classification_loss, device, settings.bf16, settings.compile)
-    eval_step = make_eval_step(model, device, settings.bf16, settings.compile)
+    mode = settings.compile_mode
+    step = runtime.make_train_step(model, optimizer, classification_loss, device,
+                                   forward=classifier_forward(model, device, settings.bf16, settings.compile, mode))
+    eval_step = make_eval_step(model, device, settings.bf16, settings.compile, mode)
     history, start, best, elapsed_before = resume_or_start(cfg, model, optimizer, scheduler, settings, state_path)
     track_val = "val" in eval_loaders and len(eval_loaders) > 1  # FGVC final: best-val epoch alongside
     tic = time.perf_counter()
     for epoch in range(start, cfg["epochs"]):
-        stats, seconds = train_epoch(step, model, train_loader, epoch, cfg["epochs"], device, settings.quiet)
+        runtime.synchronize(device)
+        epoch_tic = time.perf_counter()
+        stats = train_epoch(step, model, train_loader, epoch, cfg["epochs"], device, settings.quiet)
+        runtime.synchronize(device)
+        seconds = time.perf_counter() - epoch_tic
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        pending = {"stats": stats}
+        pending = {"stats": stats, "state": runtime.training_state(model, optimizer, scheduler, epoch)}
         if track_val:
             pending["val"] = evaluate(eval_step, model, eval_loaders["val"])
             pending["candidate"] = {k: v.detach().clone() for k, v in model.prompt_state_dict().items()}
-        pending["state"] = runtime.training_state(model, optimizer, scheduler, epoch, history)
-        host = runtime.to_host(pending)   # the epoch's one sync
-        s = host["stats"]
-        loss = float(s["loss_sum"]) / max(1, int(s["seen"]))
-        runtime.check_finite(loss, f"epoch {epoch + 1}", state_saved=epoch > 0)
-        record = {"epoch": epoch + 1, "loss": loss, "train_acc": accuracy(s["correct"], s["seen"]), "lr": lr,
-                  "seconds": seconds, "images_per_second": int(s["seen"]) / seconds}
-        if track_val:
-            record["val_acc"] = accuracy(*host["val"])
-            if record["val_acc"] > best["val_acc"]:
-                best = {"val_acc": record["val_acc"], "epoch": epoch + 1, "state": host["candidate"]}
+        host = runtime.to_host(pending)   # the epoch's one read-back
+        record, best = epoch_record(host, epoch, lr, seconds, best, track_val)
         history.append(record)
         if runtime.is_main():
-            state = host["state"]
-            state["history"] = history
-            state["extra"] = {"best": best, "config": results.identity(cfg),
-                              "elapsed": elapsed_before + time.perf_counter() - tic}
-            runtime.save_training_state(state_path, state)
+            runtime.save_training_state(state_path, host["state"], history, results.identity(cfg),
+                                        elapsed_before + time.perf_counter() - tic, best=best)
             if not settings.quiet:
-                tqdm.write(f"epoch {epoch + 1:3d}  loss {loss:.4f}  train {record['train_acc']:.2f}  "
+                tqdm.write(f"epoch {epoch + 1:3d}  loss {record['loss']:.4f}  train {record['train_acc']:.2f}  "
                            + (f"val {record['val_acc']:.2f}  " if track_val else "")
                            + f"{record['images_per_second']:.0f} img/s")
     train_seconds = time.perf_counter() - tic
     tic = time.perf_counter()
     final = final_metrics(model, eval_step, eval_loaders, best)
-    return Outcome(history, final, train_seconds, time.perf_counter() - tic, elapsed_before)
+    return Outcome(history, final, train_seconds, time.perf_counter() - tic, elapsed_before,
+                   compile=runtime.compile_record(settings.compile, train=step.compiled, eval=eval_step.compiled))
+
+
+def epoch_record(host, epoch, lr, seconds, best, track_val):
+    """(the epoch's history record, the best-val record so far) from the epoch's host copy; stops on NaN."""
+    s = host["stats"]
+    loss = float(s["loss_sum"]) / max(1, int(s["seen"]))
+    runtime.check_finite(loss, f"epoch {epoch + 1}", state_saved=epoch > 0)
+    record = {"epoch": epoch + 1, "loss": loss, "train_acc": accuracy(s["correct"], s["seen"]), "lr": lr,
+              "seconds": seconds, "images_per_second": int(s["seen"]) / seconds}
+    if track_val:
+        record["val_acc"] = accuracy(*host["val"])
+        if record["val_acc"] > best["val_acc"]:
+            best = {"val_acc": record["val_acc"], "epoch": epoch + 1, "state": host["candidate"]}
+    return record, best
 
 
 def decay_groups(model, weight_decay):
@@ -215,23 +281,12 @@ def decay_groups(model, weight_decay):
 
 
 def resume_or_start(cfg, model, optimizer, scheduler, settings, state_path):
-    """(history, first epoch, best-val record, seconds already spent): from the saved state with --resume."""
-    fresh = [], 0, {"val_acc": -1.0, "epoch": None, "state": None}, 0.0
-    if not Path(state_path).is_file():
-        if settings.resume and runtime.is_main():
-            print(f"--resume: no saved state at {state_path}; starting from scratch")
-        return fresh
-    if not settings.resume:
-        if runtime.is_main():
-            print(f"{state_path} holds an interrupted run; starting over (pass --resume to continue it)")
-        return fresh
-    state = runtime.load_training_state(state_path, model, optimizer, scheduler)
-    if state["extra"].get("config") != results.identity(cfg):
-        raise runtime.UserError(f"{state_path} was written by a run with other settings; delete it to start over")
-    if runtime.is_main():
-        print(f"resumed from {state_path} after epoch {state['step'] + 1}")
-    extra = state["extra"]
-    return state["history"], state["step"] + 1, extra["best"], extra.get("elapsed", 0.0)
+    """(history, first epoch, best-val record, seconds already spent): runtime.resume_or_start's state, or a
+    fresh start."""
+    state = runtime.resume_or_start(state_path, results.identity(cfg), model, optimizer, scheduler, settings.resume)
+    if state is None:
+        return [], 0, {"val_acc": -1.0, "epoch": None, "state": None}, 0.0
+    return state["history"], state["step"] + 1, state["extra"]["best"], state["extra"]["elapsed"]
 
 
 def final_metrics(model, eval_step, eval_loaders, best):
@@ -247,40 +302,27 @@ def final_metrics(model, eval_step, eval_loaders, best):
         model.load_prompt_state_dict(final_state)
     return final
 
-
-def learned_gates(model):
-    """Gates (Eq. 6), selection ratio (Eq. 11) and temperatures (Eq. 9) of a trained model; None where absent."""
-    out = {"gates": None, "selection_ratio": None, "temperatures": None}
-    if model.gate_logits is not None:
-        model.eval()
-        out["gates"] = model.gates().tolist()
-        out["selection_ratio"] = model.selection_ratio().tolist()
-    if model.temperatures is not None:
-        out["temperatures"] = model.temperatures.detach().cpu().tolist()
-    return out
-
 # -----------------------------------------------------------------------------
 # One run, end to end
 
 
 def run_classification(cfg, protocol, settings):
-    """Train and evaluate one config; returns the result body (history, final metrics, learned gates, timings)
-    and the trained prompt-side state. The order fails fast: the checkpoint must load before data is decoded."""
+    """Train and evaluate one config; returns the result body (history, final metrics, learned gates, timings,
+    what ran compiled) and the trained prompt-side state. The order fails fast: the checkpoint must load before
+    data is decoded."""
     files = results.run_files(settings.results_dir, cfg, protocol)
     tic = time.perf_counter()
     with runtime.flush_denormals(settings.device):
         runtime.seed_everything(cfg["seed"])
         checkpoint = inputs.checkpoint_for(cfg, settings)
         model = recipes.model_from_config(cfg, recipes.num_classes(cfg), checkpoint, verbose=runtime.is_main())
-        runtime.place_model(model, settings.device, settings.bf16)
         train_split, eval_splits = load_data(cfg, settings, protocol)
-        train_loader, eval_loaders = make_loaders(cfg, train_split, eval_splits, settings.device,
-                                                  compile=bool(settings.compile))
-        outcome = train(cfg, model, train_loader, eval_loaders, settings, files.state)
+        outcome = fit(cfg, model, train_split, eval_splits, settings, files.state)
     session = time.perf_counter() - tic
     if runtime.is_main():  # the prompt pack, beside the .prompts.pt the result writer saves
         predict.write_run_pack(model, cfg, protocol, settings, outcome.final, checkpoint, files.pack)
-    body = {"history": outcome.history, "final": outcome.final, **learned_gates(model),
+    body = {"history": outcome.history, "final": outcome.final, **runtime.learned_gates(model),
             "wall_seconds": outcome.elapsed_before + session, "wall_seconds_this_session": session,
-            "train_seconds": outcome.train_seconds, "eval_seconds": outcome.eval_seconds}
+            "train_seconds": outcome.train_seconds, "eval_seconds": outcome.eval_seconds,
+            "compiled": outcome.compile}
     return body, model.prompt_state_dict()

@@ -224,7 +224,7 @@ def test_ade20k_cell_trains_the_configured_model_and_writes_one_result(tmp_path,
     real = recipes.model_from_config
     recipes.model_from_config = lambda cfg, *a, **k: seen.append(real(cfg, *a, **k)) or seen[-1]
     try:
-        result = reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt), loader_workers=0))
+        result = reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))
     finally:
         recipes.model_from_config = real
     assert seen[-1].pcfg.insert_at == 2 and seen[-1].cfg.pos_embed_interpolation == "bilinear"

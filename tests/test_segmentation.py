@@ -38,8 +38,7 @@ def checkpoint(tmp_path_factory):
 
 
 def settings(root, checkpoint, **kw):
-    return runtime.Settings(**dict(dict(data_dir=str(root), checkpoint=str(checkpoint), loader_workers=0, quiet=True),
-                                   **kw))
+    return runtime.Settings(**dict(dict(data_dir=str(root), checkpoint=str(checkpoint), quiet=True), **kw))
 
 
 def tiny_model(**cfg):
@@ -331,9 +330,8 @@ def test_tiny_run_overfits_fixture(fixture_root, checkpoint, tmp_path):
     """Train on the fixture's training images and evaluate on the same distribution: mIoU must rise far
     above that of the untrained model (iters=0 evaluates the initial model)."""
     run = settings(fixture_root, checkpoint)
-    start, _ = seg.train_segmentation(dict(TINY, iters=0), run, tmp_path / "start.pt")
-    end, prompts = seg.train_segmentation(dict(TINY, iters=100), dict_settings(run, loader_workers=2),
-                                          tmp_path / "end.pt")
+    start, _ = seg.train_segmentation(dict(TINY, iters=0), run, tmp_path / "start.pt", loader_workers=0)
+    end, prompts = seg.train_segmentation(dict(TINY, iters=100), run, tmp_path / "end.pt", loader_workers=2)
     assert start["final"]["miou_ss"] < 20
     assert end["final"]["miou_ss"] > start["final"]["miou_ss"] + 40
     assert end["final"]["miou_ms"] > start["final"]["miou_ms"] + 40
@@ -352,7 +350,8 @@ def dict_settings(run, **kw):
 def test_non_finite_loss_stops_before_saving(fixture_root, checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(seg, "seg_loss", lambda logits, labels: logits.float().mean() * float("nan"))
     with pytest.raises(runtime.NonFiniteLoss, match="loss became nan at iteration") as err:
-        seg.train_segmentation(dict(TINY, iters=2), settings(fixture_root, checkpoint), tmp_path / "s.pt")
+        seg.train_segmentation(dict(TINY, iters=2), settings(fixture_root, checkpoint), tmp_path / "s.pt",
+                               loader_workers=0)
     assert not err.value.state_saved and not (tmp_path / "s.pt").exists()
 
 
@@ -362,25 +361,35 @@ class Interrupted(Exception):
 
 def test_resume_matches_uninterrupted_run(fixture_root, checkpoint, tmp_path, monkeypatch):
     cfg = dict(TINY, iters=8)
-    run = settings(fixture_root, checkpoint, loader_workers=2)
-    full, full_prompts = seg.train_segmentation(cfg, run, tmp_path / "full.pt", save_every=3)
+    run = settings(fixture_root, checkpoint)
+    full, full_prompts = seg.train_segmentation(cfg, run, tmp_path / "full.pt", save_every=3, loader_workers=2)
     save = runtime.save_training_state
 
-    def save_then_crash(path, state):
-        save(path, state)
+    def save_then_crash(path, state, *args, **kwargs):
+        save(path, state, *args, **kwargs)
         if state["step"] == 6:
             raise Interrupted
     monkeypatch.setattr(runtime, "save_training_state", save_then_crash)
     with pytest.raises(Interrupted):
-        seg.train_segmentation(cfg, run, tmp_path / "cut.pt", save_every=3)
+        seg.train_segmentation(cfg, run, tmp_path / "cut.pt", save_every=3, loader_workers=2)
     monkeypatch.setattr(runtime, "save_training_state", save)
+    with pytest.raises(runtime.UserError, match="another configuration"):
+        seg.train_segmentation(dict(cfg, lr=0.5), dict_settings(run, resume=True), tmp_path / "cut.pt")
     resumed, resumed_prompts = seg.train_segmentation(cfg, dict_settings(run, resume=True), tmp_path / "cut.pt",
-                                                      save_every=3)
+                                                      save_every=3, loader_workers=2)
     assert set(resumed_prompts) == set(full_prompts)
     for name, tensor in full_prompts.items():
         assert torch.equal(resumed_prompts[name], tensor), name
     assert resumed["history"] == full["history"]
     assert resumed["final"] == full["final"]
     assert resumed["wall_seconds"] > resumed["wall_seconds_this_session"]   # both segments are counted
-    with pytest.raises(runtime.UserError, match="another configuration"):
-        seg.train_segmentation(dict(cfg, lr=0.5), dict_settings(run, resume=True), tmp_path / "cut.pt")
+
+
+def test_a_stale_state_is_announced_and_replaced_without_resume(fixture_root, checkpoint, tmp_path, capsys):
+    """A state left by an interrupted run is not silently overwritten: without --resume the run says it starts
+    over (as the classification trainer does: one runtime.resume_or_start), and its first save replaces it."""
+    state = tmp_path / "s.pt"
+    state.write_bytes(b"an interrupted run's state")
+    seg.train_segmentation(dict(TINY, iters=1), settings(fixture_root, checkpoint), state, loader_workers=0)
+    assert f"{state} holds an interrupted run; starting over (pass --resume to continue it)" in capsys.readouterr().out
+    assert torch.load(state, weights_only=False)["step"] == 1

@@ -1,5 +1,6 @@
 """Classification training as the official code trains, and a fast path whose claims are provable on a CPU."""
 import math
+import os
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch._dynamo.testing
 import torch.nn.functional as F
 
 import data
+import fixtures
 import gated_prompt as gp
 import recipes
 import runtime
@@ -27,12 +29,11 @@ def settings(tmp_path, **kw):
 
 
 def tiny_run(cfg, tmp_path, **kw):
-    """Model, loaders and train() of one config, as run_classification wires them."""
+    """One config through trainer.fit, the entry point run_classification and bench call."""
     torch.manual_seed(cfg["seed"])
     model = recipes.model_from_config(cfg, recipes.num_classes(cfg), verbose=False)
     train_split, evals = trainer.demo_splits(cfg)
-    loaders = trainer.make_loaders(cfg, train_split, evals, torch.device("cpu"))
-    return trainer.train(cfg, model, *loaders, settings(tmp_path, **kw), tmp_path / "state.pt"), model
+    return trainer.fit(cfg, model, train_split, evals, settings(tmp_path, **kw), tmp_path / "state.pt"), model
 
 
 # --- the recipe -----------------------------------------------------------------------------------
@@ -66,7 +67,7 @@ def test_a_short_cpu_run_learns(tmp_path):
     assert outcome.final["test_acc"] > 70  # 6 classes: chance is 16.7 %
     assert outcome.history[-1]["loss"] < outcome.history[1]["loss"]
     assert outcome.eval_seconds > 0 and outcome.train_seconds > 0
-    gates = trainer.learned_gates(model)
+    gates = runtime.learned_gates(model)
     assert len(gates["selection_ratio"]) == TINY["depth"] - 1 and len(gates["temperatures"]) == TINY["depth"]
 
 
@@ -142,6 +143,63 @@ def test_two_epochs_with_odd_batches_compile_one_train_and_one_eval_graph(tmp_pa
     torch._dynamo.reset()
 
 
+class CountingBackend:
+    """A torch.compile backend that runs the graph dynamo traced (gm.forward) and counts graphs and their calls."""
+
+    def __init__(self):
+        self.graphs = self.calls = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+
+        def run(*args):
+            self.calls += 1
+            return gm.forward(*args)
+        return run
+
+
+def test_many_runs_in_one_process_all_run_compiled(tmp_path):
+    """Table 2 runs 94 configurations in one process, heads differing per task. dynamo's recompile limit (8) is
+    keyed on code objects shared by every run: 10 head sizes and 3 prompt counts in a row must each put every
+    training and evaluation step through a compiled graph, and the result must say so (counted, not the
+    setting). Each run: 2 images per class at batch 8, 2 epochs; one eval batch (256)."""
+    backend = CountingBackend()
+    runs = [(classes, 1) for classes in range(2, 12)] + [(3, 2), (3, 3)]
+    for n, (classes, prompts) in enumerate(runs):
+        cfg = tiny_cfg(num_classes=classes, epochs=2, warmup_epochs=0, batch_size=8)
+        cfg.update(num_prompts=prompts, insert_at=1)
+        torch.manual_seed(0)
+        model = recipes.model_from_config(cfg, classes, verbose=False)
+        images, labels = data.make_synthetic_images(classes, 2, 40, seed=0)
+        split = data.ImageSplit.from_dense("demo", "train", images, labels)
+        calls_before = backend.calls
+        outcome = trainer.fit(cfg, model, split, {"test": split}, settings(tmp_path, compile=backend),
+                              tmp_path / f"state{n}.pt")
+        steps = 2 * math.ceil(2 * classes / 8)
+        assert backend.calls - calls_before >= steps + 1, f"run {n + 1} ({classes} classes, {prompts} prompts) ran eager"
+        assert outcome.compile == {"compile": True, "compiled_calls": {"train": [steps, steps], "eval": [1, 1]},
+                                   "all_compiled": True}, f"run {n + 1}"
+    torch._dynamo.reset()
+
+
+def test_a_run_that_fell_back_to_eager_says_so(tmp_path, capsys, monkeypatch):
+    """Without the reset between runs and with dynamo's recompile limit at 2 (one run's two graphs), a second
+    configuration runs eager (dynamo's silent fallback): its result counts 0 compiled calls and a warning is
+    printed."""
+    monkeypatch.setattr(runtime, "reset_compiler", lambda: None)
+    torch._dynamo.reset()
+    outcomes = []
+    with torch._dynamo.config.patch(recompile_limit=2):   # one run: a training and an evaluation graph
+        for prompts in (1, 2):
+            cfg = tiny_cfg(epochs=1, warmup_epochs=0)
+            cfg.update(num_prompts=prompts)
+            outcomes.append(tiny_run(cfg, tmp_path / str(prompts), compile=CountingBackend())[0].compile)
+    assert outcomes[0]["all_compiled"] and not outcomes[1]["all_compiled"]
+    assert outcomes[1]["compiled_calls"]["train"][0] == 0 < outcomes[1]["compiled_calls"]["train"][1]
+    assert "WARNING: torch.compile was on but these steps ran eager: train" in capsys.readouterr().out
+    torch._dynamo.reset()
+
+
 def test_every_sample_is_trained_on_and_padding_is_ignored(tmp_path):
     """No drop_last: each epoch counts exactly the split's samples (the padded rows count for nothing)."""
     cfg = tiny_cfg(batch_size=48, epochs=1)
@@ -150,7 +208,7 @@ def test_every_sample_is_trained_on_and_padding_is_ignored(tmp_path):
     model = recipes.model_from_config(cfg, 5, verbose=False)
     optimizer = runtime.make_optimizer(model.trainable_parameters(), 0.1, 0.9, 0.0, torch.device("cpu"))
     step = runtime.make_train_step(model, optimizer, trainer.classification_loss, torch.device("cpu"), False)
-    stats, _ = trainer.train_epoch(step, model, train_loader, 0, 1, torch.device("cpu"), quiet=True)
+    stats = trainer.train_epoch(step, model, train_loader, 0, 1, torch.device("cpu"), quiet=True)
     assert int(stats["seen"]) == len(train_split) == 320 and len(train_loader) == 7
 
 
@@ -231,8 +289,8 @@ def test_a_resumed_run_ends_with_the_same_numbers(tmp_path, monkeypatch):
     (tmp_path / "b").mkdir()
     real_save, saves = runtime.save_training_state, []
 
-    def save_then_crash(path, state):
-        real_save(path, state)
+    def save_then_crash(path, state, *args, **kwargs):
+        real_save(path, state, *args, **kwargs)
         saves.append(1)
         if len(saves) == 2:
             raise KeyboardInterrupt("killed after epoch 2")
@@ -240,7 +298,7 @@ def test_a_resumed_run_ends_with_the_same_numbers(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         tiny_run(cfg, tmp_path / "b")
     monkeypatch.setattr(runtime, "save_training_state", real_save)
-    with pytest.raises(runtime.UserError, match="other settings"):   # the state belongs to this config only
+    with pytest.raises(runtime.UserError, match="another configuration"):   # the state belongs to this config only
         tiny_run(dict(cfg, gate_init=3.0), tmp_path / "b", resume=True)
     resumed, resumed_model = tiny_run(cfg, tmp_path / "b", resume=True)
     assert resumed.final == full.final and resumed.elapsed_before > 0
@@ -271,3 +329,34 @@ def test_evaluation_counts_real_samples_only():
     model = Constant()
     correct, count = trainer.evaluate(trainer.make_eval_step(model, torch.device("cpu"), False, False), model, loader)
     assert (int(correct), int(count)) == (5, 15)
+
+
+# --- disk: a split read once is streamed --------------------------------------------------------------
+
+def test_vtab_test_split_is_streamed_never_cached_and_evaluates_the_same(tmp_path):
+    """VTAB's final protocol reads its test split once: it is decoded chunk by chunk while evaluated, and only
+    train800val200 (read every epoch) lands in the cache. The streamed batches hold the same images and labels
+    as the fully decoded split's, so evaluation counts the same."""
+    fixtures.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "dtd", num_classes=3, per_class=(3, 1, 5))
+    cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1)
+    train, evals = trainer.load_data(cfg, settings(tmp_path, data_dir=str(tmp_path / "data")), "final")
+    assert len(train) == 12 and isinstance(evals["test"], data.StreamedSplit) and len(evals["test"]) == 15
+    cached = sorted(os.listdir(tmp_path / "cache"))
+    assert cached and all(name.startswith("dtd-train800val200-") for name in cached)
+    streamed = evals["test"]
+    streamed.chunk = 4                                            # 4 + 4 + 4 + 3 images
+    loader = data.StreamedBatchLoader(streamed, 8, crop_size=224)
+    whole = data.load_splits("dtd", tmp_path / "data" / "vtab-1k", ["test"])["test"]
+    reference = data.BatchLoader(whole, 8, train=False, crop_size=224)
+
+    def real_rows(batches):
+        images, labels = zip(*[(x[y != data.PAD_LABEL], y[y != data.PAD_LABEL]) for x, y in batches])
+        return torch.cat(images), torch.cat(labels)
+    assert len(loader) == 4 and len(list(loader)) == 4
+    (xs, ys), (xr, yr) = real_rows(loader), real_rows(reference)
+    assert torch.equal(ys, yr) and torch.equal(xs, xr) and len(ys) == 15
+    torch.manual_seed(0)
+    model = recipes.model_from_config(cfg, 47, verbose=False)
+    eval_step = trainer.make_eval_step(model, torch.device("cpu"), False, False)
+    assert [int(v) for v in trainer.evaluate(eval_step, model, loader)] == \
+        [int(v) for v in trainer.evaluate(eval_step, model, reference)]

@@ -1,0 +1,220 @@
+"""bench.py --report's targets, its incremental store and its writer: benchmarks.json and BENCHMARKS.md.
+
+A report is a list of units (one step comparison, the matmul peak, one sweep point, one end-to-end run, the
+segmentation figures), measured by bench.py in order, headline first. After every unit the store rewrites both
+files, so a report killed part-way leaves valid files with the units done; a rerun with the same measurement
+identity (device, code version, torch, sizes) skips the units already in benchmarks.json.
+
+The targets (one H100, ViT-B/16 gated+temp at 224 px) are the project's: about half of the bf16 dense peak.
+"""
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import runtime
+
+# (prompts, batch, train-step images/s target on one H100, task). The shapes are the CUB and the VTAB (dtd)
+# recipes', and the eval step runs at the harness's eval batch, so the end-to-end runs after them compile the
+# same backbone graphs (inductor's cache serves them)
+REPORT_POINTS = ((100, 64, 3700, "cub"), (1, 128, 5700, "dtd"))
+TARGET_SPEEDUP = 9.0              # fast / reference path, training step, measured in the same run
+TARGET_PEAK_FRACTION = 0.5        # of the bf16 dense peak: an aim, what the step targets amount to
+TARGET_MEMORY_GIB = 6.0           # the fast training step at 100 prompts, batch 64
+END_TO_END_TARGETS = {"vtab": (60, "VTAB-1k task"), "cub": (300, "CUB")}   # seconds, whole run
+STAGES = ("step", "sweeps", "e2e", "segmentation")
+CPU_SMOKE_NOTE = "CPU smoke run, not a GPU measurement"
+MATMUL_SIZE = {"cuda": 8192, "cpu": 256}
+
+
+def measure_matmul_peak(device, repeats=3):
+    """The device's own bf16 dense matmul rate (TFLOP/s): the best of `repeats` timings of a batch of square
+    bf16 matmuls between two syncs (8192 on a GPU; 256 on a CPU, where the figure only shows the code runs)."""
+    n = MATMUL_SIZE["cuda" if device.type == "cuda" else "cpu"]
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    calls = 20 if device.type == "cuda" else 2
+    (a @ b).sum().item()   # warm-up: cuBLAS picks its kernel
+    best = 0.0
+    for _ in range(repeats):
+        runtime.synchronize(device)
+        tic = time.perf_counter()
+        for _ in range(calls):
+            a @ b
+        runtime.synchronize(device)
+        best = max(best, 2 * n ** 3 * calls / (time.perf_counter() - tic) / 1e12)
+    return {"size": n, "tflops": best}
+
+# -----------------------------------------------------------------------------
+# The incremental store
+
+
+class Store:
+    """benchmarks.json + BENCHMARKS.md in out_dir, rewritten after every unit. `units` maps a unit's key to its
+    figures; those of an earlier run are kept only if its identity (device, code version, sizes) is this one's."""
+
+    def __init__(self, out_dir, header, identity):
+        self.json, self.markdown = Path(out_dir) / "benchmarks.json", Path(out_dir) / "BENCHMARKS.md"
+        self.header, self.identity, self.units = header, identity, {}
+        if self.json.is_file():
+            try:
+                old = json.loads(self.json.read_text())
+            except (OSError, ValueError):
+                old = {}
+            if old.get("identity") == identity:
+                self.units = old.get("units", {})
+            elif old:
+                print(f"{self.json}: measured with other settings or code ({_difference(old.get('identity'), identity)}); "
+                      "measuring again", flush=True)
+
+    def add(self, key, figures, assemble):
+        """Record one unit and rewrite both files (atomically) from every unit so far."""
+        self.units[key] = figures
+        self.write(assemble(self.units))
+
+    def write(self, derived):
+        out = dict(self.header, identity=self.identity, units=self.units, **derived)
+        runtime.write_json(self.json, out)
+        runtime.write_text(self.markdown, report_markdown(out))
+        return out
+
+
+def _difference(old, new):
+    old = old or {}
+    changed = [k for k in new if old.get(k) != new[k]]
+    return ", ".join(f"{k}: {old.get(k)} -> {new[k]}" for k in changed[:3]) or "no identity"
+
+# -----------------------------------------------------------------------------
+# Targets
+
+
+def _find(rows, prompts, batch, path="fast", step="train"):
+    return next((r for r in rows if (r["prompts"], r["batch"], r["path"], r["step"]) == (prompts, batch, path, step)),
+                None)
+
+
+def _target_row(figure, value, unit, op, target, comparable, aim=False):
+    met = None
+    if comparable and value is not None:
+        met = {">=": value >= target, "<=": value <= target, "<": value < target}[op]
+    return {"figure": figure, "value": value, "unit": unit, "op": op, "target": target, "aim": aim, "met": met}
+
+
+def target_rows(report, comparable):
+    """Each target figure next to its target on one H100. met is None where the run cannot be compared (not an
+    H100, not ViT-B/16 gated+temp at 224 px, or reduced end-to-end sizes) or the figure is missing. A training
+    step that did not run compiled says so in its figure."""
+    rows, measured_peak = [], (report.get("matmul_peak") or {}).get("tflops")
+    for prompts, batch, target, *_ in report["report_points"]:
+        shape = f"{prompts} prompt{'s' if prompts != 1 else ''}, batch {batch}"
+        fast = _find(report["results"], prompts, batch)
+        if fast is None:
+            continue
+        eager = "" if fast["compiled"] else " (ran eager)"
+        ratio = next((r["speedup"] for r in report["ratios"]
+                      if (r["prompts"], r["batch"], r["step"]) == (prompts, batch, "train")), None)
+        rows += [_target_row(f"train step, {shape}{eager}", fast["images_per_s"], "img/s", ">=", target, comparable),
+                 _target_row(f"fast / reference, train step, {shape}{eager}", ratio, "x", ">=", TARGET_SPEEDUP,
+                             comparable),
+                 _target_row(f"% of bf16 dense peak (spec), train step, {shape}",
+                             fast["peak_fraction"] and 100 * fast["peak_fraction"], "%", ">=",
+                             100 * TARGET_PEAK_FRACTION, comparable, aim=True),
+                 _target_row(f"% of bf16 matmul peak (measured), train step, {shape}",
+                             measured_peak and 100 * fast["tflops"] / measured_peak, "%", ">=",
+                             100 * TARGET_PEAK_FRACTION, comparable, aim=True)]
+    prompts, batch, *_ = report["report_points"][0]
+    fast = _find(report["results"], prompts, batch)
+    if fast is not None:
+        rows.append(_target_row(f"peak GPU memory, train step, {prompts} prompts, batch {batch}",
+                                fast["peak_memory_gib"], "GiB", "<=", TARGET_MEMORY_GIB, comparable))
+    for run, r in report["end_to_end"].items():
+        target_s, label = END_TO_END_TARGETS[run]
+        estimate = r["projected_wall_s"] if r["projected_wall_s"] is not None else r["wall_s"]
+        projected = f"projected from {r['epochs']} to {r['full_epochs']} epochs" \
+            if r["projected_wall_s"] is not None else f"{r['epochs']} epochs"
+        rows.append(_target_row(f"{label} end to end ({projected})", estimate, "s", "<", target_s,
+                                comparable and r["full_size"]))
+    return rows
+
+# -----------------------------------------------------------------------------
+# BENCHMARKS.md
+
+
+UNIT_FORMAT = {"img/s": "{:,.0f}", "x": "{:.2f}", "%": "{:.1f}", "GiB": "{:.2f}", "s": "{:.1f}"}
+
+
+def format_value(value, unit):
+    return "n/a" if value is None else UNIT_FORMAT[unit].format(value) + ("" if unit == "x" else " ") + unit
+
+
+def report_markdown(out):
+    """BENCHMARKS.md: header facts, the targets table, then every timed row (units not measured yet: absent)."""
+    lines = ["# Benchmarks", ""]
+    if not out["cuda_device"]:
+        lines += [f"**{CPU_SMOKE_NOTE}.** The GPU report's code on a CPU; no figure below says anything about "
+                  "GPU speed, and no target is judged.", ""]
+    args = out["args"]
+    if args["arch"] == "tiny":
+        lines += [f"Tiny sizes: a 12-block ViT of width 32, step batches the GPU report's / 16, "
+                  f"{args['train_images']} train / {args['test_images']} test generated images end to end.", ""]
+    peak = out.get("matmul_peak") or {}
+    measured = f"{peak['tflops']:.1f} TFLOP/s ({peak['size']}x{peak['size']} matmuls)" if peak else "not measured"
+    lines += ["| | |", "|---|---|", f"| device | {out['device']} |", f"| torch | {out['torch']} |",
+              f"| CUDA | {out['cuda'] or 'none'} |", f"| date | {out['date']} |", f"| code | {out['code_version']} |",
+              f"| command | `{out['command']}` |",
+              f"| model | {args['arch']}, {args['method']}, {out['img_size']} px, random weights |",
+              f"| torch.compile | {'on' if out['compile'] else 'off'}, mode {args['compile_mode']} |",
+              f"| bf16 dense peak (spec) | {out['peak_bf16_tflops'] or 'unknown'} TFLOP/s |",
+              f"| bf16 matmul peak (measured in this run) | {measured} |",
+              f"| units measured | {', '.join(out['units']) or 'none'} |", ""]
+    lines += ["## Targets (one H100)", "", "| figure | measured | target on one H100 | met |", "|---|---|---|---|"]
+    for t in out["targets"]:
+        target = ("aim " if t["aim"] else "") + f"{t['op']} " + format_value(t["target"], t["unit"])
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['figure']} | {format_value(t['value'], t['unit'])} | {target} | {met} |")
+    lines += ["", "## Training and evaluation steps, fast vs reference", ""] + _markdown_steps(out["results"])
+    lines += ["", "## Sweeps (fast path without torch.compile)", ""]
+    for name, rows in out["sweeps"].items():
+        lines += [f"Over {name}:", ""] + _markdown_steps(rows) + [""]
+    lines += ["## End to end (generated data)", ""] + _markdown_end_to_end(out["end_to_end"])
+    if out.get("segmentation"):
+        s = out["segmentation"]
+        lines += ["", "## Segmentation (SETR-PUP, ADE20K sizes)", "",
+                  f"Training iteration ({s['train_mode']}): {s['iters_per_s']:.3f} it/s, {s['images_per_s']:.1f} "
+                  f"images/s; {s['projected_iters']:,} iterations projected to {s['projected_hours']:.2f} h. "
+                  f"Slide inference of one {s['infer_image'][0]}x{s['infer_image'][1]} image ({s['infer_mode']}): "
+                  f"{s['infer_s_per_image']:.4f} s."]
+    lines += ["", "The end-to-end runs compile the same backbone graphs as the step comparison before them (same "
+              "shapes and eval batch), and inductor's caches outlive torch._dynamo.reset, so their epoch 1 holds "
+              "little compiling: it is what a repeated run of that shape costs. A first run on a fresh machine adds "
+              "about the comparison's compiling-call seconds (fast path, train + eval) of the same shape.", "",
+              "Every number is in the JSON file written beside this one.", ""]
+    return "\n".join(lines)
+
+
+def _markdown_steps(rows):
+    lines = ["| prompts | batch | path | step | ran | compiling call s | SDPA kernel | images/s (min-max) | "
+             "TFLOP/s | % peak | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        frac = f"{100 * r['peak_fraction']:.1f}" if r["peak_fraction"] is not None else "n/a"
+        mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
+        compile_s = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "n/a"
+        lines.append(f"| {r['prompts']} | {r['batch']} | {r['path']} | {r['step']} | {r['mode']} | {compile_s} | "
+                     f"{r.get('sdpa_kernel') or 'n/a'} | "
+                     f"{r['images_per_s']:,.1f} ({r['images_per_s_min']:,.1f}-{r['images_per_s_max']:,.1f}) | "
+                     f"{r['tflops']:.3g} | {frac} | {mem} |")
+    return lines
+
+
+def _markdown_end_to_end(runs):
+    lines = ["| run | train / val / test images | epochs run | setup s | epoch 1 s | later epoch s | train s | "
+             "test eval s | wall s | projected wall s | compiled |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run, r in runs.items():
+        later = f"{r['later_epoch_s']:.3f}" if r["later_epoch_s"] is not None else "n/a"
+        projected = f"{r['projected_wall_s']:.1f}" if r["projected_wall_s"] is not None else "n/a"
+        lines.append(f"| {run} ({r['task']}, {r['num_prompts']} prompt(s), batch {r['batch_size']}) | "
+                     f"{r['train_images']} / {r['val_images']} / {r['test_images']} | {r['epochs']} | "
+                     f"{r['setup_s']:.2f} | {r['epoch1_s']:.2f} | {later} | {r['train_s']:.2f} | "
+                     f"{r['test_eval_s']:.2f} | {r['wall_s']:.2f} | {projected} | {'yes' if r['compiled'] else 'no'} |")
+    return lines

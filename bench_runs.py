@@ -1,0 +1,440 @@
+"""bench.py's whole-run timings and the timing plumbing they share with the step benchmark.
+
+  --end-to-end vtab|cub   one whole run of trainer.fit (the paper's recipe, 100 epochs, CUB's per-epoch val
+                          pass, final test evaluation) on GENERATED images of the real sizes. Random backbone.
+  --segmentation          segmentation.Training's iteration and the sliding-window inference of one 512x683
+                          image, sizes from the resolved ADE20K recipe; projected schedule hours.
+
+Timing: `time_loop` times calls between two device syncs; `_compiled_or_eager` makes the compiling call outside
+the timed loop; `run_mode_of` says whether the timed calls ran compiled, counted by runtime.Compiled.
+"""
+import dataclasses
+import gc
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+
+import bench_report
+import data
+import gated_prompt as gp
+import recipes
+import runtime
+import segmentation
+import trainer
+
+SSL = "mae"         # pooling only (mean of tokens vs CLS); irrelevant to speed
+
+# "--arch tiny": ViT-B's layout (16px patches, 12 blocks, so SETR-PUP's aux heads on blocks 5 and 9 exist)
+# at width 32, with 32-channel segmentation heads: the CPU smoke tests' size, not a real backbone
+TINY_ARCH = dict(embed_dim=32, depth=12, num_heads=2)
+TINY_HEAD_CHANNELS = 32
+ARCH_CHOICES = sorted(gp.ARCHS) + ["tiny"]
+
+# --end-to-end: task = whose recipe (paper_hparams.yaml) is trained; train / val / test = generated images of
+# the final protocol's split sizes (CUB: VPT's 5,394 / 600 / 5,794, val evaluated every epoch; a VTAB-1k task:
+# 1,000 train, no val, and dtd's largest-class-count test size rounded up to 10,000); targets in bench_report
+END_TO_END = {
+    "vtab": dict(task="dtd", train=1000, val=0, test=10000),
+    "cub": dict(task="cub", train=5394, val=600, test=5794),
+}
+SYNTHETIC_PER_CLASS = 2   # generated images per class, tiled to the requested count
+
+# --segmentation: the test image
+SEG_TEST_IMAGE = (512, 683)   # H x W: a typical ADE20K image at the test scale (short side 512)
+ADE_VAL_IMAGES = 2000
+
+
+def arch_spec(name):
+    """(gated_prompt arch name, vit_config overrides or None) for an --arch choice."""
+    return ("vit_base", dict(TINY_ARCH)) if name == "tiny" else (name, None)
+
+
+def patch_size_of(name):
+    return gp.ARCHS[arch_spec(name)[0]][0]
+
+
+# -----------------------------------------------------------------------------
+# Devices and timing
+
+
+def compile_enabled(args, device):
+    """--compile / --no-compile, else torch.compile on CUDA only (as runtime.Settings.for_device)."""
+    return args.compile if args.compile is not None else device.type == "cuda"
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_memory(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_gib(device):
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+
+
+def _release(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def time_loop(fn, batch, steps, warmup, repeats, device):
+    """Images/s of each repetition: `warmup` untimed calls, then `repeats` x (`steps` calls between two
+    device syncs; no host sync inside a repetition)."""
+    for _ in range(warmup):
+        fn()
+    rates = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(device)
+        rates.append(batch * steps / (time.perf_counter() - start))
+    return rates
+
+
+def _compiled_or_eager(make, compile, device, what):
+    """(fn, counted, seconds of the compiling call or None). make(compile) returns (function to time, its
+    runtime.Compiled or None). When compiling, its first call (made here, outside the timed loop) compiles; if
+    that fails for any reason but memory, make(False) is timed instead and `counted` is the reason (a str)."""
+    if not compile:
+        return make(False)[0], None, None
+    fn, counted = make(compile)
+    try:
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        return fn, counted, time.perf_counter() - start
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any compiler failure: time eager instead, and say so
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        mode = f"eager (torch.compile failed on the {what}: {type(err).__name__}: {reason})"
+        print(f"  {mode}", flush=True)
+        return make(False)[0], mode, None
+
+
+def run_mode_of(counted):
+    """"torch.compile" when every timed call ran a compiled graph (counted, not the setting), else why not."""
+    if counted is None:
+        return "eager"
+    if isinstance(counted, str):
+        return counted
+    if counted.compiled_calls == counted.calls:
+        return "torch.compile"
+    return f"eager (dynamo ran {counted.calls - counted.compiled_calls} of {counted.calls} calls uncompiled)"
+
+
+def sdpa_kernel(model, images, device, bf16):
+    """Which kernel scaled_dot_product_attention picks for this model's attention in training (flash, cuDNN,
+    efficient or math; torch._fused_sdp_choice on the real query/key/value of one forward on two images);
+    "explicit softmax" for the reference path, which does not call it."""
+    seen, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        if not seen:
+            seen.append(SDPBackend(torch._fused_sdp_choice(q, k, v, *args, **kwargs)).name)
+        return real(q, k, v, *args, **kwargs)
+    F.scaled_dot_product_attention = spy
+    try:
+        with runtime.autocast(device, bf16):
+            model.train()(images[:2])
+    finally:
+        F.scaled_dot_product_attention = real
+    names = {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "efficient", "CUDNN_ATTENTION": "cuDNN",
+             "MATH": "math"}
+    return names.get(seen[0], seen[0]) + (" (CPU)" if device.type == "cpu" else "") if seen else "explicit softmax"
+
+# -----------------------------------------------------------------------------
+# --end-to-end: one whole run of the classification harness on generated data
+
+
+def synthetic_split(task, split, n, size, seed=0):
+    """n generated uint8 images of size x size with the task's classes, as a data.ImageSplit.
+
+    SYNTHETIC_PER_CLASS images per class come from data.make_synthetic_images (class-conditional stripes,
+    so the run learns something) and are tiled to n; labels cycle through the classes. Generating every
+    image separately would take minutes and ~10x the uint8 array in float temporaries at CUB's size, and
+    the content does not change the speed."""
+    classes = data.num_classes(task)
+    per_class = max(1, min(SYNTHETIC_PER_CLASS, math.ceil(n / classes)))
+    bank, _ = data.make_synthetic_images(classes, per_class, size, seed=seed)   # class-major
+    i = torch.arange(n)
+    labels = i % classes
+    return data.ImageSplit.from_dense(task, split, bank[labels * per_class + (i // classes) % per_class], labels)
+
+
+def end_to_end_config(args, run):
+    """The paper's recipe for the run's task (recipes.resolve(task, "mae", method)) with the bench flags that
+    override it."""
+    arch, overrides = arch_spec(args.arch)
+    return recipes.resolve(END_TO_END[run]["task"], SSL, args.method, arch=arch, arch_overrides=overrides,
+                           img_size=args.img_size, epochs=args.epochs,
+                           batch_size=args.batch[0] if args.batch else None,
+                           num_prompts=args.prompts[0] if args.prompts else None)
+
+
+def end_to_end_settings(args, device):
+    """How the harness runs there: bf16 autocast on CUDA (on a CPU it is slower than fp32), torch.compile
+    as compile_enabled (mode --compile-mode), quiet."""
+    return runtime.Settings(device=device, bf16=device.type == "cuda", compile=compile_enabled(args, device),
+                            compile_mode=args.compile_mode, quiet=True)
+
+
+def projected_wall_s(setup_s, epoch1_s, train_s, epochs, eval_s, full_epochs):
+    """The wall of a `full_epochs` run from a shorter one: setup, then the measured training, then each missing
+    epoch at the mean of epochs 2.. (their share of train_s: train_s also holds the per-epoch sync and state
+    save that the epochs' own seconds leave out), then the final evaluation. None without a later epoch."""
+    if epochs < 2:
+        return None
+    later = (train_s - epoch1_s) / (epochs - 1)
+    return setup_s + train_s + (full_epochs - epochs) * later + eval_s
+
+
+def run_end_to_end(args, device, run):
+    """Generate the data, then time what trainer.run_classification does after loading data: build the model,
+    then trainer.fit (setup, epochs with CUB's per-epoch val pass, final test evaluation). Returns a dict."""
+    spec, cfg, settings = END_TO_END[run], end_to_end_config(args, run), end_to_end_settings(args, device)
+    task, size = cfg["task"], cfg["img_size"]
+    fgvc = data.task_kind(task) == "fgvc"
+    n_train, n_test = args.train_images or spec["train"], args.test_images or spec["test"]
+    n_val = (args.val_images or spec["val"]) if fgvc else 0
+    cached = size * data.FGVC_RESIZE // data.IMAGE_SIZE if fgvc else size   # 256 / 224
+    print(f"end-to-end {run}: {task}/{SSL} recipe, {cfg['method']}, {cfg['num_prompts']} prompt(s), batch "
+          f"{cfg['batch_size']}, {cfg['epochs']} epochs, {args.arch} (random weights) | {n_train} train / {n_val} "
+          f"val / {n_test} test generated images cached at {cached}px{f', random {size}px crop + flip' if fgvc else ''}"
+          f" | {runtime.device_name(device)} | {'bf16' if settings.bf16 else 'fp32'}"
+          f"{' + compile' if settings.compile else ', eager'}", flush=True)
+    tic = time.perf_counter()
+    evals = {"test": synthetic_split(task, "test", n_test, cached, seed=1)}
+    if n_val:
+        evals["val"] = synthetic_split(task, "val", n_val, cached, seed=2)
+    train_split = synthetic_split(task, "train", n_train, cached, seed=0)
+    generation_s = time.perf_counter() - tic
+    outcome, timing = time_training_run(cfg, settings, train_split, evals)
+    full_epochs = recipes.HPARAMS["recipe"]["epochs"]
+    result = end_to_end_result(run, cfg, settings, outcome, timing, (n_train, n_val, n_test), cached, full_epochs)
+    result.update(arch=args.arch, data_generation_s=generation_s)
+    print(format_end_to_end(result, device, full_epochs), flush=True)
+    return result
+
+
+def time_training_run(cfg, settings, train_split, eval_splits):
+    """trainer.run_classification after its data loading, timed: the model built (seeded), then trainer.fit.
+    Returns (trainer.Outcome, timings)."""
+    device = settings.device
+    _release(device)
+    _reset_memory(device)
+    start = time.perf_counter()
+    runtime.seed_everything(cfg["seed"])
+    model = recipes.model_from_config(cfg, recipes.num_classes(cfg), verbose=False)
+    build_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        outcome = trainer.fit(cfg, model, train_split, eval_splits, settings, Path(tmp) / "state.pt")
+    wall_s = time.perf_counter() - start
+    timing = {"setup_s": build_s + outcome.setup_seconds, "wall_s": wall_s, "images_on_gpu": outcome.images_on_device,
+              "peak_memory_gib": _peak_memory_gib(device)}
+    del model
+    _release(device)
+    return outcome, timing
+
+
+def end_to_end_result(run, cfg, settings, outcome, timing, sizes, cached, full_epochs):
+    """The end-to-end numbers as a dict; projected_wall_s when fewer epochs than the recipe's ran. sizes: the
+    generated (train, val, test) image counts."""
+    spec, device = END_TO_END[run], settings.device
+    n_train, n_val, n_test = sizes
+    epoch_s = [record["seconds"] for record in outcome.history]
+    epochs = len(epoch_s)
+    later = (outcome.train_seconds - epoch_s[0]) / (epochs - 1) if epochs > 1 else None
+    full_size = (sizes, cfg["img_size"]) == ((spec["train"], spec["val"], spec["test"]), data.IMAGE_SIZE)
+    projected = (projected_wall_s(timing["setup_s"], epoch_s[0], outcome.train_seconds, epochs,
+                                  outcome.eval_seconds, full_epochs) if epochs != full_epochs else None)
+    target_s = bench_report.END_TO_END_TARGETS[run][0]
+    estimate = timing["wall_s"] if epochs == full_epochs else projected
+    return {
+        "run": run, "task": cfg["task"], "method": cfg["method"], "num_prompts": cfg["num_prompts"],
+        "batch_size": cfg["batch_size"], "epochs": epochs, "train_images": n_train, "val_images": n_val,
+        "test_images": n_test, "img_size": cfg["img_size"], "cached_size": cached, "bf16": settings.bf16,
+        "compiled": bool(outcome.compile["all_compiled"]), "compiled_calls": outcome.compile["compiled_calls"],
+        "images_on_gpu": timing["images_on_gpu"], "setup_s": timing["setup_s"], "epoch1_s": epoch_s[0],
+        "epoch_s": epoch_s, "later_epoch_s": later, "train_s": outcome.train_seconds,
+        "test_eval_s": outcome.eval_seconds, "wall_s": timing["wall_s"],
+        "train_images_per_s": n_train / later if later else None,
+        "test_acc": outcome.final["test_acc"], "peak_memory_gib": timing["peak_memory_gib"],
+        "target_s": target_s, "full_size": full_size, "full_epochs": full_epochs, "projected_wall_s": projected,
+        "target_met": (estimate < target_s) if device.type == "cuda" and full_size and estimate is not None else None,
+    }
+
+
+def format_end_to_end(r, device, full_epochs):
+    lines = [("data generation (not counted)", f"{r['data_generation_s']:.1f} s"),
+             ("setup (model build, loaders)", f"{r['setup_s']:.2f} s"),
+             ("epoch 1" + (" (includes compiling)" if r["compiled"] else ""), f"{r['epoch1_s']:.2f} s")]
+    if r["later_epoch_s"] is not None:
+        lines.append(("epoch 2" if r["epochs"] == 2 else f"mean epoch, epochs 2-{r['epochs']}",
+                      f"{r['later_epoch_s']:.3f} s   ({r['train_images_per_s']:.0f} train images/s)"))
+    lines += [(f"train, {r['epochs']} epochs" + (f" (+ {r['val_images']} val images each)" if r["val_images"] else ""),
+               f"{r['train_s']:.2f} s"),
+              (f"final test evaluation ({r['test_images']} images)", f"{r['test_eval_s']:.2f} s"),
+              ("total wall (setup + train + evaluation)", f"{r['wall_s']:.2f} s"
+               + (_target(r, device) if r["projected_wall_s"] is None else ""))]
+    if r["projected_wall_s"] is not None:
+        lines.append((f"projected wall for {full_epochs} epochs", f"{r['projected_wall_s']:.1f} s" + _target(r, device)))
+    lines += [("images kept on the GPU", "yes" if r["images_on_gpu"] else "no"),
+              ("test accuracy (generated data)", f"{r['test_acc']:.2f} %")]
+    if r["peak_memory_gib"] is not None:
+        lines.append(("peak GPU memory", f"{r['peak_memory_gib']:.2f} GiB"))
+    width = max(len(name) for name, _ in lines) + 2
+    return "\n".join(f"  {name:<{width}}{value}" for name, value in lines)
+
+
+def _target(r, device):
+    """The target beside the whole-run figure, on CUDA (the targets are for one H100)."""
+    if device.type != "cuda":
+        return ""
+    text = f"   target < {r['target_s']} s on one H100 ({bench_report.END_TO_END_TARGETS[r['run']][1]})"
+    if r["target_met"] is None:
+        return text + ": not comparable (reduced sizes)"
+    return text + (": met" if r["target_met"] else ": MISSED")
+
+# -----------------------------------------------------------------------------
+# --segmentation: the SETR-PUP ADE20K training iteration and sliding-window inference
+
+
+def segmentation_config(args):
+    """The resolved ADE20K recipe (SETR-PUP), with the bench flags that override it."""
+    arch, overrides = arch_spec(args.arch)
+    tiny = {"head_channels": TINY_HEAD_CHANNELS} if args.arch == "tiny" else {}
+    return recipes.resolve("ade20k", SSL, args.method, arch=arch, arch_overrides=overrides, img_size=args.img_size,
+                           batch_size=args.batch[0] if args.batch else None,
+                           num_prompts=args.prompts[0] if args.prompts else None, **tiny)
+
+
+def window_count(model, image, crop, stride):
+    """Windows segmentation.predict slides over `image` (uint8 [3, H, W]) at single scale, counted by running
+    it with `model` wrapped in a recorder of the batch sizes it sees."""
+    seen = []
+
+    def recording(x):
+        seen.append(len(x))
+        return model(x)
+    segmentation.predict(recording, image, crop, stride)
+    return sum(seen)
+
+
+def time_segmentation(args, device):
+    """Time segmentation.py's training iteration (runtime.make_train_step with setr_loss, then the poly lr step)
+    on random data, then segmentation.predict (single scale, sliding window) on one 512x683 image.
+    Returns every number as a dict."""
+    run = segmentation_setup(args, device)
+    train = time_segmentation_training(args, device, run)
+    infer = time_segmentation_inference(args, device, run)
+    result = segmentation_result(args, run, train, infer)
+    print(format_segmentation(result), flush=True)
+    return result
+
+
+def segmentation_setup(args, device):
+    """Config, settings and random data; the model, optimizer, schedule and step are segmentation.Training's
+    (built by time_segmentation_training, without ADE20K on disk)."""
+    cfg = segmentation_config(args)
+    settings = runtime.Settings(device=device, bf16=device.type == "cuda", compile=compile_enabled(args, device),
+                                compile_mode=args.compile_mode, quiet=True)
+    batch, crop = cfg["batch_size"], cfg["img_size"]
+    print(f"segmentation: SETR-PUP (aux heads on blocks {', '.join(map(str, cfg['aux_blocks']))}) on {args.arch} "
+          f"(random weights), {cfg['method']}, {cfg['num_prompts']} prompts, {segmentation.NUM_CLASSES} classes, "
+          f"batch {batch} of {crop}x{crop} random crops | {runtime.device_name(device)} | "
+          f"{'bf16 autocast' if settings.bf16 else 'fp32'}{', compile requested' if settings.compile else ', eager'}",
+          flush=True)
+    _release(device)
+    gen = torch.Generator().manual_seed(0)
+    return {"cfg": cfg, "settings": settings, "bf16": settings.bf16, "compile": settings.compile,
+            "images": torch.randn(batch, 3, crop, crop, generator=gen).to(device),
+            "labels": torch.randint(0, segmentation.NUM_CLASSES, (batch, crop, crop), generator=gen).to(device),
+            "test_image": torch.randint(0, 256, (3,) + SEG_TEST_IMAGE, dtype=torch.uint8, generator=gen).to(device)}
+
+
+def time_segmentation_training(args, device, run):
+    """Images/s of segmentation.Training.iteration (the step, then the poly lr step) on the random batch.
+    Leaves the Training in run["training"] for the inference timing."""
+    cfg = run["cfg"]
+
+    def make(c):
+        run["training"] = segmentation.Training(cfg, dataclasses.replace(run["settings"], compile=c), verbose=False)
+        run["training"].model.train()
+        return (lambda: run["training"].iteration(run["images"], run["labels"])), run["training"].step.compiled
+    _reset_memory(device)
+    fn, counted, compile_s = _compiled_or_eager(make, run["compile"], device, "training step")
+    rates = time_loop(fn, cfg["batch_size"], args.steps, args.warmup, args.repeats, device)
+    return {"rates": rates, "mode": run_mode_of(counted), "compile_s": compile_s,
+            "peak_memory_gib": _peak_memory_gib(device)}
+
+
+def time_segmentation_inference(args, device, run):
+    """Seconds per image of segmentation.predict at single scale, and the windows it slides."""
+    cfg, model, image = run["cfg"], run["training"].model, run["test_image"]
+    crop, stride = cfg["img_size"], cfg["slide_stride"]
+    model.eval()
+
+    def make(c):
+        forward = runtime.compiled(model, c, args.compile_mode)
+        return (lambda: segmentation.predict(forward, image, crop, stride, bf16=run["bf16"])), (forward if c else None)
+    _reset_memory(device)
+    fn, counted, compile_s = _compiled_or_eager(make, run["compile"], device, "inference")
+    # the geometry alone decides the windows: a zero model stands in for the segmenter
+    windows = window_count(lambda x: torch.zeros(len(x), 1, *x.shape[-2:], device=x.device), image, crop, stride)
+    rates = time_loop(fn, 1, args.steps, max(1, args.warmup), args.repeats, device)
+    return {"s_per_image": 1 / statistics.median(rates), "mode": run_mode_of(counted), "compile_s": compile_s,
+            "windows": windows, "peak_memory_gib": _peak_memory_gib(device)}
+
+
+def segmentation_result(args, run, train, infer):
+    cfg = run["cfg"]
+    batch, crop, iters = cfg["batch_size"], cfg["img_size"], cfg["iters"]
+    rates = train["rates"]
+    iters_per_s = statistics.median(rates) / batch
+    test_size = segmentation.test_scales(*SEG_TEST_IMAGE, crop, [1.0])[0]
+    return {
+        "arch": args.arch, "method": cfg["method"], "num_prompts": cfg["num_prompts"], "batch_size": batch,
+        "crop_size": crop, "slide_stride": cfg["slide_stride"], "aux_blocks": list(cfg["aux_blocks"]),
+        "num_classes": segmentation.NUM_CLASSES, "bf16": run["bf16"],
+        "train_mode": train["mode"], "infer_mode": infer["mode"], "compiled": train["mode"] == "torch.compile",
+        "train_compile_s": train["compile_s"], "infer_compile_s": infer["compile_s"],
+        "iters_per_s": iters_per_s, "iters_per_s_min": min(rates) / batch, "iters_per_s_max": max(rates) / batch,
+        "images_per_s": statistics.median(rates), "train_peak_memory_gib": train["peak_memory_gib"],
+        "projected_iters": iters, "projected_s": iters / iters_per_s, "projected_hours": iters / iters_per_s / 3600,
+        "infer_image": list(SEG_TEST_IMAGE), "infer_scaled_to": list(test_size), "infer_windows": infer["windows"],
+        "infer_s_per_image": infer["s_per_image"], "infer_peak_memory_gib": infer["peak_memory_gib"],
+        "projected_val_eval_s": ADE_VAL_IMAGES * infer["s_per_image"],   # single scale, if all were this size
+    }
+
+
+def format_segmentation(r):
+    def mem(gib):
+        return f"   peak {gib:.2f} GiB" if gib is not None else ""
+    lines = [
+        (f"train iteration ({r['train_mode']})",
+         f"{r['iters_per_s']:.3f} it/s ({r['iters_per_s_min']:.3f}-{r['iters_per_s_max']:.3f})   "
+         f"{r['images_per_s']:.1f} images/s" + mem(r["train_peak_memory_gib"])),
+        (f"{r['projected_iters']:,} iterations (the schedule)", f"{r['projected_hours']:.2f} h projected"),
+        (f"slide inference, one {r['infer_image'][0]}x{r['infer_image'][1]} image ({r['infer_mode']})",
+         f"{r['infer_s_per_image']:.4f} s ({r['infer_windows']} windows of {r['crop_size']}px, stride "
+         f"{r['slide_stride']}, at {r['infer_scaled_to'][0]}x{r['infer_scaled_to'][1]})"
+         + mem(r["infer_peak_memory_gib"])),
+        (f"{ADE_VAL_IMAGES:,} val images, single scale", f"{r['projected_val_eval_s']:.0f} s projected"),
+    ]
+    width = max(len(name) for name, _ in lines) + 2
+    return "\n".join(f"  {name:<{width}}{value}" for name, value in lines)
