@@ -14,6 +14,7 @@ import torch
 import data
 import fixtures
 import gated_prompt as gp
+import inputs
 import recipes
 import reproduce
 import results
@@ -453,7 +454,7 @@ def test_bad_values_exit_2_with_one_line_before_loading_anything(argv, message, 
     """Nothing may be looked up, loaded or decoded before the message."""
     def too_late(*a, **k):
         pytest.fail("reached the checkpoint or the data before refusing")
-    monkeypatch.setattr(recipes, "checkpoint_for", too_late)
+    monkeypatch.setattr(inputs, "checkpoint_for", too_late)
     monkeypatch.setattr(data, "load_splits", too_late)
     code = reproduce.cli_main(["--task", "cub", *argv, "--results-dir", str(tmp_path / "r")])
     err = capsys.readouterr().err
@@ -565,7 +566,7 @@ def test_a_truncated_training_state_exits_2_naming_it(tmp_path):
     opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
     state = tmp_path / "run.state.pt"
-    runtime.save_training_state(state, runtime.training_state(model, opt, sched, 0, []))
+    runtime.save_training_state(state, runtime.training_state(model, opt, sched, 0), [], {}, 0.0)
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(runtime.UserError, match=r"run.state.pt is not a readable training state.*delete it"):
         runtime.load_training_state(state, model, opt, sched)
