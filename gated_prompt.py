@@ -46,7 +46,7 @@ __all__ = ["ARCHS", "SSL", "SSL_POOLING", "METHODS", "TEMPERATURE_RANGE", "ViTCo
            "prompt_config", "VisionTransformer", "build_model", "project_temperatures", "resize_pos_embed",
            "aggregation_weights", "selection_ratio", "hard_gates", "classification_head", "load_exactly",
            "load_backbone", "read_checkpoint", "detect_format", "convert_state_dict", "count_registers",
-           "NAME_TABLES", "CheckpointError", "backbone_fingerprint", "save_pack", "read_pack", "load_pack",
+           "NAME_TABLES", "CheckpointError", "PickledCodeError", "backbone_fingerprint", "save_pack", "read_pack", "load_pack",
            "MultiTask"]
 
 # -----------------------------------------------------------------------------
@@ -826,6 +826,10 @@ class CheckpointError(ValueError):
     pass
 
 
+class PickledCodeError(CheckpointError):
+    """A checkpoint whose unpickling would run code other than the allowed extras (read_checkpoint's trust_pickle)."""
+
+
 def _npz_to_torch(ours, arrays, embed_dim):
     """Layout changes from flax to torch for one of our keys (arrays: the sources, in table order)."""
     t = [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in arrays]
@@ -908,7 +912,7 @@ def read_checkpoint(path, trust_pickle=False):
         if "GLOBAL" not in str(e):
             raise CheckpointError(f"{path}: not a readable checkpoint: {type(e).__name__}: {str(e)[:200]}") from None
         names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
-        raise CheckpointError(f"{path}: the file pickles {', '.join(names)}, which loading would have to run; "
+        raise PickledCodeError(f"{path}: the file pickles {', '.join(names)}, which loading would have to run; "
                               "refused. Only if you trust the file: trust_pickle=True (read_checkpoint, "
                               "load_backbone, build_model)") from None
     except Exception as e:  # truncated, not a checkpoint, text file, ...

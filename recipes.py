@@ -185,7 +185,7 @@ def sweep_grid(cfg):
     return [{"lr": lr} for lr in HPARAMS["recipe"]["lr_grid"]]
 
 
-def model_from_config(cfg, num_classes, checkpoint=None, verbose=True, **vit_overrides):
+def model_from_config(cfg, num_classes, checkpoint=None, verbose=True, trust_pickle=False, **vit_overrides):
     """The model of a config -- the one place every caller (training, segmentation, benchmark, figures) builds
     one. num_classes 0: no head (segmentation, features). vit_overrides: e.g. fused_attention=False."""
     vit = dict(cfg.get("arch_overrides") or {}, **vit_overrides)
@@ -194,7 +194,7 @@ def model_from_config(cfg, num_classes, checkpoint=None, verbose=True, **vit_ove
     return gp.build_model(cfg["arch"], cfg["ssl"], cfg["method"], num_classes=num_classes, checkpoint=checkpoint,
                           img_size=cfg["img_size"], vit_overrides=vit, verbose=verbose,
                           num_prompts=cfg["num_prompts"], gate_init=cfg["gate_init"], insert_at=cfg["insert_at"],
-                          prompt_dropout=cfg["prompt_dropout"])
+                          prompt_dropout=cfg["prompt_dropout"], trust_pickle=trust_pickle)
 
 
 def num_classes(cfg):

@@ -49,9 +49,9 @@ RUNTIME_FLAGS = ("results_dir", "device", "fp32", "no_compile", "print_config")
 MODE_FLAGS = {
     "demo": RUNTIME_FLAGS + ("demo", "method") + recipes.DEMO_OVERRIDES,
     "cell": RUNTIME_FLAGS + ("task", "ssl", "method", "sweep", "seeds", "resume", "data_dir", "checkpoint",
-                             "download", "mirror", "cache_dir", "workers") + tuple(recipes.OVERRIDE_TYPES),
+                             "trust_pickle", "download", "mirror", "cache_dir", "workers") + tuple(recipes.OVERRIDE_TYPES),
     "table-run": RUNTIME_FLAGS + ("table", "run", "all", "sweep", "seeds", "resume", "data_dir", "checkpoint",
-                                  "download", "mirror", "cache_dir", "workers") + tuple(recipes.OVERRIDE_TYPES),
+                                  "trust_pickle", "download", "mirror", "cache_dir", "workers") + tuple(recipes.OVERRIDE_TYPES),
     "table": ("table", "all", "results_dir"),
 }
 
@@ -97,6 +97,9 @@ def parse_args(argv):
     paths.add_argument("--data-dir", help="holds cub/ (or CUB_200_2011/) nabirds/ flowers/ cars/ "
                                           "dogs/ vtab-1k/ ADEChallengeData2016/ (default ./data)")
     paths.add_argument("--checkpoint", help="backbone file (default: checkpoints/<official file name>)")
+    paths.add_argument("--trust-pickle", action="store_true",
+                       help="unpickle a backbone file's objects beyond tensors and the safe extras (this runs code "
+                            "from the file: only for files you trust)")
     paths.add_argument("--download", action="store_true",
                        help="fetch a missing official checkpoint (verified) and CUB / Flowers / Dogs")
     paths.add_argument("--mirror", default=None, help="base URL replacing the official hosts (or GATED_PROMPT_MIRROR)")
@@ -165,6 +168,7 @@ def settings_from(args):
     return runtime.Settings.for_device(
         check_device(args.device), fp32=args.fp32, no_compile=args.no_compile, results_dir=args.results_dir,
         data_dir=args.data_dir, cache_dir=args.cache_dir, checkpoint=args.checkpoint, resume=args.resume,
+        trust_pickle=args.trust_pickle,
         download=args.download, mirror=args.mirror, workers=args.workers)
 
 
@@ -242,7 +246,7 @@ def run_one(cfg, protocol, settings, lr_source="recipe"):
     if cfg["task"] != "demo":
         checkpoint = inputs.checkpoint_for(cfg, settings)
         settings = dataclasses.replace(settings, checkpoint=str(checkpoint))   # found and verified once per run
-        backbone = results.backbone_identity(checkpoint, cache_dir(settings))
+        backbone = results.backbone_identity(checkpoint, cache_dir(settings), settings.trust_pickle)
         results.check_backbone_fits(backbone, cfg["ssl"])
     stored = results.stored_result(files, cfg, backbone)
     if stored is not None:
@@ -543,7 +547,8 @@ def cli_main(argv=None):
     try:
         main(argv)
     except (runtime.UserError, data.DataError, gp.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        opt_in = " On this command line: --trust-pickle." if isinstance(e, gp.PickledCodeError) else ""
+        print(f"error: {e}.{opt_in}" if opt_in else f"error: {e}", file=sys.stderr)
         return runtime.EXIT_BAD_INPUT
     except runtime.NonFiniteLoss as e:
         print(f"error: {e}. {nan_advice(e, argv)}", file=sys.stderr)

@@ -151,7 +151,7 @@ def ssl_of_wrapper(raw):
     return None
 
 
-def backbone_identity(path, memo_dir):
+def backbone_identity(path, memo_dir, trust_pickle=False):
     """{path, bytes, sha256, format, ssl} of a backbone file. Hashing and reading a 340 MB file takes seconds, so
     the answer is remembered in <memo_dir>/backbones.json by absolute path + size + mtime. The first read also
     checks every floating tensor for NaN / inf (UserError naming the file)."""
@@ -173,7 +173,7 @@ def backbone_identity(path, memo_dir):
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
-    raw, _ = gp.read_checkpoint(path)
+    raw, _ = gp.read_checkpoint(path, trust_pickle)
     state, fmt, _ = gp.detect_format(raw, str(path))
     bad = [k for k, v in state.items() if _non_finite(v)]
     if bad:

@@ -54,6 +54,7 @@ class Settings:
     cache_dir: str = None           # decoded images; default <results_dir>/cache
     checkpoint: str = None          # a backbone file; default checkpoints/<official file name>
     checkpoint_dir: str = "checkpoints"
+    trust_pickle: bool = False      # unpickle a backbone file's objects beyond the safe extras (runs its code)
     device: torch.device = torch.device("cpu")
     bf16: bool = False              # bf16 autocast (CUDA default); False = the official code's fp32 numerics
     compile: object = False         # torch.compile the step (CUDA default); or a torch.compile backend

@@ -162,10 +162,11 @@ def _resize_to(logits, size):
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def build_segmenter(cfg, checkpoint=None, verbose=True):
+def build_segmenter(cfg, checkpoint=None, verbose=True, trust_pickle=False):
     """SETRPUP of a resolved ADE20K config (recipes.model_from_config's backbone, no classification head); loads the
     backbone when a checkpoint is given, resizing its position grid to the crop's (14x14 -> 32x32)."""
-    backbone = recipes.model_from_config(cfg, 0, checkpoint, verbose=verbose and runtime.is_main())
+    backbone = recipes.model_from_config(cfg, 0, checkpoint, verbose=verbose and runtime.is_main(),
+                                         trust_pickle=trust_pickle)
     return SETRPUP(backbone, NUM_CLASSES, cfg["aux_blocks"], cfg["head_channels"])
 
 
@@ -531,7 +532,7 @@ class Training:
         if settings.compile:
             runtime.reset_compiler()
         runtime.seed_everything(cfg["seed"])
-        model = build_segmenter(cfg, checkpoint, verbose=verbose)
+        model = build_segmenter(cfg, checkpoint, verbose=verbose, trust_pickle=settings.trust_pickle)
         self.model = sync_batchnorm_if_distributed(runtime.place_model(model, self.device, settings.bf16))
         self.optimizer = runtime.make_optimizer(self.model.param_groups(cfg["lr"], cfg["head_lr_mult"]), cfg["lr"],
                                                 cfg["momentum"], cfg["weight_decay"], self.device)

@@ -315,7 +315,8 @@ def run_classification(cfg, protocol, settings):
     with runtime.flush_denormals(settings.device):
         runtime.seed_everything(cfg["seed"])
         checkpoint = inputs.checkpoint_for(cfg, settings)
-        model = recipes.model_from_config(cfg, recipes.num_classes(cfg), checkpoint, verbose=runtime.is_main())
+        model = recipes.model_from_config(cfg, recipes.num_classes(cfg), checkpoint, verbose=runtime.is_main(),
+                                          trust_pickle=settings.trust_pickle)
         train_split, eval_splits = load_data(cfg, settings, protocol)
         outcome = fit(cfg, model, train_split, eval_splits, settings, files.state)
     session = time.perf_counter() - tic

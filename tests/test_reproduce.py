@@ -758,3 +758,30 @@ def test_a_diverging_sweep_point_is_recorded_as_failed_and_the_sweep_goes_on(tmp
     assert "nan at epoch 2" in json.loads(failed.read_text())["failed"]
     reproduce.run_cells([tiny_cell()], args, settings(tmp_path, checkpoint=str(ckpt)))
     assert trained.count(("sweep", 5.0)) == 1   # the failure is remembered, not retried
+
+
+class WritesAMarker:
+    """Unpickling this runs code: it creates the file `path` (what a hostile checkpoint could do)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_that_pickles_code_is_refused_naming_trust_pickle_and_runs_only_with_it(tmp_path, monkeypatch):
+    ckpt = write_tiny_mae_checkpoint(tmp_path / "odd.pth")
+    sd = torch.load(ckpt)
+    marker = tmp_path / "payload-ran"
+    sd["extra"] = WritesAMarker(str(marker))
+    torch.save(sd, ckpt)
+    fixtures.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "dtd")
+    argv = ["--task", "dtd", "--data-dir", str(tmp_path / "data"), "--checkpoint", str(ckpt), "--epochs", "11",
+            "--results-dir", str(tmp_path / "r")]
+    out = cli(*argv)
+    assert out.returncode == 2 and "odd.pth" in out.stderr and "--trust-pickle" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not marker.exists()
+    # with the opt-in the file is unpickled (the payload runs) and the run goes on to the backbone's shape check
+    out = cli(*argv, "--trust-pickle")
+    assert marker.exists() and out.returncode == 2 and "wrong shapes" in out.stderr, out.stderr
