@@ -582,7 +582,7 @@ def save_pack(model, path, class_names=None, ssl=None, **info):
     return path
 
 
-# A pack's fields and their types: every one must be there (save_pack writes them all).
+# A pack's fields and their types: every one must be there (save_pack writes them all); (X, None): X or None.
 PACK_FIELDS = {"format": str, "version": int, "tensors": dict, "vit": dict, "prompt": dict, "ssl": (str, type(None)),
                "backbone_fingerprint": str, "class_names": (list, type(None)), "info": dict}
 
@@ -607,7 +607,8 @@ def read_pack(path):
     for field, kind in PACK_FIELDS.items():
         if field not in pack or not isinstance(pack[field], kind) or isinstance(pack[field], bool):
             found = f"{type(pack[field]).__name__} {str(pack[field])[:40]!r}" if field in pack else "missing"
-            raise CheckpointError(f"{path}: prompt pack field {field!r} is {found}; expected {_kind_name(kind)}")
+            expected = kind.__name__ if isinstance(kind, type) else f"{kind[0].__name__} or None"
+            raise CheckpointError(f"{path}: prompt pack field {field!r} is {found}; expected {expected}")
     if not 1 <= pack["version"] <= PACK_VERSION:
         raise CheckpointError(f"{path}: prompt pack version {pack['version']}; this code reads 1..{PACK_VERSION}")
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in pack["tensors"].items()):
@@ -619,10 +620,6 @@ def read_pack(path):
         raise CheckpointError(f"{path}: prompt pack field 'class_names' holds {len(names)} class names for a head "
                               f"of {classes} classes (expected one string per class)")
     return pack
-
-
-def _kind_name(kind):
-    return " or ".join(k.__name__.replace("NoneType", "None") for k in (kind if isinstance(kind, tuple) else (kind,)))
 
 
 def _config(cls, fields, name, key):
