@@ -791,7 +791,7 @@ class MultiTask(nn.Module):
             tau = self.tau[t, i].view(B, 1, 1, 1).to(x.dtype) if self.has_tau else None  # Eq. 9, per image
             prompts_in = x[:, 1:1 + P]
             x, _ = blk(x, tau, attn_mask=mask)
-            if self.block_gated[i]:  # Eq. 7, per image, mixed in fp32
+            if self.block_gated[i]:  # Eq. 7, per image, mixed in at least fp32
                 g = torch.sigmoid(at_least_fp32(self.gate[t, i])).view(B, 1, 1)
                 gated = g * at_least_fp32(x[:, 1:1 + P]) + (1 - g) * at_least_fp32(prompts_in)
                 x = torch.cat([x[:, :1], gated.to(x.dtype), x[:, 1 + P:]], dim=1)
