@@ -566,6 +566,8 @@ def backbone_fingerprint(model):
 def save_pack(model, path, class_names=None, ssl=None, **info):
     """Write the trained prompt side of `model` as a prompt pack: plain tensors, numbers, strings, lists and
     dicts only, so torch.load(path, weights_only=True) reads it and no code runs. Fields: see read_pack."""
+    if isinstance(class_names, str):
+        raise TypeError(f"class_names must be a list of names, not the string {class_names[:40]!r}")
     if class_names is not None and len(class_names) != model.pcfg.num_classes:
         raise ValueError(f"{len(class_names)} class names for a head of {model.pcfg.num_classes} classes")
     pack = {"format": PACK_FORMAT, "version": PACK_VERSION,
@@ -580,10 +582,16 @@ def save_pack(model, path, class_names=None, ssl=None, **info):
     return path
 
 
+# A pack's fields and their types: every one must be there (save_pack writes them all); (X, None): X or None.
+PACK_FIELDS = {"format": str, "version": int, "tensors": dict, "vit": dict, "prompt": dict, "ssl": (str, type(None)),
+               "backbone_fingerprint": str, "class_names": (list, type(None)), "info": dict}
+
+
 def read_pack(path):
-    """The dict save_pack wrote: format, version, tensors (prompt_state_dict), vit (ViTConfig fields), prompt
-    (PromptConfig fields), ssl, backbone_fingerprint, class_names (or None), info (whatever the writer added:
-    the harness puts task, recipe, config, metrics, transform, checkpoint)."""
+    """The dict save_pack wrote: format, version, tensors (prompt_state_dict), vit (every ViTConfig field), prompt
+    (every PromptConfig field), ssl, backbone_fingerprint, class_names (one per class, or None), info (whatever
+    the writer added: the harness puts task, recipe, config, metrics, transform, checkpoint). Anything missing or
+    of another type is a CheckpointError naming the file and the field."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"prompt pack not found: {path}")
@@ -596,17 +604,40 @@ def read_pack(path):
         raise CheckpointError(f"{path} is not a prompt pack" + (
             " (raw prompt tensors without their settings, e.g. a .prompts.pt: load those with "
             "model.load_prompt_state_dict onto a model built with the run's settings)" if raw else ""))
-    if pack.get("version", 0) > PACK_VERSION:
-        raise CheckpointError(f"{path}: prompt pack version {pack['version']}; this code reads up to {PACK_VERSION}")
+    for field, kind in PACK_FIELDS.items():
+        if field not in pack or not isinstance(pack[field], kind) or isinstance(pack[field], bool):
+            found = f"{type(pack[field]).__name__} {str(pack[field])[:40]!r}" if field in pack else "missing"
+            expected = kind.__name__ if isinstance(kind, type) else f"{kind[0].__name__} or None"
+            raise CheckpointError(f"{path}: prompt pack field {field!r} is {found}; expected {expected}")
+    if not 1 <= pack["version"] <= PACK_VERSION:
+        raise CheckpointError(f"{path}: prompt pack version {pack['version']}; this code reads 1..{PACK_VERSION}")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in pack["tensors"].items()):
+        raise CheckpointError(f"{path}: prompt pack field 'tensors' must map names to tensors")
+    _config(ViTConfig, pack["vit"], path, "vit")
+    classes = _config(PromptConfig, pack["prompt"], path, "prompt").num_classes
+    names = pack["class_names"]
+    if names is not None and (len(names) != classes or not all(isinstance(n, str) for n in names)):
+        raise CheckpointError(f"{path}: prompt pack field 'class_names' holds {len(names)} class names for a head "
+                              f"of {classes} classes (expected one string per class)")
     return pack
 
 
-def _config(cls, fields, name):
-    """ViTConfig / PromptConfig from a pack's dict; fields this code does not know are a CheckpointError."""
+def _config(cls, fields, name, key):
+    """ViTConfig / PromptConfig from pack[key]: every field of the dataclass, of its type (an int for a float),
+    nothing else; a CheckpointError names the file and the field."""
+    where = f"{name}: prompt pack field {key!r}"
     unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
     if unknown:
-        raise CheckpointError(f"{name}: {cls.__name__} fields unknown to this code: {unknown} (a newer version?)")
-    return cls(**fields)
+        raise CheckpointError(f"{where} has {cls.__name__} fields unknown to this code: {unknown} (a newer version?)")
+    for field in cls.__dataclass_fields__.values():
+        value, kind = fields.get(field.name), (int, float) if field.type is float else field.type
+        if field.name not in fields or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            found = f"{value!r}" if field.name in fields else "missing"
+            raise CheckpointError(f"{where}: {field.name} is {found}; expected {field.type.__name__}")
+    try:
+        return cls(**fields)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def _as_pack(model, backbone, fingerprint):
@@ -643,15 +674,22 @@ def _attach(pack, backbone, fingerprint, strict, name):
                               f"anyway): " + "; ".join(wrong))
     if wrong:
         warnings.warn(f"{name}: loading onto another backbone or configuration (strict=False): " + "; ".join(wrong))
-    with torch.device("meta"):  # allocates nothing: every tensor comes from the backbone or the pack
-        model = VisionTransformer(replace(_config(ViTConfig, pack["vit"], name),
-                                          fused_attention=backbone.cfg.fused_attention),
-                                  _config(PromptConfig, pack["prompt"], name))
-    device = backbone.pos_embed.device
-    state = {**backbone.backbone_state_dict(), **{k: v.to(device) for k, v in pack["tensors"].items()}}
     try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as e:
+        with torch.device("meta"):  # allocates nothing: every tensor comes from the backbone or the pack
+            model = VisionTransformer(replace(_config(ViTConfig, pack["vit"], name, "vit"),
+                                              fused_attention=backbone.cfg.fused_attention),
+                                      _config(PromptConfig, pack["prompt"], name, "prompt"))
+    except ValueError as e:  # settings that contradict each other (insert_at beyond depth)
+        raise CheckpointError(f"{name}: {e}") from None
+    # the backbone's tensors themselves, fresh prompt-side tensors in the backbone's dtype (fp32, or fp64 after
+    # .double()), then the pack's tensors through load_prompt_state_dict: the rule .prompts.pt files load by
+    # (every key with its shape, cast to the parameter's dtype, temperatures projected into TEMPERATURE_RANGE)
+    like = backbone.pos_embed
+    fresh = {k: torch.empty_like(v, device=like.device, dtype=like.dtype) for k, v in model.prompt_state_dict().items()}
+    try:
+        model.load_state_dict({**backbone.backbone_state_dict(), **fresh}, assign=True)
+        model.load_prompt_state_dict(pack["tensors"])
+    except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"{name}: its tensors do not fit its own configuration: {str(e)[:300]}") from None
     return model.freeze_backbone().eval()
 
@@ -663,7 +701,7 @@ def load_pack(path, checkpoint, strict=True):
     both); strict=False loads anyway and warns."""
     pack = read_pack(path)
     backbone = checkpoint if isinstance(checkpoint, VisionTransformer) else \
-        _backbone_from(checkpoint, _config(ViTConfig, pack["vit"], os.fspath(path)))
+        _backbone_from(checkpoint, _config(ViTConfig, pack["vit"], os.fspath(path), "vit"))
     return _attach(pack, backbone, backbone_fingerprint(backbone), strict, os.fspath(path))
 
 
@@ -671,7 +709,8 @@ class MultiTask(nn.Module):
     """Many tasks through one frozen backbone in one batched pass (inference, eval mode). Image b runs with its
     own task's prompts, gates (Eq. 7), temperatures (Eq. 9) and head. Tasks with fewer prompts (or none, or
     prompts from a later block) get padding slots that no token attends to and MAE's mean pooling skips, so
-    every image's logits equal those of its task's own model. The prompt side is copied at construction.
+    every image's logits equal those of its task's own model. The prompt side (heads included) is copied at
+    construction; the backbone is shared.
 
         mt = gp.MultiTask("mae_pretrain_vit_base.pth", {"cub": "cub.pack.pt", "dtd": "dtd.pack.pt"})
         logits = mt(images, ["cub", "dtd", "cub"])   # a list: one [num_classes of its task] tensor per image
@@ -685,7 +724,7 @@ class MultiTask(nn.Module):
         if not isinstance(backbone, VisionTransformer):
             first = next(iter(packs.values()))
             backbone = _backbone_from(backbone, first.cfg if isinstance(first, VisionTransformer)
-                                      else _config(ViTConfig, first["vit"], "the first pack"))
+                                      else _config(ViTConfig, first["vit"], "the first pack", "vit"))
         fingerprint = backbone_fingerprint(backbone)
         models = {name: _attach(p if isinstance(p, dict) else _as_pack(p, backbone, fingerprint), backbone,
                                 fingerprint, strict, f"pack {name!r}") for name, p in packs.items()}
@@ -697,12 +736,14 @@ class MultiTask(nn.Module):
     @torch.no_grad()
     def _tables(self, models):
         """Per task t and block i: the prompt tokens written before the block (Eq. 4 at insert_at, Eq. 5 after),
-        which slots are live, the gate (1 = ungated) and the temperature (1 = none)."""
+        which slots are live, the gate logit (+inf = ungated; hard gates as +-inf, their eval-mode threshold)
+        and the temperature (1 = none). The forward takes the sigmoid in at least fp32, as the model does."""
         L, D = self.backbone.cfg.depth, self.backbone.cfg.embed_dim
         self.slots = max(m.num_prompts for m in models)  # prompt slots in every image's sequence
         T, P = len(models), self.slots
         writes, write_at = torch.zeros(T, L, P, D), torch.zeros(T, L, dtype=torch.bool)
-        live, gates, taus = torch.zeros(T, L, P, dtype=torch.bool), torch.ones(T, L), torch.ones(T, L)
+        live, taus = torch.zeros(T, L, P, dtype=torch.bool), torch.ones(T, L)
+        gates = torch.full((T, L), float("inf"))  # gate logits: sigmoid(+inf) = 1 (ungated)
         for t, m in enumerate(models):
             k, n = m.pcfg.insert_at, m.num_prompts
             if n:
@@ -710,7 +751,9 @@ class MultiTask(nn.Module):
             if m.deep_prompts is not None:
                 writes[t, k:, :n], write_at[t, k:] = m.deep_prompts.float().cpu(), True
             if m.gate_logits is not None:
-                gates[t, k - 1:L - 1] = m.eval().gates()[k - 1:].cpu()
+                logits = m.gate_logits[k - 1:].detach().float().cpu()
+                hard = torch.where(logits > 0, float("inf"), -float("inf"))  # hard_gates(sample=False)
+                gates[t, k - 1:L - 1] = logits if m.pcfg.gates == "soft" else hard
             if m.temperatures is not None:
                 taus[t] = m.temperatures.float().cpu()
         for name, value in (("writes", writes), ("write_at", write_at), ("live", live), ("gate", gates),
@@ -719,10 +762,14 @@ class MultiTask(nn.Module):
         # host-side switches: a block with no writes, no padding, no gate or no temperature skips that work
         self.block_writes = write_at.any(0).tolist()
         self.block_masked = (~live).any(2).any(0).tolist()
-        self.block_gated = (gates != 1).any(0).tolist()
+        self.block_gated = (gates != float("inf")).any(0).tolist()
         self.has_tau = bool((taus != 1).any())
 
     def forward(self, images, tasks):
+        if images.dim() != 4:
+            raise ValueError(f"images: [B, 3, H, W] expected, got shape {list(images.shape)}")
+        if len(images) == 0 and len(tasks) == 0:
+            return []
         unknown = sorted(set(tasks) - set(self.names))
         if unknown or len(tasks) != len(images):
             raise ValueError(f"need one task per image from {self.names}; got {len(tasks)} for {len(images)} "
@@ -744,13 +791,14 @@ class MultiTask(nn.Module):
             tau = self.tau[t, i].view(B, 1, 1, 1).to(x.dtype) if self.has_tau else None  # Eq. 9, per image
             prompts_in = x[:, 1:1 + P]
             x, _ = blk(x, tau, attn_mask=mask)
-            if self.block_gated[i]:  # Eq. 7, per image, mixed in fp32
-                g = self.gate[t, i].view(B, 1, 1)
-                gated = g * x[:, 1:1 + P].float() + (1 - g) * prompts_in.float()
+            if self.block_gated[i]:  # Eq. 7, per image, mixed in at least fp32
+                g = torch.sigmoid(at_least_fp32(self.gate[t, i])).view(B, 1, 1)
+                gated = g * at_least_fp32(x[:, 1:1 + P]) + (1 - g) * at_least_fp32(prompts_in)
                 x = torch.cat([x[:, :1], gated.to(x.dtype), x[:, 1 + P:]], dim=1)
         if bb.cfg.pool == "mean":  # MAE: mean over live prompts and patches, then norm
-            keep = torch.cat([self.live[t, -1], ones.expand(B, N)], dim=1).float()[..., None] if P else None
-            pooled = x[:, 1:].mean(dim=1) if keep is None else (x[:, 1:].float() * keep).sum(1) / keep.sum(1)
+            h = at_least_fp32(x[:, 1:])
+            keep = torch.cat([self.live[t, -1], ones.expand(B, N)], dim=1).to(h.dtype)[..., None] if P else None
+            pooled = x[:, 1:].mean(dim=1) if keep is None else (h * keep).sum(1) / keep.sum(1)
             features = bb.norm(pooled.to(x.dtype))
         else:
             features = bb.pool(x)

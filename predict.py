@@ -116,16 +116,34 @@ def pack_names(paths):
     return names
 
 
+TRANSFORMS = {"fgvc": data.FGVC_RESIZE, "vtab": data.IMAGE_SIZE}   # kind -> the resize its decoder applies
+EXPECTED = ("{'kind': 'fgvc', 'resize': %d, 'crop': N} or {'kind': 'vtab', 'resize': %d, 'crop': N}, N a whole "
+            "number of pixels" % (data.FGVC_RESIZE, data.IMAGE_SIZE))
+
+
+def check_transform(path, pack):
+    """UserError unless the pack records a transform predict applies (eval_transform's form)."""
+    info = pack["info"]
+    transform = info.get("transform")
+    if transform is None and info.get("task") == "demo":
+        raise runtime.UserError(f"{path} comes from the quick-start demo: it was trained on a random backbone that "
+                                "is not saved, on generated images, so it cannot predict; train on a real task")
+    if transform is None:
+        raise runtime.UserError(f"{path} records no image transform (a pack written outside the harness): pass "
+                                f"transform={EXPECTED} to save_pack")
+    crop = transform.get("crop") if isinstance(transform, dict) else None
+    if not (isinstance(transform, dict) and transform.keys() == {"kind", "resize", "crop"}
+            and TRANSFORMS.get(transform["kind"]) == transform["resize"]
+            and isinstance(crop, int) and not isinstance(crop, bool) and crop > 0):
+        raise runtime.UserError(f"{path}: its image transform is {transform!r}; expected {EXPECTED}")
+
+
 def read_packs(paths):
     """{name: pack} with a transform predict can apply; CheckpointError / UserError name the file."""
     packs = {}
     for name, path in zip(pack_names(paths), paths):
         pack = gp.read_pack(path)
-        transform = (pack.get("info") or {}).get("transform")
-        if not transform or transform.get("kind") not in ("fgvc", "vtab"):
-            raise runtime.UserError(f"{path} records no image transform (a demo run on generated images, or a pack "
-                                    "written outside the harness: pass transform={'kind': 'fgvc' or 'vtab', "
-                                    "'resize': 256 or 224, 'crop': 224} to save_pack)")
+        check_transform(path, pack)
         packs[name] = pack
     return packs
 
@@ -133,7 +151,7 @@ def read_packs(paths):
 def backbone_file(packs, checkpoint):
     if checkpoint:
         return checkpoint
-    recorded = sorted({str((p.get("info") or {}).get("checkpoint")) for p in packs.values()})
+    recorded = sorted({str(p["info"].get("checkpoint")) for p in packs.values()})
     if len(recorded) == 1 and Path(recorded[0]).is_file():
         return recorded[0]
     raise runtime.UserError("pass --checkpoint: the backbone file the packs were trained on (they record "
@@ -217,10 +235,11 @@ def main(argv):
         raise runtime.UserError(f"--out {args.out}: give a .json or .csv file name")
     if args.batch_size < 1:
         raise runtime.UserError("--batch-size must be >= 1")
+    device = runtime.check_device(args.device)
     packs = read_packs(args.pack)
     images = find_images(args.inputs)
     checkpoint = backbone_file(packs, args.checkpoint)
-    settings = runtime.Settings.for_device(args.device, fp32=args.fp32)
+    settings = runtime.Settings.for_device(device, fp32=args.fp32)
     model = gp.MultiTask(checkpoint, dict(zip(packs, args.pack)))
     model.to(settings.device)
     runtime.place_model(model.backbone, settings.device, settings.bf16)

@@ -144,29 +144,9 @@ def check_flags(args):
         raise runtime.UserError(f"--method must be one of {', '.join(gp.METHODS)}")
 
 
-def check_device(name):
-    """torch.device(name) for --device, or UserError: an unknown name, or a GPU that is not there."""
-    if name is None:
-        return None
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise runtime.UserError(f"--device {name} is not a device: use cuda, cuda:N or cpu") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise runtime.UserError(f"--device {name}: no CUDA GPU is visible here (torch.cuda.is_available() "
-                                    "is False); leave --device out or pass --device cpu")
-        if device.index is not None and device.index >= count:
-            raise runtime.UserError(f"--device {name}: only {count} GPU(s) are visible (cuda:0..cuda:{count - 1})")
-    elif device.type != "cpu":
-        raise runtime.UserError(f"--device {name}: this harness runs on cuda or cpu")
-    return device
-
-
 def settings_from(args):
     return runtime.Settings.for_device(
-        check_device(args.device), fp32=args.fp32, no_compile=args.no_compile, results_dir=args.results_dir,
+        runtime.check_device(args.device), fp32=args.fp32, no_compile=args.no_compile, results_dir=args.results_dir,
         data_dir=args.data_dir, cache_dir=args.cache_dir, checkpoint=args.checkpoint, resume=args.resume,
         trust_pickle=args.trust_pickle,
         download=args.download, mirror=args.mirror, workers=args.workers)

@@ -94,6 +94,26 @@ def pick_device(name=None):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_device(name):
+    """torch.device(name) for --device, or UserError: an unknown name, or a GPU that is not there."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device: use cuda, cuda:N or cpu") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {name}: no CUDA GPU is visible here (torch.cuda.is_available() "
+                            "is False); leave --device out or pass --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {name}: only {count} GPU(s) are visible (cuda:0..cuda:{count - 1})")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: this harness runs on cuda or cpu")
+    return device
+
+
 def autocast(device, bf16=True):
     """bf16 autocast on CUDA (the fast path); fp32 elsewhere unless asked (CPU bf16 is slow but exact enough)."""
     if not bf16:

@@ -270,3 +270,104 @@ def test_a_mixed_batch_on_a_dinov2_backbone_with_registers_and_layerscale_equals
         out = mt(IMAGES, tasks)
     for b, task in enumerate(tasks):
         assert (out[b] - logits(models[task], IMAGES[b:b + 1])[0]).abs().max() <= 1e-5, task
+
+# --- malformed packs and edge cases ------------------------------------------------------------------------
+
+
+def rewrite(path, change):
+    """The pack at `path`, edited by `change(dict)`, saved back with torch.save."""
+    pack = torch.load(path, weights_only=True)
+    change(pack)
+    torch.save(pack, path)
+    return path
+
+
+def drop(*keys):
+    def change(pack):
+        where = pack
+        for key in keys[:-1]:
+            where = where[key]
+        del where[keys[-1]]
+    return change
+
+
+@pytest.mark.parametrize("change,field", [
+    (drop("vit"), "vit"), (drop("prompt"), "prompt"), (drop("tensors"), "tensors"),
+    (drop("backbone_fingerprint"), "backbone_fingerprint"), (drop("version"), "version"),
+    (lambda p: p.update(version="1"), "version"), (lambda p: p.update(tensors=list(p["tensors"].values())), "tensors"),
+    (lambda p: p.update(vit="mae"), "vit"), (lambda p: p["tensors"].update(head=3), "tensors"),
+    (drop("vit", "depth"), "depth"), (drop("prompt", "num_prompts"), "num_prompts"),
+    (lambda p: p["vit"].update(depth="12"), "depth"), (lambda p: p["prompt"].update(gates="sometimes"), "gates"),
+    (lambda p: p.update(class_names="abcde"), "class_names"), (lambda p: p.update(info=[1]), "info"),
+])
+def test_a_malformed_pack_is_a_checkpoint_error_naming_the_file_and_the_field(change, field, tmp_path):
+    base = backbone()
+    path = trained(base, "gated+temp").save_pack(tmp_path / "p.pack.pt", class_names=list("abcde"))
+    rewrite(path, change)
+    for read in (lambda: gp.read_pack(path), lambda: gp.load_pack(path, checkpoint=base),
+                 lambda: gp.MultiTask(base, {"p": path})):
+        with pytest.raises(gp.CheckpointError, match=field) as err:
+            read()
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_only_the_format_field_is_not_a_pack(tmp_path):
+    torch.save({"format": "gated-prompt-pack"}, tmp_path / "p.pt")
+    with pytest.raises(gp.CheckpointError, match="p.pt.*version"):
+        gp.read_pack(tmp_path / "p.pt")
+
+
+def test_class_names_must_match_the_head_in_the_file_and_in_save_pack(tmp_path):
+    base = backbone()
+    model = trained(base, "gated+temp", num_classes=5)
+    for names in (list("abc"), list("abcdefg")):
+        path = model.save_pack(tmp_path / "p.pack.pt")
+        rewrite(path, lambda p: p.update(class_names=names))
+        with pytest.raises(gp.CheckpointError, match=rf"p.pack.pt.*{len(names)} class names.*5 classes"):
+            gp.load_pack(path, checkpoint=base)
+    with pytest.raises(TypeError, match="class_names"):
+        model.save_pack(tmp_path / "q.pack.pt", class_names="abcde")   # five letters, not five names
+
+
+def test_pack_tensors_load_as_prompts_files_do_projected_and_in_the_models_dtype(tmp_path):
+    base = backbone()
+    model = trained(base, "gated+temp")
+    with torch.no_grad():
+        model.temperatures.fill_(50.0)   # outside [0.01, 10]: load_prompt_state_dict projects it to 10
+    path = model.save_pack(tmp_path / "p.pack.pt")
+    loaded = gp.load_pack(path, checkpoint=base)
+    assert loaded.temperatures.tolist() == [10.0] * base.cfg.depth
+    assert gp.MultiTask(base, {"p": path}).tau.tolist() == [[10.0] * base.cfg.depth]
+    half = rewrite(path, lambda p: p.update(
+        tensors={k: v.half() for k, v in p["tensors"].items()}))
+    loaded = gp.load_pack(half, checkpoint=base)
+    assert all(v.dtype == torch.float32 for v in loaded.prompt_state_dict().values())
+    assert torch.equal(loaded.prompts, model.prompts.half().float())
+
+
+def test_multitask_copies_the_heads_of_the_models_it_is_built_from():
+    base = backbone()
+    model = trained(base, "gated+temp")
+    mt = gp.MultiTask(base, {"a": model})
+    with torch.no_grad():
+        before = mt(IMAGES, ["a"] * len(IMAGES))
+        model.head.weight.add_(1.0)
+        model.prompts.add_(1.0)
+        after = mt(IMAGES, ["a"] * len(IMAGES))
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_multitask_takes_an_empty_batch_refuses_3d_images_and_runs_in_float64():
+    base = backbone()
+    models = {"g": trained(base, "gated+temp", 3, 4), "v": trained(base, "vpt-shallow", 5, 2, seed=2)}
+    mt = gp.MultiTask(base, models)
+    assert mt(IMAGES[:0], []) == []
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        mt(IMAGES[0], ["g"])
+    mt.double()
+    images, tasks = IMAGES.double(), ["g", "v", "v", "g", "g", "v", "g"]
+    with torch.no_grad():
+        out = mt(images, tasks)
+        for b, task in enumerate(tasks):
+            own = models[task].double()(images[b:b + 1])[0]
+            assert out[b].dtype == torch.float64 and (out[b] - own).abs().max() <= 1e-12, task

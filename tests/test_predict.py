@@ -149,3 +149,35 @@ def test_only_unreadable_images_are_reported_then_refused(served, tmp_path, caps
                         str(root / "photos" / "notes.txt")])
     err = capsys.readouterr().err
     assert "skipped 2 unreadable image(s)" in err and "broken.jpg" in err and "notes.txt" in err
+
+
+def test_an_unusable_device_is_one_line_and_exit_code_2(served, capsys):
+    root, packs = served
+    photos = str(root / "photos")
+    devices = ["tpu", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in devices:
+        assert reproduce.cli_main(["predict", "--pack", packs["dogs"], photos, "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --device {device}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("transform,shown", [({"kind": "fgvc"}, "{'kind': 'fgvc'}"), ("fgvc", "'fgvc'"),
+                                             ({"kind": "fgvc", "resize": 256, "crop": "224"}, "'crop': '224'"),
+                                             ({"kind": "vtab", "resize": 256, "crop": 224}, "'resize': 256")])
+def test_a_malformed_transform_is_refused_naming_the_pack_and_what_is_expected(served, tmp_path, transform, shown):
+    root, packs = served
+    model = gp.load_pack(packs["dogs"], checkpoint=root / "mae.pth")
+    path = model.save_pack(tmp_path / "odd.pack.pt", transform=transform, checkpoint=str(root / "mae.pth"))
+    with pytest.raises(runtime.UserError) as err:
+        reproduce.main(["predict", "--pack", path, str(root / "photos")])
+    message = str(err.value)
+    assert path in message and shown in message and "expected" in message and "\n" not in message
+
+
+def test_a_demo_pack_is_refused_saying_its_backbone_was_random_and_not_saved(served, tmp_path):
+    root, packs = served
+    model = gp.load_pack(packs["dogs"], checkpoint=root / "mae.pth")
+    path = model.save_pack(tmp_path / "demo.pack.pt", task="demo", transform=None, checkpoint=None)
+    with pytest.raises(runtime.UserError, match="demo.*random backbone.*not saved") as err:
+        reproduce.main(["predict", "--pack", path, str(root / "photos")])
+    assert "\n" not in str(err.value)
