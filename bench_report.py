@@ -193,13 +193,16 @@ def report_markdown(out):
     return "\n".join(lines)
 
 
+def _or_na(value, spec):
+    return "n/a" if value is None else format(value, spec)
+
+
 def _markdown_steps(rows):
     lines = ["| prompts | batch | path | step | ran | compiling call s | SDPA kernel | images/s (min-max) | "
              "TFLOP/s | % peak | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        frac = f"{100 * r['peak_fraction']:.1f}" if r["peak_fraction"] is not None else "n/a"
-        mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
-        compile_s = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "n/a"
+        frac = _or_na(None if r["peak_fraction"] is None else 100 * r["peak_fraction"], ".1f")
+        mem, compile_s = _or_na(r["peak_memory_gib"], ".2f"), _or_na(r["compile_s"], ".1f")
         lines.append(f"| {r['prompts']} | {r['batch']} | {r['path']} | {r['step']} | {r['mode']} | {compile_s} | "
                      f"{r.get('sdpa_kernel') or 'n/a'} | "
                      f"{r['images_per_s']:,.1f} ({r['images_per_s_min']:,.1f}-{r['images_per_s_max']:,.1f}) | "
@@ -211,8 +214,7 @@ def _markdown_end_to_end(runs):
     lines = ["| run | train / val / test images | epochs run | setup s | epoch 1 s | later epoch s | train s | "
              "test eval s | wall s | projected wall s | compiled |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run, r in runs.items():
-        later = f"{r['later_epoch_s']:.3f}" if r["later_epoch_s"] is not None else "n/a"
-        projected = f"{r['projected_wall_s']:.1f}" if r["projected_wall_s"] is not None else "n/a"
+        later, projected = _or_na(r["later_epoch_s"], ".3f"), _or_na(r["projected_wall_s"], ".1f")
         lines.append(f"| {run} ({r['task']}, {r['num_prompts']} prompt(s), batch {r['batch_size']}) | "
                      f"{r['train_images']} / {r['val_images']} / {r['test_images']} | {r['epochs']} | "
                      f"{r['setup_s']:.2f} | {r['epoch1_s']:.2f} | {later} | {r['train_s']:.2f} | "
