@@ -13,11 +13,10 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import bench  # noqa: E402
-import bench_runs  # noqa: E402
-import gated_prompt as gp  # noqa: E402
-import runtime  # noqa: E402
+import bench
+import bench_runs
+import gated_prompt as gp
+import runtime
 
 CPU = torch.device("cpu")
 TINY = ["--arch", "vit_small", "--img-size", "32", "--steps", "2", "--warmup", "1", "--repeats", "2"]

@@ -11,11 +11,10 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import fixtures  # noqa: E402
-import data  # noqa: E402
-import releases  # noqa: E402
-from data import DataError  # noqa: E402
+import fixtures
+import data
+import releases
+from data import DataError
 
 MEAN = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)

@@ -12,13 +12,14 @@ import torch
 import torch.multiprocessing as mp
 
 import data
+import fixtures
 import recipes
 import reproduce
 import results
 import runtime
 import trainer
 
-TINY = dict(embed_dim=32, depth=3, num_heads=2, patch_size=8)
+TINY = fixtures.TINY_VIT
 # no prompt dropout: the masks would differ across ranks
 CFG = dict(recipes.resolve("demo", arch_overrides=TINY, num_classes=6, epochs=3, warmup_epochs=1),
            prompt_dropout=0.0, batch_size=32)

@@ -20,13 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import release_archives as ra  # noqa: E402
-import downloads as dl  # noqa: E402
-import releases as rel  # noqa: E402
-import gated_prompt as gp  # noqa: E402
-import runtime  # noqa: E402
+import release_archives as ra
+import downloads as dl
+import releases as rel
+import gated_prompt as gp
+import runtime
 
 CKPT = "mae_pretrain_vit_base.pth"
 # a real process with the tables' pins replaced by the fixture files' values (see release_archives.py)

@@ -11,15 +11,11 @@ Tolerances:
   * training curves: the same function and optimizer, so losses agree to bf16 rounding step by step.
 torch.compile stays out of these tests (minutes on a small CPU); it only fuses the same operations.
 """
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import gated_prompt as gp  # noqa: E402
-import runtime  # noqa: E402
-import trainer  # noqa: E402
+import gated_prompt as gp
+import runtime
+import trainer
 
 CPU = torch.device("cpu")
 

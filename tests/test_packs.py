@@ -15,7 +15,7 @@ import reproduce
 import results
 import runtime
 
-TINY = dict(embed_dim=32, depth=3, num_heads=2, patch_size=8)
+TINY = fixtures.TINY_VIT
 IMAGES = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(5))
 
 

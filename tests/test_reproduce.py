@@ -22,7 +22,7 @@ import runtime
 import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(embed_dim=32, depth=3, num_heads=2, patch_size=8)
+TINY = fixtures.TINY_VIT
 
 
 def cli(*argv, cwd=ROOT):

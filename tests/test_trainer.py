@@ -14,7 +14,7 @@ import recipes
 import runtime
 import trainer
 
-TINY = dict(embed_dim=32, depth=3, num_heads=2, patch_size=8)
+TINY = fixtures.TINY_VIT
 
 
 def tiny_cfg(**kw):
