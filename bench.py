@@ -28,6 +28,7 @@ headline first, each written to benchmarks.json as it finishes (bench_report.py:
 """
 import argparse
 import datetime
+import os
 import statistics
 import sys
 import tempfile
@@ -534,6 +535,10 @@ def check_args(p, args):
             p.error(f"--{name} takes one value with --end-to-end / --segmentation")
         if values is not None and min(values) < (1 if name == "batch" else 0):
             p.error(f"--{name} must be >= {1 if name == 'batch' else 0}")
+    for name, least in (("sweep_batch", 1), ("sweep_prompts", 0)):
+        values = getattr(args, name)
+        if values and min(values) < least:
+            p.error(f"--{name.replace('_', '-')} values must be >= {least}")
     if args.prompts is not None and min(args.prompts) == 0 and args.method != "linear":
         p.error(f"--prompts 0 is the linear probe (--method linear); {args.method} needs >= 1 prompt")
     patch = patch_size_of(args.arch)
@@ -563,6 +568,16 @@ def fill_defaults(args):
     return args
 
 
+def check_out_dir(out_dir):
+    """--report writes after every unit: an out-dir that cannot be made or written stops before any timing."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise runtime.UserError(f"--out-dir {out_dir}: cannot create it ({err.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise runtime.UserError(f"--out-dir {out_dir}: not writable")
+
+
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
@@ -575,7 +590,9 @@ def main(argv=None):
     returns every number as a dict (also --json; --report writes BENCHMARKS.md and benchmarks.json). A compile
     that cannot work on the device stops here (runtime.UserError) before anything is timed."""
     args = parse_args(argv)
-    device = runtime.pick_device(args.device)
+    device = runtime.pick_device(runtime.check_device(args.device))
+    if args.report:
+        check_out_dir(args.out_dir)
     if args.report and device.type != "cuda" and args.arch != "tiny":
         raise runtime.UserError(f"--report times ViT-B at the targets' sizes, hours on a {device.type}; run it on a "
                                 "GPU, or add --arch tiny for the CPU smoke run")

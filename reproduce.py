@@ -135,7 +135,8 @@ def check_flags(args):
     refused = [k for k in args.given if k not in MODE_FLAGS[mode] and not (mode == "demo" and k in
                                                                             recipes.OVERRIDE_TYPES)]
     if refused:
-        raise runtime.UserError(f"{', '.join(map(recipes.flag, refused))} does not apply to {what}")
+        verb = "does" if len(refused) == 1 else "do"
+        raise runtime.UserError(f"{', '.join(map(recipes.flag, refused))} {verb} not apply to {what}")
     if args.seeds < 1:
         raise runtime.UserError(f"--seeds {args.seeds} is not usable: it must be a whole number >= 1")
     if args.workers is not None and args.workers < 1:
@@ -399,9 +400,19 @@ def print_summary(cfg, runs):
               + (f"   (paper: {paper:.2f})" if paper is not None else differs))
 
 
-def print_configs(cfgs):
-    """--print-config: every config a command would run, as JSON (one object, or a list for a table)."""
+def print_configs(cfgs, args):
+    """--print-config: every config a command would run, as JSON (one object, or a list for a table); on stderr,
+    what --sweep and --seeds add to each."""
     print(json.dumps(cfgs[0] if len(cfgs) == 1 else cfgs, indent=2))
+    if args.sweep:
+        for c in cfgs:
+            grid = recipes.sweep_grid(c)
+            print(f"plan: {c['task']}/{c['ssl']}/{c['method']}: --sweep first runs {len(grid)} grid point(s) "
+                  f"({'; '.join(map(_point_text, grid))}) and keeps the best by val accuracy", file=sys.stderr)
+    if args.seeds > 1 or args.sweep:
+        for c in cfgs:
+            print(f"plan: {c['task']}/{c['ssl']}/{c['method']}: final run(s) at seed(s) "
+                  f"{', '.join(map(str, seeds_of(c, args.seeds)))}", file=sys.stderr)
     if any(c["method"] in ("vpt-shallow", "vpt-deep") and c.get("recipe") == "paper" for c in cfgs):
         print("note: the VPT baselines run Table 5's batch size and lr of the paper's method (the paper lists "
               "none for them); --recipe vpt --sweep runs VPT's own recipe", file=sys.stderr)
@@ -442,7 +453,7 @@ def main(argv=None):
     if mode == "table":
         return results.print_table(args.table, args.results_dir, show_all=args.all)
     if args.print_config:
-        return print_configs(cfgs)
+        return print_configs(cfgs, args)
     settings = settings_from(args)
     check_writable(settings.results_dir, cache_dir(settings))
     runtime.remove_dead_temporaries(settings.results_dir)

@@ -246,7 +246,7 @@ def train(cfg, model, train_loader, eval_loaders, settings, state_path):
             if not settings.quiet:
                 tqdm.write(f"epoch {epoch + 1:3d}  loss {record['loss']:.4f}  train {record['train_acc']:.2f}  "
                            + (f"val {record['val_acc']:.2f}  " if track_val else "")
-                           + f"{record['images_per_second']:.0f} img/s")
+                           + f"{record['images_per_second']:.1f} img/s")
     train_seconds = time.perf_counter() - tic
     tic = time.perf_counter()
     final = final_metrics(model, eval_step, eval_loaders, best)

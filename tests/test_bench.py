@@ -596,3 +596,19 @@ def test_a_report_killed_part_way_keeps_its_rows_and_a_rerun_completes_it(tmp_pa
     final = _report_units(tmp_path)
     assert list(final) == ["step 100x4", "matmul peak", "step 1x8"]
     assert final["step 100x4"] == done["step 100x4"]                       # not measured again
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--report", "--arch", "tiny", "--out-dir", "/proc/no-such-dir"], "--out-dir /proc/no-such-dir: cannot create it"),
+    (["--report", "--arch", "tiny", "--device", "gpu"], "--device gpu is not a device"),
+    (["--sweep-batch", "0", "--arch", "tiny"], "--sweep-batch values must be >= 1"),
+    (["--sweep-prompts", "-1", "--arch", "tiny"], "--sweep-prompts values must be >= 0"),
+] + ([(["--report", "--arch", "tiny", "--device", "cuda"], "no CUDA GPU is visible")]
+     if not torch.cuda.is_available() else []))
+def test_bad_output_folder_device_or_sweep_value_is_one_line_and_exit_2_before_any_output(argv, message, monkeypatch,
+                                                                                        capsys):
+    monkeypatch.setattr(bench, "measure", lambda *a, **k: pytest.fail("timed before refusing"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.cli(argv)
+    out = capsys.readouterr()
+    assert exit_info.value.code == 2 and message in out.err and out.out == "", out

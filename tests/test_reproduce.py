@@ -787,3 +787,19 @@ def test_a_checkpoint_that_pickles_code_is_refused_naming_trust_pickle_and_runs_
     # with the opt-in the file is unpickled (the payload runs) and the run goes on to the backbone's shape check
     out = cli(*argv, "--trust-pickle")
     assert marker.exists() and out.returncode == 2 and "wrong shapes" in out.stderr, out.stderr
+
+
+def test_a_dry_run_of_a_table_says_what_sweep_and_seeds_add(capsys):
+    assert reproduce.cli_main(["--table", "4", "--run", "--print-config", "--seeds", "2", "--sweep"]) == 0
+    out = capsys.readouterr()
+    cells = json.loads(out.out)
+    plan = [line for line in out.err.splitlines() if line.startswith("plan: ")]
+    # Table 4: 6 cells; each gets a sweep line (the paper's grid: 7 lrs) and a seeds line (42, 43)
+    assert len(cells) == 6 and len(plan) == 12
+    assert sum("--sweep first runs 7 grid point(s)" in line for line in plan) == 6
+    assert sum(line.endswith("final run(s) at seed(s) 42, 43") for line in plan) == 6
+
+
+def test_several_refused_flags_are_named_in_one_sentence(capsys):
+    code = reproduce.cli_main(["--table", "1", "--seeds", "0", "--data-dir", "x"])
+    assert code == 2 and "--data-dir, --seeds do not apply to printing a table" in capsys.readouterr().err
