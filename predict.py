@@ -168,7 +168,7 @@ def load_image(path, transform):
 
 
 def normalise(images):
-    """uint8 -> float (x / 255 - mean) / std, as data.BatchLoader."""
+    """uint8 -> float (x / 255 - mean) / std, as batches.BatchLoader."""
     mean = torch.tensor(data.IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(data.IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255 - mean) / std

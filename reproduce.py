@@ -358,6 +358,12 @@ def run_queue(jobs, settings):
         return [f.result() for f in futures]
 
 
+# The device of this worker process: set once by _worker_init when the pool starts the process (each worker
+# takes one device from the queue), read by every _worker_run the process executes. Only worker processes of
+# run_queue's pool set it; the main process never does.
+_WORKER_DEVICE = None
+
+
 def _worker_init(devices):
     global _WORKER_DEVICE
     _WORKER_DEVICE = torch.device(devices.get())

@@ -9,7 +9,7 @@ and reports the last epoch's test accuracy -- FGVC also the test accuracy of the
 on train / train800 and reports the last epoch's val / val200 accuracy.
 
 Speed without changing the math: every batch has the full batch size (the last one is padded with rows whose
-label data.PAD_LABEL the loss and the accuracy ignore), so torch.compile builds one training graph and one
+label batches.PAD_LABEL the loss and the accuracy ignore), so torch.compile builds one training graph and one
 evaluation graph of the backbone per run (the head runs eager: classifier_forward); the step never syncs with
 the host, and an epoch waits for the device twice -- after its last step, for its timing, and when its metrics
 and the resumable state come back together -- unless a progress bar is shown. Every result records how many
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import batches
 import data
 import inputs
 import predict
@@ -44,7 +45,7 @@ def lr_factor(epoch, warmup_epochs, epochs):
 
 def classification_loss(logits, labels):
     """Mean cross-entropy over the real samples of a (padded) batch, and their correct count."""
-    loss = F.cross_entropy(logits.float(), labels, ignore_index=data.PAD_LABEL)
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=batches.PAD_LABEL)
     return loss, (logits.argmax(-1) == labels).sum()
 
 
@@ -80,7 +81,7 @@ def make_eval_step(model, device, bf16, compile, mode=None):
     def eval_step(images, labels):
         with torch.no_grad():
             logits = forward(images)
-        return (logits.argmax(-1) == labels).sum(), (labels != data.PAD_LABEL).sum()
+        return (logits.argmax(-1) == labels).sum(), (labels != batches.PAD_LABEL).sum()
     eval_step.compiled = forward.compiled
     return eval_step
 
@@ -146,10 +147,10 @@ def make_loaders(cfg, train, evals, device, on_gpu=False, compile=True):
     if runtime.is_main() and device.type == "cuda":
         print(f"images kept in {'GPU' if on_gpu else 'host'} memory as uint8")
     common = dict(crop_size=cfg["img_size"], rank=rank, world_size=world_size, device=device, images_on_device=on_gpu)
-    train_loader = data.BatchLoader(train, cfg["batch_size"] // world_size, train=True, augment=augment,
+    train_loader = batches.BatchLoader(train, cfg["batch_size"] // world_size, train=True, augment=augment,
                                     seed=cfg["seed"], **common)
     eval_batch = max(EVAL_BATCH, cfg["batch_size"])
-    eval_loaders = {name: (data.StreamedBatchLoader if isinstance(s, data.StreamedSplit) else data.BatchLoader)(
+    eval_loaders = {name: (batches.StreamedBatchLoader if isinstance(s, data.StreamedSplit) else batches.BatchLoader)(
                         s, eval_batch if compile else min(eval_batch, max(1, math.ceil(len(s) / world_size))),
                         train=False, **common) for name, s in evals.items()}
     return train_loader, eval_loaders
@@ -200,7 +201,7 @@ def train_epoch(step, model, loader, epoch, epochs, device, quiet, log_every=25)
                disable=True if quiet or not runtime.is_main() else None)
     for i, (images, labels) in enumerate(bar):
         loss, batch_correct = step(images, labels)
-        real = (labels != data.PAD_LABEL).sum()
+        real = (labels != batches.PAD_LABEL).sum()
         loss_sum += loss * real
         correct += batch_correct
         seen += real

@@ -12,6 +12,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 import fixtures
+import batches as batching
 import data
 import releases
 from data import DataError
@@ -51,7 +52,7 @@ def random_images(shapes, seed=0):
 def real_rows(batches):
     """Concatenated (images, labels) of loader batches without the PAD_LABEL rows."""
     images, labels = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
-    return images[labels != data.PAD_LABEL], labels[labels != data.PAD_LABEL]
+    return images[labels != batching.PAD_LABEL], labels[labels != batching.PAD_LABEL]
 
 
 def nearest_class_by_colour(split, num_classes):
@@ -247,7 +248,7 @@ def test_fgvc_cache_keeps_the_whole_resized_image_and_eval_equals_vpt(tmp_path):
         expected = torch.from_numpy(np.array(T.Resize(256)(file))).permute(2, 0, 1)
         assert tuple(split.sizes[n].tolist()) == data.resized_size(width, height) == tuple(expected.shape[1:])
         assert torch.equal(split.image(n), expected)
-    images, labels = real_rows(list(data.BatchLoader(split, 3, train=False)))
+    images, labels = real_rows(list(batching.BatchLoader(split, 3, train=False)))
     assert torch.equal(labels, torch.arange(4))
     for n, file in enumerate(files):
         assert torch.equal(images[n], VPT_EVAL(file))
@@ -315,7 +316,7 @@ def test_train_order_is_pure_function_of_seed_and_epoch():
     split = data.ImageSplit.from_dense("demo", "train", *data.make_synthetic_images(5, 7, 12))
 
     def loader(batch_size=4, seed=42):
-        return data.BatchLoader(split, batch_size, train=True, augment=True, crop_size=8, seed=seed)
+        return batching.BatchLoader(split, batch_size, train=True, augment=True, crop_size=8, seed=seed)
 
     first, second = loader(), loader()
     second.set_epoch(3)
@@ -340,7 +341,7 @@ def test_random_crops_cover_each_images_own_extent():
     n = 200  # alternately the wide and the tall image (offsets may point at the same pixels)
     split = data.ImageSplit("cub", "train", base.pixels, base.offsets.repeat(n // 2),
                             base.sizes.repeat(n // 2, 1), torch.zeros(n, dtype=torch.int64))
-    loader = data.BatchLoader(split, 64, train=True, augment=True)
+    loader = batching.BatchLoader(split, 64, train=True, augment=True)
     indices = torch.cat([loader.sample_indices(epoch) for epoch in range(40)])
     crops = torch.cat([loader.sample_crops(epoch) for epoch in range(40)])
     wide = indices % 2 == 0
@@ -353,14 +354,14 @@ def test_random_crops_cover_each_images_own_extent():
         expected = torch.tensor([50, 50, 50, 47]) / 197 * len(along)
         assert ((quarters - expected).abs() < 0.15 * expected).all(), quarters
     assert 0.45 < crops[:, 2].float().mean() < 0.55  # flip probability 0.5
-    centre = data.BatchLoader(split, 64, train=False).sample_crops()
+    centre = batching.BatchLoader(split, 64, train=False).sample_crops()
     assert centre[0].tolist() == [16, 98, 0] and centre[1].tolist() == [98, 16, 0]
 
 
 def test_train_batches_are_true_crops_and_mirrors():
     shapes = [(12, 17), (15, 12), (12, 12), (20, 13), (8, 30)] * 3
     split = ragged(random_images(shapes))
-    loader = data.BatchLoader(split, 4, train=True, augment=True, crop_size=8, seed=5)
+    loader = batching.BatchLoader(split, 4, train=True, augment=True, crop_size=8, seed=5)
     flips, offsets = 0, set()
     for epoch in range(3):
         loader.set_epoch(epoch)
@@ -382,13 +383,13 @@ def test_train_batches_are_true_crops_and_mirrors():
 
 def test_center_crops_equal_torchvision():
     images, labels = data.make_synthetic_images(3, 3, 256)
-    loader = data.BatchLoader(data.ImageSplit.from_dense("demo", "test", images, labels), 4, train=False)
+    loader = batching.BatchLoader(data.ImageSplit.from_dense("demo", "test", images, labels), 4, train=False)
     outputs, _ = real_rows(list(loader))
     assert torch.equal(outputs, normalize(T.CenterCrop(224)(images))) and len(loader) == 3
     shapes = [(11, 13), (8, 8), (14, 9), (9, 20)]  # odd margins: torchvision rounds (size - crop) / 2
     images = random_images(shapes)
     for train in (False, True):  # train without augment: centre crop too
-        loader = data.BatchLoader(ragged(images), 3, train=train, crop_size=8)
+        loader = batching.BatchLoader(ragged(images), 3, train=train, crop_size=8)
         outputs, _ = real_rows(list(loader))
         for out, n in zip(outputs, loader.sample_indices().tolist()):
             assert torch.equal(out, normalize(T.CenterCrop(8)(images[n]))[0])
@@ -397,16 +398,16 @@ def test_center_crops_equal_torchvision():
 def test_last_batch_is_padded_to_a_static_shape():
     images, labels = data.make_synthetic_images(5, 2, 12)
     split = data.ImageSplit.from_dense("demo", "test", images, labels)
-    batches = list(data.BatchLoader(split, 4, train=False, crop_size=8))
-    (whole_x, whole_y), = list(data.BatchLoader(split, 10, train=False, crop_size=8))
+    batches = list(batching.BatchLoader(split, 4, train=False, crop_size=8))
+    (whole_x, whole_y), = list(batching.BatchLoader(split, 10, train=False, crop_size=8))
     assert len(batches) == 3 and all(x.shape == (4, 3, 8, 8) and y.shape == (4,) for x, y in batches)
     x, y = batches[-1]
-    assert y[2:].tolist() == [data.PAD_LABEL] * 2 and torch.equal(y[:2], labels[8:])
+    assert y[2:].tolist() == [batching.PAD_LABEL] * 2 and torch.equal(y[:2], labels[8:])
     assert torch.equal(torch.cat([x for x, _ in batches])[:10], whole_x) and torch.equal(whole_y, labels)
     assert torch.equal(x[2:], whole_x[:2])  # padding repeats real samples' images
     logits = torch.randn(4, 5)
     assert torch.allclose(F.cross_entropy(logits, y), F.cross_entropy(logits[:2], y[:2]))
-    train = data.BatchLoader(split, 4, train=True, augment=True, crop_size=8)
+    train = batching.BatchLoader(split, 4, train=True, augment=True, crop_size=8)
     batches = list(train)
     assert len(batches) == 3 and all(x.shape == (4, 3, 8, 8) for x, _ in batches)
     assert sorted(real_rows(batches)[1].tolist()) == sorted(labels.tolist()) and train.num_samples == 10
@@ -415,7 +416,7 @@ def test_last_batch_is_padded_to_a_static_shape():
 def test_loader_rejects_images_smaller_than_the_crop():
     split = ragged(random_images([(12, 12), (12, 7)]))
     with pytest.raises(ValueError, match="smallest side here: 7"):
-        data.BatchLoader(split, 2, train=False, crop_size=8)
+        batching.BatchLoader(split, 2, train=False, crop_size=8)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -423,8 +424,8 @@ def test_loader_rejects_images_smaller_than_the_crop():
 def test_cuda_batches_match_cpu_without_host_syncs(images_on_device):
     split = ragged(random_images([(12, 17), (15, 12), (12, 12), (20, 13)] * 5), torch.arange(20) % 4)
     settings = dict(train=True, augment=True, crop_size=8, seed=3)
-    expected = list(data.BatchLoader(split, 6, **settings))
-    loader = data.BatchLoader(split, 6, device="cuda", images_on_device=images_on_device, **settings)
+    expected = list(batching.BatchLoader(split, 6, **settings))
+    loader = batching.BatchLoader(split, 6, device="cuda", images_on_device=images_on_device, **settings)
     torch.cuda.set_sync_debug_mode("error")
     try:
         batches = list(loader)
@@ -441,21 +442,21 @@ def test_sharded_eval_covers_every_index_once(world_size):
     split = data.ImageSplit.from_dense("demo", "test", images, labels)
     indices, gathered = [], []
     for rank in range(world_size):
-        loader = data.BatchLoader(split, 2, train=False, crop_size=8, rank=rank, world_size=world_size)
+        loader = batching.BatchLoader(split, 2, train=False, crop_size=8, rank=rank, world_size=world_size)
         indices.append(loader.sample_indices())
         gathered.append(real_rows(list(loader))[1])
         assert loader.num_samples == len(indices[-1]) and len(loader) == math.ceil(loader.num_samples / 2)
     assert torch.equal(torch.cat(indices), torch.arange(11))
     assert torch.equal(torch.cat(gathered), labels)
-    assert [data.shard_range(11, r, world_size) for r in range(world_size)][-1][1] == 11
-    empty = data.BatchLoader(split, 2, train=False, crop_size=8, rank=0, world_size=12)  # 11 images, 12 ranks
+    assert [batching.shard_range(11, r, world_size) for r in range(world_size)][-1][1] == 11
+    empty = batching.BatchLoader(split, 2, train=False, crop_size=8, rank=0, world_size=12)  # 11 images, 12 ranks
     assert empty.num_samples == len(empty) == 0 and list(empty) == []
 
 
 def test_sharded_train_has_equal_counts_and_covers_all():
     images, labels = data.make_synthetic_images(10, 1, 8)
     split = data.ImageSplit.from_dense("demo", "train", images, labels)
-    shards = [data.BatchLoader(split, 3, train=True, crop_size=8, rank=r, world_size=3, seed=7) for r in range(3)]
+    shards = [batching.BatchLoader(split, 3, train=True, crop_size=8, rank=r, world_size=3, seed=7) for r in range(3)]
     orders = [s.sample_indices(5) for s in shards]
     assert [len(o) for o in orders] == [4, 4, 4] and {len(s) for s in shards} == {2}
     assert {s.num_samples for s in shards} == {4}

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import batches as batching
 import data
 import fixtures
 import recipes
@@ -66,7 +67,7 @@ def _eval_rank(rank, world_size, port, n, out):
     _join(rank, world_size, port)
     labels = torch.arange(n) % 3
     split = data.ImageSplit.from_dense("demo", "test", torch.zeros(n, 3, 8, 8, dtype=torch.uint8), labels)
-    loader = data.BatchLoader(split, 2, train=False, crop_size=8, rank=rank, world_size=world_size)
+    loader = batching.BatchLoader(split, 2, train=False, crop_size=8, rank=rank, world_size=world_size)
     shards = [None] * world_size
     torch.distributed.all_gather_object(shards, loader.sample_indices().tolist())
     seen = torch.tensor([i for shard in shards for i in shard])

@@ -7,6 +7,7 @@ import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
 
+import batches as batching
 import data
 import fixtures
 import gated_prompt as gp
@@ -117,7 +118,7 @@ def test_padded_masked_step_gives_the_unpadded_gradients():
         return loss.detach(), correct, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     loss, correct, unpadded = grads(images, labels)
     padded_images = torch.cat([images, images[:3]])
-    padded_labels = torch.cat([labels, torch.full((3,), data.PAD_LABEL)])
+    padded_labels = torch.cat([labels, torch.full((3,), batching.PAD_LABEL)])
     loss_p, correct_p, padded = grads(padded_images, padded_labels)
     assert torch.allclose(loss, loss_p) and int(correct) == int(correct_p)
     assert set(padded) == set(unpadded) == {"prompts", "gate_logits", "temperatures", "head.weight", "head.bias"}
@@ -321,7 +322,7 @@ def test_loading_prompts_refuses_another_models_state():
 def test_evaluation_counts_real_samples_only():
     images, labels = data.make_synthetic_images(3, 5, 32)  # 15 images, eval batch 8: the last batch has 7 rows of padding
     split = data.ImageSplit.from_dense("demo", "test", images, labels)
-    loader = data.BatchLoader(split, 8, train=False, crop_size=32)
+    loader = batching.BatchLoader(split, 8, train=False, crop_size=32)
 
     class Constant(torch.nn.Module):   # always predicts class 0: right on exactly 5 of the 15
         def forward(self, x):
@@ -345,12 +346,12 @@ def test_vtab_test_split_is_streamed_never_cached_and_evaluates_the_same(tmp_pat
     assert cached and all(name.startswith("dtd-train800val200-") for name in cached)
     streamed = evals["test"]
     streamed.chunk = 4                                            # 4 + 4 + 4 + 3 images
-    loader = data.StreamedBatchLoader(streamed, 8, crop_size=224)
+    loader = batching.StreamedBatchLoader(streamed, 8, crop_size=224)
     whole = data.load_splits("dtd", tmp_path / "data" / "vtab-1k", ["test"])["test"]
-    reference = data.BatchLoader(whole, 8, train=False, crop_size=224)
+    reference = batching.BatchLoader(whole, 8, train=False, crop_size=224)
 
-    def real_rows(batches):
-        images, labels = zip(*[(x[y != data.PAD_LABEL], y[y != data.PAD_LABEL]) for x, y in batches])
+    def real_rows(loader_batches):
+        images, labels = zip(*[(x[y != batching.PAD_LABEL], y[y != batching.PAD_LABEL]) for x, y in loader_batches])
         return torch.cat(images), torch.cat(labels)
     assert len(loader) == 4 and len(list(loader)) == 4
     (xs, ys), (xr, yr) = real_rows(loader), real_rows(reference)
