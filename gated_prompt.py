@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 __all__ = ["ARCHS", "SSL", "SSL_POOLING", "METHODS", "TEMPERATURE_RANGE", "ViTConfig", "PromptConfig", "vit_config",
            "prompt_config", "VisionTransformer", "build_model", "project_temperatures", "resize_pos_embed",
-           "aggregation_weights", "selection_ratio", "hard_gates", "classification_head", "load_exactly",
+           "gate_aggregation_weights", "gate_selection_ratio", "hard_gates", "classification_head", "load_exactly",
            "load_backbone", "read_checkpoint", "detect_format", "convert_state_dict", "count_registers",
            "NAME_TABLES", "CheckpointError", "PickledCodeError", "backbone_fingerprint", "save_pack", "read_pack", "load_pack",
            "MultiTask"]
@@ -360,11 +360,11 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def aggregation_weights(self):
-        return aggregation_weights(self._gates_or_error("aggregation_weights"), self.pcfg.insert_at)
+        return gate_aggregation_weights(self._gates_or_error("aggregation_weights"), self.pcfg.insert_at)
 
     @torch.no_grad()
     def selection_ratio(self):
-        return selection_ratio(self._gates_or_error("selection_ratio"), self.pcfg.insert_at)
+        return gate_selection_ratio(self._gates_or_error("selection_ratio"), self.pcfg.insert_at)
 
     def _gates_or_error(self, what):
         if self.gate_logits is None:
@@ -495,7 +495,7 @@ def hard_gates(gate_logits, sample):
     return (soft > 0.5).float() + (soft - soft.detach())  # forward value exactly binary
 
 
-def aggregation_weights(gates, insert_at=1):
+def gate_aggregation_weights(gates, insert_at=1):
     """Eq. 8: Z_P^{L-1} = w_P * P + sum_l g~_l Z~_P^l. Returns (w_P, g~ [L-1]); g~_l = 0 before insert_at."""
     g = gates.detach().cpu().double()
     g_tilde = torch.zeros_like(g)
@@ -506,11 +506,11 @@ def aggregation_weights(gates, insert_at=1):
     return keep, g_tilde
 
 
-def selection_ratio(gates, insert_at=1):
+def gate_selection_ratio(gates, insert_at=1):
     """Eq. 11: r_l = g~_l / sum_m g~_m, blocks 1..L-1. When no block contributes (every gate closed, as hard
     gates are at init, or insert_at = L so that no block is gated), the prompts reach block L unchanged and every
     r_l is 0 (instead of 0/0)."""
-    _, g_tilde = aggregation_weights(gates, insert_at)
+    _, g_tilde = gate_aggregation_weights(gates, insert_at)
     total = g_tilde.sum()
     return (g_tilde / total if total > 0 else torch.zeros_like(g_tilde)).float()
 
