@@ -28,18 +28,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import analysis
-import data
-import downloads
-import inputs
+from harness.figures import analysis
+from harness.data import datasets
+from harness import downloads
+from harness import inputs
 import gated_prompt as gp
-import predict
-import recipes
-import releases
-import results
-import runtime
-import segmentation
-import trainer
+from harness import serving
+from harness import recipes
+from harness.data import releases
+from harness import results
+from harness import runtime
+from harness import segmentation
+from harness import classification
 
 # Defaults of the flags whose absence a mode must see (a flag a mode cannot apply is refused by name)
 DEFAULTS = dict(ssl="mae", method="gated+temp", seeds=1, data_dir="data", results_dir="results")
@@ -64,7 +64,7 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to run")
     what.add_argument("--task", choices=recipes.TASKS, metavar="TASK",
-                      help="FGVC: cub nabirds flowers cars dogs; VTAB-1k: " + " ".join(data.VTAB_TASKS) + "; ade20k")
+                      help="FGVC: cub nabirds flowers cars dogs; VTAB-1k: " + " ".join(datasets.VTAB_TASKS) + "; ade20k")
     what.add_argument("--ssl", choices=["mae", "mocov3"], help="self-supervised backbone (default mae)")
     what.add_argument("--method", choices=list(gp.METHODS),
                       help="gated+temp is the paper's method (default); gated = without temperatures; "
@@ -245,7 +245,7 @@ def run_one(cfg, protocol, settings, lr_source="recipe"):
             if recipes.task_kind(cfg["task"]) == "segmentation":
                 body, prompt_state = segmentation.train_segmentation(cfg, settings, files.state)
             else:
-                body, prompt_state = trainer.run_classification(cfg, protocol, settings)
+                body, prompt_state = classification.run_classification(cfg, protocol, settings)
         except runtime.NonFiniteLoss as e:
             if protocol != "sweep":
                 e.state_path = files.state
@@ -449,7 +449,7 @@ def run_demo(cfgs, args, settings):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     subcommands = {"prepare": prepare_main, "figure": analysis.main, "download": download_main,
-                   "predict": predict.main}
+                   "predict": serving.main}
     if argv[:1] and argv[0] in subcommands:
         return subcommands[argv[0]](argv[1:])
     args = parse_args(argv)
@@ -510,13 +510,13 @@ def prepare_main(argv):
     p = argparse.ArgumentParser(prog="reproduce.py prepare",
                                 description="Build VPT-sized train/val/test json splits of an FGVC dataset from "
                                             "its official release files (fixed seed 42).")
-    p.add_argument("--dataset", required=True, choices=list(data.FGVC_DATASETS))
+    p.add_argument("--dataset", required=True, choices=list(datasets.FGVC_DATASETS))
     p.add_argument("--root", help="the dataset folder holding the release files and images (default: found under "
                                   "--data-dir by its release name, e.g. data/CUB_200_2011)")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--overwrite", action="store_true", help="replace existing split files")
     args = p.parse_args(argv)
-    root = args.root or data.dataset_root(args.dataset, args.data_dir)
+    root = args.root or datasets.dataset_root(args.dataset, args.data_dir)
     print(releases.prepare(args.dataset, root, overwrite=args.overwrite))
 
 
@@ -526,7 +526,7 @@ def download_main(argv):
                                             "checkpoints/SHA256SUMS), or an FGVC dataset with a stable archive.")
     p.add_argument("--ssl", choices=["mae", "mocov3"], default="mae")
     p.add_argument("--arch", choices=list(gp.ARCHS), default="vit_base")
-    p.add_argument("--dataset", choices=list(data.FGVC_DATASETS) + ["vtab-1k", "ade20k"],
+    p.add_argument("--dataset", choices=list(datasets.FGVC_DATASETS) + ["vtab-1k", "ade20k"],
                    help="fetch a dataset instead (CUB, Flowers, Dogs; the others print where to get them)")
     p.add_argument("--checkpoint-dir", default="checkpoints")
     p.add_argument("--data-dir", default="data")
@@ -543,7 +543,7 @@ def cli_main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         main(argv)
-    except (runtime.UserError, data.DataError, gp.CheckpointError) as e:
+    except (runtime.UserError, datasets.DataError, gp.CheckpointError) as e:
         opt_in = " On this command line: --trust-pickle." if isinstance(e, gp.PickledCodeError) else ""
         print(f"error: {e}.{opt_in}" if opt_in else f"error: {e}", file=sys.stderr)
         return runtime.EXIT_BAD_INPUT

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import FGVC_DATASETS, FGVC_SPLITS, make_synthetic_images
-from runtime import write_text
+from harness.data.datasets import FGVC_DATASETS, FGVC_SPLITS, make_synthetic_images
+from harness.runtime import write_text
 
 TINY_VIT = dict(embed_dim=32, depth=3, num_heads=2, patch_size=8)   # the tests' small ViT (arch_overrides)
 

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-import downloads as dl  # noqa: E402
-import releases as rel  # noqa: E402
+from harness import downloads as dl  # noqa: E402
+from harness.data import releases as rel  # noqa: E402
 import fixtures  # noqa: E402
 import gated_prompt as gp  # noqa: E402
 
@@ -220,9 +220,9 @@ def fixture_tables(values: dict[str, dict]) -> tuple[dict, dict]:
 
 def _tiny_run(results_dir, data_dir, checkpoint_dir, mirror):
     """What `reproduce.py --task cub --download` does, with a tiny ViT (under torchrun: every rank)."""
-    import recipes
+    from harness import recipes
     import reproduce
-    import runtime
+    from harness import runtime
     runtime.init_distributed()
     cfg = recipes.resolve("cub", "mae", arch_overrides=dict(embed_dim=32, depth=2, num_heads=2), img_size=32,
                           num_classes=3, epochs=1, warmup_epochs=0, batch_size=8)
@@ -232,7 +232,7 @@ def _tiny_run(results_dir, data_dir, checkpoint_dir, mirror):
 
 
 def main(argv: list[str]) -> int:
-    import runtime
+    from harness import runtime
     dl.CHECKPOINTS, rel.DATASETS = fixture_tables(json.loads(Path(argv[0]).read_text()))
     dl._default_model = lambda arch, ssl: tiny_model()  # what `download` checks a checkpoint against
     try:

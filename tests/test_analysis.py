@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import analysis
-import dip
+from harness.figures import analysis
+from harness.figures import dip
 import gated_prompt as gp
-import recipes
-import results
-from runtime import UserError
+from harness import recipes
+from harness import results
+from harness.runtime import UserError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

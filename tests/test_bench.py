@@ -13,10 +13,10 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-import bench
-import bench_runs
+from bench import bench
+from bench import runs
 import gated_prompt as gp
-import runtime
+from harness import runtime
 
 CPU = torch.device("cpu")
 TINY = ["--arch", "vit_small", "--img-size", "32", "--steps", "2", "--warmup", "1", "--repeats", "2"]
@@ -152,7 +152,10 @@ def test_compile_only_on_cuda_unless_told(argv, device, expected):
 
 
 def test_no_module_imports_the_cli():
-    code = "import sys, bench; print('reproduce' in sys.modules)"
+    code = ("import sys, pathlib, importlib\n"
+            "for f in sorted(pathlib.Path('harness').glob('**/*.py')) + sorted(pathlib.Path('bench').glob('*.py')):\n"
+            "    if f.stem != '__main__': importlib.import_module('.'.join(f.with_suffix('').parts).replace('.__init__', ''))\n"
+            "print('reproduce' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
@@ -323,11 +326,11 @@ E2E_TINY = ["--arch", "tiny", "--img-size", "32", "--train-images", "20", "--tes
 @pytest.mark.parametrize("run,task,batch,prompts,lr", [("vtab", "dtd", 128, 1, 0.25), ("cub", "cub", 64, 100, 0.1)])
 def test_end_to_end_uses_the_papers_recipe(run, task, batch, prompts, lr):
     """Table 5's MAE rows: dtd 128 / 1 prompt / lr 0.25, CUB 64 / 100 prompts / lr 0.1; 100 epochs."""
-    cfg = bench_runs.end_to_end_config(bench.parse_args(["--end-to-end", run]), run)
+    cfg = runs.end_to_end_config(bench.parse_args(["--end-to-end", run]), run)
     assert (cfg["task"], cfg["ssl"], cfg["method"], cfg["arch"]) == (task, "mae", "gated+temp", "vit_base")
     assert (cfg["batch_size"], cfg["num_prompts"], cfg["lr"], cfg["epochs"], cfg["img_size"]) == (
         batch, prompts, lr, 100, 224)
-    cfg = bench_runs.end_to_end_config(bench.parse_args(["--end-to-end", run, "--epochs", "7", "--batch", "3",
+    cfg = runs.end_to_end_config(bench.parse_args(["--end-to-end", run, "--epochs", "7", "--batch", "3",
                                                     "--prompts", "5", "--arch", "tiny"]), run)
     assert (cfg["epochs"], cfg["batch_size"], cfg["num_prompts"]) == (7, 3, 5)
     assert cfg["arch_overrides"] == {"embed_dim": 32, "depth": 12, "num_heads": 2}
@@ -338,34 +341,34 @@ def test_end_to_end_uses_the_papers_recipe(run, task, batch, prompts, lr):
 @pytest.mark.parametrize("argv,device,bf16,compile", [([], "cpu", False, False), ([], "cuda", True, True),
                                                       (["--no-compile"], "cuda", True, False)])
 def test_end_to_end_settings(argv, device, bf16, compile):
-    settings = bench_runs.end_to_end_settings(bench.parse_args(["--end-to-end", "vtab"] + argv), torch.device(device))
+    settings = runs.end_to_end_settings(bench.parse_args(["--end-to-end", "vtab"] + argv), torch.device(device))
     assert (settings.bf16, settings.compile, settings.quiet, settings.device.type) == (bf16, compile, True, device)
 
 
 def test_synthetic_split_tiles_every_class():
-    split = bench_runs.synthetic_split("dtd", "train", 100, 16, seed=0)   # 47 classes, 2 generated images each
+    split = runs.synthetic_split("dtd", "train", 100, 16, seed=0)   # 47 classes, 2 generated images each
     assert len(split) == 100 and split.pixels.dtype == torch.uint8 and split.sizes.tolist() == [[16, 16]] * 100
     assert split.labels.tolist() == [i % 47 for i in range(100)] and split.task == "dtd"
     assert torch.equal(split.image(0), split.image(94)) and not torch.equal(split.image(0), split.image(47))
-    assert not torch.equal(split.image(0), bench_runs.synthetic_split("dtd", "test", 1, 16, seed=1).image(0))
+    assert not torch.equal(split.image(0), runs.synthetic_split("dtd", "test", 1, 16, seed=1).image(0))
 
 
 def test_projection_to_the_full_schedule():
     # setup 1 s, 3 epochs in 14 s of which epoch 1 took 10: later epochs 2 s each; 97 more of them; eval 2 s
-    assert bench_runs.projected_wall_s(1.0, 10.0, 14.0, 3, 2.0, 100) == 1 + 14 + 97 * 2 + 2 == 211
-    assert bench_runs.projected_wall_s(1.0, 10.0, 10.0, 1, 2.0, 100) is None     # no later epoch to go by
+    assert runs.projected_wall_s(1.0, 10.0, 14.0, 3, 2.0, 100) == 1 + 14 + 97 * 2 + 2 == 211
+    assert runs.projected_wall_s(1.0, 10.0, 10.0, 1, 2.0, 100) is None     # no later epoch to go by
 
 
 @pytest.mark.parametrize("run", ["vtab", "cub"])
 def test_end_to_end_tiny(run, tmp_path, capsys, monkeypatch):
     """One whole run through trainer.fit: CUB's epochs include its val pass (the FGVC protocol), VTAB's do not."""
     evaluated = []
-    real_evaluate = bench_runs.trainer.evaluate
+    real_evaluate = runs.classification.evaluate
 
     def evaluate(eval_step, model, loader):
         evaluated.append(len(loader.split))
         return real_evaluate(eval_step, model, loader)
-    monkeypatch.setattr(bench_runs.trainer, "evaluate", evaluate)
+    monkeypatch.setattr(runs.trainer, "evaluate", evaluate)
     out_file = tmp_path / "e2e.json"
     out = bench.main(["--end-to-end", run, "--epochs", "3", "--val-images", "4", "--json", str(out_file)] + E2E_TINY)
     r = out["end_to_end"]
@@ -393,10 +396,10 @@ def test_end_to_end_tiny(run, tmp_path, capsys, monkeypatch):
 def test_segmentation_constants_come_from_the_ade20k_recipe():
     """mmseg's setr_pup_512x512_160k_b16_ade20k: batch 16 of 512 crops, 160k iterations, slide stride 341, aux
     heads on blocks 5 and 9 (ViT-B/16), 0.4 each; the paper's 100 prompts."""
-    cfg = bench_runs.segmentation_config(bench.parse_args(["--segmentation"]))
+    cfg = runs.segmentation_config(bench.parse_args(["--segmentation"]))
     assert (cfg["batch_size"], cfg["img_size"], cfg["iters"], cfg["slide_stride"]) == (16, 512, 160000, 341)
     assert (list(cfg["aux_blocks"]), cfg["aux_loss_weight"], cfg["num_prompts"]) == ([5, 9], 0.4, 100)
-    cfg = bench_runs.segmentation_config(bench.parse_args(["--segmentation", "--arch", "tiny", "--img-size", "64",
+    cfg = runs.segmentation_config(bench.parse_args(["--segmentation", "--arch", "tiny", "--img-size", "64",
                                                       "--batch", "2", "--prompts", "3"]))
     assert (cfg["batch_size"], cfg["img_size"], cfg["num_prompts"], cfg["head_channels"]) == (2, 64, 3, 32)
 
@@ -412,7 +415,7 @@ def test_segmentation_constants_come_from_the_ade20k_recipe():
 def test_window_count_runs_slide_inference(size, crop, windows):
     def zeros(x):
         return torch.zeros(len(x), 1, *x.shape[-2:])
-    assert bench_runs.window_count(zeros, torch.zeros(3, *size, dtype=torch.uint8), crop, 341) == windows
+    assert runs.window_count(zeros, torch.zeros(3, *size, dtype=torch.uint8), crop, 341) == windows
 
 
 def test_segmentation_tiny(tmp_path, capsys, monkeypatch):
@@ -574,7 +577,7 @@ def _report_units(out_dir):
 def test_a_report_killed_part_way_keeps_its_rows_and_a_rerun_completes_it(tmp_path):
     """A real `bench.py --report --arch tiny` process (its step stage) killed once its first unit is written leaves
     a valid benchmarks.json holding that unit; a rerun keeps it (same device and code) and measures the rest."""
-    argv = [sys.executable, "bench.py", "--report", "--arch", "tiny", "--only", "step", "--steps", "1",
+    argv = [sys.executable, "bench/bench.py", "--report", "--arch", "tiny", "--only", "step", "--steps", "1",
             "--repeats", "1", "--out-dir", str(tmp_path)]
     first = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env=dict(os.environ, OMP_NUM_THREADS="1"))

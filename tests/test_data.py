@@ -12,16 +12,16 @@ import torchvision.transforms as T
 from PIL import Image
 
 import fixtures
-import batches as batching
-import data
-import releases
-from data import DataError
+from harness.data import batches as batching
+from harness.data import datasets
+from harness.data import releases
+from harness.data.datasets import DataError
 
-MEAN = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
+MEAN = torch.tensor(datasets.IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(datasets.IMAGENET_STD).view(1, 3, 1, 1)
 # VPT's FGVC eval transform (KMnP/vpt src/data/transforms.py, size 224)
 VPT_EVAL = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
-                      T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+                      T.Normalize(datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)])
 
 
 def normalize(uint8_images):
@@ -41,7 +41,7 @@ def ragged(images, labels=None, task="cub", split="train"):
     sizes = torch.tensor([list(image.shape[1:]) for image in images])
     areas = sizes[:, 0] * sizes[:, 1]
     labels = torch.arange(len(images)) if labels is None else labels
-    return data.ImageSplit(task, split, pixels, torch.cumsum(areas, 0) - areas, sizes, labels)
+    return datasets.ImageSplit(task, split, pixels, torch.cumsum(areas, 0) - areas, sizes, labels)
 
 
 def random_images(shapes, seed=0):
@@ -57,7 +57,7 @@ def real_rows(batches):
 
 def nearest_class_by_colour(split, num_classes):
     """Predict classes of a split's synthetic images from their mean colour (seed-independent colours)."""
-    reference, labels = data.make_synthetic_images(num_classes, 20, 32, seed=123)
+    reference, labels = datasets.make_synthetic_images(num_classes, 20, 32, seed=123)
     centroids = torch.stack([reference[labels == c].float().mean((0, 2, 3)) for c in range(num_classes)])
     colours = torch.stack([split.image(n).float().mean((1, 2)) for n in range(len(split))])
     return torch.cdist(colours, centroids).argmin(1)
@@ -67,22 +67,22 @@ def nearest_class_by_colour(split, num_classes):
 
 
 def test_registries_and_metadata():
-    assert {k: v.num_classes for k, v in data.FGVC_DATASETS.items()} == {
+    assert {k: v.num_classes for k, v in datasets.FGVC_DATASETS.items()} == {
         "cub": 200, "nabirds": 555, "flowers": 102, "cars": 196, "dogs": 120}
-    assert data.FGVC_DATASETS["dogs"].image_dir == "Images" and data.FGVC_DATASETS["cars"].image_dir == ""
-    assert data.FGVC_DATASETS["nabirds"].split_sizes == (21536, 2393, 24633)
-    assert len(data.VTAB_TASKS) == 19
-    groups = [v.group for v in data.VTAB_TASKS.values()]
+    assert datasets.FGVC_DATASETS["dogs"].image_dir == "Images" and datasets.FGVC_DATASETS["cars"].image_dir == ""
+    assert datasets.FGVC_DATASETS["nabirds"].split_sizes == (21536, 2393, 24633)
+    assert len(datasets.VTAB_TASKS) == 19
+    groups = [v.group for v in datasets.VTAB_TASKS.values()]
     assert groups == ["natural"] * 7 + ["specialized"] * 4 + ["structured"] * 8
-    assert list(data.VTAB_TASKS)[:2] == ["cifar", "caltech101"] and list(data.VTAB_TASKS)[-1] == "smallnorb_ele"
-    assert data.num_classes("sun397") == 397 and data.num_classes("cub") == 200
-    assert data.task_kind("kitti") == "vtab" and data.task_kind("cars") == "fgvc"
-    assert data.split_names("cub", "final") == ("train", "test")
-    assert data.split_names("cub", "sweep") == ("train", "val")
-    assert data.split_names("dtd", "final") == ("train800val200", "test")
-    assert data.split_names("dtd", "sweep") == ("train800", "val200")
+    assert list(datasets.VTAB_TASKS)[:2] == ["cifar", "caltech101"] and list(datasets.VTAB_TASKS)[-1] == "smallnorb_ele"
+    assert datasets.num_classes("sun397") == 397 and datasets.num_classes("cub") == 200
+    assert datasets.task_kind("kitti") == "vtab" and datasets.task_kind("cars") == "fgvc"
+    assert datasets.split_names("cub", "final") == ("train", "test")
+    assert datasets.split_names("cub", "sweep") == ("train", "val")
+    assert datasets.split_names("dtd", "final") == ("train800val200", "test")
+    assert datasets.split_names("dtd", "sweep") == ("train800", "val200")
     with pytest.raises(ValueError):
-        data.task_kind("imagenet")
+        datasets.task_kind("imagenet")
 
 
 # --- dataset folders --------------------------------------------------------------------------
@@ -90,35 +90,35 @@ def test_registries_and_metadata():
 
 def test_dataset_root_accepts_release_folder_names(tmp_path):
     (tmp_path / "CUB_200_2011").mkdir()
-    assert data.dataset_root("cub", tmp_path) == tmp_path / "CUB_200_2011"
+    assert datasets.dataset_root("cub", tmp_path) == tmp_path / "CUB_200_2011"
     (tmp_path / "cub").mkdir()
-    assert data.dataset_root("cub", tmp_path) == tmp_path / "cub"  # our own name comes first
+    assert datasets.dataset_root("cub", tmp_path) == tmp_path / "cub"  # our own name comes first
     (tmp_path / "stanford_cars").mkdir()
-    assert data.dataset_root("cars", tmp_path) == tmp_path / "stanford_cars"
+    assert datasets.dataset_root("cars", tmp_path) == tmp_path / "stanford_cars"
     (tmp_path / "VTAB-1k" / "dtd").mkdir(parents=True)
-    assert data.dataset_root("dtd", tmp_path) == tmp_path / "VTAB-1k"
+    assert datasets.dataset_root("dtd", tmp_path) == tmp_path / "VTAB-1k"
     (tmp_path / "vtab-1k" / "svhn").mkdir(parents=True)  # vtab-1k/ exists but lacks dtd/
-    assert data.dataset_root("dtd", tmp_path) == tmp_path / "VTAB-1k"
-    assert data.dataset_root("svhn", tmp_path) == tmp_path / "vtab-1k"
+    assert datasets.dataset_root("dtd", tmp_path) == tmp_path / "VTAB-1k"
+    assert datasets.dataset_root("svhn", tmp_path) == tmp_path / "vtab-1k"
 
 
 @pytest.mark.parametrize("task", ["dogs", "eurosat"])
 def test_dataset_root_missing_lists_every_accepted_path(tmp_path, task):
     with pytest.raises(DataError) as err:
-        data.dataset_root(task, tmp_path)
-    names = data.DATASET_FOLDERS[task if task in data.FGVC_DATASETS else "vtab"]
+        datasets.dataset_root(task, tmp_path)
+    names = datasets.DATASET_FOLDERS[task if task in datasets.FGVC_DATASETS else "vtab"]
     assert all(str(tmp_path / name) in str(err.value) for name in names) and len(names) >= 3
-    url = data.FGVC_DATASETS[task].url if task in data.FGVC_DATASETS else data.VTAB_URL
+    url = datasets.FGVC_DATASETS[task].url if task in datasets.FGVC_DATASETS else datasets.VTAB_URL
     assert url in str(err.value)
 
 
 def test_prepare_and_load_in_unpacked_release_folder(tmp_path):
     """CUB straight from CUB_200_2011.tgz: data/CUB_200_2011/{images.txt, ..., images/}."""
     release = fixtures.write_release_fixture(tmp_path / "data" / "CUB_200_2011", "cub", num_classes=3)
-    root = data.dataset_root("cub", tmp_path / "data")
+    root = datasets.dataset_root("cub", tmp_path / "data")
     assert root == release
     sizes = releases.prepare("cub", root)
-    paths, labels = data.read_split("cub", root, "test")
+    paths, labels = datasets.read_split("cub", root, "test")
     assert len(paths) == sizes["test"] == 12 and sorted(set(labels)) == [0, 1, 2]
     assert all(path.startswith(str(release / "images")) and Path(path).is_file() for path in paths)
 
@@ -126,25 +126,25 @@ def test_prepare_and_load_in_unpacked_release_folder(tmp_path):
 # --- readers ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dataset", list(data.FGVC_DATASETS))
+@pytest.mark.parametrize("dataset", list(datasets.FGVC_DATASETS))
 def test_fgvc_fixture_reads_back(tmp_path, dataset):
     root = fixtures.write_fgvc_fixture(tmp_path / dataset, dataset, per_class=(3, 1, 2))
-    image_dir = root / data.FGVC_DATASETS[dataset].image_dir
+    image_dir = root / datasets.FGVC_DATASETS[dataset].image_dir
     assert all((image_dir / key).is_file() for key in json.loads((root / "train.json").read_text()))
 
-    for split, count in zip(data.FGVC_SPLITS, (3, 1, 2)):
-        paths, labels = data.read_split(dataset, root, split)
+    for split, count in zip(datasets.FGVC_SPLITS, (3, 1, 2)):
+        paths, labels = datasets.read_split(dataset, root, split)
         anno = json.loads((root / f"{split}.json").read_text())
         assert paths == [str(image_dir / key) for key in anno]
         assert labels == list(anno.values()) and sorted(set(labels)) == [0, 1, 2]  # 0-based ids used as is
-    loaded = data.load_splits(dataset, root, data.FGVC_SPLITS)
+    loaded = datasets.load_splits(dataset, root, datasets.FGVC_SPLITS)
     assert {name: len(split) for name, split in loaded.items()} == {"train": 9, "val": 3, "test": 6}
     test = loaded["test"]
     assert test.task == dataset and test.split == "test"
     # 48x36 (w x h) fixture images -> shorter side 256, longer int(256 * 48 / 36) = 341, kept whole
     assert test.sizes.tolist() == [[256, 341]] * 6 and test.offsets.tolist() == [256 * 341 * n for n in range(6)]
     assert test.pixels.shape == (6 * 256 * 341, 3) and test.pixels.dtype == torch.uint8
-    assert test.labels.dtype == torch.int64 and test.labels.tolist() == data.read_split(dataset, root, "test")[1]
+    assert test.labels.dtype == torch.int64 and test.labels.tolist() == datasets.read_split(dataset, root, "test")[1]
     assert torch.equal(nearest_class_by_colour(test, 3), test.labels)
 
 
@@ -157,8 +157,8 @@ def test_fgvc_ids_in_range_are_indices(tmp_path):
     """Ids in 0..C-1 are used as is, even when a split (or all of them) lacks some classes."""
     write_json(tmp_path, "train", {"a.jpg": 7, "b.jpg": 3, "c.jpg": 199})
     write_json(tmp_path, "test", {"d.jpg": 199, "e.jpg": 3})
-    assert data.read_split("cub", tmp_path, "train")[1] == [7, 3, 199]
-    assert data.read_split("cub", tmp_path, "test")[1] == [199, 3]
+    assert datasets.read_split("cub", tmp_path, "train")[1] == [7, 3, 199]
+    assert datasets.read_split("cub", tmp_path, "test")[1] == [199, 3]
 
 
 def test_fgvc_official_ids_map_by_sorted_order(tmp_path):
@@ -166,11 +166,11 @@ def test_fgvc_official_ids_map_by_sorted_order(tmp_path):
     official = [295 + 3 * k for k in range(102)]  # 102 = Flowers' class count
     write_json(tmp_path, "train", {f"{cid}.jpg": cid for cid in reversed(official)})
     write_json(tmp_path, "val", {"v.jpg": official[-1], "w.jpg": official[5]})
-    assert data.read_split("flowers", tmp_path, "train")[1] == list(reversed(range(102)))
-    assert data.read_split("flowers", tmp_path, "val")[1] == [101, 5]  # the union's mapping, not val's own
+    assert datasets.read_split("flowers", tmp_path, "train")[1] == list(reversed(range(102)))
+    assert datasets.read_split("flowers", tmp_path, "val")[1] == [101, 5]  # the union's mapping, not val's own
     write_json(tmp_path, "train", {f"{cid}.jpg": cid for cid in range(1, 103)})  # 1-based official ids
     write_json(tmp_path, "val", {"v.jpg": 102})
-    assert data.read_split("flowers", tmp_path, "val")[1] == [101]
+    assert datasets.read_split("flowers", tmp_path, "val")[1] == [101]
 
 
 def test_fgvc_stray_class_id_is_rejected(tmp_path):
@@ -180,19 +180,19 @@ def test_fgvc_stray_class_id_is_rejected(tmp_path):
     write_json(tmp_path, "test", {"t.jpg": 0})
     for split in ("train", "test"):  # reading any split checks every split file
         with pytest.raises(DataError, match=r"train\.json: image 'stray\.jpg' has class id 999, outside 0\.\.199"):
-            data.read_split("cub", tmp_path, split)
+            datasets.read_split("cub", tmp_path, split)
     # 1-based ids missing a class: neither all in range nor exactly 200 distinct ids
     write_json(tmp_path, "train", {f"{cid}.jpg": cid for cid in range(2, 201)})
     write_json(tmp_path, "test", {"t.jpg": 2})
     with pytest.raises(DataError, match=r"'200\.jpg' has class id 200.*they hold 199"):
-        data.read_split("cub", tmp_path, "train")
+        datasets.read_split("cub", tmp_path, "train")
 
 
 @pytest.mark.parametrize("bad_id", ["3", 3.0, True, None])
 def test_fgvc_non_integer_class_id_is_rejected(tmp_path, bad_id):
     write_json(tmp_path, "train", {"a.jpg": 1, "b.jpg": bad_id})
     with pytest.raises(DataError, match=r"train\.json: image 'b\.jpg'.*must be integers"):
-        data.read_split("cub", tmp_path, "train")
+        datasets.read_split("cub", tmp_path, "train")
 
 
 def test_fgvc_eval_ids_must_occur_in_train(tmp_path):
@@ -201,25 +201,25 @@ def test_fgvc_eval_ids_must_occur_in_train(tmp_path):
     write_json(tmp_path, "test", {"d.jpg": 0, "e.jpg": 2})
     for split in ("train", "val", "test"):
         with pytest.raises(DataError, match=r"test\.json: image 'e\.jpg' has class id 2, which no image in .*train"):
-            data.read_split("dogs", tmp_path, split)
+            datasets.read_split("dogs", tmp_path, split)
     write_json(tmp_path, "test", {"d.jpg": 0})
-    assert data.read_split("dogs", tmp_path, "test")[1] == [0]
+    assert datasets.read_split("dogs", tmp_path, "test")[1] == [0]
 
 
 def test_vtab_fixture_reads_back(tmp_path):
     fixtures.write_vtab_fixture(tmp_path, "eurosat", num_classes=4, per_class=(3, 2, 2), image_size=(40, 24))
     sizes = {"train800": 12, "val200": 8, "train800val200": 20, "test": 8}
-    loaded = data.load_splits("eurosat", tmp_path, list(sizes))
+    loaded = datasets.load_splits("eurosat", tmp_path, list(sizes))
     for split, size in sizes.items():
         assert len(loaded[split]) == size and loaded[split].sizes.tolist() == [[224, 224]] * size
         assert loaded[split].pixels.shape == (size * 224 * 224, 3)
         assert torch.equal(nearest_class_by_colour(loaded[split], 4), loaded[split].labels)
-    paths, labels = data.read_split("eurosat", tmp_path, "train800val200")
-    train_paths, _ = data.read_split("eurosat", tmp_path, "train800")
+    paths, labels = datasets.read_split("eurosat", tmp_path, "train800val200")
+    train_paths, _ = datasets.read_split("eurosat", tmp_path, "train800")
     assert paths[:12] == train_paths and paths[0] == str(tmp_path / "eurosat" / "images/train800/00000.jpg")
     for n in (0, 19):  # the TF-style resize of the decoded file, exactly
         raw = torch.from_numpy(np.array(Image.open(paths[n]).convert("RGB"))).permute(2, 0, 1)
-        assert torch.equal(loaded["train800val200"].image(n), data.resize_like_tf(raw, 224))
+        assert torch.equal(loaded["train800val200"].image(n), datasets.resize_like_tf(raw, 224))
 
 
 def test_resized_size_matches_torchvision_resize_256():
@@ -228,7 +228,7 @@ def test_resized_size_matches_torchvision_resize_256():
     shapes += [tuple(int(v) for v in rng.integers(20, 900, 2)) for _ in range(100)]
     for width, height in shapes:
         resized = T.Resize(256)(Image.new("RGB", (width, height)))
-        assert data.resized_size(width, height) == (resized.height, resized.width), (width, height)
+        assert datasets.resized_size(width, height) == (resized.height, resized.width), (width, height)
 
 
 def test_fgvc_cache_keeps_the_whole_resized_image_and_eval_equals_vpt(tmp_path):
@@ -242,11 +242,11 @@ def test_fgvc_cache_keeps_the_whole_resized_image_and_eval_equals_vpt(tmp_path):
         anno[f"{n}.png"] = n
     write_json(tmp_path, "train", anno)
     write_json(tmp_path, "test", anno)
-    split = data.load_splits("cars", tmp_path, ["test"])["test"]
+    split = datasets.load_splits("cars", tmp_path, ["test"])["test"]
     files = [Image.open(tmp_path / f"{n}.png").convert("RGB") for n in range(len(shapes))]
     for n, (file, (width, height)) in enumerate(zip(files, shapes)):
         expected = torch.from_numpy(np.array(T.Resize(256)(file))).permute(2, 0, 1)
-        assert tuple(split.sizes[n].tolist()) == data.resized_size(width, height) == tuple(expected.shape[1:])
+        assert tuple(split.sizes[n].tolist()) == datasets.resized_size(width, height) == tuple(expected.shape[1:])
         assert torch.equal(split.image(n), expected)
     images, labels = real_rows(list(batching.BatchLoader(split, 3, train=False)))
     assert torch.equal(labels, torch.arange(4))
@@ -260,20 +260,20 @@ def test_vtab_resize_is_vpts_tf1_bilinear():
     ramp = torch.tensor([[0, 10, 20, 30], [40, 50, 60, 70], [80, 90, 100, 110], [120, 130, 140, 150]])
     image = ramp.to(torch.uint8).expand(3, 4, 4)
     # 4 -> 2: samples at 0 and 2 exactly (TF2's half-pixel centres would average 2x2 blocks: 25, 45, ...)
-    assert torch.equal(data.resize_like_tf(image, 2), torch.tensor([[0, 20], [80, 100]]).expand(3, 2, 2))
+    assert torch.equal(datasets.resize_like_tf(image, 2), torch.tensor([[0, 20], [80, 100]]).expand(3, 2, 2))
     # 4 -> 3: samples at 0, 4/3, 8/3: 10 * (4/3) = 13.33 -> 13, 26.67 -> 27 along a row, 40 x that down
-    assert torch.equal(data.resize_like_tf(image, 3)[0], torch.tensor([[0, 13, 27], [53, 67, 80], [107, 120, 133]]))
+    assert torch.equal(datasets.resize_like_tf(image, 3)[0], torch.tensor([[0, 13, 27], [53, 67, 80], [107, 120, 133]]))
     # 2 -> 4: samples at 0, 0.5, 1, 1.5 (-> 1): weights 1 | 1/2 + 1/2 | 1 | 1 (clamped)
     image = torch.tensor([[0, 40], [80, 120]], dtype=torch.uint8).expand(3, 2, 2)
     expected = torch.tensor([[0, 20, 40, 40], [40, 60, 80, 80], [80, 100, 120, 120], [80, 100, 120, 120]])
-    assert torch.equal(data.resize_like_tf(image, 4), expected.expand(3, 4, 4))
+    assert torch.equal(datasets.resize_like_tf(image, 4), expected.expand(3, 4, 4))
 
 
 def test_vtab_resize_does_not_antialias():
     """896 -> 224 samples exactly source column 4d; PIL's antialiased bilinear averages ~8 columns instead."""
     row = torch.tensor([255 if x % 4 == 0 else 0 for x in range(896)], dtype=torch.uint8)
     image = row.expand(3, 896, 896)
-    assert torch.equal(data.resize_like_tf(image, 224), torch.full((3, 224, 224), 255, dtype=torch.uint8))
+    assert torch.equal(datasets.resize_like_tf(image, 224), torch.full((3, 224, 224), 255, dtype=torch.uint8))
     pil = np.array(Image.fromarray(image.permute(1, 2, 0).numpy()).resize((224, 224), Image.BILINEAR))
     assert 40 < pil.mean() < 90  # about 255 / 4
 
@@ -287,20 +287,20 @@ def test_every_split_list_is_checked_before_decoding(tmp_path, monkeypatch):
     fixtures.write_vtab_fixture(tmp_path, "svhn")
     (tmp_path / "svhn" / "test.txt").write_text("images/test/00000.jpg 11\n")  # svhn has 10 classes
     with pytest.raises(DataError, match=r"test\.txt:1: label 11"):
-        data.load_splits("svhn", tmp_path, ["train800val200", "test"])
+        datasets.load_splits("svhn", tmp_path, ["train800val200", "test"])
     root = fixtures.write_fgvc_fixture(tmp_path / "cub", "cub")
     val = json.loads((root / "val.json").read_text())
     write_json(root, "val", val | {"extra.jpg": 5})  # class 5 is not in train.json
     with pytest.raises(DataError, match=r"val\.json: image 'extra\.jpg' has class id 5"):
-        data.load_splits("cub", root, ["train", "test"])
+        datasets.load_splits("cub", root, ["train", "test"])
 
 
 # --- ImageSplit and loader ----------------------------------------------------------------------
 
 
 def test_image_split_from_dense_and_ragged_views():
-    images, labels = data.make_synthetic_images(3, 2, 10)
-    split = data.ImageSplit.from_dense("demo", "train", images, labels)
+    images, labels = datasets.make_synthetic_images(3, 2, 10)
+    split = datasets.ImageSplit.from_dense("demo", "train", images, labels)
     assert len(split) == 6 and split.pixels.shape == (600, 3) and split.pixels.dtype == torch.uint8
     assert split.offsets.tolist() == [0, 100, 200, 300, 400, 500] and split.sizes.tolist() == [[10, 10]] * 6
     assert torch.equal(split.labels, labels) and split.labels.dtype == torch.int64
@@ -313,7 +313,7 @@ def test_image_split_from_dense_and_ragged_views():
 
 
 def test_train_order_is_pure_function_of_seed_and_epoch():
-    split = data.ImageSplit.from_dense("demo", "train", *data.make_synthetic_images(5, 7, 12))
+    split = datasets.ImageSplit.from_dense("demo", "train", *datasets.make_synthetic_images(5, 7, 12))
 
     def loader(batch_size=4, seed=42):
         return batching.BatchLoader(split, batch_size, train=True, augment=True, crop_size=8, seed=seed)
@@ -339,7 +339,7 @@ def test_random_crops_cover_each_images_own_extent():
     """VPT's RandomCrop(224) after Resize(256): offsets anywhere in the whole resized image."""
     base = ragged([torch.zeros(3, 256, 420, dtype=torch.uint8), torch.zeros(3, 420, 256, dtype=torch.uint8)])
     n = 200  # alternately the wide and the tall image (offsets may point at the same pixels)
-    split = data.ImageSplit("cub", "train", base.pixels, base.offsets.repeat(n // 2),
+    split = datasets.ImageSplit("cub", "train", base.pixels, base.offsets.repeat(n // 2),
                             base.sizes.repeat(n // 2, 1), torch.zeros(n, dtype=torch.int64))
     loader = batching.BatchLoader(split, 64, train=True, augment=True)
     indices = torch.cat([loader.sample_indices(epoch) for epoch in range(40)])
@@ -382,8 +382,8 @@ def test_train_batches_are_true_crops_and_mirrors():
 
 
 def test_center_crops_equal_torchvision():
-    images, labels = data.make_synthetic_images(3, 3, 256)
-    loader = batching.BatchLoader(data.ImageSplit.from_dense("demo", "test", images, labels), 4, train=False)
+    images, labels = datasets.make_synthetic_images(3, 3, 256)
+    loader = batching.BatchLoader(datasets.ImageSplit.from_dense("demo", "test", images, labels), 4, train=False)
     outputs, _ = real_rows(list(loader))
     assert torch.equal(outputs, normalize(T.CenterCrop(224)(images))) and len(loader) == 3
     shapes = [(11, 13), (8, 8), (14, 9), (9, 20)]  # odd margins: torchvision rounds (size - crop) / 2
@@ -396,8 +396,8 @@ def test_center_crops_equal_torchvision():
 
 
 def test_last_batch_is_padded_to_a_static_shape():
-    images, labels = data.make_synthetic_images(5, 2, 12)
-    split = data.ImageSplit.from_dense("demo", "test", images, labels)
+    images, labels = datasets.make_synthetic_images(5, 2, 12)
+    split = datasets.ImageSplit.from_dense("demo", "test", images, labels)
     batches = list(batching.BatchLoader(split, 4, train=False, crop_size=8))
     (whole_x, whole_y), = list(batching.BatchLoader(split, 10, train=False, crop_size=8))
     assert len(batches) == 3 and all(x.shape == (4, 3, 8, 8) and y.shape == (4,) for x, y in batches)
@@ -438,8 +438,8 @@ def test_cuda_batches_match_cpu_without_host_syncs(images_on_device):
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharded_eval_covers_every_index_once(world_size):
-    images, labels = data.make_synthetic_images(11, 1, 8)  # N = 11, not divisible by 2 or 3
-    split = data.ImageSplit.from_dense("demo", "test", images, labels)
+    images, labels = datasets.make_synthetic_images(11, 1, 8)  # N = 11, not divisible by 2 or 3
+    split = datasets.ImageSplit.from_dense("demo", "test", images, labels)
     indices, gathered = [], []
     for rank in range(world_size):
         loader = batching.BatchLoader(split, 2, train=False, crop_size=8, rank=rank, world_size=world_size)
@@ -454,8 +454,8 @@ def test_sharded_eval_covers_every_index_once(world_size):
 
 
 def test_sharded_train_has_equal_counts_and_covers_all():
-    images, labels = data.make_synthetic_images(10, 1, 8)
-    split = data.ImageSplit.from_dense("demo", "train", images, labels)
+    images, labels = datasets.make_synthetic_images(10, 1, 8)
+    split = datasets.ImageSplit.from_dense("demo", "train", images, labels)
     shards = [batching.BatchLoader(split, 3, train=True, crop_size=8, rank=r, world_size=3, seed=7) for r in range(3)]
     orders = [s.sample_indices(5) for s in shards]
     assert [len(o) for o in orders] == [4, 4, 4] and {len(s) for s in shards} == {2}
@@ -471,23 +471,23 @@ def test_sharded_train_has_equal_counts_and_covers_all():
 
 def test_missing_dataset_folder(tmp_path):
     with pytest.raises(DataError, match="cub_200_2011") as err:
-        data.load_splits("cub", tmp_path / "nowhere", ["train"])
+        datasets.load_splits("cub", tmp_path / "nowhere", ["train"])
     assert str(tmp_path / "nowhere") in str(err.value)
     with pytest.raises(DataError) as err:
-        data.load_splits("dtd", tmp_path, ["test"])
-    assert str(tmp_path / "dtd") in str(err.value) and data.VTAB_URL in str(err.value)
+        datasets.load_splits("dtd", tmp_path, ["test"])
+    assert str(tmp_path / "dtd") in str(err.value) and datasets.VTAB_URL in str(err.value)
 
 
 def test_missing_split_file(tmp_path):
     root = fixtures.write_fgvc_fixture(tmp_path / "dogs", "dogs")
     (root / "val.json").unlink()
     with pytest.raises(DataError, match="val.json"):
-        data.load_splits("dogs", root, ["train", "val"])
-    assert len(data.load_splits("dogs", root, ["test"])["test"]) == 6  # other splits still load
+        datasets.load_splits("dogs", root, ["train", "val"])
+    assert len(datasets.load_splits("dogs", root, ["test"])["test"]) == 6  # other splits still load
     fixtures.write_vtab_fixture(tmp_path, "dmlab")
     (tmp_path / "dmlab" / "val200.txt").unlink()
     with pytest.raises(DataError, match="val200.txt"):
-        data.load_splits("dmlab", tmp_path, ["val200"])
+        datasets.load_splits("dmlab", tmp_path, ["val200"])
 
 
 def test_malformed_lines(tmp_path):
@@ -497,14 +497,14 @@ def test_malformed_lines(tmp_path):
     lines[2] = "images/test/00002.jpg"  # label missing
     list_file.write_text("\n".join(lines))
     with pytest.raises(DataError, match=r"test\.txt:3: malformed"):
-        data.read_split("svhn", tmp_path, "test")
+        datasets.read_split("svhn", tmp_path, "test")
     root = fixtures.write_fgvc_fixture(tmp_path / "cub", "cub")
     (root / "train.json").write_text('{"a.jpg": 1,\n "b.jpg" 2}')
     with pytest.raises(DataError, match=r"train\.json:2: malformed json"):
-        data.read_split("cub", root, "test")
+        datasets.read_split("cub", root, "test")
     (root / "train.json").write_text('{"a.jpg": 1, "b.jpg": "2"}')
     with pytest.raises(DataError, match=r"train\.json.*'b.jpg'"):
-        data.read_split("cub", root, "train")
+        datasets.read_split("cub", root, "train")
 
 
 def test_label_out_of_range(tmp_path):
@@ -512,12 +512,12 @@ def test_label_out_of_range(tmp_path):
     list_file = tmp_path / "patch_camelyon" / "train800.txt"
     list_file.write_text(list_file.read_text() + "images/train800/00000.jpg 2\n")
     with pytest.raises(DataError, match=r"train800\.txt:7: label 2 out of range"):
-        data.read_split("patch_camelyon", tmp_path, "train800")
+        datasets.read_split("patch_camelyon", tmp_path, "train800")
     root = tmp_path / "flowers"
     root.mkdir()
     (root / "train.json").write_text(json.dumps({f"jpg/{i}.jpg": i for i in range(103)}))
     with pytest.raises(DataError, match=r"train\.json: image 'jpg/102.jpg'.*102 classes"):
-        data.read_split("flowers", root, "train")
+        datasets.read_split("flowers", root, "train")
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncated", "missing"])
@@ -532,10 +532,10 @@ def test_bad_image_names_the_file(tmp_path, damage):
     else:
         image.unlink()
     with pytest.raises(DataError, match=str(image)):
-        data.load_splits("cars", root, ["test"])
+        datasets.load_splits("cars", root, ["test"])
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match=str(image)):  # and no half-written cache file is left behind
-        data.load_splits("cars", root, ["test"], cache_dir=cache)
+        datasets.load_splits("cars", root, ["test"], cache_dir=cache)
     assert not cache.exists() or not any(cache.iterdir())
 
 
@@ -544,7 +544,7 @@ def test_bad_image_names_the_file(tmp_path, damage):
 
 def count_decoding(monkeypatch):
     """Counts decode_images calls (still decoding) and returns the counter list."""
-    calls, decode = [], data.decode_images
+    calls, decode = [], datasets.decode_images
     monkeypatch.setattr(data, "decode_images", lambda *args, **kwargs: calls.append(1) or decode(*args, **kwargs))
     return calls
 
@@ -557,8 +557,8 @@ def assert_same_split(a, b):
 def test_disk_cache_is_reused(tmp_path, monkeypatch):
     root = fixtures.write_fgvc_fixture(tmp_path / "nabirds", "nabirds")
     cache = tmp_path / "cache"
-    uncached = data.load_splits("nabirds", root, ["train"])["train"]
-    first = data.load_splits("nabirds", root, ["train"], cache_dir=cache)["train"]
+    uncached = datasets.load_splits("nabirds", root, ["train"])["train"]
+    first = datasets.load_splits("nabirds", root, ["train"], cache_dir=cache)["train"]
     assert_same_split(first, uncached)
     assert len(list(cache.glob("nabirds-train-*.pixels.npy"))) == 1
     assert len(list(cache.glob("nabirds-train-*.index.npy"))) == 1
@@ -570,32 +570,32 @@ def test_disk_cache_is_reused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data, "decode_images", no_decoding)
     monkeypatch.setattr(data, "image_sizes", no_decoding)
-    second = data.load_splits("nabirds", root, ["train"], cache_dir=cache)["train"]
+    second = datasets.load_splits("nabirds", root, ["train"], cache_dir=cache)["train"]
     assert_same_split(first, second)
     with pytest.raises(AssertionError):  # a different image list is a different cache entry
-        data.load_splits("nabirds", root, ["test"], cache_dir=cache)
+        datasets.load_splits("nabirds", root, ["test"], cache_dir=cache)
 
 
 def test_disk_cache_is_rebuilt_when_stale_or_incomplete(tmp_path, monkeypatch):
     root = fixtures.write_fgvc_fixture(tmp_path / "dogs", "dogs")
     cache = tmp_path / "cache"
     calls = count_decoding(monkeypatch)
-    reference = data.load_splits("dogs", root, ["test"], cache_dir=cache)["test"]
-    data.load_splits("dogs", root, ["test"], cache_dir=cache)
+    reference = datasets.load_splits("dogs", root, ["test"], cache_dir=cache)["test"]
+    datasets.load_splits("dogs", root, ["test"], cache_dir=cache)
     assert len(calls) == 1
     # a crash between writing the pixels and the index leaves no index: rebuilt
     index_file, = cache.glob("*.index.npy")
     index_file.unlink()
-    assert_same_split(data.load_splits("dogs", root, ["test"], cache_dir=cache)["test"], reference)
+    assert_same_split(datasets.load_splits("dogs", root, ["test"], cache_dir=cache)["test"], reference)
     assert len(calls) == 2
     # a pixels file that disagrees with its index (here: too short) is rebuilt too
     pixels_file, = cache.glob("*.pixels.npy")
     np.save(pixels_file, np.zeros((10, 3), dtype=np.uint8))
-    assert_same_split(data.load_splits("dogs", root, ["test"], cache_dir=cache)["test"], reference)
+    assert_same_split(datasets.load_splits("dogs", root, ["test"], cache_dir=cache)["test"], reference)
     assert len(calls) == 3
     # a new recipe (e.g. the central-square caches of earlier versions) is a different entry
-    monkeypatch.setattr(data, "CACHE_RECIPE", data.CACHE_RECIPE + " changed")
-    data.load_splits("dogs", root, ["test"], cache_dir=cache)
+    monkeypatch.setattr(data, "CACHE_RECIPE", datasets.CACHE_RECIPE + " changed")
+    datasets.load_splits("dogs", root, ["test"], cache_dir=cache)
     assert len(calls) == 4 and len(list(cache.glob("*.index.npy"))) == 2
 
 
@@ -604,33 +604,33 @@ def test_a_second_copy_of_a_dataset_under_another_root_is_decoded_fresh(tmp_path
     first_root = fixtures.write_fgvc_fixture(tmp_path / "a" / "cub", "cub", seed=0)
     second_root = fixtures.write_fgvc_fixture(tmp_path / "b" / "cub", "cub", seed=5)
     cache = tmp_path / "cache"
-    first = data.load_splits("cub", first_root, ["test"], cache_dir=cache)["test"]
-    second = data.load_splits("cub", second_root, ["test"], cache_dir=cache)["test"]
-    assert_same_split(second, data.load_splits("cub", second_root, ["test"])["test"])
+    first = datasets.load_splits("cub", first_root, ["test"], cache_dir=cache)["test"]
+    second = datasets.load_splits("cub", second_root, ["test"], cache_dir=cache)["test"]
+    assert_same_split(second, datasets.load_splits("cub", second_root, ["test"])["test"])
     assert not torch.equal(first.pixels, second.pixels)
 
 
 def test_a_re_downloaded_image_with_the_same_name_is_decoded_fresh(tmp_path):
     root = fixtures.write_fgvc_fixture(tmp_path / "cub", "cub")
     cache = tmp_path / "cache"
-    data.load_splits("cub", root, ["test"], cache_dir=cache)
+    datasets.load_splits("cub", root, ["test"], cache_dir=cache)
     image = sorted((root / "images").rglob("*test_000.jpg"))[0]
     Image.new("RGB", (40, 30), (255, 0, 0)).save(image)
-    fixed = data.load_splits("cub", root, ["test"], cache_dir=cache)["test"]
-    assert_same_split(fixed, data.load_splits("cub", root, ["test"])["test"])
+    fixed = datasets.load_splits("cub", root, ["test"], cache_dir=cache)["test"]
+    assert_same_split(fixed, datasets.load_splits("cub", root, ["test"])["test"])
 
 
 def test_a_flipped_byte_in_the_cache_is_detected_and_the_entry_rebuilt(tmp_path, monkeypatch, capsys):
     root = fixtures.write_fgvc_fixture(tmp_path / "dogs", "dogs")
     cache = tmp_path / "cache"
-    reference = data.load_splits("dogs", root, ["test"])["test"]
-    data.load_splits("dogs", root, ["test"], cache_dir=cache)
+    reference = datasets.load_splits("dogs", root, ["test"])["test"]
+    datasets.load_splits("dogs", root, ["test"], cache_dir=cache)
     pixels_file, = cache.glob("*.pixels.npy")
     raw = bytearray(pixels_file.read_bytes())
     raw[-7] ^= 0x01
     pixels_file.write_bytes(bytes(raw))
     calls = count_decoding(monkeypatch)
-    again = data.load_splits("dogs", root, ["test"], cache_dir=cache)["test"]
+    again = datasets.load_splits("dogs", root, ["test"], cache_dir=cache)["test"]
     assert len(calls) == 1 and "does not match its checksum" in capsys.readouterr().out
     assert_same_split(again, reference)
 
@@ -645,7 +645,7 @@ def test_temporary_pixel_files_of_killed_runs_are_removed(tmp_path):
     other_host = cache / f"dogs-test-0123456789abcdef.pixels.npy.tmp{dead}@another-machine"
     left.write_bytes(b"x" * 100)
     other_host.write_bytes(b"x")
-    data.load_splits("dogs", root, ["test"], cache_dir=cache)
+    datasets.load_splits("dogs", root, ["test"], cache_dir=cache)
     assert not left.exists() and other_host.exists()
 
 
@@ -659,14 +659,14 @@ def subprocess_pid_that_exited():
 # --- prepare ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dataset", list(data.FGVC_DATASETS))
+@pytest.mark.parametrize("dataset", list(datasets.FGVC_DATASETS))
 def test_prepare_builds_vpt_like_splits(tmp_path, dataset, capsys):
     pytest.importorskip("scipy")
     root = fixtures.write_release_fixture(tmp_path / dataset, dataset, num_classes=4, train_per_class=12,
                                       test_per_class=3)
     sizes = releases.prepare(dataset, root)
     assert dataset in capsys.readouterr().out
-    splits = {s: json.loads((root / f"{s}.json").read_text()) for s in data.FGVC_SPLITS}
+    splits = {s: json.loads((root / f"{s}.json").read_text()) for s in datasets.FGVC_SPLITS}
     assert sizes == {s: len(a) for s, a in splits.items()}
     assert {cid for a in splits.values() for cid in a.values()} == {0, 1, 2, 3}  # 0-based, even for NABirds
     assert sizes["test"] == 12 and not set(splits["train"]) & set(splits["val"])
@@ -674,12 +674,12 @@ def test_prepare_builds_vpt_like_splits(tmp_path, dataset, capsys):
     if dataset == "flowers":  # setid.mat split used as is: 6 trnid + 6 valid per class
         assert sizes["train"] == sizes["val"] == 24
     else:
-        vpt_train, vpt_val, _ = data.FGVC_DATASETS[dataset].split_sizes
+        vpt_train, vpt_val, _ = datasets.FGVC_DATASETS[dataset].split_sizes
         assert sizes["val"] == round(48 * vpt_val / (vpt_train + vpt_val)) == 5
         assert sizes["train"] == 43
         per_class = np.unique(list(splits["val"].values()), return_counts=True)[1]
         assert set(per_class.tolist()) <= {1, 2}  # stratified: floor or ceil of 5/4 per class
-    loaded = data.load_splits(dataset, root, ["train"])["train"]
+    loaded = datasets.load_splits(dataset, root, ["train"])["train"]
     assert len(loaded.labels) == sizes["train"] and set(loaded.labels.tolist()) == {0, 1, 2, 3}
     assert torch.equal(nearest_class_by_colour(loaded, 4), loaded.labels)
 
@@ -716,11 +716,11 @@ def test_prepare_reports_missing_release_files(tmp_path):
 
 
 def test_synthetic_images_are_easy_and_seeded():
-    train, train_labels = data.make_synthetic_images(10, 8, 16, seed=0)
-    test, test_labels = data.make_synthetic_images(10, 8, 16, seed=1)
+    train, train_labels = datasets.make_synthetic_images(10, 8, 16, seed=0)
+    test, test_labels = datasets.make_synthetic_images(10, 8, 16, seed=1)
     assert train.shape == (80, 3, 16, 16) and train.dtype == torch.uint8 and train_labels.dtype == torch.int64
     assert torch.equal(train_labels, torch.arange(10).repeat_interleave(8))
-    assert torch.equal(train, data.make_synthetic_images(10, 8, 16, seed=0)[0])
+    assert torch.equal(train, datasets.make_synthetic_images(10, 8, 16, seed=0)[0])
     assert not torch.equal(train, test)
     centroids = torch.stack([train[train_labels == c].float().flatten(1).mean(0) for c in range(10)])
     predicted = torch.cdist(test.float().flatten(1), centroids).argmin(1)

@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import batches as batching
-import data
+from harness.data import batches as batching
+from harness.data import datasets
 import fixtures
-import recipes
+from harness import recipes
 import reproduce
-import results
-import runtime
-import trainer
+from harness import results
+from harness import runtime
+from harness import classification
 
 TINY = fixtures.TINY_VIT
 # no prompt dropout: the masks would differ across ranks
@@ -66,7 +66,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 def _eval_rank(rank, world_size, port, n, out):
     _join(rank, world_size, port)
     labels = torch.arange(n) % 3
-    split = data.ImageSplit.from_dense("demo", "test", torch.zeros(n, 3, 8, 8, dtype=torch.uint8), labels)
+    split = datasets.ImageSplit.from_dense("demo", "test", torch.zeros(n, 3, 8, 8, dtype=torch.uint8), labels)
     loader = batching.BatchLoader(split, 2, train=False, crop_size=8, rank=rank, world_size=world_size)
     shards = [None] * world_size
     torch.distributed.all_gather_object(shards, loader.sample_indices().tolist())
@@ -80,9 +80,9 @@ def _eval_rank(rank, world_size, port, n, out):
     oracle.logits = [torch.nn.functional.one_hot(torch.tensor(
         [labels[i] if i < n // 2 else (labels[i] + 1) % 3 for i in chunk + chunk[-1:] * (2 - len(chunk))]), 3).float()
         for chunk in batches]   # padded rows repeat the last real one (their label is PAD_LABEL)
-    correct, count = trainer.evaluate(trainer.make_eval_step(oracle, torch.device("cpu"), False, False), oracle, loader)
+    correct, count = classification.evaluate(classification.make_eval_step(oracle, torch.device("cpu"), False, False), oracle, loader)
     if rank == 0:
-        torch.save({"seen": seen, "acc": trainer.accuracy(correct, count)}, out)
+        torch.save({"seen": seen, "acc": classification.accuracy(correct, count)}, out)
     torch.distributed.destroy_process_group()
 
 

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 import release_archives as ra
-import downloads as dl
-import releases as rel
+from harness import downloads as dl
+from harness.data import releases as rel
 import gated_prompt as gp
-import runtime
+from harness import runtime
 
 CKPT = "mae_pretrain_vit_base.pth"
 # a real process with the tables' pins replaced by the fixture files' values (see release_archives.py)
@@ -641,7 +641,7 @@ def test_download_errors_are_user_errors():
 def test_one_command_from_nothing_to_a_trained_epoch(server, tmp_path):
     """What `reproduce.py --task cub --download` does: the checkpoint is fetched and checked against the run's
     own architecture, CUB is fetched, unpacked and split, and an epoch trains on it."""
-    import recipes
+    from harness import recipes
     import reproduce
     cfg = recipes.resolve("cub", "mae", arch_overrides=dict(embed_dim=32, depth=2, num_heads=2), img_size=32,
                           num_classes=3, epochs=1, warmup_epochs=0, batch_size=8)

@@ -14,8 +14,8 @@ torch.compile stays out of these tests (minutes on a small CPU); it only fuses t
 import torch
 
 import gated_prompt as gp
-import runtime
-import trainer
+from harness import runtime
+from harness import classification
 
 CPU = torch.device("cpu")
 
@@ -123,7 +123,7 @@ def test_training_curves_match():
     for name, model, bf16 in (("fast", fast, True), ("reference", ref, False)):
         model.train()
         optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9)
-        step = runtime.make_train_step(model, optimizer, trainer.classification_loss, CPU, bf16=bf16, compile=False)
+        step = runtime.make_train_step(model, optimizer, classification.classification_loss, CPU, bf16=bf16, compile=False)
         curves[name] = torch.stack([step(x, y)[0] for _ in range(30)]).tolist()
     fast, ref = curves["fast"], curves["reference"]
     for i, (f, r) in enumerate(zip(fast, ref)):

@@ -7,13 +7,13 @@ import pickle
 import pytest
 import torch
 
-import bench
+from bench import bench
 import fixtures
 import gated_prompt as gp
-import recipes
+from harness import recipes
 import reproduce
-import results
-import runtime
+from harness import results
+from harness import runtime
 
 TINY = fixtures.TINY_VIT
 IMAGES = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(5))

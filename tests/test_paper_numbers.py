@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import recipes
+from harness import recipes
 
 PAPER_DIR = Path(__file__).resolve().parents[2] / "shared" / "paper"
 TABLE5_NAMES = {

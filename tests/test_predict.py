@@ -11,10 +11,10 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-import data
+from harness.data import datasets
 import gated_prompt as gp
 import reproduce
-import runtime
+from harness import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(embed_dim=32, depth=3, num_heads=2, patch_size=32)   # 224 px input, 7x7 patches: the real transforms
@@ -44,7 +44,7 @@ def served(tmp_path_factory):
         names = [f"{name}_{c}" for c in range(classes)] if transform is FGVC else None
         packs[name] = model.save_pack(root / f"{name}.pack.pt", class_names=names, ssl="mae", task=name,
                                       transform=transform, checkpoint=str(root / "mae.pth"))
-    images, _ = data.make_synthetic_images(4, 1, 64, seed=3)
+    images, _ = datasets.make_synthetic_images(4, 1, 64, seed=3)
     folder = root / "photos"
     (folder / "nested").mkdir(parents=True)
     for i, ((w, h), name) in enumerate(zip([(300, 260), (64, 48), (500, 200), (224, 224)],
@@ -63,8 +63,8 @@ def expected_logits(pack, path, checkpoint):
         pil = Image.open(path).convert("RGB")
         image = TF.pil_to_tensor(TF.center_crop(TF.resize(pil, 256, interpolation=TF.InterpolationMode.BILINEAR), 224))
     else:
-        image = torch.from_numpy(data.decode_vtab(str(path))).permute(2, 0, 1)
-    x = TF.normalize(image.float() / 255, data.IMAGENET_MEAN, data.IMAGENET_STD)[None]
+        image = torch.from_numpy(datasets.decode_vtab(str(path))).permute(2, 0, 1)
+    x = TF.normalize(image.float() / 255, datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)[None]
     with torch.no_grad():
         return model(x)[0]
 

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
+from harness.data import datasets
 import fixtures
 import gated_prompt as gp
-import inputs
-import recipes
+from harness import inputs
+from harness import recipes
 import reproduce
-import results
-import runtime
-import trainer
+from harness import results
+from harness import runtime
+from harness import classification
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = fixtures.TINY_VIT
@@ -125,7 +125,7 @@ def test_vpt_recipe_searches_lr_per_256_images_and_weight_decay():
 def test_vpt_recipe_decays_every_trainable_tensor_but_the_heads_bias():
     model = gp.build_model("vit_base", "mae", "vpt-deep", num_classes=3, vit_overrides=TINY, img_size=32, num_prompts=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.SGD(trainer.decay_groups(model, 0.1), lr=1.0, weight_decay=0.1)
+    opt = torch.optim.SGD(classification.decay_groups(model, 0.1), lr=1.0, weight_decay=0.1)
     for p in model.trainable_parameters():
         p.grad = torch.zeros_like(p)
     opt.step()   # zero gradient: a decayed tensor becomes p - lr * wd * p = 0.9 p
@@ -246,7 +246,7 @@ def test_ade20k_cell_trains_the_configured_model_and_writes_one_result(tmp_path,
 def test_missing_dataset_names_the_paths_and_how_to_get_it(tmp_path):
     ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
     cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0)
-    with pytest.raises(data.DataError) as err:
+    with pytest.raises(datasets.DataError) as err:
         reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))
     assert str(tmp_path / "data" / "vtab-1k" / "dtd") in str(err.value) and "train800val200,test}.txt" in str(err.value)
     assert "not downloaded automatically" in str(err.value) and "http" in str(err.value)
@@ -265,7 +265,7 @@ def test_corrupt_image_is_named(tmp_path):
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     ckpt = write_tiny_mae_checkpoint(tmp_path / "tiny.pth")   # a backbone that fits the small config below
     cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0)
-    with pytest.raises(data.DataError, match=bad.name):
+    with pytest.raises(datasets.DataError, match=bad.name):
         reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))
 
 
@@ -276,7 +276,7 @@ def test_vtab_label_out_of_range_is_an_error(tmp_path):
     lines[0] = lines[0].rsplit(" ", 1)[0] + " 10"  # eurosat has 10 classes: 0..9
     listing.write_text("\n".join(lines) + "\n")
     cfg = recipes.resolve("eurosat", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0)
-    with pytest.raises(data.DataError, match=r"train800val200\.txt:1: label 10 out of range"):
+    with pytest.raises(datasets.DataError, match=r"train800val200\.txt:1: label 10 out of range"):
         reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(write_tiny_mae_checkpoint(tmp_path / "t.pth"))))
 
 
@@ -287,7 +287,7 @@ def test_fgvc_class_id_out_of_range_exits_2_before_decoding(tmp_path):
     anno[key] = 999
     (root / "train.json").write_text(json.dumps(anno))
     cfg = recipes.resolve("cub", "mae", arch_overrides=dict(TINY, patch_size=32), num_classes=3, epochs=1, warmup_epochs=0)
-    with pytest.raises(data.DataError) as err:
+    with pytest.raises(datasets.DataError) as err:
         reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(write_tiny_mae_checkpoint(tmp_path / "t.pth"))))
     assert "train.json" in str(err.value) and key in str(err.value) and "999" in str(err.value)
     assert not list((tmp_path / "results").rglob("*.npy"))   # nothing was decoded
@@ -640,10 +640,10 @@ def test_a_run_removes_temporaries_of_killed_runs_and_checks_the_folder_first(tm
 
 def test_cpu_evaluation_is_not_padded_to_the_compiled_batch():
     cfg = tiny_demo_cfg()
-    images, labels = data.make_synthetic_images(3, 2, 40, seed=0)
-    split = data.ImageSplit.from_dense("demo", "test", images, labels)
-    _, eager = trainer.make_loaders(cfg, split, {"test": split}, torch.device("cpu"), compile=False)
-    _, compiled = trainer.make_loaders(cfg, split, {"test": split}, torch.device("cpu"), compile=True)
+    images, labels = datasets.make_synthetic_images(3, 2, 40, seed=0)
+    split = datasets.ImageSplit.from_dense("demo", "test", images, labels)
+    _, eager = classification.make_loaders(cfg, split, {"test": split}, torch.device("cpu"), compile=False)
+    _, compiled = classification.make_loaders(cfg, split, {"test": split}, torch.device("cpu"), compile=True)
     assert [len(x) for x, _ in eager["test"]] == [6]
     assert [len(x) for x, _ in compiled["test"]] == [256]
 
@@ -655,7 +655,9 @@ import sys, time, os
 sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads(1)   # two processes on a shared CI machine
-import recipes, reproduce, runtime
+from harness import recipes
+import reproduce
+from harness import runtime
 while not os.path.exists({go!r}):
     time.sleep(0.01)
 tiny = dict(embed_dim=32, depth=3, num_heads=2, patch_size=8)

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-import data
-import recipes
-import results
-import runtime
+from harness.data import datasets
+from harness import recipes
+from harness import results
+from harness import runtime
 
 
 def store(results_dir, task, ssl, method, acc, seed=42, lr_source="recipe", version=None, metric="test_acc",
@@ -93,14 +93,14 @@ def test_the_lr_picked_by_the_sweep_counts_as_the_papers_protocol(tmp_path, caps
 
 def test_table_2_compares_19_task_mean_and_group_means_like_with_like(tmp_path, capsys):
     """The paper's VTAB 'mean' is the plain mean of the 19 tasks (MAE ours 49.22), its groups are group means."""
-    values = {t: float(i) for i, t in enumerate(data.VTAB_TASKS)}
+    values = {t: float(i) for i, t in enumerate(datasets.VTAB_TASKS)}
     for task, acc in values.items():
         store(tmp_path, task, "mae", "gated+temp", acc)
     results.print_table("2", tmp_path)
     out = capsys.readouterr().out
     row = row_of(out, "gated+temp [19/19]")
-    natural = [values[t] for t, info in data.VTAB_TASKS.items() if info.group == "natural"]
-    structured = [values[t] for t, info in data.VTAB_TASKS.items() if info.group == "structured"]
+    natural = [values[t] for t, info in datasets.VTAB_TASKS.items() if info.group == "natural"]
+    structured = [values[t] for t, info in datasets.VTAB_TASKS.items() if info.group == "structured"]
     assert f"{sum(natural) / 7:.2f} (47.61)" in row and f"{sum(structured) / 8:.2f} (36.80)" in row
     assert f"{sum(values.values()) / 19:.2f} (49.22)" in row   # 9.00: not the mean of group means (8.71)
     assert "gated+temp per task: cifar 0.00, caltech101 1.00, dtd 2.00" in out

@@ -11,9 +11,9 @@ from PIL import Image
 
 import fixtures
 import gated_prompt as gp
-import recipes
-import runtime
-import segmentation as seg
+from harness import recipes
+from harness import runtime
+from harness import segmentation as seg
 
 TINY_VIT = dict(embed_dim=32, depth=4, num_heads=2)
 TINY = recipes.resolve("ade20k", "mae", num_prompts=4, gate_init=5.0, arch_overrides=TINY_VIT, img_size=64,

@@ -7,13 +7,13 @@ import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
 
-import batches as batching
-import data
+from harness.data import batches as batching
+from harness.data import datasets
 import fixtures
 import gated_prompt as gp
-import recipes
-import runtime
-import trainer
+from harness import recipes
+from harness import runtime
+from harness import classification
 
 TINY = fixtures.TINY_VIT
 
@@ -30,17 +30,17 @@ def settings(tmp_path, **kw):
 
 
 def tiny_run(cfg, tmp_path, **kw):
-    """One config through trainer.fit, the entry point run_classification and bench call."""
+    """One config through classification.fit, the entry point run_classification and bench call."""
     torch.manual_seed(cfg["seed"])
     model = recipes.model_from_config(cfg, recipes.num_classes(cfg), verbose=False)
-    train_split, evals = trainer.demo_splits(cfg)
-    return trainer.fit(cfg, model, train_split, evals, settings(tmp_path, **kw), tmp_path / "state.pt"), model
+    train_split, evals = classification.demo_splits(cfg)
+    return classification.fit(cfg, model, train_split, evals, settings(tmp_path, **kw), tmp_path / "state.pt"), model
 
 
 # --- the recipe -----------------------------------------------------------------------------------
 
 def test_schedule_warms_up_linearly_from_zero_then_cosine_to_zero():
-    f = [trainer.lr_factor(e, 10, 100) for e in range(100)]
+    f = [classification.lr_factor(e, 10, 100) for e in range(100)]
     assert f[0] == 0 and f[5] == 0.5 and f[10] == 1.0
     assert f[55] == pytest.approx(0.5) and f[99] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
@@ -89,14 +89,14 @@ def test_a_non_finite_loss_after_the_first_epoch_keeps_the_last_good_state(tmp_p
 def test_cpu_runs_flush_denormals(tmp_path, monkeypatch):
     """Denormal floats make CPU arithmetic 6-25x slower once a loss saturates; runs flush them to zero."""
     seen = []
-    real = trainer.train
+    real = classification.train
 
     def spy(*args, **kwargs):
         seen.append(float(torch.tensor(1e-39) * 1))
         return real(*args, **kwargs)
     monkeypatch.setattr(trainer, "train", spy)
     cfg = tiny_cfg(epochs=1)
-    trainer.run_classification(cfg, "final", settings(tmp_path))
+    classification.run_classification(cfg, "final", settings(tmp_path))
     assert seen == [0.0]
     assert float(torch.tensor(1e-39) * 1) != 0.0   # and the process setting is restored afterwards
 
@@ -113,7 +113,7 @@ def test_padded_masked_step_gives_the_unpadded_gradients():
 
     def grads(x, y):
         model.zero_grad()
-        loss, correct = trainer.classification_loss(model(x), y)
+        loss, correct = classification.classification_loss(model(x), y)
         loss.backward()
         return loss.detach(), correct, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     loss, correct, unpadded = grads(images, labels)
@@ -171,10 +171,10 @@ def test_many_runs_in_one_process_all_run_compiled(tmp_path):
         cfg.update(num_prompts=prompts, insert_at=1)
         torch.manual_seed(0)
         model = recipes.model_from_config(cfg, classes, verbose=False)
-        images, labels = data.make_synthetic_images(classes, 2, 40, seed=0)
-        split = data.ImageSplit.from_dense("demo", "train", images, labels)
+        images, labels = datasets.make_synthetic_images(classes, 2, 40, seed=0)
+        split = datasets.ImageSplit.from_dense("demo", "train", images, labels)
         calls_before = backend.calls
-        outcome = trainer.fit(cfg, model, split, {"test": split}, settings(tmp_path, compile=backend),
+        outcome = classification.fit(cfg, model, split, {"test": split}, settings(tmp_path, compile=backend),
                               tmp_path / f"state{n}.pt")
         steps = 2 * math.ceil(2 * classes / 8)
         assert backend.calls - calls_before >= steps + 1, f"run {n + 1} ({classes} classes, {prompts} prompts) ran eager"
@@ -204,12 +204,12 @@ def test_a_run_that_fell_back_to_eager_says_so(tmp_path, capsys, monkeypatch):
 def test_every_sample_is_trained_on_and_padding_is_ignored(tmp_path):
     """No drop_last: each epoch counts exactly the split's samples (the padded rows count for nothing)."""
     cfg = tiny_cfg(batch_size=48, epochs=1)
-    train_split, evals = trainer.demo_splits(cfg)
-    train_loader, _ = trainer.make_loaders(cfg, train_split, evals, torch.device("cpu"))
+    train_split, evals = classification.demo_splits(cfg)
+    train_loader, _ = classification.make_loaders(cfg, train_split, evals, torch.device("cpu"))
     model = recipes.model_from_config(cfg, 5, verbose=False)
     optimizer = runtime.make_optimizer(model.trainable_parameters(), 0.1, 0.9, 0.0, torch.device("cpu"))
-    step = runtime.make_train_step(model, optimizer, trainer.classification_loss, torch.device("cpu"), False)
-    stats = trainer.train_epoch(step, model, train_loader, 0, 1, torch.device("cpu"), quiet=True)
+    step = runtime.make_train_step(model, optimizer, classification.classification_loss, torch.device("cpu"), False)
+    stats = classification.train_epoch(step, model, train_loader, 0, 1, torch.device("cpu"), quiet=True)
     assert int(stats["seen"]) == len(train_split) == 320 and len(train_loader) == 7
 
 
@@ -222,7 +222,7 @@ def test_an_epoch_syncs_with_the_host_once_when_no_bar_is_shown(tmp_path, monkey
     reads a GPU would have to sync for: any read of a tensor that did not come back through to_host.)"""
     calls = {"to_host": 0, "reads": 0}
     counting, host_copies = {"on": False}, set()
-    real_to_host, real_epoch, real_final = runtime.to_host, trainer.train_epoch, trainer.final_metrics
+    real_to_host, real_epoch, real_final = runtime.to_host, classification.train_epoch, classification.final_metrics
 
     def to_host(tree):
         calls["to_host"] += 1
@@ -320,15 +320,15 @@ def test_loading_prompts_refuses_another_models_state():
 
 
 def test_evaluation_counts_real_samples_only():
-    images, labels = data.make_synthetic_images(3, 5, 32)  # 15 images, eval batch 8: the last batch has 7 rows of padding
-    split = data.ImageSplit.from_dense("demo", "test", images, labels)
+    images, labels = datasets.make_synthetic_images(3, 5, 32)  # 15 images, eval batch 8: the last batch has 7 rows of padding
+    split = datasets.ImageSplit.from_dense("demo", "test", images, labels)
     loader = batching.BatchLoader(split, 8, train=False, crop_size=32)
 
     class Constant(torch.nn.Module):   # always predicts class 0: right on exactly 5 of the 15
         def forward(self, x):
             return F.one_hot(torch.zeros(len(x), dtype=torch.long), 3).float()
     model = Constant()
-    correct, count = trainer.evaluate(trainer.make_eval_step(model, torch.device("cpu"), False, False), model, loader)
+    correct, count = classification.evaluate(classification.make_eval_step(model, torch.device("cpu"), False, False), model, loader)
     assert (int(correct), int(count)) == (5, 15)
 
 
@@ -340,14 +340,14 @@ def test_vtab_test_split_is_streamed_never_cached_and_evaluates_the_same(tmp_pat
     as the fully decoded split's, so evaluation counts the same."""
     fixtures.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "dtd", num_classes=3, per_class=(3, 1, 5))
     cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1)
-    train, evals = trainer.load_data(cfg, settings(tmp_path, data_dir=str(tmp_path / "data")), "final")
-    assert len(train) == 12 and isinstance(evals["test"], data.StreamedSplit) and len(evals["test"]) == 15
+    train, evals = classification.load_data(cfg, settings(tmp_path, data_dir=str(tmp_path / "data")), "final")
+    assert len(train) == 12 and isinstance(evals["test"], datasets.StreamedSplit) and len(evals["test"]) == 15
     cached = sorted(os.listdir(tmp_path / "cache"))
     assert cached and all(name.startswith("dtd-train800val200-") for name in cached)
     streamed = evals["test"]
     streamed.chunk = 4                                            # 4 + 4 + 4 + 3 images
     loader = batching.StreamedBatchLoader(streamed, 8, crop_size=224)
-    whole = data.load_splits("dtd", tmp_path / "data" / "vtab-1k", ["test"])["test"]
+    whole = datasets.load_splits("dtd", tmp_path / "data" / "vtab-1k", ["test"])["test"]
     reference = batching.BatchLoader(whole, 8, train=False, crop_size=224)
 
     def real_rows(loader_batches):
@@ -358,6 +358,6 @@ def test_vtab_test_split_is_streamed_never_cached_and_evaluates_the_same(tmp_pat
     assert torch.equal(ys, yr) and torch.equal(xs, xr) and len(ys) == 15
     torch.manual_seed(0)
     model = recipes.model_from_config(cfg, 47, verbose=False)
-    eval_step = trainer.make_eval_step(model, torch.device("cpu"), False, False)
-    assert [int(v) for v in trainer.evaluate(eval_step, model, loader)] == \
-        [int(v) for v in trainer.evaluate(eval_step, model, reference)]
+    eval_step = classification.make_eval_step(model, torch.device("cpu"), False, False)
+    assert [int(v) for v in classification.evaluate(eval_step, model, loader)] == \
+        [int(v) for v in classification.evaluate(eval_step, model, reference)]

@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import data
+from harness.data import datasets
 import gated_prompt as gp
-import recipes
-from runtime import UserError, atomic_write, pid_alive, write_json
+from harness import recipes
+from harness.runtime import UserError, atomic_write, pid_alive, write_json
 
 HPARAMS = recipes.HPARAMS
 PAPER = HPARAMS["paper"]
@@ -475,9 +475,9 @@ def table(number):
         return [_fgvc_section(f"Table 1 - FGVC, {ssl}, ViT-B/16, top-1 test accuracy (%)", ssl, TABLE_METHODS,
                               PAPER["table1"][ssl]) for ssl in ("mae", "mocov3")]
     if number == "2":
-        groups = {g: [t for t, info in data.VTAB_TASKS.items() if info.group == g]
+        groups = {g: [t for t, info in datasets.VTAB_TASKS.items() if info.group == g]
                   for g in ("natural", "specialized", "structured")}
-        tasks = list(data.VTAB_TASKS)
+        tasks = list(datasets.VTAB_TASKS)
 
         def combine(values):   # group means, then the plain mean of the 19 tasks (the paper's "mean")
             by_task = dict(zip(tasks, values))

@@ -35,13 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import dip
+from harness.figures import dip
 import gated_prompt as gp
-import recipes
-import results
-from figure_io import (check_blocks, eval_and_frozen, imagenet_normalise, model_device, new_figure, save_figure,
+from harness import recipes
+from harness import results
+from harness.figures.common import (check_blocks, eval_and_frozen, imagenet_normalise, model_device, new_figure, save_figure,
                        to_image_tensor, write_csv)
-from runtime import EXIT_BAD_INPUT, UserError, write_json
+from harness.runtime import EXIT_BAD_INPUT, UserError, write_json
 
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """bench.py's whole-run timings and the timing plumbing they share with the step benchmark.
 
-  --end-to-end vtab|cub   one whole run of trainer.fit (the paper's recipe, 100 epochs, CUB's per-epoch val
+  --end-to-end vtab|cub   one whole run of classification.fit (the paper's recipe, 100 epochs, CUB's per-epoch val
                           pass, final test evaluation) on GENERATED images of the real sizes. Random backbone.
   --segmentation          segmentation.Training's iteration and the sliding-window inference of one 512x683
                           image, sizes from the resolved ADE20K recipe; projected schedule hours.
@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-import bench_report
-import data
+from bench import report
+from harness.data import datasets
 import gated_prompt as gp
-import recipes
-import runtime
-import segmentation
-import trainer
+from harness import recipes
+from harness import runtime
+from harness import segmentation
+from harness import classification
 
 SSL = "mae"         # pooling only (mean of tokens vs CLS); irrelevant to speed
 
@@ -162,18 +162,18 @@ def sdpa_kernel(model, images, device, bf16):
 
 
 def synthetic_split(task, split, n, size, seed=0):
-    """n generated uint8 images of size x size with the task's classes, as a data.ImageSplit.
+    """n generated uint8 images of size x size with the task's classes, as a datasets.ImageSplit.
 
-    SYNTHETIC_PER_CLASS images per class come from data.make_synthetic_images (class-conditional stripes,
+    SYNTHETIC_PER_CLASS images per class come from datasets.make_synthetic_images (class-conditional stripes,
     so the run learns something) and are tiled to n; labels cycle through the classes. Generating every
     image separately would take minutes and ~10x the uint8 array in float temporaries at CUB's size, and
     the content does not change the speed."""
-    classes = data.num_classes(task)
+    classes = datasets.num_classes(task)
     per_class = max(1, min(SYNTHETIC_PER_CLASS, math.ceil(n / classes)))
-    bank, _ = data.make_synthetic_images(classes, per_class, size, seed=seed)   # class-major
+    bank, _ = datasets.make_synthetic_images(classes, per_class, size, seed=seed)   # class-major
     i = torch.arange(n)
     labels = i % classes
-    return data.ImageSplit.from_dense(task, split, bank[labels * per_class + (i // classes) % per_class], labels)
+    return datasets.ImageSplit.from_dense(task, split, bank[labels * per_class + (i // classes) % per_class], labels)
 
 
 def end_to_end_config(args, run):
@@ -204,14 +204,14 @@ def projected_wall_s(setup_s, epoch1_s, train_s, epochs, eval_s, full_epochs):
 
 
 def run_end_to_end(args, device, run):
-    """Generate the data, then time what trainer.run_classification does after loading data: build the model,
-    then trainer.fit (setup, epochs with CUB's per-epoch val pass, final test evaluation). Returns a dict."""
+    """Generate the data, then time what classification.run_classification does after loading data: build the model,
+    then classification.fit (setup, epochs with CUB's per-epoch val pass, final test evaluation). Returns a dict."""
     spec, cfg, settings = END_TO_END[run], end_to_end_config(args, run), end_to_end_settings(args, device)
     task, size = cfg["task"], cfg["img_size"]
-    fgvc = data.task_kind(task) == "fgvc"
+    fgvc = datasets.task_kind(task) == "fgvc"
     n_train, n_test = args.train_images or spec["train"], args.test_images or spec["test"]
     n_val = (args.val_images or spec["val"]) if fgvc else 0
-    cached = size * data.FGVC_RESIZE // data.IMAGE_SIZE if fgvc else size   # 256 / 224
+    cached = size * datasets.FGVC_RESIZE // datasets.IMAGE_SIZE if fgvc else size   # 256 / 224
     print(f"end-to-end {run}: {task}/{SSL} recipe, {cfg['method']}, {cfg['num_prompts']} prompt(s), batch "
           f"{cfg['batch_size']}, {cfg['epochs']} epochs, {args.arch} (random weights) | {n_train} train / {n_val} "
           f"val / {n_test} test generated images cached at {cached}px{f', random {size}px crop + flip' if fgvc else ''}"
@@ -232,8 +232,8 @@ def run_end_to_end(args, device, run):
 
 
 def time_training_run(cfg, settings, train_split, eval_splits):
-    """trainer.run_classification after its data loading, timed: the model built (seeded), then trainer.fit.
-    Returns (trainer.Outcome, timings)."""
+    """classification.run_classification after its data loading, timed: the model built (seeded), then classification.fit.
+    Returns (classification.Outcome, timings)."""
     device = settings.device
     _release(device)
     _reset_memory(device)
@@ -242,7 +242,7 @@ def time_training_run(cfg, settings, train_split, eval_splits):
     model = recipes.model_from_config(cfg, recipes.num_classes(cfg), verbose=False)
     build_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
-        outcome = trainer.fit(cfg, model, train_split, eval_splits, settings, Path(tmp) / "state.pt")
+        outcome = classification.fit(cfg, model, train_split, eval_splits, settings, Path(tmp) / "state.pt")
     wall_s = time.perf_counter() - start
     timing = {"setup_s": build_s + outcome.setup_seconds, "wall_s": wall_s, "images_on_gpu": outcome.images_on_device,
               "peak_memory_gib": _peak_memory_gib(device)}
@@ -259,10 +259,10 @@ def end_to_end_result(run, cfg, settings, outcome, timing, sizes, cached, full_e
     epoch_s = [record["seconds"] for record in outcome.history]
     epochs = len(epoch_s)
     later = (outcome.train_seconds - epoch_s[0]) / (epochs - 1) if epochs > 1 else None
-    full_size = (sizes, cfg["img_size"]) == ((spec["train"], spec["val"], spec["test"]), data.IMAGE_SIZE)
+    full_size = (sizes, cfg["img_size"]) == ((spec["train"], spec["val"], spec["test"]), datasets.IMAGE_SIZE)
     projected = (projected_wall_s(timing["setup_s"], epoch_s[0], outcome.train_seconds, epochs,
                                   outcome.eval_seconds, full_epochs) if epochs != full_epochs else None)
-    target_s = bench_report.END_TO_END_TARGETS[run][0]
+    target_s = report.END_TO_END_TARGETS[run][0]
     estimate = timing["wall_s"] if epochs == full_epochs else projected
     return {
         "run": run, "task": cfg["task"], "method": cfg["method"], "num_prompts": cfg["num_prompts"],
@@ -305,7 +305,7 @@ def _target(r, device):
     """The target beside the whole-run figure, on CUDA (the targets are for one H100)."""
     if device.type != "cuda":
         return ""
-    text = f"   target < {r['target_s']} s on one H100 ({bench_report.END_TO_END_TARGETS[r['run']][1]})"
+    text = f"   target < {r['target_s']} s on one H100 ({report.END_TO_END_TARGETS[r['run']][1]})"
     if r["target_met"] is None:
         return text + ": not comparable (reduced sizes)"
     return text + (": met" if r["target_met"] else ": MISSED")

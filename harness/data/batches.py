@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from data import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, ImageSplit, StreamedSplit
+from harness.data.datasets import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, ImageSplit, StreamedSplit
 
 PAD_LABEL = -100  # F.cross_entropy's default ignore_index: padded rows leave the mean loss unchanged
 

@@ -10,11 +10,11 @@ one job (--workers, two commands) are kept apart by downloads.py's file locks.
 """
 import torch
 
-import data
-import downloads
-import recipes
-import releases
-import runtime
+from harness.data import datasets
+from harness import downloads
+from harness import recipes
+from harness.data import releases
+from harness import runtime
 
 
 def checkpoint_for(cfg, settings):
@@ -41,14 +41,14 @@ def dataset_folder(task, settings):
             if runtime.is_main():
                 releases.fetch_dataset(task, settings.data_dir, mirror=settings.mirror)
     try:
-        return data.dataset_root(task, settings.data_dir)
-    except data.DataError as err:
-        raise data.DataError(f"{err}\n{releases.dataset_instructions(task, settings.data_dir)}") from None
+        return datasets.dataset_root(task, settings.data_dir)
+    except datasets.DataError as err:
+        raise datasets.DataError(f"{err}\n{releases.dataset_instructions(task, settings.data_dir)}") from None
 
 
 def _folder_exists(task, data_dir):
     """A folder under any accepted name (e.g. CUB_200_2011 unpacked by hand) is used as it is."""
     try:
-        return data.dataset_root(task, data_dir).is_dir()
-    except data.DataError:
+        return datasets.dataset_root(task, data_dir).is_dir()
+    except datasets.DataError:
         return False

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-import runtime
+from harness import runtime
 
 # (prompts, batch, train-step images/s target on one H100, task). The shapes are the CUB and the VTAB (dtd)
 # recipes', and the eval step runs at the harness's eval batch, so the end-to-end runs after them compile the

@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import data
-import runtime
-from data import FGVC_DATASETS, FGVC_SPLITS, DataError
-from downloads import (SUMS_NAME, DownloadError, Pin, check_disk, download, file_lock, format_bytes, free_disk_bytes,
+from harness.data import datasets
+from harness import runtime
+from harness.data.datasets import FGVC_DATASETS, FGVC_SPLITS, DataError
+from harness.downloads import (SUMS_NAME, DownloadError, Pin, check_disk, download, file_lock, format_bytes, free_disk_bytes,
                        hash_pinned, lock_path, mirror_url, partial_path, pinned_size, record_pins, record_sum,
                        remote_size, url_filename, verify)
-from runtime import write_text
+from harness.runtime import write_text
 
 READY_MARKER = ".gated_prompt_ready"
 
@@ -129,7 +129,7 @@ def dataset_ready(dataset: str, data_dir: str | os.PathLike) -> bool:
     root = target_folder(dataset, data_dir)
     marker = read_marker(root)
     return (marker is not None and marker.get("dataset") == dataset
-            and all((root / f"{split}.json").is_file() for split in data.FGVC_SPLITS))
+            and all((root / f"{split}.json").is_file() for split in datasets.FGVC_SPLITS))
 
 
 def fetch_dataset(dataset: str, data_dir: str | os.PathLike = "data", *, mirror: str | None = None) -> Path:
@@ -167,7 +167,7 @@ def _usable_already(dataset: str, data_dir: Path, root: Path) -> bool:
         print(f"{dataset}: {root} is ready (downloaded {read_marker(root).get('date', '?')}); nothing to fetch")
         return True
     if root.exists() and read_marker(root) is None:
-        if all((root / f"{split}.json").is_file() for split in data.FGVC_SPLITS):
+        if all((root / f"{split}.json").is_file() for split in datasets.FGVC_SPLITS):
             print(f"{dataset}: using the existing {root} (split files present; not created by the downloader)")
             return True
         raise DownloadError(f"{root} exists but was not created by the downloader and has no split files. Move "
@@ -262,12 +262,12 @@ def _build_in_staging(dataset: str, src: DatasetSource, data_dir: Path, download
         release = _unpack(src, downloads, staging)
         try:
             sizes = prepare(dataset, release, overwrite=True, verbose=False)
-        except data.DataError as err:  # its paths are inside the staging folder, which is deleted below
+        except datasets.DataError as err:  # its paths are inside the staging folder, which is deleted below
             inside = f"[{', '.join(url_filename(f.url) for f in src.files)}]"
             raise DownloadError(f"{dataset}: the release files unpacked from {downloads} do not give split files: "
                                 f"{str(err).replace(str(release), inside)}") from None
         print(f"{dataset}: train {sizes['train']} / val {sizes['val']} / test {sizes['test']} "
-              f"(VPT: {' / '.join(map(str, data.FGVC_DATASETS[dataset].split_sizes))})")
+              f"(VPT: {' / '.join(map(str, datasets.FGVC_DATASETS[dataset].split_sizes))})")
         files = []
         for f in src.files:
             name = url_filename(f.url)
@@ -368,10 +368,10 @@ def dataset_instructions(task: str, data_dir: str | os.PathLike = "data") -> str
                 f"it so that {d / 'nabirds'}/images/, images.txt, image_class_labels.txt and train_test_split.txt "
                 f"are directly in {d / 'nabirds'}, then build the splits with "
                 f"`python reproduce.py prepare --dataset nabirds --root {d / 'nabirds'}`.")
-    if task in data.VTAB_TASKS or task in ("vtab", "vtab-1k"):
-        folder = d / "vtab-1k" / (task if task in data.VTAB_TASKS else "<task>")
+    if task in datasets.VTAB_TASKS or task in ("vtab", "vtab-1k"):
+        folder = d / "vtab-1k" / (task if task in datasets.VTAB_TASKS else "<task>")
         return (f"VTAB-1k is not downloaded automatically. Download the prepared image-folder archive linked "
-                f"from {data.VTAB_URL} (the NOAH / RepAdapter release; the source datasets and how to build it "
+                f"from {datasets.VTAB_URL} (the NOAH / RepAdapter release; the source datasets and how to build it "
                 f"yourself: {NOAH_URL}) and unpack it into {d / 'vtab-1k'}/ so that each task has "
                 f"{folder}/{{train800,val200,train800val200,test}}.txt (lines '<image path> <label>') and its "
                 f"images. No tensorflow-datasets needed.")
@@ -380,8 +380,8 @@ def dataset_instructions(task: str, data_dir: str | os.PathLike = "data") -> str
                 f"0.9 GB) or a mirror of ADEChallengeData2016.zip and unzip it into {d}/ so that "
                 f"{d / 'ADEChallengeData2016'}/images/{{training,validation}}/*.jpg and "
                 f"{d / 'ADEChallengeData2016'}/annotations/{{training,validation}}/*.png exist.")
-    raise DownloadError(f"unknown task {task!r}; datasets: {', '.join(list(data.FGVC_DATASETS) + ['ade20k'])}, "
-                        f"VTAB-1k tasks: {', '.join(data.VTAB_TASKS)}")
+    raise DownloadError(f"unknown task {task!r}; datasets: {', '.join(list(datasets.FGVC_DATASETS) + ['ade20k'])}, "
+                        f"VTAB-1k tasks: {', '.join(datasets.VTAB_TASKS)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
-from runtime import UMASK, atomic_write, remove_dead_temporaries, write_text
+from harness.runtime import UMASK, atomic_write, remove_dead_temporaries, write_text
 
 # ---------------------------------------------------------------------------------------------
 # 1. Registries and metadata

@@ -24,19 +24,19 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
-import data
+from harness.data import datasets
 import gated_prompt as gp
-import inputs
-import recipes
-import results
-import runtime
-from releases import ADE_URL  # where each dataset comes from is written in releases.py
-from runtime import UserError
+from harness import inputs
+from harness import recipes
+from harness import results
+from harness import runtime
+from harness.data.releases import ADE_URL  # where each dataset comes from is written in releases.py
+from harness.runtime import UserError
 
 NUM_CLASSES = 150
 IGNORE_INDEX = 255
-MEAN = tuple(255 * m for m in data.IMAGENET_MEAN)  # 0..255 scale, as mmseg's SegDataPreProcessor
-STD = tuple(255 * s for s in data.IMAGENET_STD)
+MEAN = tuple(255 * m for m in datasets.IMAGENET_MEAN)  # 0..255 scale, as mmseg's SegDataPreProcessor
+STD = tuple(255 * s for s in datasets.IMAGENET_STD)
 ADE_CLASSES = (  # mmseg's ADE20KDataset order; index = training label
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
     "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",

@@ -50,7 +50,7 @@ import torch
 from tqdm import tqdm
 
 import gated_prompt as gp
-import runtime
+from harness import runtime
 
 MIRROR_ENV = "GATED_PROMPT_MIRROR"
 SUMS_NAME = "SHA256SUMS"

@@ -19,10 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import results
-from figure_io import (check_blocks, eval_and_frozen, imagenet_normalise, model_device, new_figure, save_figure,
+from harness import results
+from harness.figures.common import (check_blocks, eval_and_frozen, imagenet_normalise, model_device, new_figure, save_figure,
                        to_image_tensor, write_csv)
-from runtime import UserError, write_json
+from harness.runtime import UserError, write_json
 
 # -----------------------------------------------------------------------------
 # Image quality: PSNR and SSIM (Wang et al. 2004), in torch

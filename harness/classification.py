@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import batches
-import data
-import inputs
-import predict
-import recipes
-import results
-import runtime
+from harness.data import batches
+from harness.data import datasets
+from harness import inputs
+from harness import serving
+from harness import recipes
+from harness import results
+from harness import runtime
 
 EVAL_BATCH = 256
 
@@ -108,8 +108,8 @@ def load_data(cfg, settings, protocol):
     FGVC's final protocol also tracks val for the best-val-epoch number."""
     if cfg["task"] == "demo":
         return demo_splits(cfg)
-    train_name, eval_name = data.split_names(cfg["task"], protocol)
-    kind = data.task_kind(cfg["task"])
+    train_name, eval_name = datasets.split_names(cfg["task"], protocol)
+    kind = datasets.task_kind(cfg["task"])
     names = [train_name, eval_name] + (["val"] if kind == "fgvc" and protocol == "final" else [])
     root = inputs.dataset_folder(cfg["task"], settings)
     cache_dir = settings.cache_dir or Path(settings.results_dir) / "cache"
@@ -117,23 +117,23 @@ def load_data(cfg, settings, protocol):
     # training splits (read every epoch) and val200 (reused by every run of an lr sweep) stay cached.
     stream = (eval_name,) if kind == "vtab" and protocol == "final" else ()
     with runtime.main_first():  # rank 0 decodes into the cache, the other ranks then read it
-        splits = data.load_splits(cfg["task"], root, names, cache_dir=cache_dir, stream=stream)
+        splits = datasets.load_splits(cfg["task"], root, names, cache_dir=cache_dir, stream=stream)
     return splits.pop(train_name), splits
 
 
 def demo_splits(cfg):
     """Generated images (coloured stripes, one colour per class) cached at 40 px and cropped to 32 like FGVC."""
-    train_images, train_labels = data.make_synthetic_images(cfg["num_classes"], 64, 40, seed=cfg["seed"])
-    test_images, test_labels = data.make_synthetic_images(cfg["num_classes"], 32, 40, seed=cfg["seed"] + 1)
-    return (data.ImageSplit.from_dense("demo", "train", train_images, train_labels),
-            {"test": data.ImageSplit.from_dense("demo", "test", test_images, test_labels)})
+    train_images, train_labels = datasets.make_synthetic_images(cfg["num_classes"], 64, 40, seed=cfg["seed"])
+    test_images, test_labels = datasets.make_synthetic_images(cfg["num_classes"], 32, 40, seed=cfg["seed"] + 1)
+    return (datasets.ImageSplit.from_dense("demo", "train", train_images, train_labels),
+            {"test": datasets.ImageSplit.from_dense("demo", "test", test_images, test_labels)})
 
 
 def fits_on_gpu(splits, device, fraction=0.3):
     """Keep the uint8 images in GPU memory when they take under `fraction` of what is free (else host)."""
     if device.type != "cuda":
         return False
-    kept = [s for s in splits if not isinstance(s, data.StreamedSplit)]   # a streamed split is never held whole
+    kept = [s for s in splits if not isinstance(s, datasets.StreamedSplit)]   # a streamed split is never held whole
     return sum(s.pixels.numel() for s in kept) < fraction * torch.cuda.mem_get_info(device)[0]
 
 
@@ -143,14 +143,14 @@ def make_loaders(cfg, train, evals, device, on_gpu=False, compile=True):
     padded to EVAL_BATCH rows only for a compiled step (one static shape); eager evaluation of a small split
     runs it at its own size."""
     rank, world_size = runtime.world()
-    augment = cfg["task"] == "demo" or data.task_kind(cfg["task"]) == "fgvc"  # random crop + flip
+    augment = cfg["task"] == "demo" or datasets.task_kind(cfg["task"]) == "fgvc"  # random crop + flip
     if runtime.is_main() and device.type == "cuda":
         print(f"images kept in {'GPU' if on_gpu else 'host'} memory as uint8")
     common = dict(crop_size=cfg["img_size"], rank=rank, world_size=world_size, device=device, images_on_device=on_gpu)
     train_loader = batches.BatchLoader(train, cfg["batch_size"] // world_size, train=True, augment=augment,
                                     seed=cfg["seed"], **common)
     eval_batch = max(EVAL_BATCH, cfg["batch_size"])
-    eval_loaders = {name: (batches.StreamedBatchLoader if isinstance(s, data.StreamedSplit) else batches.BatchLoader)(
+    eval_loaders = {name: (batches.StreamedBatchLoader if isinstance(s, datasets.StreamedSplit) else batches.BatchLoader)(
                         s, eval_batch if compile else min(eval_batch, max(1, math.ceil(len(s) / world_size))),
                         train=False, **common) for name, s in evals.items()}
     return train_loader, eval_loaders
@@ -322,7 +322,7 @@ def run_classification(cfg, protocol, settings):
         outcome = fit(cfg, model, train_split, eval_splits, settings, files.state)
     session = time.perf_counter() - tic
     if runtime.is_main():  # the prompt pack, beside the .prompts.pt the result writer saves
-        predict.write_run_pack(model, cfg, protocol, settings, outcome.final, checkpoint, files.pack)
+        serving.write_run_pack(model, cfg, protocol, settings, outcome.final, checkpoint, files.pack)
     body = {"history": outcome.history, "final": outcome.final, **runtime.learned_gates(model),
             "wall_seconds": outcome.elapsed_before + session, "wall_seconds_this_session": session,
             "train_seconds": outcome.train_seconds, "eval_seconds": outcome.eval_seconds,

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import yaml
 
-import data
+from harness.data import datasets
 import gated_prompt as gp
-from runtime import UserError
+from harness.runtime import UserError
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]   # the repository root
 HPARAMS = yaml.safe_load((HERE / "paper_hparams.yaml").read_text())
 RECIPE_VERSION = HPARAMS["recipe_version"]
 
-TASKS = list(data.FGVC_DATASETS) + list(data.VTAB_TASKS) + ["ade20k"]
+TASKS = list(datasets.FGVC_DATASETS) + list(datasets.VTAB_TASKS) + ["ade20k"]
 RECIPES = ("paper", "vpt")
 
 # Every override flag once: config key -> type. The command line's flags are these keys with dashes.
@@ -52,14 +52,14 @@ CONFIG_KEYS = {
 
 
 def task_kind(task):
-    """"demo", "segmentation", or data.task_kind's "fgvc" / "vtab"."""
+    """"demo", "segmentation", or datasets.task_kind's "fgvc" / "vtab"."""
     if task == "demo":
         return "demo"
     if task == "ade20k":
         return "segmentation"
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    return data.task_kind(task)
+    return datasets.task_kind(task)
 
 
 def flag(key):
@@ -203,7 +203,7 @@ def num_classes(cfg):
         return cfg["num_classes"]
     if task_kind(cfg["task"]) == "segmentation":
         return 0
-    return data.num_classes(cfg["task"])
+    return datasets.num_classes(cfg["task"])
 
 
 NAME_KEYS = ("task", "ssl", "arch", "method", "num_prompts", "insert_at", "lr", "seed")

@@ -1,8 +1,8 @@
 """Throughput benchmark for Gated Prompt Tuning: the fast path against the official code's numerics.
 
 Every config comes from recipes.resolve and every model from recipes.model_from_config; the training step is
-runtime.make_train_step with trainer.classifier_forward and trainer.classification_loss, the evaluation step
-trainer.make_eval_step -- what trainer.fit trains and evaluates with (segmentation: segmentation.Training).
+runtime.make_train_step with classification.classifier_forward and classification.classification_loss, the evaluation step
+classification.make_eval_step -- what classification.fit trains and evaluates with (segmentation: segmentation.Training).
 Two paths:
 
   fast       bf16 autocast + fused attention (SDPA) + torch.compile of the backbone, frozen weights stored in
@@ -36,13 +36,16 @@ import time
 
 import torch
 
-import bench_report
-import data
+if __name__ == "__main__" and not __package__:   # `python bench/bench.py`: import from the repository root
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from bench import report
+from harness.data import datasets
 import gated_prompt as gp
-import recipes
-import runtime
-import trainer
-from bench_runs import (ARCH_CHOICES, END_TO_END, SSL, _compiled_or_eager, _peak_memory_gib, _release,
+from harness import recipes
+from harness import runtime
+from harness import classification
+from bench.runs import (ARCH_CHOICES, END_TO_END, SSL, _compiled_or_eager, _peak_memory_gib, _release,
                         _reset_memory, arch_spec, compile_enabled, patch_size_of, run_end_to_end, run_mode_of,
                         sdpa_kernel, time_loop, time_segmentation)
 
@@ -171,7 +174,7 @@ def make_optimizer(cfg, model, device):
 def measure(args, device, path, num_prompts, batch, state=None, peak=None, compile=None, task=STEP_TASK,
             eval_batch=None):
     """Time the training and the evaluation step of one path ("fast" or "reference") on `task`'s recipe, as
-    trainer.fit runs them (the fast path's backbone compiled apart from the head: trainer.classifier_forward).
+    classification.fit runs them (the fast path's backbone compiled apart from the head: classification.classifier_forward).
     compile: None = the run's setting (compile_enabled) for the fast path; the reference path never compiles.
     eval_batch: None = --eval-batch-factor x batch. Each step's inputs are made after the memory reset before it,
     so the training row's peak holds no evaluation batch. Returns (rows, state dict of the initial weights)."""
@@ -195,13 +198,13 @@ def measure(args, device, path, num_prompts, batch, state=None, peak=None, compi
 
     def make_train(c):
         images, labels = inputs(batch)
-        forward = trainer.classifier_forward(model, device, fast, c, args.compile_mode)
-        step = runtime.make_train_step(model, optimizer, trainer.classification_loss, device, forward=forward)
+        forward = classification.classifier_forward(model, device, fast, c, args.compile_mode)
+        step = runtime.make_train_step(model, optimizer, classification.classification_loss, device, forward=forward)
         return (lambda: step(images, labels)), step.compiled
 
     def make_eval(c):
         images, labels = inputs(eval_batch)
-        eval_step = trainer.make_eval_step(model, device, fast, c, args.compile_mode)
+        eval_step = classification.make_eval_step(model, device, fast, c, args.compile_mode)
         return (lambda: eval_step(images, labels)), eval_step.compiled
 
     kernel = sdpa_kernel(model, inputs(2)[0], device, fast)
@@ -318,11 +321,11 @@ def run_sweep(args, device, peak, name, values, fixed, measured, compile=None):
 
 def report_shapes(args):
     """(points [(prompts, batch, target img/s, task, eval batch)], sweep prompts, sweep batches) of --report:
-    bench_report.REPORT_POINTS with the harness's eval batch (trainer.make_loaders'), and the sweeps; --arch tiny
+    report.REPORT_POINTS with the harness's eval batch (classification.make_loaders'), and the sweeps; --arch tiny
     divides every step batch by SMOKE_BATCH_DIVISOR (the CPU smoke run)."""
     divisor = SMOKE_BATCH_DIVISOR if args.arch == "tiny" else 1
-    points = [(prompts, batch // divisor, target, task, max(trainer.EVAL_BATCH, batch) // divisor)
-              for prompts, batch, target, task in bench_report.REPORT_POINTS]
+    points = [(prompts, batch // divisor, target, task, max(classification.EVAL_BATCH, batch) // divisor)
+              for prompts, batch, target, task in report.REPORT_POINTS]
     return points, SWEEP_PROMPTS, tuple(batch // divisor for batch in SWEEP_BATCH)
 
 
@@ -342,7 +345,7 @@ def report_units(args, device, peak):
         return lambda: {"rows": _measure_or_oom(args, device, "fast", prompts, batch, peak=peak, compile=False)[0]
                         or []}
     units = [("step", f"step {p}x{b}", step_unit(p, b, task, eb)) for p, b, _, task, eb in points]
-    units.insert(1, ("step", "matmul peak", lambda: bench_report.measure_matmul_peak(device)))
+    units.insert(1, ("step", "matmul peak", lambda: report.measure_matmul_peak(device)))
     (prompts_fixed, batch_fixed), sweep = points[0][:2], []
     for key in [(p, batch_fixed) for p in sweep_prompts] + [(prompts_fixed, b) for b in sweep_batch]:
         if key not in sweep:
@@ -370,8 +373,8 @@ def assemble_report(args, device, units):
               "segmentation": units.get("segmentation")}
     comparable = (device.type == "cuda" and "H100" in runtime.device_name(device).upper()
                   and args.arch == "vit_base" and args.method == "gated+temp"
-                  and (args.img_size or data.IMAGE_SIZE) == data.IMAGE_SIZE)
-    report["targets"] = bench_report.target_rows(report, comparable)
+                  and (args.img_size or datasets.IMAGE_SIZE) == datasets.IMAGE_SIZE)
+    report["targets"] = report.target_rows(report, comparable)
     return report
 
 
@@ -382,10 +385,10 @@ def run_report(args, device, peak, header):
                 **{k: getattr(args, k) for k in ("arch", "method", "img_size", "compile", "compile_mode", "steps",
                                                   "warmup", "repeats", "epochs", "train_images", "val_images",
                                                   "test_images", "eval_batch_factor", "peak_tflops")}}
-    store = bench_report.Store(args.out_dir, header, identity)
+    store = report.Store(args.out_dir, header, identity)
     units = [u for u in report_units(args, device, peak) if u[0] in args.only]
     print(f"--report: {len(units)} units ({', '.join(args.only)}) | {args.arch}, {args.method}, "
-          f"{args.img_size or data.IMAGE_SIZE}px | {store.json}", flush=True)
+          f"{args.img_size or datasets.IMAGE_SIZE}px | {store.json}", flush=True)
     for n, (stage, key, measure_unit) in enumerate(units, 1):
         if key in store.units:
             print(f"[{n}/{len(units)}] {key}: measured earlier (same device and code), kept", flush=True)
@@ -399,8 +402,8 @@ def run_report(args, device, peak, header):
     print("\ntargets (one H100):")
     for t in out["targets"]:
         met = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
-        print(f"  {t['figure']}: {bench_report.format_value(t['value'], t['unit'])} (target {t['op']} "
-              f"{bench_report.format_value(t['target'], t['unit'])}): {met}")
+        print(f"  {t['figure']}: {report.format_value(t['value'], t['unit'])} (target {t['op']} "
+              f"{report.format_value(t['target'], t['unit'])}): {met}")
     print(f"wrote {store.markdown} and {store.json}")
     return out
 
@@ -414,7 +417,7 @@ default        images/s, TFLOP/s and peak memory of the training step and evalua
                step, fast path (bf16 + fused attention + torch.compile) against the
                reference path (fp32, explicit softmax, eager: the official code's
                numerics), from the same weights, with their speed ratio.
---end-to-end   seconds for one whole training run (trainer.fit) on generated data of
+--end-to-end   seconds for one whole training run (classification.fit) on generated data of
                the real sizes (setup, epoch 1 with compiling, later epochs, evaluation).
 --segmentation SETR-PUP ADE20K iterations/s, inference time, projected schedule hours.
 --report       the targets' figures -> BENCHMARKS.md, benchmarks.json, rewritten after
@@ -442,7 +445,7 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--end-to-end", choices=sorted(END_TO_END), default=None, metavar="{vtab,cub}",
-                      help="time one whole run of the harness (trainer.fit with the paper's recipe) on generated "
+                      help="time one whole run of the harness (classification.fit with the paper's recipe) on generated "
                            "images: vtab = 1,000 train / 10,000 test at 224px, dtd/MAE recipe; cub = 5,394 train "
                            "cached at 256px (random crop + flip on the GPU) / 600 val every epoch / 5,794 test")
     mode.add_argument("--segmentation", action="store_true",
@@ -453,8 +456,8 @@ def build_parser():
                       help="the step comparison at 100 prompts / batch 64 and 1 prompt / batch 128 with the "
                            "device's bf16 matmul peak, both sweeps, both end-to-end runs, segmentation; writes "
                            "BENCHMARKS.md and benchmarks.json after every unit")
-    p.add_argument("--only", nargs="+", choices=bench_report.STAGES, default=None, metavar="STAGE",
-                   help=f"--report: these stages only, of {' '.join(bench_report.STAGES)} (default: all)")
+    p.add_argument("--only", nargs="+", choices=report.STAGES, default=None, metavar="STAGE",
+                   help=f"--report: these stages only, of {' '.join(report.STAGES)} (default: all)")
     p.add_argument("--arch", default="vit_base", choices=ARCH_CHOICES,
                    help="backbone size; tiny = 12 blocks of width 32, for CPU smoke tests (default: %(default)s)")
     p.add_argument("--method", default="gated+temp", choices=sorted(gp.METHODS),
@@ -556,7 +559,7 @@ def fill_defaults(args):
     if args.report:
         defaults = dict(REPORT_DEFAULTS, **(REPORT_SMOKE if args.arch == "tiny" else {}))
         args.out_dir = args.out_dir or "."
-        args.only = [stage for stage in bench_report.STAGES if stage in (args.only or bench_report.STAGES)]
+        args.only = [stage for stage in report.STAGES if stage in (args.only or report.STAGES)]
     else:
         defaults = TABLE_DEFAULTS
     for key, value in defaults.items():
@@ -603,7 +606,7 @@ def main(argv=None):
            "cuda": torch.version.cuda if device.type == "cuda" else None, "code_version": runtime.code_version(),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "command": " ".join(["python bench.py"] + list(sys.argv[1:] if argv is None else argv)),
-           "img_size": args.img_size or data.IMAGE_SIZE, "compile": args.compile,
+           "img_size": args.img_size or datasets.IMAGE_SIZE, "compile": args.compile,
            "float32_matmul_precision": torch.get_float32_matmul_precision(),
            "peak_bf16_tflops": peak, "args": vars(args), "results": [], "ratios": [], "sweeps": {}}
     with runtime.flush_denormals(device):

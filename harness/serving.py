@@ -24,9 +24,9 @@ import torch
 import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
-import data
+from harness.data import datasets
 import gated_prompt as gp
-import runtime
+from harness import runtime
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 TOP = 5
@@ -38,11 +38,11 @@ def eval_transform(cfg):
     """The evaluation transform of a run's task as the harness applies it (data.py): FGVC decodes with
     Resize(256) and center-crops img_size; VTAB resizes to 224 (TF1 bilinear) and center-crops img_size.
     None for the demo (generated images, no files)."""
-    kind = data.task_kind(cfg["task"]) if cfg["task"] != "demo" else "demo"
+    kind = datasets.task_kind(cfg["task"]) if cfg["task"] != "demo" else "demo"
     if kind == "fgvc":
-        return {"kind": "fgvc", "resize": data.FGVC_RESIZE, "crop": cfg["img_size"]}
+        return {"kind": "fgvc", "resize": datasets.FGVC_RESIZE, "crop": cfg["img_size"]}
     if kind == "vtab":
-        return {"kind": "vtab", "resize": data.IMAGE_SIZE, "crop": cfg["img_size"]}
+        return {"kind": "vtab", "resize": datasets.IMAGE_SIZE, "crop": cfg["img_size"]}
     return None
 
 
@@ -52,8 +52,8 @@ def class_names(cfg, data_dir, split):
     if cfg["task"] == "demo":
         return None
     try:
-        paths, labels = data.read_split(cfg["task"], data.dataset_root(cfg["task"], data_dir), split)
-    except (data.DataError, OSError):
+        paths, labels = datasets.read_split(cfg["task"], datasets.dataset_root(cfg["task"], data_dir), split)
+    except (datasets.DataError, OSError):
         return None
     folders = {}
     for path, label in zip(paths, labels):
@@ -65,7 +65,7 @@ def class_names(cfg, data_dir, split):
 
 def write_run_pack(model, cfg, protocol, settings, final, checkpoint, path):
     """The prompt pack of a finished classification run, beside its .prompts.pt."""
-    train_split = data.split_names(cfg["task"], protocol)[0] if cfg["task"] != "demo" else None
+    train_split = datasets.split_names(cfg["task"], protocol)[0] if cfg["task"] != "demo" else None
     names = class_names(cfg, settings.data_dir, train_split)
     if names is not None and len(names) != model.pcfg.num_classes:
         names = None
@@ -116,9 +116,9 @@ def pack_names(paths):
     return names
 
 
-TRANSFORMS = {"fgvc": data.FGVC_RESIZE, "vtab": data.IMAGE_SIZE}   # kind -> the resize its decoder applies
+TRANSFORMS = {"fgvc": datasets.FGVC_RESIZE, "vtab": datasets.IMAGE_SIZE}   # kind -> the resize its decoder applies
 EXPECTED = ("{'kind': 'fgvc', 'resize': %d, 'crop': N} or {'kind': 'vtab', 'resize': %d, 'crop': N}, N a whole "
-            "number of pixels" % (data.FGVC_RESIZE, data.IMAGE_SIZE))
+            "number of pixels" % (datasets.FGVC_RESIZE, datasets.IMAGE_SIZE))
 
 
 def check_transform(path, pack):
@@ -160,17 +160,17 @@ def backbone_file(packs, checkpoint):
 
 def load_image(path, transform):
     """uint8 [3, crop, crop]: the pack's evaluation transform with data.py's decoders (DataError if unreadable)."""
-    decode = data.decode_fgvc if transform["kind"] == "fgvc" else data.decode_vtab
+    decode = datasets.decode_fgvc if transform["kind"] == "fgvc" else datasets.decode_vtab
     image = torch.from_numpy(np.array(decode(str(path)))).permute(2, 0, 1)
     if min(image.shape[1:]) < transform["crop"]:
-        raise data.DataError(f"image {path} is smaller than the {transform['crop']}px crop after resizing")
+        raise datasets.DataError(f"image {path} is smaller than the {transform['crop']}px crop after resizing")
     return TF.center_crop(image, transform["crop"])  # torchvision's CenterCrop, as the loader's offsets
 
 
 def normalise(images):
     """uint8 -> float (x / 255 - mean) / std, as batches.BatchLoader."""
-    mean = torch.tensor(data.IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(data.IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    mean = torch.tensor(datasets.IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(datasets.IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255 - mean) / std
 
 
@@ -187,7 +187,7 @@ def predict(model, packs, images, device, bf16, batch_size, top=TOP):
         for path in images[start:start + per_chunk]:
             try:
                 decoded = {t: load_image(path, json.loads(t)) for t in set(transforms.values())}
-            except data.DataError as err:
+            except datasets.DataError as err:
                 skipped.append((str(path), str(err)))
                 tqdm.write(f"skipped {path}: {err}", file=sys.stderr)
                 continue

@@ -323,10 +323,8 @@ def code_version():
     except (OSError, subprocess.SubprocessError):
         pass
     h = hashlib.sha1()
-    for name in sorted(os.listdir(here)):
-        if name.endswith(".py"):
-            with open(os.path.join(here, name), "rb") as f:
-                h.update(f.read())
+    for path in sorted(Path(here).parent.glob("**/*.py")):   # the repository's sources
+        h.update(path.read_bytes())
     return "src-" + h.hexdigest()[:10]
 
 

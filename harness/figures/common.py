@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import torch
 import torchvision.transforms.functional as TF
 
-from data import IMAGENET_MEAN, IMAGENET_STD
-from runtime import UserError, atomic_write, write_text
+from harness.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from harness.runtime import UserError, atomic_write, write_text
 
 # -----------------------------------------------------------------------------
 # Images into a frozen backbone

@@ -1,0 +1,1 @@
+"""Dataset readers, fixed-shape batches and the datasets' release files."""

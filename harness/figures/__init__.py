@@ -1,0 +1,1 @@
+"""The paper's figures and analysis tables (`reproduce.py figure N`)."""
