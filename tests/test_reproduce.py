@@ -1,5 +1,6 @@
 """The command line: configs for every cell, one result per run, honest summaries, and clear errors that stop
 before any slow work."""
+import dataclasses
 import json
 import re
 import subprocess
@@ -77,6 +78,108 @@ def test_resolved_cells_carry_the_papers_table_5_values(task, ssl, row):
     """Spot checks typed in from the paper's Table 5 (tests/test_paper_numbers.py compares every row)."""
     cfg = config.resolve(task, ssl)
     assert (cfg.batch_size, cfg.num_prompts, cfg.lr, cfg.gate_init) == row
+
+
+def test_a_config_is_typed_frozen_and_checked_at_construction():
+    cfg = config.resolve("cub", "mae")
+    with pytest.raises(TypeError, match="lrr"):
+        cfg.replace(lrr=0.1)                                       # a mistyped field name
+    with pytest.raises(TypeError, match="momentun"):
+        config.ClassificationConfig(**dict(cfg.identity(), momentun=0.9))
+    for name, value, message in [("lr", "0.1", "--lr '0.1' is not usable: it must be a number > 0"),
+                                 ("batch_size", 1.5, "--batch-size 1.5 is not usable: it must be a whole number >= 1"),
+                                 ("seed", True, "--seed True is not usable: it must be a whole number >= 0"),
+                                 ("gate_init", float("nan"), "--gate-init nan is not usable: it must be a finite number"),
+                                 ("arch_overrides", [32], "--arch-overrides [32] is not usable")]:
+        with pytest.raises(runtime.UserError, match=re.escape(message)):
+            cfg.replace(**{name: value})
+    with pytest.raises(runtime.UserError, match=re.escape("--aux-blocks '5, 9' is not usable: it must be a list")):
+        config.resolve("ade20k", "mae").replace(aux_blocks="5, 9")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+    assert cfg.replace(lr=0.5).lr == 0.5 and cfg.lr == 0.1
+    assert config.resolve("ade20k", "mae", aux_blocks=[1, 2]).aux_blocks == (1, 2)   # YAML / JSON lists: tuples
+
+
+def test_each_field_says_who_sets_it_and_the_flags_are_the_override_fields():
+    """Typed in: the override flags each kind of run takes (the README's "Flags must apply")."""
+    assert set(config.ClassificationConfig.flags()) == {
+        "recipe", "arch", "batch_size", "num_prompts", "lr", "gate_init", "weight_decay", "prompt_dropout", "epochs",
+        "warmup_epochs", "seed", "insert_at"}
+    assert set(config.SegmentationConfig.flags()) == {
+        "arch", "batch_size", "num_prompts", "lr", "gate_init", "prompt_dropout", "iters", "seed", "insert_at"}
+    assert set(config.DemoConfig.flags()) == {"lr", "epochs", "warmup_epochs", "seed"}
+    for cls in config.CONFIGS:
+        assert {f.metadata["set_by"] for f in dataclasses.fields(cls)} <= {"choice", "flag", "code", "recipe"}
+    assert set(config.ClassificationConfig.fields_set_by("code")) == {"img_size", "arch_overrides", "num_classes"}
+    assert set(config.OVERRIDE_TYPES) <= set(vars(reproduce.parse_args([])))   # each has its command-line flag
+
+
+def test_a_runs_identity_is_what_result_files_already_store():
+    """The identity a stored result and a saved training state are matched by, as result files written before the
+    typed config hold it (typed in): the same keys and values, optional fields left out while unset."""
+    assert config.resolve("cub", "mae").identity() == {
+        "task": "cub", "ssl": "mae", "method": "gated+temp", "recipe": "paper", "arch": "vit_base", "batch_size": 64,
+        "num_prompts": 100, "lr": 0.1, "gate_init": 5, "momentum": 0.9, "weight_decay": 0.0, "prompt_dropout": 0.1,
+        "epochs": 100, "warmup_epochs": 10, "seed": 42, "insert_at": 1, "img_size": 224}
+    ade = config.resolve("ade20k", "mocov3")
+    assert ade.identity() == {
+        "task": "ade20k", "ssl": "mocov3", "method": "gated+temp", "arch": "vit_base", "batch_size": 16,
+        "num_prompts": 100, "lr": 0.001, "gate_init": 10, "momentum": 0.9, "weight_decay": 0.0, "prompt_dropout": 0.1,
+        "iters": 160000, "seed": 42, "insert_at": 1, "img_size": 512, "aux_blocks": [5, 9], "aux_loss_weight": 0.4,
+        "head_channels": 256, "head_lr_mult": 10.0, "poly_power": 0.9, "min_lr": 0.0001, "slide_stride": 341,
+        "ms_ratios": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "pos_embed_interpolation": "bilinear"}
+    assert set(config.resolve("demo").identity()) >= {"arch_overrides", "num_classes", "img_size"}
+    assert config.from_identity(json.loads(json.dumps(ade.identity()))) == ade
+    older = {k: v for k, v in config.resolve("cub", "mae").identity().items() if k != "epochs"}
+    with pytest.raises(runtime.UserError, match="lacks epochs"):
+        config.from_identity(older)
+
+
+def test_one_task_registry_holds_kind_classes_folders_and_transform():
+    kinds = [t.kind for t in config.TASKS.values()]
+    assert (kinds.count("fgvc"), kinds.count("vtab"), kinds.count("segmentation")) == (5, 19, 1)
+    assert [config.TASKS[t].num_classes for t in ("cub", "nabirds", "dtd", "svhn", "ade20k")] == [200, 555, 47, 10, 150]
+    assert config.TASKS["cub"].transform(224) == {"kind": "fgvc", "resize": 256, "crop": 224}   # VPT: Resize(256)
+    assert config.TASKS["dtd"].transform(224) == {"kind": "vtab", "resize": 224, "crop": 224}
+    assert config.TASKS["ade20k"].transform(512) is None and config.find_task("demo").transform(32) is None
+    assert "CUB_200_2011" in config.TASKS["cub"].folders and config.TASKS["ade20k"].folders == ("ADEChallengeData2016",)
+    assert config.resolve("dtd", "mae").head_size() == 47 and config.resolve("ade20k", "mae").head_size() == 0
+    with pytest.raises(runtime.UserError, match="unknown task 'cubb'"):
+        config.find_task("cubb")
+
+
+def test_nothing_imports_the_command_line_and_the_harness_has_no_import_circles():
+    """Read from the sources: no module imports reproduce.py; gated_prompt.py imports nothing of the harness; the
+    classification harness does not import the predict command (serving.py); the import graph has no circle."""
+    import ast
+    files = [ROOT / "gated_prompt.py", *sorted((ROOT / "harness").rglob("*.py")), *sorted((ROOT / "bench").glob("*.py"))]
+    graph = {}
+    for path in files:
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = deps
+    assert not [m for m, deps in graph.items() if "reproduce" in deps]
+    assert not [d for d in graph["gated_prompt"] if d.startswith(("harness", "bench"))]
+    assert "harness.serving" not in graph["harness.classification"]
+    local = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    done, on_path = set(), []
+
+    def visit(m):
+        assert m not in on_path, f"import circle: {' -> '.join(on_path[on_path.index(m):] + [m])}"
+        if m not in done:
+            on_path.append(m)
+            for d in sorted(local[m]):
+                visit(d)
+            on_path.pop()
+            done.add(m)
+    for m in sorted(local):
+        visit(m)
 
 
 def test_print_config_shows_overrides_and_touches_nothing(tmp_path, cli):
@@ -619,6 +722,21 @@ def test_prompts_are_written_atomically_and_before_the_result(tmp_path, monkeypa
         results.write_run(files, {"final": {}}, {"prompts": torch.zeros(2)})
     monkeypatch.setattr(torch, "save", real_save)
     assert list(files.result.parent.iterdir()) == []   # no half file, no result without its prompts
+
+
+def test_the_pack_is_written_before_the_result(tmp_path, monkeypatch):
+    """results.write_run writes a run's every output: a kill while the pack is written leaves the prompts and no
+    result (the cell runs again), never a result without its pack."""
+    cfg = tiny_demo()
+    files = results.run_files(tmp_path, cfg, "final")
+    model = config.model_from_config(cfg, cfg.head_size(), verbose=False)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gp.VisionTransformer, "save_pack", killed)
+    with pytest.raises(KeyboardInterrupt):
+        results.write_run(files, {"final": {}}, model.prompt_state_dict(), (model, {}))
+    assert files.prompts.is_file() and not files.result.exists()
 
 
 def test_files_respect_the_umask(tmp_path):

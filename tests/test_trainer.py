@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 
 from conftest import TINY_VIT as TINY, settings, tiny_demo
 from harness.data import batches as batching
@@ -87,6 +88,18 @@ def test_cpu_runs_flush_denormals(tmp_path, monkeypatch):
     classification.run_classification(cfg, "final", settings(tmp_path), tmp_path / "state.pt")
     assert seen == [0.0]
     assert float(torch.tensor(1e-39) * 1) != 0.0   # and the process setting is restored afterwards
+
+
+def test_one_imagenet_normalisation_as_torchvision_normalises():
+    """datasets.imagenet_normalize is ToTensor + Normalize with ImageNet's mean and std (typed in), for uint8
+    pixels and for [0, 1] floats, and the training and evaluation batches come out of it."""
+    images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = TF.normalize(images.float() / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    torch.testing.assert_close(datasets.imagenet_normalize(images), expected)
+    torch.testing.assert_close(datasets.imagenet_normalize(images.float() / 255, max_value=1.0), expected)
+    split = datasets.ImageSplit.from_dense("demo", "test", images, torch.arange(6) % 3)
+    (batch, _), = batching.BatchLoader(split, 6, train=False, crop_size=32)
+    torch.testing.assert_close(batch, TF.center_crop(expected, 32))
 
 
 # --- static shapes: one training graph and one evaluation graph per run ------------------------------
