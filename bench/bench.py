@@ -1,6 +1,6 @@
 """Throughput benchmark for Gated Prompt Tuning: the fast path against the official code's numerics.
 
-Every config comes from recipes.resolve and every model from recipes.model_from_config; the training step is
+Every config comes from config.resolve and every model from config.model_from_config; the training step is
 runtime.make_train_step with classification.classifier_forward and classification.classification_loss, the evaluation step
 classification.make_eval_step -- what classification.fit trains and evaluates with (segmentation: segmentation.Training).
 Two paths:
@@ -42,7 +42,7 @@ if __name__ == "__main__" and not __package__:   # `python bench/bench.py`: impo
 from bench import report
 from harness.data import datasets
 import gated_prompt as gp
-from harness import recipes
+from harness import config
 from harness import runtime
 from harness import classification
 from bench.runs import (ARCH_CHOICES, END_TO_END, SSL, _compiled_or_eager, _peak_memory_gib, _release,
@@ -143,7 +143,7 @@ def peak_for_name(name):
 def step_config(args, num_prompts, batch, task=STEP_TASK):
     """The resolved config the step benchmark builds its model (head: the task's classes) and optimizer from."""
     arch, overrides = arch_spec(args.arch)
-    return recipes.resolve(task, SSL, args.method, arch=arch, arch_overrides=overrides, img_size=args.img_size,
+    return config.resolve(task, SSL, args.method, arch=arch, arch_overrides=overrides, img_size=args.img_size,
                            num_prompts=num_prompts, batch_size=batch)
 
 
@@ -154,7 +154,7 @@ def build_path_model(cfg, path, state=None):
     vit_overrides = {} if path == "fast" else {"fused_attention": False}
 
     def make():
-        return recipes.model_from_config(cfg, recipes.num_classes(cfg), verbose=False, **vit_overrides)
+        return config.model_from_config(cfg, cfg.head_size(), verbose=False, **vit_overrides)
     if state is None:
         torch.manual_seed(0)
         return make()
@@ -167,7 +167,7 @@ def build_path_model(cfg, path, state=None):
 def make_optimizer(cfg, model, device):
     """runtime.make_optimizer with the recipe's SGD settings (fused on CUDA, for both paths: the optimizer
     over the few trainable parameters is not what the paths differ in)."""
-    return runtime.make_optimizer(model.trainable_parameters(), cfg["lr"], cfg["momentum"], cfg["weight_decay"],
+    return runtime.make_optimizer(model.trainable_parameters(), cfg.lr, cfg.momentum, cfg.weight_decay,
                                   device)
 
 
@@ -188,7 +188,7 @@ def measure(args, device, path, num_prompts, batch, state=None, peak=None, compi
     state = state if state is not None else {k: v.clone() for k, v in model.state_dict().items()}
     runtime.place_model(model, device, bf16=fast)
     optimizer = make_optimizer(cfg, model, device)
-    count, size, classes = model_flops(model), cfg["img_size"], recipes.num_classes(cfg)
+    count, size, classes = model_flops(model), cfg.img_size, cfg.head_size()
     eval_batch = eval_batch or batch * args.eval_batch_factor
     gen = torch.Generator().manual_seed(0)
 
@@ -651,7 +651,7 @@ def time_multitask(args, device, packs=8):
     P, B = args.prompts[0], args.batch[0]
     cfg = step_config(args, P, B)
     bf16 = device.type == "cuda"
-    single = recipes.model_from_config(cfg, recipes.num_classes(cfg), verbose=False).eval()
+    single = config.model_from_config(cfg, cfg.head_size(), verbose=False).eval()
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"pack0": single.save_pack(f"{tmp}/pack0.pt")}
         for k in range(1, packs):   # the same pack with fresh random tensors (speed does not depend on them)
@@ -662,7 +662,7 @@ def time_multitask(args, device, packs=8):
         mixed = gp.MultiTask(single, paths)
     mixed.to(device)
     runtime.place_model(single, device, bf16)
-    images = torch.randn(B, 3, cfg["img_size"], cfg["img_size"], device=device)
+    images = torch.randn(B, 3, cfg.img_size, cfg.img_size, device=device)
     tasks = [f"pack{b % packs}" for b in range(B)]
 
     def run(model, *extra):
@@ -680,11 +680,11 @@ def time_multitask(args, device, packs=8):
             rates[name] += time_loop(fn, B, args.steps, 0, 1, device)
     single_rate, mixed_rate = (statistics.median(rates[n]) for n in ("single", "mixed"))
     row = {"packs": packs, "batch": B, "prompts": P, "method": args.method, "arch": args.arch,
-           "img_size": cfg["img_size"], "device": runtime.device_name(device), "bf16": bf16, "mode": "eager",
+           "img_size": cfg.img_size, "device": runtime.device_name(device), "bf16": bf16, "mode": "eager",
            "single_images_per_second": single_rate, "mixed_images_per_second": mixed_rate,
            "single_rates": rates["single"], "mixed_rates": rates["mixed"], "ratio": mixed_rate / single_rate}
     print(f"mixed batch of {packs} packs vs one pack ({args.arch}, {args.method}, {P} prompts, batch {B}, "
-          f"{cfg['img_size']}px, eager{', bf16' if bf16 else ', fp32'}, {row['device']}): {single_rate:.1f} vs "
+          f"{cfg.img_size}px, eager{', bf16' if bf16 else ', fp32'}, {row['device']}): {single_rate:.1f} vs "
           f"{mixed_rate:.1f} images/s -> {row['ratio']:.3f}x")
     return row
 

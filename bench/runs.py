@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend
 from bench import report
 from harness.data import datasets
 import gated_prompt as gp
-from harness import recipes
+from harness import config
 from harness import runtime
 from harness import segmentation
 from harness import classification
@@ -177,10 +177,10 @@ def synthetic_split(task, split, n, size, seed=0):
 
 
 def end_to_end_config(args, run):
-    """The paper's recipe for the run's task (recipes.resolve(task, "mae", method)) with the bench flags that
+    """The paper's recipe for the run's task (config.resolve(task, "mae", method)) with the bench flags that
     override it."""
     arch, overrides = arch_spec(args.arch)
-    return recipes.resolve(END_TO_END[run]["task"], SSL, args.method, arch=arch, arch_overrides=overrides,
+    return config.resolve(END_TO_END[run]["task"], SSL, args.method, arch=arch, arch_overrides=overrides,
                            img_size=args.img_size, epochs=args.epochs,
                            batch_size=args.batch[0] if args.batch else None,
                            num_prompts=args.prompts[0] if args.prompts else None)
@@ -207,13 +207,13 @@ def run_end_to_end(args, device, run):
     """Generate the data, then time what classification.run_classification does after loading data: build the model,
     then classification.fit (setup, epochs with CUB's per-epoch val pass, final test evaluation). Returns a dict."""
     spec, cfg, settings = END_TO_END[run], end_to_end_config(args, run), end_to_end_settings(args, device)
-    task, size = cfg["task"], cfg["img_size"]
+    task, size = cfg.task, cfg.img_size
     fgvc = datasets.task_kind(task) == "fgvc"
     n_train, n_test = args.train_images or spec["train"], args.test_images or spec["test"]
     n_val = (args.val_images or spec["val"]) if fgvc else 0
     cached = size * datasets.FGVC_RESIZE // datasets.IMAGE_SIZE if fgvc else size   # 256 / 224
-    print(f"end-to-end {run}: {task}/{SSL} recipe, {cfg['method']}, {cfg['num_prompts']} prompt(s), batch "
-          f"{cfg['batch_size']}, {cfg['epochs']} epochs, {args.arch} (random weights) | {n_train} train / {n_val} "
+    print(f"end-to-end {run}: {task}/{SSL} recipe, {cfg.method}, {cfg.num_prompts} prompt(s), batch "
+          f"{cfg.batch_size}, {cfg.epochs} epochs, {args.arch} (random weights) | {n_train} train / {n_val} "
           f"val / {n_test} test generated images cached at {cached}px{f', random {size}px crop + flip' if fgvc else ''}"
           f" | {runtime.device_name(device)} | {'bf16' if settings.bf16 else 'fp32'}"
           f"{' + compile' if settings.compile else ', eager'}", flush=True)
@@ -224,7 +224,7 @@ def run_end_to_end(args, device, run):
     train_split = synthetic_split(task, "train", n_train, cached, seed=0)
     generation_s = time.perf_counter() - tic
     outcome, timing = time_training_run(cfg, settings, train_split, evals)
-    full_epochs = recipes.HPARAMS["recipe"]["epochs"]
+    full_epochs = config.HPARAMS["recipe"]["epochs"]
     result = end_to_end_result(run, cfg, settings, outcome, timing, (n_train, n_val, n_test), cached, full_epochs)
     result.update(arch=args.arch, data_generation_s=generation_s)
     print(format_end_to_end(result, device, full_epochs), flush=True)
@@ -238,8 +238,8 @@ def time_training_run(cfg, settings, train_split, eval_splits):
     _release(device)
     _reset_memory(device)
     start = time.perf_counter()
-    runtime.seed_everything(cfg["seed"])
-    model = recipes.model_from_config(cfg, recipes.num_classes(cfg), verbose=False)
+    runtime.seed_everything(cfg.seed)
+    model = config.model_from_config(cfg, cfg.head_size(), verbose=False)
     build_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         outcome = classification.fit(cfg, model, train_split, eval_splits, settings, Path(tmp) / "state.pt")
@@ -259,15 +259,15 @@ def end_to_end_result(run, cfg, settings, outcome, timing, sizes, cached, full_e
     epoch_s = [record["seconds"] for record in outcome.history]
     epochs = len(epoch_s)
     later = (outcome.train_seconds - epoch_s[0]) / (epochs - 1) if epochs > 1 else None
-    full_size = (sizes, cfg["img_size"]) == ((spec["train"], spec["val"], spec["test"]), datasets.IMAGE_SIZE)
+    full_size = (sizes, cfg.img_size) == ((spec["train"], spec["val"], spec["test"]), datasets.IMAGE_SIZE)
     projected = (projected_wall_s(timing["setup_s"], epoch_s[0], outcome.train_seconds, epochs,
                                   outcome.eval_seconds, full_epochs) if epochs != full_epochs else None)
     target_s = report.END_TO_END_TARGETS[run][0]
     estimate = timing["wall_s"] if epochs == full_epochs else projected
     return {
-        "run": run, "task": cfg["task"], "method": cfg["method"], "num_prompts": cfg["num_prompts"],
-        "batch_size": cfg["batch_size"], "epochs": epochs, "train_images": n_train, "val_images": n_val,
-        "test_images": n_test, "img_size": cfg["img_size"], "cached_size": cached, "bf16": settings.bf16,
+        "run": run, "task": cfg.task, "method": cfg.method, "num_prompts": cfg.num_prompts,
+        "batch_size": cfg.batch_size, "epochs": epochs, "train_images": n_train, "val_images": n_val,
+        "test_images": n_test, "img_size": cfg.img_size, "cached_size": cached, "bf16": settings.bf16,
         "compiled": bool(outcome.compile["all_compiled"]), "compiled_calls": outcome.compile["compiled_calls"],
         "images_on_gpu": timing["images_on_gpu"], "setup_s": timing["setup_s"], "epoch1_s": epoch_s[0],
         "epoch_s": epoch_s, "later_epoch_s": later, "train_s": outcome.train_seconds,
@@ -318,7 +318,7 @@ def segmentation_config(args):
     """The resolved ADE20K recipe (SETR-PUP), with the bench flags that override it."""
     arch, overrides = arch_spec(args.arch)
     tiny = {"head_channels": TINY_HEAD_CHANNELS} if args.arch == "tiny" else {}
-    return recipes.resolve("ade20k", SSL, args.method, arch=arch, arch_overrides=overrides, img_size=args.img_size,
+    return config.resolve("ade20k", SSL, args.method, arch=arch, arch_overrides=overrides, img_size=args.img_size,
                            batch_size=args.batch[0] if args.batch else None,
                            num_prompts=args.prompts[0] if args.prompts else None, **tiny)
 
@@ -353,9 +353,9 @@ def segmentation_setup(args, device):
     cfg = segmentation_config(args)
     settings = runtime.Settings(device=device, bf16=device.type == "cuda", compile=compile_enabled(args, device),
                                 compile_mode=args.compile_mode, quiet=True)
-    batch, crop = cfg["batch_size"], cfg["img_size"]
-    print(f"segmentation: SETR-PUP (aux heads on blocks {', '.join(map(str, cfg['aux_blocks']))}) on {args.arch} "
-          f"(random weights), {cfg['method']}, {cfg['num_prompts']} prompts, {segmentation.NUM_CLASSES} classes, "
+    batch, crop = cfg.batch_size, cfg.img_size
+    print(f"segmentation: SETR-PUP (aux heads on blocks {', '.join(map(str, cfg.aux_blocks))}) on {args.arch} "
+          f"(random weights), {cfg.method}, {cfg.num_prompts} prompts, {segmentation.NUM_CLASSES} classes, "
           f"batch {batch} of {crop}x{crop} random crops | {runtime.device_name(device)} | "
           f"{'bf16 autocast' if settings.bf16 else 'fp32'}{', compile requested' if settings.compile else ', eager'}",
           flush=True)
@@ -378,7 +378,7 @@ def time_segmentation_training(args, device, run):
         return (lambda: run["training"].iteration(run["images"], run["labels"])), run["training"].step.compiled
     _reset_memory(device)
     fn, counted, compile_s = _compiled_or_eager(make, run["compile"], device, "training step")
-    rates = time_loop(fn, cfg["batch_size"], args.steps, args.warmup, args.repeats, device)
+    rates = time_loop(fn, cfg.batch_size, args.steps, args.warmup, args.repeats, device)
     return {"rates": rates, "mode": run_mode_of(counted), "compile_s": compile_s,
             "peak_memory_gib": _peak_memory_gib(device)}
 
@@ -386,7 +386,7 @@ def time_segmentation_training(args, device, run):
 def time_segmentation_inference(args, device, run):
     """Seconds per image of segmentation.predict at single scale, and the windows it slides."""
     cfg, model, image = run["cfg"], run["training"].model, run["test_image"]
-    crop, stride = cfg["img_size"], cfg["slide_stride"]
+    crop, stride = cfg.img_size, cfg.slide_stride
     model.eval()
 
     def make(c):
@@ -403,13 +403,13 @@ def time_segmentation_inference(args, device, run):
 
 def segmentation_result(args, run, train, infer):
     cfg = run["cfg"]
-    batch, crop, iters = cfg["batch_size"], cfg["img_size"], cfg["iters"]
+    batch, crop, iters = cfg.batch_size, cfg.img_size, cfg.iters
     rates = train["rates"]
     iters_per_s = statistics.median(rates) / batch
     test_size = segmentation.test_scales(*SEG_TEST_IMAGE, crop, [1.0])[0]
     return {
-        "arch": args.arch, "method": cfg["method"], "num_prompts": cfg["num_prompts"], "batch_size": batch,
-        "crop_size": crop, "slide_stride": cfg["slide_stride"], "aux_blocks": list(cfg["aux_blocks"]),
+        "arch": args.arch, "method": cfg.method, "num_prompts": cfg.num_prompts, "batch_size": batch,
+        "crop_size": crop, "slide_stride": cfg.slide_stride, "aux_blocks": list(cfg.aux_blocks),
         "num_classes": segmentation.NUM_CLASSES, "bf16": run["bf16"],
         "train_mode": train["mode"], "infer_mode": infer["mode"], "compiled": train["mode"] == "torch.compile",
         "train_compile_s": train["compile_s"], "infer_compile_s": infer["compile_s"],

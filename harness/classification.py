@@ -1,7 +1,7 @@
 """Classification training and evaluation (FGVC, VTAB-1k, the demo) as the official code trains.
 
-    body, prompts = trainer.run_classification(cfg, "final", settings)   # loads model and data, then fit
-    outcome = trainer.fit(cfg, model, train_split, eval_splits, settings, state_path)   # given model and data
+    body, model = classification.run_classification(cfg, "final", settings, files.state, checkpoint)   # model, data, fit
+    outcome = classification.fit(cfg, model, train_split, eval_splits, settings, state_path)   # given model and data
 
 Recipe: SGD (momentum 0.9, weight decay 0), linear warm-up from 0 then cosine to 0, stepped per epoch; the
 frozen backbone in eval mode; cross-entropy. Protocols: "final" trains on train (FGVC) / train800val200 (VTAB)
@@ -18,7 +18,6 @@ step calls actually ran a compiled graph (runtime.compile_record).
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +26,7 @@ from tqdm import tqdm
 from harness.data import batches
 from harness.data import datasets
 from harness import inputs
-from harness import serving
-from harness import recipes
-from harness import results
+from harness import config
 from harness import runtime
 
 EVAL_BATCH = 256
@@ -106,25 +103,24 @@ def accuracy(correct, count):
 def load_data(cfg, settings, protocol):
     """(train split, {eval name: split}). Every split list is read and checked before any image is decoded.
     FGVC's final protocol also tracks val for the best-val-epoch number."""
-    if cfg["task"] == "demo":
+    kind = cfg.task_info.kind
+    if kind == "demo":
         return demo_splits(cfg)
-    train_name, eval_name = datasets.split_names(cfg["task"], protocol)
-    kind = datasets.task_kind(cfg["task"])
+    train_name, eval_name = datasets.split_names(cfg.task, protocol)
     names = [train_name, eval_name] + (["val"] if kind == "fgvc" and protocol == "final" else [])
-    root = inputs.dataset_folder(cfg["task"], settings)
-    cache_dir = settings.cache_dir or Path(settings.results_dir) / "cache"
+    root = inputs.dataset_folder(cfg.task, settings)
     # VTAB's test split is read once per run, at the end: streamed, not cached (Table 2 fits on disk). The
     # training splits (read every epoch) and val200 (reused by every run of an lr sweep) stay cached.
     stream = (eval_name,) if kind == "vtab" and protocol == "final" else ()
     with runtime.main_first():  # rank 0 decodes into the cache, the other ranks then read it
-        splits = datasets.load_splits(cfg["task"], root, names, cache_dir=cache_dir, stream=stream)
+        splits = datasets.load_splits(cfg.task, root, names, cache_dir=settings.cache_folder, stream=stream)
     return splits.pop(train_name), splits
 
 
 def demo_splits(cfg):
     """Generated images (coloured stripes, one colour per class) cached at 40 px and cropped to 32 like FGVC."""
-    train_images, train_labels = datasets.make_synthetic_images(cfg["num_classes"], 64, 40, seed=cfg["seed"])
-    test_images, test_labels = datasets.make_synthetic_images(cfg["num_classes"], 32, 40, seed=cfg["seed"] + 1)
+    train_images, train_labels = datasets.make_synthetic_images(cfg.num_classes, 64, 40, seed=cfg.seed)
+    test_images, test_labels = datasets.make_synthetic_images(cfg.num_classes, 32, 40, seed=cfg.seed + 1)
     return (datasets.ImageSplit.from_dense("demo", "train", train_images, train_labels),
             {"test": datasets.ImageSplit.from_dense("demo", "test", test_images, test_labels)})
 
@@ -143,13 +139,13 @@ def make_loaders(cfg, train, evals, device, on_gpu=False, compile=True):
     padded to EVAL_BATCH rows only for a compiled step (one static shape); eager evaluation of a small split
     runs it at its own size."""
     rank, world_size = runtime.world()
-    augment = cfg["task"] == "demo" or datasets.task_kind(cfg["task"]) == "fgvc"  # random crop + flip
+    augment = cfg.task_info.kind in ("demo", "fgvc")  # random crop + flip
     if runtime.is_main() and device.type == "cuda":
         print(f"images kept in {'GPU' if on_gpu else 'host'} memory as uint8")
-    common = dict(crop_size=cfg["img_size"], rank=rank, world_size=world_size, device=device, images_on_device=on_gpu)
-    train_loader = batches.BatchLoader(train, cfg["batch_size"] // world_size, train=True, augment=augment,
-                                    seed=cfg["seed"], **common)
-    eval_batch = max(EVAL_BATCH, cfg["batch_size"])
+    common = dict(crop_size=cfg.img_size, rank=rank, world_size=world_size, device=device, images_on_device=on_gpu)
+    train_loader = batches.BatchLoader(train, cfg.batch_size // world_size, train=True, augment=augment,
+                                       seed=cfg.seed, **common)
+    eval_batch = max(EVAL_BATCH, cfg.batch_size)
     eval_loaders = {name: (batches.StreamedBatchLoader if isinstance(s, datasets.StreamedSplit) else batches.BatchLoader)(
                         s, eval_batch if compile else min(eval_batch, max(1, math.ceil(len(s) / world_size))),
                         train=False, **common) for name, s in evals.items()}
@@ -216,20 +212,22 @@ def train(cfg, model, train_loader, eval_loaders, settings, state_path):
     """The paper's recipe, resumable after every epoch. Returns an Outcome. An epoch's seconds run from the
     device sync before its first step to the one after its last (the steps queue up without syncing)."""
     device = settings.device
-    optimizer = runtime.make_optimizer(decay_groups(model, cfg["weight_decay"]), cfg["lr"], cfg["momentum"],
-                                       cfg["weight_decay"], device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg["warmup_epochs"], cfg["epochs"]))
+    optimizer = runtime.make_optimizer(decay_groups(model, cfg.weight_decay), cfg.lr, cfg.momentum, cfg.weight_decay,
+                                       device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg.warmup_epochs, cfg.epochs))
     mode = settings.compile_mode
     step = runtime.make_train_step(model, optimizer, classification_loss, device,
                                    forward=classifier_forward(model, device, settings.bf16, settings.compile, mode))
     eval_step = make_eval_step(model, device, settings.bf16, settings.compile, mode)
-    history, start, best, elapsed_before = resume_or_start(cfg, model, optimizer, scheduler, settings, state_path)
+    state = runtime.resume_or_start(state_path, cfg.identity(), model, optimizer, scheduler, settings.resume)
+    history, start, best, elapsed_before = ([], 0, {"val_acc": -1.0, "epoch": None, "state": None}, 0.0) \
+        if state is None else (state["history"], state["step"] + 1, state["extra"]["best"], state["extra"]["elapsed"])
     track_val = "val" in eval_loaders and len(eval_loaders) > 1  # FGVC final: best-val epoch alongside
     tic = time.perf_counter()
-    for epoch in range(start, cfg["epochs"]):
+    for epoch in range(start, cfg.epochs):
         runtime.synchronize(device)
         epoch_tic = time.perf_counter()
-        stats = train_epoch(step, model, train_loader, epoch, cfg["epochs"], device, settings.quiet)
+        stats = train_epoch(step, model, train_loader, epoch, cfg.epochs, device, settings.quiet)
         runtime.synchronize(device)
         seconds = time.perf_counter() - epoch_tic
         lr = optimizer.param_groups[0]["lr"]
@@ -242,7 +240,7 @@ def train(cfg, model, train_loader, eval_loaders, settings, state_path):
         record, best = epoch_record(host, epoch, lr, seconds, best, track_val)
         history.append(record)
         if runtime.is_main():
-            runtime.save_training_state(state_path, host["state"], history, results.identity(cfg),
+            runtime.save_training_state(state_path, host["state"], history, cfg.identity(),
                                         elapsed_before + time.perf_counter() - tic, best=best)
             if not settings.quiet:
                 tqdm.write(f"epoch {epoch + 1:3d}  loss {record['loss']:.4f}  train {record['train_acc']:.2f}  "
@@ -281,15 +279,6 @@ def decay_groups(model, weight_decay):
     return [g for g in groups if g["params"]]
 
 
-def resume_or_start(cfg, model, optimizer, scheduler, settings, state_path):
-    """(history, first epoch, best-val record, seconds already spent): runtime.resume_or_start's state, or a
-    fresh start."""
-    state = runtime.resume_or_start(state_path, results.identity(cfg), model, optimizer, scheduler, settings.resume)
-    if state is None:
-        return [], 0, {"val_acc": -1.0, "epoch": None, "state": None}, 0.0
-    return state["history"], state["step"] + 1, state["extra"]["best"], state["extra"]["elapsed"]
-
-
 def final_metrics(model, eval_step, eval_loaders, best):
     """The protocol's split at the final epoch; FGVC also the test accuracy of the best-val epoch's prompts."""
     track_val = "val" in eval_loaders and len(eval_loaders) > 1
@@ -307,24 +296,21 @@ def final_metrics(model, eval_step, eval_loaders, best):
 # One run, end to end
 
 
-def run_classification(cfg, protocol, settings):
-    """Train and evaluate one config; returns the result body (history, final metrics, learned gates, timings,
-    what ran compiled) and the trained prompt-side state. The order fails fast: the checkpoint must load before
-    data is decoded."""
-    files = results.run_files(settings.results_dir, cfg, protocol)
+def run_classification(cfg, protocol, settings, state_path, checkpoint=None):
+    """Train and evaluate one config from the backbone file `checkpoint` (None: the demo's random backbone),
+    resumable at `state_path`; returns the result body (history, final metrics, learned gates, timings, what ran
+    compiled) and the trained model (runs.run_one writes its outputs). The order fails fast: the checkpoint must
+    load before data is decoded."""
     tic = time.perf_counter()
     with runtime.flush_denormals(settings.device):
-        runtime.seed_everything(cfg["seed"])
-        checkpoint = inputs.checkpoint_for(cfg, settings)
-        model = recipes.model_from_config(cfg, recipes.num_classes(cfg), checkpoint, verbose=runtime.is_main(),
-                                          trust_pickle=settings.trust_pickle)
+        runtime.seed_everything(cfg.seed)
+        model = config.model_from_config(cfg, cfg.head_size(), checkpoint, verbose=runtime.is_main(),
+                                         trust_pickle=settings.trust_pickle)
         train_split, eval_splits = load_data(cfg, settings, protocol)
-        outcome = fit(cfg, model, train_split, eval_splits, settings, files.state)
+        outcome = fit(cfg, model, train_split, eval_splits, settings, state_path)
     session = time.perf_counter() - tic
-    if runtime.is_main():  # the prompt pack, beside the .prompts.pt the result writer saves
-        serving.write_run_pack(model, cfg, protocol, settings, outcome.final, checkpoint, files.pack)
     body = {"history": outcome.history, "final": outcome.final, **runtime.learned_gates(model),
             "wall_seconds": outcome.elapsed_before + session, "wall_seconds_this_session": session,
             "train_seconds": outcome.train_seconds, "eval_seconds": outcome.eval_seconds,
             "compiled": outcome.compile}
-    return body, model.prompt_state_dict()
+    return body, model

@@ -1,18 +1,22 @@
 """Find or fetch a run's inputs: the backbone checkpoint and the dataset folder.
 
     checkpoint = inputs.checkpoint_for(cfg, settings)   # --checkpoint, else the verified official file
-    root = inputs.dataset_folder(cfg["task"], settings)  # the dataset folder under --data-dir
+    root = inputs.dataset_folder(cfg.task, settings)    # the dataset folder under --data-dir
+    names = inputs.class_names(cfg, settings.data_dir, "train")   # the class folders' names, for a prompt pack
 
-The entry points (trainer, segmentation) call these; the config module (recipes) never reaches the network.
+runs.run_one finds the checkpoint once per run and passes it down; classification finds its dataset folder here;
+the config module never reaches the network.
 With --download a missing file is fetched through downloads.py (checkpoints) and releases.py (datasets). Under
 torchrun rank 0 goes first and the other ranks then find its result; parallel processes that are not ranks of
 one job (--workers, two commands) are kept apart by downloads.py's file locks.
 """
 import torch
 
+from pathlib import Path
+
 from harness.data import datasets
 from harness import downloads
-from harness import recipes
+from harness import config
 from harness.data import releases
 from harness import runtime
 
@@ -20,16 +24,16 @@ from harness import runtime
 def checkpoint_for(cfg, settings):
     """The backbone file of a run: --checkpoint, else the official file, verified (downloaded with --download;
     rank 0 first). None for the demo's random backbone."""
-    if cfg["task"] == "demo":
+    if isinstance(cfg, config.DemoConfig):
         return None
     if settings.checkpoint:
         return settings.checkpoint
 
     def backbone_of_this_run():  # what a downloaded file must load into (checked on the meta device)
         with torch.device("meta"):
-            return recipes.model_from_config(dict(cfg, method="linear"), 0, verbose=False)
+            return config.model_from_config(cfg.replace(method="linear"), 0, verbose=False)
     with runtime.main_first():
-        return downloads.checkpoint_path(cfg["arch"], cfg["ssl"], settings.checkpoint_dir, download=settings.download,
+        return downloads.checkpoint_path(cfg.arch, cfg.ssl, settings.checkpoint_dir, download=settings.download,
                                          mirror=settings.mirror, model_factory=backbone_of_this_run)
 
 
@@ -52,3 +56,21 @@ def _folder_exists(task, data_dir):
         return datasets.dataset_root(task, data_dir).is_dir()
     except datasets.DataError:
         return False
+
+
+def class_names(cfg, data_dir, split):
+    """Names of a run's classes when its dataset folder has them: the folder each class's images of `split` lie in
+    (CUB's 001.Black_footed_Albatross, Dogs' n02085620-Chihuahua), when every class has its own folder. None
+    otherwise (the demo, VTAB's numbered folders shared by classes, an unreadable split)."""
+    if cfg.task_info.kind not in ("fgvc", "vtab"):
+        return None
+    try:
+        paths, labels = datasets.read_split(cfg.task, datasets.dataset_root(cfg.task, data_dir), split)
+    except (datasets.DataError, OSError):
+        return None
+    folders = {}
+    for path, label in zip(paths, labels):
+        folders.setdefault(label, set()).add(Path(path).parent.name)
+    names = [next(iter(folders.get(c, {None}))) for c in range(max(folders, default=-1) + 1)]
+    one_each = all(len(folders.get(c, ())) == 1 for c in range(len(names))) and len(set(names)) == len(names)
+    return names if names and one_each else None

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from harness.data import datasets
 import gated_prompt as gp
-from harness import recipes
+from harness import config
 from harness.runtime import UserError, atomic_write, pid_alive, write_json
 
-HPARAMS = recipes.HPARAMS
+HPARAMS = config.HPARAMS
 PAPER = HPARAMS["paper"]
 FGVC_COLUMNS = ["cub", "flowers", "cars", "dogs", "nabirds"]  # the paper's column order (Tables 1, 7)
 TABLE_METHODS = ["vpt-shallow", "vpt-deep", "gated+temp"]   # the rows of Tables 1-3, 6, 8 (gp.METHODS: all six)
@@ -41,11 +41,11 @@ def _text(value):
 
 def run_name(cfg, protocol):
     """<task>/<ssl>/<arch>-<method>-p<P>-k<k>-lr<lr>-s<seed>-<protocol>[-vpt][-<key><value>...]."""
-    name = (f"{cfg['task']}/{cfg['ssl']}/{cfg['arch']}-{cfg['method']}-p{cfg['num_prompts']}-k{cfg['insert_at']}"
-            f"-lr{_text(cfg['lr'])}-s{cfg['seed']}-{protocol}")
-    if cfg.get("recipe") == "vpt":
+    name = (f"{cfg.task}/{cfg.ssl}/{cfg.arch}-{cfg.method}-p{cfg.num_prompts}-k{cfg.insert_at}"
+            f"-lr{_text(cfg.lr)}-s{cfg.seed}-{protocol}")
+    if cfg.recipe == "vpt":
         name += "-vpt"
-    return name + "".join(f"-{k}{_text(v)}" for k, v in recipes.deviations(cfg).items())
+    return name + "".join(f"-{k}{_text(v)}" for k, v in config.deviations(cfg).items())
 
 
 @dataclass
@@ -58,14 +58,10 @@ class RunFiles:
 
 
 def run_files(results_dir, cfg, protocol):
+    """A run's files, worked out once per run (runs.run_one) and passed down to what writes them."""
     base = Path(results_dir) / run_name(cfg, protocol)
     return RunFiles(*(base.with_name(base.name + suffix) for suffix in (".json", ".prompts.pt", ".state.pt",
                                                                            ".claim", ".pack.pt")))
-
-
-def identity(cfg):
-    """cfg as it reads back from a file (tuples become lists), for comparisons."""
-    return json.loads(json.dumps(cfg))
 
 
 class BadResultFile(UserError):
@@ -92,11 +88,11 @@ def stored_result(files, cfg, backbone=None):
     if not files.result.is_file():
         return None
     stored = read_result(files.result)
-    if stored.get("recipe_version") != recipes.RECIPE_VERSION:
+    if stored.get("recipe_version") != config.RECIPE_VERSION:
         raise UserError(f"{files.result} was written by recipe version {stored.get('recipe_version', 1)} "
-                        f"(now {recipes.RECIPE_VERSION}: the training code changed since); move or delete it to "
+                        f"(now {config.RECIPE_VERSION}: the training code changed since); move or delete it to "
                         "run this cell again")
-    current = identity(cfg)
+    current = cfg.identity()
     changed = sorted(k for k in set(stored["config"]) | set(current) if stored["config"].get(k) != current.get(k))
     if changed:
         raise UserError(f"{files.result} holds a run with other settings ({', '.join(changed)}); delete it or "
@@ -120,18 +116,23 @@ def stored_result(files, cfg, backbone=None):
 def new_result(cfg, protocol, lr_source, settings, body, code_version, backbone=None):
     """The JSON of one run: what ran (config, recipe version, where the lr came from, the backbone file's
     SHA-256 and format), how (settings), and `body` (history, final metrics, learned gates, timings)."""
-    return {"config": identity(cfg), "protocol": protocol, "recipe_version": recipes.RECIPE_VERSION,
-            "lr_source": lr_source, "deviations": identity(recipes.deviations(cfg)), "backbone": backbone,
-            "code_version": code_version, "runtime": settings.record(), **body}
+    return {"config": cfg.identity(), "protocol": protocol, "recipe_version": config.RECIPE_VERSION,
+            "lr_source": lr_source, "deviations": json.loads(json.dumps(config.deviations(cfg))),
+            "backbone": backbone, "code_version": code_version, "runtime": settings.record(), **body}
 
 
-def write_result(files, result, prompt_state=None):
-    """The prompts first, the JSON last, each written atomically: a kill at any moment leaves either no result
-    or a result whose prompts are complete. Then the resumable state is removed."""
+def write_run(files, result, prompt_state=None, pack=None):
+    """Every output of a run, the one writer: the trained prompts (prompt_state), the prompt pack (pack = (model,
+    info): gated_prompt's save_pack of the model with `info`), then the result JSON last, each written atomically,
+    so a kill at any moment leaves either no result or a result whose prompts and pack are complete. Then the
+    resumable state is removed."""
     import torch  # only writing needs it
     files.result.parent.mkdir(parents=True, exist_ok=True)
     if prompt_state is not None:
         atomic_write(files.prompts, lambda f: torch.save(prompt_state, f))
+    if pack is not None:
+        model, info = pack
+        model.save_pack(files.pack, **info)
     write_json(files.result, result)
     files.state.unlink(missing_ok=True)
 
@@ -301,9 +302,18 @@ def load_runs(results_dir, protocol="final", problems=None, **filters):
         if protocol is not None and run.get("protocol", "final") != protocol:
             continue
         if all(_matches(run["config"].get(key), want) for key, want in filters.items()):
-            run["path"], run["mtime"] = str(path), path.stat().st_mtime
+            run["path"], run["mtime"], run["cfg"] = str(path), path.stat().st_mtime, config_of(run)
             runs.append(run)
     return runs
+
+
+def config_of(run):
+    """A stored run's config as its typed config, or None where this code cannot build it (a file of another
+    harness version, an edited file)."""
+    try:
+        return config.from_identity(run.get("config"))
+    except UserError:
+        return None
 
 
 def _matches(value, want):
@@ -336,8 +346,8 @@ def final_metric(run, metric="test_acc"):
 def newest_lr_runs(runs):
     """The runs of one cell at a single learning rate: the lr of the newest file, so re-running a cell at another
     lr (e.g. after a sweep) replaces it instead of mixing."""
-    lr = max(runs, key=lambda r: r["mtime"])["config"].get("lr")
-    return [r for r in runs if r["config"].get("lr") == lr]
+    lr = max(runs, key=lambda r: r["mtime"])["cfg"].lr
+    return [r for r in runs if r["cfg"].lr == lr]
 
 
 def summary(values):
@@ -354,35 +364,36 @@ def summary(values):
 def is_paper_run(run, lr=None):
     """A finished run of the current recipe version with no departure from the recipe, trained at the recipe's
     lr (or `lr`, e.g. Figure 1's) or at the lr the sweep picked."""
-    cfg = run["config"]
-    if run.get("recipe_version") != recipes.RECIPE_VERSION or cfg.get("recipe", "paper") != "paper":
+    cfg = config_of(run)
+    if run.get("recipe_version") != config.RECIPE_VERSION or cfg is None or cfg.recipe != "paper":
+        return False   # of another version, or a config this code cannot build (renamed task, ...)
+    if config.deviations(cfg):
         return False
-    try:
-        if recipes.deviations(cfg):
-            return False
-        want_lr = lr if lr is not None else recipes.recipe_of(cfg)["lr"]
-    except (UserError, KeyError):
-        return False  # a config this code cannot resolve (renamed task, ...)
-    return run.get("lr_source") == "sweep" or cfg.get("lr") == want_lr
+    return run.get("lr_source") == "sweep" or cfg.lr == (lr if lr is not None else config.recipe_of(cfg).lr)
 
 
 def how_it_differs(run):
     """One line: why a run is not a paper cell."""
-    if run.get("recipe_version") != recipes.RECIPE_VERSION:
-        return f"stale: recipe version {run.get('recipe_version', 1)}, now {recipes.RECIPE_VERSION}"
-    cfg = run["config"]
+    if run.get("recipe_version") != config.RECIPE_VERSION:
+        return f"stale: recipe version {run.get('recipe_version', 1)}, now {config.RECIPE_VERSION}"
+    cfg = config_of(run)
+    if cfg is None:
+        return "a config this code cannot build"
     parts = [f"{k}={v}" for k, v in (run.get("deviations") or {}).items()]
-    if cfg.get("recipe") == "vpt":
+    if cfg.recipe == "vpt":
         parts.insert(0, "VPT's recipe")
     if not parts and run.get("lr_source") != "sweep":
-        parts.append(f"lr={cfg.get('lr')} ({run.get('lr_source', 'set by hand')})")
+        parts.append(f"lr={cfg.lr} ({run.get('lr_source', 'set by hand')})")
     return ", ".join(parts) or "?"
 
 
 def cell_key(spec):
     """What identifies a cell apart from its recipe: task, backbone, method, size, prompts, insertion block."""
-    cfg = recipes.resolve(**{k: v for k, v in spec.items() if k != "lr"})
-    return tuple(cfg.get(k) for k in CELL_KEYS)
+    return cell_of(config.resolve(**{k: v for k, v in spec.items() if k != "lr"}))
+
+
+def cell_of(cfg):
+    return tuple(getattr(cfg, name) for name in CELL_KEYS)
 
 
 def runs_of(runs, spec):
@@ -403,20 +414,16 @@ def cell_value(runs, metric):
 
 def paper_value(result, metric):
     """The paper's number for a run's cell when the run is of the paper's exact recipe, else None."""
-    if recipes.task_kind(result["config"]["task"]) == "demo" or not is_paper_run(result):
+    cfg = config_of(result)
+    if cfg is None or isinstance(cfg, config.DemoConfig) or not is_paper_run(result):
         return None
     for number in ("1", "3", "4", "6", "7", "8"):
         for section in table(number):
             for row in section.rows:
                 for i, (spec, cell_metric) in enumerate(row.cells):
-                    if cell_metric == metric and cell_key(spec) == cell_key(_spec_of(result["config"])) \
-                            and i < len(row.paper):
+                    if cell_metric == metric and cell_key(spec) == cell_of(cfg) and i < len(row.paper):
                         return row.paper[i]
     return None  # e.g. a single VTAB task: Table 2 reports group means only
-
-
-def _spec_of(cfg):
-    return {k: cfg[k] for k in CELL_KEYS if k in cfg}
 
 # -----------------------------------------------------------------------------
 # The tables: each defined once; printing and `--table N --run` both read these definitions

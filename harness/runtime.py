@@ -3,9 +3,9 @@ precision, seeding, atomic files, resumable training states with one host sync, 
 parts of training that all three share -- torch.compile with counted compiled calls, model placement, the
 optimizer, the training step, the learned-gates summary.
 
-Why the training step lives here and not in trainer.py: trainer.py is the classification harness, and the
-segmentation harness and bench.py train with the same step, optimizer and placement; kept in trainer.py they
-would make segmentation import the classification module. Nothing here knows a task, a dataset or a model class.
+Why the training step lives here and not in classification.py: the segmentation harness and the benchmark train
+with the same step, optimizer and placement; kept in classification.py they would make segmentation import the
+classification module. Nothing here knows a task, a dataset or a model class.
 
 Process-wide state, all of it here: torch.compile's caches (`reset_compiler`, called at the start of every
 compiled run) and the result of the start-up compile check (`check_compile`, once per device and setting)."""
@@ -20,6 +20,7 @@ import re
 import socket
 import subprocess
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,6 +65,11 @@ class Settings:
     download: bool = False          # fetch a missing checkpoint / dataset (downloads.py)
     mirror: str = None              # base URL replacing the official hosts
     workers: int = None             # independent runs at once, each its own process (default: one per GPU)
+
+    @property
+    def cache_folder(self):
+        """Decoded images between runs and the backbone hashes: --cache-dir, else <results_dir>/cache."""
+        return Path(self.cache_dir or Path(self.results_dir) / "cache")
 
     @classmethod
     def for_device(cls, device=None, fp32=False, no_compile=False, **kw):
@@ -220,6 +226,19 @@ def remove_dead_temporaries(folder, recursive=True):
                     os.remove(os.path.join(parent, name))
                     removed.append(os.path.join(parent, name))
     return removed
+
+
+def check_writable(*folders):
+    """Create each folder and a file in it now: an unwritable results or cache folder is found before training,
+    not at the first save after an epoch."""
+    for folder in folders:
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=temporary_prefix()):
+                pass
+        except OSError as e:
+            raise UserError(f"cannot write to {folder} ({e.strerror}): pass a writable --results-dir "
+                            "(and --cache-dir)") from None
 
 
 def write_text(path, text):

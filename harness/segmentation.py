@@ -6,8 +6,8 @@ setr_pup_512x512_160k_b16_ade20k.py with _base_/models/setr_pup.py, _base_/datas
 _base_/schedules/schedule_160k.py -- scaled to ViT-B/16 as the paper states (aux heads on blocks 5 and 9).
 The recipe's numbers live in paper_hparams.yaml (`segmentation:`) and reach this module through the config.
 
-    cfg = recipes.resolve("ade20k", "mae")
-    body, prompt_state = segmentation.train_segmentation(cfg, runtime.Settings.for_device(), "ade.state.pt")
+    cfg = config.resolve("ade20k", "mae")
+    body, model = segmentation.train_segmentation(cfg, runtime.Settings.for_device(), "ade.state.pt", checkpoint)
     body["final"]["miou_ss"], body["final"]["miou_ms"]          # percent, as in Table 3
 
 Layout: model (SETR-PUP heads) -> data (ADE20K, augmentation) -> metrics -> inference -> training.
@@ -26,17 +26,13 @@ from tqdm import tqdm
 
 from harness.data import datasets
 import gated_prompt as gp
-from harness import inputs
-from harness import recipes
-from harness import results
+from harness import config
 from harness import runtime
 from harness.data.releases import ADE_URL  # where each dataset comes from is written in releases.py
 from harness.runtime import UserError
 
-NUM_CLASSES = 150
+NUM_CLASSES = config.TASKS["ade20k"].num_classes   # 150
 IGNORE_INDEX = 255
-MEAN = tuple(255 * m for m in datasets.IMAGENET_MEAN)  # 0..255 scale, as mmseg's SegDataPreProcessor
-STD = tuple(255 * s for s in datasets.IMAGENET_STD)
 ADE_CLASSES = (  # mmseg's ADE20KDataset order; index = training label
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
     "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
@@ -163,11 +159,11 @@ def _resize_to(logits, size):
 
 
 def build_segmenter(cfg, checkpoint=None, verbose=True, trust_pickle=False):
-    """SETRPUP of a resolved ADE20K config (recipes.model_from_config's backbone, no classification head); loads the
-    backbone when a checkpoint is given, resizing its position grid to the crop's (14x14 -> 32x32)."""
-    backbone = recipes.model_from_config(cfg, 0, checkpoint, verbose=verbose and runtime.is_main(),
-                                         trust_pickle=trust_pickle)
-    return SETRPUP(backbone, NUM_CLASSES, cfg["aux_blocks"], cfg["head_channels"])
+    """SETRPUP of a resolved ADE20K config (config.model_from_config's backbone, no classification head); loads
+    the backbone when a checkpoint is given, resizing its position grid to the crop's (14x14 -> 32x32)."""
+    backbone = config.model_from_config(cfg, 0, checkpoint, verbose=verbose and runtime.is_main(),
+                                        trust_pickle=trust_pickle)
+    return SETRPUP(backbone, NUM_CLASSES, cfg.aux_blocks, cfg.head_channels)
 
 
 def sync_batchnorm_if_distributed(model):
@@ -184,11 +180,12 @@ def sync_batchnorm_if_distributed(model):
 def ade20k_root(data_root):
     """The ADEChallengeData2016 folder: `data_root` itself or `data_root/ADEChallengeData2016`."""
     data_root = os.fspath(data_root)
-    for root in (os.path.join(data_root, "ADEChallengeData2016"), data_root):
+    folder = config.TASKS["ade20k"].folders[0]   # ADEChallengeData2016
+    for root in (os.path.join(data_root, folder), data_root):
         if all(os.path.isdir(os.path.join(root, kind, split)) for kind in ("images", "annotations")
                for split in ("training", "validation")):
             return root
-    raise UserError(f"ADE20K not found: expected {os.path.join(data_root, 'ADEChallengeData2016')}/"
+    raise UserError(f"ADE20K not found: expected {os.path.join(data_root, folder)}/"
                     f"{{images,annotations}}/{{training,validation}}. Download and unzip {ADE_URL} "
                     f"into {data_root}.")
 
@@ -218,13 +215,6 @@ def resize_label(label, size):
     """Nearest neighbour (cv2 INTER_NEAREST picks floor(dst * scale), as torch 'nearest')."""
     t = torch.from_numpy(np.ascontiguousarray(label))[None, None]
     return F.interpolate(t, size=size, mode="nearest")[0, 0].numpy()
-
-
-def normalize(image):
-    """uint8/float image tensor [..., 3, H, W] in 0..255 -> float, ImageNet mean/std."""
-    mean = torch.tensor(MEAN, device=image.device).view(3, 1, 1)
-    std = torch.tensor(STD, device=image.device).view(3, 1, 1)
-    return (image.float() - mean) / std
 
 
 class ADE20K(Dataset):
@@ -300,7 +290,7 @@ def train_augment(image, label, crop, rng):
     image = photometric_distortion(image, rng)
     # normalise, then pad bottom/right to the crop: image with 0 (after normalisation), label with 255
     # (mmseg Pad(size=crop_size, pad_val=0, seg_pad_val=255) after Normalize)
-    image = normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+    image = datasets.imagenet_normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
     label = torch.from_numpy(label.astype(np.int64))
     pad = (0, crop - label.shape[1], 0, crop - label.shape[0])
     return F.pad(image, pad, value=0.0), F.pad(label, pad, value=IGNORE_INDEX)
@@ -427,7 +417,7 @@ def predict(model, image, crop=512, stride=341, ms_ratios=None, bf16=False, wind
     ratios = list(ms_ratios) if ms_ratios else [1.0]
     for ratio, size in zip(ratios, test_scales(H, W, crop, ratios)):
         resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)
-        x = normalize(resized.round().clamp(0, 255))   # mmcv resizes the uint8 image
+        x = datasets.imagenet_normalize(resized.round().clamp(0, 255))   # mmcv resizes the uint8 image
         for flip in ((False, True) if ms_ratios else (False,)):
             with runtime.autocast(device, bf16):
                 logits = slide_inference(model, x.flip(-1) if flip else x, NUM_CLASSES, crop, stride, window_batch)
@@ -455,8 +445,8 @@ def confusion_matrices(model, dataset, cfg, multi_scale=True, bf16=False, loader
     cm_multi = torch.zeros_like(cm_single) if multi_scale else None
     for image, label in tqdm(loader, desc="eval", disable=not (progress and rank == 0), dynamic_ncols=True):
         image, label = image.to(device), label.to(device)
-        single, multi = predict(model, image, cfg["img_size"], cfg["slide_stride"],
-                                cfg["ms_ratios"] if multi_scale else None, bf16)
+        single, multi = predict(model, image, cfg.img_size, cfg.slide_stride, cfg.ms_ratios if multi_scale else None,
+                                bf16)
         cm_single += confusion_matrix(single, label)
         if multi_scale:
             cm_multi += confusion_matrix(multi, label)
@@ -507,19 +497,19 @@ class ADE20KData:
 
     def __init__(self, cfg, data_dir, loader_workers=None):
         world_size = runtime.world()[1]
-        if cfg["batch_size"] % world_size:
-            raise UserError(f"batch_size {cfg['batch_size']} is not divisible by the {world_size} processes")
-        self.per_rank_batch = cfg["batch_size"] // world_size
+        if cfg.batch_size % world_size:
+            raise UserError(f"batch_size {cfg.batch_size} is not divisible by the {world_size} processes")
+        self.per_rank_batch = cfg.batch_size // world_size
         self.loader_workers = default_loader_workers() if loader_workers is None else loader_workers
-        self.train_set = ADE20KTrain(data_dir, cfg["img_size"], cfg["seed"])
+        self.train_set = ADE20KTrain(data_dir, cfg.img_size, cfg.seed)
         self.val_set = ADE20K(data_dir, "validation")
 
     def batches(self, cfg, start_iteration, device):
         loader = DataLoader(self.train_set, batch_size=self.per_rank_batch, num_workers=self.loader_workers,
-                            sampler=TrainSampleStream(len(self.train_set), self.per_rank_batch, cfg["seed"],
+                            sampler=TrainSampleStream(len(self.train_set), self.per_rank_batch, cfg.seed,
                                                       start_iteration),
                             pin_memory=device.type == "cuda", drop_last=True,
-                            generator=torch.Generator().manual_seed(cfg["seed"]))  # the global RNG stays untouched
+                            generator=torch.Generator().manual_seed(cfg.seed))  # the global RNG stays untouched
         return iter(loader)
 
 
@@ -531,13 +521,13 @@ class Training:
         self.device = settings.device
         if settings.compile:
             runtime.reset_compiler()
-        runtime.seed_everything(cfg["seed"])
+        runtime.seed_everything(cfg.seed)
         model = build_segmenter(cfg, checkpoint, verbose=verbose, trust_pickle=settings.trust_pickle)
         self.model = sync_batchnorm_if_distributed(runtime.place_model(model, self.device, settings.bf16))
-        self.optimizer = runtime.make_optimizer(self.model.param_groups(cfg["lr"], cfg["head_lr_mult"]), cfg["lr"],
-                                                cfg["momentum"], cfg["weight_decay"], self.device)
-        self.scheduler = poly_scheduler(self.optimizer, cfg["iters"], cfg["poly_power"], cfg["min_lr"])
-        self.step = runtime.make_train_step(self.model, self.optimizer, setr_loss(cfg["aux_loss_weight"]),
+        self.optimizer = runtime.make_optimizer(self.model.param_groups(cfg.lr, cfg.head_lr_mult), cfg.lr,
+                                                cfg.momentum, cfg.weight_decay, self.device)
+        self.scheduler = poly_scheduler(self.optimizer, cfg.iters, cfg.poly_power, cfg.min_lr)
+        self.step = runtime.make_train_step(self.model, self.optimizer, setr_loss(cfg.aux_loss_weight),
                                             self.device, settings.bf16, settings.compile)
 
     def iteration(self, images, labels):
@@ -547,14 +537,15 @@ class Training:
         return loss
 
 
-def train_segmentation(cfg, settings, state_path, save_every=SAVE_EVERY, loader_workers=None):
-    """Train SETR-PUP + prompts on ADE20K (a resolved config), then evaluate single- and multi-scale on the
-    validation set. Saves a resumable state at `state_path` every `save_every` iterations (--resume continues it;
-    the caller removes it once the result is written). Returns (result body, trained prompt-side state)."""
+def train_segmentation(cfg, settings, state_path, checkpoint=None, save_every=SAVE_EVERY, loader_workers=None):
+    """Train SETR-PUP + prompts on ADE20K (a resolved config) from the backbone file `checkpoint` (None: random),
+    then evaluate single- and multi-scale on the validation set. Saves a resumable state at `state_path` every
+    `save_every` iterations (--resume continues it; the result writer removes it). Returns (result body, trained
+    model)."""
     with runtime.flush_denormals(settings.device):
         data_ = ADE20KData(cfg, settings.data_dir, loader_workers)
-        run = Training(cfg, settings, inputs.checkpoint_for(cfg, settings))
-        state = runtime.resume_or_start(state_path, results.identity(cfg), run.model, run.optimizer, run.scheduler,
+        run = Training(cfg, settings, checkpoint)
+        state = runtime.resume_or_start(state_path, cfg.identity(), run.model, run.optimizer, run.scheduler,
                                         settings.resume)
         step, history, elapsed_before = (0, [], 0.0) if state is None else (
             state["step"], state["history"], state["extra"]["elapsed"])
@@ -568,22 +559,22 @@ def train_segmentation(cfg, settings, state_path, save_every=SAVE_EVERY, loader_
                 wall_seconds=elapsed_before + time.perf_counter() - tic,
                 wall_seconds_this_session=time.perf_counter() - tic,
                 compiled=runtime.compile_record(settings.compile, train=run.step.compiled))
-    return body, run.model.prompt_state_dict()
+    return body, run.model
 
 
 def train_loop(run, data_, cfg, settings, state_path, step, history, elapsed_before, tic, save_every):
     """Iterations step+1 .. iters; a loss read-out (and NaN check) every LOG_EVERY, a saved state every save_every."""
     running, last_log = torch.zeros((), device=run.device), step
     run.model.train()
-    bar = tqdm(total=cfg["iters"], initial=step, desc="train", dynamic_ncols=True,
+    bar = tqdm(total=cfg.iters, initial=step, desc="train", dynamic_ncols=True,
                disable=settings.quiet or not runtime.is_main())
-    batches = data_.batches(cfg, step, run.device) if step < cfg["iters"] else None
-    while step < cfg["iters"]:
+    batches = data_.batches(cfg, step, run.device) if step < cfg.iters else None
+    while step < cfg.iters:
         images, labels = next(batches)
         running += run.iteration(images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True))
         step += 1
         bar.update(1)
-        saving = step == cfg["iters"] or (save_every and step % save_every == 0)
+        saving = step == cfg.iters or (save_every and step % save_every == 0)
         if step % LOG_EVERY == 0 or saving:  # never save a state that has gone non-finite
             mean_loss = running.item() / (step - last_log)
             runtime.check_finite(mean_loss, f"iteration {step}", state_saved=os.path.isfile(state_path))
@@ -593,7 +584,7 @@ def train_loop(run, data_, cfg, settings, state_path, step, history, elapsed_bef
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{history[-1]['lr']:.2e}")
         if saving and runtime.is_main():
             state = runtime.to_host(runtime.training_state(run.model, run.optimizer, run.scheduler, step))
-            runtime.save_training_state(state_path, state, history, results.identity(cfg),
+            runtime.save_training_state(state_path, state, history, cfg.identity(),
                                         elapsed_before + time.perf_counter() - tic)
     bar.close()
     return step

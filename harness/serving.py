@@ -1,4 +1,4 @@
-"""Serve trained prompts: `python reproduce.py predict` and the prompt pack every finished run writes.
+"""Serve trained prompts: `python reproduce.py predict` on the prompt packs finished runs write (runs.run_one).
 
     python reproduce.py predict --pack results/cub/mae/....pack.pt photos/           # top-5 per image
     python reproduce.py predict --pack cub.pack.pt --pack dtd.pack.pt --checkpoint mae_pretrain_vit_base.pth \\
@@ -26,52 +26,11 @@ from tqdm import tqdm
 
 from harness.data import datasets
 import gated_prompt as gp
+from harness import config
 from harness import runtime
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 TOP = 5
-
-# --- what a finished run writes --------------------------------------------------------------------
-
-
-def eval_transform(cfg):
-    """The evaluation transform of a run's task as the harness applies it (data.py): FGVC decodes with
-    Resize(256) and center-crops img_size; VTAB resizes to 224 (TF1 bilinear) and center-crops img_size.
-    None for the demo (generated images, no files)."""
-    kind = datasets.task_kind(cfg["task"]) if cfg["task"] != "demo" else "demo"
-    if kind == "fgvc":
-        return {"kind": "fgvc", "resize": datasets.FGVC_RESIZE, "crop": cfg["img_size"]}
-    if kind == "vtab":
-        return {"kind": "vtab", "resize": datasets.IMAGE_SIZE, "crop": cfg["img_size"]}
-    return None
-
-
-def class_names(cfg, data_dir, split):
-    """Names of the classes when the dataset folder has them: the folder each class's training images lie in
-    (CUB's 001.Black_footed_Albatross, Dogs' n02085620-Chihuahua), when every class has its own folder."""
-    if cfg["task"] == "demo":
-        return None
-    try:
-        paths, labels = datasets.read_split(cfg["task"], datasets.dataset_root(cfg["task"], data_dir), split)
-    except (datasets.DataError, OSError):
-        return None
-    folders = {}
-    for path, label in zip(paths, labels):
-        folders.setdefault(label, set()).add(Path(path).parent.name)
-    names = [next(iter(folders.get(c, {None}))) for c in range(max(folders, default=-1) + 1)]
-    one_each = all(len(folders.get(c, ())) == 1 for c in range(len(names))) and len(set(names)) == len(names)
-    return names if names and one_each else None
-
-
-def write_run_pack(model, cfg, protocol, settings, final, checkpoint, path):
-    """The prompt pack of a finished classification run, beside its .prompts.pt."""
-    train_split = datasets.split_names(cfg["task"], protocol)[0] if cfg["task"] != "demo" else None
-    names = class_names(cfg, settings.data_dir, train_split)
-    if names is not None and len(names) != model.pcfg.num_classes:
-        names = None
-    model.save_pack(path, class_names=names, ssl=cfg["ssl"], task=cfg["task"], recipe=cfg.get("recipe"),
-                    protocol=protocol, config=cfg, metrics=final, transform=eval_transform(cfg),
-                    checkpoint=None if checkpoint is None else str(checkpoint))
 
 # --- predict ---------------------------------------------------------------------------------------
 
@@ -116,7 +75,7 @@ def pack_names(paths):
     return names
 
 
-TRANSFORMS = {"fgvc": datasets.FGVC_RESIZE, "vtab": datasets.IMAGE_SIZE}   # kind -> the resize its decoder applies
+TRANSFORMS = config.EVAL_RESIZE   # kind -> the resize its decoder applies (the task registry's)
 EXPECTED = ("{'kind': 'fgvc', 'resize': %d, 'crop': N} or {'kind': 'vtab', 'resize': %d, 'crop': N}, N a whole "
             "number of pixels" % (datasets.FGVC_RESIZE, datasets.IMAGE_SIZE))
 
@@ -167,13 +126,6 @@ def load_image(path, transform):
     return TF.center_crop(image, transform["crop"])  # torchvision's CenterCrop, as the loader's offsets
 
 
-def normalise(images):
-    """uint8 -> float (x / 255 - mean) / std, as batches.BatchLoader."""
-    mean = torch.tensor(datasets.IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(datasets.IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
-
-
 def predict(model, packs, images, device, bf16, batch_size, top=TOP):
     """[{image, pack, top: [{rank, class, name, probability}]}] for every readable image x pack, and the
     skipped (path, reason) pairs."""
@@ -197,7 +149,7 @@ def predict(model, packs, images, device, bf16, batch_size, top=TOP):
         bar.update(min(per_chunk, len(images) - start))
         if not rows:
             continue
-        batch = normalise(torch.stack(tensors).to(device))
+        batch = datasets.imagenet_normalize(torch.stack(tensors).to(device))
         with torch.no_grad(), runtime.autocast(device, bf16):
             logits = model(batch, [n for _, n in rows])
         for (path, n), out in zip(rows, logits):

@@ -1,5 +1,27 @@
+"""What the tests share: one thread per test process, the tiny ViT, the tiny demo config, test Settings, and the
+command line run in this process. Import the helpers with `from conftest import ...` (pytest puts tests/ on the
+path, as for fixtures.py)."""
+import subprocess
+
 import pytest
 import torch
+
+from harness import config
+from harness import runtime
+
+TINY_VIT = dict(embed_dim=32, depth=3, num_heads=2, patch_size=8)   # the tests' small ViT (arch_overrides)
+
+
+def tiny_demo(**changes):
+    """The demo's recipe on TINY_VIT with 6 classes, 2 epochs of which 1 warm-up: a CPU run of seconds.
+    `changes` replace any field (checked like any config)."""
+    return config.resolve("demo", arch_overrides=TINY_VIT, num_classes=6, epochs=2, warmup_epochs=1).replace(**changes)
+
+
+def settings(tmp_path, **changes):
+    """runtime.Settings of a test run: results in tmp_path/results, data in tmp_path/data, no progress output."""
+    return runtime.Settings(**dict(dict(results_dir=str(tmp_path / "results"), data_dir=str(tmp_path / "data"),
+                                        quiet=True), **changes))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -10,3 +32,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """`python reproduce.py ARGV` in this process: cli(*argv, cwd=None) -> a CompletedProcess with the exit code
+    (cli_main's, or argparse's for --help and unknown flags), stdout and stderr."""
+    import reproduce
+
+    def run(*argv, cwd=None):
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        try:
+            code = reproduce.cli_main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code, out.out, out.err)
+    return run

@@ -16,7 +16,6 @@ from PIL import Image
 from harness.data.datasets import FGVC_DATASETS, FGVC_SPLITS, make_synthetic_images
 from harness.runtime import write_text
 
-TINY_VIT = dict(embed_dim=32, depth=3, num_heads=2, patch_size=8)   # the tests' small ViT (arch_overrides)
 
 
 def _write_jpeg(path: Path, image: torch.Tensor, width_height: tuple[int, int] | None = None) -> None:

@@ -220,15 +220,15 @@ def fixture_tables(values: dict[str, dict]) -> tuple[dict, dict]:
 
 def _tiny_run(results_dir, data_dir, checkpoint_dir, mirror):
     """What `reproduce.py --task cub --download` does, with a tiny ViT (under torchrun: every rank)."""
-    from harness import recipes
-    import reproduce
+    from harness import config
+    from harness import runs
     from harness import runtime
     runtime.init_distributed()
-    cfg = recipes.resolve("cub", "mae", arch_overrides=dict(embed_dim=32, depth=2, num_heads=2), img_size=32,
+    cfg = config.resolve("cub", "mae", arch_overrides=dict(embed_dim=32, depth=2, num_heads=2), img_size=32,
                           num_classes=3, epochs=1, warmup_epochs=0, batch_size=8)
     settings = runtime.Settings(results_dir=results_dir, data_dir=data_dir, checkpoint_dir=checkpoint_dir,
                                 download=True, mirror=mirror, quiet=True)
-    reproduce.run_one(cfg, "final", settings)
+    runs.run_one(cfg, "final", settings)
 
 
 def main(argv: list[str]) -> int:

@@ -16,11 +16,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import TINY_VIT
 from harness.figures import analysis
 from harness.figures import dip
 import gated_prompt as gp
-from harness import recipes
+from harness import config
 from harness import results
+from harness.data import datasets
 from harness.runtime import UserError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -93,19 +95,19 @@ def read_csv(path):
 
 
 def write_format_fixture_run(results_dir, name, test_acc=None, selection_ratio=None, protocol="final", age=0,
-                             task="cub", ssl="mae", method="vpt-shallow", recipe_version=recipes.RECIPE_VERSION,
+                             task="cub", ssl="mae", method="vpt-shallow", recipe_version=config.RECIPE_VERSION,
                              lr_source=None, **overrides):
-    """One fake run JSON in the harness's layout: the config recipes.resolve gives with `overrides` (e.g.
+    """One fake run JSON in the harness's layout: the config config.resolve gives with `overrides` (e.g.
     insert_at=6, epochs=1), its deviations, and lr_source "recipe" unless an lr is given ("command line").
     `age` seconds makes the file older (lr choice by mtime)."""
-    config = results.identity(recipes.resolve(task, ssl, method, **overrides))
-    run = {"config": config, "protocol": protocol, "recipe_version": recipe_version,
+    cfg = config.resolve(task, ssl, method, **overrides)
+    run = {"config": cfg.identity(), "protocol": protocol, "recipe_version": recipe_version,
            "lr_source": lr_source or ("command line" if "lr" in overrides else "recipe"),
-           "deviations": results.identity(recipes.deviations(config)), "gates": [], "selection_ratio": selection_ratio,
+           "deviations": json.loads(json.dumps(config.deviations(cfg))), "gates": [], "selection_ratio": selection_ratio,
            "temperatures": None, "history": [{"epoch": 1}], "extra_key_the_harness_might_add": {"x": 1}}
     if test_acc is not None:
         run["final"] = {"test_acc": test_acc, "val_acc": None}
-    path = os.path.join(results_dir, config["task"], f"{name}.json")
+    path = os.path.join(results_dir, cfg.task, f"{name}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(run, f)
@@ -252,7 +254,7 @@ def write_runs_of_other_settings(results):
         write_format_fixture_run(results, f"fig7-{tag}", acc, task="cars", method="vpt-deep", num_prompts=2, **extra)
 
 
-OTHER_SETTINGS = {"epochs=1", f"stale: recipe version 1, now {recipes.RECIPE_VERSION}"}
+OTHER_SETTINGS = {"epochs=1", f"stale: recipe version 1, now {config.RECIPE_VERSION}"}
 
 
 def test_figures_show_only_the_paper_recipe_by_default(tmp_path):
@@ -278,7 +280,7 @@ def test_figures_mark_other_settings_when_asked(tmp_path, monkeypatch):
     series = json.loads(open(paths["json"]).read())["series"]
     assert [(s["setting"], s["mean"]) for s in series][0] == ("paper recipe", [45.0])    # each its own series
     assert {(s["setting"], s["mean"][0]) for s in series[1:]} == {
-        ("epochs=1", 5.0), (f"stale: recipe version 1, now {recipes.RECIPE_VERSION}", 25.0)}
+        ("epochs=1", 5.0), (f"stale: recipe version 1, now {config.RECIPE_VERSION}", 25.0)}
     assert {r["setting"] for r in read_csv(paths["csv"])} == {"paper recipe"} | OTHER_SETTINGS
     assert sorted(legend_texts(figures[-1])) == sorted(["mae"] + [f"mae (other settings: {s})" for s in OTHER_SETTINGS])
 
@@ -293,7 +295,7 @@ def test_figures_mark_other_settings_when_asked(tmp_path, monkeypatch):
     paths = analysis.figure_prompt_count(results_dir, tmp_path / "f7", include_other_settings=True)
     table = {r["setting"]: r["cars"] for r in read_csv(paths["csv"])}
     assert table == {"paper recipe": "45.0", "epochs=1": "5.0",
-                     f"stale: recipe version 1, now {recipes.RECIPE_VERSION}": "25.0"}
+                     f"stale: recipe version 1, now {config.RECIPE_VERSION}": "25.0"}
     assert "vpt-deep (other settings: epochs=1)" in legend_texts(figures[-1])
     # the command line's --all
     assert analysis.main(["7", "--results-dir", str(results_dir), "--out-dir", str(tmp_path / "cli"), "--all"]) == 0
@@ -318,7 +320,7 @@ def test_figures_without_a_paper_run_point_to_all(tmp_path, capsys):
 def test_figure1_uses_section_a2_learning_rates(tmp_path):
     """Figure 1's KITTI runs with MoCo v3 are at lr 0.1 (Section A.2), not Table 5's 1.0; VPT-shallow only."""
     results_dir = tmp_path / "results"
-    assert recipes.resolve("kitti", "mocov3", "vpt-shallow")["lr"] == 1.0
+    assert config.resolve("kitti", "mocov3", "vpt-shallow").lr == 1.0
     write_format_fixture_run(results_dir, "table5-lr", 20.0, task="kitti", ssl="mocov3", insert_at=3)
     write_format_fixture_run(results_dir, "figure1-lr", 30.0, task="kitti", ssl="mocov3", insert_at=3, lr=0.1)
     write_format_fixture_run(results_dir, "gated", 99.0, task="kitti", ssl="mocov3", method="gated", insert_at=3)
@@ -360,7 +362,7 @@ def test_figure_attention(tmp_path):
     assert data["blocks"] == [1, 2, 4] and list(data["models"]) == ["MAE", "GATE", "GATE+LT"]
     # the frozen backbone's map is the CLS row of its attention (over the 4x4 patches), head-averaged: timm's
     # weights with the softmax written out
-    x = analysis.imagenet_normalise(image[None])
+    x = datasets.imagenet_normalize(image[None], max_value=1.0)
     expected = timm_cls_attention(timm_reference(gated), x, 2).reshape(4, 4)
     assert torch.allclose(torch.tensor(data["models"]["MAE"]["2"]), expected, atol=1e-6)
     # without prompts CLS attention over CLS + patches sums to 1; so the patches get < 1
@@ -447,7 +449,7 @@ def test_ssim_drops_with_noise():
 def test_blocks_before_insertion_see_no_prompts(method, k):
     prompted = tiny_model(method, insert_at=k, num_prompts=4, gate_init=0.0)
     ref = timm_reference(prompted)   # the prompt-free backbone, computed by timm
-    x = analysis.imagenet_normalise(torch.stack([tiny_image(0), tiny_image(1)]))
+    x = datasets.imagenet_normalize(torch.stack([tiny_image(0), tiny_image(1)]), max_value=1.0)
     blocks = tuple(range(1, 5))
     with torch.no_grad():
         _, ours, _ = prompted.forward_tokens(x, out_blocks=blocks)
@@ -465,7 +467,7 @@ def test_blocks_before_insertion_see_no_prompts(method, k):
 def test_backbone_tokens_is_the_prompt_free_forward():
     prompted = tiny_model("gated+temp")
     ref = timm_reference(prompted)
-    x = analysis.imagenet_normalise(tiny_image()[None])
+    x = datasets.imagenet_normalize(tiny_image()[None], max_value=1.0)
     with torch.no_grad():
         for block in (2, 4):
             assert torch.allclose(dip.backbone_tokens(prompted, x, block), timm_tokens(ref, x, block), atol=1e-5)
@@ -475,7 +477,7 @@ def test_backbone_twin_is_the_frozen_backbone_without_prompts():
     prompted = tiny_model("gated+temp")
     twin = analysis.backbone_twin(prompted)
     assert twin.num_prompts == 0 and isinstance(twin.head, torch.nn.Identity)
-    x = analysis.imagenet_normalise(tiny_image()[None])
+    x = datasets.imagenet_normalize(tiny_image()[None], max_value=1.0)
     with torch.no_grad():
         _, tokens, _ = twin.forward_tokens(x, out_blocks=(4,))
     assert torch.allclose(tokens[4], timm_tokens(timm_reference(prompted), x, 4), atol=1e-5)
@@ -540,20 +542,18 @@ def test_figure_dip_stores_the_scores_of_each_reconstruction(tmp_path, monkeypat
 # -----------------------------------------------------------------------------
 # Command line for the model-based figures (tiny models saved the way the harness saves them)
 
-TINY_ARCH = dict(embed_dim=32, depth=4, num_heads=2, patch_size=8)   # img_size is its own config key
+TINY_ARCH = dict(TINY_VIT, depth=4)   # img_size is its own config key
 
 
-def save_tiny_run(tmp_path, method, backbone_state, seed, pos_embed_interpolation=None, **overrides):
-    """A tiny trained-looking run: run JSON (FILE-FORMAT FIXTURE: the config recipes.resolve gives for a tiny CUB
-    run, plus pos_embed_interpolation when given) + <name>.prompts.pt beside it."""
+def save_tiny_run(tmp_path, method, backbone_state, seed, task="cub", **overrides):
+    """A tiny trained-looking run: run JSON (FILE-FORMAT FIXTURE: the config config.resolve gives for a tiny run of
+    `task`, CUB unless told) + <name>.prompts.pt beside it."""
     model = tiny_model(method, seed=seed, gate_init=1.0)
     model.load_state_dict(backbone_state, strict=False)
-    config = recipes.resolve("cub", "mae", method, **{"arch_overrides": TINY_ARCH, "img_size": 32, "num_prompts": 3,
-                                                      "gate_init": 1.0, "lr": 0.1, **overrides})
-    if pos_embed_interpolation:
-        config["pos_embed_interpolation"] = pos_embed_interpolation
+    cfg = config.resolve(task, "mae", method, **{"arch_overrides": TINY_ARCH, "img_size": 32, "num_prompts": 3,
+                                                 "gate_init": 1.0, "lr": 0.1, **overrides})
     path = tmp_path / f"{method}.json"
-    path.write_text(json.dumps({"config": config, "protocol": "final", "final": {"test_acc": 1.0}}))
+    path.write_text(json.dumps({"config": cfg.identity(), "protocol": "final", "final": {"test_acc": 1.0}}))
     torch.save(model.prompt_state_dict(), tmp_path / f"{method}.prompts.pt")
     return str(path), model
 
@@ -564,7 +564,7 @@ def test_figure5_from_stored_runs(tmp_path):
     torch.save({"model": backbone.backbone_state_dict()}, checkpoint)   # MAE-style file
     run_path, trained = save_tiny_run(tmp_path, "gated+temp", backbone.backbone_state_dict(), seed=3)
     rebuilt, run = analysis.model_from_run(run_path, checkpoint)
-    x = analysis.imagenet_normalise(tiny_image()[None])
+    x = datasets.imagenet_normalize(tiny_image()[None], max_value=1.0)
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), trained.eval()(x), atol=1e-6)
     Image.fromarray((tiny_image().permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / "img.png")
@@ -611,11 +611,11 @@ def resized_grid(pos_embed, size, mode):
 
 
 def test_model_from_run_is_the_model_its_config_builds(tmp_path):
-    """The figure's model is the one its stored config describes: here a 48-pixel input whose 4x4 stored position
-    grid is resized bilinearly (the config's pos_embed_interpolation), as training resized it."""
+    """The figure's model is the one its stored config describes: here an ADE20K run's 48-pixel input whose 4x4
+    stored position grid is resized bilinearly (the config's pos_embed_interpolation), as training resized it."""
     checkpoint, backbone = tiny_checkpoint(tmp_path)
     run_path, trained = save_tiny_run(tmp_path, "gated+temp", backbone.backbone_state_dict(), seed=3, img_size=48,
-                                      pos_embed_interpolation="bilinear")
+                                      task="ade20k")
     rebuilt, run = analysis.model_from_run(run_path, checkpoint)
     c = rebuilt.cfg
     assert (c.embed_dim, c.depth, c.num_heads, c.patch_size, c.img_size, c.pool, c.pos_embed_interpolation) == (
@@ -628,7 +628,7 @@ def test_model_from_run_is_the_model_its_config_builds(tmp_path):
     expected = gp.VisionTransformer(c, gp.prompt_config("gated+temp", num_classes=5, num_prompts=3, gate_init=1.0))
     gp.load_backbone(expected, torch.load(checkpoint, weights_only=True))
     expected.load_prompt_state_dict(trained.prompt_state_dict())
-    x = analysis.imagenet_normalise(tiny_image(size=48)[None])
+    x = datasets.imagenet_normalize(tiny_image(size=48)[None], max_value=1.0)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), expected.eval()(x))
 
@@ -648,8 +648,8 @@ def test_model_from_run_refuses_prompts_of_another_model(tmp_path):
 def test_backbone_from_file_is_the_linear_model_of_the_file(tmp_path, monkeypatch):
     checkpoint, backbone = tiny_checkpoint(tmp_path)
     configs = []
-    build = recipes.model_from_config
-    monkeypatch.setattr(recipes, "model_from_config", lambda cfg, *a, **k: configs.append(cfg) or build(cfg, *a, **k))
+    build = config.model_from_config
+    monkeypatch.setattr(config, "model_from_config", lambda cfg, *a, **k: configs.append(cfg) or build(cfg, *a, **k))
     model = analysis.backbone_from_file(checkpoint, img_size=32, ssl="mocov3", **TINY_ARCH)
     c = model.cfg
     assert (c.embed_dim, c.depth, c.num_heads, c.patch_size, c.img_size, c.pool) == (32, 4, 2, 8, 32, "cls")
@@ -657,9 +657,9 @@ def test_backbone_from_file_is_the_linear_model_of_the_file(tmp_path, monkeypatc
     # a whole run config (the keys of any resolved classification run + the small model's arch_overrides), for a
     # linear probe without prompts
     (cfg,) = configs
-    assert set(cfg) == set(recipes.resolve("dtd", "mae", "gated")) | {"arch_overrides"}
-    assert (cfg["method"], cfg["ssl"], cfg["num_prompts"], cfg["arch_overrides"]) == ("linear", "mocov3", 0, TINY_ARCH)
-    x = analysis.imagenet_normalise(tiny_image()[None])
+    assert set(cfg.identity()) == set(config.resolve("dtd", "mae", "gated").identity()) | {"arch_overrides"}
+    assert (cfg.method, cfg.ssl, cfg.num_prompts, cfg.arch_overrides) == ("linear", "mocov3", 0, TINY_ARCH)
+    x = datasets.imagenet_normalize(tiny_image()[None], max_value=1.0)
     with torch.no_grad():
         for block in (1, 4):
             assert torch.equal(dip.backbone_tokens(model, x, block), dip.backbone_tokens(backbone, x, block))

@@ -327,13 +327,13 @@ E2E_TINY = ["--arch", "tiny", "--img-size", "32", "--train-images", "20", "--tes
 def test_end_to_end_uses_the_papers_recipe(run, task, batch, prompts, lr):
     """Table 5's MAE rows: dtd 128 / 1 prompt / lr 0.25, CUB 64 / 100 prompts / lr 0.1; 100 epochs."""
     cfg = runs.end_to_end_config(bench.parse_args(["--end-to-end", run]), run)
-    assert (cfg["task"], cfg["ssl"], cfg["method"], cfg["arch"]) == (task, "mae", "gated+temp", "vit_base")
-    assert (cfg["batch_size"], cfg["num_prompts"], cfg["lr"], cfg["epochs"], cfg["img_size"]) == (
+    assert (cfg.task, cfg.ssl, cfg.method, cfg.arch) == (task, "mae", "gated+temp", "vit_base")
+    assert (cfg.batch_size, cfg.num_prompts, cfg.lr, cfg.epochs, cfg.img_size) == (
         batch, prompts, lr, 100, 224)
     cfg = runs.end_to_end_config(bench.parse_args(["--end-to-end", run, "--epochs", "7", "--batch", "3",
                                                     "--prompts", "5", "--arch", "tiny"]), run)
-    assert (cfg["epochs"], cfg["batch_size"], cfg["num_prompts"]) == (7, 3, 5)
-    assert cfg["arch_overrides"] == {"embed_dim": 32, "depth": 12, "num_heads": 2}
+    assert (cfg.epochs, cfg.batch_size, cfg.num_prompts) == (7, 3, 5)
+    assert cfg.arch_overrides == {"embed_dim": 32, "depth": 12, "num_heads": 2}
     sizes = bench.END_TO_END[run]["train"], bench.END_TO_END[run]["val"], bench.END_TO_END[run]["test"]
     assert sizes == {"vtab": (1000, 0, 10000), "cub": (5394, 600, 5794)}[run]   # CUB: VPT's split sizes
 
@@ -397,11 +397,11 @@ def test_segmentation_constants_come_from_the_ade20k_recipe():
     """mmseg's setr_pup_512x512_160k_b16_ade20k: batch 16 of 512 crops, 160k iterations, slide stride 341, aux
     heads on blocks 5 and 9 (ViT-B/16), 0.4 each; the paper's 100 prompts."""
     cfg = runs.segmentation_config(bench.parse_args(["--segmentation"]))
-    assert (cfg["batch_size"], cfg["img_size"], cfg["iters"], cfg["slide_stride"]) == (16, 512, 160000, 341)
-    assert (list(cfg["aux_blocks"]), cfg["aux_loss_weight"], cfg["num_prompts"]) == ([5, 9], 0.4, 100)
+    assert (cfg.batch_size, cfg.img_size, cfg.iters, cfg.slide_stride) == (16, 512, 160000, 341)
+    assert (list(cfg.aux_blocks), cfg.aux_loss_weight, cfg.num_prompts) == ([5, 9], 0.4, 100)
     cfg = runs.segmentation_config(bench.parse_args(["--segmentation", "--arch", "tiny", "--img-size", "64",
                                                       "--batch", "2", "--prompts", "3"]))
-    assert (cfg["batch_size"], cfg["img_size"], cfg["num_prompts"], cfg["head_channels"]) == (2, 64, 3, 32)
+    assert (cfg.batch_size, cfg.img_size, cfg.num_prompts, cfg.head_channels) == (2, 64, 3, 32)
 
 
 @pytest.mark.parametrize("size,crop,windows", [

@@ -1,39 +1,32 @@
 """Data parallelism with torch.distributed (gloo on CPU) and sweeps spread over worker processes."""
-import argparse
 import json
 import os
 import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import settings, tiny_demo
 from harness.data import batches as batching
 from harness.data import datasets
-import fixtures
-from harness import recipes
-import reproduce
+from harness import config
 from harness import results
 from harness import runtime
+from harness import runs
 from harness import classification
 
-TINY = fixtures.TINY_VIT
-# no prompt dropout: the masks would differ across ranks
-CFG = dict(recipes.resolve("demo", arch_overrides=TINY, num_classes=6, epochs=3, warmup_epochs=1),
-           prompt_dropout=0.0, batch_size=32)
+CFG = tiny_demo(epochs=3, prompt_dropout=0.0, batch_size=32)   # no prompt dropout: the masks would differ across ranks
 
 
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def settings(results_dir, **kw):
-    return runtime.Settings(results_dir=str(results_dir), quiet=True, **kw)
 
 
 def _join(rank, world_size, port):
@@ -44,12 +37,12 @@ def _join(rank, world_size, port):
 
 def _train_rank(rank, world_size, port, results_dir):
     _join(rank, world_size, port)
-    reproduce.run_one(dict(CFG), "final", settings(results_dir))
+    runs.run_one(CFG, "final", settings(Path(results_dir), results_dir=results_dir))
     torch.distributed.destroy_process_group()
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    single = reproduce.run_one(dict(CFG), "final", settings(tmp_path / "single"))
+    single = runs.run_one(CFG, "final", settings(tmp_path, results_dir=str(tmp_path / "single")))
     mp.spawn(_train_rank, args=(2, free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
     name = results.run_name(CFG, "final")
     ddp = json.loads((tmp_path / "ddp" / f"{name}.json").read_text())
@@ -95,14 +88,13 @@ def test_sharded_evaluation_counts_every_image_exactly_once(tmp_path, world_size
 
 
 def test_a_sweep_spread_over_two_workers_equals_the_serial_sweep(tmp_path, monkeypatch):
-    monkeypatch.setattr(recipes, "sweep_grid", lambda cfg: [{"lr": 0.1}, {"lr": 1.0}])
-    cfg = dict(CFG, epochs=2)
-    args = argparse.Namespace(sweep=True, seeds=1, lr=None)
-    serial = reproduce.run_cells([cfg], args, settings(tmp_path / "serial", workers=1))
-    spread = reproduce.run_cells([cfg], args, settings(tmp_path / "spread", workers=2))
-    assert serial[0][0]["lr"] == spread[0][0]["lr"]
+    monkeypatch.setattr(config, "sweep_grid", lambda cfg: [{"lr": 0.1}, {"lr": 1.0}])
+    cfg = CFG.replace(epochs=2)
+    serial = runs.run_cells([cfg], settings(tmp_path, results_dir=str(tmp_path / "serial"), workers=1), sweep=True)
+    spread = runs.run_cells([cfg], settings(tmp_path, results_dir=str(tmp_path / "spread"), workers=2), sweep=True)
+    assert serial[0][0].lr == spread[0][0].lr
     assert serial[1][0][0]["final"] == pytest.approx(spread[1][0][0]["final"])
-    name = results.run_name(dict(cfg, lr=0.1), "sweep")
+    name = results.run_name(cfg.replace(lr=0.1), "sweep")
     a = torch.load(tmp_path / "serial" / f"{name}.prompts.pt")
     b = torch.load(tmp_path / "spread" / f"{name}.prompts.pt")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

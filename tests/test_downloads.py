@@ -641,20 +641,20 @@ def test_download_errors_are_user_errors():
 def test_one_command_from_nothing_to_a_trained_epoch(server, tmp_path):
     """What `reproduce.py --task cub --download` does: the checkpoint is fetched and checked against the run's
     own architecture, CUB is fetched, unpacked and split, and an epoch trains on it."""
-    from harness import recipes
-    import reproduce
-    cfg = recipes.resolve("cub", "mae", arch_overrides=dict(embed_dim=32, depth=2, num_heads=2), img_size=32,
+    from harness import config
+    from harness import runs
+    cfg = config.resolve("cub", "mae", arch_overrides=dict(embed_dim=32, depth=2, num_heads=2), img_size=32,
                           num_classes=3, epochs=1, warmup_epochs=0, batch_size=8)
     settings = runtime.Settings(results_dir=str(tmp_path / "results"), data_dir=str(tmp_path / "data"),
                                 checkpoint_dir=str(tmp_path / "checkpoints"), download=True, mirror=server.mirror,
                                 quiet=True)
-    result = reproduce.run_one(cfg, "final", settings)
+    result = runs.run_one(cfg, "final", settings)
     assert len(result["history"]) == 1 and 0 <= result["final"]["test_acc"] <= 100
     assert result["history"][0]["images_per_second"] > 0
     assert rel.dataset_ready("cub", tmp_path / "data") and (tmp_path / "checkpoints" / dl.SUMS_NAME).is_file()
     assert sorted(set(server.gets())) == ["CUB_200_2011.tgz", CKPT]
     server.requests.clear()
-    assert reproduce.run_one(cfg, "final", settings) == result and server.gets() == []   # nothing fetched again
+    assert runs.run_one(cfg, "final", settings) == result and server.gets() == []   # nothing fetched again
 
 
 def test_a_server_error_exits_2_with_the_url(server, tmp_path):

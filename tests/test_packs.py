@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from bench import bench
+import conftest
 import fixtures
 import gated_prompt as gp
-from harness import recipes
-import reproduce
+from harness import config
 from harness import results
+from harness import runs
 from harness import runtime
 
-TINY = fixtures.TINY_VIT
+TINY = conftest.TINY_VIT
 IMAGES = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(5))
 
 
@@ -223,22 +224,22 @@ def test_every_finished_run_writes_a_pack_that_loads_onto_its_backbone(tmp_path)
     tiny = dict(TINY, patch_size=32)
     source = gp.build_model("vit_base", "mae", "linear", num_classes=0, vit_overrides=tiny, verbose=False)
     torch.save({"model": source.backbone_state_dict()}, tmp_path / "mae.pth")
-    cfg = recipes.resolve("cub", "mae", arch_overrides=tiny, num_classes=3, epochs=1, warmup_epochs=0, num_prompts=2)
+    cfg = config.resolve("cub", "mae", arch_overrides=tiny, num_classes=3, epochs=1, warmup_epochs=0, num_prompts=2)
     settings = runtime.Settings(results_dir=str(tmp_path / "results"), data_dir=str(tmp_path / "data"), quiet=True,
                                 checkpoint=str(tmp_path / "mae.pth"))
-    result = reproduce.run_one(cfg, "final", settings)
+    result = runs.run_one(cfg, "final", settings)
     files = results.run_files(settings.results_dir, cfg, "final")
     pack = gp.read_pack(files.pack)
     info = pack["info"]
     assert (info["task"], info["recipe"], info["protocol"], info["checkpoint"]) == ("cub", "paper", "final",
                                                                                   str(tmp_path / "mae.pth"))
-    assert info["metrics"] == result["final"] and info["config"] == json.loads(json.dumps(cfg))
+    assert info["metrics"] == result["final"] and info["config"] == cfg.identity()
     assert info["transform"] == {"kind": "fgvc", "resize": 256, "crop": 224}
     assert pack["class_names"] == ["000.class_0", "001.class_1", "002.class_2"] and pack["ssl"] == "mae"
     prompts = torch.load(files.prompts, weights_only=True)
     assert prompts.keys() == pack["tensors"].keys() and all(torch.equal(prompts[k], pack["tensors"][k]) for k in prompts)
     model = gp.load_pack(files.pack, checkpoint=tmp_path / "mae.pth")
-    rebuilt = recipes.model_from_config(cfg, 3, tmp_path / "mae.pth", verbose=False)
+    rebuilt = config.model_from_config(cfg, 3, tmp_path / "mae.pth", verbose=False)
     rebuilt.load_prompt_state_dict(prompts)
     images = torch.randn(2, 3, 224, 224)
     assert torch.equal(logits(model, images), logits(rebuilt.eval(), images))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import recipes
+from harness import config
 
 PAPER_DIR = Path(__file__).resolve().parents[2] / "shared" / "paper"
 TABLE5_NAMES = {
@@ -25,8 +25,9 @@ def paper_lines(paper_dir):
     files = sorted(Path(paper_dir).glob("*.txt"))
     if not files:
         pytest.skip(f"paper_hparams.yaml is NOT checked against the paper: no paper text (*.txt) in {paper_dir}. "
-                    "Put the project's plain-text copy of the paper there (CI checks it out as ../shared/paper "
-                    "beside the repository) to run these tests")
+                    "The paper's text is not part of the repository, so a plain clone skips these tests: put the "
+                    "project's plain-text copy of the paper there (CI checks it out as ../shared/paper beside the "
+                    "repository) to run them")
     return files[0].read_text(errors="replace").splitlines()
 
 
@@ -61,16 +62,16 @@ def test_table_5_is_the_papers(lines):
             if re.match(rf"^{re.escape(name)} [\d. ]+$", line):
                 values = numbers(line[len(name):])
                 rows[task] = {"mae": values[:4], "mocov3": values[4:]}
-    assert set(rows) == set(recipes.HPARAMS["table5"]) and len(rows) == 25
+    assert set(rows) == set(config.HPARAMS["table5"]) and len(rows) == 25
     for task, by_ssl in rows.items():
         for ssl, values in by_ssl.items():
-            assert [float(v) for v in recipes.HPARAMS["table5"][task][ssl]] == values, (task, ssl)
+            assert [float(v) for v in config.HPARAMS["table5"][task][ssl]] == values, (task, ssl)
 
 
 def test_tables_1_2_3_4_6_and_8_are_the_papers(lines):
     rows = method_rows(lines)
     assert len(rows) == 35   # Tables 1, 2, 3: 6 each; 4: 2; 6: 6; 7: its 3 OURS rows; 8: 6
-    paper = recipes.HPARAMS["paper"]
+    paper = config.HPARAMS["paper"]
     for i, (method, values) in enumerate(rows[0:6]):    # Table 1: TOTAL PARAMS (1.02), 5 datasets, mean
         ssl = "mae" if i < 3 else "mocov3"
         assert [paper["table1"][ssl][method][c] for c in FGVC] == values[1:], (ssl, method)
@@ -90,7 +91,7 @@ def test_tables_1_2_3_4_6_and_8_are_the_papers(lines):
 
 
 def test_table_4_hard_gates_and_table_7_are_the_papers(lines):
-    paper = recipes.HPARAMS["paper"]
+    paper = config.HPARAMS["paper"]
     hard = next(line for line in lines if line.startswith("OURS (W/ GH)"))
     assert [paper["table4"]["gated-hard"][t] for t in ("cub", "flowers")] == numbers(
         re.sub(r"\([+-][\d.]+\)", "", hard))[1:]

@@ -1,6 +1,6 @@
 """The command line: configs for every cell, one result per run, honest summaries, and clear errors that stop
 before any slow work."""
-import argparse
+import dataclasses
 import json
 import re
 import subprocess
@@ -11,34 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TINY_VIT as TINY, settings, tiny_demo
 from harness.data import datasets
 import fixtures
 import gated_prompt as gp
 from harness import inputs
-from harness import recipes
+from harness import config
 import reproduce
 from harness import results
+from harness import runs
 from harness import runtime
 from harness import classification
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = fixtures.TINY_VIT
-
-
-def cli(*argv, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "reproduce.py"), *argv], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-
-
-def settings(tmp_path, **kw):
-    return runtime.Settings(**dict(dict(results_dir=str(tmp_path / "results"), data_dir=str(tmp_path / "data"),
-                                        quiet=True), **kw))
-
-
-def tiny_demo_cfg(**kw):
-    cfg = recipes.resolve("demo", arch_overrides=TINY, num_classes=6, epochs=4, warmup_epochs=1)
-    cfg.update(kw)
-    return cfg
 
 
 def write_tiny_mae_checkpoint(path, patch_size=32):
@@ -51,43 +36,167 @@ def write_tiny_mae_checkpoint(path, patch_size=32):
 
 # --- configuration ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("task", recipes.TASKS)
+# Table 5 of the paper (Appendix A.2), typed in from its text: task -> (BS, # of PTs, LR, gate init.) for MAE, then
+# for MoCo v3. Not read from paper_hparams.yaml, the file under test.
+TABLE_5 = {
+    "caltech101": ((128, 1, 0.5, 5), (128, 10, 2.5, 4)), "cifar": ((128, 1, 0.25, 5), (128, 10, 1, 15)),
+    "clevr_dist": ((128, 1, 0.1, 15), (128, 5, 1, 10)), "clevr_count": ((128, 1, 0.05, 15), (128, 5, 0.5, 5)),
+    "diabetic_retinopathy": ((128, 5, 0.05, 10), (128, 5, 0.5, 5)), "dmlab": ((128, 1, 0.1, 5), (128, 1, 1, 5)),
+    "dsprites_ori": ((128, 1, 0.05, 5), (128, 5, 0.5, 5)), "dsprites_loc": ((128, 1, 0.1, 5), (128, 5, 0.5, 5)),
+    "dtd": ((128, 1, 0.25, 1), (128, 10, 1, 5)), "eurosat": ((128, 5, 0.1, 1), (128, 10, 1, 5)),
+    "kitti": ((128, 5, 0.1, 7), (128, 5, 1, 5)), "oxford_flowers102": ((128, 1, 0.25, 5), (128, 5, 1, 7)),
+    "oxford_iiit_pet": ((128, 1, 0.5, 10), (64, 100, 1, 1)), "patch_camelyon": ((128, 1, 0.05, 5), (128, 1, 1, 10)),
+    "resisc45": ((128, 10, 0.25, 5), (64, 100, 1, 7)), "smallnorb_azi": ((128, 1, 0.1, 20), (128, 10, 0.5, 3)),
+    "smallnorb_ele": ((128, 1, 0.05, 10), (128, 5, 0.5, 4)), "sun397": ((128, 1, 0.5, 10), (128, 1, 1, 4)),
+    "svhn": ((128, 1, 0.1, 10), (128, 5, 1, 10)), "cub": ((64, 100, 0.1, 5), (64, 100, 1, 5)),
+    "flowers": ((64, 100, 0.1, 15), (64, 100, 1, 10)), "cars": ((64, 100, 0.25, 5), (64, 100, 0.5, 5)),
+    "dogs": ((64, 100, 0.5, 15), (64, 100, 0.5, 10)), "nabirds": ((64, 100, 0.5, 5), (64, 100, 1, 5)),
+    "ade20k": ((16, 100, 0.001, 10), (16, 100, 0.001, 10)),
+}
+
+
+def test_table_5_covers_every_task():
+    assert set(TABLE_5) == set(config.TASKS)
+
+
+@pytest.mark.parametrize("task", list(TABLE_5))
 @pytest.mark.parametrize("ssl", ["mae", "mocov3"])
 def test_every_task_and_backbone_resolves_to_table_5(task, ssl):
-    cfg = reproduce.resolve_config(reproduce.parse_args(["--task", task, "--ssl", ssl]))
-    assert (cfg["batch_size"], cfg["num_prompts"], cfg["lr"], cfg["gate_init"]) == tuple(
-        recipes.HPARAMS["table5"][task][ssl])
-    assert (cfg["momentum"], cfg["weight_decay"], cfg["prompt_dropout"], cfg["seed"]) == (0.9, 0.0, 0.1, 42)
+    [cfg] = reproduce.planned_configs(reproduce.parse_args(["--task", task, "--ssl", ssl]))
+    assert (cfg.batch_size, cfg.num_prompts, cfg.lr, cfg.gate_init) == TABLE_5[task][ssl == "mocov3"]
+    assert (cfg.momentum, cfg.weight_decay, cfg.prompt_dropout, cfg.seed) == (0.9, 0.0, 0.1, 42)
     if task == "ade20k":
-        assert (cfg["iters"], cfg["img_size"], cfg["aux_blocks"]) == (160000, 512, [5, 9])
+        assert (cfg.iters, cfg.img_size, cfg.aux_blocks) == (160000, 512, (5, 9))
     else:
-        assert (cfg["epochs"], cfg["warmup_epochs"], cfg["img_size"]) == (100, 10, 224)
-    assert not recipes.deviations(cfg)
+        assert (cfg.epochs, cfg.warmup_epochs, cfg.img_size) == (100, 10, 224)
+    assert not config.deviations(cfg)
 
 
 @pytest.mark.parametrize("task,ssl,row", [("cub", "mocov3", (64, 100, 1.0, 5)), ("oxford_iiit_pet", "mocov3", (64, 100, 1.0, 1)),
                                           ("smallnorb_azi", "mae", (128, 1, 0.1, 20)), ("ade20k", "mae", (16, 100, 0.001, 10))])
 def test_resolved_cells_carry_the_papers_table_5_values(task, ssl, row):
     """Spot checks typed in from the paper's Table 5 (tests/test_paper_numbers.py compares every row)."""
-    cfg = recipes.resolve(task, ssl)
-    assert (cfg["batch_size"], cfg["num_prompts"], cfg["lr"], cfg["gate_init"]) == row
+    cfg = config.resolve(task, ssl)
+    assert (cfg.batch_size, cfg.num_prompts, cfg.lr, cfg.gate_init) == row
 
 
-def test_print_config_shows_overrides_and_touches_nothing(tmp_path):
+def test_a_config_is_typed_frozen_and_checked_at_construction():
+    cfg = config.resolve("cub", "mae")
+    with pytest.raises(TypeError, match="lrr"):
+        cfg.replace(lrr=0.1)                                       # a mistyped field name
+    with pytest.raises(TypeError, match="momentun"):
+        config.ClassificationConfig(**dict(cfg.identity(), momentun=0.9))
+    for name, value, message in [("lr", "0.1", "--lr '0.1' is not usable: it must be a number > 0"),
+                                 ("batch_size", 1.5, "--batch-size 1.5 is not usable: it must be a whole number >= 1"),
+                                 ("seed", True, "--seed True is not usable: it must be a whole number >= 0"),
+                                 ("gate_init", float("nan"), "--gate-init nan is not usable: it must be a finite number"),
+                                 ("arch_overrides", [32], "--arch-overrides [32] is not usable")]:
+        with pytest.raises(runtime.UserError, match=re.escape(message)):
+            cfg.replace(**{name: value})
+    with pytest.raises(runtime.UserError, match=re.escape("--aux-blocks '5, 9' is not usable: it must be a list")):
+        config.resolve("ade20k", "mae").replace(aux_blocks="5, 9")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+    assert cfg.replace(lr=0.5).lr == 0.5 and cfg.lr == 0.1
+    assert config.resolve("ade20k", "mae", aux_blocks=[1, 2]).aux_blocks == (1, 2)   # YAML / JSON lists: tuples
+
+
+def test_each_field_says_who_sets_it_and_the_flags_are_the_override_fields():
+    """Typed in: the override flags each kind of run takes (the README's "Flags must apply")."""
+    assert set(config.ClassificationConfig.flags()) == {
+        "recipe", "arch", "batch_size", "num_prompts", "lr", "gate_init", "weight_decay", "prompt_dropout", "epochs",
+        "warmup_epochs", "seed", "insert_at"}
+    assert set(config.SegmentationConfig.flags()) == {
+        "arch", "batch_size", "num_prompts", "lr", "gate_init", "prompt_dropout", "iters", "seed", "insert_at"}
+    assert set(config.DemoConfig.flags()) == {"lr", "epochs", "warmup_epochs", "seed"}
+    for cls in config.CONFIGS:
+        assert {f.metadata["set_by"] for f in dataclasses.fields(cls)} <= {"choice", "flag", "code", "recipe"}
+    assert set(config.ClassificationConfig.fields_set_by("code")) == {"img_size", "arch_overrides", "num_classes"}
+    assert set(config.OVERRIDE_TYPES) <= set(vars(reproduce.parse_args([])))   # each has its command-line flag
+
+
+def test_a_runs_identity_is_what_result_files_already_store():
+    """The identity a stored result and a saved training state are matched by, as result files written before the
+    typed config hold it (typed in): the same keys and values, optional fields left out while unset."""
+    assert config.resolve("cub", "mae").identity() == {
+        "task": "cub", "ssl": "mae", "method": "gated+temp", "recipe": "paper", "arch": "vit_base", "batch_size": 64,
+        "num_prompts": 100, "lr": 0.1, "gate_init": 5, "momentum": 0.9, "weight_decay": 0.0, "prompt_dropout": 0.1,
+        "epochs": 100, "warmup_epochs": 10, "seed": 42, "insert_at": 1, "img_size": 224}
+    ade = config.resolve("ade20k", "mocov3")
+    assert ade.identity() == {
+        "task": "ade20k", "ssl": "mocov3", "method": "gated+temp", "arch": "vit_base", "batch_size": 16,
+        "num_prompts": 100, "lr": 0.001, "gate_init": 10, "momentum": 0.9, "weight_decay": 0.0, "prompt_dropout": 0.1,
+        "iters": 160000, "seed": 42, "insert_at": 1, "img_size": 512, "aux_blocks": [5, 9], "aux_loss_weight": 0.4,
+        "head_channels": 256, "head_lr_mult": 10.0, "poly_power": 0.9, "min_lr": 0.0001, "slide_stride": 341,
+        "ms_ratios": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "pos_embed_interpolation": "bilinear"}
+    assert set(config.resolve("demo").identity()) >= {"arch_overrides", "num_classes", "img_size"}
+    assert config.from_identity(json.loads(json.dumps(ade.identity()))) == ade
+    older = {k: v for k, v in config.resolve("cub", "mae").identity().items() if k != "epochs"}
+    with pytest.raises(runtime.UserError, match="lacks epochs"):
+        config.from_identity(older)
+
+
+def test_one_task_registry_holds_kind_classes_folders_and_transform():
+    kinds = [t.kind for t in config.TASKS.values()]
+    assert (kinds.count("fgvc"), kinds.count("vtab"), kinds.count("segmentation")) == (5, 19, 1)
+    assert [config.TASKS[t].num_classes for t in ("cub", "nabirds", "dtd", "svhn", "ade20k")] == [200, 555, 47, 10, 150]
+    assert config.TASKS["cub"].transform(224) == {"kind": "fgvc", "resize": 256, "crop": 224}   # VPT: Resize(256)
+    assert config.TASKS["dtd"].transform(224) == {"kind": "vtab", "resize": 224, "crop": 224}
+    assert config.TASKS["ade20k"].transform(512) is None and config.find_task("demo").transform(32) is None
+    assert "CUB_200_2011" in config.TASKS["cub"].folders and config.TASKS["ade20k"].folders == ("ADEChallengeData2016",)
+    assert config.resolve("dtd", "mae").head_size() == 47 and config.resolve("ade20k", "mae").head_size() == 0
+    with pytest.raises(runtime.UserError, match="unknown task 'cubb'"):
+        config.find_task("cubb")
+
+
+def test_nothing_imports_the_command_line_and_the_harness_has_no_import_circles():
+    """Read from the sources: no module imports reproduce.py; gated_prompt.py imports nothing of the harness; the
+    classification harness does not import the predict command (serving.py); the import graph has no circle."""
+    import ast
+    files = [ROOT / "gated_prompt.py", *sorted((ROOT / "harness").rglob("*.py")), *sorted((ROOT / "bench").glob("*.py"))]
+    graph = {}
+    for path in files:
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = deps
+    assert not [m for m, deps in graph.items() if "reproduce" in deps]
+    assert not [d for d in graph["gated_prompt"] if d.startswith(("harness", "bench"))]
+    assert "harness.serving" not in graph["harness.classification"]
+    local = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    done, on_path = set(), []
+
+    def visit(m):
+        assert m not in on_path, f"import circle: {' -> '.join(on_path[on_path.index(m):] + [m])}"
+        if m not in done:
+            on_path.append(m)
+            for d in sorted(local[m]):
+                visit(d)
+            on_path.pop()
+            done.add(m)
+    for m in sorted(local):
+        visit(m)
+
+
+def test_print_config_shows_overrides_and_touches_nothing(tmp_path, cli):
     out = cli("--task", "cub", "--ssl", "mocov3", "--method", "vpt-deep", "--lr", "0.25", "--print-config",
               "--data-dir", str(tmp_path / "absent"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    cfg = json.loads(out.stdout)
-    assert cfg["lr"] == 0.25 and cfg["num_prompts"] == 10 and cfg["method"] == "vpt-deep"  # Table 1's VPT-deep
+    printed = json.loads(out.stdout)
+    assert (printed["lr"], printed["num_prompts"], printed["method"]) == (0.25, 10, "vpt-deep")  # Table 1's VPT-deep
     assert list(tmp_path.iterdir()) == []
 
 
-def test_print_config_without_a_task_is_the_demos_and_the_demo_honours_lr_and_epochs():
+def test_print_config_without_a_task_is_the_demos_and_the_demo_honours_lr_and_epochs(cli):
     out = cli("--print-config", "--lr", "0.2", "--epochs", "3")
     assert out.returncode == 0, out.stderr
-    cfgs = json.loads(out.stdout)   # one config per demo method
-    assert [c["method"] for c in cfgs] == ["vpt-shallow", "gated+temp"]
-    assert all(c["task"] == "demo" and (c["lr"], c["epochs"]) == (0.2, 3) for c in cfgs)
+    printed = json.loads(out.stdout)   # one config per demo method
+    assert [p["method"] for p in printed] == ["vpt-shallow", "gated+temp"]
+    assert all(p["task"] == "demo" and (p["lr"], p["epochs"]) == (0.2, 3) for p in printed)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -111,15 +220,15 @@ def test_flags_that_do_not_apply_are_refused_by_name(argv, message, tmp_path, mo
 def test_vpt_recipe_searches_lr_per_256_images_and_weight_decay():
     """KMnP/vpt: tune_fgvc.py's prompt grid has 9 base lrs (no 0.05), tune_vtab.py's 10 (with 0.05); 4 weight
     decays; lr per 256 images."""
-    cfg = recipes.resolve("cub", "mae", "vpt-shallow", recipe="vpt")
-    grid = recipes.sweep_grid(cfg)
-    assert cfg["prompt_dropout"] == 0.0 and len(grid) == 9 * 4
+    cfg = config.resolve("cub", "mae", "vpt-shallow", recipe="vpt")
+    grid = config.sweep_grid(cfg)
+    assert cfg.prompt_dropout == 0.0 and len(grid) == 9 * 4
     assert {"lr": 5.0 * 64 / 256, "weight_decay": 0.001} in grid   # VPT's base lr 5.0 at batch 64
     assert {p["lr"] for p in grid} == {b * 64 / 256 for b in (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0)}
-    vtab = recipes.sweep_grid(recipes.resolve("dtd", "mae", "vpt-deep", recipe="vpt"))
+    vtab = config.sweep_grid(config.resolve("dtd", "mae", "vpt-deep", recipe="vpt"))
     assert len(vtab) == 10 * 4 and {"lr": 0.05 * 128 / 256, "weight_decay": 0.0} in vtab   # dtd: batch 128
     assert {p["weight_decay"] for p in vtab} == {0.0, 0.0001, 0.001, 0.01}
-    assert recipes.sweep_grid(recipes.resolve("cub", "mae")) == [{"lr": lr} for lr in (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)]
+    assert config.sweep_grid(config.resolve("cub", "mae")) == [{"lr": lr} for lr in (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)]
 
 
 def test_vpt_recipe_decays_every_trainable_tensor_but_the_heads_bias():
@@ -138,26 +247,25 @@ def test_vpt_recipe_decays_every_trainable_tensor_but_the_heads_bias():
 
 def test_seeds_5_under_vpts_recipe_are_vpts_final_run_seeds(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr(reproduce, "run_one", lambda cfg, protocol, settings, source: seen.append(cfg["seed"]) or
+    monkeypatch.setattr(runs, "run_one", lambda cfg, protocol, settings, source: seen.append(cfg.seed) or
                         {"final": {"test_acc": 1.0}})
-    cfg = recipes.resolve("cub", "mae", "vpt-shallow", recipe="vpt", lr=0.5, weight_decay=0.001)
-    reproduce.run_cells([cfg], argparse.Namespace(sweep=False, seeds=5, lr=0.5), settings(tmp_path))
+    cfg = config.resolve("cub", "mae", "vpt-shallow", recipe="vpt", lr=0.5, weight_decay=0.001)
+    runs.run_cells([cfg], settings(tmp_path), seeds=5, lr_source="command line")
     assert seen == [42, 44, 82, 100, 800]
     seen.clear()
-    reproduce.run_cells([recipes.resolve("cub", "mae")], argparse.Namespace(sweep=False, seeds=3, lr=None),
-                        settings(tmp_path))
+    runs.run_cells([config.resolve("cub", "mae")], settings(tmp_path), seeds=3)
     assert seen == [42, 43, 44]
 
 
 # --- one run, one result file ------------------------------------------------------------------
 
 def test_a_run_writes_one_result_with_its_recipe_version_and_settings(tmp_path):
-    cfg = tiny_demo_cfg(epochs=2)
-    result = reproduce.run_one(cfg, "final", settings(tmp_path))
+    cfg = tiny_demo(epochs=2)
+    result = runs.run_one(cfg, "final", settings(tmp_path))
     files = results.run_files(tmp_path / "results", cfg, "final")
     stored = json.loads(files.result.read_text())
-    assert stored["final"] == result["final"] and stored["config"] == results.identity(cfg)
-    assert stored["recipe_version"] == recipes.RECIPE_VERSION and stored["lr_source"] == "recipe"
+    assert stored["final"] == result["final"] and stored["config"] == cfg.identity()
+    assert stored["recipe_version"] == config.RECIPE_VERSION and stored["lr_source"] == "recipe"
     assert stored["runtime"]["device"].startswith("cpu") and stored["runtime"]["world_size"] == 1
     assert stored["wall_seconds"] >= stored["wall_seconds_this_session"] > 0
     assert files.prompts.is_file() and not files.state.exists()
@@ -166,70 +274,74 @@ def test_a_run_writes_one_result_with_its_recipe_version_and_settings(tmp_path):
 
 def test_a_finished_run_is_reused_whatever_the_runtime_settings(tmp_path, monkeypatch):
     """Device, bf16, compile and workers are not part of a run's identity: --no-compile finds the result."""
-    cfg = tiny_demo_cfg(epochs=2)
-    first = reproduce.run_one(cfg, "final", settings(tmp_path))
+    cfg = tiny_demo(epochs=2)
+    first = runs.run_one(cfg, "final", settings(tmp_path))
     monkeypatch.setattr(classification, "run_classification", lambda *a, **k: pytest.fail("trained again"))
-    again = reproduce.run_one(cfg, "final", settings(tmp_path, bf16=True, compile=True, workers=4))
+    again = runs.run_one(cfg, "final", settings(tmp_path, bf16=True, compile=True, workers=4))
     assert again == first
-    other = dict(cfg, gate_init=3.0)   # another recipe: another file, never the stored one
+    other = cfg.replace(gate_init=3.0)   # another recipe: another file, never the stored one
     assert results.run_files(tmp_path / "results", other, "final").result != results.run_files(
         tmp_path / "results", cfg, "final").result
 
 
-def test_fgvc_run_from_the_release_folder_name_reports_final_and_best_val(tmp_path):
-    """data/CUB_200_2011 (the folder the release unpacks to) is found for --task cub."""
+def test_fgvc_run_from_the_release_folder_name_reports_final_and_best_val(tmp_path, monkeypatch):
+    """data/CUB_200_2011 (the folder the release unpacks to) is found for --task cub. The run's backbone file is
+    looked up once and its files are its result, prompts and pack, nothing else."""
     fixtures.write_fgvc_fixture(tmp_path / "data" / "CUB_200_2011", "cub", class_ids=(0, 1, 2), per_class=(4, 2, 2))
     ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
-    cfg = recipes.resolve("cub", "mae", arch_overrides=dict(TINY, patch_size=32), num_classes=3, epochs=2,
-                          warmup_epochs=1, num_prompts=4)
-    result = reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))
+    cfg = config.resolve("cub", "mae", arch_overrides=dict(TINY, patch_size=32), num_classes=3, epochs=2,
+                         warmup_epochs=1, num_prompts=4)
+    lookups, real = [], inputs.checkpoint_for
+    monkeypatch.setattr(inputs, "checkpoint_for", lambda *a: lookups.append(a) or real(*a))
+    result = runs.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))
     assert set(result["final"]) >= {"test_acc", "best_val_epoch", "best_val_acc", "test_acc_at_best_val"}
     assert all("val_acc" in h for h in result["history"])
     assert list((tmp_path / "results" / "cache").glob("cub-*.pixels.npy"))  # decoded once, cached
+    files = results.run_files(tmp_path / "results", cfg, "final")
+    assert len(lookups) == 1 and sorted(p.name for p in files.result.parent.iterdir()) == sorted(
+        p.name for p in (files.result, files.prompts, files.pack))
 
 
 def test_sweep_picks_the_best_val_lr_then_runs_the_seeds(monkeypatch, tmp_path):
     calls = []
 
     def fake_run_one(cfg, protocol, settings, lr_source="recipe"):
-        calls.append((protocol, cfg["lr"], cfg["seed"], lr_source))
-        return {"final": {"val_acc": {0.05: 10, 0.1: 30, 0.25: 30}.get(cfg["lr"], 0) if protocol == "sweep" else 1,
+        calls.append((protocol, cfg.lr, cfg.seed, lr_source))
+        return {"final": {"val_acc": {0.05: 10, 0.1: 30, 0.25: 30}.get(cfg.lr, 0) if protocol == "sweep" else 1,
                           "test_acc": 50.0}}
-    monkeypatch.setattr(reproduce, "run_one", fake_run_one)
-    monkeypatch.setattr(recipes, "sweep_grid", lambda cfg: [{"lr": 0.05}, {"lr": 0.1}, {"lr": 0.25}])
-    cfg = recipes.resolve("dtd")
-    (best,), _ = reproduce.run_cells([cfg], argparse.Namespace(sweep=True, seeds=2, lr=None), settings(tmp_path))
-    assert best["lr"] == 0.1   # a tie goes to the smaller lr, as VPT's tuner
+    monkeypatch.setattr(runs, "run_one", fake_run_one)
+    monkeypatch.setattr(config, "sweep_grid", lambda cfg: [{"lr": 0.05}, {"lr": 0.1}, {"lr": 0.25}])
+    cfg = config.resolve("dtd")
+    (best,), _ = runs.run_cells([cfg], settings(tmp_path), sweep=True, seeds=2)
+    assert best.lr == 0.1   # a tie goes to the smaller lr, as VPT's tuner
     assert calls == [("sweep", 0.05, 42, "sweep grid"), ("sweep", 0.1, 42, "sweep grid"),
                      ("sweep", 0.25, 42, "sweep grid"), ("final", 0.1, 42, "sweep"), ("final", 0.1, 43, "sweep")]
 
 
 def test_the_summary_shows_the_papers_number_only_for_the_papers_recipe(capsys):
     def run(**kw):
-        cfg = recipes.resolve("cub", "mocov3", **kw)
+        cfg = config.resolve("cub", "mocov3", **kw)
         return results.new_result(cfg, "final", "recipe", runtime.Settings(), {"final": {"test_acc": 80.0}}, "x")
-    reproduce.print_summary(recipes.resolve("cub", "mocov3"), [run()])
+    reproduce.print_summary(config.resolve("cub", "mocov3"), [run()])
     assert "(paper: 82.86)" in capsys.readouterr().out
-    reproduce.print_summary(recipes.resolve("cub", "mocov3", epochs=1), [run(epochs=1)])
+    reproduce.print_summary(config.resolve("cub", "mocov3", epochs=1), [run(epochs=1)])
     out = capsys.readouterr().out
     assert "paper:" not in out and "not the paper's recipe: epochs=1" in out
 
 
 # --- ADE20K through the same path ----------------------------------------------------------------
 
-def test_ade20k_cell_trains_the_configured_model_and_writes_one_result(tmp_path, capsys):
-    """--insert-at reaches the segmenter (it used to train k=1 under a -k5 name); one JSON, no state left."""
+def test_ade20k_cell_trains_the_configured_model_and_writes_one_result(tmp_path, capsys, monkeypatch):
+    """--insert-at reaches the segmenter (the model trained is the one the result's -k2 name says); one JSON, no
+    state left."""
     fixtures.write_ade_fixture(tmp_path / "data", n_train=4, n_val=2, size=(64, 80))
     ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth", patch_size=16)   # 14x14 grid, resized to 4x4
-    cfg = recipes.resolve("ade20k", "mae", iters=3, insert_at=2, arch_overrides=dict(TINY, patch_size=16),
+    cfg = config.resolve("ade20k", "mae", iters=3, insert_at=2, arch_overrides=dict(TINY, patch_size=16),
                           img_size=64, batch_size=2, aux_blocks=[1, 2], head_channels=16)
     seen = []
-    real = recipes.model_from_config
-    recipes.model_from_config = lambda cfg, *a, **k: seen.append(real(cfg, *a, **k)) or seen[-1]
-    try:
-        result = reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))
-    finally:
-        recipes.model_from_config = real
+    real = config.model_from_config
+    monkeypatch.setattr(config, "model_from_config", lambda cfg, *a, **k: seen.append(real(cfg, *a, **k)) or seen[-1])
+    result = runs.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))
     assert seen[-1].pcfg.insert_at == 2 and seen[-1].cfg.pos_embed_interpolation == "bilinear"
     files = results.run_files(tmp_path / "results", cfg, "final")
     assert "-k2-lr0.001-s42-final-" in files.result.name and "-iters3" in files.result.name
@@ -245,14 +357,14 @@ def test_ade20k_cell_trains_the_configured_model_and_writes_one_result(tmp_path,
 
 def test_missing_dataset_names_the_paths_and_how_to_get_it(tmp_path):
     ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
-    cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0)
+    cfg = config.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0)
     with pytest.raises(datasets.DataError) as err:
-        reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))
+        runs.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))
     assert str(tmp_path / "data" / "vtab-1k" / "dtd") in str(err.value) and "train800val200,test}.txt" in str(err.value)
     assert "not downloaded automatically" in str(err.value) and "http" in str(err.value)
 
 
-def test_missing_checkpoint_names_the_path_url_and_command(tmp_path):
+def test_missing_checkpoint_names_the_path_url_and_command(tmp_path, cli):
     out = cli("--task", "dtd", "--ssl", "mocov3", "--results-dir", str(tmp_path / "r"), cwd=tmp_path)
     assert out.returncode == 2
     assert "linear-vit-b-300ep.pth.tar" in out.stderr and "https://dl.fbaipublicfiles.com/moco-v3" in out.stderr
@@ -264,9 +376,9 @@ def test_corrupt_image_is_named(tmp_path):
     bad = next((tmp_path / "data" / "vtab-1k" / "dtd" / "images" / "train800").glob("*.jpg"))
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     ckpt = write_tiny_mae_checkpoint(tmp_path / "tiny.pth")   # a backbone that fits the small config below
-    cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0)
+    cfg = config.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0)
     with pytest.raises(datasets.DataError, match=bad.name):
-        reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))
+        runs.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))
 
 
 def test_vtab_label_out_of_range_is_an_error(tmp_path):
@@ -275,9 +387,9 @@ def test_vtab_label_out_of_range_is_an_error(tmp_path):
     lines = listing.read_text().splitlines()
     lines[0] = lines[0].rsplit(" ", 1)[0] + " 10"  # eurosat has 10 classes: 0..9
     listing.write_text("\n".join(lines) + "\n")
-    cfg = recipes.resolve("eurosat", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0)
+    cfg = config.resolve("eurosat", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0)
     with pytest.raises(datasets.DataError, match=r"train800val200\.txt:1: label 10 out of range"):
-        reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(write_tiny_mae_checkpoint(tmp_path / "t.pth"))))
+        runs.run_one(cfg, "final", settings(tmp_path, checkpoint=str(write_tiny_mae_checkpoint(tmp_path / "t.pth"))))
 
 
 def test_fgvc_class_id_out_of_range_exits_2_before_decoding(tmp_path):
@@ -286,14 +398,14 @@ def test_fgvc_class_id_out_of_range_exits_2_before_decoding(tmp_path):
     key = next(iter(anno))
     anno[key] = 999
     (root / "train.json").write_text(json.dumps(anno))
-    cfg = recipes.resolve("cub", "mae", arch_overrides=dict(TINY, patch_size=32), num_classes=3, epochs=1, warmup_epochs=0)
+    cfg = config.resolve("cub", "mae", arch_overrides=dict(TINY, patch_size=32), num_classes=3, epochs=1, warmup_epochs=0)
     with pytest.raises(datasets.DataError) as err:
-        reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(write_tiny_mae_checkpoint(tmp_path / "t.pth"))))
+        runs.run_one(cfg, "final", settings(tmp_path, checkpoint=str(write_tiny_mae_checkpoint(tmp_path / "t.pth"))))
     assert "train.json" in str(err.value) and key in str(err.value) and "999" in str(err.value)
     assert not list((tmp_path / "results").rglob("*.npy"))   # nothing was decoded
 
 
-def test_wrong_checkpoint_for_the_architecture_exits_2_before_decoding(tmp_path):
+def test_wrong_checkpoint_for_the_architecture_exits_2_before_decoding(tmp_path, cli):
     fixtures.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "dtd")
     ckpt = write_tiny_mae_checkpoint(tmp_path / "tiny.pth")  # a 32-wide file for the 768-wide ViT-B
     out = cli("--task", "dtd", "--data-dir", str(tmp_path / "data"), "--checkpoint", str(ckpt),
@@ -302,13 +414,13 @@ def test_wrong_checkpoint_for_the_architecture_exits_2_before_decoding(tmp_path)
     assert "decoding" not in out.stderr and not list(tmp_path.rglob("*.npy"))
 
 
-def test_a_text_file_given_as_checkpoint_is_named_as_such(tmp_path):
+def test_a_text_file_given_as_checkpoint_is_named_as_such(tmp_path, cli):
     (tmp_path / "ckpt.pth").write_text("not weights\n")
     out = cli("--task", "dtd", "--checkpoint", str(tmp_path / "ckpt.pth"), "--results-dir", str(tmp_path / "r"))
     assert out.returncode == 2 and "ckpt.pth is not a checkpoint file: it is text" in out.stderr
 
 
-def test_prepare_finds_the_release_folder_and_names_real_flags(tmp_path):
+def test_prepare_finds_the_release_folder_and_names_real_flags(tmp_path, cli):
     pytest.importorskip("scipy")
     fixtures.write_release_fixture(tmp_path / "data" / "CUB_200_2011", "cub")
     out = cli("prepare", "--dataset", "cub", "--data-dir", str(tmp_path / "data"))
@@ -318,7 +430,7 @@ def test_prepare_finds_the_release_folder_and_names_real_flags(tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
-def test_help_explains_the_tasks_methods_and_subcommands():
+def test_help_explains_the_tasks_methods_and_subcommands(cli):
     out = cli("--help")
     assert out.returncode == 0
     for word in ("--task", "--sweep", "--seeds", "--resume", "gated+temp", "prepare", "download", "--table",
@@ -335,9 +447,9 @@ TABLE_CELL_COUNTS = {"1": 2 * 3 * 5, "2": 2 * 3 * 19, "3": 2 * 3, "4": 3 * 2, "6
 @pytest.mark.parametrize("number", ["1", "2", "3", "4", "6", "7", "8"])
 def test_table_run_queues_every_cell_of_the_table(number, monkeypatch, tmp_path):
     queued = []
-    monkeypatch.setattr(reproduce, "run_cells", lambda cfgs, args, settings: queued.extend(cfgs))
-    args = reproduce.parse_args(["--table", number, "--run"])
-    reproduce.run_table(reproduce.planned_configs(args), args, settings(tmp_path))
+    monkeypatch.setattr(runs, "run_cells", lambda cfgs, settings, *args: queued.extend(cfgs))
+    runs.run_table(reproduce.planned_configs(reproduce.parse_args(["--table", number, "--run"])), settings(tmp_path),
+                   number)
     assert len(queued) == TABLE_CELL_COUNTS[number]
     assert len({results.run_name(c, "final") for c in queued}) == len(queued)
 
@@ -346,8 +458,8 @@ def test_table_4_cells_carry_table_5_and_100_prompts():
     """Table 4: MAE, 100 prompts, CUB and Flowers; batch 64 and Table 5's lr / gate init (CUB 0.1 / 5,
     Flowers 0.1 / 15), 100 epochs with 10 warm-up."""
     cfgs = reproduce.planned_configs(reproduce.parse_args(["--table", "4", "--run"]))
-    got = [(c["task"], c["method"], c["ssl"], c["num_prompts"], c["batch_size"], c["lr"], c["gate_init"],
-            c["epochs"], c["warmup_epochs"]) for c in cfgs]
+    got = [(c.task, c.method, c.ssl, c.num_prompts, c.batch_size, c.lr, c.gate_init,
+            c.epochs, c.warmup_epochs) for c in cfgs]
     assert sorted(got) == sorted([
         ("cub", "vpt-shallow", "mae", 100, 64, 0.1, 5, 100, 10), ("flowers", "vpt-shallow", "mae", 100, 64, 0.1, 15, 100, 10),
         ("cub", "gated-hard", "mae", 100, 64, 0.1, 5, 100, 10), ("flowers", "gated-hard", "mae", 100, 64, 0.1, 15, 100, 10),
@@ -355,10 +467,11 @@ def test_table_4_cells_carry_table_5_and_100_prompts():
 
 
 def test_table_run_applies_the_command_lines_overrides_to_every_cell(monkeypatch, tmp_path):
-    """The user's report: `--table 4 --run --epochs 1 --lr 0.5` queued 100-epoch cells at Table 5's lr."""
+    """`--table 4 --run --epochs 1 --lr 0.5` runs every cell at 1 epoch and lr 0.5 (not Table 5's 100 epochs and
+    lr), with the lr recorded as the command line's."""
     seen = []
-    monkeypatch.setattr(reproduce, "run_one", lambda cfg, protocol, settings, source: seen.append(
-        (cfg["epochs"], cfg["warmup_epochs"], cfg["lr"], cfg["num_prompts"], source)))
+    monkeypatch.setattr(runs, "run_one", lambda cfg, protocol, settings, source: seen.append(
+        (cfg.epochs, cfg.warmup_epochs, cfg.lr, cfg.num_prompts, source)))
     monkeypatch.setattr(results, "print_table", lambda *a, **k: None)
     reproduce.main(["--table", "4", "--run", "--epochs", "1", "--warmup-epochs", "0", "--lr", "0.5",
                     "--results-dir", str(tmp_path / "r")])
@@ -370,8 +483,8 @@ def test_table_print_config_is_a_dry_run_of_every_cell(tmp_path, monkeypatch, ca
     code = reproduce.cli_main(["--table", "4", "--run", "--print-config", "--epochs", "2", "--warmup-epochs", "1",
                                "--results-dir", str(tmp_path / "r")])
     assert code == 0
-    cfgs = json.loads(capsys.readouterr().out)
-    assert len(cfgs) == 6 and {c["epochs"] for c in cfgs} == {2} and {c["task"] for c in cfgs} == {"cub", "flowers"}
+    printed = json.loads(capsys.readouterr().out)
+    assert len(printed) == 6 and {p["epochs"] for p in printed} == {2} and {p["task"] for p in printed} == {"cub", "flowers"}
     assert list(tmp_path.iterdir()) == []
 
 
@@ -422,7 +535,7 @@ def test_each_flag_applies_or_is_refused_by_name(flag, mode):
     assert cfgs
     if flag in CONFIG_FLAGS:
         _, key, want = CONFIG_FLAGS[flag]
-        assert all(c[key] == want for c in cfgs), [c[key] for c in cfgs]
+        assert all(getattr(c, key) == want for c in cfgs), [getattr(c, key) for c in cfgs]
     else:
         _, field, want = RUN_FLAGS[flag]
         where = reproduce.settings_from(args) if hasattr(runtime.Settings(), field) else args
@@ -465,14 +578,18 @@ def test_bad_values_exit_2_with_one_line_before_loading_anything(argv, message, 
 
 
 def test_the_command_line_exits_2_on_a_bad_device(tmp_path):
-    out = cli("--task", "cub", "--device", "gpu", "--results-dir", str(tmp_path / "r"), cwd=tmp_path)
+    """The one real `python reproduce.py` process: the script's own exit status and stderr (the other command-line
+    tests call cli_main in this process)."""
+    out = subprocess.run([sys.executable, str(ROOT / "reproduce.py"), "--task", "cub", "--device", "gpu",
+                          "--results-dir", str(tmp_path / "r")], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=300)
     assert out.returncode == 2 and out.stderr.strip() == "error: --device gpu is not a device: use cuda, cuda:N or cpu"
 
 
 # --- a run's identity: the backbone file ------------------------------------------------------------
 
 def tiny_cell(ssl="mae", **kw):
-    return recipes.resolve("dtd", ssl, **dict(dict(arch_overrides=dict(TINY, patch_size=32), epochs=2,
+    return config.resolve("dtd", ssl, **dict(dict(arch_overrides=dict(TINY, patch_size=32), epochs=2,
                                                       warmup_epochs=1, num_prompts=4), **kw))
 
 
@@ -481,7 +598,7 @@ def store_finished(tmp_path, cfg, ckpt):
     s = settings(tmp_path, checkpoint=str(ckpt))
     backbone = results.backbone_identity(ckpt, tmp_path / "results" / "cache")
     files = results.run_files(s.results_dir, cfg, "final")
-    results.write_result(files, results.new_result(cfg, "final", "recipe", s, {"final": {"test_acc": 50.0}}, "x",
+    results.write_run(files, results.new_result(cfg, "final", "recipe", s, {"final": {"test_acc": 50.0}}, "x",
                                                    backbone))
     return files
 
@@ -495,13 +612,13 @@ def test_a_result_records_the_backbones_sha256_and_format_and_is_reused_only_for
     assert stored["backbone"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert stored["backbone"]["format"] == "timm / MAE" and stored["backbone"]["ssl"] == "mae"
     monkeypatch.setattr(classification, "run_classification", lambda *a, **k: pytest.fail("trained again"))
-    assert reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))["final"]["test_acc"] == 50.0
+    assert runs.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))["final"]["test_acc"] == 50.0
     other = tmp_path / "b.pth"
     torch.save({"model": {k: v + 1 for k, v in torch.load(ckpt)["model"].items()}}, other)
     with pytest.raises(runtime.UserError, match="was trained on .*a.pth.*this run's backbone is .*b.pth"):
-        reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(other)))
+        runs.run_one(cfg, "final", settings(tmp_path, checkpoint=str(other)))
     with pytest.raises(gp.CheckpointError, match="checkpoint not found"):
-        reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(tmp_path / "does-not-exist.pth")))
+        runs.run_one(cfg, "final", settings(tmp_path, checkpoint=str(tmp_path / "does-not-exist.pth")))
 
 
 def test_the_backbone_hash_is_remembered_by_path_size_and_mtime(tmp_path, monkeypatch):
@@ -524,11 +641,11 @@ def test_a_file_whose_layout_contradicts_ssl_exits_2_naming_both(tmp_path, monke
     mae = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
     monkeypatch.setattr(classification, "run_classification", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(runtime.UserError, match=r"mae.pth is a MAE checkpoint.*--ssl mocov3"):
-        reproduce.run_one(tiny_cell(ssl="mocov3"), "final", settings(tmp_path, checkpoint=str(mae)))
+        runs.run_one(tiny_cell(ssl="mocov3"), "final", settings(tmp_path, checkpoint=str(mae)))
     moco = tmp_path / "moco.pth.tar"
     torch.save({"state_dict": {"module." + k: v for k, v in torch.load(mae)["model"].items()}, "epoch": 300}, moco)
     with pytest.raises(runtime.UserError, match=r"moco.pth.tar is a MoCo v3 checkpoint.*--ssl mae"):
-        reproduce.run_one(tiny_cell(), "final", settings(tmp_path, checkpoint=str(moco)))
+        runs.run_one(tiny_cell(), "final", settings(tmp_path, checkpoint=str(moco)))
 
 
 def test_a_non_finite_weight_in_the_backbone_is_refused_at_load(tmp_path):
@@ -537,7 +654,7 @@ def test_a_non_finite_weight_in_the_backbone_is_refused_at_load(tmp_path):
     sd["model"]["blocks.1.mlp.fc1.weight"][0, 0] = float("nan")
     torch.save(sd, ckpt)
     with pytest.raises(runtime.UserError, match=r"nan.pth: 1 backbone tensor\(s\) hold NaN or inf"):
-        reproduce.run_one(tiny_cell(), "final", settings(tmp_path, checkpoint=str(ckpt)))
+        runs.run_one(tiny_cell(), "final", settings(tmp_path, checkpoint=str(ckpt)))
 
 
 def test_table_run_with_one_checkpoint_for_both_backbones_is_refused(tmp_path, capsys):
@@ -550,16 +667,16 @@ def test_table_run_with_one_checkpoint_for_both_backbones_is_refused(tmp_path, c
 # --- the harness's own files, read defensively ----------------------------------------------------
 
 def test_a_truncated_or_edited_result_file_exits_2_naming_it(tmp_path, monkeypatch, capsys):
-    cfg = tiny_demo_cfg(epochs=2)
+    cfg = tiny_demo(epochs=2)
     files = results.run_files(tmp_path / "results", cfg, "final")
     files.result.parent.mkdir(parents=True)
     files.result.write_text('{"config": {"task": "demo", "ssl"')
     with pytest.raises(results.BadResultFile, match=re.escape(files.result.name) + " is not a readable result file.*delete it"):
-        reproduce.run_one(cfg, "final", settings(tmp_path))
+        runs.run_one(cfg, "final", settings(tmp_path))
     result = results.new_result(cfg, "final", "recipe", runtime.Settings(), {"final": {"test_acc": "high"}}, "x")
     files.result.write_text(json.dumps(result))
     with pytest.raises(results.BadResultFile, match="final test_acc is 'high', not a number"):
-        reproduce.run_one(cfg, "final", settings(tmp_path))
+        runs.run_one(cfg, "final", settings(tmp_path))
 
 
 def test_a_truncated_training_state_exits_2_naming_it(tmp_path):
@@ -575,12 +692,12 @@ def test_a_truncated_training_state_exits_2_naming_it(tmp_path):
 
 
 def test_the_table_lists_unreadable_and_implausible_files_under_it(tmp_path, capsys):
-    good = results.new_result(recipes.resolve("cub", "mae"), "final", "recipe", runtime.Settings(),
+    good = results.new_result(config.resolve("cub", "mae"), "final", "recipe", runtime.Settings(),
                               {"final": {"test_acc": 70.0}}, "x")
-    results.write_result(results.run_files(tmp_path, recipes.resolve("cub", "mae"), "final"), good)
-    edited = recipes.resolve("flowers", "mae")
-    results.write_result(results.run_files(tmp_path, edited, "final"),
-                         dict(good, config=results.identity(edited), final={"test_acc": 1e9}))
+    results.write_run(results.run_files(tmp_path, config.resolve("cub", "mae"), "final"), good)
+    edited = config.resolve("flowers", "mae")
+    results.write_run(results.run_files(tmp_path, edited, "final"),
+                      dict(good, config=edited.identity(), final={"test_acc": 1e9}))
     (tmp_path / "cars" / "mae").mkdir(parents=True)
     (tmp_path / "cars" / "mae" / "cut.json").write_text('{"config": ')
     results.print_table("1", tmp_path)
@@ -593,7 +710,7 @@ def test_the_table_lists_unreadable_and_implausible_files_under_it(tmp_path, cap
 # --- nothing half-written, nothing left behind ------------------------------------------------------
 
 def test_prompts_are_written_atomically_and_before_the_result(tmp_path, monkeypatch):
-    cfg = tiny_demo_cfg(epochs=2)
+    cfg = tiny_demo(epochs=2)
     files = results.run_files(tmp_path, cfg, "final")
     real_save = torch.save
 
@@ -602,9 +719,24 @@ def test_prompts_are_written_atomically_and_before_the_result(tmp_path, monkeypa
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", killed_midway)
     with pytest.raises(KeyboardInterrupt):
-        results.write_result(files, {"final": {}}, {"prompts": torch.zeros(2)})
+        results.write_run(files, {"final": {}}, {"prompts": torch.zeros(2)})
     monkeypatch.setattr(torch, "save", real_save)
     assert list(files.result.parent.iterdir()) == []   # no half file, no result without its prompts
+
+
+def test_the_pack_is_written_before_the_result(tmp_path, monkeypatch):
+    """results.write_run writes a run's every output: a kill while the pack is written leaves the prompts and no
+    result (the cell runs again), never a result without its pack."""
+    cfg = tiny_demo()
+    files = results.run_files(tmp_path, cfg, "final")
+    model = config.model_from_config(cfg, cfg.head_size(), verbose=False)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gp.VisionTransformer, "save_pack", killed)
+    with pytest.raises(KeyboardInterrupt):
+        results.write_run(files, {"final": {}}, model.prompt_state_dict(), (model, {}))
+    assert files.prompts.is_file() and not files.result.exists()
 
 
 def test_files_respect_the_umask(tmp_path):
@@ -619,9 +751,12 @@ def test_files_respect_the_umask(tmp_path):
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
 
 
-def test_a_run_removes_temporaries_of_killed_runs_and_checks_the_folder_first(tmp_path, capsys):
+def test_a_run_removes_temporaries_of_killed_runs_and_checks_the_folder_first(tmp_path, capsys, monkeypatch):
+    """Before the first run of a command (here the demo, its training stubbed: the cleanup comes before it)."""
     import os
     import socket
+    monkeypatch.setattr(classification, "run_classification", lambda *a: (
+        {"final": {"test_acc": 50.0}, "history": [{"images_per_second": 1.0}], "selection_ratio": None}, None))
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     left = tmp_path / "r" / "cub" / "mae" / f".tmp-{proc.pid}@{socket.gethostname()}-abc123"
@@ -639,7 +774,7 @@ def test_a_run_removes_temporaries_of_killed_runs_and_checks_the_folder_first(tm
 
 
 def test_cpu_evaluation_is_not_padded_to_the_compiled_batch():
-    cfg = tiny_demo_cfg()
+    cfg = tiny_demo()
     images, labels = datasets.make_synthetic_images(3, 2, 40, seed=0)
     split = datasets.ImageSplit.from_dense("demo", "test", images, labels)
     _, eager = classification.make_loaders(cfg, split, {"test": split}, torch.device("cpu"), compile=False)
@@ -651,19 +786,15 @@ def test_cpu_evaluation_is_not_padded_to_the_compiled_batch():
 # --- two processes, one cell -----------------------------------------------------------------------
 
 WORKER = """
-import sys, time, os
-sys.path.insert(0, {root!r})
+import time, os
 import torch
 torch.set_num_threads(1)   # two processes on a shared CI machine
-from harness import recipes
-import reproduce
-from harness import runtime
+from harness import config, runs, runtime
 while not os.path.exists({go!r}):
     time.sleep(0.01)
-tiny = dict(embed_dim=32, depth=3, num_heads=2, patch_size=8)
-jobs = [(recipes.resolve("demo", arch_overrides=tiny, num_classes=6, epochs=2, warmup_epochs=1, seed=s), "final",
+jobs = [(config.resolve("demo", arch_overrides={tiny!r}, num_classes=6, epochs=2, warmup_epochs=1, seed=s), "final",
          "recipe") for s in range(4)]
-reproduce.run_queue(jobs, runtime.Settings(results_dir={results!r}, quiet=True))
+runs.run_queue(jobs, runtime.Settings(results_dir={results!r}, quiet=True))
 """
 
 
@@ -671,9 +802,9 @@ def test_two_processes_on_one_results_folder_train_each_cell_once(tmp_path):
     """Two real processes (as two machines of a SLURM array running --table N --run) take the same queue of four
     cells at the same moment: each cell is trained by exactly one of them, and every result is complete."""
     go = tmp_path / "go"
-    script = WORKER.format(root=str(ROOT), go=str(go), results=str(tmp_path / "results"))
+    script = WORKER.format(tiny=TINY, go=str(go), results=str(tmp_path / "results"))
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, cwd=tmp_path) for _ in range(2)]
+                              text=True, cwd=ROOT) for _ in range(2)]   # run from the checkout: its packages import
     time.sleep(0.5)
     go.touch()
     outs = [p.communicate(timeout=300)[0] for p in procs]
@@ -689,7 +820,7 @@ def test_two_processes_on_one_results_folder_train_each_cell_once(tmp_path):
 
 
 def test_a_dead_processes_claim_is_taken_over_and_another_hosts_is_respected(tmp_path):
-    files = results.run_files(tmp_path, tiny_demo_cfg(), "final")
+    files = results.run_files(tmp_path, tiny_demo(), "final")
     files.claim.parent.mkdir(parents=True)
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -707,11 +838,10 @@ def test_a_dead_processes_claim_is_taken_over_and_another_hosts_is_respected(tmp
 
 def fake_training(tmp_path, monkeypatch, raise_what, save_state=True):
     """run_classification that saves an epoch's state (as train() does) and then raises."""
-    def run(cfg, protocol, settings):
+    def run(cfg, protocol, settings, state_path, checkpoint=None):
         if save_state:
-            state = results.run_files(settings.results_dir, cfg, protocol).state
-            state.parent.mkdir(parents=True, exist_ok=True)
-            state.write_bytes(b"state of epoch 2")
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            state_path.write_bytes(b"state of epoch 2")
         raise raise_what
     monkeypatch.setattr(classification, "run_classification", run)
 
@@ -747,20 +877,19 @@ def test_a_diverging_sweep_point_is_recorded_as_failed_and_the_sweep_goes_on(tmp
     ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
     trained = []
 
-    def run(cfg, protocol, settings):
-        trained.append((protocol, cfg["lr"]))
-        if cfg["lr"] == 5.0:
+    def run(cfg, protocol, settings, state_path, checkpoint=None):
+        trained.append((protocol, cfg.lr))
+        if cfg.lr == 5.0:
             raise runtime.NonFiniteLoss(float("nan"), "epoch 2", True)
-        return {"final": {"val200_acc" if protocol == "sweep" else "test_acc": 10 * cfg["lr"]}, "history": []}, None
+        return {"final": {"val200_acc" if protocol == "sweep" else "test_acc": 10 * cfg.lr}, "history": []}, None
     monkeypatch.setattr(classification, "run_classification", run)
-    monkeypatch.setattr(recipes, "sweep_grid", lambda cfg: [{"lr": 0.5}, {"lr": 1.0}, {"lr": 5.0}])
-    args = argparse.Namespace(sweep=True, seeds=1, lr=None)
-    (best,), _ = reproduce.run_cells([tiny_cell()], args, settings(tmp_path, checkpoint=str(ckpt)))
+    monkeypatch.setattr(config, "sweep_grid", lambda cfg: [{"lr": 0.5}, {"lr": 1.0}, {"lr": 5.0}])
+    (best,), _ = runs.run_cells([tiny_cell()], settings(tmp_path, checkpoint=str(ckpt)), sweep=True)
     out = capsys.readouterr().out
-    assert best["lr"] == 1.0 and "lr 5: failed (diverged)" in out and "-> lr 1" in out
-    failed = results.run_files(tmp_path / "results", dict(tiny_cell(), lr=5.0), "sweep").result
+    assert best.lr == 1.0 and "lr 5: failed (diverged)" in out and "-> lr 1" in out
+    failed = results.run_files(tmp_path / "results", tiny_cell().replace(lr=5.0), "sweep").result
     assert "nan at epoch 2" in json.loads(failed.read_text())["failed"]
-    reproduce.run_cells([tiny_cell()], args, settings(tmp_path, checkpoint=str(ckpt)))
+    runs.run_cells([tiny_cell()], settings(tmp_path, checkpoint=str(ckpt)), sweep=True)
     assert trained.count(("sweep", 5.0)) == 1   # the failure is remembered, not retried
 
 
@@ -774,7 +903,7 @@ class WritesAMarker:
         return (open, (self.path, "w"))
 
 
-def test_a_checkpoint_that_pickles_code_is_refused_naming_trust_pickle_and_runs_only_with_it(tmp_path, monkeypatch):
+def test_a_checkpoint_that_pickles_code_is_refused_naming_trust_pickle_and_runs_only_with_it(tmp_path, monkeypatch, cli):
     ckpt = write_tiny_mae_checkpoint(tmp_path / "odd.pth")
     sd = torch.load(ckpt)
     marker = tmp_path / "payload-ran"

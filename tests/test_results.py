@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from harness.data import datasets
-from harness import recipes
+from harness import config
 from harness import results
 from harness import runtime
 
@@ -14,13 +14,12 @@ from harness import runtime
 def store(results_dir, task, ssl, method, acc, seed=42, lr_source="recipe", version=None, metric="test_acc",
           **overrides):
     """A finished run in the harness's result-file format, under the name the harness gives it."""
-    cfg = recipes.resolve(task, ssl, method, **overrides)
-    cfg["seed"] = seed
+    cfg = config.resolve(task, ssl, method, **overrides).replace(seed=seed)
     files = results.run_files(results_dir, cfg, "final")
     result = results.new_result(cfg, "final", lr_source, runtime.Settings(), {"final": {metric: acc}}, "test")
     if version is not None:
         result["recipe_version"] = version
-    results.write_result(files, result)
+    results.write_run(files, result)
     return files.result
 
 
@@ -31,27 +30,27 @@ def row_of(out, label):
 # --- file names -----------------------------------------------------------------------------------
 
 def test_a_run_of_the_recipe_has_the_plain_name_and_departures_are_named():
-    cfg = recipes.resolve("cub", "mae")
+    cfg = config.resolve("cub", "mae")
     assert results.run_name(cfg, "final") == "cub/mae/vit_base-gated+temp-p100-k1-lr0.1-s42-final"
-    short = recipes.resolve("cub", "mae", epochs=1, warmup_epochs=0)
+    short = config.resolve("cub", "mae", epochs=1, warmup_epochs=0)
     assert results.run_name(short, "final") == "cub/mae/vit_base-gated+temp-p100-k1-lr0.1-s42-final-epochs1-warmup_epochs0"
-    ade = recipes.resolve("ade20k", "mae", iters=4, insert_at=5)
+    ade = config.resolve("ade20k", "mae", iters=4, insert_at=5)
     assert results.run_name(ade, "final") == "ade20k/mae/vit_base-gated+temp-p100-k5-lr0.001-s42-final-iters4"
-    vpt = recipes.resolve("cub", "mae", "vpt-shallow", recipe="vpt")
+    vpt = config.resolve("cub", "mae", "vpt-shallow", recipe="vpt")
     assert results.run_name(vpt, "final").endswith("-final-vpt")
 
 
 def test_a_shortened_run_neither_replaces_nor_blocks_the_full_run(tmp_path):
     """--epochs 1 is stored under its own name: a later full-recipe run finds no file in its way."""
     short = store(tmp_path, "cub", "mae", "gated+temp", 1.0, epochs=1)
-    full_cfg = recipes.resolve("cub", "mae")
+    full_cfg = config.resolve("cub", "mae")
     full = results.run_files(tmp_path, full_cfg, "final")
     assert short != full.result and results.stored_result(full, full_cfg) is None
 
 
 def test_a_stale_result_is_refused_not_reused(tmp_path):
     path = store(tmp_path, "cub", "mae", "gated+temp", 70.0, version=1)
-    cfg = recipes.resolve("cub", "mae")
+    cfg = config.resolve("cub", "mae")
     with pytest.raises(runtime.UserError, match="recipe version 1"):
         results.stored_result(results.run_files(tmp_path, cfg, "final"), cfg)
     assert path.is_file()   # never overwritten
@@ -122,14 +121,14 @@ def test_ade20k_tables_match_the_whole_recipe_not_just_the_prompt_count(tmp_path
 def test_every_table_cell_resolves_to_the_papers_setting(number, count):
     cells = results.table_cells(number)
     assert len(cells) == count and len({tuple(sorted(c.items())) for c in cells}) == count
-    configs = [recipes.resolve(**c) for c in cells]
-    assert all(not recipes.deviations(c) for c in configs)
+    configs = [config.resolve(**c) for c in cells]
+    assert all(not config.deviations(c) for c in configs)
     if number == "7":   # 24 / 48 / 96 tokens in all: VPT-deep spreads them over 12 blocks
-        assert {(c["method"], c["num_prompts"]) for c in configs} == {
+        assert {(c.method, c.num_prompts) for c in configs} == {
             ("vpt-deep", 2), ("vpt-deep", 4), ("vpt-deep", 8), ("gated+temp", 24), ("gated+temp", 48),
             ("gated+temp", 96)}
     if number == "8":
-        assert {(c["arch"], c["ssl"], c["method"], c["num_prompts"]) for c in configs if c["task"] == "cub"} == {
+        assert {(c.arch, c.ssl, c.method, c.num_prompts) for c in configs if c.task == "cub"} == {
             ("vit_large", "mae", "vpt-shallow", 48), ("vit_large", "mae", "vpt-deep", 2),
             ("vit_large", "mae", "gated+temp", 48), ("vit_small", "mocov3", "vpt-shallow", 48),
             ("vit_small", "mocov3", "vpt-deep", 4), ("vit_small", "mocov3", "gated+temp", 48)}

@@ -1,4 +1,5 @@
 """Tests for segmentation.py (CPU, tiny ViTs, fixture data and a checkpoint in the real layouts)."""
+import dataclasses
 import json
 import os
 
@@ -9,14 +10,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import TINY_VIT as SMALL, settings
 import fixtures
 import gated_prompt as gp
-from harness import recipes
+from harness import config
 from harness import runtime
 from harness import segmentation as seg
 
-TINY_VIT = dict(embed_dim=32, depth=4, num_heads=2)
-TINY = recipes.resolve("ade20k", "mae", num_prompts=4, gate_init=5.0, arch_overrides=TINY_VIT, img_size=64,
+TINY_VIT = dict(SMALL, depth=4, patch_size=16)
+TINY = config.resolve("ade20k", "mae", num_prompts=4, gate_init=5.0, arch_overrides=TINY_VIT, img_size=64,
                        aux_blocks=[2, 3], head_channels=16, lr=0.01, batch_size=2, seed=0)
 
 
@@ -37,13 +39,9 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def settings(root, checkpoint, **kw):
-    return runtime.Settings(**dict(dict(data_dir=str(root), checkpoint=str(checkpoint), quiet=True), **kw))
-
-
-def tiny_model(**cfg):
+def tiny_model(**changes):
     torch.manual_seed(0)
-    return seg.build_segmenter(dict(TINY, **cfg))
+    return seg.build_segmenter(TINY.replace(**changes))
 
 # --- metrics ---------------------------------------------------------------------
 
@@ -141,7 +139,7 @@ def test_setr_up_head_norms_tokens_and_upsamples_by_two_per_stage():
 def test_resolved_config_reaches_the_segmenter():
     """Every setting of an ADE20K config reaches the model: arch, prompts, gate init, insertion block, dropout,
     crop size and SETR's bilinear position-grid interpolation; Table 5's ADE20K row by default."""
-    cfg = recipes.resolve("ade20k", "mocov3", insert_at=5, num_prompts=7, gate_init=3.0, prompt_dropout=0.2)
+    cfg = config.resolve("ade20k", "mocov3", insert_at=5, num_prompts=7, gate_init=3.0, prompt_dropout=0.2)
     with torch.device("meta"):
         model = seg.build_segmenter(cfg, verbose=False)
     vit = model.backbone
@@ -149,8 +147,8 @@ def test_resolved_config_reaches_the_segmenter():
     assert vit.cfg.pos_embed_interpolation == "bilinear" and vit.pos_embed.shape[1] == 1 + 32 * 32
     assert (vit.pcfg.insert_at, vit.num_prompts, vit.pcfg.gate_init, vit.pcfg.prompt_dropout) == (5, 7, 3.0, 0.2)
     assert model.aux_blocks == (5, 9) and model.decode_head.conv_seg.in_channels == 256
-    default = recipes.resolve("ade20k", "mae")
-    assert (default["batch_size"], default["num_prompts"], default["lr"], default["gate_init"], default["iters"]) \
+    default = config.resolve("ade20k", "mae")
+    assert (default.batch_size, default.num_prompts, default.lr, default.gate_init, default.iters) \
         == (16, 100, 0.001, 10, 160000)
 
 
@@ -158,7 +156,7 @@ def test_config_checks():
     with pytest.raises(ValueError, match="aux_blocks"):
         tiny_model(aux_blocks=[2, 9])
     with pytest.raises(runtime.UserError, match="--epochs does not apply to ADE20K"):
-        recipes.resolve("ade20k", epochs=3)
+        config.resolve("ade20k", epochs=3)
 
 
 @torch.no_grad()
@@ -206,7 +204,7 @@ def test_small_images_run_as_one_unpadded_window():
 def test_multi_scale_sizes_follow_mmseg_0x():
     """MultiScaleFlipAug(img_scale=(2048, 512), img_ratios) rescales the original image to fit (2048 r, 512 r)
     (mmseg 1.x would scale the original size by r instead: 188x250 ... 656x875 for this image)."""
-    ratios = recipes.resolve("ade20k")["ms_ratios"]
+    ratios = config.resolve("ade20k").ms_ratios
     assert seg.test_scales(375, 500, 512, ratios) == [(256, 341), (384, 512), (512, 683), (640, 853), (768, 1024),
                                                       (896, 1195)]
 
@@ -328,10 +326,11 @@ def test_poly_schedule_matches_mmseg():
 
 def test_tiny_run_overfits_fixture(fixture_root, checkpoint, tmp_path):
     """Train on the fixture's training images and evaluate on the same distribution: mIoU must rise far
-    above that of the untrained model (iters=0 evaluates the initial model)."""
-    run = settings(fixture_root, checkpoint)
-    start, _ = seg.train_segmentation(dict(TINY, iters=0), run, tmp_path / "start.pt", loader_workers=0)
-    end, prompts = seg.train_segmentation(dict(TINY, iters=100), run, tmp_path / "end.pt", loader_workers=2)
+    above that of the untrained model (the initial model evaluated as train_segmentation evaluates)."""
+    run = settings(tmp_path, data_dir=str(fixture_root))
+    start = seg.evaluate_and_report(seg.Training(TINY, run, checkpoint), seg.ADE20KData(TINY, run.data_dir, 0), TINY, run)
+    end, model = seg.train_segmentation(TINY.replace(iters=100), run, tmp_path / "end.pt", checkpoint, loader_workers=2)
+    prompts = model.prompt_state_dict()
     assert start["final"]["miou_ss"] < 20
     assert end["final"]["miou_ss"] > start["final"]["miou_ss"] + 40
     assert end["final"]["miou_ms"] > start["final"]["miou_ms"] + 40
@@ -343,15 +342,11 @@ def test_tiny_run_overfits_fixture(fixture_root, checkpoint, tmp_path):
     json.dumps(end)   # the result body is JSON as it is
 
 
-def dict_settings(run, **kw):
-    return runtime.Settings(**dict(vars(run), **kw))
-
-
 def test_non_finite_loss_stops_before_saving(fixture_root, checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(seg, "seg_loss", lambda logits, labels: logits.float().mean() * float("nan"))
     with pytest.raises(runtime.NonFiniteLoss, match="loss became nan at iteration") as err:
-        seg.train_segmentation(dict(TINY, iters=2), settings(fixture_root, checkpoint), tmp_path / "s.pt",
-                               loader_workers=0)
+        seg.train_segmentation(TINY.replace(iters=2), settings(tmp_path, data_dir=str(fixture_root)), tmp_path / "s.pt",
+                               checkpoint, loader_workers=0)
     assert not err.value.state_saved and not (tmp_path / "s.pt").exists()
 
 
@@ -360,9 +355,10 @@ class Interrupted(Exception):
 
 
 def test_resume_matches_uninterrupted_run(fixture_root, checkpoint, tmp_path, monkeypatch):
-    cfg = dict(TINY, iters=8)
-    run = settings(fixture_root, checkpoint)
-    full, full_prompts = seg.train_segmentation(cfg, run, tmp_path / "full.pt", save_every=3, loader_workers=2)
+    cfg = TINY.replace(iters=8)
+    run = settings(tmp_path, data_dir=str(fixture_root))
+    full, model = seg.train_segmentation(cfg, run, tmp_path / "full.pt", checkpoint, save_every=3, loader_workers=2)
+    full_prompts = model.prompt_state_dict()
     save = runtime.save_training_state
 
     def save_then_crash(path, state, *args, **kwargs):
@@ -371,12 +367,14 @@ def test_resume_matches_uninterrupted_run(fixture_root, checkpoint, tmp_path, mo
             raise Interrupted
     monkeypatch.setattr(runtime, "save_training_state", save_then_crash)
     with pytest.raises(Interrupted):
-        seg.train_segmentation(cfg, run, tmp_path / "cut.pt", save_every=3, loader_workers=2)
+        seg.train_segmentation(cfg, run, tmp_path / "cut.pt", checkpoint, save_every=3, loader_workers=2)
     monkeypatch.setattr(runtime, "save_training_state", save)
     with pytest.raises(runtime.UserError, match="another configuration"):
-        seg.train_segmentation(dict(cfg, lr=0.5), dict_settings(run, resume=True), tmp_path / "cut.pt")
-    resumed, resumed_prompts = seg.train_segmentation(cfg, dict_settings(run, resume=True), tmp_path / "cut.pt",
-                                                      save_every=3, loader_workers=2)
+        seg.train_segmentation(cfg.replace(lr=0.5), dataclasses.replace(run, resume=True), tmp_path / "cut.pt",
+                               checkpoint)
+    resumed, model = seg.train_segmentation(cfg, dataclasses.replace(run, resume=True), tmp_path / "cut.pt",
+                                            checkpoint, save_every=3, loader_workers=2)
+    resumed_prompts = model.prompt_state_dict()
     assert set(resumed_prompts) == set(full_prompts)
     for name, tensor in full_prompts.items():
         assert torch.equal(resumed_prompts[name], tensor), name
@@ -390,6 +388,7 @@ def test_a_stale_state_is_announced_and_replaced_without_resume(fixture_root, ch
     over (as the classification trainer does: one runtime.resume_or_start), and its first save replaces it."""
     state = tmp_path / "s.pt"
     state.write_bytes(b"an interrupted run's state")
-    seg.train_segmentation(dict(TINY, iters=1), settings(fixture_root, checkpoint), state, loader_workers=0)
+    seg.train_segmentation(TINY.replace(iters=1), settings(tmp_path, data_dir=str(fixture_root)), state, checkpoint,
+                           loader_workers=0)
     assert f"{state} holds an interrupted run; starting over (pass --resume to continue it)" in capsys.readouterr().out
     assert torch.load(state, weights_only=False)["step"] == 1

@@ -6,33 +6,22 @@ import pytest
 import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 
+from conftest import TINY_VIT as TINY, settings, tiny_demo
 from harness.data import batches as batching
 from harness.data import datasets
 import fixtures
 import gated_prompt as gp
-from harness import recipes
+from harness import config
 from harness import runtime
 from harness import classification
-
-TINY = fixtures.TINY_VIT
-
-
-def tiny_cfg(**kw):
-    """The demo's recipe on a 3-block, 32-wide ViT and 5 classes: a CPU run of seconds."""
-    cfg = recipes.resolve("demo", arch_overrides=TINY, num_classes=5, epochs=2, warmup_epochs=1)
-    cfg.update(kw)
-    return cfg
-
-
-def settings(tmp_path, **kw):
-    return runtime.Settings(**dict(dict(results_dir=str(tmp_path), quiet=True), **kw))
 
 
 def tiny_run(cfg, tmp_path, **kw):
     """One config through classification.fit, the entry point run_classification and bench call."""
-    torch.manual_seed(cfg["seed"])
-    model = recipes.model_from_config(cfg, recipes.num_classes(cfg), verbose=False)
+    torch.manual_seed(cfg.seed)
+    model = config.model_from_config(cfg, cfg.head_size(), verbose=False)
     train_split, evals = classification.demo_splits(cfg)
     return classification.fit(cfg, model, train_split, evals, settings(tmp_path, **kw), tmp_path / "state.pt"), model
 
@@ -48,23 +37,23 @@ def test_schedule_warms_up_linearly_from_zero_then_cosine_to_zero():
 
 def test_every_setting_of_a_resolved_config_reaches_the_model():
     """arch (and its pooling), img size, prompts, gate init, insertion block, dropout, head size."""
-    cfg = recipes.resolve("cub", "mocov3", "gated+temp", arch="vit_small", num_prompts=7, gate_init=2.0,
+    cfg = config.resolve("cub", "mocov3", "gated+temp", arch="vit_small", num_prompts=7, gate_init=2.0,
                           insert_at=3, prompt_dropout=0.2)
     with torch.device("meta"):
-        model = recipes.model_from_config(dict(cfg, img_size=320), recipes.num_classes(cfg), verbose=False)
+        model = config.model_from_config(cfg.replace(img_size=320), cfg.head_size(), verbose=False)
     assert (model.cfg.embed_dim, model.cfg.depth, model.cfg.num_heads, model.cfg.pool) == (384, 12, 12, "cls")
     assert model.cfg.img_size == 320 and model.pos_embed.shape[1] == 1 + 20 * 20
     assert (model.num_prompts, model.pcfg.insert_at, model.pcfg.prompt_dropout) == (7, 3, 0.2)
     assert model.pcfg.gate_init == 2.0 and model.gate_logits.shape == (11,) and model.temperatures is not None
     assert model.head.out_features == 200 and model.cfg.pos_embed_interpolation == "bicubic"
-    deep = recipes.resolve("dtd", "mae", "vpt-deep")
+    deep = config.resolve("dtd", "mae", "vpt-deep")
     with torch.device("meta"):
-        model = recipes.model_from_config(deep, recipes.num_classes(deep), verbose=False)
+        model = config.model_from_config(deep, deep.head_size(), verbose=False)
     assert (model.cfg.pool, model.num_prompts, model.deep_prompts.shape[0], model.head.out_features) == ("mean", 10, 11, 47)
 
 
 def test_a_short_cpu_run_learns(tmp_path):
-    outcome, model = tiny_run(tiny_cfg(epochs=5, num_classes=6), tmp_path)
+    outcome, model = tiny_run(tiny_demo(epochs=5, num_classes=6), tmp_path)
     assert outcome.final["test_acc"] > 70  # 6 classes: chance is 16.7 %
     assert outcome.history[-1]["loss"] < outcome.history[1]["loss"]
     assert outcome.eval_seconds > 0 and outcome.train_seconds > 0
@@ -74,14 +63,14 @@ def test_a_short_cpu_run_learns(tmp_path):
 
 def test_non_finite_loss_stops_the_run_with_a_message(tmp_path):
     with pytest.raises(runtime.NonFiniteLoss, match="loss became .* at epoch 1") as err:
-        tiny_run(tiny_cfg(lr=1e30, epochs=3, warmup_epochs=0), tmp_path)
+        tiny_run(tiny_demo(num_classes=5, lr=1e30, epochs=3, warmup_epochs=0), tmp_path)
     assert not err.value.state_saved and not (tmp_path / "state.pt").exists()
 
 
 def test_a_non_finite_loss_after_the_first_epoch_keeps_the_last_good_state(tmp_path):
     """Epoch 1 runs at lr 0 (warm-up from 0) and saves its state; epoch 2 at lr 1e30 blows up."""
     with pytest.raises(runtime.NonFiniteLoss, match="loss became .* at epoch 2") as err:
-        tiny_run(tiny_cfg(lr=1e30, epochs=3, warmup_epochs=1), tmp_path)
+        tiny_run(tiny_demo(num_classes=5, lr=1e30, epochs=3, warmup_epochs=1), tmp_path)
     assert err.value.state_saved
     assert (tmp_path / "state.pt").is_file() and torch.load(tmp_path / "state.pt", weights_only=False)["step"] == 0
 
@@ -95,10 +84,22 @@ def test_cpu_runs_flush_denormals(tmp_path, monkeypatch):
         seen.append(float(torch.tensor(1e-39) * 1))
         return real(*args, **kwargs)
     monkeypatch.setattr(classification, "train", spy)
-    cfg = tiny_cfg(epochs=1)
-    classification.run_classification(cfg, "final", settings(tmp_path))
+    cfg = tiny_demo(num_classes=5, epochs=1)
+    classification.run_classification(cfg, "final", settings(tmp_path), tmp_path / "state.pt")
     assert seen == [0.0]
     assert float(torch.tensor(1e-39) * 1) != 0.0   # and the process setting is restored afterwards
+
+
+def test_one_imagenet_normalisation_as_torchvision_normalises():
+    """datasets.imagenet_normalize is ToTensor + Normalize with ImageNet's mean and std (typed in), for uint8
+    pixels and for [0, 1] floats, and the training and evaluation batches come out of it."""
+    images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = TF.normalize(images.float() / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    torch.testing.assert_close(datasets.imagenet_normalize(images), expected)
+    torch.testing.assert_close(datasets.imagenet_normalize(images.float() / 255, max_value=1.0), expected)
+    split = datasets.ImageSplit.from_dense("demo", "test", images, torch.arange(6) % 3)
+    (batch, _), = batching.BatchLoader(split, 6, train=False, crop_size=32)
+    torch.testing.assert_close(batch, TF.center_crop(expected, 32))
 
 
 # --- static shapes: one training graph and one evaluation graph per run ------------------------------
@@ -107,7 +108,7 @@ def test_padded_masked_step_gives_the_unpadded_gradients():
     """The last batch is padded to full size with PAD_LABEL rows: the loss is the mean over the real rows, so the
     gradients equal those of the official unpadded batch."""
     torch.manual_seed(0)
-    model = recipes.model_from_config(tiny_cfg(prompt_dropout=0.0), 5, verbose=False).train()
+    model = config.model_from_config(tiny_demo(num_classes=5, prompt_dropout=0.0), 5, verbose=False).train()
     images = torch.randn(5, 3, 32, 32)
     labels = torch.tensor([0, 1, 2, 3, 4])
 
@@ -135,7 +136,7 @@ def test_two_epochs_with_odd_batches_compile_one_train_and_one_eval_graph(tmp_pa
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     backend = torch._dynamo.testing.CompileCounter()
-    cfg = tiny_cfg(batch_size=48, epochs=2)
+    cfg = tiny_demo(num_classes=5, batch_size=48, epochs=2)
     outcome, _ = tiny_run(cfg, tmp_path, compile=backend)
     assert len(outcome.history) == 2 and outcome.final["test_acc"] >= 0
     assert backend.frame_count == 2, f"{backend.frame_count} graphs"
@@ -167,10 +168,10 @@ def test_many_runs_in_one_process_all_run_compiled(tmp_path):
     backend = CountingBackend()
     runs = [(classes, 1) for classes in range(2, 12)] + [(3, 2), (3, 3)]
     for n, (classes, prompts) in enumerate(runs):
-        cfg = tiny_cfg(num_classes=classes, epochs=2, warmup_epochs=0, batch_size=8)
-        cfg.update(num_prompts=prompts, insert_at=1)
+        cfg = tiny_demo(num_classes=classes, epochs=2, warmup_epochs=0, batch_size=8)
+        cfg = cfg.replace(num_prompts=prompts, insert_at=1)
         torch.manual_seed(0)
-        model = recipes.model_from_config(cfg, classes, verbose=False)
+        model = config.model_from_config(cfg, classes, verbose=False)
         images, labels = datasets.make_synthetic_images(classes, 2, 40, seed=0)
         split = datasets.ImageSplit.from_dense("demo", "train", images, labels)
         calls_before = backend.calls
@@ -192,8 +193,8 @@ def test_a_run_that_fell_back_to_eager_says_so(tmp_path, capsys, monkeypatch):
     outcomes = []
     with torch._dynamo.config.patch(recompile_limit=2):   # one run: a training and an evaluation graph
         for prompts in (1, 2):
-            cfg = tiny_cfg(epochs=1, warmup_epochs=0)
-            cfg.update(num_prompts=prompts)
+            cfg = tiny_demo(num_classes=5, epochs=1, warmup_epochs=0)
+            cfg = cfg.replace(num_prompts=prompts)
             outcomes.append(tiny_run(cfg, tmp_path / str(prompts), compile=CountingBackend())[0].compile)
     assert outcomes[0]["all_compiled"] and not outcomes[1]["all_compiled"]
     assert outcomes[1]["compiled_calls"]["train"][0] == 0 < outcomes[1]["compiled_calls"]["train"][1]
@@ -203,10 +204,10 @@ def test_a_run_that_fell_back_to_eager_says_so(tmp_path, capsys, monkeypatch):
 
 def test_every_sample_is_trained_on_and_padding_is_ignored(tmp_path):
     """No drop_last: each epoch counts exactly the split's samples (the padded rows count for nothing)."""
-    cfg = tiny_cfg(batch_size=48, epochs=1)
+    cfg = tiny_demo(num_classes=5, batch_size=48, epochs=1)
     train_split, evals = classification.demo_splits(cfg)
     train_loader, _ = classification.make_loaders(cfg, train_split, evals, torch.device("cpu"))
-    model = recipes.model_from_config(cfg, 5, verbose=False)
+    model = config.model_from_config(cfg, 5, verbose=False)
     optimizer = runtime.make_optimizer(model.trainable_parameters(), 0.1, 0.9, 0.0, torch.device("cpu"))
     step = runtime.make_train_step(model, optimizer, classification.classification_loss, torch.device("cpu"), False)
     stats = classification.train_epoch(step, model, train_loader, 0, 1, torch.device("cpu"), quiet=True)
@@ -255,7 +256,7 @@ def test_an_epoch_syncs_with_the_host_once_when_no_bar_is_shown(tmp_path, monkey
             calls["reads"] += counting["on"] and id(self) not in host_copies
             return _real(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, counted)
-    tiny_run(tiny_cfg(epochs=3), tmp_path)
+    tiny_run(tiny_demo(num_classes=5, epochs=3), tmp_path)
     assert calls == {"to_host": 3, "reads": 0}
 
 
@@ -285,7 +286,7 @@ def test_fused_sgd_takes_the_same_step_as_the_default():
 # --- resume ---------------------------------------------------------------------------------------
 
 def test_a_resumed_run_ends_with_the_same_numbers(tmp_path, monkeypatch):
-    cfg = tiny_cfg(epochs=4)
+    cfg = tiny_demo(num_classes=5, epochs=4)
     full, full_model = tiny_run(cfg, tmp_path / "a")
     (tmp_path / "b").mkdir()
     real_save, saves = runtime.save_training_state, []
@@ -300,7 +301,7 @@ def test_a_resumed_run_ends_with_the_same_numbers(tmp_path, monkeypatch):
         tiny_run(cfg, tmp_path / "b")
     monkeypatch.setattr(runtime, "save_training_state", real_save)
     with pytest.raises(runtime.UserError, match="another configuration"):   # the state belongs to this config only
-        tiny_run(dict(cfg, gate_init=3.0), tmp_path / "b", resume=True)
+        tiny_run(cfg.replace(gate_init=3.0), tmp_path / "b", resume=True)
     resumed, resumed_model = tiny_run(cfg, tmp_path / "b", resume=True)
     assert resumed.final == full.final and resumed.elapsed_before > 0
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
@@ -309,11 +310,11 @@ def test_a_resumed_run_ends_with_the_same_numbers(tmp_path, monkeypatch):
 
 
 def test_loading_prompts_refuses_another_models_state():
-    model = recipes.model_from_config(tiny_cfg(), 5, verbose=False)
-    other = recipes.model_from_config(tiny_cfg(num_prompts=3), 5, verbose=False)
+    model = config.model_from_config(tiny_demo(num_classes=5), 5, verbose=False)
+    other = config.model_from_config(tiny_demo(num_classes=5, num_prompts=3), 5, verbose=False)
     with pytest.raises(ValueError, match="wrong shapes.*prompts"):
         model.load_prompt_state_dict(other.prompt_state_dict())
-    shallow = recipes.model_from_config(tiny_cfg(method="vpt-shallow"), 5, verbose=False)
+    shallow = config.model_from_config(tiny_demo(num_classes=5, method="vpt-shallow"), 5, verbose=False)
     with pytest.raises(ValueError, match="missing.*gate_logits"):
         model.load_prompt_state_dict(shallow.prompt_state_dict())
     assert isinstance(model.load_prompt_state_dict(model.prompt_state_dict()), gp.VisionTransformer)
@@ -339,8 +340,8 @@ def test_vtab_test_split_is_streamed_never_cached_and_evaluates_the_same(tmp_pat
     train800val200 (read every epoch) lands in the cache. The streamed batches hold the same images and labels
     as the fully decoded split's, so evaluation counts the same."""
     fixtures.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "dtd", num_classes=3, per_class=(3, 1, 5))
-    cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1)
-    train, evals = classification.load_data(cfg, settings(tmp_path, data_dir=str(tmp_path / "data")), "final")
+    cfg = config.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1)
+    train, evals = classification.load_data(cfg, settings(tmp_path, results_dir=str(tmp_path)), "final")
     assert len(train) == 12 and isinstance(evals["test"], datasets.StreamedSplit) and len(evals["test"]) == 15
     cached = sorted(os.listdir(tmp_path / "cache"))
     assert cached and all(name.startswith("dtd-train800val200-") for name in cached)
@@ -357,7 +358,7 @@ def test_vtab_test_split_is_streamed_never_cached_and_evaluates_the_same(tmp_pat
     (xs, ys), (xr, yr) = real_rows(loader), real_rows(reference)
     assert torch.equal(ys, yr) and torch.equal(xs, xr) and len(ys) == 15
     torch.manual_seed(0)
-    model = recipes.model_from_config(cfg, 47, verbose=False)
+    model = config.model_from_config(cfg, 47, verbose=False)
     eval_step = classification.make_eval_step(model, torch.device("cpu"), False, False)
     assert [int(v) for v in classification.evaluate(eval_step, model, loader)] == \
         [int(v) for v in classification.evaluate(eval_step, model, reference)]

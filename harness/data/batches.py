@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from harness.data.datasets import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, ImageSplit, StreamedSplit
+from harness.data.datasets import IMAGE_SIZE, ImageSplit, StreamedSplit, imagenet_normalize
 
 PAD_LABEL = -100  # F.cross_entropy's default ignore_index: padded rows leave the mean loss unchanged
 
@@ -60,8 +60,6 @@ class BatchLoader:
         self.batch_size, self.train, self.augment, self.crop_size = batch_size, train, augment, crop_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
-        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffle/augmentation the next iteration uses."""
@@ -130,7 +128,7 @@ class BatchLoader:
         for start in range(0, rows, self.batch_size):
             batch = gather[start:start + self.batch_size]
             images = gather_crops(self.pixels, batch[:, 0], batch[:, 1], batch[:, 2], self.crop_size)
-            yield self._normalize(self._to_device(images)), labels[start:start + self.batch_size]
+            yield imagenet_normalize(self._to_device(images)), labels[start:start + self.batch_size]
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         if images.device == self.device:
@@ -138,10 +136,6 @@ class BatchLoader:
         if self.device.type == "cuda":
             images = images.pin_memory()  # pinned source makes the copy truly asynchronous
         return images.to(self.device, non_blocking=True)
-
-    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 -> float32 (x / 255 - mean) / std: the same ops as ToTensor + Normalize."""
-        return images.float().div_(255).sub_(self._mean).div_(self._std)
 
 
 def gather_crops(pixels: torch.Tensor, starts: torch.Tensor, widths: torch.Tensor, flips: torch.Tensor,

@@ -12,6 +12,7 @@ The json splits are built from each dataset's own release files by releases.prep
 from __future__ import annotations
 
 import colorsys
+import functools
 import hashlib
 import json
 import math
@@ -38,6 +39,20 @@ from harness.runtime import UMASK, atomic_write, remove_dead_temporaries, write_
 IMAGE_SIZE = 224  # the ViT input resolution
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_normalize(images: torch.Tensor, max_value: float = 255.0) -> torch.Tensor:
+    """Images [..., 3, H, W] with values in 0..max_value (uint8 pixels: 255; floats in [0, 1]: 1) -> float32
+    (x / max_value - mean) / std with ImageNet's mean and std: the one normalisation of every model input
+    (training batches, segmentation, predict, figures). A new tensor; autograd flows through it."""
+    mean, std = _imagenet_stats(images.device)
+    return images.to(torch.float32, copy=True).div_(max_value).sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=None)
+def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1))
 
 # FGVC transforms in VPT (KMnP/vpt, src/data/transforms.py, get_transforms with size 224): train =
 # Resize(256) + RandomCrop(224) + RandomHorizontalFlip(0.5); eval = Resize(256) + CenterCrop(224); then

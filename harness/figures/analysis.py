@@ -37,9 +37,10 @@ import torch.nn.functional as F
 
 from harness.figures import dip
 import gated_prompt as gp
-from harness import recipes
+from harness import config
 from harness import results
-from harness.figures.common import (check_blocks, eval_and_frozen, imagenet_normalise, model_device, new_figure, save_figure,
+from harness.data.datasets import imagenet_normalize
+from harness.figures.common import (check_blocks, eval_and_frozen, model_device, new_figure, save_figure,
                        to_image_tensor, write_csv)
 from harness.runtime import EXIT_BAD_INPUT, UserError, write_json
 
@@ -51,13 +52,13 @@ from harness.runtime import EXIT_BAD_INPUT, UserError, write_json
 PAPER_RECIPE = "paper recipe"   # the "setting" of a run of the paper's exact recipe
 
 
-def split_by_setting(runs, figure, include_other_settings=False, paper_lr=lambda config: None):
-    """Tag each run with run["setting"]: "paper recipe" (results.is_paper_run at lr paper_lr(config), None = the
+def split_by_setting(runs, figure, include_other_settings=False, paper_lr=lambda cfg: None):
+    """Tag each run with run["setting"]: "paper recipe" (results.is_paper_run at lr paper_lr(its typed config), None = the
     recipe's lr) or how it differs (results.how_it_differs). Returns (runs to draw, runs left out): the paper's
     runs, or every run with include_other_settings. A UserError when runs exist but none is the paper's and
     the others are not asked for."""
     for run in runs:
-        paper = results.is_paper_run(run, paper_lr(run["config"]))
+        paper = results.is_paper_run(run, paper_lr(results.config_of(run)))
         run["setting"] = PAPER_RECIPE if paper else results.how_it_differs(run)
     paper = [r for r in runs if r["setting"] == PAPER_RECIPE]
     others = [r for r in runs if r["setting"] != PAPER_RECIPE]
@@ -150,12 +151,13 @@ def _hide_unused(axes, used):
 # Figure 1: accuracy vs the block where prompts are first inserted
 
 
-def figure1_lr(config):
+def figure1_lr(cfg):
     """The lr of a Figure 1 run (Section A.2: CUB 0.1 for MAE, 1.0 for MoCo v3; KITTI 0.1), from paper_hparams.yaml's
-    figure1_lr; None (the recipe's lr) for other tasks, backbones and methods than VPT-shallow."""
-    if config.get("method") != "vpt-shallow":
+    figure1_lr; None (the recipe's lr) for other tasks, backbones and methods than VPT-shallow, and for a stored
+    config this code cannot build."""
+    if cfg is None or cfg.method != "vpt-shallow":
         return None
-    return recipes.HPARAMS["figure1_lr"].get(config.get("task"), {}).get(config.get("ssl"))
+    return config.HPARAMS["figure1_lr"].get(cfg.task, {}).get(cfg.ssl)
 
 
 def figure_insertion(results_dir, out_dir, method="vpt-shallow", metric="test_acc", include_other_settings=False,
@@ -285,15 +287,16 @@ def _ratio_panel(key, runs):
 # Figure 7 / Table 7: accuracy vs the total number of prompt tokens
 
 
-def total_prompt_tokens(config):
-    """Prompt tokens a run trains: VPT-deep inserts num_prompts at every block from insert_at to L
-    (Figure 7: 1, 2, 4, 8 per block = 12, 24, 48, 96 on ViT-B); the other methods insert them once."""
-    n = int(config["num_prompts"])
-    if config.get("method") != "vpt-deep":
+def total_prompt_tokens(stored):
+    """Prompt tokens a run trains, from a result file's stored config (read as the file is, older harness versions
+    included): VPT-deep inserts num_prompts at every block from insert_at to L (Figure 7: 1, 2, 4, 8 per block =
+    12, 24, 48, 96 on ViT-B); the other methods insert them once."""
+    n = int(stored["num_prompts"])
+    if stored.get("method") != "vpt-deep":
         return n
-    depth = int((config.get("arch_overrides") or {}).get("depth") or config.get("depth")
-                or gp.ARCHS[config.get("arch") or "vit_base"][2])
-    return n * (depth - int(config.get("insert_at", 1)) + 1)
+    depth = int((stored.get("arch_overrides") or {}).get("depth") or stored.get("depth")
+                or gp.ARCHS[stored.get("arch") or "vit_base"][2])
+    return n * (depth - int(stored.get("insert_at", 1)) + 1)
 
 
 def figure_prompt_count(results_dir, out_dir, methods=("vpt-deep", "gated", "gated+temp"), metric="test_acc",
@@ -377,7 +380,7 @@ def cls_attention_maps(model, image, blocks=(3, 7, 12)):
     """{block: [gh, gw]} attention of CLS to each patch after softmax, averaged over heads (Figure 5).
     Prompt tokens (if any) take part in the softmax but are not shown. image: [3,H,W] in [0,1]."""
     check_blocks(model, blocks)
-    x = imagenet_normalise(image[None].to(model_device(model)))
+    x = imagenet_normalize(image[None].to(model_device(model)), max_value=1.0)
     gh, gw = x.shape[-2] // model.cfg.patch_size, x.shape[-1] // model.cfg.patch_size
     with eval_and_frozen(model):
         attns = model.attention_maps(x, blocks=tuple(blocks))
@@ -427,7 +430,7 @@ def figure_attention(model_specs, image, out_dir, blocks=(3, 7, 12)):
 
 
 def model_from_run(run_path, checkpoint, device="cpu"):
-    """Rebuild a trained model: recipes.model_from_config of its run JSON's config on the backbone file it was trained on,
+    """Rebuild a trained model: config.model_from_config of its run JSON's config on the backbone file it was trained on,
     with the prompt-side weights the harness saves beside the JSON as <name>.prompts.pt. Returns (model, run)."""
     run_path = os.fspath(run_path)
     with open(run_path) as f:
@@ -442,9 +445,10 @@ def model_from_run(run_path, checkpoint, device="cpu"):
     state = torch.load(prompts_path, map_location="cpu", weights_only=True)
     num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0   # the trained head's size
     try:
-        model = recipes.model_from_config(cfg, num_classes, checkpoint, verbose=False)
-    except KeyError as e:
-        raise UserError(f"{run_path}: its config lacks {e} (written by an older harness?)") from None
+        cfg = config.from_identity(cfg)
+    except UserError as e:
+        raise UserError(f"{run_path}: its config {e} (written by an older harness?)") from None
+    model = config.model_from_config(cfg, num_classes, checkpoint, verbose=False)
     try:
         model.load_prompt_state_dict(state)
     except ValueError as e:
@@ -454,12 +458,12 @@ def model_from_run(run_path, checkpoint, device="cpu"):
 
 def backbone_from_file(checkpoint, arch="vit_base", img_size=224, device="cpu", ssl="mae", **arch_overrides):
     """A prompt-free backbone (the "linear" method, no head) loaded from any format load_backbone reads: the config
-    recipes.resolve gives for a linear probe with no prompts, built by recipes.model_from_config. ssl ("mae" or
+    config.resolve gives for a linear probe with no prompts, built by config.model_from_config. ssl ("mae" or
     "mocov3") sets only the pooling, which the figures' token and attention reads do not use."""
     # Any classification task resolves to the same backbone; CUB's row only fills training fields unused here.
-    cfg = recipes.resolve("cub", ssl, "linear", arch=arch, img_size=img_size, arch_overrides=arch_overrides,
+    cfg = config.resolve("cub", ssl, "linear", arch=arch, img_size=img_size, arch_overrides=arch_overrides,
                           num_prompts=0, gate_init=0.0, prompt_dropout=0.0)
-    return recipes.model_from_config(cfg, 0, checkpoint, verbose=False).to(device).eval()
+    return config.model_from_config(cfg, 0, checkpoint, verbose=False).to(device).eval()
 
 
 def image_files(paths, limit=None):

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 import torch
 import torchvision.transforms.functional as TF
 
-from harness.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from harness.runtime import UserError, atomic_write, write_text
 
 # -----------------------------------------------------------------------------
@@ -38,13 +37,6 @@ def to_image_tensor(image, size=None):
     if size is not None and tuple(image.shape[-2:]) != (size, size):
         image = TF.center_crop(TF.resize(image, size, antialias=True), size).clamp(0, 1)
     return image
-
-
-def imagenet_normalise(images):
-    """[B,3,H,W] in [0,1] -> ImageNet mean/std normalised (what the backbones were trained on)."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images - mean) / std
 
 
 def model_device(model):

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from harness import results
-from harness.figures.common import (check_blocks, eval_and_frozen, imagenet_normalise, model_device, new_figure, save_figure,
+from harness.data.datasets import imagenet_normalize
+from harness.figures.common import (check_blocks, eval_and_frozen, model_device, new_figure, save_figure,
                        to_image_tensor, write_csv)
 from harness.runtime import UserError, write_json
 
@@ -141,10 +142,10 @@ def dip_reconstruct(model, image, block, steps=1000, lr=0.01, seed=0, widths=(12
     losses = []
     with eval_and_frozen(model):
         with torch.no_grad():
-            target = backbone_tokens(model, imagenet_normalise(image[None]), block)
+            target = backbone_tokens(model, imagenet_normalize(image[None], max_value=1.0), block)
 
         def feature_loss(out):   # MSE between the block's tokens of the generated image and of the image
-            return F.mse_loss(backbone_tokens(model, imagenet_normalise(out), block), target)
+            return F.mse_loss(backbone_tokens(model, imagenet_normalize(out, max_value=1.0), block), target)
 
         for _ in tqdm(range(steps), desc=f"DIP block {block}", leave=False, disable=not progress):
             optimizer.zero_grad(set_to_none=True)
