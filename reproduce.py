@@ -382,10 +382,10 @@ def run_table(cfgs, args, settings):
     sharing one results folder split the cells: each claims a cell before training it and skips claimed ones."""
     if runtime.is_main():
         print(f"Table {args.table}: {len(cfgs)} cells x {args.seeds} seed(s)" + (" after lr sweeps" if args.sweep else ""))
-    classification = [c for c in cfgs if recipes.task_kind(c["task"]) != "segmentation"]
-    if classification:
-        run_cells(classification, args, settings)
-    segmentation_cells = [c for c in cfgs if c not in classification]
+    classification_cells = [c for c in cfgs if recipes.task_kind(c["task"]) != "segmentation"]
+    if classification_cells:
+        run_cells(classification_cells, args, settings)
+    segmentation_cells = [c for c in cfgs if c not in classification_cells]
     if segmentation_cells:
         run_cells(segmentation_cells, argparse.Namespace(**dict(vars(args), sweep=False)), settings)
 

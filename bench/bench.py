@@ -364,7 +364,7 @@ def assemble_report(args, device, units):
 
     def sweep(keys):
         return [row for p, b in keys if f"sweep {p}x{b}" in units for row in units[f"sweep {p}x{b}"]["rows"]]
-    report = {"report_points": points, "results": [r for s in steps for r in s["rows"]],
+    tables = {"report_points": points, "results": [r for s in steps for r in s["rows"]],
               "ratios": [r for s in steps for r in s["ratios"]],
               "matmul_peak": units.get("matmul peak"),
               "sweeps": {"prompts": sweep([(p, batch_fixed) for p in sweep_prompts]),
@@ -374,8 +374,8 @@ def assemble_report(args, device, units):
     comparable = (device.type == "cuda" and "H100" in runtime.device_name(device).upper()
                   and args.arch == "vit_base" and args.method == "gated+temp"
                   and (args.img_size or datasets.IMAGE_SIZE) == datasets.IMAGE_SIZE)
-    report["targets"] = report.target_rows(report, comparable)
-    return report
+    tables["targets"] = report.target_rows(tables, comparable)
+    return tables
 
 
 def run_report(args, device, peak, header):

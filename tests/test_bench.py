@@ -368,7 +368,7 @@ def test_end_to_end_tiny(run, tmp_path, capsys, monkeypatch):
     def evaluate(eval_step, model, loader):
         evaluated.append(len(loader.split))
         return real_evaluate(eval_step, model, loader)
-    monkeypatch.setattr(runs.trainer, "evaluate", evaluate)
+    monkeypatch.setattr(runs.classification, "evaluate", evaluate)
     out_file = tmp_path / "e2e.json"
     out = bench.main(["--end-to-end", run, "--epochs", "3", "--val-images", "4", "--json", str(out_file)] + E2E_TINY)
     r = out["end_to_end"]
@@ -428,7 +428,7 @@ def test_segmentation_tiny(tmp_path, capsys, monkeypatch):
         fn()
         calls.append(batch)
         return [4.0, 2.0, 6.0] if batch == 2 else [0.5]
-    monkeypatch.setattr(bench_runs, "time_loop", time_loop)
+    monkeypatch.setattr(runs, "time_loop", time_loop)
     out_file = tmp_path / "seg.json"
     out = bench.main(["--segmentation", "--arch", "tiny", "--img-size", "64", "--batch", "2", "--json", str(out_file)])
     r = out["segmentation"]

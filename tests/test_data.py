@@ -282,8 +282,8 @@ def test_every_split_list_is_checked_before_decoding(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoding started before every split list was checked")
 
-    monkeypatch.setattr(data, "image_sizes", no_decoding)
-    monkeypatch.setattr(data, "decode_images", no_decoding)
+    monkeypatch.setattr(datasets, "image_sizes", no_decoding)
+    monkeypatch.setattr(datasets, "decode_images", no_decoding)
     fixtures.write_vtab_fixture(tmp_path, "svhn")
     (tmp_path / "svhn" / "test.txt").write_text("images/test/00000.jpg 11\n")  # svhn has 10 classes
     with pytest.raises(DataError, match=r"test\.txt:1: label 11"):
@@ -545,7 +545,7 @@ def test_bad_image_names_the_file(tmp_path, damage):
 def count_decoding(monkeypatch):
     """Counts decode_images calls (still decoding) and returns the counter list."""
     calls, decode = [], datasets.decode_images
-    monkeypatch.setattr(data, "decode_images", lambda *args, **kwargs: calls.append(1) or decode(*args, **kwargs))
+    monkeypatch.setattr(datasets, "decode_images", lambda *args, **kwargs: calls.append(1) or decode(*args, **kwargs))
     return calls
 
 
@@ -568,8 +568,8 @@ def test_disk_cache_is_reused(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although cached")
 
-    monkeypatch.setattr(data, "decode_images", no_decoding)
-    monkeypatch.setattr(data, "image_sizes", no_decoding)
+    monkeypatch.setattr(datasets, "decode_images", no_decoding)
+    monkeypatch.setattr(datasets, "image_sizes", no_decoding)
     second = datasets.load_splits("nabirds", root, ["train"], cache_dir=cache)["train"]
     assert_same_split(first, second)
     with pytest.raises(AssertionError):  # a different image list is a different cache entry
@@ -594,7 +594,7 @@ def test_disk_cache_is_rebuilt_when_stale_or_incomplete(tmp_path, monkeypatch):
     assert_same_split(datasets.load_splits("dogs", root, ["test"], cache_dir=cache)["test"], reference)
     assert len(calls) == 3
     # a new recipe (e.g. the central-square caches of earlier versions) is a different entry
-    monkeypatch.setattr(data, "CACHE_RECIPE", datasets.CACHE_RECIPE + " changed")
+    monkeypatch.setattr(datasets, "CACHE_RECIPE", datasets.CACHE_RECIPE + " changed")
     datasets.load_splits("dogs", root, ["test"], cache_dir=cache)
     assert len(calls) == 4 and len(list(cache.glob("*.index.npy"))) == 2
 

@@ -168,7 +168,7 @@ def test_a_finished_run_is_reused_whatever_the_runtime_settings(tmp_path, monkey
     """Device, bf16, compile and workers are not part of a run's identity: --no-compile finds the result."""
     cfg = tiny_demo_cfg(epochs=2)
     first = reproduce.run_one(cfg, "final", settings(tmp_path))
-    monkeypatch.setattr(trainer, "run_classification", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(classification, "run_classification", lambda *a, **k: pytest.fail("trained again"))
     again = reproduce.run_one(cfg, "final", settings(tmp_path, bf16=True, compile=True, workers=4))
     assert again == first
     other = dict(cfg, gate_init=3.0)   # another recipe: another file, never the stored one
@@ -457,7 +457,7 @@ def test_bad_values_exit_2_with_one_line_before_loading_anything(argv, message, 
     def too_late(*a, **k):
         pytest.fail("reached the checkpoint or the data before refusing")
     monkeypatch.setattr(inputs, "checkpoint_for", too_late)
-    monkeypatch.setattr(data, "load_splits", too_late)
+    monkeypatch.setattr(datasets, "load_splits", too_late)
     code = reproduce.cli_main(["--task", "cub", *argv, "--results-dir", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
@@ -494,7 +494,7 @@ def test_a_result_records_the_backbones_sha256_and_format_and_is_reused_only_for
     stored = json.loads(files.result.read_text())
     assert stored["backbone"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert stored["backbone"]["format"] == "timm / MAE" and stored["backbone"]["ssl"] == "mae"
-    monkeypatch.setattr(trainer, "run_classification", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(classification, "run_classification", lambda *a, **k: pytest.fail("trained again"))
     assert reproduce.run_one(cfg, "final", settings(tmp_path, checkpoint=str(ckpt)))["final"]["test_acc"] == 50.0
     other = tmp_path / "b.pth"
     torch.save({"model": {k: v + 1 for k, v in torch.load(ckpt)["model"].items()}}, other)
@@ -522,7 +522,7 @@ def test_the_backbone_hash_is_remembered_by_path_size_and_mtime(tmp_path, monkey
 
 def test_a_file_whose_layout_contradicts_ssl_exits_2_naming_both(tmp_path, monkeypatch, capsys):
     mae = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
-    monkeypatch.setattr(trainer, "run_classification", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(classification, "run_classification", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(runtime.UserError, match=r"mae.pth is a MAE checkpoint.*--ssl mocov3"):
         reproduce.run_one(tiny_cell(ssl="mocov3"), "final", settings(tmp_path, checkpoint=str(mae)))
     moco = tmp_path / "moco.pth.tar"
@@ -713,7 +713,7 @@ def fake_training(tmp_path, monkeypatch, raise_what, save_state=True):
             state.parent.mkdir(parents=True, exist_ok=True)
             state.write_bytes(b"state of epoch 2")
         raise raise_what
-    monkeypatch.setattr(trainer, "run_classification", run)
+    monkeypatch.setattr(classification, "run_classification", run)
 
 
 def test_after_a_nan_the_advice_says_what_resume_and_a_lower_lr_really_do(tmp_path, monkeypatch, capsys):
@@ -752,7 +752,7 @@ def test_a_diverging_sweep_point_is_recorded_as_failed_and_the_sweep_goes_on(tmp
         if cfg["lr"] == 5.0:
             raise runtime.NonFiniteLoss(float("nan"), "epoch 2", True)
         return {"final": {"val200_acc" if protocol == "sweep" else "test_acc": 10 * cfg["lr"]}, "history": []}, None
-    monkeypatch.setattr(trainer, "run_classification", run)
+    monkeypatch.setattr(classification, "run_classification", run)
     monkeypatch.setattr(recipes, "sweep_grid", lambda cfg: [{"lr": 0.5}, {"lr": 1.0}, {"lr": 5.0}])
     args = argparse.Namespace(sweep=True, seeds=1, lr=None)
     (best,), _ = reproduce.run_cells([tiny_cell()], args, settings(tmp_path, checkpoint=str(ckpt)))

@@ -94,7 +94,7 @@ def test_cpu_runs_flush_denormals(tmp_path, monkeypatch):
     def spy(*args, **kwargs):
         seen.append(float(torch.tensor(1e-39) * 1))
         return real(*args, **kwargs)
-    monkeypatch.setattr(trainer, "train", spy)
+    monkeypatch.setattr(classification, "train", spy)
     cfg = tiny_cfg(epochs=1)
     classification.run_classification(cfg, "final", settings(tmp_path))
     assert seen == [0.0]
@@ -246,8 +246,8 @@ def test_an_epoch_syncs_with_the_host_once_when_no_bar_is_shown(tmp_path, monkey
         counting["on"] = False
         return real_final(*args, **kwargs)
     monkeypatch.setattr(runtime, "to_host", to_host)
-    monkeypatch.setattr(trainer, "train_epoch", train_epoch)
-    monkeypatch.setattr(trainer, "final_metrics", final_metrics)
+    monkeypatch.setattr(classification, "train_epoch", train_epoch)
+    monkeypatch.setattr(classification, "final_metrics", final_metrics)
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
         real = getattr(torch.Tensor, name)
 
