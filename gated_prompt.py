@@ -11,12 +11,12 @@ VPT-deep (Eq. 5). Depends on torch and numpy only; copy it into your project.
                            num_prompts=100, gate_init=5.0,
                            checkpoint="mae_pretrain_vit_base.pth")  # any format in load_backbone
     opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9)  # lr: Table 5's, per task
-    loss = F.cross_entropy(model(images), labels)   # images: [B, 3, 224, 224], ImageNet-normalised
+    loss = F.cross_entropy(model(images), labels)   # images: [B, 3, H, W], ImageNet-normalised, any H, W
     opt.zero_grad(); loss.backward(); opt.step()
     gp.project_temperatures(model)           # Eq. 9's tau back into [0.01, 10] after every step
     model.selection_ratio()                  # Eq. 10-11, one value per gated block
     model.attention_maps(images, blocks=(3, 7, 12))   # Figure 5
-    model.save_pack("cub.pack.pt", ssl="mae")          # the trained prompt side, one self-describing file
+    model.save_pack("cub.pack.pt")                     # the trained prompt side, one self-describing file
     serve = gp.MultiTask("mae_pretrain_vit_base.pth", {"cub": "cub.pack.pt", "dtd": "dtd.pack.pt"})
     serve(images, ["cub", "dtd", ...])                   # one batch, each image with its own task's prompts
 
@@ -24,29 +24,34 @@ ssl="dino" / "dinov2" / "supervised" (DeiT) read those backbones; ViT-S has 6 he
 ssl="mocov3" (12, as MoCo v3's). Prompt packs and MultiTask are the method's practical payoff: one frozen
 backbone serves many tasks.
 
+Reading order: configuration, layers (Eq. 1-3 and 9), the token layout and the one block loop (Eq. 2, 4, 5, 7),
+VisionTransformer, gates (Eq. 6-11), build_model, then checkpoint formats, prompt packs and MultiTask.
 Blocks are numbered 1..L as in the paper; Python lists are indexed 0..L-1.
 """
 import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
 import pickle
 import re
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ARCHS", "SSL", "SSL_POOLING", "METHODS", "TEMPERATURE_RANGE", "ViTConfig", "PromptConfig", "vit_config",
-           "prompt_config", "VisionTransformer", "build_model", "project_temperatures", "resize_pos_embed",
-           "gate_aggregation_weights", "gate_selection_ratio", "hard_gates", "classification_head", "load_exactly",
-           "load_backbone", "read_checkpoint", "detect_format", "convert_state_dict", "count_registers",
-           "NAME_TABLES", "CheckpointError", "PickledCodeError", "backbone_fingerprint", "save_pack", "read_pack", "load_pack",
+__all__ = ["ARCHS", "SSL", "SSL_POOLING", "METHODS", "TEMPERATURE_RANGE", "IMAGENET_MEAN", "IMAGENET_STD",
+           "ViTConfig", "PromptConfig", "vit_config", "prompt_config", "PromptStep", "VisionTransformer",
+           "build_model", "project_temperatures", "resize_pos_embed", "gate_aggregation_weights",
+           "gate_selection_ratio", "hard_gates", "classification_head", "load_exactly", "load_backbone",
+           "read_checkpoint", "detect_format", "convert_state_dict", "checkpoint_layout", "NAME_TABLES",
+           "CheckpointError", "PickledCodeError", "backbone_fingerprint", "save_pack", "read_pack", "load_pack",
            "MultiTask"]
 
 # -----------------------------------------------------------------------------
@@ -79,6 +84,7 @@ METHODS = {  # name: (prompt, gates, learn_temperature)
     "gated-hard": ("shallow", "hard", True),      # Table 4: our method with Gumbel-sigmoid gates
 }
 TEMPERATURE_RANGE = (0.01, 10.0)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # every backbone above but Google's .npz
 
 
 def _check_choice(name, value, allowed):
@@ -88,7 +94,8 @@ def _check_choice(name, value, allowed):
 
 @dataclass
 class ViTConfig:
-    img_size: int = 224
+    img_size: int = 224          # the input size the model is built for (a pack's default transform); any multiple
+    #                              of patch_size runs: the stored position grid is resized per input
     patch_size: int = 16
     embed_dim: int = 768
     depth: int = 12
@@ -99,12 +106,14 @@ class ViTConfig:
     pool: str = "cls"            # "cls": norm then CLS (MoCo v3, DINO, DINOv2, DeiT); "mean": mean of non-CLS
     #                              tokens then norm (MAE)
     fused_attention: bool = True  # SDPA kernels; False = explicit softmax (the official code's numerics)
-    # resizing the stored position grid: "bicubic" (the official MAE / MoCo v3 / DINO code), "bicubic-antialias"
-    # (timm >= 0.9, DINOv2's default), "bilinear" (mmseg's SETR configs)
+    # resizing the stored position grid to the input's: "bicubic" (the official MAE / MoCo v3 / DINO code),
+    # "bicubic-antialias" (timm >= 0.9, DINOv2's default), "bilinear" (mmseg's SETR configs)
     pos_embed_interpolation: str = "bicubic"
     layer_scale: bool = False    # DINOv2: x + gamma * f(x) in both residual branches (ls1.gamma, ls2.gamma)
     num_reg_tokens: int = 0      # DINOv2 registers (build_model reads the count from the checkpoint)
-    pos_grid: int = 0            # side of the stored position grid; 0: img_size // patch_size
+    pos_grid: int = 0            # side of the stored position grid, the checkpoint's own (build_model reads it);
+    #                              0: img_size // patch_size
+    ssl: str = ""                # the pretraining vit_config applied (recorded in packs); "": set field by field
 
     def __post_init__(self):
         _check_choice("pool", self.pool, ("cls", "mean"))
@@ -115,6 +124,7 @@ class ViTConfig:
                              f"{self.img_size} by patch_size {self.patch_size}")
         if self.num_reg_tokens and self.pool == "mean":
             raise ValueError("pool='mean' averages every token but CLS; with register tokens use pool='cls'")
+        self.pos_grid = self.pos_grid or self.img_size // self.patch_size
 
 
 @dataclass
@@ -147,7 +157,7 @@ def vit_config(arch="vit_base", ssl="mae", **overrides):
     _check_choice("arch", arch, tuple(ARCHS))
     _check_choice("ssl", ssl, tuple(SSL))
     patch_size, embed_dim, depth, num_heads = ARCHS[arch]
-    fields = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    fields = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, ssl=ssl)
     for layer in (SSL[ssl], ARCH_FOR_SSL.get((arch, ssl), {}), overrides):
         fields.update(layer)
     return ViTConfig(**fields)
@@ -159,33 +169,7 @@ def prompt_config(method="gated+temp", **overrides):
     return replace(PromptConfig(prompt=prompt, gates=gates, learn_temperature=learn_temperature), **overrides)
 
 # -----------------------------------------------------------------------------
-# The Vision Transformer (parameter names follow timm / MAE, so those files load unrenamed)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads, qkv_bias, fused=True):
-        super().__init__()
-        self.num_heads, self.fused = num_heads, fused
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, temperature=None, return_attn=False, attn_mask=None):
-        """temperature: a scalar or one per image [B, 1, 1, 1]; attn_mask: bool [B, 1, 1, T], False = a key no
-        query attends to (MultiTask's padded prompts)."""
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        if temperature is not None:
-            q = q / temperature  # Eq. 9: softmax(QK^T / (sqrt(d) tau)), tau folded into q
-        attn = None
-        if return_attn or not self.fused:   # Eq. 3, explicit
-            attn = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
-            if attn_mask is not None:
-                attn = attn.masked_fill(~attn_mask, float("-inf"))
-            attn = attn.softmax(dim=-1)
-            x = attn @ v
-        else:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(x.transpose(1, 2).reshape(B, T, C)), (attn if return_attn else None)
+# Layers (parameter names follow timm / MAE, so those files load unrenamed). Each returns a tensor.
 
 
 def at_least_fp32(x):
@@ -202,6 +186,44 @@ class LayerNorm(nn.LayerNorm):
         h = at_least_fp32(x)
         w, b = (None if t is None else t.to(h.dtype) for t in (self.weight, self.bias))
         return F.layer_norm(h, self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: Eq. 3, with Eq. 9's temperature, softmax(Q K^T / (sqrt(d) tau)) V.
+    tau: a scalar or one per image [B, 1, 1, 1]; mask: bool [B, 1, 1, T], False = a key no query attends to
+    (MultiTask's padding slots)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_heads, self.fused = cfg.num_heads, cfg.fused_attention
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+
+    def heads(self, x, tau=None):
+        """[B, T, D] -> q, k, v, each [B, heads, T, D / heads], with tau folded into q (Eq. 9)."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        return (q if tau is None else q / tau.to(q.dtype)), k, v
+
+    @staticmethod
+    def softmax(q, k, mask=None):
+        """Eq. 3 / 9, explicitly: [B, heads, T, T], each row sums to 1."""
+        logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        return (logits if mask is None else logits.masked_fill(~mask, float("-inf"))).softmax(dim=-1)
+
+    def probabilities(self, x, tau=None, mask=None):
+        """The attention of every query to every key [B, heads, T, T] (Figure 5)."""
+        q, k, _ = self.heads(x, tau)
+        return self.softmax(q, k, mask)
+
+    def forward(self, x, tau=None, mask=None):
+        q, k, v = self.heads(x, tau)
+        if self.fused:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:   # the official code's numerics
+            out = self.softmax(q, k, mask) @ v
+        B, H, T, Dh = out.shape
+        return self.proj(out.transpose(1, 2).reshape(B, T, H * Dh))
 
 
 class Mlp(nn.Module):
@@ -225,19 +247,21 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
+    """Eq. 2: one pre-norm transformer block, [B, T, D] -> [B, T, D]:
+    x + MSA(LN(x)), then + MLP(LN(.)), each branch scaled by LayerScale where the backbone has it."""
+
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.norm1 = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias, cfg.fused_attention)
+        self.attn = Attention(cfg)
         self.ls1 = LayerScale(cfg.embed_dim) if cfg.layer_scale else nn.Identity()
         self.norm2 = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
         self.ls2 = LayerScale(cfg.embed_dim) if cfg.layer_scale else nn.Identity()
 
-    def forward(self, x, temperature=None, return_attn=False, attn_mask=None):
-        a, attn = self.attn(self.norm1(x), temperature, return_attn, attn_mask)
-        x = x + self.ls1(a)
-        return x + self.ls2(self.mlp(self.norm2(x))), attn
+    def forward(self, x, tau=None, mask=None):
+        x = x + self.ls1(self.attn(self.norm1(x), tau, mask))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class PatchEmbed(nn.Module):
@@ -246,7 +270,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D]
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, 3, H, W] -> [B, N, D], N = (H/p)(W/p)
 
 
 def resize_pos_embed(pos_embed, new_grid, mode="bicubic"):
@@ -264,20 +288,48 @@ def resize_pos_embed(pos_embed, new_grid, mode="bicubic"):
     g = g.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(pos_embed.dtype)
     return torch.cat([cls_pos, g], dim=1)
 
+# -----------------------------------------------------------------------------
+# The token layout, [B, T, D] with T = 1 + P + R + N, and what the prompt side does at each block.
+#
+#   cls      x[:, :1]          [B, 1, D]      the class token
+#   prompts  x[:, 1:1 + P]     [B, P, D]      P prompt slots (P = 0 before the first block that writes prompts)
+#   rest     x[:, 1 + P:]      [B, R + N, D]  R register tokens (DINOv2), then the N = (H/p)(W/p) patch tokens
+#
+# Prompts go right after CLS (VPT), also on backbones with registers. Neither prompts nor registers carry a
+# position and attention does not see order, so this is the same model as [CLS, registers, prompts, patches];
+# this order keeps the prompts at positions 1..P for every backbone.
+
+
+class PromptStep(NamedTuple):
+    """The prompt side at one block, for VisionTransformer.run_blocks. A tensor's first dimension is the batch (one
+    row per image: MultiTask, or several runs trained in one batch) or 1 (the same for every image); None: nothing
+    of that kind at this block."""
+    write: Optional[torch.Tensor] = None       # [B|1, P, D] prompt tokens written into the slots before the
+    #                                            block: Eq. 4 where the slots appear, Eq. 5 where they are replaced
+    write_rows: Optional[torch.Tensor] = None  # bool [B, 1, 1]: the rows that write; the others keep their slots
+    #                                            (zeros where the slots appear); None: every row
+    live: Optional[torch.Tensor] = None        # bool [B, P]: the slots a query may attend to (and MAE pooling
+    #                                            averages); None: every slot
+    tau: Optional[torch.Tensor] = None         # the block's temperature (Eq. 9): a scalar or [B|1, 1, 1, 1]
+    gate: Optional[torch.Tensor] = None        # g_l of Eq. 7 after the block: a scalar or [B|1, 1, 1]
+
+
+def key_mask(live, T):
+    """bool [B, P] live prompt slots -> [B, 1, 1, T]: CLS, the live slots, registers and patches."""
+    B, P = live.shape
+    ones = live.new_ones(B, 1)
+    return torch.cat([ones, live, ones.expand(B, T - 1 - P)], dim=1).view(B, 1, 1, T)
+
 
 class VisionTransformer(nn.Module):
     """A frozen ViT plus the prompt-side parameters: prompts, gate logits, temperatures, head.
-
-    The token sequence is [CLS, registers, patches] before prompts and [CLS, prompts, registers, patches] after:
-    prompts go right after CLS (VPT), also on DINOv2 backbones with register tokens. Neither prompts nor
-    registers carry a position and attention does not see order, so this is the same model as [CLS, registers,
-    prompts, patches]; this order keeps the prompts at positions 1..P for every backbone."""
+    The token sequence is laid out as named above the class."""
 
     def __init__(self, cfg: ViTConfig, pcfg: PromptConfig = None):
         super().__init__()
         pcfg = pcfg or PromptConfig(prompt="none", gates="none", learn_temperature=False)
         self.cfg, self.pcfg = cfg, pcfg
-        D, L, grid = cfg.embed_dim, cfg.depth, cfg.pos_grid or cfg.img_size // cfg.patch_size
+        D, L, grid = cfg.embed_dim, cfg.depth, cfg.pos_grid
         if not 1 <= pcfg.insert_at <= L:
             raise ValueError(f"insert_at must be in 1..{L}, got {pcfg.insert_at}")
         # backbone (frozen)
@@ -288,6 +340,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(L)])
         self.norm = LayerNorm(D, eps=cfg.norm_eps)
         self._init_backbone()
+        self.backbone_file = None  # the file load_backbone read, recorded in packs
         # prompt side (trainable)
         self.num_prompts = pcfg.num_prompts if pcfg.prompt != "none" else 0
         bound = math.sqrt(6.0 / (3 * cfg.patch_size ** 2 + D))  # VPT's uniform (xavier-style) init
@@ -312,7 +365,8 @@ class VisionTransformer(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     # --- what trains ---------------------------------------------------------
     BACKBONE = ("patch_embed", "cls_token", "reg_token", "pos_embed", "blocks", "norm")
@@ -351,7 +405,7 @@ class VisionTransformer(nn.Module):
             getattr(self, name).train(False)
         return self
 
-    # --- gates, Eq. 6-11 (the math is in the functions below the class) -------------
+    # --- gates and temperatures, Eq. 6-11 (the math is in the functions below the class) ---------
     def gates(self):
         """g_1 .. g_{L-1} (Eq. 6); hard gates sample Gumbel-sigmoid while training."""
         if self.pcfg.gates == "hard":
@@ -374,11 +428,6 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"{what}(): method {method!r} has no gates (the gated methods: {gated})")
         return self.gates()
 
-    def _check_blocks(self, blocks, what):
-        bad = [b for b in blocks if b not in range(1, len(self.blocks) + 1)]
-        if bad:
-            raise ValueError(f"{what}={tuple(blocks)}: blocks are numbered 1..{len(self.blocks)}, got {bad}")
-
     @torch.no_grad()
     def project_temperatures(self):
         """Projected SGD for Eq. 9: clamp each stored tau into TEMPERATURE_RANGE. Call it after every
@@ -391,74 +440,114 @@ class VisionTransformer(nn.Module):
         return self
 
     # --- forward ---------------------------------------------------------------
-    def embed(self, x):
-        """Eq. 1: patch tokens + positions, CLS first (then the registers, which get no position), in the patch
-        embedding's dtype (bf16 under autocast). Resizes the position grid for other image sizes."""
-        H, W, p = x.shape[-2], x.shape[-1], self.cfg.patch_size
+    def embed(self, images):
+        """Eq. 1: [B, 3, H, W] -> [B, 1 + R + N, D]: CLS, the R registers, the N patch tokens plus their positions
+        (the stored grid resized to this input's), in the patch embedding's dtype (bf16 under autocast)."""
+        H, W, p = images.shape[-2], images.shape[-1], self.cfg.patch_size
         if H % p or W % p or H < p or W < p:
             raise ValueError(f"images of {H}x{W} px: height and width must be positive multiples of the patch "
                              f"size {p}")
         pos = resize_pos_embed(self.pos_embed, (H // p, W // p), self.cfg.pos_embed_interpolation)
-        x = self.patch_embed(x)
+        x = self.patch_embed(images)
         x = x + pos[:, 1:].to(x.dtype)
         prefix = [(self.cls_token + pos[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)]
         if self.reg_token is not None:
             prefix.append(self.reg_token.to(x.dtype).expand(x.shape[0], -1, -1))
         return torch.cat([*prefix, x], dim=1)
 
-    def batch_prompts(self, prompts, batch, dtype):
+    def batch_prompts(self, prompts, batch):
         """[P, D] -> [B, P, D], then dropout: every image draws its own mask (the official code expands the
         prompts to the batch before its dropout)."""
-        return self.prompt_dropout(prompts.reshape(1, -1, prompts.shape[-1]).expand(batch, -1, -1)).to(dtype)
+        return self.prompt_dropout(prompts.reshape(1, -1, prompts.shape[-1]).expand(batch, -1, -1))
 
-    def forward_tokens(self, x, out_blocks=(), attn_blocks=()):
-        """Run the blocks; returns (tokens after block L, {block: tokens}, {block: attention [B,H,T,T]}).
-        The sequence is [CLS, prompts, patches] once prompts are inserted. Changes no parameter or buffer."""
-        self._check_blocks(out_blocks, "out_blocks")
-        self._check_blocks(attn_blocks, "blocks")
-        x = self.embed(x)
-        B, P, L = x.shape[0], self.num_prompts, len(self.blocks)
+    def prompt_plan(self, batch):
+        """This model's prompt side for a batch, one PromptStep per block: its prompts written at insert_at
+        (Eq. 4) and, for VPT-deep, fresh ones before every later block (Eq. 5); gates after blocks
+        insert_at..L-1 (Eq. 6-7; the last block is ungated); temperatures (Eq. 9). The same for every image but
+        the prompt dropout mask."""
+        k, L = self.pcfg.insert_at, len(self.blocks)
         gates = self.gates() if self.gate_logits is not None else None
-        outs, attns = {}, {}
+        plan = []
+        for l in range(1, L + 1):
+            write = None
+            if self.prompts is not None and l == k:
+                write = self.batch_prompts(self.prompts[0], batch)
+            elif self.deep_prompts is not None and l > k:
+                write = self.batch_prompts(self.deep_prompts[l - k - 1], batch)
+            plan.append(PromptStep(write=write, tau=None if self.temperatures is None else self.temperatures[l - 1],
+                                   gate=gates[l - 1] if gates is not None and k <= l < L else None))
+        return plan
+
+    def run_blocks(self, images, plan=None, blocks=(), attention=False, stop_early=False):
+        """The block loop: Eq. 1, then Eq. 2 block by block with the prompt side `plan` (one PromptStep per
+        block: prompt_plan's, MultiTask's; None: the frozen backbone alone). Returns (the tokens after the last
+        block run [B, T, D], {block l: the tokens after it [B, T, D]}, or with attention=True {block l: its
+        softmax attention [B, heads, T, T]}). stop_early: stop after the last of `blocks`. Changes no parameter
+        or buffer."""
+        self._check_blocks(blocks, "blocks")
+        x = self.embed(images)
+        B, P, found = x.shape[0], 0, {}
+        plan = plan or [PromptStep()] * len(self.blocks)
         for i, blk in enumerate(self.blocks):
-            l = i + 1
-            if P and l == self.pcfg.insert_at:     # Eq. 4: prepend P right after CLS
-                x = torch.cat([x[:, :1], self.batch_prompts(self.prompts, B, x.dtype), x[:, 1:]], dim=1)
-            elif self.deep_prompts is not None and l > self.pcfg.insert_at:  # Eq. 5: fresh P^{l-1} replaces them
-                prompts = self.batch_prompts(self.deep_prompts[l - self.pcfg.insert_at - 1], B, x.dtype)
-                x = torch.cat([x[:, :1], prompts, x[:, 1 + P:]], dim=1)
-            tau = self.temperatures[i] if self.temperatures is not None else None
-            prompts_in = x[:, 1:1 + P]
-            x, attn = blk(x, tau, return_attn=l in attn_blocks)
-            if gates is not None and self.pcfg.insert_at <= l < L:  # Eq. 7, blocks 1..L-1, mixed in fp32
-                g = gates[i]
-                gated = g * at_least_fp32(x[:, 1:1 + P]) + (1 - g) * at_least_fp32(prompts_in)
-                x = torch.cat([x[:, :1], gated.to(x.dtype), x[:, 1 + P:]], dim=1)
-            if l in out_blocks:
-                outs[l] = x
-            if attn is not None:
-                attns[l] = attn
-        return x, outs, attns
+            l, step = i + 1, plan[i]
+            cls, prompts, rest = x[:, :1], x[:, 1:1 + P], x[:, 1 + P:]   # prompts: Z_P^{l-1}, block l's input
+            if step.write is not None:   # Eq. 4 where the P slots appear right after CLS, Eq. 5 where they exist
+                new = step.write.to(x.dtype).expand(B, -1, -1)
+                if step.write_rows is not None:
+                    new = torch.where(step.write_rows, new, prompts if P else torch.zeros_like(new))
+                prompts, P = new, new.shape[1]
+                x = torch.cat([cls, prompts, rest], dim=1)
+            mask = None if step.live is None else key_mask(step.live, x.shape[1])
+            if attention and l in blocks:
+                found[l] = blk.attn.probabilities(blk.norm1(x), step.tau, mask)
+            x = blk(x, step.tau, mask)   # Eq. 2 (Eq. 3 with Eq. 9's tau inside)
+            if step.gate is not None:    # x[:, 1:1 + P] is Z~_P^l; the mix is computed in at least fp32
+                g, out = step.gate, at_least_fp32(x[:, 1:1 + P])
+                mixed = g * out + (1 - g) * at_least_fp32(prompts)   # Eq. 7: Z_P^l = g Z~_P^l + (1 - g) Z_P^{l-1}
+                x = torch.cat([x[:, :1], mixed.to(x.dtype), x[:, 1 + P:]], dim=1)
+            if l in blocks and not attention:
+                found[l] = x
+            if stop_early and l == max(blocks, default=0):
+                break
+        return x, found
 
-    def pool(self, x):
-        if self.cfg.pool == "mean":   # MAE: mean over all tokens but CLS (prompts included), then norm
+    def forward_intermediates(self, images, blocks=(), attention=False, stop_early=False):
+        """(the tokens after block L [B, T, D], {block l: the tokens after it}) with this model's prompts, or with
+        attention=True {block l: its softmax attention [B, heads, T, T]}. Blocks are numbered 1..L."""
+        return self.run_blocks(images, self.prompt_plan(len(images)), blocks, attention, stop_early)
+
+    def pool(self, x, live=None):
+        """The last block's tokens -> features [B, D]. "cls": norm, then CLS (MoCo v3, DINO, DINOv2, DeiT);
+        "mean": the mean over every token but CLS (prompts included, a row's dead slots not: live [B, P]), then
+        norm (MAE)."""
+        if self.cfg.pool == "cls":
+            return self.norm(x)[:, 0]
+        if live is None:
             return self.norm(x[:, 1:].mean(dim=1))
-        return self.norm(x)[:, 0]     # MoCo v3: norm, then CLS
+        h = at_least_fp32(x[:, 1:])
+        keep = key_mask(live, x.shape[1]).view(x.shape[0], -1, 1)[:, 1:].to(h.dtype)
+        return self.norm(((h * keep).sum(1) / keep.sum(1)).to(x.dtype))
 
-    def forward_features(self, x):
-        return self.pool(self.forward_tokens(x)[0])
+    def forward_features(self, images):
+        plan = self.prompt_plan(len(images))
+        return self.pool(self.run_blocks(images, plan)[0], plan[-1].live)
 
-    def forward(self, x):
-        return self.head(self.forward_features(x))
+    def forward(self, images):
+        return self.head(self.forward_features(images))
 
     @torch.no_grad()
-    def attention_maps(self, x, blocks=(3, 7, 12)):
+    def attention_maps(self, images, blocks=(3, 7, 12)):
         """{block: [B, heads, T, T]} softmax attention (T = 1 + prompts + registers + patches), for Figure 5;
         blocks are numbered 1..L."""
-        return self.forward_tokens(x, attn_blocks=tuple(blocks))[2]
+        return self.forward_intermediates(images, tuple(blocks), attention=True)[1]
+
+    def _check_blocks(self, blocks, what):
+        bad = [b for b in blocks if b not in range(1, len(self.blocks) + 1)]
+        if bad:
+            raise ValueError(f"{what}={tuple(blocks)}: blocks are numbered 1..{len(self.blocks)}, got {bad}")
 
     def save_pack(self, path, class_names=None, ssl=None, **info):
-        """This model's trained prompt side as a prompt pack file (see save_pack below the class)."""
+        """This model's trained prompt side as a prompt pack file (see save_pack below)."""
         return save_pack(self, path, class_names, ssl, **info)
 
 
@@ -484,6 +573,9 @@ def classification_head(dim, num_classes):
     nn.init.kaiming_normal_(head.weight, mode="fan_out")
     nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
     return head
+
+# -----------------------------------------------------------------------------
+# Gates and temperatures: Eq. 6 (hard variant of Table 4), Eq. 8, 10, 11, and Eq. 9's projection
 
 
 def hard_gates(gate_logits, sample):
@@ -523,17 +615,23 @@ def project_temperatures(model):
             module.project_temperatures()
     return model
 
+# -----------------------------------------------------------------------------
+# One call: architecture, pretraining, method, checkpoint
+
 
 def build_model(arch="vit_base", ssl="mae", method="gated+temp", num_classes=1000, checkpoint=None,
                 img_size=224, vit_overrides=None, verbose=False, trust_pickle=False, **prompt_overrides):
-    """One call: architecture + what the pretraining fixes (pooling, patch, LayerScale) + method (+ checkpoint,
-    whose register-token count it reads), backbone frozen. vit_overrides: other ViTConfig fields (e.g.
+    """Architecture + what the pretraining fixes (pooling, patch, LayerScale) + method (+ checkpoint, whose
+    register-token count and position grid it reads), backbone frozen. img_size is the default input size only:
+    the model runs on any multiple of the patch size and stores the checkpoint's own position grid, so models
+    built at different sizes share state dicts and packs. vit_overrides: other ViTConfig fields (e.g.
     pos_embed_interpolation, or a small width for tests). trust_pickle: see read_checkpoint."""
     vit = dict(vit_overrides or {})
     raw, name = None, None
     if checkpoint is not None:
         raw, name = open_checkpoint(checkpoint, trust_pickle)
-        vit.setdefault("num_reg_tokens", count_registers(raw, name))
+        for field, value in checkpoint_layout(raw, name).items():
+            vit.setdefault(field, value)
     model = VisionTransformer(vit_config(arch, ssl, img_size=img_size, **vit),
                               prompt_config(method, num_classes=num_classes, **prompt_overrides))
     if raw is not None:
@@ -541,273 +639,6 @@ def build_model(arch="vit_base", ssl="mae", method="gated+temp", num_classes=100
         if verbose:
             print(report)
     return model
-
-# -----------------------------------------------------------------------------
-# Prompt packs and many tasks in one batch: the method's practical payoff. One frozen backbone serves every
-# task; a task is a file of a few hundred thousand numbers (prompts, gates, temperatures, head) that says
-# which backbone and settings it belongs to.
-
-PACK_FORMAT, PACK_VERSION = "gated-prompt-pack", 1
-
-
-def backbone_fingerprint(model):
-    """"sha256:<hex>" over the backbone's tensors (a VisionTransformer's, or a state dict in our names): names,
-    shapes and values rounded to bf16, in sorted name order. The same weights give the same fingerprint
-    whatever file format they came from, and also when their frozen weights are stored in bf16 on a GPU."""
-    state = model.backbone_state_dict() if isinstance(model, VisionTransformer) else model
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu", torch.bfloat16).contiguous()
-        h.update(f"{name}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.int16).numpy().tobytes())
-    return "sha256:" + h.hexdigest()
-
-
-def save_pack(model, path, class_names=None, ssl=None, **info):
-    """Write the trained prompt side of `model` as a prompt pack: plain tensors, numbers, strings, lists and
-    dicts only, so torch.load(path, weights_only=True) reads it and no code runs. Fields: see read_pack."""
-    if isinstance(class_names, str):
-        raise TypeError(f"class_names must be a list of names, not the string {class_names[:40]!r}")
-    if class_names is not None and len(class_names) != model.pcfg.num_classes:
-        raise ValueError(f"{len(class_names)} class names for a head of {model.pcfg.num_classes} classes")
-    pack = {"format": PACK_FORMAT, "version": PACK_VERSION,
-            "tensors": {k: v.detach().cpu().clone() for k, v in model.prompt_state_dict().items()},
-            "vit": asdict(model.cfg), "prompt": asdict(model.pcfg), "ssl": ssl,
-            "backbone_fingerprint": backbone_fingerprint(model),
-            "class_names": None if class_names is None else [str(c) for c in class_names],
-            "info": json.loads(json.dumps(info))}  # plain data only (a TypeError names anything else)
-    path = os.fspath(path)
-    torch.save(pack, path + ".tmp")
-    os.replace(path + ".tmp", path)  # readers never see half a file
-    return path
-
-
-# A pack's fields and their types: every one must be there (save_pack writes them all); (X, None): X or None.
-PACK_FIELDS = {"format": str, "version": int, "tensors": dict, "vit": dict, "prompt": dict, "ssl": (str, type(None)),
-               "backbone_fingerprint": str, "class_names": (list, type(None)), "info": dict}
-
-
-def read_pack(path):
-    """The dict save_pack wrote: format, version, tensors (prompt_state_dict), vit (every ViTConfig field), prompt
-    (every PromptConfig field), ssl, backbone_fingerprint, class_names (one per class, or None), info (whatever
-    the writer added: the harness puts task, recipe, config, metrics, transform, checkpoint). Anything missing or
-    of another type is a CheckpointError naming the file and the field."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"prompt pack not found: {path}")
-    try:
-        pack = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle of objects, a truncated file, text, ...
-        raise CheckpointError(f"{path} is not a prompt pack: {type(e).__name__}: {str(e)[:160]}") from None
-    if not isinstance(pack, dict) or pack.get("format") != PACK_FORMAT:
-        raw = isinstance(pack, dict) and pack and all(isinstance(v, torch.Tensor) for v in pack.values())
-        raise CheckpointError(f"{path} is not a prompt pack" + (
-            " (raw prompt tensors without their settings, e.g. a .prompts.pt: load those with "
-            "model.load_prompt_state_dict onto a model built with the run's settings)" if raw else ""))
-    for field, kind in PACK_FIELDS.items():
-        if field not in pack or not isinstance(pack[field], kind) or isinstance(pack[field], bool):
-            found = f"{type(pack[field]).__name__} {str(pack[field])[:40]!r}" if field in pack else "missing"
-            expected = kind.__name__ if isinstance(kind, type) else f"{kind[0].__name__} or None"
-            raise CheckpointError(f"{path}: prompt pack field {field!r} is {found}; expected {expected}")
-    if not 1 <= pack["version"] <= PACK_VERSION:
-        raise CheckpointError(f"{path}: prompt pack version {pack['version']}; this code reads 1..{PACK_VERSION}")
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in pack["tensors"].items()):
-        raise CheckpointError(f"{path}: prompt pack field 'tensors' must map names to tensors")
-    _config(ViTConfig, pack["vit"], path, "vit")
-    classes = _config(PromptConfig, pack["prompt"], path, "prompt").num_classes
-    names = pack["class_names"]
-    if names is not None and (len(names) != classes or not all(isinstance(n, str) for n in names)):
-        raise CheckpointError(f"{path}: prompt pack field 'class_names' holds {len(names)} class names for a head "
-                              f"of {classes} classes (expected one string per class)")
-    return pack
-
-
-def _config(cls, fields, name, key):
-    """ViTConfig / PromptConfig from pack[key]: every field of the dataclass, of its type (an int for a float),
-    nothing else; a CheckpointError names the file and the field."""
-    where = f"{name}: prompt pack field {key!r}"
-    unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
-    if unknown:
-        raise CheckpointError(f"{where} has {cls.__name__} fields unknown to this code: {unknown} (a newer version?)")
-    for field in cls.__dataclass_fields__.values():
-        value, kind = fields.get(field.name), (int, float) if field.type is float else field.type
-        if field.name not in fields or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            found = f"{value!r}" if field.name in fields else "missing"
-            raise CheckpointError(f"{where}: {field.name} is {found}; expected {field.type.__name__}")
-    try:
-        return cls(**fields)
-    except ValueError as e:
-        raise CheckpointError(f"{where}: {e}") from None
-
-
-def _as_pack(model, backbone, fingerprint):
-    """A loaded model's prompt side in pack form (its fingerprint is the backbone's when it shares its tensors)."""
-    shared = all(a.data_ptr() == b.data_ptr() for a, b in zip(model.backbone_state_dict().values(),
-                                                                backbone.backbone_state_dict().values()))
-    return {"vit": asdict(model.cfg), "prompt": asdict(model.pcfg), "tensors": model.prompt_state_dict(),
-            "backbone_fingerprint": fingerprint if shared else backbone_fingerprint(model)}
-
-
-def _backbone_from(checkpoint, cfg):
-    """A frozen backbone without prompts or head, loaded from a file or a state dict."""
-    backbone = VisionTransformer(cfg, PromptConfig(prompt="none", gates="none", learn_temperature=False,
-                                                   num_classes=0))
-    load_backbone(backbone, checkpoint)
-    return backbone.eval()
-
-
-def _mismatches(pack, backbone, fingerprint):
-    """What contradicts between a pack and a backbone: ViTConfig fields (attention kernel aside) and fingerprint."""
-    found = asdict(backbone.cfg)
-    wrong = [f"{k}: pack {v!r}, backbone {found.get(k)!r}" for k, v in pack["vit"].items()
-             if k != "fused_attention" and found.get(k) != v]
-    if fingerprint != pack["backbone_fingerprint"]:
-        wrong.append(f"backbone fingerprint: pack {pack['backbone_fingerprint']}, backbone {fingerprint}")
-    return wrong
-
-
-def _attach(pack, backbone, fingerprint, strict, name):
-    """A VisionTransformer with the pack's prompt side that shares `backbone`'s tensors (nothing is copied)."""
-    wrong = _mismatches(pack, backbone, fingerprint)
-    if wrong and strict:
-        raise CheckpointError(f"{name} was trained on another backbone or configuration (strict=False loads it "
-                              f"anyway): " + "; ".join(wrong))
-    if wrong:
-        warnings.warn(f"{name}: loading onto another backbone or configuration (strict=False): " + "; ".join(wrong))
-    try:
-        with torch.device("meta"):  # allocates nothing: every tensor comes from the backbone or the pack
-            model = VisionTransformer(replace(_config(ViTConfig, pack["vit"], name, "vit"),
-                                              fused_attention=backbone.cfg.fused_attention),
-                                      _config(PromptConfig, pack["prompt"], name, "prompt"))
-    except ValueError as e:  # settings that contradict each other (insert_at beyond depth)
-        raise CheckpointError(f"{name}: {e}") from None
-    # the backbone's tensors themselves, fresh prompt-side tensors in the backbone's dtype (fp32, or fp64 after
-    # .double()), then the pack's tensors through load_prompt_state_dict: the rule .prompts.pt files load by
-    # (every key with its shape, cast to the parameter's dtype, temperatures projected into TEMPERATURE_RANGE)
-    like = backbone.pos_embed
-    fresh = {k: torch.empty_like(v, device=like.device, dtype=like.dtype) for k, v in model.prompt_state_dict().items()}
-    try:
-        model.load_state_dict({**backbone.backbone_state_dict(), **fresh}, assign=True)
-        model.load_prompt_state_dict(pack["tensors"])
-    except (RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{name}: its tensors do not fit its own configuration: {str(e)[:300]}") from None
-    return model.freeze_backbone().eval()
-
-
-def load_pack(path, checkpoint, strict=True):
-    """A ready VisionTransformer (eval mode) from a prompt pack and its backbone: `checkpoint` is a backbone file
-    in any format load_backbone reads, a state dict, or a VisionTransformer whose backbone tensors are shared.
-    A backbone whose fingerprint or configuration differs from the pack's is refused (CheckpointError naming
-    both); strict=False loads anyway and warns."""
-    pack = read_pack(path)
-    backbone = checkpoint if isinstance(checkpoint, VisionTransformer) else \
-        _backbone_from(checkpoint, _config(ViTConfig, pack["vit"], os.fspath(path), "vit"))
-    return _attach(pack, backbone, backbone_fingerprint(backbone), strict, os.fspath(path))
-
-
-class MultiTask(nn.Module):
-    """Many tasks through one frozen backbone in one batched pass (inference, eval mode). Image b runs with its
-    own task's prompts, gates (Eq. 7), temperatures (Eq. 9) and head. Tasks with fewer prompts (or none, or
-    prompts from a later block) get padding slots that no token attends to and MAE's mean pooling skips, so
-    every image's logits equal those of its task's own model. The prompt side (heads included) is copied at
-    construction; the backbone is shared.
-
-        mt = gp.MultiTask("mae_pretrain_vit_base.pth", {"cub": "cub.pack.pt", "dtd": "dtd.pack.pt"})
-        logits = mt(images, ["cub", "dtd", "cub"])   # a list: one [num_classes of its task] tensor per image
-    """
-
-    def __init__(self, backbone, packs, strict=True):
-        super().__init__()
-        if not packs:
-            raise ValueError("MultiTask needs at least one pack")
-        packs = {name: p if isinstance(p, VisionTransformer) else read_pack(p) for name, p in packs.items()}
-        if not isinstance(backbone, VisionTransformer):
-            first = next(iter(packs.values()))
-            backbone = _backbone_from(backbone, first.cfg if isinstance(first, VisionTransformer)
-                                      else _config(ViTConfig, first["vit"], "the first pack", "vit"))
-        fingerprint = backbone_fingerprint(backbone)
-        models = {name: _attach(p if isinstance(p, dict) else _as_pack(p, backbone, fingerprint), backbone,
-                                fingerprint, strict, f"pack {name!r}") for name, p in packs.items()}
-        self.backbone, self.names = backbone.eval(), list(models)
-        self.heads = nn.ModuleDict({n: m.head if m.head is not None else nn.Identity() for n, m in models.items()})
-        self.class_names = {n: p.get("class_names") if isinstance(p, dict) else None for n, p in packs.items()}
-        self._tables(list(models.values()))
-
-    @torch.no_grad()
-    def _tables(self, models):
-        """Per task t and block i: the prompt tokens written before the block (Eq. 4 at insert_at, Eq. 5 after),
-        which slots are live, the gate logit (+inf = ungated; hard gates as +-inf, their eval-mode threshold)
-        and the temperature (1 = none). The forward takes the sigmoid in at least fp32, as the model does."""
-        L, D = self.backbone.cfg.depth, self.backbone.cfg.embed_dim
-        self.slots = max(m.num_prompts for m in models)  # prompt slots in every image's sequence
-        T, P = len(models), self.slots
-        writes, write_at = torch.zeros(T, L, P, D), torch.zeros(T, L, dtype=torch.bool)
-        live, taus = torch.zeros(T, L, P, dtype=torch.bool), torch.ones(T, L)
-        gates = torch.full((T, L), float("inf"))  # gate logits: sigmoid(+inf) = 1 (ungated)
-        for t, m in enumerate(models):
-            k, n = m.pcfg.insert_at, m.num_prompts
-            if n:
-                writes[t, k - 1, :n], write_at[t, k - 1], live[t, k - 1:, :n] = m.prompts[0].float().cpu(), True, True
-            if m.deep_prompts is not None:
-                writes[t, k:, :n], write_at[t, k:] = m.deep_prompts.float().cpu(), True
-            if m.gate_logits is not None:
-                logits = m.gate_logits[k - 1:].detach().float().cpu()
-                hard = torch.where(logits > 0, float("inf"), -float("inf"))  # hard_gates(sample=False)
-                gates[t, k - 1:L - 1] = logits if m.pcfg.gates == "soft" else hard
-            if m.temperatures is not None:
-                taus[t] = m.temperatures.float().cpu()
-        for name, value in (("writes", writes), ("write_at", write_at), ("live", live), ("gate", gates),
-                            ("tau", taus)):
-            self.register_buffer(name, value, persistent=False)
-        # host-side switches: a block with no writes, no padding, no gate or no temperature skips that work
-        self.block_writes = write_at.any(0).tolist()
-        self.block_masked = (~live).any(2).any(0).tolist()
-        self.block_gated = (gates != float("inf")).any(0).tolist()
-        self.has_tau = bool((taus != 1).any())
-
-    def forward(self, images, tasks):
-        if images.dim() != 4:
-            raise ValueError(f"images: [B, 3, H, W] expected, got shape {list(images.shape)}")
-        if len(images) == 0 and len(tasks) == 0:
-            return []
-        unknown = sorted(set(tasks) - set(self.names))
-        if unknown or len(tasks) != len(images):
-            raise ValueError(f"need one task per image from {self.names}; got {len(tasks)} for {len(images)} "
-                             f"images" + (f", unknown {unknown}" if unknown else ""))
-        bb, P = self.backbone, self.slots
-        t = torch.tensor([self.names.index(name) for name in tasks], device=images.device)
-        x = bb.embed(images)
-        B, N = x.shape[0], x.shape[1] - 1
-        if P:
-            x = torch.cat([x[:, :1], x.new_zeros(B, P, x.shape[2]), x[:, 1:]], dim=1)
-        ones = torch.ones(B, 1, dtype=torch.bool, device=x.device)
-        for i, blk in enumerate(bb.blocks):
-            if self.block_writes[i]:  # Eq. 4 / 5, per image
-                new = torch.where(self.write_at[t, i].view(B, 1, 1), self.writes[t, i].to(x.dtype), x[:, 1:1 + P])
-                x = torch.cat([x[:, :1], new, x[:, 1 + P:]], dim=1)
-            mask = None
-            if self.block_masked[i]:  # CLS, live prompt slots, patches
-                mask = torch.cat([ones, self.live[t, i], ones.expand(B, N)], dim=1).view(B, 1, 1, -1)
-            tau = self.tau[t, i].view(B, 1, 1, 1).to(x.dtype) if self.has_tau else None  # Eq. 9, per image
-            prompts_in = x[:, 1:1 + P]
-            x, _ = blk(x, tau, attn_mask=mask)
-            if self.block_gated[i]:  # Eq. 7, per image, mixed in at least fp32
-                g = torch.sigmoid(at_least_fp32(self.gate[t, i])).view(B, 1, 1)
-                gated = g * at_least_fp32(x[:, 1:1 + P]) + (1 - g) * at_least_fp32(prompts_in)
-                x = torch.cat([x[:, :1], gated.to(x.dtype), x[:, 1 + P:]], dim=1)
-        if bb.cfg.pool == "mean":  # MAE: mean over live prompts and patches, then norm
-            h = at_least_fp32(x[:, 1:])
-            keep = torch.cat([self.live[t, -1], ones.expand(B, N)], dim=1).to(h.dtype)[..., None] if P else None
-            pooled = x[:, 1:].mean(dim=1) if keep is None else (h * keep).sum(1) / keep.sum(1)
-            features = bb.norm(pooled.to(x.dtype))
-        else:
-            features = bb.pool(x)
-        logits = [None] * B
-        for name in dict.fromkeys(tasks):
-            rows = [b for b, task in enumerate(tasks) if task == name]
-            for b, out in zip(rows, self.heads[name](features[rows])):
-                logits[b] = out
-        return logits
 
 # -----------------------------------------------------------------------------
 # Checkpoints: each format's names -> ours. "{i}" is the block index; a tuple of sources is
@@ -1013,13 +844,20 @@ def _table_for(fmt):
                        else "dinov2" if fmt.startswith("DINOv2") else "timm"]
 
 
-def count_registers(raw, name="<state dict>"):
-    """Register tokens a checkpoint carries (timm `reg_token`, DINOv2 `register_tokens`, HF
-    `embeddings.register_tokens`): [1, R, D] -> R; 0 without."""
+def checkpoint_layout(raw, name="<state dict>"):
+    """The ViTConfig fields a checkpoint fixes beyond its architecture, for build_model: num_reg_tokens (timm
+    `reg_token`, DINOv2 `register_tokens`, HF `embeddings.register_tokens`: [1, R, D] -> R) and pos_grid (the side
+    of its stored position grid; CLS entry or not)."""
     sd, fmt, prefix = detect_format(raw, name)
-    source = _table_for(fmt).get("reg_token", "reg_token")
-    tokens = sd.get(prefix + source)
-    return 0 if tokens is None else int(torch.as_tensor(tokens).shape[-2])
+    table = _table_for(fmt)
+    found = {}
+    for ours, field in (("reg_token", "num_reg_tokens"), ("pos_embed", "pos_grid")):
+        tensor = sd.get(prefix + table.get(ours, ours))
+        if tensor is not None:
+            shape = np.shape(tensor)
+            found[field] = shape[-2] if ours == "reg_token" else math.isqrt(shape[-2])
+    found.setdefault("num_reg_tokens", 0)
+    return found
 
 
 def convert_state_dict(raw, fmt, prefix, model):
@@ -1074,8 +912,9 @@ def load_backbone(model, checkpoint, trust_pickle=False, name=None):
     Detects: MAE .pth, MoCo v3 linear-probe / pretrain .pth.tar, DINO (plain and training checkpoints: the
     teacher), DINOv2 hub files, timm state dicts (DeiT, DINO, DINOv2 and _reg4_ included), Hugging Face ViT /
     ViTMAE / DINOv2 (hub names and transformers 5 ViT names), Google .npz. Returns a one-paragraph report;
-    raises CheckpointError on anything missing or of the wrong shape. The stored pos_embed is always used,
-    resized to the model's grid if it differs. trust_pickle: see read_checkpoint."""
+    raises CheckpointError on anything missing or of the wrong shape. The stored pos_embed is always used:
+    build_model makes the model's grid the file's; a model built with another grid gets it resized to its own.
+    trust_pickle: see read_checkpoint."""
     raw, opened_name = open_checkpoint(checkpoint, trust_pickle)
     name = name or opened_name
     raw, fmt, prefix = detect_format(raw, name)
@@ -1099,7 +938,7 @@ def load_backbone(model, checkpoint, trust_pickle=False, name=None):
                             ("unexpected backbone keys", unknown)):
             if keys:
                 lines.append(f"  {label} ({len(keys)}): " + _summarise(keys))
-        registers = count_registers(raw, name)
+        registers = checkpoint_layout(raw, name)["num_reg_tokens"]
         if registers != model.cfg.num_reg_tokens:
             lines.append(f"  the file has {registers} register tokens, the model {model.cfg.num_reg_tokens}: "
                          f"build_model(..., checkpoint=...) reads the count, or set num_reg_tokens={registers}")
@@ -1111,6 +950,313 @@ def load_backbone(model, checkpoint, trust_pickle=False, name=None):
     with torch.no_grad():
         for k, v in sd.items():
             model.get_parameter(k).copy_(v)
+    model.backbone_file = None if name == "<state dict>" else os.path.basename(name)
     kinds = sorted({next(s for s in IRRELEVANT if s in k) for k in dropped})
     return (f"loaded {len(sd)} backbone tensors from {name} ({fmt}); "
             f"dropped {len(dropped)} non-backbone keys ({', '.join(kinds) or 'none'})")
+
+# -----------------------------------------------------------------------------
+# Prompt packs and many tasks in one batch: the method's practical payoff. One frozen backbone serves every
+# task; a task is a file of a few hundred thousand numbers (prompts, gates, temperatures, head) that says
+# which backbone and settings it belongs to and how its images are prepared.
+
+PACK_FORMAT, PACK_VERSION = "gated-prompt-pack", 2
+
+
+def backbone_fingerprint(model):
+    """"sha256:<hex>" over the backbone's tensors (a VisionTransformer's, or a state dict in our names): names,
+    shapes and values rounded to bf16, in sorted name order. The same weights give the same fingerprint
+    whatever file format they came from, whatever img_size the model was built for, and also when their frozen
+    weights are stored in bf16 on a GPU."""
+    state = model.backbone_state_dict() if isinstance(model, VisionTransformer) else model
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu", torch.bfloat16).contiguous()
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.int16).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _plain(value, where):
+    """`value` as data torch.load(weights_only=True) reads: numpy / torch scalars become numbers, paths strings,
+    tuples lists; anything else is a TypeError naming `where`."""
+    if isinstance(value, (np.generic, torch.Tensor)) and np.ndim(value) == 0:
+        value = value.item()
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (bool, numbers.Integral, numbers.Real)):   # bool before int, int before float
+        return bool(value) if isinstance(value, bool) else int(value) if isinstance(value, numbers.Integral) \
+            else float(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    raise TypeError(f"save_pack: {where} is {type(value).__name__} {str(value)[:40]!r}; a pack holds numbers, "
+                    "strings, paths, lists and dicts with string keys (numpy / torch scalars are converted)")
+
+
+def default_preprocess(cfg):
+    """The input transform a pack records unless told otherwise: resize the shorter side to size * 256 / 224,
+    center-crop size x size (size = the model's img_size), ImageNet mean / std (the FGVC evaluation transform)."""
+    return {"size": cfg.img_size, "resize": cfg.img_size * 256 // 224, "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD)}
+
+
+def save_pack(model, path, class_names=None, ssl=None, preprocess=None, backbone_url=None, **info):
+    """Write the trained prompt side of `model` as a prompt pack: plain tensors, numbers, strings, lists and
+    dicts only, so torch.load(path, weights_only=True) reads it and no code runs. Fields: see read_pack.
+    ssl: default the model's (vit_config's). preprocess: the input transform, {"size": center crop, "resize":
+    shorter side (an int) or [height, width], "mean": [3], "std": [3]}; missing keys from default_preprocess.
+    backbone_url: where the backbone file can be downloaded. info: anything else (numbers, strings, paths,
+    lists, dicts; numpy / torch scalars are converted)."""
+    if isinstance(class_names, str):
+        raise TypeError(f"class_names must be a list of names, not the string {class_names[:40]!r}")
+    if class_names is not None and len(class_names) != model.pcfg.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a head of {model.pcfg.num_classes} classes")
+    preprocess = _plain(preprocess or {}, "preprocess")
+    unknown = sorted(set(preprocess) - set(default_preprocess(model.cfg)))
+    if unknown:
+        raise ValueError(f"save_pack: preprocess keys {unknown} unknown; expected size, resize, mean, std")
+    pack = {"format": PACK_FORMAT, "version": PACK_VERSION,
+            "tensors": {k: v.detach().cpu().clone() for k, v in model.prompt_state_dict().items()},
+            "vit": asdict(model.cfg), "prompt": asdict(model.pcfg), "ssl": ssl or model.cfg.ssl or None,
+            "backbone_fingerprint": backbone_fingerprint(model),
+            "backbone_file": model.backbone_file, "backbone_url": _plain(backbone_url, "backbone_url"),
+            "preprocess": {**default_preprocess(model.cfg), **preprocess},
+            "class_names": None if class_names is None else [str(c) for c in class_names],
+            "info": {k: _plain(v, f"info[{k!r}]") for k, v in info.items()}}
+    path = os.fspath(path)
+    torch.save(pack, path + ".tmp")
+    os.replace(path + ".tmp", path)  # readers never see half a file
+    return path
+
+
+# A pack's fields and their types: every one must be there (save_pack writes them all); (X, None): X or None.
+PACK_FIELDS = {"format": str, "version": int, "tensors": dict, "vit": dict, "prompt": dict, "ssl": (str, type(None)),
+               "backbone_fingerprint": str, "backbone_file": (str, type(None)), "backbone_url": (str, type(None)),
+               "preprocess": (dict, type(None)), "class_names": (list, type(None)), "info": dict}
+ADDED_IN_VERSION_2 = {"backbone_file": None, "backbone_url": None, "preprocess": None}  # version 1 packs: None
+
+
+def read_pack(path):
+    """The dict save_pack wrote: format, version, tensors (prompt_state_dict), vit (every ViTConfig field), prompt
+    (every PromptConfig field), ssl, backbone_fingerprint, backbone_file and backbone_url (or None), preprocess
+    (the input transform; None in version 1 packs), class_names (one per class, or None), info (whatever the
+    writer added: the harness puts task, recipe, config, metrics, transform, checkpoint). Anything missing or
+    of another type is a CheckpointError naming the file and the field."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"prompt pack not found: {path}")
+    try:
+        pack = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle of objects, a truncated file, text, ...
+        raise CheckpointError(f"{path} is not a prompt pack: {type(e).__name__}: {str(e)[:160]}") from None
+    if not isinstance(pack, dict) or pack.get("format") != PACK_FORMAT:
+        raw = isinstance(pack, dict) and pack and all(isinstance(v, torch.Tensor) for v in pack.values())
+        raise CheckpointError(f"{path} is not a prompt pack" + (
+            " (raw prompt tensors without their settings, e.g. a .prompts.pt: load those with "
+            "model.load_prompt_state_dict onto a model built with the run's settings)" if raw else ""))
+    if pack.get("version") == 1:   # before the fields above and ViTConfig.ssl existed
+        pack = {**ADDED_IN_VERSION_2, **pack}
+        if isinstance(pack.get("vit"), dict):
+            pack["vit"] = {"ssl": pack.get("ssl") or "", **pack["vit"]}
+    for field, kind in PACK_FIELDS.items():
+        if field not in pack or not isinstance(pack[field], kind) or isinstance(pack[field], bool):
+            found = f"{type(pack[field]).__name__} {str(pack[field])[:40]!r}" if field in pack else "missing"
+            expected = kind.__name__ if isinstance(kind, type) else f"{kind[0].__name__} or None"
+            raise CheckpointError(f"{path}: prompt pack field {field!r} is {found}; expected {expected}")
+    if not 1 <= pack["version"] <= PACK_VERSION:
+        raise CheckpointError(f"{path}: prompt pack version {pack['version']}; this code reads 1..{PACK_VERSION}")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in pack["tensors"].items()):
+        raise CheckpointError(f"{path}: prompt pack field 'tensors' must map names to tensors")
+    pack["vit"] = asdict(_config(ViTConfig, pack["vit"], path, "vit"))   # pos_grid 0 resolved (version 1)
+    classes = _config(PromptConfig, pack["prompt"], path, "prompt").num_classes
+    names = pack["class_names"]
+    if names is not None and (len(names) != classes or not all(isinstance(n, str) for n in names)):
+        raise CheckpointError(f"{path}: prompt pack field 'class_names' holds {len(names)} class names for a head "
+                              f"of {classes} classes (expected one string per class)")
+    return pack
+
+
+def _config(cls, fields, name, key):
+    """ViTConfig / PromptConfig from pack[key]: every field of the dataclass, of its type (an int for a float),
+    nothing else; a CheckpointError names the file and the field."""
+    where = f"{name}: prompt pack field {key!r}"
+    unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise CheckpointError(f"{where} has {cls.__name__} fields unknown to this code: {unknown} (a newer version?)")
+    for field in cls.__dataclass_fields__.values():
+        value, kind = fields.get(field.name), (int, float) if field.type is float else field.type
+        if field.name not in fields or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            found = f"{value!r}" if field.name in fields else "missing"
+            raise CheckpointError(f"{where}: {field.name} is {found}; expected {field.type.__name__}")
+    try:
+        return cls(**fields)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _as_pack(model, backbone, fingerprint):
+    """A loaded model's prompt side in pack form (its fingerprint is the backbone's when it shares its tensors)."""
+    shared = all(a.data_ptr() == b.data_ptr() for a, b in zip(model.backbone_state_dict().values(),
+                                                                backbone.backbone_state_dict().values()))
+    return {"vit": asdict(model.cfg), "prompt": asdict(model.pcfg), "tensors": model.prompt_state_dict(),
+            "backbone_fingerprint": fingerprint if shared else backbone_fingerprint(model)}
+
+
+def _backbone_from(checkpoint, cfg):
+    """A frozen backbone without prompts or head, loaded from a file or a state dict."""
+    backbone = VisionTransformer(cfg, PromptConfig(prompt="none", gates="none", learn_temperature=False,
+                                                   num_classes=0))
+    load_backbone(backbone, checkpoint)
+    return backbone.eval()
+
+
+# ViTConfig fields that may differ between a pack and its backbone: the default input size (any size runs),
+# the attention kernel, the pretraining's name (the weights' fingerprint is compared instead)
+FREE_FIELDS = ("img_size", "fused_attention", "ssl")
+
+
+def _mismatches(pack, backbone, fingerprint):
+    """What contradicts between a pack and a backbone: ViTConfig fields (FREE_FIELDS aside) and fingerprint."""
+    found = asdict(backbone.cfg)
+    wrong = [f"{k}: pack {v!r}, backbone {found.get(k)!r}" for k, v in pack["vit"].items()
+             if k not in FREE_FIELDS and found.get(k) != v]
+    if fingerprint != pack["backbone_fingerprint"]:
+        wrong.append(f"backbone fingerprint: pack {pack['backbone_fingerprint']}, backbone {fingerprint}")
+    return wrong
+
+
+def _attach(pack, backbone, fingerprint, strict, name):
+    """A VisionTransformer with the pack's prompt side that shares `backbone`'s tensors (nothing is copied)."""
+    wrong = _mismatches(pack, backbone, fingerprint)
+    if wrong and strict:
+        raise CheckpointError(f"{name} was trained on another backbone or configuration (strict=False loads it "
+                              f"anyway): " + "; ".join(wrong))
+    if wrong:
+        warnings.warn(f"{name}: loading onto another backbone or configuration (strict=False): " + "; ".join(wrong))
+    try:
+        with torch.device("meta"):  # allocates nothing: every tensor comes from the backbone or the pack
+            model = VisionTransformer(replace(_config(ViTConfig, pack["vit"], name, "vit"),
+                                              fused_attention=backbone.cfg.fused_attention),
+                                      _config(PromptConfig, pack["prompt"], name, "prompt"))
+    except ValueError as e:  # settings that contradict each other (insert_at beyond depth)
+        raise CheckpointError(f"{name}: {e}") from None
+    # the backbone's tensors themselves, fresh prompt-side tensors in the backbone's dtype (fp32, or fp64 after
+    # .double()), then the pack's tensors through load_prompt_state_dict: the rule .prompts.pt files load by
+    # (every key with its shape, cast to the parameter's dtype, temperatures projected into TEMPERATURE_RANGE)
+    like = backbone.cls_token
+    fresh = {k: torch.empty_like(v, device=like.device, dtype=like.dtype) for k, v in model.prompt_state_dict().items()}
+    try:
+        model.load_state_dict({**backbone.backbone_state_dict(), **fresh}, assign=True)
+        model.load_prompt_state_dict(pack["tensors"])
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{name}: its tensors do not fit its own configuration: {str(e)[:300]}") from None
+    model.backbone_file = backbone.backbone_file
+    return model.freeze_backbone().eval()
+
+
+def load_pack(path, checkpoint, strict=True):
+    """A ready VisionTransformer (eval mode) from a prompt pack and its backbone: `checkpoint` is a backbone file
+    in any format load_backbone reads, a state dict, or a VisionTransformer whose backbone tensors are shared.
+    A backbone whose fingerprint or configuration differs from the pack's is refused (CheckpointError naming
+    both); strict=False loads anyway and warns."""
+    pack = read_pack(path)
+    backbone = checkpoint if isinstance(checkpoint, VisionTransformer) else \
+        _backbone_from(checkpoint, _config(ViTConfig, pack["vit"], os.fspath(path), "vit"))
+    return _attach(pack, backbone, backbone_fingerprint(backbone), strict, os.fspath(path))
+
+
+class MultiTask(nn.Module):
+    """Many tasks through one frozen backbone in one batched pass (inference, eval mode). Image b runs with its
+    own task's prompts, gates (Eq. 7), temperatures (Eq. 9) and head, through the backbone's own block loop
+    (run_blocks) with a per-image PromptStep. Tasks with fewer prompts (or none, or prompts from a later block)
+    get padding slots that no token attends to and MAE's mean pooling skips, so every image's logits equal those
+    of its task's own model. The prompt side (heads included) is copied at construction; the backbone is shared.
+
+        mt = gp.MultiTask("mae_pretrain_vit_base.pth", {"cub": "cub.pack.pt", "dtd": "dtd.pack.pt"})
+        logits = mt(images, ["cub", "dtd", "cub"])   # a list: one [num_classes of its task] tensor per image
+    """
+
+    def __init__(self, backbone, packs, strict=True):
+        super().__init__()
+        if not packs:
+            raise ValueError("MultiTask needs at least one pack")
+        packs = {name: p if isinstance(p, VisionTransformer) else read_pack(p) for name, p in packs.items()}
+        if not isinstance(backbone, VisionTransformer):
+            first = next(iter(packs.values()))
+            backbone = _backbone_from(backbone, first.cfg if isinstance(first, VisionTransformer)
+                                      else _config(ViTConfig, first["vit"], "the first pack", "vit"))
+        fingerprint = backbone_fingerprint(backbone)
+        models = {name: _attach(p if isinstance(p, dict) else _as_pack(p, backbone, fingerprint), backbone,
+                                fingerprint, strict, f"pack {name!r}") for name, p in packs.items()}
+        self.backbone, self.names = backbone.eval(), list(models)
+        self.heads = nn.ModuleDict({n: m.head if m.head is not None else nn.Identity() for n, m in models.items()})
+        self.class_names = {n: p.get("class_names") if isinstance(p, dict) else None for n, p in packs.items()}
+        self._tables(list(models.values()))
+
+    @torch.no_grad()
+    def _tables(self, models):
+        """Per task t and block i: the prompt tokens written before the block (Eq. 4 at insert_at, Eq. 5 after),
+        which slots are live, the gate logit (+inf = ungated; hard gates as +-inf, their eval-mode threshold)
+        and the temperature (1 = none). The forward takes the sigmoid in at least fp32, as the model does."""
+        L, D = self.backbone.cfg.depth, self.backbone.cfg.embed_dim
+        self.slots = max(m.num_prompts for m in models)  # prompt slots in every image's sequence
+        T, P = len(models), self.slots
+        writes, write_at = torch.zeros(T, L, P, D), torch.zeros(T, L, dtype=torch.bool)
+        live, taus = torch.zeros(T, L, P, dtype=torch.bool), torch.ones(T, L)
+        gates = torch.full((T, L), float("inf"))  # gate logits: sigmoid(+inf) = 1 (ungated)
+        for t, m in enumerate(models):
+            k, n = m.pcfg.insert_at, m.num_prompts
+            if n:
+                writes[t, k - 1, :n], write_at[t, k - 1], live[t, k - 1:, :n] = m.prompts[0].float().cpu(), True, True
+            if m.deep_prompts is not None:
+                writes[t, k:, :n], write_at[t, k:] = m.deep_prompts.float().cpu(), True
+            if m.gate_logits is not None:
+                logits = m.gate_logits[k - 1:].detach().float().cpu()
+                hard = torch.where(logits > 0, float("inf"), -float("inf"))  # hard_gates(sample=False)
+                gates[t, k - 1:L - 1] = logits if m.pcfg.gates == "soft" else hard
+            if m.temperatures is not None:
+                taus[t] = m.temperatures.float().cpu()
+        for name, value in (("writes", writes), ("write_at", write_at), ("live", live), ("gate", gates),
+                            ("tau", taus)):
+            self.register_buffer(name, value, persistent=False)
+        # host-side switches: a block with no writes, no padding, no gate or no temperature skips that work;
+        # the slots appear at the first block any task writes
+        self.block_writes = write_at.any(0).tolist()
+        first = self.block_writes.index(True) if P else L
+        self.block_masked = [i >= first and bool((~live[:, i]).any()) for i in range(L)]
+        self.block_gated = (gates != float("inf")).any(0).tolist()
+        self.has_tau = bool((taus != 1).any())
+
+    def plan(self, t):
+        """The prompt side of a batch whose image b belongs to task t[b] (a tensor of task indices): one PromptStep
+        per block with a row per image."""
+        B = len(t)
+        return [PromptStep(write=self.writes[t, i] if self.block_writes[i] else None,
+                           write_rows=self.write_at[t, i].view(B, 1, 1) if self.block_writes[i] else None,
+                           live=self.live[t, i] if self.block_masked[i] else None,
+                           tau=self.tau[t, i].view(B, 1, 1, 1) if self.has_tau else None,
+                           gate=torch.sigmoid(at_least_fp32(self.gate[t, i])).view(B, 1, 1) if self.block_gated[i]
+                           else None)
+                for i in range(len(self.block_writes))]
+
+    def forward(self, images, tasks):
+        if images.dim() != 4:
+            raise ValueError(f"images: [B, 3, H, W] expected, got shape {list(images.shape)}")
+        if len(images) == 0 and len(tasks) == 0:
+            return []
+        unknown = sorted(set(tasks) - set(self.names))
+        if unknown or len(tasks) != len(images):
+            raise ValueError(f"need one task per image from {self.names}; got {len(tasks)} for {len(images)} "
+                             f"images" + (f", unknown {unknown}" if unknown else ""))
+        plan = self.plan(torch.tensor([self.names.index(name) for name in tasks], device=images.device))
+        features = self.backbone.pool(self.backbone.run_blocks(images, plan)[0], plan[-1].live)
+        logits = [None] * len(tasks)
+        for name in dict.fromkeys(tasks):
+            rows = [b for b, task in enumerate(tasks) if task == name]
+            for b, out in zip(rows, self.heads[name](features[rows])):
+                logits[b] = out
+        return logits

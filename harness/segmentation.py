@@ -118,7 +118,7 @@ class SETRPUP(nn.Module):
         size = x.shape[-2:]
         padded = F.pad(x, (0, -size[1] % p, 0, -size[0] % p))
         aux_blocks = self.aux_blocks if self.training else ()
-        last, outs, _ = self.backbone.forward_tokens(padded, out_blocks=aux_blocks)
+        last, outs = self.backbone.forward_intermediates(padded, blocks=aux_blocks)
         logits = _resize_to(self.decode_head(self.patch_grid(last, padded)), size)
         if not self.training:
             return logits

@@ -452,7 +452,7 @@ def test_blocks_before_insertion_see_no_prompts(method, k):
     x = datasets.imagenet_normalize(torch.stack([tiny_image(0), tiny_image(1)]), max_value=1.0)
     blocks = tuple(range(1, 5))
     with torch.no_grad():
-        _, ours, _ = prompted.forward_tokens(x, out_blocks=blocks)
+        _, ours = prompted.forward_intermediates(x, blocks=blocks)
     for l in blocks:
         plain = timm_tokens(ref, x, l)
         if l < k:
@@ -479,7 +479,7 @@ def test_backbone_twin_is_the_frozen_backbone_without_prompts():
     assert twin.num_prompts == 0 and isinstance(twin.head, torch.nn.Identity)
     x = datasets.imagenet_normalize(tiny_image()[None], max_value=1.0)
     with torch.no_grad():
-        _, tokens, _ = twin.forward_tokens(x, out_blocks=(4,))
+        _, tokens = twin.forward_intermediates(x, blocks=(4,))
     assert torch.allclose(tokens[4], timm_tokens(timm_reference(prompted), x, 4), atol=1e-5)
 
 # -----------------------------------------------------------------------------
@@ -622,8 +622,12 @@ def test_model_from_run_is_the_model_its_config_builds(tmp_path):
         32, 4, 2, 8, 48, "mean", "bilinear")
     assert (rebuilt.num_prompts, rebuilt.head.out_features, rebuilt.pcfg.gate_init) == (3, 5, 1.0)
     stored = backbone.pos_embed.detach()
-    assert torch.allclose(rebuilt.pos_embed, resized_grid(stored, 6, "bilinear"), atol=1e-6)
-    assert not torch.allclose(rebuilt.pos_embed, resized_grid(stored, 6, "bicubic"), atol=1e-4)
+    assert torch.equal(rebuilt.pos_embed, stored)   # the file's own grid, resized per input:
+    x48 = analysis.imagenet_normalise(tiny_image(size=48)[None])
+    with torch.no_grad():
+        positions = rebuilt.embed(x48)[:, 1:] - rebuilt.patch_embed(x48)
+    assert torch.allclose(positions, resized_grid(stored, 6, "bilinear")[:, 1:], atol=1e-6)
+    assert not torch.allclose(positions, resized_grid(stored, 6, "bicubic")[:, 1:], atol=1e-4)
     # the same model written out with gated_prompt: the file's backbone and the run's trained prompts
     expected = gp.VisionTransformer(c, gp.prompt_config("gated+temp", num_classes=5, num_prompts=3, gate_init=1.0))
     gp.load_backbone(expected, torch.load(checkpoint, weights_only=True))

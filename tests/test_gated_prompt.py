@@ -30,47 +30,101 @@ IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 # --- the ViT itself ---------------------------------------------------------------
 
-@pytest.mark.parametrize("img_size", [224, 512])
-def test_vit_b16_matches_timm(img_size):
-    """From-scratch ViT-B/16 = timm's VisionTransformer with the same weights (also at 512 px, resized grid; there
-    with 2 of the 12 blocks to keep the test fast)."""
+def timm_vit(ours, img_size, **kwargs):
+    """timm's VisionTransformer with our backbone's weights (timm and our names agree)."""
     timm_vit = pytest.importorskip("timm.models.vision_transformer")
-    torch.manual_seed(0)
-    depth = 12 if img_size == 224 else 2
-    ours = gp.build_model("vit_base", ssl="mocov3", method="linear", num_classes=0, img_size=224,
-                          vit_overrides=dict(depth=depth)).eval()
+    c = ours.cfg
+    ref = timm_vit.VisionTransformer(img_size=img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth,
+                                     num_heads=c.num_heads, qkv_bias=True, num_classes=0,
+                                     norm_layer=partial(torch.nn.LayerNorm, eps=c.norm_eps), **kwargs).eval()
     state = ours.backbone_state_dict()
-    if img_size != 224:
-        ours = gp.build_model("vit_base", ssl="mocov3", method="linear", num_classes=0, img_size=img_size,
-                              vit_overrides=dict(depth=depth)).eval()
-        gp.load_backbone(ours, state)  # resizes the 14x14 position grid to 32x32
-        state = ours.backbone_state_dict()
-    ref = timm_vit.VisionTransformer(img_size=img_size, patch_size=16, embed_dim=768, depth=depth, num_heads=12,
-                                     qkv_bias=True, num_classes=0,
-                                     norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    if ref.pos_embed.shape != state["pos_embed"].shape:   # timm stores the input's grid: resized by timm's code
+        from timm.layers import resample_abs_pos_embed
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], ref.patch_embed.grid_size,
+                                                    num_prefix_tokens=1, antialias=False)
+    if kwargs.get("fc_norm"):
+        state["fc_norm.weight"], state["fc_norm.bias"] = state.pop("norm.weight"), state.pop("norm.bias")
     ref.load_state_dict(state)
-    x = torch.randn(1, 3, img_size, img_size)
+    return ref
+
+
+def test_full_size_vit_b16_matches_timm():
+    """The one full-size check: our ViT-B/16 (768 wide, 12 blocks, 12 heads) = timm's with the same weights.
+    Both are built on the meta device and given normal random weights (trunc_normal_ init of 86 M weights,
+    twice, would cost seconds)."""
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    with torch.device("meta"):
+        ours = gp.build_model("vit_base", ssl="mocov3", method="linear", num_classes=0)
+        ref = timm_vit.VisionTransformer(num_classes=0, global_pool="token")
+    ours.to_empty(device="cpu").eval()
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        expected = ref.forward_features(x)
-        got = ours.norm(ours.forward_tokens(x)[0])
-    assert (got - expected).abs().max() < 1e-4
+        for name, p in ours.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02 + ("norm" in name and name.endswith("weight")))
+    ref.load_state_dict(ours.backbone_state_dict(), assign=True)
+    x = torch.randn(1, 3, 224, 224, generator=g)
+    with torch.no_grad():
+        expected = ref.eval().forward_head(ref.forward_features(x), pre_logits=True)
+        assert (ours.forward_features(x) - expected).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
-def test_resized_grid_interpolates_the_stored_grid(mode):
-    """Classification resizes like timm (bicubic); SETR-PUP's configs resize bilinearly. A model setting."""
-    pos = torch.randn(1, 1 + 14 * 14, 8)
-    out = gp.resize_pos_embed(pos, (32, 32), mode)
-    assert out.shape == (1, 1 + 32 * 32, 8)
-    assert torch.equal(out[:, 0], pos[:, 0])  # CLS position untouched
-    grid = pos[:, 1:].reshape(1, 14, 14, 8).permute(0, 3, 1, 2)
-    ref = torch.nn.functional.interpolate(grid, size=(32, 32), mode=mode, align_corners=False)
-    assert torch.allclose(out[:, 1:], ref.permute(0, 2, 3, 1).reshape(1, -1, 8))
-    model = gp.build_model("vit_base", method="linear", num_classes=0, img_size=64,
-                           vit_overrides=dict(embed_dim=8, depth=1, num_heads=1, pos_embed_interpolation=mode))
-    gp.load_backbone(model, {**model.backbone_state_dict(), "pos_embed": pos})   # 14x14 grid into a 4x4 model
-    expected = torch.nn.functional.interpolate(grid, size=(4, 4), mode=mode, align_corners=False)
-    assert torch.allclose(model.pos_embed[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, -1, 8))
+@pytest.mark.parametrize("img_size", [224, 512, 96])
+def test_vit_matches_timm_at_stored_and_resized_grids(img_size):
+    """A 2-block, 64-wide ViT/16 with the 14x14 grid of 224 px: equal to timm at 224 px and, with the grid resized
+    to the input (bicubic, no antialias, as timm's resample_abs_pos_embed with antialias=False), at 512 and 96 px."""
+    torch.manual_seed(0)
+    ours = gp.build_model("vit_base", ssl="mocov3", method="linear", num_classes=0,
+                          vit_overrides=dict(depth=2, embed_dim=64, num_heads=4)).eval()
+    assert ours.pos_embed.shape == (1, 1 + 14 * 14, 64)
+    ref = timm_vit(ours, img_size)
+    x = torch.randn(2, 3, img_size, img_size)
+    with torch.no_grad():
+        assert (ours.norm(ours.forward_intermediates(x)[0]) - ref.forward_features(x)).abs().max() < 1e-5
+
+
+def test_bilinear_resize_of_a_2x2_grid_by_hand():
+    """align_corners=False: output pixel c of 4 samples the 2-grid at (c + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75,
+    1.25, clamped to [0, 1]: 0, 0.25, 0.75, 1. The grid [[0, 1], [2, 3]] is 2 y + x, so the output is 2 y_r + x_c."""
+    pos = torch.tensor([9.0, 0.0, 1.0, 2.0, 3.0]).view(1, 5, 1)   # CLS, then the 2x2 grid row by row
+    out = gp.resize_pos_embed(pos, (4, 4), "bilinear")
+    s = [0.0, 0.25, 0.75, 1.0]
+    assert out[0, 0, 0] == 9.0
+    assert out[0, 1:, 0].tolist() == [2 * y + x for y in s for x in s]
+
+
+@pytest.mark.parametrize("mode,timm_mode,antialias", [("bicubic", "bicubic", False), ("bilinear", "bilinear", False),
+                                                      ("bicubic-antialias", "bicubic", True)])
+@pytest.mark.parametrize("new", [(32, 32), (4, 4), (6, 9)])
+def test_resized_grid_matches_timms_resample(mode, timm_mode, antialias, new):
+    """Classification resizes like the official code (bicubic), SETR-PUP's configs bilinearly, DINOv2 with
+    registers as timm (antialiased): each equal to timm's resample_abs_pos_embed, CLS position untouched."""
+    from timm.layers import resample_abs_pos_embed
+    pos = torch.randn(1, 1 + 14 * 14, 8, generator=torch.Generator().manual_seed(0))
+    expected = resample_abs_pos_embed(pos, list(new), (14, 14), num_prefix_tokens=1, interpolation=timm_mode,
+                                      antialias=antialias)
+    out = gp.resize_pos_embed(pos, new, mode)
+    assert out.shape == (1, 1 + new[0] * new[1], 8) and torch.equal(out[:, 0], pos[:, 0])
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_resized_grid_is_what_the_forward_adds_to_the_patches():
+    """The model keeps the stored 14x14 grid and adds it, resized to each input's grid (bilinear here), to the
+    patch tokens: checked against the patch projection and timm's resample written out in the test."""
+    from timm.layers import resample_abs_pos_embed
+    tiny_vit = dict(embed_dim=8, depth=1, num_heads=1, pos_embed_interpolation="bilinear")
+    source = gp.build_model("vit_base", method="linear", num_classes=0, vit_overrides=tiny_vit)   # 224 px: 14x14
+    pos = source.pos_embed.detach()
+    model = gp.build_model("vit_base", method="linear", num_classes=0, img_size=64, vit_overrides=tiny_vit,
+                           checkpoint=source.backbone_state_dict())
+    assert torch.equal(model.pos_embed, pos)   # the file's own grid, not one for 64 px
+    x = torch.randn(1, 3, 48, 80)
+    resized = resample_abs_pos_embed(pos, [3, 5], (14, 14), num_prefix_tokens=1, interpolation="bilinear",
+                                     antialias=False)
+    patches = torch.nn.functional.conv2d(x, model.patch_embed.proj.weight, model.patch_embed.proj.bias, stride=16)
+    with torch.no_grad():
+        tokens = model.embed(x)
+    assert torch.allclose(tokens[:, 1:], patches.flatten(2).transpose(1, 2) + resized[:, 1:], atol=1e-6)
+    assert torch.allclose(tokens[:, 0], model.cls_token[:, 0] + pos[:, 0])
 
 
 @pytest.mark.parametrize("arch,timm_name", [("vit_small", "vit_small_patch16_224"), ("vit_base", "vit_base_patch16_224"),
@@ -107,7 +161,7 @@ def test_closed_gates_leave_prompts_unchanged_until_the_last_block():
     model = tiny("gated", depth=4)
     with torch.no_grad():
         model.gate_logits.fill_(-float("inf"))
-    _, outs, _ = model.forward_tokens(IMAGES, out_blocks=(1, 2, 3, 4))
+    _, outs = model.forward_intermediates(IMAGES, blocks=(1, 2, 3, 4))
     P = model.num_prompts
     for block in (1, 2, 3):
         assert torch.equal(outs[block][:, 1:1 + P], model.prompts.expand(2, -1, -1))
@@ -127,10 +181,10 @@ def test_eq8_closed_form_equals_recursion():
         model.gate_logits.copy_(torch.tensor([0.3, -1.0, 2.0, -0.5]))
         model.temperatures.copy_(torch.tensor([0.7, 1.3, 1.0, 2.0, 0.5]))
     L, P = 5, model.num_prompts
-    _, outs, _ = model.forward_tokens(IMAGES, out_blocks=tuple(range(1, L)))
+    _, outs = model.forward_intermediates(IMAGES, blocks=tuple(range(1, L)))
     outs[0] = torch.cat([model.embed(IMAGES)[:, :1], model.prompts.expand(2, -1, -1), model.embed(IMAGES)[:, 1:]], 1)
     with torch.no_grad():  # Z~_P^l: block l applied to the (gated) input of block l, before gating
-        z_tilde = [model.blocks[l - 1](outs[l - 1], model.temperatures[l - 1])[0][:, 1:1 + P] for l in range(1, L)]
+        z_tilde = [model.blocks[l - 1](outs[l - 1], model.temperatures[l - 1])[:, 1:1 + P] for l in range(1, L)]
     w_p, g_tilde = model.aggregation_weights()
     closed = w_p * model.prompts + sum(g_tilde[l].item() * z_tilde[l] for l in range(L - 1))
     assert torch.allclose(closed, outs[L - 1][:, 1:1 + P], atol=1e-5)
@@ -165,10 +219,9 @@ def test_hard_gates_are_binary_with_straight_through_gradient():
 
 def test_temperature_divides_attention_logits():
     model = tiny("gated+temp")
-    x = model.embed(IMAGES)
-    blk = model.blocks[0]
-    _, attn_1 = blk(x, torch.tensor(1.0), return_attn=True)
-    _, attn_half = blk(x, torch.tensor(0.5), return_attn=True)
+    x = model.blocks[0].norm1(model.embed(IMAGES))
+    attn_1 = model.blocks[0].attn.probabilities(x, torch.tensor(1.0))
+    attn_half = model.blocks[0].attn.probabilities(x, torch.tensor(0.5))
     logits_1 = attn_1.log()  # log-softmax up to a per-row constant
     logits_half = attn_half.log()
     centred = lambda z: z - z.mean(-1, keepdim=True)
@@ -203,8 +256,18 @@ def test_attention_maps_are_row_stochastic_and_match_the_forward():
     T = 1 + model.num_prompts + 16
     assert set(maps) == {1, 4} and maps[4].shape == (2, 2, T, T)
     assert torch.allclose(maps[1].sum(-1), torch.ones(2, 2, T), atol=1e-5)
-    final_with_maps = model.forward_tokens(IMAGES, attn_blocks=(1, 4))[0]
-    assert torch.allclose(final_with_maps, model.forward_tokens(IMAGES)[0], atol=1e-5)
+    final_with_maps = model.forward_intermediates(IMAGES, blocks=(1, 4), attention=True)[0]
+    assert torch.allclose(final_with_maps, model.forward_intermediates(IMAGES)[0], atol=1e-5)
+    # Eq. 9 by hand for block 1: softmax(q k^T / (sqrt(d) tau)) over [CLS, prompts, patches]
+    with torch.no_grad():
+        model.temperatures[0] = 0.5
+        maps = model.attention_maps(IMAGES, blocks=(1,))[1]
+        x = torch.cat([model.embed(IMAGES)[:, :1], model.prompts.expand(2, -1, -1), model.embed(IMAGES)[:, 1:]], 1)
+        blk = model.blocks[0]
+        h = torch.nn.functional.layer_norm(x, (32,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
+        q, k, _ = (h @ blk.attn.qkv.weight.T + blk.attn.qkv.bias).view(2, T, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        expected = (q @ k.transpose(-2, -1) / (math.sqrt(16) * 0.5)).softmax(-1)
+    assert torch.allclose(maps, expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("method,trainable", [
@@ -229,24 +292,35 @@ def test_vpt_deep_replaces_prompts_before_every_later_block():
         model.deep_prompts.normal_()
     P = model.num_prompts
     assert model.deep_prompts.shape == (3, P, 32)
-    _, outs, _ = model.forward_tokens(IMAGES, out_blocks=(1, 2, 3, 4))
+    _, outs = model.forward_intermediates(IMAGES, blocks=(1, 2, 3, 4))
     assert {t.shape[1] for t in outs.values()} == {1 + P + 16}   # the sequence never grows
     with torch.no_grad():
         for l in (2, 3, 4):
             prev = outs[l - 1]
             fed = torch.cat([prev[:, :1], model.deep_prompts[l - 2].expand(2, -1, -1), prev[:, 1 + P:]], dim=1)
-            assert torch.equal(model.blocks[l - 1](fed)[0], outs[l])
+            assert torch.equal(model.blocks[l - 1](fed), outs[l])
 
 
-@pytest.mark.parametrize("ssl,expected_pool", [("mae", "mean"), ("mocov3", "cls")])
-def test_pooling_per_backbone(ssl, expected_pool):
-    model = tiny("gated", ssl=ssl)
-    tokens = model.forward_tokens(IMAGES)[0]
-    if expected_pool == "mean":   # MAE: mean of all non-CLS tokens (prompts included), then the pretrained norm
-        expected = model.norm(tokens[:, 1:].mean(1))
-    else:                         # MoCo v3: norm, then CLS
-        expected = model.norm(tokens)[:, 0]
-    assert torch.allclose(model.forward_features(IMAGES), expected)
+@pytest.mark.parametrize("ssl,timm_pool", [("mae", "avg"), ("mocov3", "token")])
+def test_pooling_per_backbone(ssl, timm_pool):
+    """Without prompts, timm's own pooling: MAE = timm global_pool='avg' with fc_norm (the mean of every token but
+    CLS, then the pretrained norm), MoCo v3 = global_pool='token' (norm, then CLS)."""
+    model = tiny("linear", ssl=ssl, num_classes=0)
+    ref = timm_vit(model, 32, global_pool=timm_pool, fc_norm=timm_pool == "avg")
+    with torch.no_grad():
+        expected = ref.forward_head(ref.forward_features(IMAGES), pre_logits=True)
+        assert torch.allclose(model.forward_features(IMAGES), expected, atol=1e-5)
+
+
+def test_mae_pooling_averages_the_prompts_too():
+    """With prompts, MAE's mean runs over prompts and patches (not CLS): 3 prompts + 16 patches, by hand."""
+    model = tiny("gated", ssl="mae")
+    with torch.no_grad():
+        tokens = model.forward_intermediates(IMAGES)[0]
+        assert tokens.shape[1] == 1 + 3 + 16
+        mean = tokens[:, 1:].sum(1) / 19
+        expected = torch.nn.functional.layer_norm(mean, (32,), model.norm.weight, model.norm.bias, 1e-6)
+        assert torch.allclose(model.forward_features(IMAGES), expected, atol=1e-6)
 
 
 def test_prompt_init_range_and_dropout_only_in_training():
@@ -353,7 +427,7 @@ def test_forward_leaves_the_state_dict_unchanged(method, mode):
 def test_temperatures_stay_in_range_through_training_steps():
     """The harness's one training step projects after optimizer.step(); SGD with a huge lr pushes every tau
     far outside [0.01, 10] each step."""
-    runtime = pytest.importorskip("runtime")
+    from harness import runtime
     model = tiny("gated+temp").train()
     opt = torch.optim.SGD([{"params": [model.temperatures], "lr": 1e4},   # huge: every step leaves the range
                            {"params": [p for p in model.trainable_parameters() if p is not model.temperatures],
@@ -477,14 +551,14 @@ def test_vpt_deep_with_insert_at_k_has_L_minus_k_prompt_sets():
     assert model.deep_prompts.shape == (5 - 2, P, 32)
     with torch.no_grad():
         model.deep_prompts.normal_()
-    _, outs, _ = model.forward_tokens(IMAGES, out_blocks=(1, 2, 3, 4, 5))
+    _, outs = model.forward_intermediates(IMAGES, blocks=(1, 2, 3, 4, 5))
     assert outs[1].shape[1] == 1 + 16 and outs[2].shape[1] == 1 + P + 16
     with torch.no_grad():
         fed = torch.cat([outs[1][:, :1], model.prompts.expand(2, -1, -1), outs[1][:, 1:]], dim=1)
-        assert torch.equal(model.blocks[1](fed)[0], outs[2])
+        assert torch.equal(model.blocks[1](fed), outs[2])
         for l in (3, 4, 5):   # block l gets set l - k - 1 = l - 3
             fed = torch.cat([outs[l - 1][:, :1], model.deep_prompts[l - 3].expand(2, -1, -1), outs[l - 1][:, 1 + P:]], 1)
-            assert torch.equal(model.blocks[l - 1](fed)[0], outs[l])
+            assert torch.equal(model.blocks[l - 1](fed), outs[l])
 
 
 def test_hard_gates_open_with_probability_sigmoid_gamma():
@@ -508,3 +582,29 @@ def test_hard_gate_straight_through_gradient_is_sigmoid_prime_times_upstream():
     u = torch.rand(3).clamp(1e-6, 1 - 1e-6)
     s = torch.sigmoid(gamma.detach() + torch.log(u) - torch.log(1 - u))
     assert torch.allclose(gamma.grad, s * (1 - s) * upstream, atol=1e-6)
+
+
+def test_the_block_loop_runs_a_prompt_side_per_image_with_gradients():
+    """The per-image form of the one block loop (what MultiTask uses): two runs on one backbone, each with its own
+    prompts, gates and temperatures, stacked and indexed per image, give each run's own features in one batch,
+    and the gradient of each image reaches its own run's parameters only."""
+    a = tiny("gated+temp")
+    b = copy_shared(a, tiny("gated+temp"))
+    with torch.no_grad():
+        b.prompts.normal_()
+        b.gate_logits.copy_(torch.tensor([2.0, -1.0, 0.5]))
+        b.temperatures.copy_(torch.tensor([0.5, 2.0, 1.5, 0.8]))
+    run = torch.tensor([0, 1, 1])
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    prompts = torch.stack([a.prompts[0], b.prompts[0]])[run]       # [B, P, D]
+    gates = torch.stack([a.gates(), b.gates()])[run]                # [B, L - 1]
+    taus = torch.stack([a.temperatures, b.temperatures])[run]       # [B, L]
+    plan = [gp.PromptStep(write=prompts if l == 1 else None, tau=taus[:, l - 1].view(3, 1, 1, 1),
+                          gate=gates[:, l - 1].view(3, 1, 1) if l < 4 else None) for l in range(1, 5)]
+    features = a.pool(a.run_blocks(images, plan)[0])
+    with torch.no_grad():
+        assert torch.allclose(features[:1], a.forward_features(images[:1]), atol=1e-6)
+        assert torch.allclose(features[1:], b.forward_features(images[1:]), atol=1e-6)
+    features[1:].sum().backward()
+    assert a.prompts.grad is None or not a.prompts.grad.any()
+    assert b.prompts.grad.abs().sum() > 0 and (b.gate_logits.grad != 0).all() and (b.temperatures.grad != 0).all()

@@ -64,7 +64,7 @@ def test_a_pack_round_trip_gives_identical_logits_from_a_file_a_state_dict_or_a_
     model = trained(base, method, insert_at=2 if method == "gated" else 1)
     model.save_pack(tmp_path / "p.pt", class_names=list("abcde"), ssl="mae", task="cub", metrics={"test_acc": 80.5})
     raw = torch.load(tmp_path / "p.pt", weights_only=True)
-    assert plain(raw) and raw["version"] == 1 and raw["ssl"] == "mae" and raw["class_names"] == list("abcde")
+    assert plain(raw) and raw["version"] == 2 and raw["ssl"] == "mae" and raw["class_names"] == list("abcde")
     assert raw["prompt"]["num_prompts"] == model.pcfg.num_prompts and raw["vit"]["pool"] == "mean"
     assert raw["info"] == {"task": "cub", "metrics": {"test_acc": 80.5}}
     for source in (tmp_path / "mae.pth", base.backbone_state_dict(), base):
@@ -141,6 +141,86 @@ def test_existing_prompts_files_keep_loading(tmp_path):
     gp.load_backbone(fresh, base.backbone_state_dict())
     fresh.load_prompt_state_dict(torch.load(tmp_path / "run.prompts.pt", weights_only=True))
     assert torch.equal(logits(fresh.eval()), logits(model))
+
+def test_models_built_for_other_input_sizes_share_state_dicts_packs_and_fingerprints(tmp_path):
+    """img_size is the default input size only: models built at 48 and 224 px from the same file store the file's
+    own 4x4 position grid, load each other's whole state dicts and packs (both directions), fingerprint alike and
+    give the same logits on any input size."""
+    base = backbone()   # built at 32 px: a 4x4 grid, as a file from a 32 px pretraining would have
+    torch.save({"model": base.backbone_state_dict()}, tmp_path / "mae.pth")
+    small, large = (gp.build_model("vit_base", "mae", "gated+temp", num_classes=5, num_prompts=4, img_size=size,
+                                   vit_overrides=TINY, checkpoint=tmp_path / "mae.pth").eval() for size in (48, 224))
+    assert small.pos_embed.shape == large.pos_embed.shape == base.pos_embed.shape
+    assert gp.backbone_fingerprint(small) == gp.backbone_fingerprint(large) == gp.backbone_fingerprint(base)
+    images = torch.randn(2, 3, 64, 40)
+    for source, target in ((large, small), (small, large)):
+        with torch.no_grad():
+            for p in source.trainable_parameters():
+                p.normal_(0, 0.5)
+        gp.project_temperatures(source)
+        target.load_state_dict(source.state_dict())
+        assert torch.equal(logits(target, images), logits(source, images))
+        path = source.save_pack(tmp_path / "p.pack.pt")
+        for backbone_of in (target, tmp_path / "mae.pth"):
+            assert torch.equal(logits(gp.load_pack(path, checkpoint=backbone_of), images), logits(source, images))
+        mt = gp.MultiTask(target, {"p": path})
+        with torch.no_grad():
+            assert (mt(images, ["p", "p"])[1] - logits(source, images)[1]).abs().max() <= 1e-5
+
+
+def test_a_pack_records_ssl_input_transform_and_backbone_file(tmp_path):
+    base = backbone()
+    torch.save({"model": base.backbone_state_dict()}, tmp_path / "mae_pretrain_vit_base.pth")
+    model = gp.build_model("vit_base", "mae", "gated+temp", num_classes=5, img_size=32, vit_overrides=TINY,
+                           checkpoint=tmp_path / "mae_pretrain_vit_base.pth")
+    pack = gp.read_pack(model.save_pack(tmp_path / "a.pack.pt"))
+    assert pack["ssl"] == "mae" and pack["vit"]["ssl"] == "mae" and pack["backbone_url"] is None
+    assert pack["backbone_file"] == "mae_pretrain_vit_base.pth"   # the name only: paths differ between machines
+    assert pack["preprocess"] == {"size": 32, "resize": 36, "mean": [0.485, 0.456, 0.406],
+                                  "std": [0.229, 0.224, 0.225]}   # shorter side 32 * 256 / 224, center crop 32
+    url = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"
+    pack = gp.read_pack(model.save_pack(tmp_path / "b.pack.pt", preprocess={"resize": [32, 32], "mean": [0.5] * 3},
+                                        backbone_url=url))
+    assert pack["preprocess"] == {"size": 32, "resize": [32, 32], "mean": [0.5] * 3, "std": [0.229, 0.224, 0.225]}
+    assert pack["backbone_url"] == url
+    assert gp.load_pack(tmp_path / "b.pack.pt", checkpoint=tmp_path / "mae_pretrain_vit_base.pth").backbone_file \
+        == "mae_pretrain_vit_base.pth"
+    with pytest.raises(ValueError, match=r"preprocess keys \['crop'\] unknown"):
+        model.save_pack(tmp_path / "c.pack.pt", preprocess={"crop": 224})
+
+
+def test_save_pack_takes_numpy_and_torch_scalars_and_paths_and_names_anything_else(tmp_path):
+    import numpy as np
+    model = trained(backbone(), "gated+temp")
+    path = model.save_pack(tmp_path / "p.pack.pt", task="cub", metrics={"test_acc": np.float64(80.5),
+                           "epoch": np.int64(99), "loss": torch.tensor(0.25), "best": np.bool_(True)},
+                           data_dir=tmp_path / "data", sizes=(224, np.int32(256)))
+    info = gp.read_pack(path)["info"]
+    assert info == {"task": "cub", "metrics": {"test_acc": 80.5, "epoch": 99, "loss": 0.25, "best": True},
+                    "data_dir": str(tmp_path / "data"), "sizes": [224, 256]}
+    assert type(info["metrics"]["epoch"]) is int and type(info["metrics"]["best"]) is bool
+    for bad, where in (({"metrics": {"confusion": torch.ones(2, 2)}}, r"info\['metrics'\]\['confusion'\] is Tensor"),
+                       ({"when": object()}, r"info\['when'\] is object"), ({"ids": {1: "a"}}, r"info\['ids'\] is dict")):
+        with pytest.raises(TypeError, match=where) as err:
+            model.save_pack(tmp_path / "q.pack.pt", **bad)
+        assert "\n" not in str(err.value)
+
+
+def test_a_version_1_pack_still_loads(tmp_path):
+    """Packs written before the input transform, backbone file / URL and ViTConfig.ssl were recorded."""
+    base = backbone()
+    model = trained(base, "gated+temp")
+
+    def as_version_1(pack):
+        for field in ("preprocess", "backbone_file", "backbone_url"):
+            del pack[field]
+        del pack["vit"]["ssl"]
+        pack["vit"]["pos_grid"] = 0   # version 1 wrote 0 for img_size // patch_size
+        pack["version"] = 1
+    path = rewrite(model.save_pack(tmp_path / "old.pack.pt", ssl="mae"), as_version_1)
+    pack = gp.read_pack(path)
+    assert (pack["preprocess"], pack["backbone_file"], pack["vit"]["ssl"]) == (None, None, "mae")
+    assert torch.equal(logits(gp.load_pack(path, checkpoint=base)), logits(model))
 
 # --- many tasks, one batch ----------------------------------------------------------------------------
 

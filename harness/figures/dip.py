@@ -115,10 +115,7 @@ class DIPGenerator(nn.Module):
 def backbone_tokens(model, images, block):
     """Tokens [B, 1+N, D] (CLS + patches) after block `block` (1-based) of the frozen backbone alone:
     no prompts, no temperatures. Runs only blocks 1..block. images: ImageNet-normalised."""
-    x = model.embed(images)
-    for blk in model.blocks[:block]:
-        x, _ = blk(x)
-    return x
+    return model.run_blocks(images, blocks=(block,), stop_early=True)[1][block]
 
 
 def dip_reconstruct(model, image, block, steps=1000, lr=0.01, seed=0, widths=(128, 128, 128, 128, 128),
