@@ -623,7 +623,7 @@ def test_model_from_run_is_the_model_its_config_builds(tmp_path):
     assert (rebuilt.num_prompts, rebuilt.head.out_features, rebuilt.pcfg.gate_init) == (3, 5, 1.0)
     stored = backbone.pos_embed.detach()
     assert torch.equal(rebuilt.pos_embed, stored)   # the file's own grid, resized per input:
-    x48 = analysis.imagenet_normalise(tiny_image(size=48)[None])
+    x48 = datasets.imagenet_normalize(tiny_image(size=48)[None], max_value=1.0)
     with torch.no_grad():
         positions = rebuilt.embed(x48)[:, 1:] - rebuilt.patch_embed(x48)
     assert torch.allclose(positions, resized_grid(stored, 6, "bilinear")[:, 1:], atol=1e-6)
