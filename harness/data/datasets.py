@@ -143,9 +143,13 @@ DATASET_FOLDERS = {
 }
 
 
+# A user's own image-folder dataset (its layouts and checks: folders.py). Decoded, cached and augmented as FGVC.
+FOLDER_TASK = "folder"
+
+
 def task_kind(task: str) -> str:
     """"fgvc" or "vtab"."""
-    if task in FGVC_DATASETS:
+    if task in FGVC_DATASETS or task == FOLDER_TASK:
         return "fgvc"
     if task in VTAB_TASKS:
         return "vtab"
@@ -447,11 +451,13 @@ def decode_images(task: str, paths: list[str], pixels: np.ndarray, offsets: np.n
 
 
 def load_splits(task: str, root: str | os.PathLike, names: list[str] | tuple[str, ...],
-                cache_dir: str | os.PathLike | None = None, stream: tuple[str, ...] = ()) -> dict:
+                cache_dir: str | os.PathLike | None = None, stream: tuple[str, ...] = (),
+                lists: dict | None = None) -> dict:
     """{name: ImageSplit}: read and check every named split list first, then decode each split once
     (or memory-map it from cache_dir). Names in `stream` become StreamedSplits instead: decoded while they
-    are read, never cached. root: dataset_root(task, data_dir)."""
-    lists = {name: read_split(task, root, name) for name in names}
+    are read, never cached. root: dataset_root(task, data_dir). lists: {name: (paths, labels)} read and
+    checked elsewhere (an image-folder dataset, folders.py) instead of read_split's."""
+    lists = {name: lists[name] if lists is not None else read_split(task, root, name) for name in names}
     return {name: StreamedSplit(task, Path(root), name, paths, labels) if name in stream
             else _decode_split(task, Path(root), name, paths, labels, cache_dir)
             for name, (paths, labels) in lists.items()}
