@@ -331,3 +331,28 @@ def test_fp8_linear_plumbing_with_an_emulated_gemm(monkeypatch):
     expected, got = plain(images), fast(images)
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()
     assert plain.state_dict().keys() == fast.state_dict().keys()
+
+# -----------------------------------------------------------------------------
+# Wiring: runtime.Settings.kernels / place_model, bench --kernels / --fp8
+
+
+def test_place_model_switches_on_the_settings_kernels():
+    from harness import runtime
+    model = runtime.place_model(gated_vit().float(), torch.device("cpu"), False, ("qkv-attention",))
+    assert all(type(b.attn) is kernels.FastAttention and b.attn.fused_qkv for b in model.blocks)
+    assert runtime.Settings(kernels=("fp8",)).record()["kernels"] == ["fp8"]
+    plain = runtime.place_model(gated_vit().float(), torch.device("cpu"), False)
+    assert all(type(b.attn) is gp.Attention for b in plain.blocks)      # off by default
+    with pytest.raises(ValueError, match="unknown kernel"):
+        kernels.apply(plain, ["fast"])
+    with pytest.raises(ValueError, match="attention-backend needs a table"):
+        kernels.apply(plain, ["attention-backend"])
+
+
+def test_segmentation_training_takes_the_settings_kernels():
+    from bench import bench, runs
+    from harness import runtime, segmentation
+    cfg = runs.segmentation_config(bench.parse_args(["--segmentation", "--arch", "tiny", "--img-size", "32"]))
+    training = segmentation.Training(cfg, runtime.Settings(kernels=("upsample",)), verbose=False)
+    ups = [m for m in training.model.modules() if isinstance(m, (nn.Upsample, kernels.BilinearUpsample))]
+    assert ups and all(isinstance(m, kernels.BilinearUpsample) for m in ups)
