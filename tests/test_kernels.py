@@ -356,3 +356,160 @@ def test_segmentation_training_takes_the_settings_kernels():
     training = segmentation.Training(cfg, runtime.Settings(kernels=("upsample",)), verbose=False)
     ups = [m for m in training.model.modules() if isinstance(m, (nn.Upsample, kernels.BilinearUpsample))]
     assert ups and all(isinstance(m, kernels.BilinearUpsample) for m in ups)
+
+
+def test_bench_fp8_is_refused_on_a_cpu_in_one_line_before_any_timing(monkeypatch, capsys):
+    from bench import bench
+    monkeypatch.setattr(bench, "measure", lambda *a, **k: pytest.fail("timed before refusing"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.cli(["--fp8", "--arch", "tiny", "--device", "cpu"])
+    out = capsys.readouterr()
+    assert exit_info.value.code == 2 and out.out == ""
+    assert out.err.count("\n") == 1 and "--fp8" in out.err and "cpu" in out.err
+    assert bench.parse_args([]).kernels == []                               # nothing unless asked
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--report", "--fp8"], "--kernels and --fp8 do not apply"),
+    (["--report", "--kernels", "upsample"], "--kernels and --fp8 do not apply"),
+    (["--kernels", "fp8"], "argument --kernels: invalid choice: 'fp8'"),
+])
+def test_bench_kernel_flags_refused_where_they_do_not_apply(argv, message, capsys):
+    from bench import bench
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_step_table_with_kernels(monkeypatch):
+    """--kernels switches them on in the fast path only; its rows say so."""
+    from bench import bench
+    out = bench.main(["--arch", "tiny", "--img-size", "32", "--prompts", "2", "--batch", "2", "--steps", "1",
+                      "--warmup", "0", "--repeats", "1", "--kernels", "qkv-attention"])
+    assert {(r["path"], tuple(r["kernels"])) for r in out["results"]} == {("fast", ("qkv-attention",)),
+                                                                          ("reference", ())}
+
+# -----------------------------------------------------------------------------
+# The bench units
+
+
+def test_step_gemms_hand_count():
+    """D = 8, one block, 32px images of 16px patches (N = 4), one prompt: T = 6 tokens, batch 2: M = 12."""
+    from bench import bench
+    cfg = gp.vit_config("vit_small", img_size=32, patch_size=16, embed_dim=8, depth=1, num_heads=2)
+    vit = gp.VisionTransformer(cfg, gp.prompt_config("gated+temp", num_classes=3, num_prompts=1))
+    assert bench.step_gemms(vit, 2) == [
+        ["patch embedding", 8, 8, 768, 1],
+        ["qkv", 12, 24, 8, 1], ["proj", 12, 8, 8, 1], ["fc1", 12, 32, 8, 1], ["fc2", 12, 8, 32, 1],
+        ["qkv dx", 12, 8, 24, 1], ["proj dx", 12, 8, 8, 1], ["fc1 dx", 12, 8, 32, 1], ["fc2 dx", 12, 32, 8, 1]]
+    probe = gp.VisionTransformer(cfg, gp.prompt_config("linear", num_classes=3))   # nothing flows back
+    assert [g[0] for g in bench.step_gemms(probe, 2)] == ["patch embedding", "qkv", "proj", "fc1", "fc2"]
+    deep = gp.VisionTransformer(gp.vit_config("vit_small", img_size=32, patch_size=16, embed_dim=8, depth=3,
+                                              num_heads=2), gp.prompt_config("gated", num_prompts=1, insert_at=2))
+    gemms = {(g[0], g[1]): g[4] for g in bench.step_gemms(deep, 2)}
+    assert gemms[("qkv", 10)] == 1 and gemms[("qkv", 12)] == 2            # block 1 sees no prompt
+    assert ("qkv dx", 10) not in gemms and gemms[("qkv dx", 12)] == 2      # no temperature: no gradient into block 1
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel"
+     "__5x_cublas", "GEMM"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", "GEMM"),
+    ("triton_tem_fused_addmm_gelu_0", "GEMM"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64>>", "attention"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64_4x1x1_kernel0_0", "attention"),
+    ("triton_poi_fused__to_copy_add_native_layer_norm_3", "elementwise"),
+    ("triton_red_fused_native_layer_norm_backward_7", "elementwise"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "elementwise"),
+    ("aten::addmm", "GEMM"), ("aten::mm", "GEMM"), ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("aten::native_layer_norm", "elementwise"), ("aten::copy_", "elementwise"),
+    ("Memcpy HtoD (Pageable -> Device)", "other"), ("Optimizer.step#SGD.step", "other"),
+])
+def test_kernel_types_of_typical_names(name, kind):
+    from bench import bench
+    assert bench.kernel_type(name) == kind
+
+
+@pytest.fixture(scope="module")
+def kernels_report(tmp_path_factory):
+    """`bench --report --arch tiny --only kernels` with the step points shrunk to (2 prompts, 2 images) and
+    (1 prompt, 2 images), SETR-PUP to batch 2, and one timed call per row: every unit of the stage runs once, in
+    order."""
+    from bench import bench, report, runs
+    out_dir = tmp_path_factory.mktemp("kernels")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(report, "REPORT_POINTS", ((2, 32, 3700, "cub"), (1, 32, 5700, "dtd")))
+    real_config = runs.segmentation_config
+    mp.setattr(runs, "segmentation_config", lambda args: dict(real_config(args), batch_size=2))
+    try:
+        out = bench.main(["--report", "--arch", "tiny", "--only", "kernels", "--out-dir", str(out_dir), "--steps", "1",
+                          "--warmup", "0", "--repeats", "1"])
+    finally:
+        mp.undo()
+    return out, (out_dir / "BENCHMARKS.md").read_text()
+
+
+def test_kernels_stage_units_in_order(kernels_report):
+    out, markdown = kernels_report
+    assert list(out["units"]) == [
+        "attention backends", "lever qkv-attention+attention-backend 2x2", "lever qkv-attention+attention-backend 1x2",
+        "lever qkv-attention+attention-backend+fp8 2x2", "lever qkv-attention+attention-backend+fp8 1x2",
+        "segmentation lever upsample+channels-last", "gemm ceiling", "kernel split 2x2", "lever qkv-attention 2x2",
+        "lever attention-backend 2x2", "lever fp8 2x2", "segmentation lever upsample",
+        "segmentation lever channels-last"]
+    assert "## Kernels (opt-in, harness/kernels.py)" in markdown
+
+
+def test_kernels_stage_attention_backends_are_na_on_a_cpu(kernels_report):
+    out, markdown = kernels_report
+    assert out["units"]["attention backends"]["n/a"].startswith("SDPA's CUDA kernels; this device is cpu")
+    assert "n/a: SDPA's CUDA kernels" in markdown
+
+
+def test_kernels_stage_lever_rows_beside_todays(kernels_report):
+    """Each lever row beside today's path from the same unit; what a CPU cannot run is named, FP8 sets not timed;
+    the lever computes today's numbers (bf16 rounding apart)."""
+    out, markdown = kernels_report
+    units = out["units"]
+    together = units["lever qkv-attention+attention-backend 2x2"]
+    assert together["kernels"] == ["qkv-attention"] and list(together["left_out"]) == ["attention-backend"]
+    assert together["today"]["kernels"] == [] and together["lever"]["kernels"] == ["qkv-attention"]
+    assert together["ratio"] == together["lever"]["images_per_s"] / together["today"]["images_per_s"]
+    assert 0 < together["agreement"]["logits"] < 5e-2 and 0 < together["agreement"]["prompt_grad"] < 5e-2
+    for key in ("lever qkv-attention+attention-backend+fp8 2x2", "lever fp8 2x2", "lever attention-backend 2x2"):
+        assert "today" not in units[key] and "ratio" not in units[key]
+    assert units["lever fp8 2x2"]["left_out"]["fp8"].startswith("fp8: FP8 (e4m3) matmuls need a CUDA GPU")
+    targets = {t["figure"]: t for t in out["targets"]}
+    assert targets["train step with qkv-attention, 2 prompts, batch 2"]["target"] == 3700
+    assert all(t["met"] is None for t in out["targets"])                   # a CPU judges nothing
+
+
+def test_kernels_stage_gemm_ceiling(kernels_report):
+    out, _ = kernels_report
+    ceiling = out["units"]["gemm ceiling"]
+    assert ceiling["matmul_peak"]["tflops"] > 0 and [(p["prompts"], p["batch"]) for p in ceiling["points"]] == [
+        (2, 2), (1, 2)]
+    for point in ceiling["points"]:
+        assert [r["name"] for r in point["shapes"]][:5] == ["patch embedding", "qkv", "proj", "fc1", "fc2"]
+        assert point["gemm_ms_per_step"] == pytest.approx(sum(r["ms_per_step"] for r in point["shapes"]))
+        assert point["ceiling_images_per_s"] == pytest.approx(point["batch"] / point["gemm_ms_per_step"] * 1000)
+
+
+def test_kernels_stage_kernel_split(kernels_report):
+    out, markdown = kernels_report
+    split = out["units"]["kernel split 2x2"]
+    assert split["source"] == "CPU operators (self time)" and set(split["ms_per_step"]) == {
+        "attention", "GEMM", "elementwise", "other"}
+    assert split["ms_per_step"]["GEMM"] > 0 and split["ms_per_step"]["attention"] > 0
+    assert split["total_ms_per_step"] == pytest.approx(sum(split["ms_per_step"].values()))
+    assert "Kernel-type split of today's training step at 2 prompts, batch 2" in markdown
+
+
+def test_kernels_stage_setr_pup_levers(kernels_report):
+    out, markdown = kernels_report
+    unit = out["units"]["segmentation lever upsample+channels-last"]
+    assert unit["kernels"] == ["upsample", "channels-last"] and unit["today"]["kernels"] == []
+    assert unit["batch_size"] == 2
+    assert unit["ratio"] == pytest.approx(unit["lever"]["iters_per_s"] / unit["today"]["iters_per_s"])
+    assert "| upsample+channels-last |" in markdown
