@@ -208,13 +208,13 @@ def compute_dtype(x):
 def qkv_attention(attention, x, temperature=None, attn_mask=None, backend=None):
     """gated_prompt.Attention's forward minus the output projection, through QKVAttention: [B, T, D] -> [B, T, D].
     temperature: None or one scalar (a tensor or a number); backend: a name of ATTENTION_KERNELS or None for
-    default_backend. An FP8Linear qkv projection computes in FP8."""
+    default_backend (also used for a masked call on a GPU). An FP8Linear qkv projection computes in FP8."""
     if temperature is not None and not isinstance(temperature, torch.Tensor):
         temperature = torch.tensor(float(temperature), device=x.device)
     if temperature is not None:
         temperature = temperature.reshape(())
     qkv = attention.qkv
-    if backend is None:
+    if backend is None or (attn_mask is not None and x.device.type != "cpu"):   # the CUDA kernels take no mask here
         backend = default_backend(x.device, compute_dtype(x), x.shape[-1] // attention.num_heads,
                                   attn_mask is not None)
     fp8 = (qkv.weight_fp8, qkv.weight_scales) if isinstance(qkv, FP8Linear) else None
