@@ -582,43 +582,62 @@ def profile_step_split(args, device, peak, prompts, batch, task):
     return dict(found, prompts=prompts, batch=batch, row=rows[0])
 
 
+def recorded_failure(measure_unit, device):
+    """measure_unit, but an error (a kernel the device or this torch rejects, memory) becomes the unit's figures,
+    {"failed": "Type: first line"}, so that the report goes on to the next unit."""
+    def run():
+        try:
+            return measure_unit()
+        except Exception as err:  # noqa: BLE001 - any failure of an opt-in kernel is a finding, not a stop
+            reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+        _release(device)   # outside the except block: the traceback no longer holds the model
+        print(f"  failed: {reason}", flush=True)
+        return {"failed": reason}
+    return run
+
+
 def kernel_units(args, device, peak):
     """The kernels stage's units in order, as report_units' (stage, key, measure): the SDPA backends (whose table
     the attention-backend lever runs), the levers together (bf16, then with FP8) at both step points, SETR-PUP's
-    levers together, the GEMM ceiling, the kernel split, then each lever alone."""
+    levers together, the GEMM ceiling, the kernel split, then each lever alone. A unit that fails records why
+    (recorded_failure) and the stage goes on."""
     (p0, b0, _, task0, _), (p1, b1, _, task1, _) = report_shapes(args)[0][:2]
     cache = {}
 
     def backends():
         if "backends" not in cache:
-            cache["backends"] = time_attention_backends(args, device)
+            cache["backends"] = recorded_failure(lambda: time_attention_backends(args, device), device)()
         return cache["backends"]
 
     def lever(prompts, batch, task, levers):
         key = f"lever {'+'.join(levers)} {prompts}x{batch}"
-        return "kernels", key, lambda: time_lever(args, device, peak, prompts, batch, task, levers, backends()["table"])
+        return "kernels", key, lambda: time_lever(args, device, peak, prompts, batch, task, levers,
+                                                  backends().get("table"))
 
     def segmentation(levers):
         return ("kernels", f"segmentation lever {'+'.join(levers)}",
                 lambda: time_segmentation_lever(args, device, levers))
     together, alone = LEVERS[:2], LEVERS[2:]
-    return ([("kernels", "attention backends", backends)]
-            + [lever(p, b, task, levers) for levers in together for p, b, task in ((p0, b0, task0), (p1, b1, task1))]
-            + [segmentation(SEGMENTATION_LEVERS[-1])]
-            + [("kernels", "gemm ceiling", lambda: time_gemm_ceiling(args, device)),
-               ("kernels", f"kernel split {p0}x{b0}", lambda: profile_step_split(args, device, peak, p0, b0, task0))]
-            + [lever(p0, b0, task0, levers) for levers in alone]
-            + [segmentation(levers) for levers in SEGMENTATION_LEVERS[:-1]])
+    units = ([("kernels", "attention backends", backends)]
+             + [lever(p, b, task, levers) for levers in together for p, b, task in ((p0, b0, task0), (p1, b1, task1))]
+             + [segmentation(SEGMENTATION_LEVERS[-1])]
+             + [("kernels", "gemm ceiling", lambda: time_gemm_ceiling(args, device)),
+                ("kernels", f"kernel split {p0}x{b0}", lambda: profile_step_split(args, device, peak, p0, b0, task0))]
+             + [lever(p0, b0, task0, levers) for levers in alone]
+             + [segmentation(levers) for levers in SEGMENTATION_LEVERS[:-1]])
+    return [(stage, key, recorded_failure(measure_unit, device)) for stage, key, measure_unit in units]
 
 
 def kernel_report(units):
     """The kernels stage's units in the report: {attention_backends, levers, gemm_ceiling, kernel_split,
-    segmentation_levers}, those measured so far."""
-    return {"attention_backends": units.get("attention backends"),
-            "levers": [v for k, v in units.items() if k.startswith("lever ")],
-            "gemm_ceiling": units.get("gemm ceiling"),
-            "kernel_split": next((v for k, v in units.items() if k.startswith("kernel split ")), None),
-            "segmentation_levers": [v for k, v in units.items() if k.startswith("segmentation lever ")]}
+    segmentation_levers, failed: {unit: why}}, those measured so far."""
+    ok = {k: v for k, v in units.items() if not (isinstance(v, dict) and "failed" in v)}
+    return {"attention_backends": ok.get("attention backends"),
+            "levers": [v for k, v in ok.items() if k.startswith("lever ")],
+            "gemm_ceiling": ok.get("gemm ceiling"),
+            "kernel_split": next((v for k, v in ok.items() if k.startswith("kernel split ")), None),
+            "segmentation_levers": [v for k, v in ok.items() if k.startswith("segmentation lever ")],
+            "failed": {k: v["failed"] for k, v in units.items() if k not in ok}}
 
 
 # -----------------------------------------------------------------------------

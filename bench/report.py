@@ -307,6 +307,9 @@ def _markdown_kernels(k):
                   f"({split['source']}, {split['row']['mode']}):", "", "| type | ms per step | share |", "|---|---|---|"]
         lines += [f"| {kind} | {ms:.2f} | {100 * ms / total:.1f}% |" for kind, ms in split["ms_per_step"].items()]
         lines.append("")
+    if k.get("failed"):
+        lines += ["Units that failed (the report went on):", ""]
+        lines += [f"- {unit}: {why}" for unit, why in k["failed"].items()] + [""]
     if k.get("segmentation_levers"):
         lines += ["SETR-PUP training iteration:", "", "| kernels | today it/s | with kernels it/s | ratio | ran | "
                   "peak GiB today / with |", "|---|---|---|---|---|---|"]

@@ -513,3 +513,26 @@ def test_kernels_stage_setr_pup_levers(kernels_report):
     assert unit["batch_size"] == 2
     assert unit["ratio"] == pytest.approx(unit["lever"]["iters_per_s"] / unit["today"]["iters_per_s"])
     assert "| upsample+channels-last |" in markdown
+
+
+def test_a_failing_kernel_unit_is_recorded_and_the_stage_goes_on(tmp_path, monkeypatch):
+    """An opt-in kernel the device rejects (here: the GEMM ceiling and SETR-PUP's levers raising) leaves its reason
+    in the unit and in BENCHMARKS.md; the units after it are measured."""
+    from bench import bench, report
+
+    def rejected(*args):
+        raise RuntimeError("no kernel image is available for execution on the device\nsecond line")
+    monkeypatch.setattr(report, "REPORT_POINTS", ((2, 32, 3700, "cub"), (1, 32, 5700, "dtd")))
+    monkeypatch.setattr(bench, "time_gemm_ceiling", rejected)
+    monkeypatch.setattr(bench, "time_segmentation_lever", rejected)
+    monkeypatch.setattr(bench, "time_lever", lambda *a: {"prompts": 2, "batch": 2, "asked": [], "kernels": [],
+                                                         "left_out": {}})
+    monkeypatch.setattr(bench, "profile_step_split", lambda *a: {"prompts": 2, "batch": 2})
+    out = bench.main(["--report", "--arch", "tiny", "--only", "kernels", "--out-dir", str(tmp_path), "--steps", "1",
+                      "--warmup", "0", "--repeats", "1"])
+    why = "RuntimeError: no kernel image is available for execution on the device"
+    assert out["units"]["gemm ceiling"] == {"failed": why}
+    assert out["units"]["segmentation lever upsample"] == {"failed": why}
+    assert "failed" not in out["units"]["kernel split 2x2"]                 # measured after the failure
+    assert out["kernels"]["failed"]["gemm ceiling"] == why
+    assert f"- gemm ceiling: {why}" in (tmp_path / "BENCHMARKS.md").read_text()
