@@ -29,12 +29,16 @@ headline first, each written to benchmarks.json as it finishes (bench_report.py:
 import argparse
 import datetime
 import os
+import re
 import statistics
 import sys
 import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
+from torch.nn import attention as nn_attention
+from torch.nn.attention import SDPBackend
 
 if __name__ == "__main__" and not __package__:   # `python bench/bench.py`: import from the repository root
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,9 +49,11 @@ import gated_prompt as gp
 from harness import config
 from harness import runtime
 from harness import classification
-from bench.runs import (ARCH_CHOICES, END_TO_END, SSL, _compiled_or_eager, _peak_memory_gib, _release,
-                        _reset_memory, arch_spec, compile_enabled, patch_size_of, run_end_to_end, run_mode_of,
-                        sdpa_kernel, time_loop, time_segmentation)
+from harness import kernels as fast_kernels
+from bench.runs import (ARCH_CHOICES, END_TO_END, SEGMENTATION_LEVERS, SSL, _compiled_or_eager, _peak_memory_gib,
+                        _release, _reset_memory, arch_spec, compile_enabled, patch_size_of, run_end_to_end,
+                        run_mode_of, sdpa_kernel, segmentation_config, time_loop, time_segmentation,
+                        time_segmentation_lever)
 
 NUM_CLASSES = 100   # `flops`' default head size; the head's FLOPs are negligible whatever it is
 STEP_TASK = "dtd"   # whose recipe (lr, gate init, prompt dropout, head size) the step benchmark resolves
@@ -172,12 +178,14 @@ def make_optimizer(cfg, model, device):
 
 
 def measure(args, device, path, num_prompts, batch, state=None, peak=None, compile=None, task=STEP_TASK,
-            eval_batch=None):
+            eval_batch=None, kernels=(), backends=None, kinds=("train", "eval"), timer=None):
     """Time the training and the evaluation step of one path ("fast" or "reference") on `task`'s recipe, as
     classification.fit runs them (the fast path's backbone compiled apart from the head: classification.classifier_forward).
     compile: None = the run's setting (compile_enabled) for the fast path; the reference path never compiles.
     eval_batch: None = --eval-batch-factor x batch. Each step's inputs are made after the memory reset before it,
-    so the training row's peak holds no evaluation batch. Returns (rows, state dict of the initial weights)."""
+    so the training row's peak holds no evaluation batch. kernels, backends: the fast path's opt-in kernels
+    (harness.kernels.apply); kinds: the steps timed; timer: time_loop's stand-in (the profiled step).
+    Returns (rows, state dict of the initial weights)."""
     fast = path == "fast"
     compile = (compile_enabled(args, device) if compile is None else compile) if fast else False
     _release(device)
@@ -187,6 +195,7 @@ def measure(args, device, path, num_prompts, batch, state=None, peak=None, compi
     model = build_path_model(cfg, path, state)
     state = state if state is not None else {k: v.clone() for k, v in model.state_dict().items()}
     runtime.place_model(model, device, bf16=fast)
+    fast_kernels.apply(model, kernels if fast else (), device, backends)
     optimizer = make_optimizer(cfg, model, device)
     count, size, classes = model_flops(model), cfg.img_size, cfg.head_size()
     eval_batch = eval_batch or batch * args.eval_batch_factor
@@ -207,16 +216,19 @@ def measure(args, device, path, num_prompts, batch, state=None, peak=None, compi
         eval_step = classification.make_eval_step(model, device, fast, c, args.compile_mode)
         return (lambda: eval_step(images, labels)), eval_step.compiled
 
-    kernel = sdpa_kernel(model, inputs(2)[0], device, fast)
+    kernel = "QKVAttention" if fast and "qkv-attention" in kernels else sdpa_kernel(model, inputs(2)[0], device, fast)
     rows = []
     for kind, make, n, flops_per_image in (("train", make_train, batch, count["train"]),
                                            ("eval", make_eval, eval_batch, count["forward"])):
+        if kind not in kinds:
+            continue
         model.train(kind == "train")
         _reset_memory(device)
         fn, counted, compile_s = _compiled_or_eager(make, compile, device, f"{kind} step")
-        rates = time_loop(fn, n, args.steps, args.warmup, args.repeats, device)
+        rates = (timer or time_loop)(fn, n, args.steps, args.warmup, args.repeats, device)
         rows.append(step_row(path, kind, num_prompts, n, rates, flops_per_image, peak, device, fast,
                              run_mode_of(counted), compile_s, kernel))
+        rows[-1]["kernels"] = list(kernels) if fast else []
         del fn
     del model, optimizer
     _release(device)
@@ -293,7 +305,8 @@ def time_step_table(args, device, peak):
     print(HEADER)
     for num_prompts in args.prompts:
         for batch in args.batch:
-            rows, pair_ratios = compare_paths(args, device, peak, num_prompts, batch, args.skip_reference)
+            rows, pair_ratios = compare_paths(args, device, peak, num_prompts, batch, args.skip_reference,
+                                              kernels=args.kernels)
             results, ratios = results + rows, ratios + pair_ratios
     return results, ratios
 
@@ -309,11 +322,323 @@ def run_sweep(args, device, peak, name, values, fixed, measured, compile=None):
     for v in values:
         key = (v, fixed) if name == "prompts" else (fixed, v)
         if key not in measured:
-            measured[key] = _measure_or_oom(args, device, "fast", *key, peak=peak, compile=compile)[0] or []
+            measured[key] = _measure_or_oom(args, device, "fast", *key, peak=peak, compile=compile,
+                                            kernels=args.kernels)[0] or []
         for row in measured[key]:
             print(format_row(row), flush=True)
             rows.append(row)
     return rows
+
+# -----------------------------------------------------------------------------
+# Kernels: harness.kernels' opt-in levers against today's fast path (both in the same unit), the SDPA backends per
+# sequence length, the GEMM-shape ceiling and the kernel-type split of one profiled training step
+
+ATTENTION_BACKENDS = ("cudnn", "flash", "efficient")   # SDPA's fused kernels; math is the reference path's
+# the step's levers: together without and with FP8 (the targets' two cases), then each alone
+LEVERS = (report.LEVERS_BF16, report.LEVERS_FP8, ("qkv-attention",), ("attention-backend",), ("fp8",))
+AGREEMENT_BATCH = 4          # images of the one eager step that compares a lever's numbers with today's
+PROFILED_STEPS = 3           # training steps recorded by the kernel-split profile
+CLI_KERNELS = ("qkv-attention", "upsample", "channels-last")   # --kernels (attention-backend needs a measured table)
+SDPA_NAMES = {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "efficient", "CUDNN_ATTENTION": "cudnn",
+              "MATH": "math"}
+# kernel / operator name -> type, first match wins (attention first: fused attention kernels may name cutlass)
+KERNEL_TYPES = (("attention", r"flash|fmha|attention|sdpa|softmax"),
+                ("GEMM", r"gemm|cublas|cutlass|nvjet|xmma|wgmma|triton_tem|scaled_mm|conv|"
+                         r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear)$"),
+                ("elementwise", r"elementwise|vectorized|triton_(poi|red|per)|reduce|norm|gelu|copy|cat|fill|"
+                                r"index|gather|scatter|upsample|^aten::"),
+                ("other", r""))
+
+
+def step_model(args, prompts, batch, task=STEP_TASK):
+    """The step benchmark's model for (prompts, batch) on the meta device: its shapes, no memory."""
+    cfg = step_config(args, prompts, batch, task)
+    with torch.device("meta"):
+        return recipes.model_from_config(cfg, recipes.num_classes(cfg), verbose=False)
+
+
+def block_tokens(vit, prompted=True):
+    """Tokens in one block: CLS, prompts (if `prompted`), registers, patches."""
+    cfg = vit.cfg
+    return 1 + (vit.num_prompts if prompted else 0) + cfg.num_reg_tokens + (cfg.img_size // cfg.patch_size) ** 2
+
+
+def attention_shapes(args):
+    """(what, batch, tokens, heads, head dim) of the report's prompted attention: each step point's, and SETR-PUP's
+    at its crop."""
+    shapes = []
+    for prompts, batch, _, task, _ in report_shapes(args)[0]:
+        vit = step_model(args, prompts, batch, task)
+        shapes.append((f"step {prompts}x{batch}", batch, block_tokens(vit)))
+    seg = segmentation_config(args)
+    with torch.device("meta"):
+        vit = recipes.model_from_config(seg, 0, verbose=False)
+    shapes.append((f"SETR-PUP {seg['img_size']}px", seg["batch_size"], block_tokens(vit)))
+    return [(what, batch, tokens, vit.cfg.num_heads, vit.cfg.embed_dim // vit.cfg.num_heads)
+            for what, batch, tokens in shapes]
+
+
+def time_attention_backends(args, device):
+    """Forward + backward of scaled_dot_product_attention (bf16, q / k / v views of one packed projection, as the
+    model runs it) under each of ATTENTION_BACKENDS at the report's sequence lengths: ms per call, SDPA's own
+    choice, and the fastest -- `table` {tokens: kernel}, what harness.kernels' attention-backend lever runs.
+    A CPU has none of these kernels: "n/a"."""
+    if device.type != "cuda":
+        return {"n/a": f"SDPA's CUDA kernels; this device is {runtime.device_name(device)}", "shapes": [], "table": {}}
+    rows, table = [], {}
+    for what, batch, tokens, heads, dim in attention_shapes(args):
+        packed = torch.randn(batch, tokens, 3, heads, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+        q, k, v = packed.permute(2, 0, 3, 1, 4)
+        grad = torch.randn(batch, heads, tokens, dim, device=device, dtype=torch.bfloat16)
+        default = SDPBackend(torch._fused_sdp_choice(q, k, v)).name
+        ms, failed = {}, {}
+        for name in ATTENTION_BACKENDS:
+            def call(name=name):
+                with nn_attention.sdpa_kernel([fast_kernels.SDPA_BACKENDS[name]]):
+                    out = F.scaled_dot_product_attention(q, k, v)
+                return torch.autograd.grad(out, packed, grad)
+            try:
+                ms[name] = 1000 / statistics.median(time_loop(call, 1, args.steps, args.warmup, args.repeats, device))
+            except RuntimeError as err:   # a kernel that does not take this shape / dtype / device
+                failed[name] = (str(err).strip().splitlines() or [""])[0][:200]
+        winner = min(ms, key=ms.get) if ms else None
+        if winner:
+            table[str(tokens)] = winner
+        rows.append({"what": what, "batch": batch, "tokens": tokens, "heads": heads, "head_dim": dim, "ms": ms,
+                     "failed": failed, "sdpa_default": SDPA_NAMES.get(default, default), "winner": winner})
+        print(f"  attention {what}: {batch} x {tokens} tokens: "
+              + ", ".join(f"{n} {t:.3f} ms" for n, t in ms.items()) + f" | SDPA picks {rows[-1]['sdpa_default']},"
+              f" fastest {winner}", flush=True)
+        del packed, q, k, v, grad
+    return {"shapes": rows, "table": table}
+
+
+def lever_refusal(lever, device, table):
+    """Why `lever` cannot run here, or None."""
+    if lever == "fp8":
+        return fast_kernels.fp8_unsupported(device, flag="fp8")
+    if lever == "attention-backend" and not table:
+        return "attention-backend: no measured table of SDPA kernels per sequence length on this device"
+    return None
+
+
+def lever_agreement(args, device, prompts, task, levers, table):
+    """One eager bf16 training forward + backward of AGREEMENT_BATCH images, today's fast path and with `levers`,
+    from the same weights (eval mode: no dropout): the largest difference of the logits and of the prompts'
+    gradient, relative to today's largest value. The float64 equality is proven on a CPU (tests/test_kernels.py);
+    this says that the device's kernels compute the same model."""
+    cfg = step_config(args, prompts, AGREEMENT_BATCH, task)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(AGREEMENT_BATCH, 3, cfg.img_size, cfg.img_size, generator=gen).to(device)
+    state, found = None, []
+    for names in ((), levers):
+        model = build_path_model(cfg, "fast", state)
+        if state is None:   # temperatures away from 1, so that folding them into the projection is exercised
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            if "temperatures" in state:
+                state["temperatures"] = torch.linspace(0.5, 2.0, len(state["temperatures"]))
+            model.load_state_dict(state)
+        runtime.place_model(model, device, bf16=True)
+        fast_kernels.apply(model, names, device, table)
+        model.eval()
+        with runtime.autocast(device, True):
+            logits = model(images)
+        logits.float().logsumexp(-1).sum().backward()
+        found.append((logits.detach().float(), model.prompts.grad.detach().float()))
+        del model
+    (logits, grad), (lever_logits, lever_grad) = found
+    return {"logits": ((lever_logits - logits).abs().max() / logits.abs().max()).item(),
+            "prompt_grad": ((lever_grad - grad).abs().max() / grad.abs().max()).item()}
+
+
+def time_lever(args, device, peak, prompts, batch, task, levers, table):
+    """The training step of today's fast path, then with `levers` (harness.kernels) on, from the same weights, in
+    this unit: both rows, their ratio, and lever_agreement. attention-backend without a measured table is left out
+    and named; a set with a lever that cannot run here otherwise (FP8 on a CPU or before sm_89) is not timed --
+    without it, it would repeat another unit -- and the unit holds the reason."""
+    refused = {lever: lever_refusal(lever, device, table) for lever in levers}
+    refused = {lever: why for lever, why in refused.items() if why}
+    on = [lever for lever in levers if lever not in refused]
+    out = {"prompts": prompts, "batch": batch, "task": task, "asked": list(levers), "kernels": on, "left_out": refused}
+    if not on or set(refused) - {"attention-backend"}:
+        print(f"  {'+'.join(levers)}: not run: " + "; ".join(refused.values()), flush=True)
+        return out
+    table = {int(tokens): name for tokens, name in (table or {}).items()}
+    kw = dict(peak=peak, task=task, kinds=("train",))
+    today, state = _measure_or_oom(args, device, "fast", prompts, batch, **kw)
+    if today is None:
+        return dict(out, left_out=dict(refused, today="out of GPU memory"))
+    lever, _ = _measure_or_oom(args, device, "fast", prompts, batch, state=state, kernels=on, backends=table, **kw)
+    if lever is None:
+        return dict(out, left_out=dict(refused, lever="out of GPU memory"), today=today[0])
+    if "attention-backend" in on:
+        lever[0]["sdpa_kernel"] += " (measured table)"
+    ratio = lever[0]["images_per_s"] / today[0]["images_per_s"]
+    agreement = lever_agreement(args, device, prompts, task, on, table)
+    for row in (today[0], lever[0]):
+        print(format_row(row) + f"  {'+'.join(row['kernels']) or 'today'}", flush=True)
+    print(f"  {'+'.join(on)}: {ratio:.3f}x today's train step; relative difference: logits "
+          f"{agreement['logits']:.2e}, prompt gradient {agreement['prompt_grad']:.2e}", flush=True)
+    return dict(out, today=today[0], lever=lever[0], ratio=ratio, agreement=agreement)
+
+
+def step_gemms(vit, batch):
+    """The matmuls of one training step of a prompted frozen ViT, as [name, M, N, K, count] (an [M, K] x [K, N]
+    product `count` times): the patch embedding, each block's qkv / proj / fc1 / fc2 forward, and their input
+    gradients (dx = dy W) in the blocks gradients flow through -- the frozen weights get none. Blocks before the
+    prompts' insertion see fewer tokens. The same matmuls as `flops` counts (its linear terms)."""
+    cfg, D = vit.cfg, vit.cfg.embed_dim
+    hidden = int(D * cfg.mlp_ratio)
+    patches = (cfg.img_size // cfg.patch_size) ** 2
+    first_backward = (1 if vit.temperatures is not None else vit.pcfg.insert_at) if vit.num_prompts else None
+    counts = {("patch embedding", batch * patches, D, 3 * cfg.patch_size ** 2): 1}
+    for block in range(1, cfg.depth + 1):
+        M = batch * block_tokens(vit, prompted=block >= vit.pcfg.insert_at)
+        shapes = [("qkv", M, 3 * D, D), ("proj", M, D, D), ("fc1", M, hidden, D), ("fc2", M, D, hidden)]
+        if first_backward is not None and block >= first_backward:
+            shapes += [("qkv dx", M, D, 3 * D), ("proj dx", M, D, D), ("fc1 dx", M, D, hidden), ("fc2 dx", M, hidden, D)]
+        for shape in shapes:
+            counts[shape] = counts.get(shape, 0) + 1
+    return [[*shape, count] for shape, count in counts.items()]
+
+
+def time_gemm_ceiling(args, device):
+    """torch.matmul (bf16) at every GEMM shape of the report's training steps against the square-matmul peak
+    measured here: TFLOP/s and fraction of that peak per shape, and per step the milliseconds all its GEMMs take
+    at those rates -- the images/s the step would reach if nothing but its GEMMs took time."""
+    peak = report.measure_matmul_peak(device)
+    points = []
+    for prompts, batch, _, task, _ in report_shapes(args)[0]:
+        rows = []
+        for name, M, N, K, count in step_gemms(step_model(args, prompts, batch, task), batch):
+            a = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            # forward: x W^T with W [N, K] stored row-major (F.linear); input gradient: dy W with W [K, N]
+            w = torch.randn(N, K, device=device, dtype=torch.bfloat16).t() if "dx" not in name else \
+                torch.randn(K, N, device=device, dtype=torch.bfloat16)
+            rate = statistics.median(time_loop(lambda: torch.matmul(a, w), 1, args.steps, args.warmup, args.repeats,
+                                               device))
+            tflops = 2 * M * N * K * rate / 1e12
+            rows.append({"name": name, "M": M, "N": N, "K": K, "count": count, "tflops": tflops,
+                         "peak_fraction": tflops / peak["tflops"], "ms_per_step": 1000 * count / rate})
+            del a, w
+        gemm_ms = sum(r["ms_per_step"] for r in rows)
+        flop = sum(2 * r["M"] * r["N"] * r["K"] * r["count"] for r in rows)
+        points.append({"prompts": prompts, "batch": batch, "shapes": rows, "gemm_ms_per_step": gemm_ms,
+                       "gemm_tflops": flop / gemm_ms / 1e9, "peak_fraction": flop / gemm_ms / 1e9 / peak["tflops"],
+                       "ceiling_images_per_s": batch / gemm_ms * 1000})
+        print(f"  GEMMs of the step at {prompts} prompts, batch {batch}: {gemm_ms:.2f} ms "
+              f"({points[-1]['gemm_tflops']:.1f} TFLOP/s, {100 * points[-1]['peak_fraction']:.1f}% of the square "
+              f"matmul's {peak['tflops']:.1f}) -> at most {points[-1]['ceiling_images_per_s']:,.0f} img/s", flush=True)
+    return {"matmul_peak": peak, "points": points}
+
+
+def kernel_type(name):
+    return next(kind for kind, pattern in KERNEL_TYPES if re.search(pattern, name, re.IGNORECASE))
+
+
+def kernel_split(prof, device, steps):
+    """Milliseconds per step by KERNEL_TYPES of a torch.profiler run over `steps` steps: the CUDA kernels' own
+    time on a GPU; on a CPU the operators' self time (aten ops and the Python ranges around them). Also the ten
+    largest entries."""
+    events = [e for e in prof.key_averages()]
+    cuda = [e for e in events if device.type == "cuda" and str(e.device_type).endswith("CUDA")]
+    if cuda:
+        timed = [(e.key, getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0))
+                 for e in cuda]
+    else:
+        timed = [(e.key, e.self_cpu_time_total) for e in events]
+    split = {kind: 0.0 for kind, _ in KERNEL_TYPES}
+    for name, us in timed:
+        split[kernel_type(name)] += us / 1000 / steps
+    top = sorted(timed, key=lambda t: -t[1])[:10]
+    return {"source": "CUDA kernels" if cuda else "CPU operators (self time)", "ms_per_step": split,
+            "total_ms_per_step": sum(split.values()),
+            "top": [{"name": name[:120], "type": kernel_type(name), "ms_per_step": us / 1000 / steps}
+                    for name, us in top]}
+
+
+def profile_step_split(args, device, peak, prompts, batch, task):
+    """Today's fast-path training step at (prompts, batch), compiled as the step rows: its rate, then
+    PROFILED_STEPS steps under torch.profiler, split by kernel type (kernel_split)."""
+    found = {}
+
+    def profiled(fn, n, steps, warmup, repeats, device):
+        rates = time_loop(fn, n, steps, warmup, repeats, device)
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(PROFILED_STEPS):
+                fn()
+            runtime.synchronize(device)
+        found.update(kernel_split(prof, device, PROFILED_STEPS))
+        return rates
+    rows, _ = _measure_or_oom(args, device, "fast", prompts, batch, peak=peak, task=task, kinds=("train",),
+                              timer=profiled)
+    if rows is None:
+        return {"prompts": prompts, "batch": batch, "left_out": "out of GPU memory"}
+    split = found["ms_per_step"]
+    print(f"  kernel split of the train step ({found['source']}), ms per step: "
+          + ", ".join(f"{kind} {ms:.2f}" for kind, ms in split.items()), flush=True)
+    return dict(found, prompts=prompts, batch=batch, row=rows[0])
+
+
+def recorded_failure(measure_unit, device):
+    """measure_unit, but an error (a kernel the device or this torch rejects, memory) becomes the unit's figures,
+    {"failed": "Type: first line"}, so that the report goes on to the next unit."""
+    def run():
+        try:
+            return measure_unit()
+        except Exception as err:  # noqa: BLE001 - any failure of an opt-in kernel is a finding, not a stop
+            reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+        _release(device)   # outside the except block: the traceback no longer holds the model
+        print(f"  failed: {reason}", flush=True)
+        return {"failed": reason}
+    return run
+
+
+def kernel_units(args, device, peak):
+    """The kernels stage's units in order, as report_units' (stage, key, measure): the SDPA backends (whose table
+    the attention-backend lever runs), the levers together (bf16, then with FP8) at both step points, SETR-PUP's
+    levers together, the GEMM ceiling, the kernel split, then each lever alone. A unit that fails records why
+    (recorded_failure) and the stage goes on."""
+    (p0, b0, _, task0, _), (p1, b1, _, task1, _) = report_shapes(args)[0][:2]
+    cache = {}
+
+    def backends():
+        if "backends" not in cache:
+            cache["backends"] = recorded_failure(lambda: time_attention_backends(args, device), device)()
+        return cache["backends"]
+
+    def lever(prompts, batch, task, levers):
+        key = f"lever {'+'.join(levers)} {prompts}x{batch}"
+        return "kernels", key, lambda: time_lever(args, device, peak, prompts, batch, task, levers,
+                                                  backends().get("table"))
+
+    def segmentation(levers):
+        return ("kernels", f"segmentation lever {'+'.join(levers)}",
+                lambda: time_segmentation_lever(args, device, levers))
+    together, alone = LEVERS[:2], LEVERS[2:]
+    units = ([("kernels", "attention backends", backends)]
+             + [lever(p, b, task, levers) for levers in together for p, b, task in ((p0, b0, task0), (p1, b1, task1))]
+             + [segmentation(SEGMENTATION_LEVERS[-1])]
+             + [("kernels", "gemm ceiling", lambda: time_gemm_ceiling(args, device)),
+                ("kernels", f"kernel split {p0}x{b0}", lambda: profile_step_split(args, device, peak, p0, b0, task0))]
+             + [lever(p0, b0, task0, levers) for levers in alone]
+             + [segmentation(levers) for levers in SEGMENTATION_LEVERS[:-1]])
+    return [(stage, key, recorded_failure(measure_unit, device)) for stage, key, measure_unit in units]
+
+
+def kernel_report(units):
+    """The kernels stage's units in the report: {attention_backends, levers, gemm_ceiling, kernel_split,
+    segmentation_levers, failed: {unit: why}}, those measured so far."""
+    ok = {k: v for k, v in units.items() if not (isinstance(v, dict) and "failed" in v)}
+    return {"attention_backends": ok.get("attention backends"),
+            "levers": [v for k, v in ok.items() if k.startswith("lever ")],
+            "gemm_ceiling": ok.get("gemm ceiling"),
+            "kernel_split": next((v for k, v in ok.items() if k.startswith("kernel split ")), None),
+            "segmentation_levers": [v for k, v in ok.items() if k.startswith("segmentation lever ")],
+            "failed": {k: v["failed"] for k, v in units.items() if k not in ok}}
+
 
 # -----------------------------------------------------------------------------
 # --report: the targets' figures in one process, written to BENCHMARKS.md and benchmarks.json
@@ -346,6 +671,7 @@ def report_units(args, device, peak):
                         or []}
     units = [("step", f"step {p}x{b}", step_unit(p, b, task, eb)) for p, b, _, task, eb in points]
     units.insert(1, ("step", "matmul peak", lambda: report.measure_matmul_peak(device)))
+    units += kernel_units(args, device, peak)
     (prompts_fixed, batch_fixed), sweep = points[0][:2], []
     for key in [(p, batch_fixed) for p in sweep_prompts] + [(prompts_fixed, b) for b in sweep_batch]:
         if key not in sweep:
@@ -370,11 +696,11 @@ def assemble_report(args, device, units):
               "sweeps": {"prompts": sweep([(p, batch_fixed) for p in sweep_prompts]),
                          "batch": sweep([(prompts_fixed, b) for b in sweep_batch])},
               "end_to_end": {run: units[f"end-to-end {run}"] for run in END_TO_END if f"end-to-end {run}" in units},
-              "segmentation": units.get("segmentation")}
+              "segmentation": units.get("segmentation"), "kernels": kernel_report(units)}
     comparable = (device.type == "cuda" and "H100" in runtime.device_name(device).upper()
                   and args.arch == "vit_base" and args.method == "gated+temp"
                   and (args.img_size or datasets.IMAGE_SIZE) == datasets.IMAGE_SIZE)
-    tables["targets"] = report.target_rows(tables, comparable)
+    tables["targets"] = report.target_rows(tables, comparable) + report.lever_target_rows(tables, comparable)
     return tables
 
 
@@ -425,10 +751,12 @@ default        images/s, TFLOP/s and peak memory of the training step and evalua
 
 EPILOG = """examples:
   python bench.py --report --only step                # the headline step rows, ~5 min on one H100
+  python bench.py --report --only kernels             # opt-in kernels (harness/kernels.py) vs today's path
   python bench.py --report --only sweeps              # then the other stages, each its own command
   python bench.py --report                            # all stages in one process (skips what is done)
   python bench.py                                     # ViT-B/16, 100 prompts, batch 64
   python bench.py --prompts 10 100 --batch 32 128 --json bench.json
+  python bench.py --kernels qkv-attention --fp8       # the fast path with opt-in kernels (FP8: sm_89+ only)
   python bench.py --sweep-prompts --sweep-batch       # fast path only
   python bench.py --end-to-end vtab --json e2e_vtab.json      # target: < 60 s on one H100
   python bench.py --end-to-end cub --compile-mode max-autotune
@@ -474,6 +802,12 @@ def build_parser():
     _add_timing_args(p)
     _add_compile_args(p)
     p.add_argument("--skip-reference", action="store_true", help="time the fast path only")
+    p.add_argument("--kernels", nargs="+", default=[], metavar="NAME", choices=CLI_KERNELS,
+                   help=f"the fast path with these opt-in kernels of harness/kernels.py on: {', '.join(CLI_KERNELS)} "
+                        "(same numbers as today's path; default: none)")
+    p.add_argument("--fp8", action="store_true",
+                   help="the fast path's frozen Linear weights in FP8 e4m3 (changes the numerics; CUDA compute "
+                        "capability >= 8.9 only)")
     p.add_argument("--sweep-prompts", type=int, nargs="*", default=None, metavar="P",
                    help=f"instead of the table: fast-path images/s vs prompt count (no values: "
                         f"{' '.join(map(str, SWEEP_PROMPTS))}; batch = first --batch)")
@@ -528,6 +862,8 @@ def check_args(p, args):
     if args.report and (args.prompts is not None or args.batch is not None or args.skip_reference):
         p.error("--report times the targets' fixed configurations, fast and reference path; --prompts, --batch "
                 "and --skip-reference do not apply")
+    if args.report and (args.kernels or args.fp8):
+        p.error("--report times every kernel as its own row (stage kernels); --kernels and --fp8 do not apply")
     if (args.out_dir is not None or args.only is not None) and not args.report:
         p.error("--out-dir and --only belong to --report")
     if not (args.end_to_end or args.report) and any(v is not None for v in sizes):
@@ -565,6 +901,7 @@ def fill_defaults(args):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.kernels = list(args.kernels) + (["fp8"] if args.fp8 else [])
     if not (args.end_to_end or args.segmentation or args.report):
         args.batch = args.batch or [64]
         args.prompts = args.prompts or [100]
@@ -599,6 +936,8 @@ def main(argv=None):
     if args.report and device.type != "cuda" and args.arch != "tiny":
         raise runtime.UserError(f"--report times ViT-B at the targets' sizes, hours on a {device.type}; run it on a "
                                 "GPU, or add --arch tiny for the CPU smoke run")
+    if args.fp8 and fast_kernels.fp8_unsupported(device):
+        raise runtime.UserError(fast_kernels.fp8_unsupported(device))
     args.compile = compile_enabled(args, device)
     runtime.check_compile(device, args.compile)
     peak = peak_tflops(device, args.peak_tflops)

@@ -23,7 +23,13 @@ TARGET_SPEEDUP = 9.0              # fast / reference path, training step, measur
 TARGET_PEAK_FRACTION = 0.5        # of the bf16 dense peak: an aim, what the step targets amount to
 TARGET_MEMORY_GIB = 6.0           # the fast training step at 100 prompts, batch 64
 END_TO_END_TARGETS = {"vtab": (60, "VTAB-1k task"), "cub": (300, "CUB")}   # seconds, whole run
-STAGES = ("step", "sweeps", "e2e", "segmentation")
+STAGES = ("step", "kernels", "sweeps", "e2e", "segmentation")
+# harness/kernels.py's levers together (bench.LEVERS[:2]): train-step img/s targets, one per REPORT_POINTS entry --
+# without FP8 the step's own targets, with FP8 these; SETR-PUP with its levers: it/s at batch 16 and peak GiB
+LEVERS_BF16 = ("qkv-attention", "attention-backend")
+LEVERS_FP8 = LEVERS_BF16 + ("fp8",)
+FP8_STEP_TARGETS = (4300, 6600)
+SEGMENTATION_LEVERS_TARGET = (("upsample", "channels-last"), 11.0, 24.0)
 CPU_SMOKE_NOTE = "CPU smoke run, not a GPU measurement"
 MATMUL_SIZE = {"cuda": 8192, "cpu": 256}
 
@@ -137,11 +143,35 @@ def target_rows(report, comparable):
                                 comparable and r["full_size"]))
     return rows
 
+def lever_target_rows(report, comparable, segmentation_batch=16):
+    """The kernels stage's figures next to their targets on one H100: the train step with the levers together
+    (without FP8: the step's own targets; with FP8: FP8_STEP_TARGETS) and SETR-PUP's iteration with its levers.
+    A unit that had to leave a lever out is not comparable."""
+    kernels, rows = report.get("kernels") or {}, []
+    for (prompts, batch, target, *_), fp8_target in zip(report["report_points"], FP8_STEP_TARGETS):
+        for levers, goal in ((LEVERS_BF16, target), (LEVERS_FP8, fp8_target)):
+            unit = next((u for u in kernels.get("levers", []) if (u["prompts"], u["batch"], tuple(u["asked"])) ==
+                         (prompts, batch, levers) and "lever" in u), None)
+            if unit is not None:
+                shape = f"{prompts} prompt{'s' if prompts != 1 else ''}, batch {batch}"
+                rows.append(_target_row(f"train step with {'+'.join(unit['kernels'])}, {shape}",
+                                        unit["lever"]["images_per_s"], "img/s", ">=", goal,
+                                        comparable and not unit["left_out"]))
+    levers, iters, memory = SEGMENTATION_LEVERS_TARGET
+    for unit in kernels.get("segmentation_levers", []):
+        if tuple(unit["kernels"]) == levers:
+            full = comparable and unit["batch_size"] == segmentation_batch
+            rows += [_target_row(f"SETR-PUP iteration with {'+'.join(levers)}, batch {unit['batch_size']}",
+                                 unit["lever"]["iters_per_s"], "it/s", ">=", iters, full),
+                     _target_row(f"SETR-PUP peak GPU memory with {'+'.join(levers)}", unit["lever"]["peak_memory_gib"],
+                                 "GiB", "<=", memory, full)]
+    return rows
+
 # -----------------------------------------------------------------------------
 # BENCHMARKS.md
 
 
-UNIT_FORMAT = {"img/s": "{:,.0f}", "x": "{:.2f}", "%": "{:.1f}", "GiB": "{:.2f}", "s": "{:.1f}"}
+UNIT_FORMAT = {"img/s": "{:,.0f}", "x": "{:.2f}", "%": "{:.1f}", "GiB": "{:.2f}", "s": "{:.1f}", "it/s": "{:.2f}"}
 
 
 def format_value(value, unit):
@@ -174,6 +204,7 @@ def report_markdown(out):
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
         lines.append(f"| {t['figure']} | {format_value(t['value'], t['unit'])} | {target} | {met} |")
     lines += ["", "## Training and evaluation steps, fast vs reference", ""] + _markdown_steps(out["results"])
+    lines += _markdown_kernels(out.get("kernels") or {})
     lines += ["", "## Sweeps (fast path without torch.compile)", ""]
     for name, rows in out["sweeps"].items():
         lines += [f"Over {name}:", ""] + _markdown_steps(rows) + [""]
@@ -219,4 +250,72 @@ def _markdown_end_to_end(runs):
                      f"{r['train_images']} / {r['val_images']} / {r['test_images']} | {r['epochs']} | "
                      f"{r['setup_s']:.2f} | {r['epoch1_s']:.2f} | {later} | {r['train_s']:.2f} | "
                      f"{r['test_eval_s']:.2f} | {r['wall_s']:.2f} | {projected} | {'yes' if r['compiled'] else 'no'} |")
+    return lines
+
+
+def _markdown_kernels(k):
+    """The kernels stage: opt-in levers vs today's fast path, SDPA backends, GEMM ceiling, kernel split, SETR-PUP."""
+    if not any(k.values()):
+        return []
+    lines = ["", "## Kernels (opt-in, harness/kernels.py) against today's fast path, measured in the same unit", ""]
+    if k.get("levers"):
+        lines += ["| prompts | batch | kernels | left out | today img/s | with kernels img/s | ratio | ran | "
+                  "rel. diff. logits / prompt grad |", "|---|---|---|---|---|---|---|---|---|"]
+        for u in k["levers"]:
+            left = "; ".join(u["left_out"].values()) or "-"
+            today, lever = u.get("today"), u.get("lever")
+            agree = u.get("agreement")
+            lines.append(f"| {u['prompts']} | {u['batch']} | {'+'.join(u['asked'])} | {left} | "
+                         f"{_or_na(today and today['images_per_s'], ',.1f')} | "
+                         f"{_or_na(lever and lever['images_per_s'], ',.1f')} | {_or_na(u.get('ratio'), '.3f')} | "
+                         f"{lever['mode'] if lever else 'n/a'} | "
+                         + (f"{agree['logits']:.1e} / {agree['prompt_grad']:.1e} |" if agree else "n/a |"))
+        lines.append("")
+    backends = k.get("attention_backends")
+    if backends:
+        lines += ["SDPA forward + backward, bf16, ms per call:", ""]
+        if backends.get("n/a"):
+            lines += [f"n/a: {backends['n/a']}", ""]
+        else:
+            lines += ["| attention | batch | tokens | cudnn | flash | efficient | SDPA picks | fastest |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for r in backends["shapes"]:
+                ms = [_or_na(r["ms"].get(n), ".3f") for n in ("cudnn", "flash", "efficient")]
+                lines.append(f"| {r['what']} | {r['batch']} | {r['tokens']} | {' | '.join(ms)} | {r['sdpa_default']} "
+                             f"| {r['winner'] or 'n/a'} |")
+            lines.append("")
+    ceiling = k.get("gemm_ceiling")
+    if ceiling:
+        lines += [f"GEMM-shape ceiling: torch.matmul (bf16) at the step's own shapes; square-matmul peak measured "
+                  f"here {ceiling['matmul_peak']['tflops']:.1f} TFLOP/s.", "",
+                  "| prompts | batch | GEMM ms per step | GEMM TFLOP/s | % of square peak | img/s if only GEMMs |",
+                  "|---|---|---|---|---|---|"]
+        for pt in ceiling["points"]:
+            lines.append(f"| {pt['prompts']} | {pt['batch']} | {pt['gemm_ms_per_step']:.2f} | {pt['gemm_tflops']:.1f} | "
+                         f"{100 * pt['peak_fraction']:.1f} | {pt['ceiling_images_per_s']:,.0f} |")
+        lines += ["", "| prompts | batch | GEMM | M | N | K | per step | TFLOP/s | % of square peak |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for pt in ceiling["points"]:
+            for r in pt["shapes"]:
+                lines.append(f"| {pt['prompts']} | {pt['batch']} | {r['name']} | {r['M']} | {r['N']} | {r['K']} | "
+                             f"{r['count']} | {r['tflops']:.1f} | {100 * r['peak_fraction']:.1f} |")
+        lines.append("")
+    split = k.get("kernel_split")
+    if split and split.get("ms_per_step"):
+        total = split["total_ms_per_step"] or 1.0
+        lines += [f"Kernel-type split of today's training step at {split['prompts']} prompts, batch {split['batch']} "
+                  f"({split['source']}, {split['row']['mode']}):", "", "| type | ms per step | share |", "|---|---|---|"]
+        lines += [f"| {kind} | {ms:.2f} | {100 * ms / total:.1f}% |" for kind, ms in split["ms_per_step"].items()]
+        lines.append("")
+    if k.get("failed"):
+        lines += ["Units that failed (the report went on):", ""]
+        lines += [f"- {unit}: {why}" for unit, why in k["failed"].items()] + [""]
+    if k.get("segmentation_levers"):
+        lines += ["SETR-PUP training iteration:", "", "| kernels | today it/s | with kernels it/s | ratio | ran | "
+                  "peak GiB today / with |", "|---|---|---|---|---|---|"]
+        for u in k["segmentation_levers"]:
+            mem = f"{_or_na(u['today']['peak_memory_gib'], '.2f')} / {_or_na(u['lever']['peak_memory_gib'], '.2f')}"
+            lines.append(f"| {'+'.join(u['kernels'])} | {u['today']['iters_per_s']:.3f} | {u['lever']['iters_per_s']:.3f} "
+                         f"| {u['ratio']:.3f} | {u['lever']['mode']} | {mem} |")
+        lines.append("")
     return lines

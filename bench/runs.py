@@ -48,6 +48,8 @@ SYNTHETIC_PER_CLASS = 2   # generated images per class, tiled to the requested c
 # --segmentation: the test image
 SEG_TEST_IMAGE = (512, 683)   # H x W: a typical ADE20K image at the test scale (short side 512)
 ADE_VAL_IMAGES = 2000
+# harness.kernels' SETR-PUP levers, each timed against today's iteration: alone and together
+SEGMENTATION_LEVERS = (("upsample",), ("channels-last",), ("upsample", "channels-last"))
 
 
 def arch_spec(name):
@@ -190,7 +192,7 @@ def end_to_end_settings(args, device):
     """How the harness runs there: bf16 autocast on CUDA (on a CPU it is slower than fp32), torch.compile
     as compile_enabled (mode --compile-mode), quiet."""
     return runtime.Settings(device=device, bf16=device.type == "cuda", compile=compile_enabled(args, device),
-                            compile_mode=args.compile_mode, quiet=True)
+                            compile_mode=args.compile_mode, quiet=True, kernels=tuple(args.kernels))
 
 
 def projected_wall_s(setup_s, epoch1_s, train_s, epochs, eval_s, full_epochs):
@@ -352,7 +354,7 @@ def segmentation_setup(args, device):
     (built by time_segmentation_training, without ADE20K on disk)."""
     cfg = segmentation_config(args)
     settings = runtime.Settings(device=device, bf16=device.type == "cuda", compile=compile_enabled(args, device),
-                                compile_mode=args.compile_mode, quiet=True)
+                                compile_mode=args.compile_mode, quiet=True, kernels=tuple(args.kernels))
     batch, crop = cfg.batch_size, cfg.img_size
     print(f"segmentation: SETR-PUP (aux heads on blocks {', '.join(map(str, cfg.aux_blocks))}) on {args.arch} "
           f"(random weights), {cfg.method}, {cfg.num_prompts} prompts, {segmentation.NUM_CLASSES} classes, "
@@ -438,3 +440,24 @@ def format_segmentation(r):
     ]
     width = max(len(name) for name, _ in lines) + 2
     return "\n".join(f"  {name:<{width}}{value}" for name, value in lines)
+
+
+def time_segmentation_lever(args, device, levers):
+    """segmentation.Training's iteration (time_segmentation_training) today and with `levers` (harness.kernels, via
+    runtime.Settings.kernels) on: same seed, weights and batch, in this unit; both rows and their ratio."""
+    run = segmentation_setup(args, device)
+    batch, rows = run["cfg"]["batch_size"], {}
+    for name, names in (("today", ()), ("lever", tuple(levers))):
+        run["settings"] = dataclasses.replace(run["settings"], kernels=names)
+        train = time_segmentation_training(args, device, run)
+        rows[name] = {"kernels": list(names), "iters_per_s": statistics.median(train["rates"]) / batch,
+                      "iters_per_s_min": min(train["rates"]) / batch, "iters_per_s_max": max(train["rates"]) / batch,
+                      "mode": train["mode"], "compile_s": train["compile_s"],
+                      "peak_memory_gib": train["peak_memory_gib"]}
+        del run["training"]
+        _release(device)
+    ratio = rows["lever"]["iters_per_s"] / rows["today"]["iters_per_s"]
+    print(f"  SETR-PUP iteration with {'+'.join(levers)}: {rows['lever']['iters_per_s']:.3f} it/s vs today's "
+          f"{rows['today']['iters_per_s']:.3f} -> {ratio:.3f}x", flush=True)
+    return {"kernels": list(levers), "batch_size": batch, "crop_size": run["cfg"]["img_size"], "today": rows["today"],
+            "lever": rows["lever"], "ratio": ratio}

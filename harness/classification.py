@@ -174,7 +174,7 @@ def fit(cfg, model, train_split, eval_splits, settings, state_path):
     if settings.compile:
         runtime.reset_compiler()
     tic = time.perf_counter()
-    runtime.place_model(model, settings.device, settings.bf16)
+    runtime.place_model(model, settings.device, settings.bf16, settings.kernels)
     on_device = fits_on_gpu([train_split, *eval_splits.values()], settings.device)
     train_loader, eval_loaders = make_loaders(cfg, train_split, eval_splits, settings.device, on_device,
                                               compile=bool(settings.compile))

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 import gated_prompt as gp
+from harness import kernels as fast_kernels
 
 EXIT_BAD_INPUT = 2  # missing data / checkpoint, corrupt file, bad label: a user error, not a crash
 
@@ -65,6 +66,7 @@ class Settings:
     download: bool = False          # fetch a missing checkpoint / dataset (downloads.py)
     mirror: str = None              # base URL replacing the official hosts
     workers: int = None             # independent runs at once, each its own process (default: one per GPU)
+    kernels: tuple = ()             # opt-in kernels.KERNELS switched on in the placed model (none by default)
 
     @property
     def cache_folder(self):
@@ -85,7 +87,7 @@ class Settings:
     def record(self):
         """What a result file keeps of these settings."""
         return {"device": device_name(self.device), "bf16": self.bf16, "compile": bool(self.compile),
-                "compile_mode": self.compile_mode, "world_size": world()[1]}
+                "compile_mode": self.compile_mode, "world_size": world()[1], "kernels": list(self.kernels)}
 
 # --- device and precision ------------------------------------------------------
 
@@ -507,12 +509,14 @@ def compile_record(compile, **fns):
 # --- the training step (classification, segmentation and the benchmark) --------
 
 
-def place_model(model, device, bf16):
+def place_model(model, device, bf16, kernels=()):
     """The model on `device`; on CUDA under bf16 autocast its frozen Linear / patch-embedding weights are stored in
-    bf16 (the same matmul inputs, so bit-identical logits; half the weight memory, no cast per step)."""
+    bf16 (the same matmul inputs, so bit-identical logits; half the weight memory, no cast per step); then the
+    opt-in `kernels` (harness.kernels.apply)."""
     model.to(device)
     if bf16 and device.type == "cuda":
         model.store_frozen_weights(torch.bfloat16)
+    fast_kernels.apply(model, kernels, device)
     return model
 
 

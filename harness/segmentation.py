@@ -523,7 +523,8 @@ class Training:
             runtime.reset_compiler()
         runtime.seed_everything(cfg.seed)
         model = build_segmenter(cfg, checkpoint, verbose=verbose, trust_pickle=settings.trust_pickle)
-        self.model = sync_batchnorm_if_distributed(runtime.place_model(model, self.device, settings.bf16))
+        model = runtime.place_model(model, self.device, settings.bf16, settings.kernels)
+        self.model = sync_batchnorm_if_distributed(model)
         self.optimizer = runtime.make_optimizer(self.model.param_groups(cfg.lr, cfg.head_lr_mult), cfg.lr,
                                                 cfg.momentum, cfg.weight_decay, self.device)
         self.scheduler = poly_scheduler(self.optimizer, cfg.iters, cfg.poly_power, cfg.min_lr)

@@ -126,7 +126,7 @@ def test_cli_accepts_what_it_documents():
     assert (huge.arch, huge.img_size) == ("vit_huge", 224)
     report = bench.parse_args(["--report", "--epochs", "2", "--train-images", "8", "--out-dir", "x"])
     assert (report.epochs, report.train_images, report.out_dir) == (2, 8, "x")
-    assert report.only == ["step", "sweeps", "e2e", "segmentation"] and report.compile_mode == "default"
+    assert report.only == ["step", "kernels", "sweeps", "e2e", "segmentation"] and report.compile_mode == "default"
     staged = bench.parse_args(["--report", "--only", "e2e", "step", "--compile-mode", "max-autotune"])
     assert staged.only == ["step", "e2e"] and staged.compile_mode == "max-autotune"   # in the report's order
 
@@ -462,7 +462,9 @@ def test_segmentation_failed_compile_falls_back_to_eager(monkeypatch):
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("report")
-    out = bench.main(["--report", "--arch", "tiny", "--out-dir", str(out_dir)])
+    # the kernels stage has its own smoke test (test_kernels.py)
+    out = bench.main(["--report", "--arch", "tiny", "--out-dir", str(out_dir), "--only", "step", "sweeps", "e2e",
+                      "segmentation"])
     assert out["units"]
     return out, (out_dir / "BENCHMARKS.md").read_text(), json.loads((out_dir / "benchmarks.json").read_text())
 
