@@ -68,8 +68,9 @@ SSL = {  # name: the ViTConfig fields a pretraining fixes, on top of ARCHS
     "mocov3": dict(pool="cls"),
     "supervised": dict(pool="cls"),   # DeiT, Google ViT
     "dino": dict(pool="cls"),         # DINO v1: CLS after the final norm
-    "dinov2": dict(pool="cls", patch_size=14, layer_scale=True, pos_grid=37,  # position table for 518 px
-                   pos_embed_interpolation="bicubic-antialias"),              # resized like timm
+    # DINOv2: position table for 518 px, resized as the official code does: with registers antialiased
+    # (vit_config picks it from num_reg_tokens), without registers with its 0.1 offset ("bicubic-offset")
+    "dinov2": dict(pool="cls", patch_size=14, layer_scale=True, pos_grid=37),
 }
 ARCH_FOR_SSL = {("vit_small", "mocov3"): dict(num_heads=12)}  # the MoCo v3 ViT-S has 12 heads, not 6
 REFUSED_ARCHS = {"vit_giant": "ViT-g/14 (DINOv2's SwiGLU MLP) is not supported",
@@ -107,7 +108,8 @@ class ViTConfig:
     #                              tokens then norm (MAE)
     fused_attention: bool = True  # SDPA kernels; False = explicit softmax (the official code's numerics)
     # resizing the stored position grid to the input's: "bicubic" (the official MAE / MoCo v3 / DINO code),
-    # "bicubic-antialias" (timm >= 0.9, DINOv2's default), "bilinear" (mmseg's SETR configs)
+    # "bicubic-antialias" (timm >= 0.9; the official DINOv2 code with registers), "bicubic-offset" (the official
+    # DINOv2 code without registers: scale factor (n + 0.1) / grid, no antialiasing), "bilinear" (mmseg's SETR)
     pos_embed_interpolation: str = "bicubic"
     layer_scale: bool = False    # DINOv2: x + gamma * f(x) in both residual branches (ls1.gamma, ls2.gamma)
     num_reg_tokens: int = 0      # DINOv2 registers (build_model reads the count from the checkpoint)
@@ -118,7 +120,7 @@ class ViTConfig:
     def __post_init__(self):
         _check_choice("pool", self.pool, ("cls", "mean"))
         _check_choice("pos_embed_interpolation", self.pos_embed_interpolation,
-                      ("bicubic", "bicubic-antialias", "bilinear"))
+                      ("bicubic", "bicubic-antialias", "bicubic-offset", "bilinear"))
         if self.embed_dim % self.num_heads or self.img_size % self.patch_size:
             raise ValueError(f"embed_dim {self.embed_dim} must divide by num_heads {self.num_heads} and img_size "
                              f"{self.img_size} by patch_size {self.patch_size}")
@@ -160,6 +162,8 @@ def vit_config(arch="vit_base", ssl="mae", **overrides):
     fields = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, ssl=ssl)
     for layer in (SSL[ssl], ARCH_FOR_SSL.get((arch, ssl), {}), overrides):
         fields.update(layer)
+    if ssl == "dinov2" and "pos_embed_interpolation" not in overrides:   # as the official hub models
+        fields["pos_embed_interpolation"] = "bicubic-antialias" if fields.get("num_reg_tokens") else "bicubic-offset"
     return ViTConfig(**fields)
 
 
@@ -275,7 +279,9 @@ class PatchEmbed(nn.Module):
 
 def resize_pos_embed(pos_embed, new_grid, mode="bicubic"):
     """[1, 1+h*w, D] -> [1, 1+H*W, D] on the patch grid, CLS kept. mode: "bicubic" (the official MAE / MoCo v3 /
-    DINO code), "bicubic-antialias" (timm >= 0.9's resample_abs_pos_embed), "bilinear" (mmseg's SETR)."""
+    DINO code), "bicubic-antialias" (timm >= 0.9's resample_abs_pos_embed; official DINOv2 with registers),
+    "bicubic-offset" (official DINOv2 without registers: the scale factor (n + 0.1) / old, not the size, sets
+    where output pixels sample the grid), "bilinear" (mmseg's SETR)."""
     cls_pos, grid_pos = pos_embed[:, :1], pos_embed[:, 1:]
     old = int(math.isqrt(grid_pos.shape[1]))
     if old * old != grid_pos.shape[1]:
@@ -283,8 +289,9 @@ def resize_pos_embed(pos_embed, new_grid, mode="bicubic"):
     if (old, old) == tuple(new_grid):
         return pos_embed
     g = grid_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    g = F.interpolate(g, size=tuple(new_grid), mode=mode.split("-")[0], align_corners=False,
-                      antialias=mode.endswith("-antialias"))
+    size = dict(scale_factor=tuple((n + 0.1) / old for n in new_grid)) if mode == "bicubic-offset" else \
+        dict(size=tuple(new_grid))
+    g = F.interpolate(g, mode=mode.split("-")[0], align_corners=False, antialias=mode.endswith("-antialias"), **size)
     g = g.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(pos_embed.dtype)
     return torch.cat([cls_pos, g], dim=1)
 
