@@ -11,6 +11,8 @@ VPT-deep (Eq. 5). Depends on torch and numpy only; copy it into your project.
                            num_prompts=100, gate_init=5.0,
                            checkpoint="mae_pretrain_vit_base.pth")  # any format in load_backbone
     opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9)  # lr: Table 5's, per task
+    # with AdamW: no weight decay on gate logits, temperatures and biases (decay would pull them toward 0)
+    # opt = torch.optim.AdamW(gp.param_groups(model, weight_decay=0.05), lr=1e-3)
     loss = F.cross_entropy(model(images), labels)   # images: [B, 3, H, W], ImageNet-normalised, any H, W
     opt.zero_grad(); loss.backward(); opt.step()
     gp.project_temperatures(model)           # Eq. 9's tau back into [0.01, 10] after every step
@@ -49,7 +51,7 @@ import torch.nn.functional as F
 __all__ = ["ARCHS", "SSL", "SSL_POOLING", "METHODS", "TEMPERATURE_RANGE", "IMAGENET_MEAN", "IMAGENET_STD",
            "ViTConfig", "PromptConfig", "vit_config", "prompt_config", "PromptStep", "VisionTransformer",
            "build_model", "project_temperatures", "resize_pos_embed", "gate_aggregation_weights",
-           "gate_selection_ratio", "hard_gates", "classification_head", "load_exactly", "load_backbone",
+           "gate_selection_ratio", "hard_gates", "param_groups", "classification_head", "load_exactly", "load_backbone",
            "read_checkpoint", "detect_format", "convert_state_dict", "checkpoint_layout", "NAME_TABLES",
            "CheckpointError", "PickledCodeError", "backbone_fingerprint", "save_pack", "read_pack", "load_pack",
            "MultiTask"]
@@ -621,6 +623,20 @@ def project_temperatures(model):
         if isinstance(module, VisionTransformer):
             module.project_temperatures()
     return model
+
+
+def param_groups(model, weight_decay):
+    """The trainable parameters of `model` (a VisionTransformer or a module holding some) as optimizer groups:
+    weight decay on prompts and weight matrices, none on gate logits, temperatures, biases (every 0- or 1-d
+    tensor). Decay pulls what it touches toward 0 with no gradient asking for it: with AdamW (lr 1e-3, decay
+    0.05) 2,000 steps take a tau of 1 to 0.905 and open closed gates. The paper trains with SGD and no decay.
+
+        opt = torch.optim.AdamW(gp.param_groups(model, weight_decay=0.05), lr=1e-3)"""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 # -----------------------------------------------------------------------------
 # One call: architecture, pretraining, method, checkpoint
