@@ -782,11 +782,14 @@ def _safe_globals():
 
 
 def read_checkpoint(path, trust_pickle=False):
-    """Open a .pth / .pth.tar / .bin torch file, a .safetensors or a Google .npz; returns (raw dict, "npz" or None).
+    """Open a .pth / .pth.tar / .bin torch file, a .safetensors or a Google .npz (or the weights file of a Hugging
+    Face model folder); returns (raw dict, "npz" or None).
     Torch files are unpickled with weights_only=True plus _safe_globals(): loading runs no code from the file.
     A file that pickles anything else is a CheckpointError naming the type; trust_pickle=True unpickles it in
     full (which runs whatever code the file carries: only for files you trust)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        path = _weights_in_folder(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
@@ -825,11 +828,29 @@ def read_checkpoint(path, trust_pickle=False):
     return raw, fmt
 
 
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")   # what a Hugging Face model folder keeps its weights in
+
+
+def _weights_in_folder(folder):
+    """The weights file of a Hugging Face model folder (save_pretrained, a hub snapshot); a CheckpointError says
+    what the folder holds instead."""
+    found = [name for name in HF_WEIGHTS if os.path.isfile(os.path.join(folder, name))]
+    if found:
+        return os.path.join(folder, found[0])
+    files = sorted(os.listdir(folder))
+    sharded = [f for f in files if f.endswith(".index.json")]
+    raise CheckpointError(f"{folder} is a folder, not a checkpoint file, and holds no {' or '.join(HF_WEIGHTS)}" + (
+        f" but a sharded checkpoint ({sharded[0]}): pass one merged weights file" if sharded else
+        f" (it holds: {', '.join(files[:8]) or 'nothing'}): pass the weights file itself"))
+
+
 def open_checkpoint(checkpoint, trust_pickle=False):
-    """(raw dict, name for messages) of a path or of an already-loaded state dict."""
+    """(raw dict, name for messages) of a path (a file, or a Hugging Face model folder: its weights file) or of
+    an already-loaded state dict."""
     if isinstance(checkpoint, dict):
         return checkpoint, "<state dict>"
-    return read_checkpoint(checkpoint, trust_pickle)[0], os.fspath(checkpoint)
+    path = _weights_in_folder(checkpoint) if os.path.isdir(checkpoint) else os.fspath(checkpoint)
+    return read_checkpoint(path, trust_pickle)[0], path
 
 
 def detect_format(raw, name="<state dict>"):
@@ -911,15 +932,23 @@ def convert_state_dict(raw, fmt, prefix, model):
     return converted, missing, used
 
 
-def _guess_arch(sd):
-    w = sd.get("patch_embed.proj.weight")
-    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+def _guess_arch(raw, fmt, prefix):
+    """The architecture a checkpoint holds, read through its format's table: width and patch from the patch
+    embedding (torch OIHW, Google HWIO), depth from the block indices."""
+    table = _table_for(fmt)
+    patch_key = table.get("patch_embed.proj.{p}", table.get("patch_embed.proj.weight", "patch_embed.proj.{p}"))
+    block_key = table.get("blocks.{i}.norm1.{p}", table.get("blocks.{i}.norm1.weight", "blocks.{i}.norm1.{p}"))
+    w = raw.get(prefix + patch_key.format(p="weight"))
     if w is None:
         return "unknown"
-    for name, (patch, dim, d, _) in ARCHS.items():
-        if (dim, d) == (w.shape[0], depth):
-            return name + ("" if patch == w.shape[-1] else f" with patch {w.shape[-1]}")
-    return f"ViT with width {w.shape[0]}, depth {depth}, patch {w.shape[-1]}"
+    shape = np.shape(w)
+    width, patch = (shape[-1], shape[0]) if fmt.startswith("npz") else (shape[0], shape[-1])
+    pattern = re.escape(prefix + block_key.replace("{p}", "weight")).replace(re.escape("{i}"), r"(\d+)")
+    depth = 1 + max((int(m.group(1)) for m in map(re.compile(pattern).fullmatch, raw) if m), default=-1)
+    for name, (arch_patch, dim, d, _) in ARCHS.items():
+        if (dim, d) == (width, depth):
+            return name + ("" if patch == arch_patch else f" with patch {patch}")
+    return f"ViT with width {width}, depth {depth}, patch {patch}"
 
 
 def _summarise(keys, shown=6):
@@ -953,10 +982,9 @@ def load_backbone(model, checkpoint, trust_pickle=False, name=None):
     dropped = [k for k in extra if any(s in k for s in IRRELEVANT)]
     unknown = [k for k in extra if k not in dropped]
     if missing or wrong or unknown:
-        found = _guess_arch({k[len(prefix):]: torch.as_tensor(v) for k, v in raw.items()
-                             if k.startswith(prefix) and not fmt.startswith(("npz", "Hugging"))})
         lines = [f"{name}: cannot load as {model.cfg.embed_dim}-wide, {model.cfg.depth}-block "
-                 f"ViT/{model.cfg.patch_size} (detected format: {fmt}; checkpoint looks like: {found})"]
+                 f"ViT/{model.cfg.patch_size} (detected format: {fmt}; checkpoint looks like: "
+                 f"{_guess_arch(raw, fmt, prefix)})"]
         for label, keys in (("missing backbone keys", missing), ("wrong shapes", wrong),
                             ("unexpected backbone keys", unknown)):
             if keys:
