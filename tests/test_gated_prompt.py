@@ -378,7 +378,8 @@ def test_head_is_initialised_as_the_official_head():
     (lambda: gp.vit_config("vit_base", pos_embed_interpolation="nearest"), "pos_embed_interpolation='nearest'"),
     (lambda: gp.vit_config("vit_gaint"), "arch='vit_gaint' is not one of 'vit_small'"),
     (lambda: gp.vit_config("vit_giant", "dinov2"), "ViT-g/14 .DINOv2's SwiGLU MLP. is not supported"),
-    (lambda: gp.vit_config("vit_base", "dinov3"), "ssl='dinov3' is not one of 'mae'"),
+    (lambda: gp.vit_config("vit_base", "dinov4"), "ssl='dinov4' is not one of 'mae'"),
+    (lambda: gp.vit_config("vit_base", pos_embed="sincos"), "pos_embed='sincos' is not one of 'learned', 'rope'"),
     (lambda: tiny("gated", insert_at=9), "insert_at must be in 1..4"),
 ])
 def test_bad_configuration_is_refused(make, message):
