@@ -69,8 +69,10 @@ def write_run_pack(model, cfg, protocol, settings, final, checkpoint, path):
     names = class_names(cfg, settings.data_dir, train_split)
     if names is not None and len(names) != model.pcfg.num_classes:
         names = None
+    t = eval_transform(cfg)   # gated_prompt's form too: the center crop and the shorter side (VTAB: both sides)
+    preprocess = t and {"size": t["crop"], "resize": t["resize"] if t["kind"] == "fgvc" else [t["resize"]] * 2}
     model.save_pack(path, class_names=names, ssl=cfg["ssl"], task=cfg["task"], recipe=cfg.get("recipe"),
-                    protocol=protocol, config=cfg, metrics=final, transform=eval_transform(cfg),
+                    protocol=protocol, config=cfg, metrics=final, transform=t, preprocess=preprocess,
                     checkpoint=None if checkpoint is None else str(checkpoint))
 
 # --- predict ---------------------------------------------------------------------------------------
