@@ -11,6 +11,8 @@ VPT-deep (Eq. 5). Depends on torch and numpy only; copy it into your project.
                            num_prompts=100, gate_init=5.0,
                            checkpoint="mae_pretrain_vit_base.pth")  # any format in load_backbone
     opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9)  # lr: Table 5's, per task
+    # with AdamW: no weight decay on gate logits, temperatures and biases (decay would pull them toward 0)
+    # opt = torch.optim.AdamW(gp.param_groups(model, weight_decay=0.05), lr=1e-3)
     loss = F.cross_entropy(model(images), labels)   # images: [B, 3, H, W], ImageNet-normalised, any H, W
     opt.zero_grad(); loss.backward(); opt.step()
     gp.project_temperatures(model)           # Eq. 9's tau back into [0.01, 10] after every step
@@ -20,7 +22,7 @@ VPT-deep (Eq. 5). Depends on torch and numpy only; copy it into your project.
     serve = gp.MultiTask("mae_pretrain_vit_base.pth", {"cub": "cub.pack.pt", "dtd": "dtd.pack.pt"})
     serve(images, ["cub", "dtd", ...])                   # one batch, each image with its own task's prompts
 
-ssl="dino" / "dinov2" / "supervised" (DeiT) read those backbones; ViT-S has 6 heads except with
+ssl="dino" / "dinov2" / "dinov3" / "supervised" (DeiT) read those backbones; ViT-S has 6 heads except with
 ssl="mocov3" (12, as MoCo v3's). Prompt packs and MultiTask are the method's practical payoff: one frozen
 backbone serves many tasks.
 
@@ -47,12 +49,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["ARCHS", "SSL", "SSL_POOLING", "METHODS", "TEMPERATURE_RANGE", "IMAGENET_MEAN", "IMAGENET_STD",
-           "ViTConfig", "PromptConfig", "vit_config", "prompt_config", "PromptStep", "VisionTransformer",
-           "build_model", "project_temperatures", "resize_pos_embed", "gate_aggregation_weights",
-           "gate_selection_ratio", "hard_gates", "classification_head", "load_exactly", "load_backbone",
-           "read_checkpoint", "detect_format", "convert_state_dict", "checkpoint_layout", "NAME_TABLES",
-           "CheckpointError", "PickledCodeError", "backbone_fingerprint", "save_pack", "read_pack", "load_pack",
-           "MultiTask"]
+           "ViTConfig", "PromptConfig", "vit_config", "prompt_config", "rope_periods", "rope_sincos", "apply_rope",
+           "resize_pos_embed", "PromptStep", "VisionTransformer", "hard_gates", "gate_aggregation_weights",
+           "gate_selection_ratio", "project_temperatures", "param_groups", "classification_head", "build_model",
+           "load_exactly", "load_backbone", "read_checkpoint", "detect_format", "convert_state_dict",
+           "checkpoint_layout", "NAME_TABLES", "CheckpointError", "PickledCodeError", "backbone_fingerprint",
+           "default_preprocess", "save_pack", "read_pack", "load_pack", "MultiTask"]
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -68,12 +70,22 @@ SSL = {  # name: the ViTConfig fields a pretraining fixes, on top of ARCHS
     "mocov3": dict(pool="cls"),
     "supervised": dict(pool="cls"),   # DeiT, Google ViT
     "dino": dict(pool="cls"),         # DINO v1: CLS after the final norm
-    "dinov2": dict(pool="cls", patch_size=14, layer_scale=True, pos_grid=37,  # position table for 518 px
-                   pos_embed_interpolation="bicubic-antialias"),              # resized like timm
+    # DINOv2: position table for 518 px, resized as the official code does: with registers antialiased
+    # (vit_config picks it from num_reg_tokens), without registers with its 0.1 offset ("bicubic-offset")
+    "dinov2": dict(pool="cls", patch_size=14, layer_scale=True, pos_grid=37),
+    # DINOv3: no position table but 2-D RoPE on the patch tokens, 4 storage tokens (registers), CLS after the
+    # final norm, LayerNorm eps 1e-5 (the official training's RoPE coordinate jitter does not apply: the frozen
+    # backbone runs in eval mode)
+    "dinov3": dict(pool="cls", layer_scale=True, norm_eps=1e-5, num_reg_tokens=4, pos_embed="rope"),
 }
 ARCH_FOR_SSL = {("vit_small", "mocov3"): dict(num_heads=12)}  # the MoCo v3 ViT-S has 12 heads, not 6
-REFUSED_ARCHS = {"vit_giant": "ViT-g/14 (DINOv2's SwiGLU MLP) is not supported",
-                 "vit_g": "ViT-g/14 (DINOv2's SwiGLU MLP) is not supported"}
+REFUSED_ARCHS = {  # SwiGLU MLPs
+    "vit_giant": "ViT-g/14 (DINOv2's SwiGLU MLP) is not supported",
+    "vit_g": "ViT-g/14 (DINOv2's SwiGLU MLP) is not supported",
+    "vit_small_plus": "DINOv3 ViT-S+/16 (SwiGLU MLP) is not supported; DINOv3 ViT-S/16 is vit_small",
+    "vit_huge_plus": "DINOv3 ViT-H+/16 (SwiGLU MLP) is not supported; DINOv3 ViT-L/16 is vit_large",
+    "vit_7b": "DINOv3 ViT-7B/16 (SwiGLU MLP, 4096 wide) is not supported",
+}
 SSL_POOLING = {name: fields["pool"] for name, fields in SSL.items()}
 METHODS = {  # name: (prompt, gates, learn_temperature)
     "linear": ("none", "none", False),
@@ -103,28 +115,35 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     norm_eps: float = 1e-6
-    pool: str = "cls"            # "cls": norm then CLS (MoCo v3, DINO, DINOv2, DeiT); "mean": mean of non-CLS
+    pool: str = "cls"            # "cls": norm then CLS (MoCo v3, DINO, DINOv2/3, DeiT); "mean": mean of non-CLS
     #                              tokens then norm (MAE)
     fused_attention: bool = True  # SDPA kernels; False = explicit softmax (the official code's numerics)
+    pos_embed: str = "learned"   # "learned": a position table added to the patch tokens (Eq. 1); "rope": DINOv3's
+    #                              2-D rotary embedding of the patch tokens' queries and keys (rope_periods)
+    rope_base: float = 100.0     # RoPE periods rope_base ** (4 j / head_dim)
     # resizing the stored position grid to the input's: "bicubic" (the official MAE / MoCo v3 / DINO code),
-    # "bicubic-antialias" (timm >= 0.9, DINOv2's default), "bilinear" (mmseg's SETR configs)
+    # "bicubic-antialias" (timm >= 0.9; the official DINOv2 code with registers), "bicubic-offset" (the official
+    # DINOv2 code without registers: scale factor (n + 0.1) / grid, no antialiasing), "bilinear" (mmseg's SETR)
     pos_embed_interpolation: str = "bicubic"
-    layer_scale: bool = False    # DINOv2: x + gamma * f(x) in both residual branches (ls1.gamma, ls2.gamma)
-    num_reg_tokens: int = 0      # DINOv2 registers (build_model reads the count from the checkpoint)
+    layer_scale: bool = False    # DINOv2 / v3: x + gamma * f(x) in both residual branches (ls1.gamma, ls2.gamma)
+    num_reg_tokens: int = 0      # DINOv2 registers, DINOv3 storage tokens (build_model reads the checkpoint's count)
     pos_grid: int = 0            # side of the stored position grid, the checkpoint's own (build_model reads it);
-    #                              0: img_size // patch_size
+    #                              0: img_size // patch_size; none with RoPE
     ssl: str = ""                # the pretraining vit_config applied (recorded in packs); "": set field by field
 
     def __post_init__(self):
         _check_choice("pool", self.pool, ("cls", "mean"))
+        _check_choice("pos_embed", self.pos_embed, ("learned", "rope"))
         _check_choice("pos_embed_interpolation", self.pos_embed_interpolation,
-                      ("bicubic", "bicubic-antialias", "bilinear"))
+                      ("bicubic", "bicubic-antialias", "bicubic-offset", "bilinear"))
         if self.embed_dim % self.num_heads or self.img_size % self.patch_size:
             raise ValueError(f"embed_dim {self.embed_dim} must divide by num_heads {self.num_heads} and img_size "
                              f"{self.img_size} by patch_size {self.patch_size}")
         if self.num_reg_tokens and self.pool == "mean":
             raise ValueError("pool='mean' averages every token but CLS; with register tokens use pool='cls'")
-        self.pos_grid = self.pos_grid or self.img_size // self.patch_size
+        if self.pos_embed == "rope" and (self.embed_dim // self.num_heads) % 4:
+            raise ValueError(f"RoPE needs a head width divisible by 4, got {self.embed_dim // self.num_heads}")
+        self.pos_grid = 0 if self.pos_embed == "rope" else self.pos_grid or self.img_size // self.patch_size
 
 
 @dataclass
@@ -160,6 +179,8 @@ def vit_config(arch="vit_base", ssl="mae", **overrides):
     fields = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, ssl=ssl)
     for layer in (SSL[ssl], ARCH_FOR_SSL.get((arch, ssl), {}), overrides):
         fields.update(layer)
+    if ssl == "dinov2" and "pos_embed_interpolation" not in overrides:   # as the official hub models
+        fields["pos_embed_interpolation"] = "bicubic-antialias" if fields.get("num_reg_tokens") else "bicubic-offset"
     return ViTConfig(**fields)
 
 
@@ -188,10 +209,40 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(h, self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
+def rope_periods(cfg):
+    """DINOv3's RoPE periods, one per quarter of a head's channels: rope_base ** (4 j / head_dim), j < head_dim / 4
+    (timm computes them so; official release files store them, and load_backbone uses the stored ones)."""
+    head = cfg.embed_dim // cfg.num_heads
+    return cfg.rope_base ** (2 * torch.arange(head // 4, dtype=torch.float32) / (head // 2))
+
+
+def rope_sincos(periods, grid):
+    """DINOv3's 2-D rotary embedding of an h x w patch grid: (sin, cos), each [h * w, head_dim]. Patch centres are
+    normalised per axis to [-1, 1] (row (i + 0.5) / h * 2 - 1, column alike); the angles 2 pi c / period of the
+    row coordinate, then of the column coordinate, fill half a head and repeat for the other half (rotate-half
+    layout). Computed in at least fp32."""
+    dtype, device = at_least_fp32(periods).dtype, periods.device
+    rows, cols = ((torch.arange(n, dtype=dtype, device=device) + 0.5) / n * 2 - 1 for n in grid)
+    coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).flatten(0, 1)   # [h * w, 2]
+    angles = (2 * math.pi * coords[:, :, None] / periods.to(dtype)).flatten(1).tile(2)     # [h * w, head_dim]
+    return angles.sin(), angles.cos()
+
+
+def apply_rope(t, sin, cos):
+    """Rotate the last N tokens of t [B, heads, T, head_dim], the patches, by their angles (rotate-half: the pair
+    of channels j and j + head_dim / 2 turns together), in sin's dtype. The tokens before them (CLS, prompts,
+    registers) are not rotated: they carry no position."""
+    n = sin.shape[0]
+    patches = t[..., -n:, :].to(sin.dtype)
+    first, second = patches.chunk(2, dim=-1)
+    rotated = patches * cos + torch.cat([-second, first], dim=-1) * sin
+    return torch.cat([t[..., :-n, :], rotated.to(t.dtype)], dim=-2)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention: Eq. 3, with Eq. 9's temperature, softmax(Q K^T / (sqrt(d) tau)) V.
     tau: a scalar or one per image [B, 1, 1, 1]; mask: bool [B, 1, 1, T], False = a key no query attends to
-    (MultiTask's padding slots)."""
+    (MultiTask's padding slots); rope: (sin, cos) of the patch tokens, DINOv3's position."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -199,10 +250,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
 
-    def heads(self, x, tau=None):
-        """[B, T, D] -> q, k, v, each [B, heads, T, D / heads], with tau folded into q (Eq. 9)."""
+    def heads(self, x, tau=None, rope=None):
+        """[B, T, D] -> q, k, v, each [B, heads, T, D / heads], the patches' q and k rotated (DINOv3), tau folded
+        into q (Eq. 9)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return (q if tau is None else q / tau.to(q.dtype)), k, v
 
     @staticmethod
@@ -211,13 +265,13 @@ class Attention(nn.Module):
         logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
         return (logits if mask is None else logits.masked_fill(~mask, float("-inf"))).softmax(dim=-1)
 
-    def probabilities(self, x, tau=None, mask=None):
+    def probabilities(self, x, tau=None, mask=None, rope=None):
         """The attention of every query to every key [B, heads, T, T] (Figure 5)."""
-        q, k, _ = self.heads(x, tau)
+        q, k, _ = self.heads(x, tau, rope)
         return self.softmax(q, k, mask)
 
-    def forward(self, x, tau=None, mask=None):
-        q, k, v = self.heads(x, tau)
+    def forward(self, x, tau=None, mask=None, rope=None):
+        q, k, v = self.heads(x, tau, rope)
         if self.fused:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:   # the official code's numerics
@@ -259,8 +313,8 @@ class Block(nn.Module):
         self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
         self.ls2 = LayerScale(cfg.embed_dim) if cfg.layer_scale else nn.Identity()
 
-    def forward(self, x, tau=None, mask=None):
-        x = x + self.ls1(self.attn(self.norm1(x), tau, mask))
+    def forward(self, x, tau=None, mask=None, rope=None):
+        x = x + self.ls1(self.attn(self.norm1(x), tau, mask, rope))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
@@ -275,7 +329,9 @@ class PatchEmbed(nn.Module):
 
 def resize_pos_embed(pos_embed, new_grid, mode="bicubic"):
     """[1, 1+h*w, D] -> [1, 1+H*W, D] on the patch grid, CLS kept. mode: "bicubic" (the official MAE / MoCo v3 /
-    DINO code), "bicubic-antialias" (timm >= 0.9's resample_abs_pos_embed), "bilinear" (mmseg's SETR)."""
+    DINO code), "bicubic-antialias" (timm >= 0.9's resample_abs_pos_embed; official DINOv2 with registers),
+    "bicubic-offset" (official DINOv2 without registers: the scale factor (n + 0.1) / old, not the size, sets
+    where output pixels sample the grid), "bilinear" (mmseg's SETR)."""
     cls_pos, grid_pos = pos_embed[:, :1], pos_embed[:, 1:]
     old = int(math.isqrt(grid_pos.shape[1]))
     if old * old != grid_pos.shape[1]:
@@ -283,8 +339,9 @@ def resize_pos_embed(pos_embed, new_grid, mode="bicubic"):
     if (old, old) == tuple(new_grid):
         return pos_embed
     g = grid_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    g = F.interpolate(g, size=tuple(new_grid), mode=mode.split("-")[0], align_corners=False,
-                      antialias=mode.endswith("-antialias"))
+    size = dict(scale_factor=tuple((n + 0.1) / old for n in new_grid)) if mode == "bicubic-offset" else \
+        dict(size=tuple(new_grid))
+    g = F.interpolate(g, mode=mode.split("-")[0], align_corners=False, antialias=mode.endswith("-antialias"), **size)
     g = g.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(pos_embed.dtype)
     return torch.cat([cls_pos, g], dim=1)
 
@@ -293,11 +350,13 @@ def resize_pos_embed(pos_embed, new_grid, mode="bicubic"):
 #
 #   cls      x[:, :1]          [B, 1, D]      the class token
 #   prompts  x[:, 1:1 + P]     [B, P, D]      P prompt slots (P = 0 before the first block that writes prompts)
-#   rest     x[:, 1 + P:]      [B, R + N, D]  R register tokens (DINOv2), then the N = (H/p)(W/p) patch tokens
+#   rest     x[:, 1 + P:]      [B, R + N, D]  R registers (DINOv2) / storage tokens (DINOv3), then the N = (H/p)(W/p)
+#                                             patch tokens
 #
 # Prompts go right after CLS (VPT), also on backbones with registers. Neither prompts nor registers carry a
 # position and attention does not see order, so this is the same model as [CLS, registers, prompts, patches];
-# this order keeps the prompts at positions 1..P for every backbone.
+# this order keeps the prompts at positions 1..P for every backbone. With DINOv3's RoPE only the last N tokens
+# (the patches) are rotated: prompts join the unrotated prefix (CLS, storage tokens), as registers do.
 
 
 class PromptStep(NamedTuple):
@@ -336,7 +395,9 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.num_reg_tokens, D)) if cfg.num_reg_tokens else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, D))  # CLS + grid; registers get none
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, D)) if cfg.pos_embed == "learned" else None
+        #                                              CLS + grid; registers get none; DINOv3 rotates instead:
+        self.register_buffer("rope_periods", rope_periods(cfg) if cfg.pos_embed == "rope" else None)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(L)])
         self.norm = LayerNorm(D, eps=cfg.norm_eps)
         self._init_backbone()
@@ -348,7 +409,8 @@ class VisionTransformer(nn.Module):
         if self.num_prompts:
             self.prompts = nn.Parameter(torch.empty(1, self.num_prompts, D).uniform_(-bound, bound))
         if pcfg.prompt == "deep":  # fresh prompts for blocks insert_at+1 .. L
-            self.deep_prompts = nn.Parameter(torch.empty(L - pcfg.insert_at, self.num_prompts, D).uniform_(-bound, bound))
+            self.deep_prompts = nn.Parameter(torch.empty(L - pcfg.insert_at, self.num_prompts, D)
+                                             .uniform_(-bound, bound))
         if pcfg.gates != "none":   # gamma_1 .. gamma_{L-1}; the last block is ungated
             self.gate_logits = nn.Parameter(torch.full((L - 1,), -float(pcfg.gate_init)))
         if pcfg.learn_temperature:  # tau_1 .. tau_L
@@ -358,7 +420,8 @@ class VisionTransformer(nn.Module):
         self.freeze_backbone()
 
     def _init_backbone(self):  # only matters without a checkpoint
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.reg_token is not None:
             nn.init.normal_(self.reg_token, std=1e-6)
@@ -369,7 +432,7 @@ class VisionTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
 
     # --- what trains ---------------------------------------------------------
-    BACKBONE = ("patch_embed", "cls_token", "reg_token", "pos_embed", "blocks", "norm")
+    BACKBONE = ("patch_embed", "cls_token", "reg_token", "pos_embed", "rope_periods", "blocks", "norm")
 
     def freeze_backbone(self):
         for name, p in self.named_parameters():
@@ -440,20 +503,33 @@ class VisionTransformer(nn.Module):
         return self
 
     # --- forward ---------------------------------------------------------------
-    def embed(self, images):
-        """Eq. 1: [B, 3, H, W] -> [B, 1 + R + N, D]: CLS, the R registers, the N patch tokens plus their positions
-        (the stored grid resized to this input's), in the patch embedding's dtype (bf16 under autocast)."""
+    def grid(self, images):
+        """The patch grid (H / p, W / p) of [B, 3, H, W] images."""
         H, W, p = images.shape[-2], images.shape[-1], self.cfg.patch_size
         if H % p or W % p or H < p or W < p:
             raise ValueError(f"images of {H}x{W} px: height and width must be positive multiples of the patch "
                              f"size {p}")
-        pos = resize_pos_embed(self.pos_embed, (H // p, W // p), self.cfg.pos_embed_interpolation)
+        return H // p, W // p
+
+    def embed(self, images):
+        """Eq. 1: [B, 3, H, W] -> [B, 1 + R + N, D]: CLS, the R registers, the N patch tokens plus their positions
+        (the stored grid resized to this input's; none with RoPE, see rope), in the patch embedding's dtype (bf16
+        under autocast)."""
+        grid = self.grid(images)
         x = self.patch_embed(images)
-        x = x + pos[:, 1:].to(x.dtype)
-        prefix = [(self.cls_token + pos[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)]
+        cls = self.cls_token
+        if self.pos_embed is not None:
+            pos = resize_pos_embed(self.pos_embed, grid, self.cfg.pos_embed_interpolation)
+            x, cls = x + pos[:, 1:].to(x.dtype), cls + pos[:, :1]
+        prefix = [cls.to(x.dtype).expand(x.shape[0], -1, -1)]
         if self.reg_token is not None:
             prefix.append(self.reg_token.to(x.dtype).expand(x.shape[0], -1, -1))
         return torch.cat([*prefix, x], dim=1)
+
+    def rope(self, images):
+        """DINOv3: (sin, cos) [N, head_dim] rotating the patch tokens' queries and keys in every block; None
+        without RoPE."""
+        return None if self.rope_periods is None else rope_sincos(self.rope_periods, self.grid(images))
 
     def batch_prompts(self, prompts, batch):
         """[P, D] -> [B, P, D], then dropout: every image draws its own mask (the official code expands the
@@ -485,7 +561,7 @@ class VisionTransformer(nn.Module):
         softmax attention [B, heads, T, T]}). stop_early: stop after the last of `blocks`. Changes no parameter
         or buffer."""
         self._check_blocks(blocks, "blocks")
-        x = self.embed(images)
+        x, rope = self.embed(images), self.rope(images)
         B, P, found = x.shape[0], 0, {}
         plan = plan or [PromptStep()] * len(self.blocks)
         for i, blk in enumerate(self.blocks):
@@ -499,8 +575,8 @@ class VisionTransformer(nn.Module):
                 x = torch.cat([cls, prompts, rest], dim=1)
             mask = None if step.live is None else key_mask(step.live, x.shape[1])
             if attention and l in blocks:
-                found[l] = blk.attn.probabilities(blk.norm1(x), step.tau, mask)
-            x = blk(x, step.tau, mask)   # Eq. 2 (Eq. 3 with Eq. 9's tau inside)
+                found[l] = blk.attn.probabilities(blk.norm1(x), step.tau, mask, rope)
+            x = blk(x, step.tau, mask, rope)   # Eq. 2 (Eq. 3 with Eq. 9's tau inside)
             if step.gate is not None:    # x[:, 1:1 + P] is Z~_P^l; the mix is computed in at least fp32
                 g, out = step.gate, at_least_fp32(x[:, 1:1 + P])
                 mixed = g * out + (1 - g) * at_least_fp32(prompts)   # Eq. 7: Z_P^l = g Z~_P^l + (1 - g) Z_P^{l-1}
@@ -517,7 +593,7 @@ class VisionTransformer(nn.Module):
         return self.run_blocks(images, self.prompt_plan(len(images)), blocks, attention, stop_early)
 
     def pool(self, x, live=None):
-        """The last block's tokens -> features [B, D]. "cls": norm, then CLS (MoCo v3, DINO, DINOv2, DeiT);
+        """The last block's tokens -> features [B, D]. "cls": norm, then CLS (MoCo v3, DINO, DINOv2/3, DeiT);
         "mean": the mean over every token but CLS (prompts included, a row's dead slots not: live [B, P]), then
         norm (MAE)."""
         if self.cfg.pool == "cls":
@@ -615,6 +691,20 @@ def project_temperatures(model):
             module.project_temperatures()
     return model
 
+
+def param_groups(model, weight_decay):
+    """The trainable parameters of `model` (a VisionTransformer or a module holding some) as optimizer groups:
+    weight decay on prompts and weight matrices, none on gate logits, temperatures, biases (every 0- or 1-d
+    tensor). Decay pulls what it touches toward 0 with no gradient asking for it: with AdamW (lr 1e-3, decay
+    0.05) 2,000 steps take a tau of 1 to 0.905 and open closed gates. The paper trains with SGD and no decay.
+
+        opt = torch.optim.AdamW(gp.param_groups(model, weight_decay=0.05), lr=1e-3)"""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
 # -----------------------------------------------------------------------------
 # One call: architecture, pretraining, method, checkpoint
 
@@ -642,7 +732,11 @@ def build_model(arch="vit_base", ssl="mae", method="gated+temp", num_classes=100
 
 # -----------------------------------------------------------------------------
 # Checkpoints: each format's names -> ours. "{i}" is the block index; a tuple of sources is
-# concatenated (q, k, v -> qkv). Every backbone key must be found with the right shape.
+# concatenated (q, k, v -> qkv). Every backbone key must be found with the right shape, except what a
+# format does not store: ZEROS (a zero bias, or its zero part) and COMPUTED (DINOv3's RoPE periods,
+# computed from the config as timm does).
+
+ZEROS, COMPUTED = "<not stored: zeros>", "<not stored: computed from the config>"
 
 
 def _hf_table(layer, q, k, v, attn_out, fc1, fc2, norm1, norm2):
@@ -664,6 +758,14 @@ _NPZ_BLOCK, QKV = "Transformer/encoderblock_{i}", ("query", "key", "value")
 NAME_TABLES = {  # a name a table does not list is read unchanged
     "timm": {},  # our names are timm's: MAE .pth, MoCo v3 .pth.tar and DINO files (after the prefix), DeiT, timm
     "dinov2": {"reg_token": "register_tokens"},  # the official DINOv2 hub files (their mask_token is dropped)
+    # the official DINOv3 release files (mask_token dropped; the qkv bias is stored with a bias_mask that zeroes
+    # its K third, applied by convert_state_dict), and timm's Eva state dicts of them (_qkvb: q and v biases)
+    "dinov3": {"reg_token": "storage_tokens", "rope_periods": "rope_embed.periods"},
+    "timm-dinov3": {"blocks.{i}.ls1.gamma": "blocks.{i}.gamma_1", "blocks.{i}.ls2.gamma": "blocks.{i}.gamma_2",
+                    "blocks.{i}.attn.qkv.bias": ZEROS, "rope_periods": COMPUTED},
+    "timm-dinov3-qkvb": {"blocks.{i}.ls1.gamma": "blocks.{i}.gamma_1", "blocks.{i}.ls2.gamma": "blocks.{i}.gamma_2",
+                         "blocks.{i}.attn.qkv.bias": ("blocks.{i}.attn.q_bias", ZEROS, "blocks.{i}.attn.v_bias"),
+                         "rope_periods": COMPUTED},
     "hf-dinov2": {**_hf_table("encoder.layer.{i}", "attention.attention.query", "attention.attention.key",
                               "attention.attention.value", "attention.output.dense", "mlp.fc1", "mlp.fc2",
                               "norm1", "norm2"),
@@ -698,7 +800,7 @@ NAME_TABLES = {  # a name a table does not list is read unchanged
 }
 # keys that are not backbone: dropped and reported (decoders, projectors, momentum encoders, heads)
 IRRELEVANT = ("decoder", "mask_token", "head", "fc_norm", "pre_logits", "pooler", "classifier",
-              "momentum_encoder", "predictor")
+              "momentum_encoder", "predictor", "local_cls_norm")
 
 
 class CheckpointError(ValueError):
@@ -759,11 +861,14 @@ def _safe_globals():
 
 
 def read_checkpoint(path, trust_pickle=False):
-    """Open a .pth / .pth.tar / .bin torch file, a .safetensors or a Google .npz; returns (raw dict, "npz" or None).
+    """Open a .pth / .pth.tar / .bin torch file, a .safetensors or a Google .npz (or the weights file of a Hugging
+    Face model folder); returns (raw dict, "npz" or None).
     Torch files are unpickled with weights_only=True plus _safe_globals(): loading runs no code from the file.
     A file that pickles anything else is a CheckpointError naming the type; trust_pickle=True unpickles it in
     full (which runs whatever code the file carries: only for files you trust)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        path = _weights_in_folder(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
@@ -802,11 +907,29 @@ def read_checkpoint(path, trust_pickle=False):
     return raw, fmt
 
 
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")   # what a Hugging Face model folder keeps its weights in
+
+
+def _weights_in_folder(folder):
+    """The weights file of a Hugging Face model folder (save_pretrained, a hub snapshot); a CheckpointError says
+    what the folder holds instead."""
+    found = [name for name in HF_WEIGHTS if os.path.isfile(os.path.join(folder, name))]
+    if found:
+        return os.path.join(folder, found[0])
+    files = sorted(os.listdir(folder))
+    sharded = [f for f in files if f.endswith(".index.json")]
+    raise CheckpointError(f"{folder} is a folder, not a checkpoint file, and holds no {' or '.join(HF_WEIGHTS)}" + (
+        f" but a sharded checkpoint ({sharded[0]}): pass one merged weights file" if sharded else
+        f" (it holds: {', '.join(files[:8]) or 'nothing'}): pass the weights file itself"))
+
+
 def open_checkpoint(checkpoint, trust_pickle=False):
-    """(raw dict, name for messages) of a path or of an already-loaded state dict."""
+    """(raw dict, name for messages) of a path (a file, or a Hugging Face model folder: its weights file) or of
+    an already-loaded state dict."""
     if isinstance(checkpoint, dict):
         return checkpoint, "<state dict>"
-    return read_checkpoint(checkpoint, trust_pickle)[0], os.fspath(checkpoint)
+    path = _weights_in_folder(checkpoint) if os.path.isdir(checkpoint) else os.fspath(checkpoint)
+    return read_checkpoint(path, trust_pickle)[0], path
 
 
 def detect_format(raw, name="<state dict>"):
@@ -819,13 +942,24 @@ def detect_format(raw, name="<state dict>"):
         if isinstance(raw.get(wrapper), dict):
             raw = raw[wrapper]
     keys = list(raw)
-    swiglu = [k for k in keys if k.endswith(("mlp.w12.weight", "mlp.weights_in.weight"))]
+    dinov3 = "storage_tokens" in raw or "blocks.0.gamma_1" in raw
+    swiglu = [k for k in keys if k.endswith(("mlp.w12.weight", "mlp.weights_in.weight", "mlp.w1.weight",
+                                             "mlp.fc1_g.weight"))]
+    if swiglu and dinov3:
+        width = np.shape(raw.get("cls_token", np.zeros(0)))[-1]
+        variant = {384: "ViT-S+/16", 1280: "ViT-H+/16", 4096: "ViT-7B/16"}.get(width, f"{width}-wide ViT")
+        raise CheckpointError(f"{name}: DINOv3 {variant} (SwiGLU MLP, {swiglu[0]}) is not supported; DINOv3 "
+                              "ViT-S/16, B/16 and L/16 are")
     if swiglu:
         raise CheckpointError(f"{name}: ViT-g/14 (DINOv2's SwiGLU MLP, {swiglu[0]}) is not supported")
     for prefix, fmt in (("module.base_encoder.", "MoCo v3 pretrain"), ("module.", "MoCo v3 linear-probe / DDP"),
                         ("backbone.", "DINO training checkpoint (teacher)"), ("", "timm / MAE")):
         if f"{prefix}blocks.0.attn.qkv.weight" in raw:
-            if "register_tokens" in raw or ("mask_token" in raw and "blocks.0.ls1.gamma" in raw):
+            if "storage_tokens" in raw:
+                fmt = "DINOv3 (official)"
+            elif "blocks.0.gamma_1" in raw:
+                fmt = "timm DINOv3" + (" (_qkvb)" if "blocks.0.attn.q_bias" in raw else "")
+            elif "register_tokens" in raw or ("mask_token" in raw and "blocks.0.ls1.gamma" in raw):
                 fmt = "DINOv2 (official)"
             return raw, fmt, prefix
     for fmt, probe in (("Hugging Face DINOv2", "encoder.layer.0.layer_scale1.lambda1"),
@@ -834,14 +968,17 @@ def detect_format(raw, name="<state dict>"):
         hit = [k for k in keys if k.endswith(probe)]
         if hit:
             return raw, fmt, hit[0][: -len(probe)]
-    raise CheckpointError(f"{name}: no ViT backbone keys of a known format (MAE, MoCo v3, DINO, DINOv2, timm, "
-                          f"Hugging Face, Google npz); first keys: {keys[:8]}")
+    raise CheckpointError(f"{name}: no ViT backbone keys of a known format (MAE, MoCo v3, DINO, DINOv2, DINOv3, "
+                          f"timm, Hugging Face, Google npz); first keys: {keys[:8]}")
+
+
+FORMAT_TABLES = {"npz (Google ViT)": "npz", "Hugging Face ViT (transformers 5)": "hf-v5", "Hugging Face ViT": "hf",
+                 "Hugging Face DINOv2": "hf-dinov2", "DINOv2 (official)": "dinov2", "DINOv3 (official)": "dinov3",
+                 "timm DINOv3": "timm-dinov3", "timm DINOv3 (_qkvb)": "timm-dinov3-qkvb"}   # any other: "timm"
 
 
 def _table_for(fmt):
-    return NAME_TABLES["npz" if fmt.startswith("npz") else "hf-v5" if "transformers 5" in fmt
-                       else "hf-dinov2" if fmt == "Hugging Face DINOv2" else "hf" if fmt.startswith("Hugging")
-                       else "dinov2" if fmt.startswith("DINOv2") else "timm"]
+    return NAME_TABLES[FORMAT_TABLES.get(fmt, "timm")]
 
 
 def checkpoint_layout(raw, name="<state dict>"):
@@ -864,22 +1001,32 @@ def convert_state_dict(raw, fmt, prefix, model):
     """Map a raw checkpoint onto our backbone names. Returns (state dict, missing, used source keys)."""
     table = _table_for(fmt)
     converted, missing, used = {}, [], set()
-    for ours in model.backbone_state_dict():
+    for ours, target in model.backbone_state_dict().items():
         parts = ours.split(".")
         i = parts[1] if parts[0] == "blocks" else None
         p = parts[-1]
         template = next((t for t in table if t.format(i=i, p=p) == ours), None)
         src = table[template] if template else ours
-        sources = tuple(prefix + s.format(i=i, p=p) for s in (src if isinstance(src, tuple) else (src,)))
-        if not all(s in raw for s in sources):
-            missing.append(f"{ours} (from {', '.join(s for s in sources if s not in raw)})")
+        if src in (ZEROS, COMPUTED):
+            converted[ours] = torch.zeros(target.shape) if src == ZEROS else rope_periods(model.cfg)
             continue
-        used.update(sources)
+        sources = tuple(s if s == ZEROS else prefix + s.format(i=i, p=p)
+                        for s in (src if isinstance(src, tuple) else (src,)))
+        stored = [s for s in sources if s != ZEROS]
+        if not all(s in raw for s in stored):
+            missing.append(f"{ours} (from {', '.join(s for s in stored if s not in raw)})")
+            continue
+        used.update(stored)
         if fmt.startswith("npz"):
             converted[ours] = _npz_to_torch(ours, [raw[s] for s in sources], model.cfg.embed_dim)
         else:
-            tensors = [torch.as_tensor(raw[s]) for s in sources]
+            part = torch.as_tensor(raw[stored[0]])
+            tensors = [torch.zeros_like(part) if s == ZEROS else torch.as_tensor(raw[s]) for s in sources]
             converted[ours] = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+        mask = f"{prefix}blocks.{i}.attn.qkv.bias_mask"
+        if fmt == "DINOv3 (official)" and ours.endswith("qkv.bias") and mask in raw:   # their LinearKMaskedBias
+            converted[ours] = converted[ours] * torch.as_tensor(raw[mask])
+            used.add(mask)
         if ours in ("cls_token", "pos_embed") and converted[ours].dim() == 2:
             converted[ours] = converted[ours][None]
         n = converted[ours].shape[1] if ours == "pos_embed" else 0
@@ -888,15 +1035,23 @@ def convert_state_dict(raw, fmt, prefix, model):
     return converted, missing, used
 
 
-def _guess_arch(sd):
-    w = sd.get("patch_embed.proj.weight")
-    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+def _guess_arch(raw, fmt, prefix):
+    """The architecture a checkpoint holds, read through its format's table: width and patch from the patch
+    embedding (torch OIHW, Google HWIO), depth from the block indices."""
+    table = _table_for(fmt)
+    patch_key = table.get("patch_embed.proj.{p}", table.get("patch_embed.proj.weight", "patch_embed.proj.{p}"))
+    block_key = table.get("blocks.{i}.norm1.{p}", table.get("blocks.{i}.norm1.weight", "blocks.{i}.norm1.{p}"))
+    w = raw.get(prefix + patch_key.format(p="weight"))
     if w is None:
         return "unknown"
-    for name, (patch, dim, d, _) in ARCHS.items():
-        if (dim, d) == (w.shape[0], depth):
-            return name + ("" if patch == w.shape[-1] else f" with patch {w.shape[-1]}")
-    return f"ViT with width {w.shape[0]}, depth {depth}, patch {w.shape[-1]}"
+    shape = np.shape(w)
+    width, patch = (shape[-1], shape[0]) if fmt.startswith("npz") else (shape[0], shape[-1])
+    pattern = re.escape(prefix + block_key.replace("{p}", "weight")).replace(re.escape("{i}"), r"(\d+)")
+    depth = 1 + max((int(m.group(1)) for m in map(re.compile(pattern).fullmatch, raw) if m), default=-1)
+    for name, (arch_patch, dim, d, _) in ARCHS.items():
+        if (dim, d) == (width, depth):
+            return name + ("" if patch == arch_patch else f" with patch {patch}")
+    return f"ViT with width {width}, depth {depth}, patch {patch}"
 
 
 def _summarise(keys, shown=6):
@@ -920,7 +1075,7 @@ def load_backbone(model, checkpoint, trust_pickle=False, name=None):
     raw, fmt, prefix = detect_format(raw, name)
     sd, missing, used = convert_state_dict(raw, fmt, prefix, model)
     target = model.backbone_state_dict()
-    if "pos_embed" in sd and sd["pos_embed"].shape != target["pos_embed"].shape \
+    if "pos_embed" in sd and "pos_embed" in target and sd["pos_embed"].shape != target["pos_embed"].shape \
             and sd["pos_embed"].shape[-1] == target["pos_embed"].shape[-1]:
         grid = math.isqrt(target["pos_embed"].shape[1] - 1)
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], (grid, grid), model.cfg.pos_embed_interpolation)
@@ -930,14 +1085,15 @@ def load_backbone(model, checkpoint, trust_pickle=False, name=None):
     dropped = [k for k in extra if any(s in k for s in IRRELEVANT)]
     unknown = [k for k in extra if k not in dropped]
     if missing or wrong or unknown:
-        found = _guess_arch({k[len(prefix):]: torch.as_tensor(v) for k, v in raw.items()
-                             if k.startswith(prefix) and not fmt.startswith(("npz", "Hugging"))})
         lines = [f"{name}: cannot load as {model.cfg.embed_dim}-wide, {model.cfg.depth}-block "
-                 f"ViT/{model.cfg.patch_size} (detected format: {fmt}; checkpoint looks like: {found})"]
+                 f"ViT/{model.cfg.patch_size} (detected format: {fmt}; checkpoint looks like: "
+                 f"{_guess_arch(raw, fmt, prefix)})"]
         for label, keys in (("missing backbone keys", missing), ("wrong shapes", wrong),
                             ("unexpected backbone keys", unknown)):
             if keys:
                 lines.append(f"  {label} ({len(keys)}): " + _summarise(keys))
+        if "DINOv3" in fmt and model.cfg.pos_embed != "rope":
+            lines.append("  a DINOv3 file (RoPE, no position table): build the model with ssl='dinov3'")
         registers = checkpoint_layout(raw, name)["num_reg_tokens"]
         if registers != model.cfg.num_reg_tokens:
             lines.append(f"  the file has {registers} register tokens, the model {model.cfg.num_reg_tokens}: "
@@ -949,7 +1105,7 @@ def load_backbone(model, checkpoint, trust_pickle=False, name=None):
         raise CheckpointError("\n".join(lines))
     with torch.no_grad():
         for k, v in sd.items():
-            model.get_parameter(k).copy_(v)
+            target[k].copy_(v)   # state_dict() tensors share the parameters' and buffers' storage
     model.backbone_file = None if name == "<state dict>" else os.path.basename(name)
     kinds = sorted({next(s for s in IRRELEVANT if s in k) for k in dropped})
     return (f"loaded {len(sd)} backbone tensors from {name} ({fmt}); "

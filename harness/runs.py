@@ -139,9 +139,10 @@ def pack_of(model, cfg, protocol, settings, final, checkpoint):
     names = None if demo else inputs.class_names(cfg, settings.data_dir, datasets.split_names(cfg.task, protocol)[0])
     if names is not None and len(names) != model.pcfg.num_classes:
         names = None
+    t = cfg.task_info.transform(cfg.img_size)   # gated_prompt's form too: the crop and the shorter side (VTAB: both)
+    preprocess = t and {"size": t["crop"], "resize": t["resize"] if t["kind"] == "fgvc" else [t["resize"]] * 2}
     return model, dict(class_names=names, ssl=cfg.ssl, task=cfg.task, recipe=None if demo else cfg.recipe,
-                       protocol=protocol, config=cfg.identity(), metrics=final,
-                       transform=cfg.task_info.transform(cfg.img_size),
+                       protocol=protocol, config=cfg.identity(), metrics=final, transform=t, preprocess=preprocess,
                        checkpoint=None if checkpoint is None else str(checkpoint))
 
 # --- cells: sweeps, seeds, tables, the demo -----------------------------------------------------------

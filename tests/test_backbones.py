@@ -4,9 +4,11 @@ Expected values come from timm (forward_features, resample_abs_pos_embed); file 
 section 2 and the Hugging Face Dinov2 / Dinov2WithRegisters parameter names."""
 import argparse
 import functools
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gated_prompt as gp
 
@@ -195,15 +197,38 @@ def test_every_named_config_has_our_names_and_shapes(timm_name, arch):
 
 # --- DINOv2 at 518 px and 224 px, with and without registers -----------------------------------------
 
+def official_dinov2_resize(pos_embed, rows, cols):
+    """The official DINOv2 code's interpolate_pos_encoding without registers, written out: bicubic, no
+    antialiasing, the output grid set by the scale factors (rows + 0.1) / M and (cols + 0.1) / M (M = stored side),
+    which also set where output pixels sample the grid; the CLS entry kept."""
+    M = math.isqrt(pos_embed.shape[1] - 1)
+    grid = pos_embed[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((rows + 0.1) / M, (cols + 0.1) / M), mode="bicubic", antialias=False)
+    assert grid.shape[-2:] == (rows, cols)
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)], dim=1)
+
+
+def timm_at(ref, size, pos_embed):
+    """timm's model at a fixed input size, with its position table replaced by `pos_embed` (no resizing inside)."""
+    fixed = TimmViT(img_size=size, patch_size=14, embed_dim=32, depth=2, num_heads=2, init_values=1e-5, num_classes=0)
+    fixed.load_state_dict({**ref.state_dict(), "pos_embed": pos_embed})
+    return fixed.eval()
+
+
 @pytest.mark.parametrize("registers", [False, True])
 @pytest.mark.parametrize("write", [write_timm, write_dinov2_official, write_hf_dinov2])
 @pytest.mark.parametrize("size", [(518, 518), (224, 224), (224, 294)])
 def test_dinov2_layout_matches_timm_at_stored_and_resized_grids(registers, write, size, tmp_path):
+    """timm resizes both kinds of model with antialiasing; the official code does so with registers only, and
+    without registers resizes as official_dinov2_resize, which we follow: that case is compared with timm given
+    the grid so resized."""
     ref = small_dinov2(registers)
     path = tmp_path / ("dinov2.safetensors" if write is write_hf_dinov2 else "dinov2.pth")
     write(ref, path)
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(3))
     got = ours_features(path, "vit_small", "dinov2", x, embed_dim=32, depth=2, num_heads=2)
+    if not registers and size != (518, 518):
+        ref = timm_at(ref, size, official_dinov2_resize(ref.pos_embed.detach(), size[0] // 14, size[1] // 14))
     assert (got - timm_features(ref, x)).abs().max() < 1e-5
 
 
@@ -240,10 +265,31 @@ def test_resize_matches_timms_resample_abs_pos_embed(old, new, mode, antialias):
     assert torch.allclose(gp.resize_pos_embed(pos, (new, new), mode), expected, atol=1e-6)
 
 
-def test_interpolation_defaults_per_backbone():
-    assert gp.vit_config("vit_base", "dinov2").pos_embed_interpolation == "bicubic-antialias"
+def test_interpolation_defaults_per_backbone(tmp_path):
+    """As each official code resizes: DINOv2 with registers antialiased, without registers with the 0.1 offset
+    (also when build_model reads the register count from the file); MAE, MoCo v3, DINO, DeiT plain bicubic."""
+    assert gp.vit_config("vit_base", "dinov2").pos_embed_interpolation == "bicubic-offset"
+    assert gp.vit_config("vit_base", "dinov2", num_reg_tokens=4).pos_embed_interpolation == "bicubic-antialias"
+    assert gp.vit_config("vit_base", "dinov2", pos_embed_interpolation="bilinear").pos_embed_interpolation == "bilinear"
+    for registers in (False, True):
+        write_dinov2_official(small_dinov2(registers), tmp_path / "dinov2.pth")
+        model = gp.build_model("vit_small", ssl="dinov2", method="linear", num_classes=0, checkpoint=tmp_path / "dinov2.pth",
+                               vit_overrides=dict(embed_dim=32, depth=2, num_heads=2))
+        assert model.cfg.pos_embed_interpolation == ("bicubic-antialias" if registers else "bicubic-offset")
     for ssl in ("mae", "mocov3", "dino", "supervised"):   # the official code's plain bicubic
         assert gp.vit_config("vit_base", ssl).pos_embed_interpolation == "bicubic"
+
+
+@pytest.mark.parametrize("rows,cols", [(16, 16), (16, 21), (40, 30)])
+def test_the_dinov2_offset_resize_is_the_official_formula(rows, cols):
+    """518 px -> 224 px (16 x 16), a non-square input and an upsampling; the offset form differs from the
+    antialiased one by several percent of the table at 224 px."""
+    pos = torch.randn(1, 1 + 37 * 37, 8, generator=torch.Generator().manual_seed(rows + cols))
+    expected = official_dinov2_resize(pos, rows, cols)
+    assert torch.allclose(gp.resize_pos_embed(pos, (rows, cols), "bicubic-offset"), expected, atol=1e-6)
+    if (rows, cols) == (16, 16):
+        antialiased = gp.resize_pos_embed(pos, (16, 16), "bicubic-antialias")
+        assert (antialiased - expected).norm() / antialiased.norm() > 0.02
 
 
 # --- refusals --------------------------------------------------------------------------------

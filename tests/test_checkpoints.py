@@ -80,7 +80,7 @@ def hf_sd(model, v5=False, prefix="vit."):
     for p in ("weight", "bias"):
         sd[f"{prefix}embeddings.patch_embeddings.projection.{p}"] = src[f"patch_embed.proj.{p}"]
         sd[f"{prefix}layernorm.{p}"] = src[f"norm.{p}"]
-        for i in range(DEPTH):
+        for i in range(model.cfg.depth):
             b = f"blocks.{i}."
             layer = f"{prefix}layers.{i}." if v5 else f"{prefix}encoder.layer.{i}."
             q, k, v = src[b + f"attn.qkv.{p}"].chunk(3)
@@ -114,14 +114,15 @@ def write_hf_v5(model, path):  # state_dict() of a live transformers-5 ViTModel 
 
 def write_npz(model, path):
     """Google vit_jax ViT-B_16.npz: flax names, HWIO conv, [in,out] dense, q/k/v [D,H,Dh], out [H,Dh,D]."""
-    src, H, Dh = timm_sd(model), HEADS, D // HEADS
+    src, D, H = timm_sd(model), model.cfg.embed_dim, model.cfg.num_heads
+    Dh = D // H
     a = {"cls": src["cls_token"], "Transformer/posembed_input/pos_embedding": src["pos_embed"],
          "embedding/kernel": src["patch_embed.proj.weight"].permute(2, 3, 1, 0),
          "embedding/bias": src["patch_embed.proj.bias"],
          "Transformer/encoder_norm/scale": src["norm.weight"], "Transformer/encoder_norm/bias": src["norm.bias"],
          "head/kernel": torch.zeros(D, 10), "head/bias": torch.zeros(10),
          "pre_logits/kernel": torch.zeros(D, D), "pre_logits/bias": torch.zeros(D)}
-    for i in range(DEPTH):
+    for i in range(model.cfg.depth):
         b, g = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
         for ln, ours in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
             a[g + ln + "/scale"], a[g + ln + "/bias"] = src[b + ours + ".weight"], src[b + ours + ".bias"]
@@ -309,3 +310,48 @@ def test_a_fine_tuned_global_pool_file_names_fc_norm(source, tmp_path):
     torch.save({"model": sd}, tmp_path / "mae_finetuned_vit_base.pth")
     with pytest.raises(gp.CheckpointError, match=r"missing backbone keys \(2\): norm.weight[\s\S]*fc_norm"):
         gp.load_backbone(small_vit(), tmp_path / "mae_finetuned_vit_base.pth")
+
+
+# --- what an independent trial hit: a Hugging Face folder, a misfit HF / npz file -------------------------
+
+def test_a_hugging_face_model_folder_reads_the_weights_file_inside(source, tmp_path):
+    """save_pretrained / hub snapshots are folders (config.json + model.safetensors or pytorch_model.bin)."""
+    for weights, write in (("model.safetensors", write_hf_vitmae_safetensors), ("pytorch_model.bin", write_hf_vit_bin)):
+        folder = tmp_path / weights.split(".")[0]
+        folder.mkdir()
+        (folder / "config.json").write_text('{"model_type": "vit_mae"}')
+        write(source, folder / weights)
+        target = small_vit(seed=1)
+        report = gp.load_backbone(target, folder)
+        assert str(folder / weights) in report and "Hugging Face ViT" in report
+        assert torch.allclose(features(target), features(source), atol=1e-6)
+        built = gp.build_model("vit_base", method="linear", num_classes=0, img_size=32, checkpoint=folder,
+                               vit_overrides=dict(embed_dim=D, depth=DEPTH, num_heads=HEADS, patch_size=PATCH))
+        assert built.backbone_file == weights and torch.allclose(features(built.eval()), features(source), atol=1e-6)
+
+
+@pytest.mark.parametrize("files,message", [
+    (["config.json", "preprocessor_config.json"], r"is a folder, not a checkpoint file, and holds no model.safetensors "
+                                                  r"or pytorch_model.bin \(it holds: config.json, preprocessor"),
+    ([], r"\(it holds: nothing\)"),
+    (["config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors"], r"a sharded checkpoint "
+                                                                                           r"\(model.safetensors.index.json\)")])
+def test_a_folder_without_weights_says_it_is_a_folder(tmp_path, files, message):
+    folder = tmp_path / "dinov2-base"
+    folder.mkdir()
+    for name in files:
+        (folder / name).write_text("{}")
+    for load in (lambda: gp.load_backbone(small_vit(), folder), lambda: gp.read_checkpoint(folder)):
+        with pytest.raises(gp.CheckpointError, match=message) as err:
+            load()
+        assert str(folder) in str(err.value) and "not found" not in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("filename", ["model.safetensors", "pytorch_model.bin", "vit_transformers5.pth", "ViT-B_16.npz",
+                                      "augreg_ViT-B_16.npz"])
+def test_a_hugging_face_or_npz_file_of_another_size_names_its_architecture(filename, tmp_path):
+    """A 64-wide, 4-block file (patch 8) into the 32-wide, 2-block model: the guess reads the format's own names
+    (HF embeddings.patch_embeddings / encoder.layer.N, Google HWIO embedding/kernel and encoderblock_N)."""
+    WRITERS[filename][0](small_vit(width=64, depth=4), tmp_path / filename)
+    with pytest.raises(gp.CheckpointError, match=r"checkpoint looks like: ViT with width 64, depth 4, patch 8\)"):
+        gp.load_backbone(small_vit(), tmp_path / filename)

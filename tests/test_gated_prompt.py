@@ -378,7 +378,8 @@ def test_head_is_initialised_as_the_official_head():
     (lambda: gp.vit_config("vit_base", pos_embed_interpolation="nearest"), "pos_embed_interpolation='nearest'"),
     (lambda: gp.vit_config("vit_gaint"), "arch='vit_gaint' is not one of 'vit_small'"),
     (lambda: gp.vit_config("vit_giant", "dinov2"), "ViT-g/14 .DINOv2's SwiGLU MLP. is not supported"),
-    (lambda: gp.vit_config("vit_base", "dinov3"), "ssl='dinov3' is not one of 'mae'"),
+    (lambda: gp.vit_config("vit_base", "dinov4"), "ssl='dinov4' is not one of 'mae'"),
+    (lambda: gp.vit_config("vit_base", pos_embed="sincos"), "pos_embed='sincos' is not one of 'learned', 'rope'"),
     (lambda: tiny("gated", insert_at=9), "insert_at must be in 1..4"),
 ])
 def test_bad_configuration_is_refused(make, message):
@@ -608,3 +609,28 @@ def test_the_block_loop_runs_a_prompt_side_per_image_with_gradients():
     features[1:].sum().backward()
     assert a.prompts.grad is None or not a.prompts.grad.any()
     assert b.prompts.grad.abs().sum() > 0 and (b.gate_logits.grad != 0).all() and (b.temperatures.grad != 0).all()
+
+
+def test_param_groups_keep_weight_decay_off_gates_temperatures_and_biases():
+    """AdamW (lr 1e-2, decay 0.05) for 200 steps with zero gradients: decay alone multiplies what it touches by
+    (1 - 1e-2 * 0.05)^200 = 0.9048 (by hand; the trial's lr 1e-3 took 2,000 steps). With gp.param_groups tau
+    stays 1 and the gate logits and biases stay where they were, while the prompts and the head weight decay;
+    with plain trainable_parameters tau drifts 1 -> 0.905."""
+    model = tiny("gated+temp")
+    groups = gp.param_groups(torch.nn.Sequential(model), weight_decay=0.05)   # finds the ViT inside a wrapper
+    name = {id(p): n for n, p in model.named_parameters()}
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert {name[id(p)] for p in groups[0]["params"]} == {"prompts", "head.weight"}
+    assert {name[id(p)] for p in groups[1]["params"]} == {"gate_logits", "temperatures", "head.bias"}
+    plain = tiny("gated+temp")
+    for params in (groups, plain.trainable_parameters()):
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.05)
+        for p in model.trainable_parameters() + plain.trainable_parameters():
+            p.grad = torch.zeros_like(p)
+        for _ in range(200):
+            opt.step()
+    fresh = dict(tiny("gated+temp").named_parameters())
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p, fresh[n] * (0.9048 if n in ("prompts", "head.weight") else 1.0), rtol=2e-4), n
+    assert plain.temperatures.tolist() == pytest.approx([0.9048] * 4, abs=1e-4)

@@ -315,6 +315,8 @@ def test_every_finished_run_writes_a_pack_that_loads_onto_its_backbone(tmp_path)
                                                                                   str(tmp_path / "mae.pth"))
     assert info["metrics"] == result["final"] and info["config"] == cfg.identity()
     assert info["transform"] == {"kind": "fgvc", "resize": 256, "crop": 224}
+    assert pack["preprocess"] == {"size": 224, "resize": 256, "mean": list(gp.IMAGENET_MEAN), "std": list(gp.IMAGENET_STD)}
+    assert pack["backbone_file"] == "mae.pth"
     assert pack["class_names"] == ["000.class_0", "001.class_1", "002.class_2"] and pack["ssl"] == "mae"
     prompts = torch.load(files.prompts, weights_only=True)
     assert prompts.keys() == pack["tensors"].keys() and all(torch.equal(prompts[k], pack["tensors"][k]) for k in prompts)
