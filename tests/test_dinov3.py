@@ -12,16 +12,7 @@ import torch
 import gated_prompt as gp
 
 timm = pytest.importorskip("timm")
-
-
-def randomize(model, seed=0):
-    """Every parameter random: norms around 1, everything else (LayerScale gammas included) N(0, 0.1^2)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.1 * noise)
-    return model.eval()
+from test_backbones import randomize  # noqa: E402  (every parameter random, LayerScale gammas included)
 
 
 @functools.lru_cache(maxsize=None)
