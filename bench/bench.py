@@ -354,7 +354,7 @@ def step_model(args, prompts, batch, task=STEP_TASK):
     """The step benchmark's model for (prompts, batch) on the meta device: its shapes, no memory."""
     cfg = step_config(args, prompts, batch, task)
     with torch.device("meta"):
-        return recipes.model_from_config(cfg, recipes.num_classes(cfg), verbose=False)
+        return config.model_from_config(cfg, cfg.head_size(), verbose=False)
 
 
 def block_tokens(vit, prompted=True):
@@ -372,8 +372,8 @@ def attention_shapes(args):
         shapes.append((f"step {prompts}x{batch}", batch, block_tokens(vit)))
     seg = segmentation_config(args)
     with torch.device("meta"):
-        vit = recipes.model_from_config(seg, 0, verbose=False)
-    shapes.append((f"SETR-PUP {seg['img_size']}px", seg["batch_size"], block_tokens(vit)))
+        vit = config.model_from_config(seg, 0, verbose=False)
+    shapes.append((f"SETR-PUP {seg.img_size}px", seg.batch_size, block_tokens(vit)))
     return [(what, batch, tokens, vit.cfg.num_heads, vit.cfg.embed_dim // vit.cfg.num_heads)
             for what, batch, tokens in shapes]
 

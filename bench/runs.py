@@ -446,7 +446,7 @@ def time_segmentation_lever(args, device, levers):
     """segmentation.Training's iteration (time_segmentation_training) today and with `levers` (harness.kernels, via
     runtime.Settings.kernels) on: same seed, weights and batch, in this unit; both rows and their ratio."""
     run = segmentation_setup(args, device)
-    batch, rows = run["cfg"]["batch_size"], {}
+    batch, rows = run["cfg"].batch_size, {}
     for name, names in (("today", ()), ("lever", tuple(levers))):
         run["settings"] = dataclasses.replace(run["settings"], kernels=names)
         train = time_segmentation_training(args, device, run)
@@ -459,5 +459,5 @@ def time_segmentation_lever(args, device, levers):
     ratio = rows["lever"]["iters_per_s"] / rows["today"]["iters_per_s"]
     print(f"  SETR-PUP iteration with {'+'.join(levers)}: {rows['lever']['iters_per_s']:.3f} it/s vs today's "
           f"{rows['today']['iters_per_s']:.3f} -> {ratio:.3f}x", flush=True)
-    return {"kernels": list(levers), "batch_size": batch, "crop_size": run["cfg"]["img_size"], "today": rows["today"],
+    return {"kernels": list(levers), "batch_size": batch, "crop_size": run["cfg"].img_size, "today": rows["today"],
             "lever": rows["lever"], "ratio": ratio}

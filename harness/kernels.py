@@ -225,7 +225,8 @@ def qkv_attention(attention, x, temperature=None, attn_mask=None, backend=None):
 class FastAttention(gp.Attention):
     """gated_prompt.Attention whose frozen forward runs QKVAttention (fused_qkv) and / or a chosen SDPA kernel per
     sequence length (`backends`: {T: name} or one name for every T). Anything else -- attention maps, the
-    explicit-softmax reference, per-image temperatures, trainable qkv weights -- takes the plain forward."""
+    explicit-softmax reference, per-image temperatures, DINOv3's rotated q / k, trainable qkv weights -- takes
+    the plain forward."""
     fused_qkv = False
     backends = None
 
@@ -234,17 +235,17 @@ class FastAttention(gp.Attention):
             return self.backends.get(tokens)
         return self.backends
 
-    def forward(self, x, temperature=None, return_attn=False, attn_mask=None):
-        per_image = isinstance(temperature, torch.Tensor) and temperature.numel() != 1
-        if return_attn or not self.fused or per_image or self.qkv.weight.requires_grad:
-            return super().forward(x, temperature, return_attn, attn_mask)
+    def forward(self, x, tau=None, mask=None, rope=None):
+        per_image = isinstance(tau, torch.Tensor) and tau.numel() != 1
+        if rope is not None or not self.fused or per_image or self.qkv.weight.requires_grad:
+            return super().forward(x, tau, mask, rope)
         backend = self.backend_for(x.shape[1])
         if self.fused_qkv:
-            return self.proj(qkv_attention(self, x, temperature, attn_mask, backend)), None
+            return self.proj(qkv_attention(self, x, tau, mask, backend))
         if backend is None:
-            return super().forward(x, temperature, return_attn, attn_mask)
+            return super().forward(x, tau, mask, rope)
         with sdpa_kernel([SDPA_BACKENDS[backend]]):
-            return super().forward(x, temperature, return_attn, attn_mask)
+            return super().forward(x, tau, mask, rope)
 
 
 def use_fast_attention(model, fused_qkv=True, backends=None):

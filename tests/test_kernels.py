@@ -27,7 +27,7 @@ CPU_KERNELS = ("math", "flash")   # the attention kernels a CPU runs (flash: ate
 def frozen_attention(dim=16, heads=2, fused=True, seed=0):
     """A float64 Attention with O(1) activations: weights ~ N(0, 1/dim), nonzero biases."""
     torch.manual_seed(seed)
-    attn = gp.Attention(dim, heads, qkv_bias=True, fused=fused).double()
+    attn = gp.Attention(gp.vit_config("vit_small", embed_dim=dim, num_heads=heads, fused_attention=fused)).double()
     with torch.no_grad():
         for p in attn.parameters():
             p.normal_(0, dim ** -0.5)
@@ -44,7 +44,7 @@ def key_mask(batch, tokens):
 
 def output_and_grads(attn, x, tau, mask, upstream):
     x, tau = x.detach().requires_grad_(), tau.detach().requires_grad_()
-    y = attn(x, tau, attn_mask=mask)[0]
+    y = attn(x, tau, mask=mask)
     dx, dtau = torch.autograd.grad(y, (x, tau), upstream)
     return y.detach(), dx, dtau
 
@@ -84,7 +84,7 @@ def test_fast_attention_takes_the_plain_forward_where_it_does_not_apply(monkeypa
     attn = frozen_attention()
     kernels.use_fast_attention(attn)
     x = torch.randn(2, 5, 16, dtype=torch.float64)
-    _, maps = attn(x, return_attn=True)
+    maps = attn.probabilities(x)
     assert maps.shape == (2, 2, 5, 5)
     attn(x, torch.tensor([0.5, 2.0], dtype=torch.float64).view(2, 1, 1, 1))
     attn.fused = False
