@@ -90,7 +90,6 @@ def flag(name):
 
 class RunConfig:
     """What every kind of run config shares: checks at construction, replace, identity, the model's overrides."""
-    KIND: ClassVar[str]
     recipe: ClassVar[str] = "paper"   # ClassificationConfig makes it a field (--recipe vpt)
 
     @classmethod
@@ -121,6 +120,8 @@ class RunConfig:
 
     def check(self):
         """Refuse a value no run can take (UserError naming the flag and the accepted range)."""
+        if config_class(self.task) is not type(self):   # UserError for an unknown task, too
+            raise UserError(f"--task {self.task} is not a task of a {type(self).__name__}")
         if self.ssl not in gp.SSL_POOLING or self.method not in gp.METHODS:
             raise UserError(f"--ssl must be one of {', '.join(gp.SSL_POOLING)} and --method one of "
                             f"{', '.join(gp.METHODS)}")
@@ -177,7 +178,6 @@ class RunConfig:
 @dataclass(frozen=True)
 class ClassificationConfig(RunConfig):
     """FGVC and VTAB-1k: Table 5's row for (task, ssl) on Section A.2's recipe."""
-    KIND: ClassVar[str] = "classification"
     task: str = field(metadata=CHOICE)
     ssl: str = field(metadata=CHOICE)
     method: str = field(metadata=CHOICE)
@@ -202,7 +202,6 @@ class ClassificationConfig(RunConfig):
 @dataclass(frozen=True)
 class SegmentationConfig(RunConfig):
     """ADE20K with SETR-PUP: Table 5's row on mmsegmentation's SETR-PUP recipe (paper_hparams.yaml)."""
-    KIND: ClassVar[str] = "segmentation"
     task: str = field(metadata=CHOICE)
     ssl: str = field(metadata=CHOICE)
     method: str = field(metadata=CHOICE)
@@ -247,7 +246,6 @@ class SegmentationConfig(RunConfig):
 @dataclass(frozen=True)
 class DemoConfig(RunConfig):
     """The pipeline demo: generated images and a small random ViT (paper_hparams.yaml's `demo:`)."""
-    KIND: ClassVar[str] = "demo"
     task: str = field(metadata=CHOICE)
     method: str = field(metadata=CHOICE)
     ssl: str = field(metadata=RECIPE)
@@ -270,8 +268,7 @@ class DemoConfig(RunConfig):
 
 CONFIGS = (ClassificationConfig, SegmentationConfig, DemoConfig)
 # Every override flag once, with its type: the command line's flags are these names with dashes
-OVERRIDE_TYPES = {name: f.type for cls in CONFIGS for f in dataclasses.fields(cls) for name in cls.flags()
-                  if f.name == name}
+OVERRIDE_TYPES = {f.name: f.type for cls in CONFIGS for f in dataclasses.fields(cls) if f.metadata["set_by"] == "flag"}
 
 
 def config_class(task_name):
