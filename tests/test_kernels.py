@@ -441,7 +441,7 @@ def kernels_report(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(report, "REPORT_POINTS", ((2, 32, 3700, "cub"), (1, 32, 5700, "dtd")))
     real_config = runs.segmentation_config
-    mp.setattr(runs, "segmentation_config", lambda args: dict(real_config(args), batch_size=2))
+    mp.setattr(runs, "segmentation_config", lambda args: real_config(args).replace(batch_size=2))
     try:
         out = bench.main(["--report", "--arch", "tiny", "--only", "kernels", "--out-dir", str(out_dir), "--steps", "1",
                           "--warmup", "0", "--repeats", "1"])
