@@ -38,7 +38,6 @@ import hashlib
 import http.client
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
@@ -51,6 +50,7 @@ from tqdm import tqdm
 
 import gated_prompt as gp
 from harness import runtime
+from harness.runtime import format_bytes, free_disk_bytes
 
 MIRROR_ENV = "GATED_PROMPT_MIRROR"
 SUMS_NAME = "SHA256SUMS"
@@ -138,15 +138,6 @@ def mirror_url(url: str, mirror: str | None = None) -> str:
     return mirror.rstrip("/") + "/" + url_filename(url)
 
 
-def format_bytes(n: int | None) -> str:
-    if n is None:
-        return "unknown size"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} bytes"
-
-
 def download_command(arch: str, ssl: str, mirror: str | None = None) -> str:
     """The one command that fetches a checkpoint (an explicit mirror is repeated; the env variable is not)."""
     return f"python reproduce.py download --ssl {ssl} --arch {arch}" + (f" --mirror {mirror}" if mirror else "")
@@ -158,14 +149,6 @@ def estimated_checkpoint_bytes(arch: str) -> int:
     tokens = (224 // patch) ** 2 + 1
     params = 3 * patch * patch * d + d + d + tokens * d + depth * (12 * d * d + 13 * d) + 2 * d
     return 4 * params
-
-
-def free_disk_bytes(path: str | os.PathLike) -> int:
-    """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return shutil.disk_usage(p).free
 
 
 def check_disk(where: Path, need: int, what: str) -> None:
