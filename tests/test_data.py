@@ -1,6 +1,7 @@
-"""Tests for data.py: readers, decode cache, batch loader, prepare, synthetic data (CPU, fast)."""
+"""Tests for harness/data (datasets.py, batches.py, releases.py): readers, decode cache, batch loader, prepare, synthetic data (CPU, fast)."""
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from harness.data import batches as batching
 from harness.data import datasets
 from harness.data import releases
 from harness.data.datasets import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MEAN = torch.tensor(datasets.IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(datasets.IMAGENET_STD).view(1, 3, 1, 1)
@@ -574,6 +577,41 @@ def test_disk_cache_is_reused(tmp_path, monkeypatch):
     assert_same_split(first, second)
     with pytest.raises(AssertionError):  # a different image list is a different cache entry
         datasets.load_splits("nabirds", root, ["test"], cache_dir=cache)
+
+
+def test_a_cache_that_does_not_fit_on_the_disk_is_one_line_before_decoding(tmp_path, monkeypatch):
+    """12 VTAB images of 224 x 224 x 3 bytes need 1,806,336 bytes of cache; with 1 MB free: refused naming the
+    space, before any image is decoded, leaving no file in the cache folder."""
+    fixtures.write_vtab_fixture(tmp_path / "vtab", "dtd")
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(datasets, "free_disk_bytes", lambda folder: 10**6)
+    monkeypatch.setattr(datasets, "decode_images", lambda *a, **k: pytest.fail("decoded although it cannot be kept"))
+    with pytest.raises(DataError) as err:
+        datasets.load_splits("dtd", tmp_path / "vtab", ["train800val200"], cache_dir=cache)
+    text = str(err.value)
+    assert "\n" not in text and "disk is full" in text and "1.81 MB" in text and "1.00 MB free" in text
+    assert str(cache) in text and "--cache-dir" in text
+    assert list(cache.iterdir()) == [] if cache.exists() else True
+
+
+def test_a_disk_that_fills_up_while_the_cache_is_built_is_one_line_not_sigbus(tmp_path, tiny_tmpfs):
+    """A real 1 MiB disk and a 1.8 MB cache entry. Checked first: one line. With the check fooled (another
+    process fills the disk after it), in a real process: writing through a memory map that the disk cannot back
+    would kill it with SIGBUS; instead one line, and nothing is left in the cache folder either way."""
+    fixtures.write_vtab_fixture(tmp_path / "vtab", "dtd")
+    with pytest.raises(DataError, match=r"^the disk is full: the decode cache of dtd/train800val200 needs 1.81 MB"):
+        datasets.load_splits("dtd", tmp_path / "vtab", ["train800val200"], cache_dir=tiny_tmpfs)
+    assert list(tiny_tmpfs.iterdir()) == []
+    code = ("import sys; from harness.data import datasets\n"
+            "datasets.free_disk_bytes = lambda folder: 2**40\n"
+            "try:\n"
+            f"    datasets.load_splits('dtd', {str(tmp_path / 'vtab')!r}, ['train800val200'], cache_dir={str(tiny_tmpfs)!r})\n"
+            "except datasets.DataError as err:\n"
+            "    sys.exit(f'error: {err}')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, (done.returncode, done.stderr[-500:])   # sys.exit(message): 1; SIGBUS: -7
+    assert done.stderr.startswith("error: the disk is full") and len(done.stderr.strip().splitlines()) == 1
+    assert list(tiny_tmpfs.iterdir()) == []
 
 
 def test_disk_cache_is_rebuilt_when_stale_or_incomplete(tmp_path, monkeypatch):

@@ -3,7 +3,6 @@ another version or shape, or a disk too full to save one, is one line naming the
 import os
 import random
 import shlex
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -143,33 +142,11 @@ def test_a_full_disk_when_saving_state_names_the_space_needed_and_keeps_the_last
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["run.state.pt"]
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    """A 1 MiB tmpfs (needs root and mount; skipped elsewhere): a disk that really fills up."""
-    where = tmp_path / "tmpfs"
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
-
-
-def fill(path):
-    """Write to `path` until the disk is full."""
-    with open(path, "wb", buffering=0) as f:
-        with pytest.raises(OSError):
-            while True:
-                f.write(b"x" * 4096)
-
-
 def test_a_disk_that_fills_up_while_the_state_is_written_is_reported_and_leaves_nothing(tiny_tmpfs, monkeypatch):
     """The free-space check passes (another process fills the disk after it): the write's ENOSPC is the same
     one line, and neither a temporary file nor half a state is left."""
     model, optimizer, scheduler = tiny_training()
-    fill(tiny_tmpfs / "filler")
+    fixtures.fill_disk(tiny_tmpfs / "filler")
     monkeypatch.setattr(runtime, "free_disk_bytes", lambda folder: 2**40)
     with pytest.raises(runtime.UserError) as err:
         save_state(tiny_tmpfs / "run.state.pt", model, optimizer, scheduler)

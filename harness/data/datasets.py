@@ -12,6 +12,7 @@ The json splits are built from each dataset's own release files by releases.prep
 from __future__ import annotations
 
 import colorsys
+import errno
 import functools
 import hashlib
 import json
@@ -30,7 +31,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
-from harness.runtime import UMASK, atomic_write, remove_dead_temporaries, write_text
+from harness.runtime import UMASK, atomic_write, format_bytes, free_disk_bytes, remove_dead_temporaries, write_text
 
 # ---------------------------------------------------------------------------------------------
 # 1. Registries and metadata
@@ -546,7 +547,10 @@ def _cached_decode(cache_dir: Path, task: str, root: Path, split: str, paths: li
 
     Each file is written to a temporary name and renamed (atomic); the checksum file, written last, marks
     the entry complete, so a crash never leaves an entry that loads. Temporary pixel files of killed runs
-    (*.pixels.npy.tmp<pid>@<host>, as large as a split) are removed first.
+    (*.pixels.npy.tmp<pid>@<host>, as large as a split) are removed first. The pixel file is memory-mapped, and
+    a page of a mapped file that the disk cannot back kills the process (SIGBUS): so the free space is checked
+    first and the whole file is allocated (posix_fallocate) before a pixel is written; a disk without room is a
+    DataError naming the space needed, and nothing is left behind.
     """
     files = _cache_files(cache_dir, task, root, split, paths)
     cached = _load_cache(*files, len(paths))
@@ -562,9 +566,12 @@ def _cached_decode(cache_dir: Path, task: str, root: Path, split: str, paths: li
     remove_dead_temporaries(cache_dir, recursive=False)
     check_file.unlink(missing_ok=True)
     tmp = pixels_file.with_name(f"{pixels_file.name}.tmp{os.getpid()}@{socket.gethostname()}")
+    shape = (int(np.prod(sizes, axis=1).sum()), 3)
+    if free_disk_bytes(cache_dir) < shape[0] * 3:
+        raise _cache_disk_full(cache_dir, f"{task}/{split}", shape[0] * 3)
     try:
-        shape = (int(np.prod(sizes, axis=1).sum()), 3)
         pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        _allocate(tmp, cache_dir, f"{task}/{split}")
         decode_images(task, paths, pixels, offsets, sizes, desc)
         pixels.flush()
         del pixels
@@ -579,6 +586,24 @@ def _cached_decode(cache_dir: Path, task: str, root: Path, split: str, paths: li
     if cached is None:
         raise DataError(f"the cache entry {pixels_file} + {index_file.name} does not read back after writing")
     return cached
+
+
+def _cache_disk_full(cache_dir: Path, what: str, need: int) -> DataError:
+    return DataError(f"the disk is full: the decode cache of {what} needs {format_bytes(need)} in {cache_dir}, which "
+                     f"has {format_bytes(free_disk_bytes(cache_dir))} free; free some space or pass --cache-dir on "
+                     "a disk with room")
+
+
+def _allocate(path: Path, cache_dir: Path, what: str) -> None:
+    """Give the (sparse) file at `path` all its disk blocks now, so that writing through its memory map cannot
+    meet a full disk; on file systems without posix_fallocate the free-space check stands alone."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _cache_disk_full(cache_dir, what, size) from None   # EOPNOTSUPP, EINVAL: not supported
 
 
 def _load_cache(pixels_file: Path, index_file: Path, check_file: Path,
