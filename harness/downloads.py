@@ -421,27 +421,56 @@ def checkpoint_path(arch: str, ssl: str, checkpoint_dir: str | os.PathLike = "ch
     ck = CHECKPOINTS[(arch, ssl)]
     path = Path(checkpoint_dir) / ck.filename
     command = download_command(arch, ssl, mirror)
-    if path.is_file():  # a complete file: it only ever appears by rename
-        return _check_kept_checkpoint(path, ck, command)
+    factory = model_factory or (lambda: _default_model(arch, ssl))
+    if path.is_file():  # a complete file: it only ever appears by rename (or is put there by hand)
+        return _check_kept_checkpoint(path, ck, command, factory)
     url = mirror_url(ck.url, mirror)
     if not download:
         raise DownloadError(f"backbone checkpoint not found: {path}\n  download URL: {url}\n"
                             f"  fetch it with: {command}   (or add --download to this command)")
     with file_lock(lock_path(path), f"downloading {path}"):
         if path.is_file():
-            return _check_kept_checkpoint(path, ck, command)
-        _download_checkpoint(path, ck, url, arch, model_factory or (lambda: _default_model(arch, ssl)))
+            return _check_kept_checkpoint(path, ck, command, factory)
+        _download_checkpoint(path, ck, url, arch, factory)
     return path
 
 
-def _check_kept_checkpoint(path: Path, ck: Checkpoint, command: str) -> Path:
+def _check_kept_checkpoint(path: Path, ck: Checkpoint, command: str, factory: Callable[[], torch.nn.Module]) -> Path:
+    """A file already in place (downloaded, or put there by hand): checked against its pins and its record. Not
+    yet recorded (first use), it is also loaded into factory()'s model first: only a file that passes every
+    check becomes the record later uses are checked against."""
     sums = path.parent / SUMS_NAME
     recorded = record_pins(sums, path.name)
-    sha = verify(path, ck.pins + recorded, fix=_kept_checkpoint_fix(path, command, sums if recorded else None))
+    fix = _kept_checkpoint_fix(path, command, sums if recorded else None)
+    sha = verify(path, ck.pins + recorded, fix=fix)
     if not recorded:
+        try:
+            report = load_backbone_file(path, factory)
+        except gp.CheckpointError as err:
+            raise DownloadError(f"{err}\n{fix}") from None
         record_sum(sums, path.name, sha, path.stat().st_size)
-        print(f"{path}: {_matched(ck.pins)}recorded in {sums}")
+        print(f"{path}: {_matched(ck.pins)}{report}; recorded in {sums}")
     return path
+
+
+def check_floating_weights(state: dict, name: str) -> None:
+    """CheckpointError when a backbone state dict (gated_prompt.detect_format's) holds weights or biases of
+    integer type: loading would cast them to floats silently (a quantised or converted copy, not a backbone)."""
+    integer = [(k, v.dtype) for k, v in state.items() if str(k).endswith(("weight", "bias", "kernel", "scale"))
+               and ((isinstance(v, torch.Tensor) and not v.is_floating_point())
+                    or (hasattr(v, "dtype") and getattr(v.dtype, "kind", "f") in "iub"))]
+    if integer:
+        raise gp.CheckpointError(f"{name}: {len(integer)} weight tensor(s) hold integers (e.g. {integer[0][0]}: "
+                                 f"{integer[0][1]}), not floating-point numbers: not a usable backbone (a quantised "
+                                 "or converted copy?); use the original checkpoint file")
+
+
+def load_backbone_file(path: Path, factory: Callable[[], torch.nn.Module]) -> str:
+    """Read a backbone file (weights-only), check its weights are floating point, and load it into factory()'s
+    model (gated_prompt.load_backbone: every key and shape); returns load_backbone's report."""
+    raw, _ = gp.read_checkpoint(path)
+    check_floating_weights(gp.detect_format(raw, str(path))[0], str(path))
+    return gp.load_backbone(factory(), raw, name=str(path))
 
 
 def _download_checkpoint(path: Path, ck: Checkpoint, url: str, arch: str,
@@ -463,7 +492,7 @@ def _download_checkpoint(path: Path, ck: Checkpoint, url: str, arch: str,
     def check(partial: Path) -> str:
         sha = verify(partial, ck.pins + recorded, fix)
         try:
-            report = gp.load_backbone(factory(), partial)
+            report = load_backbone_file(partial, factory)
         except gp.CheckpointError as err:
             raise DownloadError(f"the file downloaded from {url} does not load as a {arch} backbone; it was "
                                 f"deleted.\n{err}") from None

@@ -583,15 +583,54 @@ def test_pinned_checksum_mismatch_is_reported_with_its_source_and_the_way_round(
     assert not (tmp_path / "checkpoints" / dl.SUMS_NAME).exists()
     # the right value (a prefix, as torch.hub checks hash_prefix) is accepted
     monkeypatch.setitem(dl.CHECKPOINTS, ("vit_base", "mae"), dl.Checkpoint(CKPT, url, (dl.Pin(kind, right, "SRC"),)))
-    assert dl.checkpoint_path("vit_base", "mae", tmp_path / "checkpoints").read_bytes() == blob
+    assert dl.checkpoint_path("vit_base", "mae", tmp_path / "checkpoints", model_factory=tiny_factory).read_bytes() == blob
 
 
 def test_hand_placed_checkpoint_is_recorded_on_first_use(server, tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / CKPT).write_bytes(server.files[CKPT])
-    path = dl.checkpoint_path("vit_base", "mae", tmp_path / "checkpoints")
+    path = dl.checkpoint_path("vit_base", "mae", tmp_path / "checkpoints", model_factory=tiny_factory)
     assert dl.read_sums(path.parent / dl.SUMS_NAME)[CKPT][0] == ra.sha256(server.files[CKPT])
     assert server.requests == []
+
+
+def test_a_hand_placed_checkpoint_without_a_pin_is_loaded_and_checked_before_it_is_recorded(server, tmp_path):
+    """MoCo v3 ViT-S has no published checksum. An HTML page (a failed download saved by a browser) or a file of
+    integer tensors put in its place is refused naming the file, never recorded in SHA256SUMS, and left where
+    the user put it; the right file put there next is recorded on its first use."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    name = dl.CHECKPOINTS[("vit_small", "mocov3")].filename
+    sums = folder / dl.SUMS_NAME
+
+    def first_use():
+        return dl.checkpoint_path("vit_small", "mocov3", folder, model_factory=tiny_factory)
+    (folder / name).write_bytes(b"<!DOCTYPE html><html><head><title>Sign in</title></head></html>\n")
+    with pytest.raises(dl.DownloadError, match=r"is not a checkpoint file: it is an HTML page"):
+        first_use()
+    assert not sums.exists() and (folder / name).exists()
+    torch.manual_seed(0)
+    integers = {k: (v * 100).to(torch.int64) for k, v in ra.tiny_model().backbone_state_dict().items()}
+    torch.save({"model": integers}, folder / name)
+    with pytest.raises(dl.DownloadError, match=r"hold integers \(e\.g\. .*torch\.int64\).*not a usable backbone"):
+        first_use()
+    assert not sums.exists()
+    (folder / name).write_bytes(server.files[CKPT])
+    assert first_use() == folder / name
+    assert dl.read_sums(sums) == {name: (ra.sha256(server.files[CKPT]), len(server.files[CKPT]))}
+    assert server.requests == []
+
+
+def test_a_checkpoint_of_integer_tensors_passed_with_checkpoint_is_refused_before_the_run(tmp_path, capsys):
+    """A ViT-S backbone whose tensors were cast to int8 (every key and shape right): loading would cast them
+    back to floats silently."""
+    backbone = gp.build_model("vit_small", "mae", "linear", num_classes=0).backbone_state_dict()
+    torch.save({"model": {k: (v * 100).to(torch.int8) for k, v in backbone.items()}}, tmp_path / "ints.pth")
+    import reproduce
+    code = reproduce.cli_main(["--task", "dtd", "--arch", "vit_small", "--checkpoint", str(tmp_path / "ints.pth"), "--data-dir",
+                               str(tmp_path / "data"), "--results-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "ints.pth" in err and "hold integers" in err
 
 
 def test_the_pinned_tables_hold_the_published_values():
