@@ -1,6 +1,7 @@
 """Tests for harness/data (datasets.py, batches.py, releases.py): readers, decode cache, batch loader, prepare, synthetic data (CPU, fast)."""
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -540,6 +541,43 @@ def test_bad_image_names_the_file(tmp_path, damage):
     with pytest.raises(DataError, match=str(image)):  # and no half-written cache file is left behind
         datasets.load_splits("cars", root, ["test"], cache_dir=cache)
     assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_images_whose_plain_rgb_conversion_loses_content_are_converted_right_or_refused(tmp_path):
+    """224 x 224 images, so that VTAB's resize to 224 is the identity and the decoded pixels are the conversion
+    itself. Expected values by hand: a 16-bit level v is round(v / 257) in 8 bits (65535 -> 255); transparent
+    pixels show the white they are composited on; CMYK (0, 255, 255, 0) is red and (0, 0, 0, 128) grey 127."""
+    ramp = np.tile(np.arange(224, dtype=np.uint16) * 293, (224, 1))   # 0 .. 65339
+    Image.fromarray(ramp).save(tmp_path / "gray16.png")
+    assert Image.open(tmp_path / "gray16.png").mode == "I;16"
+    expected = np.round(ramp / 257).astype(np.uint8)
+    got = datasets.decode_vtab(str(tmp_path / "gray16.png"))
+    assert np.array_equal(got, np.repeat(expected[..., None], 3, axis=2))   # plain convert("RGB"): 99 % white
+
+    palette = Image.new("P", (224, 224), 0)
+    palette.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    palette.paste(1, (112, 0, 224, 224))
+    palette.save(tmp_path / "palette.png", transparency=0)   # index 0 (black) is transparent
+    got = datasets.decode_vtab(str(tmp_path / "palette.png"))
+    assert (got[:, :112] == 255).all() and (got[:, 112:] == [200, 30, 30]).all()
+
+    grey_alpha = Image.new("LA", (224, 224), (40, 0))
+    grey_alpha.paste((40, 255), (0, 0, 224, 112))
+    grey_alpha.save(tmp_path / "la.png")
+    got = datasets.decode_vtab(str(tmp_path / "la.png"))
+    assert (got[:112] == 40).all() and (got[112:] == 255).all()
+
+    cmyk = Image.new("CMYK", (224, 224), (0, 255, 255, 0))
+    cmyk.paste((0, 0, 0, 128), (0, 0, 112, 224))
+    cmyk.save(tmp_path / "cmyk.tif")
+    got = datasets.decode_vtab(str(tmp_path / "cmyk.tif"))
+    assert (got[:, :112] == 127).all() and (got[:, 112:] == [255, 0, 0]).all()
+
+    for name, image in (("float.tif", Image.fromarray(np.full((224, 224), 0.5, dtype=np.float32))),
+                        ("int32.tif", Image.fromarray(np.full((224, 224), 100000, dtype=np.int32)))):
+        image.save(tmp_path / name)
+        with pytest.raises(DataError, match=re.escape(str(tmp_path / name)) + ".*no 8-bit conversion"):
+            datasets.decode_fgvc(str(tmp_path / name))
 
 
 # --- disk cache -------------------------------------------------------------------------------

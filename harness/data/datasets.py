@@ -370,14 +370,33 @@ def resized_size(width: int, height: int, short: int = FGVC_RESIZE) -> tuple[int
 
 
 def _open_rgb(path: str) -> Image.Image:
-    """Fully decoded RGB PIL image; DataError names the file if it is missing, truncated or corrupt."""
+    """Fully decoded RGB PIL image; DataError names the file if it is missing, truncated or corrupt, or its pixels
+    have no 8-bit RGB meaning (see _to_rgb)."""
     if not os.path.isfile(path):
         raise DataError(f"image file {path} not found")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")  # forces the full decode; truncated/corrupt files fail here
+            img.load()  # the full decode: truncated/corrupt files fail here
+            return _to_rgb(img, path)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot decode image {path}: {err}") from None
+
+
+def _to_rgb(img: Image.Image, path: str) -> Image.Image:
+    """PIL's convert("RGB") (what VPT's loaders call), except where it would lose the picture: 16-bit grey levels
+    (PIL clips them at 255: a white image) are scaled to 8 bits, round(v / 257); transparent pixels (alpha, or a
+    palette / colour marked transparent, whose stored colour is arbitrary) show white, composited; 32-bit integer
+    and float pixels, which have no one 8-bit scale, are refused. CMYK goes through PIL's conversion."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):   # PNG has no 32-bit levels
+        levels = np.asarray(img).astype(np.float64)
+        return Image.fromarray(np.round(levels / 257).clip(0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("I", "F"):
+        raise DataError(f"image {path} has {'32-bit integer' if img.mode == 'I' else 'floating-point'} pixels, which "
+                        "have no 8-bit conversion; save it as an 8- or 16-bit image")
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
 
 
 def _header_size(path: str) -> tuple[int, int]:
