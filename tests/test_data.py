@@ -1,6 +1,7 @@
 """Tests for harness/data (datasets.py, batches.py, releases.py): readers, decode cache, batch loader, prepare, synthetic data (CPU, fast)."""
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -522,6 +523,69 @@ def test_label_out_of_range(tmp_path):
     (root / "train.json").write_text(json.dumps({f"jpg/{i}.jpg": i for i in range(103)}))
     with pytest.raises(DataError, match=r"train\.json: image 'jpg/102.jpg'.*102 classes"):
         datasets.read_split("flowers", root, "train")
+
+
+LATIN1_NAME = b"caf\xe9.jpg"   # "cafe" with an e-acute, as Latin-1 bytes: not UTF-8
+
+
+def latin1_named_copy(task_dir, rel_path):
+    """A copy of task_dir/rel_path named with Latin-1 bytes (what unpacking an old archive gives)."""
+    target = os.fsencode(task_dir / Path(rel_path).parent) + b"/" + LATIN1_NAME
+    with open(task_dir / rel_path, "rb") as src, open(target, "wb") as dst:
+        dst.write(src.read())
+    return os.fsdecode(target)
+
+
+def test_split_lists_are_read_in_their_encoding_with_or_without_a_byte_order_mark(tmp_path):
+    """A list names files by their bytes: a Latin-1 line names the Latin-1-named file; UTF-8 / UTF-16 lists with
+    a byte-order mark (Windows editors write one) read as their text, the mark not part of the first path."""
+    fixtures.write_vtab_fixture(tmp_path, "svhn")
+    task_dir = tmp_path / "svhn"
+    reference = datasets.read_split("svhn", tmp_path, "train800")
+    text = (task_dir / "train800.txt").read_text()
+    for encoding in ("utf-8-sig", "utf-16", "utf-32"):   # Python writes these with their byte-order mark
+        (task_dir / "train800.txt").write_bytes(text.encode(encoding))
+        assert datasets.read_split("svhn", tmp_path, "train800") == reference, encoding
+        assert os.path.isfile(reference[0][0])
+    first = text.splitlines()[0]
+    latin1 = latin1_named_copy(task_dir, first.split()[0])
+    (task_dir / "train800.txt").write_bytes(text.encode() + b"images/train800/" + LATIN1_NAME + b" 1\n")
+    paths, labels = datasets.read_split("svhn", tmp_path, "train800")
+    assert paths[-1] == latin1 and labels[-1] == 1 and os.path.isfile(paths[-1])
+    split = datasets.load_splits("svhn", tmp_path, ["train800"], cache_dir=tmp_path / "cache")["train800"]
+    assert torch.equal(split.image(len(paths) - 1), split.image(0))   # the copy decodes as its original
+    (task_dir / "train800.txt").write_bytes(text.encode("utf-16-le"))   # no byte-order mark
+    with pytest.raises(DataError, match=re.escape(str(task_dir / "train800.txt")) + ": holds NUL bytes"):
+        datasets.read_split("svhn", tmp_path, "train800")
+    (task_dir / "train800.txt").write_text(text + first.rsplit(maxsplit=1)[0] + " 7\n")
+    again = len(text.splitlines()) + 1
+    with pytest.raises(DataError, match=rf"train800\.txt:{again}: .* is listed again with label 7 \(label 0 on line 1\)"):
+        datasets.read_split("svhn", tmp_path, "train800")
+
+
+def test_json_splits_are_read_in_their_encoding_and_an_image_listed_twice_is_refused(tmp_path):
+    root = fixtures.write_fgvc_fixture(tmp_path / "cub", "cub")
+    reference = {split: datasets.read_split("cub", root, split) for split in ("train", "test")}
+    text = (root / "train.json").read_text()
+    (root / "train.json").write_bytes(text.encode("utf-8-sig"))
+    assert datasets.read_split("cub", root, "train") == reference["train"]
+    first = next(iter(json.loads(text)))
+    latin1 = latin1_named_copy(root / "images", first)
+    key = os.fsencode(Path(first).parent) + b"/" + LATIN1_NAME
+    (root / "train.json").write_bytes(text[:-1].encode() + b', "' + key + b'": 0}')   # a Latin-1 key
+    paths, labels = datasets.read_split("cub", root, "train")
+    assert paths[-1] == latin1 and labels[-1] == 0 and os.path.isfile(paths[-1])
+    # one image, two class ids: json.loads would keep the last silently
+    (root / "test.json").write_text((root / "test.json").read_text()[:-1] + f', "{first}": 0, "{first}": 2}}')
+    with pytest.raises(DataError, match=re.escape(str(root / "test.json")) + f": image '{first}' is listed twice"):
+        datasets.read_split("cub", root, "train")
+
+
+def test_prepare_reads_release_tables_with_a_byte_order_mark(tmp_path):
+    root = fixtures.write_release_fixture(tmp_path / "CUB_200_2011", "cub")
+    reference = releases.prepare("cub", root)
+    (root / "images.txt").write_bytes((root / "images.txt").read_text().encode("utf-8-sig"))   # only this one
+    assert releases.prepare("cub", root, overwrite=True) == reference
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncated", "missing"])

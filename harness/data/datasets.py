@@ -11,6 +11,7 @@ The json splits are built from each dataset's own release files by releases.prep
 """
 from __future__ import annotations
 
+import codecs
 import colorsys
 import errno
 import functools
@@ -203,6 +204,29 @@ def split_names(task: str, protocol: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+# Byte-order marks, the longest first (UTF-32-LE's starts with UTF-16-LE's)
+BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
+                    (codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+
+
+def read_list_text(path: Path) -> str:
+    """The text of a split list, split json or release table. With a byte-order mark: its encoding (UTF-8,
+    UTF-16, UTF-32), the mark dropped. Without one: UTF-8, with bytes that are not UTF-8 (a Latin-1 file name)
+    kept as they are (surrogateescape), so that a listed path names the same bytes as the file on disk whatever
+    encoding the list was written in. A file holding NUL bytes (UTF-16 without a mark) is a DataError naming it."""
+    data = path.read_bytes()
+    for mark, encoding in BYTE_ORDER_MARKS:
+        if data.startswith(mark):
+            try:
+                return data[len(mark):].decode(encoding)
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}: starts with a {encoding} byte-order mark but is not {encoding} text "
+                                f"(byte {err.start + len(mark)}); save it as UTF-8") from None
+    if b"\0" in data:
+        raise DataError(f"{path}: holds NUL bytes (UTF-16 or UTF-32 without a byte-order mark?); save it as UTF-8")
+    return data.decode("utf-8", "surrogateescape")
+
+
 def read_split(task: str, root: str | os.PathLike, split: str) -> tuple[list[str], list[int]]:
     """Image paths and 0-based labels of one split, validated against the task's class count.
 
@@ -237,9 +261,16 @@ def _read_fgvc_split(dataset: str, root: Path, split: str) -> tuple[list[str], l
 
 
 def _read_json_split(path: Path) -> dict[str, int]:
-    """One VPT split json, checked: a non-empty object {relative image path: integer class id}."""
+    """One VPT split json, checked: a non-empty object {relative image path: integer class id}, each image once."""
+    def one_id_per_image(pairs):
+        anno = {}
+        for key, cid in pairs:
+            if key in anno and anno[key] != cid:
+                raise DataError(f"{path}: image {key!r} is listed twice, with class ids {anno[key]!r} and {cid!r}")
+            anno[key] = cid
+        return anno
     try:
-        anno = json.loads(path.read_text())
+        anno = json.loads(read_list_text(path), object_pairs_hook=one_id_per_image)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: malformed json ({err.msg})") from None
     if not isinstance(anno, dict) or not anno:
@@ -297,8 +328,8 @@ def _read_vtab_split(task: str, root: Path, split: str) -> tuple[list[str], list
     if not list_file.is_file():
         raise DataError(f"VTAB-1k split list {list_file} not found")
     n_classes = VTAB_TASKS[task].num_classes
-    paths, labels = [], []
-    for line_no, line in enumerate(list_file.read_text().splitlines(), start=1):
+    paths, labels, first_seen = [], [], {}
+    for line_no, line in enumerate(read_list_text(list_file).splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
@@ -307,6 +338,10 @@ def _read_vtab_split(task: str, root: Path, split: str) -> tuple[list[str], list
         label = int(parts[1])
         if not 0 <= label < n_classes:
             raise DataError(f"{list_file}:{line_no}: label {label} out of range for {task} ({n_classes} classes)")
+        seen_line, seen_label = first_seen.setdefault(parts[0], (line_no, label))
+        if seen_label != label:
+            raise DataError(f"{list_file}:{line_no}: {parts[0]!r} is listed again with label {label} (label "
+                            f"{seen_label} on line {seen_line})")
         paths.append(str(task_dir / parts[0]))
         labels.append(label)
     if not paths:
@@ -534,13 +569,13 @@ CACHE_RECIPE = ("ragged-v3 fgvc: torchvision Resize(256) on PIL, whole image; "
 def _cache_key(root: Path, paths: list[str]) -> str:
     """What determines a split's pixels: the recipe, the dataset folder's absolute path and each listed file's
     path, size and modification time. Another copy of a dataset, or a re-downloaded file, is another entry."""
-    h = hashlib.sha256(f"{CACHE_RECIPE}\n{os.path.realpath(root)}\n".encode())
+    h = hashlib.sha256(os.fsencode(f"{CACHE_RECIPE}\n{os.path.realpath(root)}\n"))
     for p in paths:
         try:
             st = os.stat(p)
-            h.update(f"{os.path.relpath(p, root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            h.update(os.fsencode(f"{os.path.relpath(p, root)}\t{st.st_size}\t{st.st_mtime_ns}\n"))
         except OSError:   # a missing file is reported by the decoder, naming it
-            h.update(f"{os.path.relpath(p, root)}\tmissing\n".encode())
+            h.update(os.fsencode(f"{os.path.relpath(p, root)}\tmissing\n"))
     return h.hexdigest()[:16]
 
 

@@ -478,7 +478,7 @@ def _release_file(dataset: str, *candidates: Path) -> Path:
 def _read_id_table(dataset: str, path: Path) -> dict[str, str]:
     """CUB/NABirds metadata: lines "<image id> <value>" -> {image id: value}."""
     table = {}
-    for line_no, line in enumerate(_release_file(dataset, path).read_text().splitlines(), start=1):
+    for line_no, line in enumerate(datasets.read_list_text(_release_file(dataset, path)).splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split()
