@@ -129,13 +129,34 @@ def url_filename(url: str) -> str:
     return name
 
 
-def mirror_url(url: str, mirror: str | None = None) -> str:
-    """`url` served from `mirror` (a base URL): the host and directory are replaced, the file name is kept
-    and query strings are dropped. mirror=None reads GATED_PROMPT_MIRROR; with neither, `url` is returned."""
+def mirror_base(mirror: str | None = None) -> str | None:
+    """The mirror to use: `mirror`, else GATED_PROMPT_MIRROR, else None. A mirror that is not an http(s) URL
+    with a host or a file:// folder is a DownloadError naming it (the flag or the variable)."""
+    source = "--mirror" if mirror is not None else MIRROR_ENV
     mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV)
     if not mirror:
-        return url
-    return mirror.rstrip("/") + "/" + url_filename(url)
+        return None
+    parts = urlsplit(mirror)
+    if not ((parts.scheme in ("http", "https") and parts.hostname) or (parts.scheme == "file" and parts.path)):
+        raise DownloadError(f"{source} {mirror!r} is not a base URL: give http(s)://host/folder or "
+                            "file:///absolute/folder (a folder holding the files under their official names)")
+    return mirror
+
+
+def mirror_url(url: str, mirror: str | None = None) -> str:
+    """`url` served from mirror_base(mirror): the host and directory are replaced, the file name is kept and
+    query strings are dropped; without a mirror, `url` itself."""
+    base = mirror_base(mirror)
+    return url if base is None else base.rstrip("/") + "/" + url_filename(url)
+
+
+def check_folder(path: str | os.PathLike, flag: str) -> None:
+    """DownloadError when `path` (a folder to download into, given with `flag`) or a folder above it is a file."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise DownloadError(f"{flag} {path}: {p} is a file, not a folder")
 
 
 def download_command(arch: str, ssl: str, mirror: str | None = None) -> str:
@@ -419,6 +440,7 @@ def checkpoint_path(arch: str, ssl: str, checkpoint_dir: str | os.PathLike = "ch
         known = ", ".join(f"{s} {a}" for a, s in CHECKPOINTS)
         raise DownloadError(f"no official {ssl} checkpoint for {arch} (known: {known}); pass --checkpoint FILE")
     ck = CHECKPOINTS[(arch, ssl)]
+    check_folder(checkpoint_dir, "--checkpoint-dir")
     path = Path(checkpoint_dir) / ck.filename
     command = download_command(arch, ssl, mirror)
     factory = model_factory or (lambda: _default_model(arch, ssl))

@@ -99,6 +99,37 @@ def test_mirror_url_keeps_file_names_strips_queries_and_reads_the_environment(mo
     assert len(names) == len(set(names)) and all(dl.url_filename(c.url) == c.filename for c in dl.CHECKPOINTS.values())
 
 
+@pytest.mark.parametrize("mirror", ["junk", "ftp://host/files", "http://", "https:///no-host", "file:", ":8080/x"])
+@pytest.mark.parametrize("how", ["environment", "flag"])
+def test_a_mirror_that_is_not_a_base_url_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, mirror, how):
+    import reproduce
+    argv = ["download", "--ssl", "mae", "--arch", "vit_base", "--checkpoint-dir", str(tmp_path / "ck")]
+    if how == "environment":
+        monkeypatch.setenv(dl.MIRROR_ENV, mirror)
+    else:
+        monkeypatch.delenv(dl.MIRROR_ENV, raising=False)
+        argv += ["--mirror", mirror]
+    for command in (argv, ["download", "--dataset", "cub", "--data-dir", str(tmp_path / "data")]
+                    + argv[-2 if how == "flag" else len(argv):]):
+        assert reproduce.cli_main(command) == 2
+        err = capsys.readouterr().err.strip()
+        name = dl.MIRROR_ENV if how == "environment" else "--mirror"
+        assert len(err.splitlines()) == 1 and f"{name} {mirror!r} is not a base URL" in err, err
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint-dir", "--data-dir"])
+def test_a_download_folder_that_is_a_file_is_one_line_and_exit_2(tmp_path, capsys, flag):
+    import reproduce
+    (tmp_path / "notes.txt").write_text("a file")
+    what = ["--dataset", "cub"] if flag == "--data-dir" else []
+    for folder in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "below"):
+        assert reproduce.cli_main(["download", *what, flag, str(folder), "--mirror", "http://127.0.0.1:9"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{tmp_path / 'notes.txt'} is a file, not a folder" in err, err
+    assert (tmp_path / "notes.txt").read_text() == "a file"
+
+
 def test_checkpoint_download_through_the_environment_mirror(server, tmp_path, monkeypatch):
     monkeypatch.setenv(dl.MIRROR_ENV, server.mirror)
     path = fetch_ckpt(tmp_path, server, mirror=None)
