@@ -1,5 +1,8 @@
-"""The resumable training state (<run>.state.pt): read weights-only, so no code in the file can run; a state of
-another version or shape, or a disk too full to save one, is one line naming the file, never a traceback."""
+"""Files the harness reads are data, never code. The resumable training state (<run>.state.pt) is read
+weights-only, so no code in the file can run; a state of another version or shape, or a disk too full to save one,
+is one line naming the file, never a traceback. Every other reader (results, claims, caches, packs, checkpoints,
+yaml) is checked by a scan of the sources."""
+import ast
 import os
 import random
 import shlex
@@ -16,6 +19,7 @@ from harness import results
 from harness import runtime
 
 TINY = fixtures.TINY_VIT
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class WritesMarker:
@@ -153,3 +157,36 @@ def test_a_disk_that_fills_up_while_the_state_is_written_is_reported_and_leaves_
     text = one_line_error(err)
     assert "disk" in text and "full" in text and str(tiny_tmpfs) in text
     assert sorted(p.name for p in tiny_tmpfs.iterdir()) == ["filler"]
+
+
+# --- every reader --------------------------------------------------------------------------------------------
+
+def test_no_reader_unpickles_objects_except_a_backbone_file_the_user_trusts():
+    """torch.load only weights-only (the one exception: read_checkpoint's trust_pickle branch, an opt-in flag),
+    np.load never with allow_pickle, yaml only safe_load, no pickle / marshal / shelve reads at all."""
+    sources = [ROOT / "gated_prompt.py", ROOT / "reproduce.py", *sorted((ROOT / "harness").rglob("*.py")),
+               *sorted((ROOT / "bench").glob("*.py"))]
+    unsafe, trusted = [], []
+
+    def visit(node, function, path):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            function = node.name
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+            keywords = {k.arg: k.value for k in node.keywords}
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            weights_only = keywords.get("weights_only")
+            if (owner, node.func.attr) == ("torch", "load") and not (
+                    isinstance(weights_only, ast.Constant) and weights_only.value is True):
+                (trusted if function == "read_checkpoint" else unsafe).append(where)
+            elif (owner, node.func.attr) == ("np", "load") and "allow_pickle" in keywords:
+                unsafe.append(where)
+            elif owner == "yaml" and node.func.attr != "safe_load" and "load" in node.func.attr:
+                unsafe.append(where)
+            elif owner in ("pickle", "marshal", "shelve", "dill") and node.func.attr in ("load", "loads", "open"):
+                unsafe.append(where)
+        for child in ast.iter_child_nodes(node):
+            visit(child, function, path)
+    for path in sources:
+        visit(ast.parse(path.read_text()), None, path)
+    assert unsafe == [] and len(trusted) == 1, (unsafe, trusted)
