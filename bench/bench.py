@@ -45,6 +45,7 @@ from harness.data import datasets
 import gated_prompt as gp
 from harness import config
 from harness import runtime
+from harness import serving
 from harness import classification
 from bench.runs import (ARCH_CHOICES, END_TO_END, SSL, _compiled_or_eager, _peak_memory_gib, _release,
                         _reset_memory, arch_spec, compile_enabled, patch_size_of, run_end_to_end, run_mode_of,
@@ -600,6 +601,8 @@ def main(argv=None):
     device = runtime.pick_device(runtime.check_device(args.device))
     if args.report:
         check_out_dir(args.out_dir)
+    if args.json:
+        serving.check_out(args.json, "--json", suffixes=None)
     if args.report and device.type != "cuda" and args.arch != "tiny":
         raise runtime.UserError(f"--report times ViT-B at the targets' sizes, hours on a {device.type}; run it on a "
                                 "GPU, or add --arch tiny for the CPU smoke run")

@@ -38,6 +38,7 @@ import hashlib
 import http.client
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
@@ -137,7 +138,12 @@ def mirror_base(mirror: str | None = None) -> str | None:
     if not mirror:
         return None
     parts = urlsplit(mirror)
-    if not ((parts.scheme in ("http", "https") and parts.hostname) or (parts.scheme == "file" and parts.path)):
+    try:
+        parts.port   # a port that is not a number raises here
+    except ValueError:
+        parts = None
+    if not parts or not ((parts.scheme in ("http", "https") and parts.hostname)
+                         or (parts.scheme == "file" and parts.path)):
         raise DownloadError(f"{source} {mirror!r} is not a base URL: give http(s)://host/folder or "
                             "file:///absolute/folder (a folder holding the files under their official names)")
     return mirror
@@ -151,12 +157,18 @@ def mirror_url(url: str, mirror: str | None = None) -> str:
 
 
 def check_folder(path: str | os.PathLike, flag: str) -> None:
-    """DownloadError when `path` (a folder to download into, given with `flag`) or a folder above it is a file."""
+    """DownloadError when `path` (a folder to download into, given with `flag`) or a folder above it is a file,
+    or the nearest existing one cannot be written."""
     p = Path(path).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
     if not p.is_dir():
         raise DownloadError(f"{flag} {path}: {p} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as err:
+        raise DownloadError(f"{flag} {path}: cannot write in {p} ({err.strerror or err})") from None
 
 
 def download_command(arch: str, ssl: str, mirror: str | None = None) -> str:

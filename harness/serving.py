@@ -57,13 +57,14 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def check_out(out):
-    """UserError unless --out names a .json / .csv file this process can create: checked before any work."""
-    if not out.endswith((".json", ".csv")):
-        raise runtime.UserError(f"--out {out}: give a .json or .csv file name")
+def check_out(out, flag="--out", suffixes=(".json", ".csv")):
+    """UserError unless `out` (given with `flag`) names a file of one of `suffixes` (None: any) that this process
+    can create: checked before any work, so that nothing computed is lost at the end."""
+    if suffixes and not out.endswith(suffixes):
+        raise runtime.UserError(f"{flag} {out}: give a {' or '.join(suffixes)} file name")
     target = Path(out)
     if target.is_dir():
-        raise runtime.UserError(f"--out {out} is a folder: give a .json or .csv file name")
+        raise runtime.UserError(f"{flag} {out} is a folder: give a file name")
     folder = target.absolute().parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -73,7 +74,7 @@ def check_out(out):
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        raise runtime.UserError(f"--out {out} cannot be written ({err.strerror or err}: {folder})") from None
+        raise runtime.UserError(f"{flag} {out} cannot be written ({err.strerror or err}: {folder})") from None
 
 
 def safe_text(text):

@@ -654,6 +654,7 @@ def test_a_benchmarks_json_of_another_shape_or_version_is_refused_in_one_line(tm
 @pytest.mark.parametrize("argv,message", [
     (["--report", "--arch", "tiny", "--out-dir", "/proc/no-such-dir"], "--out-dir /proc/no-such-dir: cannot create it"),
     (["--report", "--arch", "tiny", "--device", "gpu"], "--device gpu is not a device"),
+    (["--arch", "tiny", "--json", "/proc/no-such/b.json"], "--json /proc/no-such/b.json cannot be written"),
     (["--sweep-batch", "0", "--arch", "tiny"], "--sweep-batch values must be >= 1"),
     (["--sweep-prompts", "-1", "--arch", "tiny"], "--sweep-prompts values must be >= 0"),
 ] + ([(["--report", "--arch", "tiny", "--device", "cuda"], "no CUDA GPU is visible")]

@@ -99,7 +99,8 @@ def test_mirror_url_keeps_file_names_strips_queries_and_reads_the_environment(mo
     assert len(names) == len(set(names)) and all(dl.url_filename(c.url) == c.filename for c in dl.CHECKPOINTS.values())
 
 
-@pytest.mark.parametrize("mirror", ["junk", "ftp://host/files", "http://", "https:///no-host", "file:", ":8080/x"])
+@pytest.mark.parametrize("mirror", ["junk", "ftp://host/files", "http://", "https:///no-host", "file:", ":8080/x",
+                                    "http://host:port/files"])
 @pytest.mark.parametrize("how", ["environment", "flag"])
 def test_a_mirror_that_is_not_a_base_url_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, mirror, how):
     import reproduce
@@ -119,7 +120,7 @@ def test_a_mirror_that_is_not_a_base_url_is_one_line_and_exit_2(tmp_path, monkey
 
 
 @pytest.mark.parametrize("flag", ["--checkpoint-dir", "--data-dir"])
-def test_a_download_folder_that_is_a_file_is_one_line_and_exit_2(tmp_path, capsys, flag):
+def test_a_download_folder_that_is_a_file_or_cannot_be_written_is_one_line_and_exit_2(tmp_path, capsys, flag):
     import reproduce
     (tmp_path / "notes.txt").write_text("a file")
     what = ["--dataset", "cub"] if flag == "--data-dir" else []
@@ -127,6 +128,9 @@ def test_a_download_folder_that_is_a_file_is_one_line_and_exit_2(tmp_path, capsy
         assert reproduce.cli_main(["download", *what, flag, str(folder), "--mirror", "http://127.0.0.1:9"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"{tmp_path / 'notes.txt'} is a file, not a folder" in err, err
+    assert reproduce.cli_main(["download", *what, flag, "/proc/no-such", "--mirror", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{flag} /proc/no-such: cannot write in /proc" in err, err
     assert (tmp_path / "notes.txt").read_text() == "a file"
 
 

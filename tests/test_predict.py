@@ -117,7 +117,7 @@ def test_bad_input_is_one_line_before_any_work(served, tmp_path):
         (["--pack", packs["dogs"]], runtime.UserError, "no images given"),
         (["--pack", packs["dogs"], str(tmp_path / "empty")], runtime.UserError, "no image files"),
         (["--pack", packs["dogs"], str(tmp_path / "nope.jpg")], runtime.UserError, "image or folder not found"),
-        (["--pack", packs["dogs"], photos, "--out", "p.txt"], runtime.UserError, "give a .json or .csv"),
+        (["--pack", packs["dogs"], photos, "--out", "p.txt"], runtime.UserError, "give a .json or .csv file"),
     ]
     for argv, error, message in cases:
         with pytest.raises(error, match=message) as err:
