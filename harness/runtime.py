@@ -352,7 +352,8 @@ def load_training_state(path, model, optimizer, scheduler):
     except Exception as e:   # truncated or not a state file: the path and what to do, not a traceback
         raise UserError(f"{path} is not a readable training state ({type(e).__name__}; truncated?): {restart}") from None
     if not (isinstance(state, dict) and state.get("format") == STATE_FORMAT and all(k in state for k in STATE_KEYS)
-            and isinstance(state["extra"], dict) and isinstance(state["history"], list)):
+            and isinstance(state["extra"], dict) and isinstance(state["history"], list)
+            and type(state["step"]) is int and type(state["extra"].get("elapsed")) in (int, float)):
         found = f"format {state.get('format')}, keys {sorted(map(str, state))}" if isinstance(state, dict) \
             else f"a {type(state).__name__}"
         raise UserError(f"{path} is a training state of another version or shape ({found}; this code reads format "

@@ -121,6 +121,8 @@ def test_a_state_file_of_another_version_or_shape_is_refused_in_one_line(tmp_pat
              "newer": dict(current, format=current["format"] + 1),
              "a list": [current],
              "missing keys": {"format": current["format"], "model": current["model"]},
+             "a step that is not a number": dict(current, step="7"),
+             "no seconds spent": dict(current, extra={"config": {"task": "demo"}}),
              "a foreign optimizer": dict(current, optimizer={"state": {}, "param_groups": []}),
              "a foreign rng": dict(current, rng={"python": 3, "numpy": None, "torch": None})}
     for what, state in cases.items():
