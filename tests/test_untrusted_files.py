@@ -13,12 +13,13 @@ import pytest
 import torch
 
 import fixtures
+from conftest import TINY_VIT
 import gated_prompt as gp
 import reproduce
 from harness import results
 from harness import runtime
 
-TINY = fixtures.TINY_VIT
+TINY = TINY_VIT
 ROOT = Path(__file__).resolve().parents[1]
 
 
