@@ -16,15 +16,17 @@ of the GPU's bf16 dense peak, peak GPU memory, the SDPA kernel that ran, whether
 --no-compile (--compile forces it on a CPU, where compiling takes minutes); a compiler that cannot work on the
 device stops the benchmark at start with exit status 2.
 
-    python bench.py --report --only step              # the headline rows -> BENCHMARKS.md, benchmarks.json
-    python bench.py                                   # ViT-B/16, gated+temp, 100 prompts, batch 64
-    python bench.py --prompts 10 100 --batch 32 128 --json bench.json
-    python bench.py --sweep-prompts --sweep-batch     # fast path: images/s vs prompts and vs batch
-    python bench.py --arch vit_small --prompts 1 --batch 2 --img-size 32 --steps 2 --warmup 1 --repeats 2
+    python -m bench --report --only step --out-dir bench   # the headline rows -> the committed bench/BENCHMARKS.md
+    python -m bench                                   # ViT-B/16, gated+temp, 100 prompts, batch 64
+    python -m bench --prompts 10 100 --batch 32 128 --json bench.json
+    python -m bench --kernels qkv-attention --fp8       # opt-in kernels on the fast path (FP8: sm_89+ only)
+  python -m bench --sweep-prompts --sweep-batch     # fast path: images/s vs prompts and vs batch
+    python -m bench --arch vit_small --prompts 1 --batch 2 --img-size 32 --steps 2 --warmup 1 --repeats 2
 
 On a CPU the same code runs (bf16 autocast works there too); peak fraction and memory are left blank.
---end-to-end and --segmentation: bench_runs.py. --report: the units below (report_units) measured in order,
-headline first, each written to benchmarks.json as it finishes (bench_report.py: targets, store, writer).
+--end-to-end and --segmentation: bench/runs.py. --report: the units below (report_units) measured in order,
+headline first, each written to benchmarks.json as it finishes (bench/report.py: targets, store, writer), in
+runs/bench/ unless --out-dir says otherwise: only --out-dir bench writes the committed report.
 """
 import argparse
 import datetime
@@ -48,6 +50,7 @@ from harness.data import datasets
 import gated_prompt as gp
 from harness import config
 from harness import runtime
+from harness import serving
 from harness import classification
 from harness import kernels as fast_kernels
 from bench.runs import (ARCH_CHOICES, END_TO_END, SEGMENTATION_LEVERS, SSL, _compiled_or_eager, _peak_memory_gib,
@@ -73,6 +76,7 @@ REPORT_DEFAULTS = dict(steps=10, warmup=3, repeats=3, epochs=5)
 REPORT_SMOKE = dict(img_size=32, steps=1, warmup=1, repeats=2, epochs=2, train_images=16, val_images=8,
                     test_images=8)
 SMOKE_BATCH_DIVISOR = 16
+REPORT_OUT_DIR = "runs/bench"   # --report's default: never the committed report (bench/), which --out-dir bench names
 TABLE_DEFAULTS = dict(steps=20, warmup=5, repeats=5)
 
 
@@ -746,30 +750,30 @@ default        images/s, TFLOP/s and peak memory of the training step and evalua
 --end-to-end   seconds for one whole training run (classification.fit) on generated data of
                the real sizes (setup, epoch 1 with compiling, later epochs, evaluation).
 --segmentation SETR-PUP ADE20K iterations/s, inference time, projected schedule hours.
---report       the targets' figures -> BENCHMARKS.md, benchmarks.json, rewritten after
-               every unit; a rerun keeps the units measured on the same device and code."""
+--report       the targets' figures -> BENCHMARKS.md, benchmarks.json in --out-dir (default
+               runs/bench; --out-dir bench: the committed report), rewritten after every
+               unit; a rerun keeps the units measured on the same device and code."""
 
-EPILOG = """examples:
-  python bench.py --report --only step                # the headline step rows, ~5 min on one H100
-  python bench.py --report --only kernels             # opt-in kernels (harness/kernels.py) vs today's path
-  python bench.py --report --only sweeps              # then the other stages, each its own command
-  python bench.py --report                            # all stages in one process (skips what is done)
-  python bench.py                                     # ViT-B/16, 100 prompts, batch 64
-  python bench.py --prompts 10 100 --batch 32 128 --json bench.json
-  python bench.py --kernels qkv-attention --fp8       # the fast path with opt-in kernels (FP8: sm_89+ only)
-  python bench.py --sweep-prompts --sweep-batch       # fast path only
-  python bench.py --end-to-end vtab --json e2e_vtab.json      # target: < 60 s on one H100
-  python bench.py --end-to-end cub --compile-mode max-autotune
-  python bench.py --segmentation --json seg.json
+EPILOG = """examples (from the repository root; python bench/bench.py takes the same flags):
+  python -m bench --report --only step --out-dir bench   # the committed report's headline rows, ~5 min on one H100
+  python -m bench --report --only kernels --out-dir bench  # opt-in kernels (harness/kernels.py) vs today's
+  python -m bench --report --only sweeps --out-dir bench # then the other stages, each its own command
+  python -m bench --report                            # all stages, into runs/bench/ (skips what is done)
+  python -m bench                                     # ViT-B/16, 100 prompts, batch 64
+  python -m bench --prompts 10 100 --batch 32 128 --json bench.json
+  python -m bench --sweep-prompts --sweep-batch       # fast path only
+  python -m bench --end-to-end vtab --json e2e_vtab.json      # target: < 60 s on one H100
+  python -m bench --end-to-end cub --compile-mode max-autotune
+  python -m bench --segmentation --json seg.json
 CPU smoke runs (seconds to minutes):
-  python bench.py --report --arch tiny --out-dir /tmp/smoke
-  python bench.py --arch vit_small --prompts 1 --batch 2 --img-size 32 --steps 2 --warmup 1 --repeats 2
-  python bench.py --end-to-end vtab --arch tiny --img-size 32 --train-images 24 --test-images 16 \\
+  python -m bench --report --arch tiny                # into runs/bench/, never over the committed report
+  python -m bench --arch vit_small --prompts 1 --batch 2 --img-size 32 --steps 2 --warmup 1 --repeats 2
+  python -m bench --end-to-end vtab --arch tiny --img-size 32 --train-images 24 --test-images 16 \\
       --epochs 2 --batch 8"""
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=DESCRIPTION, epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="python -m bench", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--end-to-end", choices=sorted(END_TO_END), default=None, metavar="{vtab,cub}",
@@ -816,7 +820,8 @@ def build_parser():
                         f"{' '.join(map(str, SWEEP_BATCH))}; prompts = first --prompts)")
     _add_size_args(p)
     p.add_argument("--out-dir", default=None, metavar="DIR",
-                   help="--report: where BENCHMARKS.md and benchmarks.json go (default: .)")
+                   help=f"--report: where BENCHMARKS.md and benchmarks.json go (default: {REPORT_OUT_DIR}; "
+                        "bench: the committed report)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--json", metavar="OUT", default=None, help="also write every number to this JSON file")
     return p
@@ -894,7 +899,7 @@ def fill_defaults(args):
     recipe's (resolved with the config)."""
     if args.report:
         defaults = dict(REPORT_DEFAULTS, **(REPORT_SMOKE if args.arch == "tiny" else {}))
-        args.out_dir = args.out_dir or "."
+        args.out_dir = args.out_dir or REPORT_OUT_DIR
         args.only = [stage for stage in report.STAGES if stage in (args.only or report.STAGES)]
     else:
         defaults = TABLE_DEFAULTS
@@ -933,6 +938,8 @@ def main(argv=None):
     device = runtime.pick_device(runtime.check_device(args.device))
     if args.report:
         check_out_dir(args.out_dir)
+    if args.json:
+        serving.check_out(args.json, "--json", suffixes=None)
     if args.report and device.type != "cuda" and args.arch != "tiny":
         raise runtime.UserError(f"--report times ViT-B at the targets' sizes, hours on a {device.type}; run it on a "
                                 "GPU, or add --arch tiny for the CPU smoke run")
@@ -944,7 +951,7 @@ def main(argv=None):
     out = {"device": runtime.device_name(device), "cuda_device": device.type == "cuda", "torch": torch.__version__,
            "cuda": torch.version.cuda if device.type == "cuda" else None, "code_version": runtime.code_version(),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "command": " ".join(["python bench.py"] + list(sys.argv[1:] if argv is None else argv)),
+           "command": " ".join(["python -m bench"] + list(sys.argv[1:] if argv is None else argv)),
            "img_size": args.img_size or datasets.IMAGE_SIZE, "compile": args.compile,
            "float32_matmul_precision": torch.get_float32_matmul_precision(),
            "peak_bf16_tflops": peak, "args": vars(args), "results": [], "ratios": [], "sweeps": {}}
@@ -1034,7 +1041,7 @@ def cli(argv=None):
     try:
         main(argv)
     except runtime.UserError as err:
-        print(f"bench.py: error: {err}", file=sys.stderr)
+        print(f"python -m bench: error: {err}", file=sys.stderr)
         sys.exit(runtime.EXIT_BAD_INPUT)
 
 

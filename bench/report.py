@@ -1,8 +1,8 @@
-"""bench.py --report's targets, its incremental store and its writer: benchmarks.json and BENCHMARKS.md.
+"""`python -m bench --report`'s targets, its incremental store and its writer: benchmarks.json and BENCHMARKS.md.
 
 A report is a list of units (one step comparison, the matmul peak, one sweep point, one end-to-end run, the
-segmentation figures), measured by bench.py in order, headline first. After every unit the store rewrites both
-files, so a report killed part-way leaves valid files with the units done; a rerun with the same measurement
+segmentation figures), measured by bench/bench.py in order, headline first. After every unit the store rewrites
+both files, so a report killed part-way leaves valid files with the units done; a rerun with the same measurement
 identity (device, code version, torch, sizes) skips the units already in benchmarks.json.
 
 The targets (one H100, ViT-B/16 gated+temp at 224 px) are the project's: about half of the bf16 dense peak.
@@ -30,6 +30,7 @@ LEVERS_BF16 = ("qkv-attention", "attention-backend")
 LEVERS_FP8 = LEVERS_BF16 + ("fp8",)
 FP8_STEP_TARGETS = (4300, 6600)
 SEGMENTATION_LEVERS_TARGET = (("upsample", "channels-last"), 11.0, 24.0)
+REPORT_FORMAT = 1   # the layout of benchmarks.json: header facts, identity, units, the derived tables
 CPU_SMOKE_NOTE = "CPU smoke run, not a GPU measurement"
 MATMUL_SIZE = {"cuda": 8192, "cpu": 256}
 
@@ -64,10 +65,7 @@ class Store:
         self.json, self.markdown = Path(out_dir) / "benchmarks.json", Path(out_dir) / "BENCHMARKS.md"
         self.header, self.identity, self.units = header, identity, {}
         if self.json.is_file():
-            try:
-                old = json.loads(self.json.read_text())
-            except (OSError, ValueError):
-                old = {}
+            old = read_report(self.json)
             if old.get("identity") == identity:
                 self.units = old.get("units", {})
             elif old:
@@ -80,10 +78,29 @@ class Store:
         self.write(assemble(self.units))
 
     def write(self, derived):
-        out = dict(self.header, identity=self.identity, units=self.units, **derived)
+        out = dict(self.header, format=REPORT_FORMAT, identity=self.identity, units=self.units, **derived)
         runtime.write_json(self.json, out)
         runtime.write_text(self.markdown, report_markdown(out))
         return out
+
+
+def read_report(path):
+    """A benchmarks.json this code wrote (format REPORT_FORMAT; a file without "format" is format 1), as a dict;
+    anything else is a one-line UserError naming the file: a report is never written over a file it cannot read."""
+    fix = "move it away, or choose another --out-dir"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise runtime.UserError(f"{path} is not a readable benchmark report ({type(err).__name__}); {fix}") from None
+    if not isinstance(old, dict):
+        kind = {list: "list", str: "string", bool: "true/false", type(None): "null"}.get(type(old), "number")
+        raise runtime.UserError(f"{path} is not a benchmark report: a JSON {kind}, not an object; {fix}")
+    if old.get("format", 1) != REPORT_FORMAT:
+        raise runtime.UserError(f"{path} is a benchmark report of format {old.get('format')!r}; this code reads and "
+                                f"writes format {REPORT_FORMAT}: {fix}")
+    if not (isinstance(old.get("identity"), dict) and isinstance(old.get("units"), dict)):
+        raise runtime.UserError(f"{path} is not a benchmark report of this code (no identity and units); {fix}")
+    return old
 
 
 def _difference(old, new):

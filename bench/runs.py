@@ -1,4 +1,4 @@
-"""bench.py's whole-run timings and the timing plumbing they share with the step benchmark.
+"""The benchmark's (bench/bench.py) whole-run timings and the timing plumbing they share with the step benchmark.
 
   --end-to-end vtab|cub   one whole run of classification.fit (the paper's recipe, 100 epochs, CUB's per-epoch val
                           pass, final test evaluation) on GENERATED images of the real sizes. Random backbone.
@@ -38,7 +38,7 @@ ARCH_CHOICES = sorted(gp.ARCHS) + ["tiny"]
 
 # --end-to-end: task = whose recipe (paper_hparams.yaml) is trained; train / val / test = generated images of
 # the final protocol's split sizes (CUB: VPT's 5,394 / 600 / 5,794, val evaluated every epoch; a VTAB-1k task:
-# 1,000 train, no val, and dtd's largest-class-count test size rounded up to 10,000); targets in bench_report
+# 1,000 train, no val, and dtd's largest-class-count test size rounded up to 10,000); targets in bench/report.py
 END_TO_END = {
     "vtab": dict(task="dtd", train=1000, val=0, test=10000),
     "cub": dict(task="cub", train=5394, val=600, test=5794),

@@ -38,7 +38,7 @@ import hashlib
 import http.client
 import os
 import re
-import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 import gated_prompt as gp
 from harness import runtime
+from harness.runtime import format_bytes, free_disk_bytes
 
 MIRROR_ENV = "GATED_PROMPT_MIRROR"
 SUMS_NAME = "SHA256SUMS"
@@ -129,22 +130,45 @@ def url_filename(url: str) -> str:
     return name
 
 
-def mirror_url(url: str, mirror: str | None = None) -> str:
-    """`url` served from `mirror` (a base URL): the host and directory are replaced, the file name is kept
-    and query strings are dropped. mirror=None reads GATED_PROMPT_MIRROR; with neither, `url` is returned."""
+def mirror_base(mirror: str | None = None) -> str | None:
+    """The mirror to use: `mirror`, else GATED_PROMPT_MIRROR, else None. A mirror that is not an http(s) URL
+    with a host or a file:// folder is a DownloadError naming it (the flag or the variable)."""
+    source = "--mirror" if mirror is not None else MIRROR_ENV
     mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV)
     if not mirror:
-        return url
-    return mirror.rstrip("/") + "/" + url_filename(url)
+        return None
+    parts = urlsplit(mirror)
+    try:
+        parts.port   # a port that is not a number raises here
+    except ValueError:
+        parts = None
+    if not parts or not ((parts.scheme in ("http", "https") and parts.hostname)
+                         or (parts.scheme == "file" and parts.path)):
+        raise DownloadError(f"{source} {mirror!r} is not a base URL: give http(s)://host/folder or "
+                            "file:///absolute/folder (a folder holding the files under their official names)")
+    return mirror
 
 
-def format_bytes(n: int | None) -> str:
-    if n is None:
-        return "unknown size"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} bytes"
+def mirror_url(url: str, mirror: str | None = None) -> str:
+    """`url` served from mirror_base(mirror): the host and directory are replaced, the file name is kept and
+    query strings are dropped; without a mirror, `url` itself."""
+    base = mirror_base(mirror)
+    return url if base is None else base.rstrip("/") + "/" + url_filename(url)
+
+
+def check_folder(path: str | os.PathLike, flag: str) -> None:
+    """DownloadError when `path` (a folder to download into, given with `flag`) or a folder above it is a file,
+    or the nearest existing one cannot be written."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise DownloadError(f"{flag} {path}: {p} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as err:
+        raise DownloadError(f"{flag} {path}: cannot write in {p} ({err.strerror or err})") from None
 
 
 def download_command(arch: str, ssl: str, mirror: str | None = None) -> str:
@@ -158,14 +182,6 @@ def estimated_checkpoint_bytes(arch: str) -> int:
     tokens = (224 // patch) ** 2 + 1
     params = 3 * patch * patch * d + d + d + tokens * d + depth * (12 * d * d + 13 * d) + 2 * d
     return 4 * params
-
-
-def free_disk_bytes(path: str | os.PathLike) -> int:
-    """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return shutil.disk_usage(p).free
 
 
 def check_disk(where: Path, need: int, what: str) -> None:
@@ -436,29 +452,59 @@ def checkpoint_path(arch: str, ssl: str, checkpoint_dir: str | os.PathLike = "ch
         known = ", ".join(f"{s} {a}" for a, s in CHECKPOINTS)
         raise DownloadError(f"no official {ssl} checkpoint for {arch} (known: {known}); pass --checkpoint FILE")
     ck = CHECKPOINTS[(arch, ssl)]
+    check_folder(checkpoint_dir, "--checkpoint-dir")
     path = Path(checkpoint_dir) / ck.filename
     command = download_command(arch, ssl, mirror)
-    if path.is_file():  # a complete file: it only ever appears by rename
-        return _check_kept_checkpoint(path, ck, command)
+    factory = model_factory or (lambda: _default_model(arch, ssl))
+    if path.is_file():  # a complete file: it only ever appears by rename (or is put there by hand)
+        return _check_kept_checkpoint(path, ck, command, factory)
     url = mirror_url(ck.url, mirror)
     if not download:
         raise DownloadError(f"backbone checkpoint not found: {path}\n  download URL: {url}\n"
                             f"  fetch it with: {command}   (or add --download to this command)")
     with file_lock(lock_path(path), f"downloading {path}"):
         if path.is_file():
-            return _check_kept_checkpoint(path, ck, command)
-        _download_checkpoint(path, ck, url, arch, model_factory or (lambda: _default_model(arch, ssl)))
+            return _check_kept_checkpoint(path, ck, command, factory)
+        _download_checkpoint(path, ck, url, arch, factory)
     return path
 
 
-def _check_kept_checkpoint(path: Path, ck: Checkpoint, command: str) -> Path:
+def _check_kept_checkpoint(path: Path, ck: Checkpoint, command: str, factory: Callable[[], torch.nn.Module]) -> Path:
+    """A file already in place (downloaded, or put there by hand): checked against its pins and its record. Not
+    yet recorded (first use), it is also loaded into factory()'s model first: only a file that passes every
+    check becomes the record later uses are checked against."""
     sums = path.parent / SUMS_NAME
     recorded = record_pins(sums, path.name)
-    sha = verify(path, ck.pins + recorded, fix=_kept_checkpoint_fix(path, command, sums if recorded else None))
+    fix = _kept_checkpoint_fix(path, command, sums if recorded else None)
+    sha = verify(path, ck.pins + recorded, fix=fix)
     if not recorded:
+        try:
+            report = load_backbone_file(path, factory)
+        except gp.CheckpointError as err:
+            raise DownloadError(f"{err}\n{fix}") from None
         record_sum(sums, path.name, sha, path.stat().st_size)
-        print(f"{path}: {_matched(ck.pins)}recorded in {sums}")
+        print(f"{path}: {_matched(ck.pins)}{report}; recorded in {sums}")
     return path
+
+
+def check_floating_weights(state: dict, name: str) -> None:
+    """CheckpointError when a backbone state dict (gated_prompt.detect_format's) holds weights or biases of
+    integer type: loading would cast them to floats silently (a quantised or converted copy, not a backbone)."""
+    integer = [(k, v.dtype) for k, v in state.items() if str(k).endswith(("weight", "bias", "kernel", "scale"))
+               and ((isinstance(v, torch.Tensor) and not v.is_floating_point())
+                    or (hasattr(v, "dtype") and getattr(v.dtype, "kind", "f") in "iub"))]
+    if integer:
+        raise gp.CheckpointError(f"{name}: {len(integer)} weight tensor(s) hold integers (e.g. {integer[0][0]}: "
+                                 f"{integer[0][1]}), not floating-point numbers: not a usable backbone (a quantised "
+                                 "or converted copy?); use the original checkpoint file")
+
+
+def load_backbone_file(path: Path, factory: Callable[[], torch.nn.Module]) -> str:
+    """Read a backbone file (weights-only), check its weights are floating point, and load it into factory()'s
+    model (gated_prompt.load_backbone: every key and shape); returns load_backbone's report."""
+    raw, _ = gp.read_checkpoint(path)
+    check_floating_weights(gp.detect_format(raw, str(path))[0], str(path))
+    return gp.load_backbone(factory(), raw, name=str(path))
 
 
 def _download_checkpoint(path: Path, ck: Checkpoint, url: str, arch: str,
@@ -480,7 +526,7 @@ def _download_checkpoint(path: Path, ck: Checkpoint, url: str, arch: str,
     def check(partial: Path) -> str:
         sha = verify(partial, ck.pins + recorded, fix)
         try:
-            report = gp.load_backbone(factory(), partial)
+            report = load_backbone_file(partial, factory)
         except gp.CheckpointError as err:
             raise DownloadError(f"the file downloaded from {url} does not load as a {arch} backbone; it was "
                                 f"deleted.\n{err}") from None

@@ -18,6 +18,7 @@ from pathlib import Path
 from harness.data import datasets
 import gated_prompt as gp
 from harness import config
+from harness import downloads
 from harness.runtime import UserError, atomic_write, pid_alive, write_json
 
 HPARAMS = config.HPARAMS
@@ -180,6 +181,7 @@ def backbone_identity(path, memo_dir, trust_pickle=False):
     if bad:
         raise UserError(f"{path}: {len(bad)} backbone tensor(s) hold NaN or inf (e.g. {bad[0]}); the file is "
                         "damaged: download it again")
+    downloads.check_floating_weights(state, str(path))
     record = {"bytes": st.st_size, "sha256": h.hexdigest(), "format": fmt, "ssl": ssl_of_wrapper(raw)}
     memo[key] = record
     try:

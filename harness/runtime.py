@@ -11,12 +11,16 @@ Process-wide state, all of it here: torch.compile's caches (`reset_compiler`, ca
 compiled run) and the result of the start-up compile check (`check_compile`, once per device and setting)."""
 import contextlib
 import dataclasses
+import errno
 import hashlib
+import io
 import json
 import math
 import os
+import pickle
 import random
 import re
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -155,7 +159,10 @@ def seed_everything(seed):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values (numpy's key as a list of ints)."""
+    kind, key, position, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, key.tolist(), position, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -163,7 +170,8 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, key, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -185,21 +193,54 @@ def _umask():
 UMASK = _umask()
 
 
+def format_bytes(n):
+    if n is None:
+        return "unknown size"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
+def free_disk_bytes(path):
+    """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and p != os.path.dirname(p):
+        p = os.path.dirname(p)
+    return shutil.disk_usage(p).free
+
+
+def disk_full(path, need):
+    """The UserError of a disk too full to write `need` bytes to `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return UserError(f"the disk is full: writing {path} needs {format_bytes(need)}, {folder} has "
+                     f"{format_bytes(free_disk_bytes(folder))} free; free some space, then run the command again")
+
+
 def atomic_write(path, write):
     """Write through write(binary file) to a temporary file beside `path`, then rename: readers never see
-    a half-written file, and a crash leaves the old one. The file gets the umask's permissions (mkstemp
-    alone would leave it 0600, unreadable to colleagues sharing a results folder)."""
+    a half-written file, and a crash leaves the old one. The bytes are made in memory first, so that a disk
+    without room for them is a UserError before anything is written (and ENOSPC during the write the same
+    one, with the temporary file removed). The file gets the umask's permissions (mkstemp alone would leave
+    it 0600, unreadable to colleagues sharing a results folder)."""
     path = os.fspath(path)
+    buffer = io.BytesIO()
+    write(buffer)
+    data = buffer.getbuffer()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if free_disk_bytes(path) < len(data):
+        raise disk_full(path, len(data))
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=temporary_prefix())
     try:
         os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path, len(data)) from None
         raise
 
 
@@ -285,28 +326,51 @@ def training_state(model, optimizer, scheduler, step):
             "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state()}
 
 
+STATE_FORMAT = 2   # the layout of a training state: tensors and plain values only (1 pickled numpy arrays)
+STATE_KEYS = ("format", "model", "optimizer", "scheduler", "step", "rng", "history", "extra")
+
+
 def save_training_state(path, host_state, history, config, elapsed, **extra):
     """Write a resumable state: training_state's host copy, the history so far, and `extra` = the run's config
     identity (resume_or_start refuses a state of another config), the seconds spent so far, and what else the
-    harness keeps (the classification trainer: its best-val record)."""
-    state = dict(host_state, history=history, extra=dict(extra, config=config, elapsed=elapsed))
+    harness keeps (the classification trainer: its best-val record). Only tensors and plain values, so that
+    load_training_state reads it weights-only."""
+    state = dict(host_state, format=STATE_FORMAT, history=history, extra=dict(extra, config=config, elapsed=elapsed))
     atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_training_state(path, model, optimizer, scheduler):
+    """Read a state save_training_state wrote -- weights-only: no code in the file runs -- into the model,
+    optimizer, scheduler and RNGs. Anything else (a pickle of objects, another version or shape, a state of
+    another model) is a one-line UserError naming the file."""
+    restart = "delete it to start the run over"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:   # weights_only met an object: unpickling it would run code
+        names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e)))) or ["an object"]
+        raise UserError(f"{path} is not a training state this harness can read safely: it pickles "
+                        f"{', '.join(names)}, which loading would run (a state holds only tensors and plain "
+                        f"values; states of earlier versions pickled numpy arrays); {restart}") from None
     except Exception as e:   # truncated or not a state file: the path and what to do, not a traceback
-        raise UserError(f"{path} is not a readable training state ({type(e).__name__}; truncated?): delete it to "
-                        "start the run over") from None
+        raise UserError(f"{path} is not a readable training state ({type(e).__name__}; truncated?): {restart}") from None
+    if not (isinstance(state, dict) and state.get("format") == STATE_FORMAT and all(k in state for k in STATE_KEYS)
+            and isinstance(state["extra"], dict) and isinstance(state["history"], list)
+            and type(state["step"]) is int and type(state["extra"].get("elapsed")) in (int, float)):
+        found = f"format {state.get('format')}, keys {sorted(map(str, state))}" if isinstance(state, dict) \
+            else f"a {type(state).__name__}"
+        raise UserError(f"{path} is a training state of another version or shape ({found}; this code reads format "
+                        f"{STATE_FORMAT}); {restart}")
     try:
         model.load_prompt_state_dict(state["model"])
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: this training state does not match the model being trained ({e}); delete it "
-                        "to start the run over") from None
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+        raise UserError(f"{path}: this training state does not match the model being trained ({e}); {restart}") from None
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise UserError(f"{path}: its optimizer, scheduler or random-number state does not fit this run "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); {restart}") from None
     return state
 
 

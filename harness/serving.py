@@ -10,13 +10,18 @@ as in training (--fp32 turns it off). Each pack records its task's evaluation tr
 applies it with data.py's decoders: FGVC = torchvision Resize(256) + CenterCrop, VTAB = TF1's bilinear resize
 to 224 (+ CenterCrop to the model's size when smaller). Unreadable images are reported on stderr and
 skipped. Bad input (a missing or foreign pack, no images, an unknown --out type) stops with one line before
-the backbone is read.
+the backbone is read, and an --out that cannot be written before anything is computed. Class names come from
+whoever trained a pack and file names from whoever named the images: both are shown with control and
+direction characters escaped (safe_text), and a CSV cell that a spreadsheet would run as a formula starts
+with ' (csv_cell).
 """
 import argparse
 import csv
 import io
 import json
 import sys
+import tempfile
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +51,43 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=64, help="rows (image x pack) per forward pass (default 64)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--fp32", action="store_true", help="disable bf16 autocast on the GPU")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle the backbone file's objects beyond tensors and the safe extras (this runs code "
+                        "from the file: only for files you trust)")
     return p.parse_args(argv)
+
+
+def check_out(out, flag="--out", suffixes=(".json", ".csv")):
+    """UserError unless `out` (given with `flag`) names a file of one of `suffixes` (None: any) that this process
+    can create: checked before any work, so that nothing computed is lost at the end."""
+    if suffixes and not out.endswith(suffixes):
+        raise runtime.UserError(f"{flag} {out}: give a {' or '.join(suffixes)} file name")
+    target = Path(out)
+    if target.is_dir():
+        raise runtime.UserError(f"{flag} {out} is a folder: give a file name")
+    folder = target.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is a file")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise runtime.UserError(f"{flag} {out} cannot be written ({err.strerror or err}: {folder})") from None
+
+
+def safe_text(text):
+    """`text` for a terminal or a report: control, format (bidi overrides, zero-width) and separator characters,
+    and undecodable bytes of file names, written as their escapes (\\x1b, \\u202e, \\udce9)."""
+    return "".join(c.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") else c for c in str(text))
+
+
+def csv_cell(text):
+    """safe_text, and a ' before a cell a spreadsheet would read as a formula (=, +, -, @ first: OWASP's rule)."""
+    text = safe_text(text)
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
 
 
 def find_images(inputs):
@@ -94,7 +135,7 @@ def check_transform(path, pack):
     if not (isinstance(transform, dict) and transform.keys() == {"kind", "resize", "crop"}
             and TRANSFORMS.get(transform["kind"]) == transform["resize"]
             and isinstance(crop, int) and not isinstance(crop, bool) and crop > 0):
-        raise runtime.UserError(f"{path}: its image transform is {transform!r}; expected {EXPECTED}")
+        raise runtime.UserError(f"{path}: its image transform is {safe_text(repr(transform))}; expected {EXPECTED}")
 
 
 def read_packs(paths):
@@ -141,7 +182,7 @@ def predict(model, packs, images, device, bf16, batch_size, top=TOP):
                 decoded = {t: load_image(path, json.loads(t)) for t in set(transforms.values())}
             except datasets.DataError as err:
                 skipped.append((str(path), str(err)))
-                tqdm.write(f"skipped {path}: {err}", file=sys.stderr)
+                tqdm.write(safe_text(f"skipped {path}: {err}"), file=sys.stderr)
                 continue
             for n in names:
                 rows.append((str(path), n))
@@ -164,18 +205,17 @@ def predict(model, packs, images, device, bf16, batch_size, top=TOP):
 
 
 def format_record(record):
-    return f"  {record['pack']}: " + "  ".join(
-        f"{t['rank']}. {t['name'] if t['name'] is not None else 'class ' + str(t['class'])} {100 * t['probability']:.1f}%"
-        for t in record["top"])
+    return f"  {safe_text(record['pack'])}: " + "  ".join(
+        f"{t['rank']}. {safe_text(t['name']) if t['name'] is not None else 'class ' + str(t['class'])} "
+        f"{100 * t['probability']:.1f}%" for t in record["top"])
 
 
 def write_out(path, records):
     if path.endswith(".json"):
         runtime.write_json(path, records)
         return
-    rows = [[r["image"], r["pack"], t["rank"], t["class"], t["name"] or "", f"{t['probability']:.6f}"]
-            for r in records for t in r["top"]]
-
+    rows = [[csv_cell(r["image"]), csv_cell(r["pack"]), t["rank"], t["class"], csv_cell(t["name"] or ""),
+             f"{t['probability']:.6f}"] for r in records for t in r["top"]]
     text = io.StringIO()
     csv.writer(text).writerows([["image", "pack", "rank", "class", "name", "probability"], *rows])
     runtime.write_text(path, text.getvalue())
@@ -183,8 +223,8 @@ def write_out(path, records):
 
 def main(argv):
     args = parse_args(argv)
-    if args.out and not args.out.endswith((".json", ".csv")):
-        raise runtime.UserError(f"--out {args.out}: give a .json or .csv file name")
+    if args.out:
+        check_out(args.out)
     if args.batch_size < 1:
         raise runtime.UserError("--batch-size must be >= 1")
     device = runtime.check_device(args.device)
@@ -192,7 +232,15 @@ def main(argv):
     images = find_images(args.inputs)
     checkpoint = backbone_file(packs, args.checkpoint)
     settings = runtime.Settings.for_device(device, fp32=args.fp32)
-    model = gp.MultiTask(checkpoint, dict(zip(packs, args.pack)))
+    backbone = gp.read_checkpoint(checkpoint, trust_pickle=True)[0] if args.trust_pickle else checkpoint
+    try:
+        model = gp.MultiTask(backbone, dict(zip(packs, args.pack)))
+    except gp.CheckpointError as err:   # its advice is the API's (strict=False): this command's instead
+        if "strict=False" not in str(err):
+            raise
+        recorded = ", ".join(sorted({str(p["info"].get("checkpoint")) for p in packs.values()}))
+        raise runtime.UserError(str(err).replace(" (strict=False loads it anyway)", "") + " -- pass --checkpoint "
+                                f"with the backbone file the packs were trained on (they record {recorded})") from None
     model.to(settings.device)
     runtime.place_model(model.backbone, settings.device, settings.bf16)
     records, skipped = predict(model, packs, images, settings.device, settings.bf16, args.batch_size)
@@ -200,13 +248,14 @@ def main(argv):
     for record in records:
         if record["image"] != current:
             current = record["image"]
-            print(current)
+            print(safe_text(current))
         print(format_record(record))
     if skipped:
-        print(f"skipped {len(skipped)} unreadable image(s): " + ", ".join(p for p, _ in skipped), file=sys.stderr)
+        print(f"skipped {len(skipped)} unreadable image(s): " + ", ".join(safe_text(p) for p, _ in skipped),
+              file=sys.stderr)
     if args.out:
         write_out(args.out, records)
-        print(f"wrote {args.out}")
+        print(f"wrote {safe_text(args.out)}")
     if not records:
         raise runtime.UserError("none of the images could be read")
     return records

@@ -51,3 +51,20 @@ def cli(capsys, monkeypatch):
         out = capsys.readouterr()
         return subprocess.CompletedProcess(argv, code, out.out, out.err)
     return run
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 1 MiB tmpfs: a disk that really fills up (needs root and `mount`; skipped where they are missing)."""
+    where = tmp_path / "tmpfs"
+    where.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True)
+    except OSError:
+        mounted = None
+    if mounted is None or mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

@@ -196,3 +196,13 @@ def write_ade_fixture(root, n_train=8, n_val=4, size=(64, 96), seed=0, num_class
             Image.fromarray(image).save(os.path.join(ade, "images", split, stem + ".jpg"), quality=95)
             Image.fromarray(label).save(os.path.join(ade, "annotations", split, stem + ".png"))
     return ade
+
+
+def fill_disk(path: Path) -> None:
+    """Write to `path` until its disk is full."""
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"x" * 4096)
+        except OSError:
+            pass

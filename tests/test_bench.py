@@ -8,12 +8,14 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = Path(__file__).resolve().parents[1]
 from bench import bench
+from bench import report
 from bench import runs
 import gated_prompt as gp
 from harness import runtime
@@ -139,7 +141,7 @@ def test_defaults_per_mode():
     for args in (seg, e2e):
         assert (args.batch, args.prompts, args.img_size, args.epochs) == (None, None, None, None)
     report = bench.parse_args(["--report"])
-    assert (report.steps, report.warmup, report.repeats, report.epochs, report.out_dir) == (10, 3, 3, 5, ".")
+    assert (report.steps, report.warmup, report.repeats, report.epochs, report.out_dir) == (10, 3, 3, 5, "runs/bench")
     assert (report.img_size, report.train_images, report.test_images) == (None, None, None)   # the real sizes
     smoke = bench.parse_args(["--report", "--arch", "tiny", "--steps", "4"])
     assert (smoke.img_size, smoke.steps, smoke.warmup, smoke.repeats, smoke.epochs) == (32, 4, 1, 2, 2)
@@ -603,9 +605,58 @@ def test_a_report_killed_part_way_keeps_its_rows_and_a_rerun_completes_it(tmp_pa
     assert final["step 100x4"] == done["step 100x4"]                       # not measured again
 
 
+COMMITTED = ROOT / "bench" / "BENCHMARKS.md", ROOT / "bench" / "benchmarks.json"
+
+
+def test_a_report_without_out_dir_never_writes_over_the_committed_report(tmp_path, monkeypatch):
+    """From the repository root, from bench/ (where `python bench.py` used to run) or anywhere, the default goes
+    to runs/bench under the working directory; only --out-dir bench writes the committed H100 report."""
+    for cwd in (ROOT, ROOT / "bench", tmp_path):
+        monkeypatch.chdir(cwd)
+        out_dir = Path(bench.parse_args(["--report", "--arch", "tiny"]).out_dir).resolve()
+        assert out_dir == (cwd / "runs" / "bench").resolve() and out_dir != COMMITTED[0].parent
+    monkeypatch.chdir(ROOT)
+    assert Path(bench.parse_args(["--report", "--out-dir", "bench"]).out_dir).resolve() == COMMITTED[0].parent
+
+
+def test_both_entry_points_run_and_their_help_names_the_new_paths(tmp_path):
+    """`python -m bench` from the repository root and `python bench/bench.py` from anywhere: the report's smoke
+    run (its step stage, one repetition) from a folder outside the repository writes runs/bench there and leaves
+    the committed report as it is."""
+    before = [path.read_bytes() for path in COMMITTED]
+    module = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert module.returncode == 0, module.stderr
+    help_text = module.stdout
+    assert "python -m bench --report --arch tiny" in help_text and "--out-dir bench" in help_text
+    assert "bench.py --" not in help_text and "bench_runs" not in help_text and "bench_report" not in help_text
+    script = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--report", "--arch", "tiny",
+                             "--only", "step", "--steps", "1", "--repeats", "1"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert script.returncode == 0, script.stderr[-2000:]
+    assert (tmp_path / "runs" / "bench" / "benchmarks.json").is_file()
+    assert (tmp_path / "runs" / "bench" / "BENCHMARKS.md").is_file()
+    assert [path.read_bytes() for path in COMMITTED] == before
+
+
+@pytest.mark.parametrize("content,found", [("[1, 2]", "a JSON list"), ('{"format": 99, "identity": {}, "units": {}}',
+                                                                       "format 99"),
+                                           ('{"results": []}', "no identity and units")])
+def test_a_benchmarks_json_of_another_shape_or_version_is_refused_in_one_line(tmp_path, capsys, content, found):
+    (tmp_path / "benchmarks.json").write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.cli(["--report", "--arch", "tiny", "--only", "step", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert str(tmp_path / "benchmarks.json") in err and found in err, err
+    assert (tmp_path / "benchmarks.json").read_text() == content and not (tmp_path / "BENCHMARKS.md").exists()
+    assert report.read_report(COMMITTED[1])["identity"]["device"].startswith("NVIDIA")   # the committed one reads
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--report", "--arch", "tiny", "--out-dir", "/proc/no-such-dir"], "--out-dir /proc/no-such-dir: cannot create it"),
     (["--report", "--arch", "tiny", "--device", "gpu"], "--device gpu is not a device"),
+    (["--arch", "tiny", "--json", "/proc/no-such/b.json"], "--json /proc/no-such/b.json cannot be written"),
     (["--sweep-batch", "0", "--arch", "tiny"], "--sweep-batch values must be >= 1"),
     (["--sweep-prompts", "-1", "--arch", "tiny"], "--sweep-prompts values must be >= 0"),
 ] + ([(["--report", "--arch", "tiny", "--device", "cuda"], "no CUDA GPU is visible")]

@@ -1,6 +1,9 @@
-"""Tests for data.py: readers, decode cache, batch loader, prepare, synthetic data (CPU, fast)."""
+"""Tests for harness/data (datasets.py, batches.py, releases.py): readers, decode cache, batch loader, prepare, synthetic data (CPU, fast)."""
 import json
 import math
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +19,8 @@ from harness.data import batches as batching
 from harness.data import datasets
 from harness.data import releases
 from harness.data.datasets import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MEAN = torch.tensor(datasets.IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(datasets.IMAGENET_STD).view(1, 3, 1, 1)
@@ -520,6 +525,69 @@ def test_label_out_of_range(tmp_path):
         datasets.read_split("flowers", root, "train")
 
 
+LATIN1_NAME = b"caf\xe9.jpg"   # "cafe" with an e-acute, as Latin-1 bytes: not UTF-8
+
+
+def latin1_named_copy(task_dir, rel_path):
+    """A copy of task_dir/rel_path named with Latin-1 bytes (what unpacking an old archive gives)."""
+    target = os.fsencode(task_dir / Path(rel_path).parent) + b"/" + LATIN1_NAME
+    with open(task_dir / rel_path, "rb") as src, open(target, "wb") as dst:
+        dst.write(src.read())
+    return os.fsdecode(target)
+
+
+def test_split_lists_are_read_in_their_encoding_with_or_without_a_byte_order_mark(tmp_path):
+    """A list names files by their bytes: a Latin-1 line names the Latin-1-named file; UTF-8 / UTF-16 lists with
+    a byte-order mark (Windows editors write one) read as their text, the mark not part of the first path."""
+    fixtures.write_vtab_fixture(tmp_path, "svhn")
+    task_dir = tmp_path / "svhn"
+    reference = datasets.read_split("svhn", tmp_path, "train800")
+    text = (task_dir / "train800.txt").read_text()
+    for encoding in ("utf-8-sig", "utf-16", "utf-32"):   # Python writes these with their byte-order mark
+        (task_dir / "train800.txt").write_bytes(text.encode(encoding))
+        assert datasets.read_split("svhn", tmp_path, "train800") == reference, encoding
+        assert os.path.isfile(reference[0][0])
+    first = text.splitlines()[0]
+    latin1 = latin1_named_copy(task_dir, first.split()[0])
+    (task_dir / "train800.txt").write_bytes(text.encode() + b"images/train800/" + LATIN1_NAME + b" 1\n")
+    paths, labels = datasets.read_split("svhn", tmp_path, "train800")
+    assert paths[-1] == latin1 and labels[-1] == 1 and os.path.isfile(paths[-1])
+    split = datasets.load_splits("svhn", tmp_path, ["train800"], cache_dir=tmp_path / "cache")["train800"]
+    assert torch.equal(split.image(len(paths) - 1), split.image(0))   # the copy decodes as its original
+    (task_dir / "train800.txt").write_bytes(text.encode("utf-16-le"))   # no byte-order mark
+    with pytest.raises(DataError, match=re.escape(str(task_dir / "train800.txt")) + ": holds NUL bytes"):
+        datasets.read_split("svhn", tmp_path, "train800")
+    (task_dir / "train800.txt").write_text(text + first.rsplit(maxsplit=1)[0] + " 7\n")
+    again = len(text.splitlines()) + 1
+    with pytest.raises(DataError, match=rf"train800\.txt:{again}: .* is listed again with label 7 \(label 0 on line 1\)"):
+        datasets.read_split("svhn", tmp_path, "train800")
+
+
+def test_json_splits_are_read_in_their_encoding_and_an_image_listed_twice_is_refused(tmp_path):
+    root = fixtures.write_fgvc_fixture(tmp_path / "cub", "cub")
+    reference = {split: datasets.read_split("cub", root, split) for split in ("train", "test")}
+    text = (root / "train.json").read_text()
+    (root / "train.json").write_bytes(text.encode("utf-8-sig"))
+    assert datasets.read_split("cub", root, "train") == reference["train"]
+    first = next(iter(json.loads(text)))
+    latin1 = latin1_named_copy(root / "images", first)
+    key = os.fsencode(Path(first).parent) + b"/" + LATIN1_NAME
+    (root / "train.json").write_bytes(text[:-1].encode() + b', "' + key + b'": 0}')   # a Latin-1 key
+    paths, labels = datasets.read_split("cub", root, "train")
+    assert paths[-1] == latin1 and labels[-1] == 0 and os.path.isfile(paths[-1])
+    # one image, two class ids: json.loads would keep the last silently
+    (root / "test.json").write_text((root / "test.json").read_text()[:-1] + f', "{first}": 0, "{first}": 2}}')
+    with pytest.raises(DataError, match=re.escape(str(root / "test.json")) + f": image '{first}' is listed twice"):
+        datasets.read_split("cub", root, "train")
+
+
+def test_prepare_reads_release_tables_with_a_byte_order_mark(tmp_path):
+    root = fixtures.write_release_fixture(tmp_path / "CUB_200_2011", "cub")
+    reference = releases.prepare("cub", root)
+    (root / "images.txt").write_bytes((root / "images.txt").read_text().encode("utf-8-sig"))   # only this one
+    assert releases.prepare("cub", root, overwrite=True) == reference
+
+
 @pytest.mark.parametrize("damage", ["corrupt", "truncated", "missing"])
 def test_bad_image_names_the_file(tmp_path, damage):
     root = fixtures.write_fgvc_fixture(tmp_path / "cars", "cars")
@@ -537,6 +605,43 @@ def test_bad_image_names_the_file(tmp_path, damage):
     with pytest.raises(DataError, match=str(image)):  # and no half-written cache file is left behind
         datasets.load_splits("cars", root, ["test"], cache_dir=cache)
     assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_images_whose_plain_rgb_conversion_loses_content_are_converted_right_or_refused(tmp_path):
+    """224 x 224 images, so that VTAB's resize to 224 is the identity and the decoded pixels are the conversion
+    itself. Expected values by hand: a 16-bit level v is round(v / 257) in 8 bits (65535 -> 255); transparent
+    pixels show the white they are composited on; CMYK (0, 255, 255, 0) is red and (0, 0, 0, 128) grey 127."""
+    ramp = np.tile(np.arange(224, dtype=np.uint16) * 293, (224, 1))   # 0 .. 65339
+    Image.fromarray(ramp).save(tmp_path / "gray16.png")
+    assert Image.open(tmp_path / "gray16.png").mode == "I;16"
+    expected = np.round(ramp / 257).astype(np.uint8)
+    got = datasets.decode_vtab(str(tmp_path / "gray16.png"))
+    assert np.array_equal(got, np.repeat(expected[..., None], 3, axis=2))   # plain convert("RGB"): 99 % white
+
+    palette = Image.new("P", (224, 224), 0)
+    palette.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    palette.paste(1, (112, 0, 224, 224))
+    palette.save(tmp_path / "palette.png", transparency=0)   # index 0 (black) is transparent
+    got = datasets.decode_vtab(str(tmp_path / "palette.png"))
+    assert (got[:, :112] == 255).all() and (got[:, 112:] == [200, 30, 30]).all()
+
+    grey_alpha = Image.new("LA", (224, 224), (40, 0))
+    grey_alpha.paste((40, 255), (0, 0, 224, 112))
+    grey_alpha.save(tmp_path / "la.png")
+    got = datasets.decode_vtab(str(tmp_path / "la.png"))
+    assert (got[:112] == 40).all() and (got[112:] == 255).all()
+
+    cmyk = Image.new("CMYK", (224, 224), (0, 255, 255, 0))
+    cmyk.paste((0, 0, 0, 128), (0, 0, 112, 224))
+    cmyk.save(tmp_path / "cmyk.tif")
+    got = datasets.decode_vtab(str(tmp_path / "cmyk.tif"))
+    assert (got[:, :112] == 127).all() and (got[:, 112:] == [255, 0, 0]).all()
+
+    for name, image in (("float.tif", Image.fromarray(np.full((224, 224), 0.5, dtype=np.float32))),
+                        ("int32.tif", Image.fromarray(np.full((224, 224), 100000, dtype=np.int32)))):
+        image.save(tmp_path / name)
+        with pytest.raises(DataError, match=re.escape(str(tmp_path / name)) + ".*no 8-bit conversion"):
+            datasets.decode_fgvc(str(tmp_path / name))
 
 
 # --- disk cache -------------------------------------------------------------------------------
@@ -574,6 +679,41 @@ def test_disk_cache_is_reused(tmp_path, monkeypatch):
     assert_same_split(first, second)
     with pytest.raises(AssertionError):  # a different image list is a different cache entry
         datasets.load_splits("nabirds", root, ["test"], cache_dir=cache)
+
+
+def test_a_cache_that_does_not_fit_on_the_disk_is_one_line_before_decoding(tmp_path, monkeypatch):
+    """12 VTAB images of 224 x 224 x 3 bytes need 1,806,336 bytes of cache; with 1 MB free: refused naming the
+    space, before any image is decoded, leaving no file in the cache folder."""
+    fixtures.write_vtab_fixture(tmp_path / "vtab", "dtd")
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(datasets, "free_disk_bytes", lambda folder: 10**6)
+    monkeypatch.setattr(datasets, "decode_images", lambda *a, **k: pytest.fail("decoded although it cannot be kept"))
+    with pytest.raises(DataError) as err:
+        datasets.load_splits("dtd", tmp_path / "vtab", ["train800val200"], cache_dir=cache)
+    text = str(err.value)
+    assert "\n" not in text and "disk is full" in text and "1.81 MB" in text and "1.00 MB free" in text
+    assert str(cache) in text and "--cache-dir" in text
+    assert list(cache.iterdir()) == [] if cache.exists() else True
+
+
+def test_a_disk_that_fills_up_while_the_cache_is_built_is_one_line_not_sigbus(tmp_path, tiny_tmpfs):
+    """A real 1 MiB disk and a 1.8 MB cache entry. Checked first: one line. With the check fooled (another
+    process fills the disk after it), in a real process: writing through a memory map that the disk cannot back
+    would kill it with SIGBUS; instead one line, and nothing is left in the cache folder either way."""
+    fixtures.write_vtab_fixture(tmp_path / "vtab", "dtd")
+    with pytest.raises(DataError, match=r"^the disk is full: the decode cache of dtd/train800val200 needs 1.81 MB"):
+        datasets.load_splits("dtd", tmp_path / "vtab", ["train800val200"], cache_dir=tiny_tmpfs)
+    assert list(tiny_tmpfs.iterdir()) == []
+    code = ("import sys; from harness.data import datasets\n"
+            "datasets.free_disk_bytes = lambda folder: 2**40\n"
+            "try:\n"
+            f"    datasets.load_splits('dtd', {str(tmp_path / 'vtab')!r}, ['train800val200'], cache_dir={str(tiny_tmpfs)!r})\n"
+            "except datasets.DataError as err:\n"
+            "    sys.exit(f'error: {err}')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, (done.returncode, done.stderr[-500:])   # sys.exit(message): 1; SIGBUS: -7
+    assert done.stderr.startswith("error: the disk is full") and len(done.stderr.strip().splitlines()) == 1
+    assert list(tiny_tmpfs.iterdir()) == []
 
 
 def test_disk_cache_is_rebuilt_when_stale_or_incomplete(tmp_path, monkeypatch):

@@ -99,6 +99,41 @@ def test_mirror_url_keeps_file_names_strips_queries_and_reads_the_environment(mo
     assert len(names) == len(set(names)) and all(dl.url_filename(c.url) == c.filename for c in dl.CHECKPOINTS.values())
 
 
+@pytest.mark.parametrize("mirror", ["junk", "ftp://host/files", "http://", "https:///no-host", "file:", ":8080/x",
+                                    "http://host:port/files"])
+@pytest.mark.parametrize("how", ["environment", "flag"])
+def test_a_mirror_that_is_not_a_base_url_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, mirror, how):
+    import reproduce
+    argv = ["download", "--ssl", "mae", "--arch", "vit_base", "--checkpoint-dir", str(tmp_path / "ck")]
+    if how == "environment":
+        monkeypatch.setenv(dl.MIRROR_ENV, mirror)
+    else:
+        monkeypatch.delenv(dl.MIRROR_ENV, raising=False)
+        argv += ["--mirror", mirror]
+    for command in (argv, ["download", "--dataset", "cub", "--data-dir", str(tmp_path / "data")]
+                    + argv[-2 if how == "flag" else len(argv):]):
+        assert reproduce.cli_main(command) == 2
+        err = capsys.readouterr().err.strip()
+        name = dl.MIRROR_ENV if how == "environment" else "--mirror"
+        assert len(err.splitlines()) == 1 and f"{name} {mirror!r} is not a base URL" in err, err
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint-dir", "--data-dir"])
+def test_a_download_folder_that_is_a_file_or_cannot_be_written_is_one_line_and_exit_2(tmp_path, capsys, flag):
+    import reproduce
+    (tmp_path / "notes.txt").write_text("a file")
+    what = ["--dataset", "cub"] if flag == "--data-dir" else []
+    for folder in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "below"):
+        assert reproduce.cli_main(["download", *what, flag, str(folder), "--mirror", "http://127.0.0.1:9"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{tmp_path / 'notes.txt'} is a file, not a folder" in err, err
+    assert reproduce.cli_main(["download", *what, flag, "/proc/no-such", "--mirror", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{flag} /proc/no-such: cannot write in /proc" in err, err
+    assert (tmp_path / "notes.txt").read_text() == "a file"
+
+
 def test_checkpoint_download_through_the_environment_mirror(server, tmp_path, monkeypatch):
     monkeypatch.setenv(dl.MIRROR_ENV, server.mirror)
     path = fetch_ckpt(tmp_path, server, mirror=None)
@@ -583,15 +618,54 @@ def test_pinned_checksum_mismatch_is_reported_with_its_source_and_the_way_round(
     assert not (tmp_path / "checkpoints" / dl.SUMS_NAME).exists()
     # the right value (a prefix, as torch.hub checks hash_prefix) is accepted
     monkeypatch.setitem(dl.CHECKPOINTS, ("vit_base", "mae"), dl.Checkpoint(CKPT, url, (dl.Pin(kind, right, "SRC"),)))
-    assert dl.checkpoint_path("vit_base", "mae", tmp_path / "checkpoints").read_bytes() == blob
+    assert dl.checkpoint_path("vit_base", "mae", tmp_path / "checkpoints", model_factory=tiny_factory).read_bytes() == blob
 
 
 def test_hand_placed_checkpoint_is_recorded_on_first_use(server, tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / CKPT).write_bytes(server.files[CKPT])
-    path = dl.checkpoint_path("vit_base", "mae", tmp_path / "checkpoints")
+    path = dl.checkpoint_path("vit_base", "mae", tmp_path / "checkpoints", model_factory=tiny_factory)
     assert dl.read_sums(path.parent / dl.SUMS_NAME)[CKPT][0] == ra.sha256(server.files[CKPT])
     assert server.requests == []
+
+
+def test_a_hand_placed_checkpoint_without_a_pin_is_loaded_and_checked_before_it_is_recorded(server, tmp_path):
+    """MoCo v3 ViT-S has no published checksum. An HTML page (a failed download saved by a browser) or a file of
+    integer tensors put in its place is refused naming the file, never recorded in SHA256SUMS, and left where
+    the user put it; the right file put there next is recorded on its first use."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    name = dl.CHECKPOINTS[("vit_small", "mocov3")].filename
+    sums = folder / dl.SUMS_NAME
+
+    def first_use():
+        return dl.checkpoint_path("vit_small", "mocov3", folder, model_factory=tiny_factory)
+    (folder / name).write_bytes(b"<!DOCTYPE html><html><head><title>Sign in</title></head></html>\n")
+    with pytest.raises(dl.DownloadError, match=r"is not a checkpoint file: it is an HTML page"):
+        first_use()
+    assert not sums.exists() and (folder / name).exists()
+    torch.manual_seed(0)
+    integers = {k: (v * 100).to(torch.int64) for k, v in ra.tiny_model().backbone_state_dict().items()}
+    torch.save({"model": integers}, folder / name)
+    with pytest.raises(dl.DownloadError, match=r"hold integers \(e\.g\. .*torch\.int64\).*not a usable backbone"):
+        first_use()
+    assert not sums.exists()
+    (folder / name).write_bytes(server.files[CKPT])
+    assert first_use() == folder / name
+    assert dl.read_sums(sums) == {name: (ra.sha256(server.files[CKPT]), len(server.files[CKPT]))}
+    assert server.requests == []
+
+
+def test_a_checkpoint_of_integer_tensors_passed_with_checkpoint_is_refused_before_the_run(tmp_path, capsys):
+    """A ViT-S backbone whose tensors were cast to int8 (every key and shape right): loading would cast them
+    back to floats silently."""
+    backbone = gp.build_model("vit_small", "mae", "linear", num_classes=0).backbone_state_dict()
+    torch.save({"model": {k: (v * 100).to(torch.int8) for k, v in backbone.items()}}, tmp_path / "ints.pth")
+    import reproduce
+    code = reproduce.cli_main(["--task", "dtd", "--arch", "vit_small", "--checkpoint", str(tmp_path / "ints.pth"), "--data-dir",
+                               str(tmp_path / "data"), "--results-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "ints.pth" in err and "hold integers" in err
 
 
 def test_the_pinned_tables_hold_the_published_values():

@@ -117,7 +117,7 @@ def test_bad_input_is_one_line_before_any_work(served, tmp_path):
         (["--pack", packs["dogs"]], runtime.UserError, "no images given"),
         (["--pack", packs["dogs"], str(tmp_path / "empty")], runtime.UserError, "no image files"),
         (["--pack", packs["dogs"], str(tmp_path / "nope.jpg")], runtime.UserError, "image or folder not found"),
-        (["--pack", packs["dogs"], photos, "--out", "p.txt"], runtime.UserError, "give a .json or .csv"),
+        (["--pack", packs["dogs"], photos, "--out", "p.txt"], runtime.UserError, "give a .json or .csv file"),
     ]
     for argv, error, message in cases:
         with pytest.raises(error, match=message) as err:
@@ -138,7 +138,7 @@ def test_packs_without_a_backbone_or_transform_or_on_another_backbone_are_refuse
         reproduce.main(["predict", "--pack", str(tmp_path / "bare.pack.pt"), photos])
     with pytest.raises(runtime.UserError, match="records no image transform"):
         reproduce.main(["predict", "--pack", str(tmp_path / "demo.pack.pt"), photos])
-    with pytest.raises(gp.CheckpointError, match="another backbone.*fingerprint"):
+    with pytest.raises(runtime.UserError, match="another backbone.*fingerprint"):
         reproduce.main(["predict", "--pack", packs["dogs"], "--checkpoint", str(tmp_path / "other.pth"), photos])
 
 
@@ -181,3 +181,83 @@ def test_a_demo_pack_is_refused_saying_its_backbone_was_random_and_not_saved(ser
     with pytest.raises(runtime.UserError, match="demo.*random backbone.*not saved") as err:
         reproduce.main(["predict", "--pack", path, str(root / "photos")])
     assert "\n" not in str(err.value)
+
+
+# --- output, other people's names, advice -----------------------------------------------------------------
+
+def no_predictions(monkeypatch):
+    from harness import serving
+    monkeypatch.setattr(serving, "predict", lambda *a, **k: pytest.fail("predicted before --out was checked"))
+
+
+def test_an_out_path_that_cannot_be_written_is_refused_before_anything_is_computed(served, tmp_path, monkeypatch,
+                                                                                  capsys):
+    root, packs = served
+    no_predictions(monkeypatch)
+    (tmp_path / "folder.csv").mkdir()
+    (tmp_path / "file").write_text("a file")
+    for out, why in ((tmp_path / "folder.csv", "is a folder"), (tmp_path / "file" / "p.csv", "cannot be written"),
+                     (Path("/proc/p.json"), "cannot be written")):
+        code = reproduce.cli_main(["predict", "--pack", packs["dogs"], str(root / "photos"), "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: --out {out}") and why in err, err
+    assert (tmp_path / "file").read_text() == "a file" and list((tmp_path / "folder.csv").iterdir()) == []
+
+
+# someone else's class names, and what the terminal and the CSV show of each (escaped; formulas prefixed with ')
+HOSTILE = {"\x1b[2J\x1b]0;pwned\x07clear": "\\x1b[2J\\x1b]0;pwned\\x07clear",
+           '=HYPERLINK("http://x","y")': '\'=HYPERLINK("http://x","y")', "+1+2": "'+1+2", "-3": "'-3",
+           "@SUM(A1)": "'@SUM(A1)", "\tTAB": "\\tTAB", "ok \u202eevil": "ok \\u202eevil", "plain": "plain"}
+
+
+def test_other_peoples_class_names_and_file_names_are_printed_and_written_safely(served, tmp_path, capsys,
+                                                                                monkeypatch):
+    """A pack's class names (someone else's) and the images' file names reach the terminal without escape or
+    control characters, and the CSV without a cell a spreadsheet would run as a formula (OWASP: prefix ')."""
+    root, packs = served
+    base = gp.load_pack(packs["dogs"], checkpoint=root / "mae.pth")
+    model = gp.VisionTransformer(base.cfg, gp.prompt_config("linear", num_classes=len(HOSTILE)))
+    gp.load_backbone(model, root / "mae.pth")
+    names = list(HOSTILE)
+    path = model.save_pack(tmp_path / "theirs.pack.pt", class_names=names, transform=FGVC,
+                           checkpoint=str(root / "mae.pth"))
+    image = tmp_path / "photos" / "=cmd|x\x1b[31m.jpg"
+    image.parent.mkdir()
+    image.write_bytes((root / "photos" / "a.jpg").read_bytes())
+    monkeypatch.chdir(image.parent)
+    assert reproduce.cli_main(["predict", "--pack", path, image.name, "--out", str(tmp_path / "p.csv"),
+                               "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert not any(ord(c) < 32 and c != "\n" or 0x7f <= ord(c) < 0xa0 or c == "\u202e" for c in out), repr(out)
+    rows = list(csv.reader((tmp_path / "p.csv").open(newline="")))[1:]
+    assert len(rows) == 5 and all(row[4] == HOSTILE[names[int(row[3])]] for row in rows), rows
+    assert all(f"{row[2]}. {row[4].removeprefix(chr(39))} " in out for row in rows), out
+    assert {row[0] for row in rows} == {"'=cmd|x\\x1b[31m.jpg"}
+
+
+def test_predict_takes_the_trust_pickle_it_advises(served, tmp_path, capsys):
+    """A backbone file that pickles an object is refused naming --trust-pickle, which predict then accepts."""
+    root, packs = served
+    import argparse
+    ckpt = torch.load(root / "mae.pth", weights_only=True)
+    torch.save(dict(ckpt, args=argparse.ArgumentParser), tmp_path / "pickled.pth")   # a class: not a safe extra
+    argv = ["predict", "--pack", packs["dogs"], "--checkpoint", str(tmp_path / "pickled.pth"),
+            str(root / "photos" / "a.jpg"), "--device", "cpu"]
+    assert reproduce.cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--trust-pickle" in err and len(err.strip().splitlines()) == 1
+    assert reproduce.cli_main(argv + ["--trust-pickle"]) == 0
+    trusted = capsys.readouterr().out
+    assert reproduce.cli_main(argv[:3] + ["--checkpoint", str(root / "mae.pth")] + argv[5:]) == 0
+    assert capsys.readouterr().out == trusted
+
+
+def test_a_pack_on_another_backbone_advises_only_what_predict_takes(served, tmp_path, capsys):
+    root, packs = served
+    torch.manual_seed(5)
+    other = gp.build_model("vit_base", "mae", "linear", num_classes=0, vit_overrides=TINY, verbose=False)
+    torch.save({"model": other.backbone_state_dict()}, tmp_path / "other.pth")
+    assert reproduce.cli_main(["predict", "--pack", packs["dogs"], "--checkpoint", str(tmp_path / "other.pth"),
+                               str(root / "photos")]) == 2
+    err = capsys.readouterr().err
+    assert "strict=False" not in err and "--checkpoint" in err and str(root / "mae.pth") in err, err

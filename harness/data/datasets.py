@@ -11,7 +11,9 @@ The json splits are built from each dataset's own release files by releases.prep
 """
 from __future__ import annotations
 
+import codecs
 import colorsys
+import errno
 import functools
 import hashlib
 import json
@@ -30,7 +32,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
-from harness.runtime import UMASK, atomic_write, remove_dead_temporaries, write_text
+from harness.runtime import UMASK, atomic_write, format_bytes, free_disk_bytes, remove_dead_temporaries, write_text
 
 # ---------------------------------------------------------------------------------------------
 # 1. Registries and metadata
@@ -202,6 +204,29 @@ def split_names(task: str, protocol: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+# Byte-order marks, the longest first (UTF-32-LE's starts with UTF-16-LE's)
+BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
+                    (codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+
+
+def read_list_text(path: Path) -> str:
+    """The text of a split list, split json or release table. With a byte-order mark: its encoding (UTF-8,
+    UTF-16, UTF-32), the mark dropped. Without one: UTF-8, with bytes that are not UTF-8 (a Latin-1 file name)
+    kept as they are (surrogateescape), so that a listed path names the same bytes as the file on disk whatever
+    encoding the list was written in. A file holding NUL bytes (UTF-16 without a mark) is a DataError naming it."""
+    data = path.read_bytes()
+    for mark, encoding in BYTE_ORDER_MARKS:
+        if data.startswith(mark):
+            try:
+                return data[len(mark):].decode(encoding)
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}: starts with a {encoding} byte-order mark but is not {encoding} text "
+                                f"(byte {err.start + len(mark)}); save it as UTF-8") from None
+    if b"\0" in data:
+        raise DataError(f"{path}: holds NUL bytes (UTF-16 or UTF-32 without a byte-order mark?); save it as UTF-8")
+    return data.decode("utf-8", "surrogateescape")
+
+
 def read_split(task: str, root: str | os.PathLike, split: str) -> tuple[list[str], list[int]]:
     """Image paths and 0-based labels of one split, validated against the task's class count.
 
@@ -236,9 +261,16 @@ def _read_fgvc_split(dataset: str, root: Path, split: str) -> tuple[list[str], l
 
 
 def _read_json_split(path: Path) -> dict[str, int]:
-    """One VPT split json, checked: a non-empty object {relative image path: integer class id}."""
+    """One VPT split json, checked: a non-empty object {relative image path: integer class id}, each image once."""
+    def one_id_per_image(pairs):
+        anno = {}
+        for key, cid in pairs:
+            if key in anno and anno[key] != cid:
+                raise DataError(f"{path}: image {key!r} is listed twice, with class ids {anno[key]!r} and {cid!r}")
+            anno[key] = cid
+        return anno
     try:
-        anno = json.loads(path.read_text())
+        anno = json.loads(read_list_text(path), object_pairs_hook=one_id_per_image)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: malformed json ({err.msg})") from None
     if not isinstance(anno, dict) or not anno:
@@ -296,8 +328,8 @@ def _read_vtab_split(task: str, root: Path, split: str) -> tuple[list[str], list
     if not list_file.is_file():
         raise DataError(f"VTAB-1k split list {list_file} not found")
     n_classes = VTAB_TASKS[task].num_classes
-    paths, labels = [], []
-    for line_no, line in enumerate(list_file.read_text().splitlines(), start=1):
+    paths, labels, first_seen = [], [], {}
+    for line_no, line in enumerate(read_list_text(list_file).splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
@@ -306,6 +338,10 @@ def _read_vtab_split(task: str, root: Path, split: str) -> tuple[list[str], list
         label = int(parts[1])
         if not 0 <= label < n_classes:
             raise DataError(f"{list_file}:{line_no}: label {label} out of range for {task} ({n_classes} classes)")
+        seen_line, seen_label = first_seen.setdefault(parts[0], (line_no, label))
+        if seen_label != label:
+            raise DataError(f"{list_file}:{line_no}: {parts[0]!r} is listed again with label {label} (label "
+                            f"{seen_label} on line {seen_line})")
         paths.append(str(task_dir / parts[0]))
         labels.append(label)
     if not paths:
@@ -369,14 +405,33 @@ def resized_size(width: int, height: int, short: int = FGVC_RESIZE) -> tuple[int
 
 
 def _open_rgb(path: str) -> Image.Image:
-    """Fully decoded RGB PIL image; DataError names the file if it is missing, truncated or corrupt."""
+    """Fully decoded RGB PIL image; DataError names the file if it is missing, truncated or corrupt, or its pixels
+    have no 8-bit RGB meaning (see _to_rgb)."""
     if not os.path.isfile(path):
         raise DataError(f"image file {path} not found")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")  # forces the full decode; truncated/corrupt files fail here
+            img.load()  # the full decode: truncated/corrupt files fail here
+            return _to_rgb(img, path)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot decode image {path}: {err}") from None
+
+
+def _to_rgb(img: Image.Image, path: str) -> Image.Image:
+    """PIL's convert("RGB") (what VPT's loaders call), except where it would lose the picture: 16-bit grey levels
+    (PIL clips them at 255: a white image) are scaled to 8 bits, round(v / 257); transparent pixels (alpha, or a
+    palette / colour marked transparent, whose stored colour is arbitrary) show white, composited; 32-bit integer
+    and float pixels, which have no one 8-bit scale, are refused. CMYK goes through PIL's conversion."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):   # PNG has no 32-bit levels
+        levels = np.asarray(img).astype(np.float64)
+        return Image.fromarray(np.round(levels / 257).clip(0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("I", "F"):
+        raise DataError(f"image {path} has {'32-bit integer' if img.mode == 'I' else 'floating-point'} pixels, which "
+                        "have no 8-bit conversion; save it as an 8- or 16-bit image")
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
 
 
 def _header_size(path: str) -> tuple[int, int]:
@@ -514,13 +569,13 @@ CACHE_RECIPE = ("ragged-v3 fgvc: torchvision Resize(256) on PIL, whole image; "
 def _cache_key(root: Path, paths: list[str]) -> str:
     """What determines a split's pixels: the recipe, the dataset folder's absolute path and each listed file's
     path, size and modification time. Another copy of a dataset, or a re-downloaded file, is another entry."""
-    h = hashlib.sha256(f"{CACHE_RECIPE}\n{os.path.realpath(root)}\n".encode())
+    h = hashlib.sha256(os.fsencode(f"{CACHE_RECIPE}\n{os.path.realpath(root)}\n"))
     for p in paths:
         try:
             st = os.stat(p)
-            h.update(f"{os.path.relpath(p, root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            h.update(os.fsencode(f"{os.path.relpath(p, root)}\t{st.st_size}\t{st.st_mtime_ns}\n"))
         except OSError:   # a missing file is reported by the decoder, naming it
-            h.update(f"{os.path.relpath(p, root)}\tmissing\n".encode())
+            h.update(os.fsencode(f"{os.path.relpath(p, root)}\tmissing\n"))
     return h.hexdigest()[:16]
 
 
@@ -546,7 +601,10 @@ def _cached_decode(cache_dir: Path, task: str, root: Path, split: str, paths: li
 
     Each file is written to a temporary name and renamed (atomic); the checksum file, written last, marks
     the entry complete, so a crash never leaves an entry that loads. Temporary pixel files of killed runs
-    (*.pixels.npy.tmp<pid>@<host>, as large as a split) are removed first.
+    (*.pixels.npy.tmp<pid>@<host>, as large as a split) are removed first. The pixel file is memory-mapped, and
+    a page of a mapped file that the disk cannot back kills the process (SIGBUS): so the free space is checked
+    first and the whole file is allocated (posix_fallocate) before a pixel is written; a disk without room is a
+    DataError naming the space needed, and nothing is left behind.
     """
     files = _cache_files(cache_dir, task, root, split, paths)
     cached = _load_cache(*files, len(paths))
@@ -562,9 +620,12 @@ def _cached_decode(cache_dir: Path, task: str, root: Path, split: str, paths: li
     remove_dead_temporaries(cache_dir, recursive=False)
     check_file.unlink(missing_ok=True)
     tmp = pixels_file.with_name(f"{pixels_file.name}.tmp{os.getpid()}@{socket.gethostname()}")
+    shape = (int(np.prod(sizes, axis=1).sum()), 3)
+    if free_disk_bytes(cache_dir) < shape[0] * 3:
+        raise _cache_disk_full(cache_dir, f"{task}/{split}", shape[0] * 3)
     try:
-        shape = (int(np.prod(sizes, axis=1).sum()), 3)
         pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        _allocate(tmp, cache_dir, f"{task}/{split}")
         decode_images(task, paths, pixels, offsets, sizes, desc)
         pixels.flush()
         del pixels
@@ -579,6 +640,24 @@ def _cached_decode(cache_dir: Path, task: str, root: Path, split: str, paths: li
     if cached is None:
         raise DataError(f"the cache entry {pixels_file} + {index_file.name} does not read back after writing")
     return cached
+
+
+def _cache_disk_full(cache_dir: Path, what: str, need: int) -> DataError:
+    return DataError(f"the disk is full: the decode cache of {what} needs {format_bytes(need)} in {cache_dir}, which "
+                     f"has {format_bytes(free_disk_bytes(cache_dir))} free; free some space or pass --cache-dir on "
+                     "a disk with room")
+
+
+def _allocate(path: Path, cache_dir: Path, what: str) -> None:
+    """Give the (sparse) file at `path` all its disk blocks now, so that writing through its memory map cannot
+    meet a full disk; on file systems without posix_fallocate the free-space check stands alone."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _cache_disk_full(cache_dir, what, size) from None   # EOPNOTSUPP, EINVAL: not supported
 
 
 def _load_cache(pixels_file: Path, index_file: Path, check_file: Path,

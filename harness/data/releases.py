@@ -32,9 +32,9 @@ from tqdm import tqdm
 from harness.data import datasets
 from harness import runtime
 from harness.data.datasets import FGVC_DATASETS, FGVC_SPLITS, DataError
-from harness.downloads import (SUMS_NAME, DownloadError, Pin, check_disk, download, file_lock, format_bytes, free_disk_bytes,
-                       hash_pinned, lock_path, mirror_url, partial_path, pinned_size, record_pins, record_sum,
-                       remote_size, url_filename, verify)
+from harness.downloads import (SUMS_NAME, DownloadError, Pin, check_disk, check_folder, download, file_lock,
+                               format_bytes, free_disk_bytes, hash_pinned, lock_path, mirror_base, mirror_url,
+                               partial_path, pinned_size, record_pins, record_sum, remote_size, url_filename, verify)
 from harness.runtime import write_text
 
 READY_MARKER = ".gated_prompt_ready"
@@ -144,6 +144,8 @@ def fetch_dataset(dataset: str, data_dir: str | os.PathLike = "data", *, mirror:
     """
     if dataset not in DATASETS:
         raise DownloadError(dataset_instructions(dataset, data_dir))
+    check_folder(data_dir, "--data-dir")
+    mirror_base(mirror)
     data_dir = Path(data_dir)
     root = target_folder(dataset, data_dir)
     if _usable_already(dataset, data_dir, root):
@@ -478,7 +480,7 @@ def _release_file(dataset: str, *candidates: Path) -> Path:
 def _read_id_table(dataset: str, path: Path) -> dict[str, str]:
     """CUB/NABirds metadata: lines "<image id> <value>" -> {image id: value}."""
     table = {}
-    for line_no, line in enumerate(_release_file(dataset, path).read_text().splitlines(), start=1):
+    for line_no, line in enumerate(datasets.read_list_text(_release_file(dataset, path)).splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split()
