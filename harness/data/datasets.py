@@ -12,6 +12,7 @@ The json splits are built from each dataset's own release files by releases.prep
 from __future__ import annotations
 
 import colorsys
+import functools
 import hashlib
 import json
 import math
@@ -377,26 +378,57 @@ def decode_fgvc(path: str) -> np.ndarray:
 
 
 def decode_vtab(path: str) -> np.ndarray:
-    """uint8 [224, 224, 3]: the decoded image resized with resize_like_tf."""
-    image = torch.from_numpy(np.array(_open_rgb(path))).permute(2, 0, 1)
-    return resize_like_tf(image, IMAGE_SIZE).permute(1, 2, 0).numpy()
+    """uint8 [224, 224, 3]: the decoded image resized with resize_like_tf_batch."""
+    return resize_like_tf_batch(np.asarray(_open_rgb(path))[None], IMAGE_SIZE)[0]
 
 
 def resize_like_tf(image: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [3, h, w] -> uint8 [3, size, size] as VPT's tf.image.resize (TF1 ResizeBilinear, half_pixel_centers
-    False): per axis, output d samples source x = d * in / out in float32, lerp between floor(x) and
-    min(floor(x) + 1, in - 1); no antialiasing."""
-    out = image.float()
-    for dim in (1, 2):
-        n = out.shape[dim]
-        src = torch.arange(size, dtype=torch.float32) * torch.tensor(n / size, dtype=torch.float32)
-        low = src.floor().long().clamp(max=n - 1)
-        high = (low + 1).clamp(max=n - 1)
-        shape = [1, 1, 1]
-        shape[dim] = size
-        weight = (src - low).view(shape)
-        out = out.index_select(dim, low) * (1 - weight) + out.index_select(dim, high) * weight
-    return out.round().clamp(0, 255).to(torch.uint8)
+    """uint8 [3, h, w] -> uint8 [3, size, size]: resize_like_tf_batch of one channels-first image."""
+    pixels = image.detach().cpu().permute(1, 2, 0).contiguous().numpy()
+    return torch.from_numpy(resize_like_tf_batch(pixels[None], size)[0]).permute(2, 0, 1).contiguous()
+
+
+def resize_like_tf_batch(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [B, h, w, C] -> uint8 [B, size, size, C] (channels last, as decoded and cached) as VPT's tf.image.resize:
+    TF1 ResizeBilinear with half_pixel_centers False, no antialiasing. Rows first, then columns: output d samples
+    source x = d * in / out and is low * (1 - t) + high * t, with low = floor(x), high = min(low + 1, in - 1),
+    t = x - low, all float32 (see _tf_taps); then rounded half to even.
+
+    Each pass is a few whole-array ops on rows of pixels: a row's channels stay interleaved, so the row pass copies
+    whole rows and the column pass gathers (column, channel) pairs by one flat index, and every weight multiplies a
+    contiguous run. No clamp is needed: both passes take convex combinations of values in 0..255, so with float32
+    rounding every value stays below 255.001 and rounds into 0..255.
+    """
+    batch, height, width, channels = images.shape
+    rows = _lerp(images.reshape(batch, height, width * channels), _tf_taps(height, size), 1)   # [B, size, w * C]
+    low, high, t, rest = _tf_taps(width, size)
+    to_flat = lambda columns: (columns[:, None] * channels + np.arange(channels)).ravel()   # noqa: E731
+    pixels = _lerp(rows, (to_flat(low), to_flat(high), np.repeat(t, channels), np.repeat(rest, channels)), 2)
+    np.rint(pixels, out=pixels)
+    return pixels.astype(np.uint8).reshape(batch, size, size, channels)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tf_taps(n: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(low, high, t, 1 - t), each [size], of TF1's bilinear sampling of n source pixels at size outputs: output d
+    samples x = d * scale in float32, scale = n / size rounded to float32 (as TF computes it)."""
+    x = np.arange(size, dtype=np.float32) * np.float32(n / size)
+    low = np.minimum(np.floor(x).astype(np.int64), n - 1)
+    t = x - low.astype(np.float32)
+    return low, np.minimum(low + 1, n - 1), t, np.float32(1) - t
+
+
+def _lerp(values: np.ndarray, taps: tuple, axis: int) -> np.ndarray:
+    """float32 values.take(low) * (1 - t) + values.take(high) * t along axis (the weights broadcast over what follows
+    it). values: uint8 or float32."""
+    low, high, t, rest = taps
+    shape = (-1,) + (1,) * (values.ndim - axis - 1)
+    out = values.take(low, axis=axis).astype(np.float32, copy=False)
+    out *= rest.reshape(shape)
+    upper = values.take(high, axis=axis).astype(np.float32, copy=False)
+    upper *= t.reshape(shape)
+    out += upper
+    return out
 
 
 def _parallel_map(fn, items: list, desc: str) -> list:
