@@ -474,11 +474,23 @@ def load_splits(task: str, root: str | os.PathLike, names: list[str] | tuple[str
             for name, (paths, labels) in lists.items()}
 
 
+# A streamed split, once read whole, is kept in this process for the next run that reads it, so the runs of a task,
+# one after another, decode its test split once: at most KEEP_DECODED_BYTES of uint8 pixels in all (the least
+# recently read split is dropped first), and a split only when it fits in half the memory available as its
+# decoding starts; larger splits are decoded again by every run. 16 GiB holds any one VTAB-1k test split at
+# 224 px (the largest, dsprites: 73,728 images, 11.1 GB; sun397 3.3 GB; cifar 1.5 GB).
+KEEP_DECODED_BYTES = 16 << 30
+_kept_splits: dict[tuple, ImageSplit] = {}   # see StreamedSplit._key; least recently read first
+
+
 class StreamedSplit:
-    """A split decoded chunk by chunk while it is read, never cached: for a split a run reads once (the VTAB
-    test set, evaluated once at the end), whose persistent uint8 cache would only cost disk (~58 GB for all 19
-    VTAB test sets at 224 px). `chunks` decodes `chunk` images at a time with the decoding thread pool, the
-    next chunk in the background while the current one is used; peak memory is two chunks."""
+    """A split decoded chunk by chunk while it is read, never cached on disk: for a split a run reads once (the
+    VTAB test set, evaluated once at the end), whose persistent uint8 cache would only cost disk (~58 GB for all
+    19 VTAB test sets at 224 px). `chunks` decodes `chunk` images at a time with the decoding thread pool, the
+    next chunk in the background while the current one is used: peak memory two chunks. When the range fits
+    KEEP_DECODED_BYTES, the chunks are decoded into one buffer instead, kept once the range has been read to its
+    end; later passes over the same range and files (another run of the task, with a new StreamedSplit) read it
+    from memory, chunk by chunk as before, so their batches are byte-equal."""
 
     def __init__(self, task: str, root: Path, split: str, paths: list[str], labels: list[int], chunk: int = 4096):
         self.task, self.root, self.split, self.paths, self.labels, self.chunk = task, root, split, paths, labels, chunk
@@ -490,16 +502,85 @@ class StreamedSplit:
         """ImageSplits of images start..stop-1 in order, `chunk` at a time."""
         stop = len(self) if stop is None else stop
         bounds = [(a, min(a + self.chunk, stop)) for a in range(start, stop, self.chunk)]
+        if not bounds:
+            return
+        key = self._key(start, stop)
+        whole = _kept_splits.pop(key, None)
+        if whole is not None:
+            _kept_splits[key] = whole   # now the most recently read
+            for a, b in bounds:
+                yield self._part(whole, start, a, b)
+            return
+        whole = self._reserve(start, stop)
 
         def decode(bound):
             a, b = bound
-            return _decode_split(self.task, self.root, self.split, self.paths[a:b], self.labels[a:b], None)
+            if whole is None:
+                return _decode_split(self.task, self.root, self.split, self.paths[a:b], self.labels[a:b], None)
+            part = self._part(whole, start, a, b)
+            decode_images(self.task, self.paths[a:b], part.pixels.numpy(), part.offsets.numpy(), part.sizes.numpy(),
+                          f"decoding {self.task}/{self.split}")
+            return part
         with ThreadPoolExecutor(max_workers=1) as ahead:
-            pending = ahead.submit(decode, bounds[0]) if bounds else None
+            pending = ahead.submit(decode, bounds[0])
             for k in range(len(bounds)):
                 current = pending.result()
                 pending = ahead.submit(decode, bounds[k + 1]) if k + 1 < len(bounds) else None
                 yield current
+        if whole is not None:   # read to the end (a pass left early, or failed, keeps nothing)
+            _kept_splits[key] = whole
+
+    def _key(self, start: int, stop: int) -> tuple:
+        """What identifies the pixels of images start..stop-1: the task, the split, the range and _cache_key (the
+        dataset folder, each file's path, size and modification time). Labels are always this split's own."""
+        return self.task, self.split, start, stop, _cache_key(self.root, self.paths[start:stop])
+
+    def _reserve(self, start: int, stop: int) -> ImageSplit | None:
+        """An undecoded buffer for images start..stop-1 if they are to be kept (see KEEP_DECODED_BYTES), after
+        dropping the least recently read kept splits that would not leave room; else None."""
+        for key in [key for key in _kept_splits if key[:4] == (self.task, self.split, start, stop)]:
+            del _kept_splits[key]   # the same range before its files changed
+        sizes = image_sizes(self.task, self.paths[start:stop])
+        need = 3 * int(np.prod(sizes, axis=1).sum())
+        if need > KEEP_DECODED_BYTES:
+            return None
+        while _kept_splits and kept_bytes() + need > KEEP_DECODED_BYTES:
+            del _kept_splits[next(iter(_kept_splits))]
+        available = _available_memory()
+        if available is not None and need > available // 2:
+            return None
+        return ImageSplit(self.task, self.split, torch.from_numpy(np.empty((need // 3, 3), dtype=np.uint8)),
+                          torch.from_numpy(_offsets(sizes)), torch.from_numpy(sizes),
+                          torch.tensor(self.labels[start:stop], dtype=torch.int64))
+
+    def _part(self, whole: ImageSplit, start: int, a: int, b: int) -> ImageSplit:
+        """Images a..b-1 as a view of the buffer of images start..stop-1, with this split's labels."""
+        first = int(whole.offsets[a - start])
+        last = int(whole.offsets[b - 1 - start] + whole.sizes[b - 1 - start].prod())
+        return ImageSplit(self.task, self.split, whole.pixels[first:last], whole.offsets[a - start:b - start] - first,
+                          whole.sizes[a - start:b - start], torch.tensor(self.labels[a:b], dtype=torch.int64))
+
+
+def kept_bytes() -> int:
+    """Bytes of pixels of the streamed splits kept in this process."""
+    return sum(split.pixels.numel() for split in _kept_splits.values())
+
+
+def forget_kept_splits() -> None:
+    """Drop every kept streamed split (the next pass decodes again)."""
+    _kept_splits.clear()
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations without swapping (Linux MemAvailable); None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _decode_split(task: str, root: Path, split: str, paths: list[str], labels: list[int],
