@@ -257,7 +257,7 @@ def test_two_runs_of_a_task_in_one_process_decode_its_test_split_once(tmp_path, 
     fixtures.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "dtd", num_classes=3, per_class=(3, 1, 5))
     test_paths = set(datasets.read_split("dtd", tmp_path / "data" / "vtab-1k", "test")[0])
     ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
-    cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=2, warmup_epochs=1,
+    cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0,
                           num_prompts=4)
 
     def two_seeds(results_dir):
