@@ -451,26 +451,57 @@ def decode_fgvc(path: str) -> np.ndarray:
 
 
 def decode_vtab(path: str) -> np.ndarray:
-    """uint8 [224, 224, 3]: the decoded image resized with resize_like_tf."""
-    image = torch.from_numpy(np.array(_open_rgb(path))).permute(2, 0, 1)
-    return resize_like_tf(image, IMAGE_SIZE).permute(1, 2, 0).numpy()
+    """uint8 [224, 224, 3]: the decoded image resized with resize_like_tf_batch."""
+    return resize_like_tf_batch(np.asarray(_open_rgb(path))[None], IMAGE_SIZE)[0]
 
 
 def resize_like_tf(image: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [3, h, w] -> uint8 [3, size, size] as VPT's tf.image.resize (TF1 ResizeBilinear, half_pixel_centers
-    False): per axis, output d samples source x = d * in / out in float32, lerp between floor(x) and
-    min(floor(x) + 1, in - 1); no antialiasing."""
-    out = image.float()
-    for dim in (1, 2):
-        n = out.shape[dim]
-        src = torch.arange(size, dtype=torch.float32) * torch.tensor(n / size, dtype=torch.float32)
-        low = src.floor().long().clamp(max=n - 1)
-        high = (low + 1).clamp(max=n - 1)
-        shape = [1, 1, 1]
-        shape[dim] = size
-        weight = (src - low).view(shape)
-        out = out.index_select(dim, low) * (1 - weight) + out.index_select(dim, high) * weight
-    return out.round().clamp(0, 255).to(torch.uint8)
+    """uint8 [3, h, w] -> uint8 [3, size, size]: resize_like_tf_batch of one channels-first image."""
+    pixels = image.detach().cpu().permute(1, 2, 0).contiguous().numpy()
+    return torch.from_numpy(resize_like_tf_batch(pixels[None], size)[0]).permute(2, 0, 1).contiguous()
+
+
+def resize_like_tf_batch(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [B, h, w, C] -> uint8 [B, size, size, C] (channels last, as decoded and cached) as VPT's tf.image.resize:
+    TF1 ResizeBilinear with half_pixel_centers False, no antialiasing. Rows first, then columns: output d samples
+    source x = d * in / out and is low * (1 - t) + high * t, with low = floor(x), high = min(low + 1, in - 1),
+    t = x - low, all float32 (see _tf_taps); then rounded half to even.
+
+    Each pass is a few whole-array ops on rows of pixels: a row's channels stay interleaved, so the row pass copies
+    whole rows and the column pass gathers (column, channel) pairs by one flat index, and every weight multiplies a
+    contiguous run. No clamp is needed: both passes take convex combinations of values in 0..255, so with float32
+    rounding every value stays below 255.001 and rounds into 0..255.
+    """
+    batch, height, width, channels = images.shape
+    rows = _lerp(images.reshape(batch, height, width * channels), _tf_taps(height, size), 1)   # [B, size, w * C]
+    low, high, t, rest = _tf_taps(width, size)
+    to_flat = lambda columns: (columns[:, None] * channels + np.arange(channels)).ravel()   # noqa: E731
+    pixels = _lerp(rows, (to_flat(low), to_flat(high), np.repeat(t, channels), np.repeat(rest, channels)), 2)
+    np.rint(pixels, out=pixels)
+    return pixels.astype(np.uint8).reshape(batch, size, size, channels)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tf_taps(n: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(low, high, t, 1 - t), each [size], of TF1's bilinear sampling of n source pixels at size outputs: output d
+    samples x = d * scale in float32, scale = n / size rounded to float32 (as TF computes it)."""
+    x = np.arange(size, dtype=np.float32) * np.float32(n / size)
+    low = np.minimum(np.floor(x).astype(np.int64), n - 1)
+    t = x - low.astype(np.float32)
+    return low, np.minimum(low + 1, n - 1), t, np.float32(1) - t
+
+
+def _lerp(values: np.ndarray, taps: tuple, axis: int) -> np.ndarray:
+    """float32 values.take(low) * (1 - t) + values.take(high) * t along axis (the weights broadcast over what follows
+    it). values: uint8 or float32."""
+    low, high, t, rest = taps
+    shape = (-1,) + (1,) * (values.ndim - axis - 1)
+    out = values.take(low, axis=axis).astype(np.float32, copy=False)
+    out *= rest.reshape(shape)
+    upper = values.take(high, axis=axis).astype(np.float32, copy=False)
+    upper *= t.reshape(shape)
+    out += upper
+    return out
 
 
 def _parallel_map(fn, items: list, desc: str) -> list:
@@ -518,11 +549,23 @@ def load_splits(task: str, root: str | os.PathLike, names: list[str] | tuple[str
             for name, (paths, labels) in lists.items()}
 
 
+# A streamed split, once read whole, is kept in this process for the next run that reads it, so the runs of a task,
+# one after another, decode its test split once: at most KEEP_DECODED_BYTES of uint8 pixels in all (the least
+# recently read split is dropped first), and a split only when it fits in half the memory available as its
+# decoding starts; larger splits are decoded again by every run. 16 GiB holds any one VTAB-1k test split at
+# 224 px (the largest, dsprites: 73,728 images, 11.1 GB; sun397 3.3 GB; cifar 1.5 GB).
+KEEP_DECODED_BYTES = 16 << 30
+_kept_splits: dict[tuple, ImageSplit] = {}   # see StreamedSplit._key; least recently read first
+
+
 class StreamedSplit:
-    """A split decoded chunk by chunk while it is read, never cached: for a split a run reads once (the VTAB
-    test set, evaluated once at the end), whose persistent uint8 cache would only cost disk (~58 GB for all 19
-    VTAB test sets at 224 px). `chunks` decodes `chunk` images at a time with the decoding thread pool, the
-    next chunk in the background while the current one is used; peak memory is two chunks."""
+    """A split decoded chunk by chunk while it is read, never cached on disk: for a split a run reads once (the
+    VTAB test set, evaluated once at the end), whose persistent uint8 cache would only cost disk (~58 GB for all
+    19 VTAB test sets at 224 px). `chunks` decodes `chunk` images at a time with the decoding thread pool, the
+    next chunk in the background while the current one is used: peak memory two chunks. When the range fits
+    KEEP_DECODED_BYTES, the chunks are decoded into one buffer instead, kept once the range has been read to its
+    end; later passes over the same range and files (another run of the task, with a new StreamedSplit) read it
+    from memory, chunk by chunk as before, so their batches are byte-equal."""
 
     def __init__(self, task: str, root: Path, split: str, paths: list[str], labels: list[int], chunk: int = 4096):
         self.task, self.root, self.split, self.paths, self.labels, self.chunk = task, root, split, paths, labels, chunk
@@ -534,16 +577,85 @@ class StreamedSplit:
         """ImageSplits of images start..stop-1 in order, `chunk` at a time."""
         stop = len(self) if stop is None else stop
         bounds = [(a, min(a + self.chunk, stop)) for a in range(start, stop, self.chunk)]
+        if not bounds:
+            return
+        key = self._key(start, stop)
+        whole = _kept_splits.pop(key, None)
+        if whole is not None:
+            _kept_splits[key] = whole   # now the most recently read
+            for a, b in bounds:
+                yield self._part(whole, start, a, b)
+            return
+        whole = self._reserve(start, stop)
 
         def decode(bound):
             a, b = bound
-            return _decode_split(self.task, self.root, self.split, self.paths[a:b], self.labels[a:b], None)
+            if whole is None:
+                return _decode_split(self.task, self.root, self.split, self.paths[a:b], self.labels[a:b], None)
+            part = self._part(whole, start, a, b)
+            decode_images(self.task, self.paths[a:b], part.pixels.numpy(), part.offsets.numpy(), part.sizes.numpy(),
+                          f"decoding {self.task}/{self.split}")
+            return part
         with ThreadPoolExecutor(max_workers=1) as ahead:
-            pending = ahead.submit(decode, bounds[0]) if bounds else None
+            pending = ahead.submit(decode, bounds[0])
             for k in range(len(bounds)):
                 current = pending.result()
                 pending = ahead.submit(decode, bounds[k + 1]) if k + 1 < len(bounds) else None
                 yield current
+        if whole is not None:   # read to the end (a pass left early, or failed, keeps nothing)
+            _kept_splits[key] = whole
+
+    def _key(self, start: int, stop: int) -> tuple:
+        """What identifies the pixels of images start..stop-1: the task, the split, the range and _cache_key (the
+        dataset folder, each file's path, size and modification time). Labels are always this split's own."""
+        return self.task, self.split, start, stop, _cache_key(self.root, self.paths[start:stop])
+
+    def _reserve(self, start: int, stop: int) -> ImageSplit | None:
+        """An undecoded buffer for images start..stop-1 if they are to be kept (see KEEP_DECODED_BYTES), after
+        dropping the least recently read kept splits that would not leave room; else None."""
+        for key in [key for key in _kept_splits if key[:4] == (self.task, self.split, start, stop)]:
+            del _kept_splits[key]   # the same range before its files changed
+        sizes = image_sizes(self.task, self.paths[start:stop])
+        need = 3 * int(np.prod(sizes, axis=1).sum())
+        if need > KEEP_DECODED_BYTES:
+            return None
+        while _kept_splits and kept_bytes() + need > KEEP_DECODED_BYTES:
+            del _kept_splits[next(iter(_kept_splits))]
+        available = _available_memory()
+        if available is not None and need > available // 2:
+            return None
+        return ImageSplit(self.task, self.split, torch.from_numpy(np.empty((need // 3, 3), dtype=np.uint8)),
+                          torch.from_numpy(_offsets(sizes)), torch.from_numpy(sizes),
+                          torch.tensor(self.labels[start:stop], dtype=torch.int64))
+
+    def _part(self, whole: ImageSplit, start: int, a: int, b: int) -> ImageSplit:
+        """Images a..b-1 as a view of the buffer of images start..stop-1, with this split's labels."""
+        first = int(whole.offsets[a - start])
+        last = int(whole.offsets[b - 1 - start] + whole.sizes[b - 1 - start].prod())
+        return ImageSplit(self.task, self.split, whole.pixels[first:last], whole.offsets[a - start:b - start] - first,
+                          whole.sizes[a - start:b - start], torch.tensor(self.labels[a:b], dtype=torch.int64))
+
+
+def kept_bytes() -> int:
+    """Bytes of pixels of the streamed splits kept in this process."""
+    return sum(split.pixels.numel() for split in _kept_splits.values())
+
+
+def forget_kept_splits() -> None:
+    """Drop every kept streamed split (the next pass decodes again)."""
+    _kept_splits.clear()
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations without swapping (Linux MemAvailable); None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _decode_split(task: str, root: Path, split: str, paths: list[str], labels: list[int],
