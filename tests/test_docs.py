@@ -1,0 +1,50 @@
+"""The README and docs/ as a newcomer reads them: short enough, and every link and repository path they name
+exists."""
+import re
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+TRACKED_FOLDERS = ("harness/", "bench/", "tests/", "docs/", ".ci/")
+
+
+def slug(heading):
+    """GitHub's anchor for a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_readme_is_under_15_kb():
+    assert (ROOT / "README.md").stat().st_size < 15_000
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_relative_link_and_anchor_exists(doc):
+    for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+        if target.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (doc.parent / path).resolve() if path else doc
+        assert linked.exists(), f"{doc.name} links to {target}: no such file"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.M)
+            assert anchor in map(slug, headings), f"{doc.name} links to {target}: no such heading"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_repository_path_named_exists(doc):
+    """`harness/...`, `tests/...py::test_name` and bare file names such as `gated_prompt.py` name files of this
+    repository: after a move they must follow. Files of other repositories are named with their repository."""
+    other_repositories = {"tune_fgvc.py", "tune_vtab.py"}   # KMnP/vpt's tuners
+    ours = {p.name for p in ROOT.iterdir()}
+    ours |= {p.name for folder in TRACKED_FOLDERS for p in (ROOT / folder).rglob("*")}
+    for token in re.findall(r"`([^`\s]+)`", doc.read_text()):
+        path, _, test = token.partition("::")
+        if path.startswith(TRACKED_FOLDERS) and "<" not in path and "*" not in path:
+            assert (ROOT / path).exists(), f"{doc.name} names {path}: no such file"
+            if test:
+                assert f"def {test}(" in (ROOT / path).read_text(), f"{doc.name} names {token}: no such test"
+        elif re.fullmatch(r"[\w.-]+\.(py|yaml|yml|md|cff)", path) and path not in other_repositories:
+            assert path in ours, f"{doc.name} names {path}: no such file in the repository"
