@@ -427,6 +427,10 @@ def print_configs(cfgs, args):
 def run_demo(cfgs, args, settings):
     print("PIPELINE DEMO - generated images, a small randomly initialised ViT, CPU-sized. These are NOT the\n"
           "paper's numbers; they show the harness end to end. For a paper cell: --task cub --ssl mocov3.\n")
+    if cfgs[0]["warmup_epochs"]:
+        print(f"The lr warms up from 0, stepped per epoch as in the official code: epoch 1 trains at lr 0 and epoch "
+              f"{cfgs[0]['warmup_epochs'] + 1} is the first at the full lr {cfgs[0]['lr']:g}, where the loss jumps "
+              "before it falls.\n")
     settings = dataclasses.replace(settings, results_dir=str(Path(settings.results_dir) / "demo"), compile=False)
     shutil.rmtree(settings.results_dir, ignore_errors=True)  # the demo always runs afresh (flags checked already)
     rows = []

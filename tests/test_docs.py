@@ -1,10 +1,12 @@
-"""The README and docs/ as a newcomer reads them: short enough, and every link and repository path they name
-exists."""
+"""What a newcomer reads and runs first: the README and docs/ (short enough, every link and repository path they
+name exists) and the demo's word on its loss jump."""
 import re
 from pathlib import Path
 
 import pytest
 
+import reproduce
+from harness import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -48,3 +50,18 @@ def test_every_repository_path_named_exists(doc):
                 assert f"def {test}(" in (ROOT / path).read_text(), f"{doc.name} names {token}: no such test"
         elif re.fullmatch(r"[\w.-]+\.(py|yaml|yml|md|cff)", path) and path not in other_repositories:
             assert path in ours, f"{doc.name} names {path}: no such file in the repository"
+
+
+def test_the_demo_says_why_its_loss_jumps_after_the_warm_up(monkeypatch, tmp_path, capsys):
+    """The demo's schedule (paper_hparams.yaml: lr 0.5, 1 warm-up epoch) trains epoch 1 at lr 0 and epoch 2 at
+    lr 0.5; its output says so before the epochs print."""
+    finished = {"final": {"test_acc": 50.0}, "history": [{"images_per_second": 10.0}], "selection_ratio": []}
+    monkeypatch.setattr(reproduce, "run_one", lambda *args: finished)
+    args = reproduce.parse_args(["--demo", "--results-dir", str(tmp_path)])
+    reproduce.run_demo(reproduce.demo_configs(args), args, runtime.Settings(results_dir=str(tmp_path)))
+    out = capsys.readouterr().out
+    assert "epoch 1 trains at lr 0 and epoch 2 is the first at the full lr 0.5" in out
+    assert out.index("lr 0.5") < out.index("---")   # before the first method's epochs
+    args = reproduce.parse_args(["--demo", "--warmup-epochs", "0", "--results-dir", str(tmp_path)])
+    reproduce.run_demo(reproduce.demo_configs(args), args, runtime.Settings(results_dir=str(tmp_path)))
+    assert "warms up" not in capsys.readouterr().out   # no warm-up, no jump to explain
