@@ -20,6 +20,7 @@ import re
 import socket
 import subprocess
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch

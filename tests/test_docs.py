@@ -1,5 +1,5 @@
 """What a newcomer reads and runs first: the README and docs/ (short enough, every link and repository path they
-name exists) and the demo's word on its loss jump."""
+name exists), the demo's word on its loss jump, and the quick start in a copy without git."""
 import re
 from pathlib import Path
 
@@ -65,3 +65,12 @@ def test_the_demo_says_why_its_loss_jumps_after_the_warm_up(monkeypatch, tmp_pat
     args = reproduce.parse_args(["--demo", "--warmup-epochs", "0", "--results-dir", str(tmp_path)])
     reproduce.run_demo(reproduce.demo_configs(args), args, runtime.Settings(results_dir=str(tmp_path)))
     assert "warms up" not in capsys.readouterr().out   # no warm-up, no jump to explain
+
+
+def test_a_copy_without_git_still_names_its_code_version(monkeypatch):
+    """The quick start in a downloaded archive (no .git, or no git program): every result records a version of the
+    code, here a hash of the sources."""
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+    monkeypatch.setattr(runtime.subprocess, "run", no_git)
+    assert re.fullmatch(r"src-[0-9a-f]{10}", runtime.code_version())
