@@ -245,6 +245,10 @@ def main(argv=None):
     if mode == "demo":
         print("PIPELINE DEMO - generated images, a small randomly initialised ViT, CPU-sized. These are NOT the\n"
               "paper's numbers; they show the harness end to end. For a paper cell: --task cub --ssl mocov3.\n")
+        if cfgs[0].warmup_epochs:
+            print(f"The lr warms up from 0, stepped per epoch as in the official code: epoch 1 trains at lr 0 and "
+                  f"epoch {cfgs[0].warmup_epochs + 1} is the first at the full lr {cfgs[0].lr:g}, where the loss "
+                  "jumps before it falls.\n")
         return print_demo(cfgs, *runs.run_demo(cfgs, settings, lr_source(args)))
     (cfg,), (finished,) = runs.run_cells(cfgs, settings, args.sweep, args.seeds, lr_source(args))
     if runtime.is_main():
