@@ -4,6 +4,7 @@
     python reproduce.py --task cub --ssl mocov3           # one cell of Table 1 with the paper's recipe
     python reproduce.py --task cub --ssl mocov3 --download   # ... fetching the checkpoint and CUB first
     python reproduce.py --task dtd --ssl mae --sweep      # the paper's lr search, then the final run
+    python reproduce.py --task cub --ssl dinov2           # a backbone outside the paper (Table 5's MAE values)
     python reproduce.py --table 1                         # stored results next to the paper's numbers
     python reproduce.py --table 1 --run                   # run every missing cell of Table 1, then print it
     python reproduce.py download --ssl mae --arch vit_base   # fetch and verify a backbone checkpoint
@@ -60,7 +61,9 @@ def parse_args(argv):
                       help="; ".join(f"{label}: " + " ".join(t.name for t in config.TASKS.values() if t.kind == kind)
                                      for kind, label in (("fgvc", "FGVC"), ("vtab", "VTAB-1k"),
                                                          ("segmentation", "segmentation"))))
-    what.add_argument("--ssl", choices=["mae", "mocov3"], help="self-supervised backbone (default mae)")
+    what.add_argument("--ssl", choices=list(gp.SSL), help="pretrained backbone (default mae); the paper's: mae, "
+                                                          "mocov3; the others run Table 5's "
+                                                          f"{config.HPARAMS['beyond_paper']['ssl_column']} values")
     what.add_argument("--method", choices=list(gp.METHODS),
                       help="gated+temp is the paper's method (default); gated = without temperatures; "
                            "gated-hard = Gumbel-sigmoid gates (Table 4); vpt-shallow, vpt-deep, linear = baselines")
@@ -184,8 +187,7 @@ def print_summary(cfg, finished):
     for metric in [k for k in finished[0]["final"] if k in ("test_acc", "miou_ss", "miou_ms", "val_acc")]:
         mean, std, n = results.summary([r["final"][metric] for r in finished])
         paper = results.paper_value(finished[0], metric)
-        differs = "" if results.is_paper_run(finished[0]) else \
-            f"   (not the paper's recipe: {results.how_it_differs(finished[0])})"
+        differs = results.summary_note(finished[0])
         print(f"{name}: {metric} {mean:.2f}" + (f" ± {std:.2f} over {n} seeds" if n > 1 else "")
               + (f"   (paper: {paper:.2f})" if paper is not None else differs))
 
@@ -246,6 +248,8 @@ def main(argv=None):
         print("PIPELINE DEMO - generated images, a small randomly initialised ViT, CPU-sized. These are NOT the\n"
               "paper's numbers; they show the harness end to end. For a paper cell: --task cub --ssl mocov3.\n")
         return print_demo(cfgs, *runs.run_demo(cfgs, settings, lr_source(args)))
+    if config.outside_paper(cfgs[0]) and runtime.is_main():
+        print(f"note: outside the paper: {config.outside_paper(cfgs[0])}; no paper number to compare with")
     (cfg,), (finished,) = runs.run_cells(cfgs, settings, args.sweep, args.seeds, lr_source(args))
     if runtime.is_main():
         print_summary(cfg, finished)
@@ -300,7 +304,7 @@ def download_main(argv):
     p = argparse.ArgumentParser(prog="reproduce.py download",
                                 description="Fetch and verify an official backbone checkpoint (SHA-256 recorded in "
                                             "checkpoints/SHA256SUMS), or an FGVC dataset with a stable archive.")
-    p.add_argument("--ssl", choices=["mae", "mocov3"], default="mae")
+    p.add_argument("--ssl", choices=list(gp.SSL), default="mae")
     p.add_argument("--arch", choices=list(gp.ARCHS), default="vit_base")
     p.add_argument("--dataset", choices=FGVC_TASKS + ["vtab-1k", "ade20k"],
                    help="fetch a dataset instead (CUB, Flowers, Dogs; the others print where to get them)")

@@ -3,6 +3,7 @@ config -> the model.
 
     cfg = config.resolve("cub", "mocov3")                  # Table 5's row + the recipe: a ClassificationConfig
     cfg = config.resolve("ade20k", "mae", iters=4)         # a SegmentationConfig; every task goes through resolve
+    cfg = config.resolve("cub", "dinov3")                  # a backbone without a Table 5 column: a stated default
     cfg.lr, cfg.replace(seed=43), cfg.identity()           # a field, a checked copy, what a result file stores
     model = config.model_from_config(cfg, cfg.head_size(), checkpoint="checkpoints/linear-vit-b-300ep.pth.tar")
 
@@ -197,6 +198,9 @@ class ClassificationConfig(RunConfig):
     img_size: int = field(metadata=CODE)
     arch_overrides: dict = field(default=None, metadata=CODE)   # small models: embed_dim, depth, ...
     num_classes: int = field(default=None, metadata=CODE)       # None: the task's class count
+    table5_cell: str = field(default=None, metadata=RECIPE)     # "task/ssl" of the Table 5 values used where the
+    #                                                             paper has none for this run (table5_cell()); None
+    #                                                             for the paper's own cells
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,7 @@ class SegmentationConfig(RunConfig):
     pos_embed_interpolation: str = field(metadata=RECIPE)
     arch_overrides: dict = field(default=None, metadata=CODE)
     num_classes: int = field(default=None, metadata=CODE)
+    table5_cell: str = field(default=None, metadata=RECIPE)
 
     def schedule_checks(self):
         return [("iters", self.iters >= 1)]
@@ -336,11 +341,14 @@ def resolve(task="demo", ssl="mae", method="gated+temp", **overrides):
         values = {k: v for k, v in HPARAMS["demo"].items() if k != "methods"}
         values.update(task="demo", method=method)
     else:
-        batch_size, num_prompts, lr, gate_init = HPARAMS["table5"][task][ssl]
+        row, column = table5_cell(task, ssl)
+        batch_size, num_prompts, lr, gate_init = HPARAMS["table5"][row][column]
         recipe = HPARAMS["segmentation"] if cls is SegmentationConfig else dict(
             {k: v for k, v in HPARAMS["recipe"].items() if k != "lr_grid"}, recipe="paper")
         values = dict(task=task, ssl=ssl, method=method, batch_size=batch_size, num_prompts=num_prompts, lr=lr,
                       gate_init=gate_init, **recipe)
+        if (row, column) != (task, ssl):
+            values["table5_cell"] = f"{row}/{column}"
         values.update(HPARAMS["methods"][method])
     allowed = cls.overridable()
     refused = sorted(set(overrides) - set(allowed))
@@ -354,6 +362,26 @@ def resolve(task="demo", ssl="mae", method="gated+temp", **overrides):
         values["prompt_dropout"] = HPARAMS["vpt_recipe"]["prompt_dropout"][method]
     values.update(overrides)
     return cls(**values)
+
+
+def table5_cell(task, ssl):
+    """(task, ssl) of the Table 5 values a run uses: its own, or paper_hparams.yaml's stated default where the paper
+    has none -- the column `beyond_paper.ssl_column` for a backbone the paper did not test."""
+    return task, ssl if ssl in HPARAMS["table5"][task] else HPARAMS["beyond_paper"]["ssl_column"]
+
+
+def outside_paper(cfg):
+    """In words, which Table 5 values a run outside the paper uses in place of its own (table5_cell); None for a
+    run of one of the paper's cells."""
+    cell = getattr(cfg, "table5_cell", None)
+    if cell is None:
+        return None
+    row, column = cell.split("/")
+    missing = ([f"no row for your own images (--task {cfg.task}): the FGVC recipe with {row}'s row"]
+               if row != cfg.task else []) + ([f"no {cfg.ssl} column: its {column} column"] if column != cfg.ssl else [])
+    batch_size, num_prompts, lr, gate_init = HPARAMS["table5"][row][column]
+    return (f"Table 5 has {'; '.join(missing)} (batch {batch_size}, {num_prompts} prompts, lr {lr:g}, gate init "
+            f"{gate_init:g})")
 
 
 def sweep_grid(cfg):
