@@ -5,6 +5,7 @@
     python reproduce.py --task cub --ssl mocov3 --download   # ... fetching the checkpoint and CUB first
     python reproduce.py --task dtd --ssl mae --sweep      # the paper's lr search, then the final run
     python reproduce.py --task cub --ssl dinov2           # a backbone outside the paper (Table 5's MAE values)
+    python reproduce.py --task folder --data-dir photos/  # your own images: photos/train/<class>/, photos/val/<class>/
     python reproduce.py --table 1                         # stored results next to the paper's numbers
     python reproduce.py --table 1 --run                   # run every missing cell of Table 1, then print it
     python reproduce.py download --ssl mae --arch vit_base   # fetch and verify a backbone checkpoint
@@ -25,6 +26,7 @@ from pathlib import Path
 from harness.figures import analysis
 from harness.data import datasets
 from harness import downloads
+from harness import inputs
 import gated_prompt as gp
 from harness import serving
 from harness import config
@@ -57,10 +59,11 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to run")
-    what.add_argument("--task", choices=list(config.TASKS), metavar="TASK",
+    what.add_argument("--task", choices=list(config.TASKS) + [config.FOLDER.name], metavar="TASK",
                       help="; ".join(f"{label}: " + " ".join(t.name for t in config.TASKS.values() if t.kind == kind)
                                      for kind, label in (("fgvc", "FGVC"), ("vtab", "VTAB-1k"),
-                                                         ("segmentation", "segmentation"))))
+                                                         ("segmentation", "segmentation")))
+                      + "; your own images: folder (with --data-dir PATH)")
     what.add_argument("--ssl", choices=list(gp.SSL), help="pretrained backbone (default mae); the paper's: mae, "
                                                           "mocov3; the others run Table 5's "
                                                           f"{config.HPARAMS['beyond_paper']['ssl_column']} values")
@@ -93,7 +96,9 @@ def parse_args(argv):
     over.add_argument("--arch", choices=list(gp.ARCHS), default=None, help="backbone size (default vit_base)")
     paths = p.add_argument_group("paths and hardware (never change which result a run is)")
     paths.add_argument("--data-dir", help="holds cub/ (or CUB_200_2011/) nabirds/ flowers/ cars/ "
-                                          "dogs/ vtab-1k/ ADEChallengeData2016/ (default ./data)")
+                                          "dogs/ vtab-1k/ ADEChallengeData2016/ (default ./data); with --task folder: "
+                                          "your image folder, holding train/<class>/ and val/<class>/ (optional "
+                                          "test/), or train.csv and val.csv")
     paths.add_argument("--checkpoint", help="backbone file (default: checkpoints/<official file name>)")
     paths.add_argument("--trust-pickle", action="store_true",
                        help="unpickle a backbone file's objects beyond tensors and the safe extras (this runs code "
@@ -165,7 +170,15 @@ def planned_configs(args):
         methods = [args.method] if "method" in args.given else config.HPARAMS["demo"]["methods"]
         cfgs = runs.demo_configs(methods, overrides_from(args))
     elif mode == "cell":
-        cfgs = [config.resolve(args.task, args.ssl, args.method, **overrides_from(args))]
+        folder = {}
+        if args.task == config.FOLDER.name:
+            if "data_dir" not in args.given:
+                raise runtime.UserError("--task folder trains on your own images: add --data-dir PATH, the folder "
+                                        "holding train/<class>/ and val/<class>/ (or train.csv and val.csv)")
+            dataset = inputs.folder_dataset(args.data_dir)
+            folder = config.folder_fields(dataset)
+            print("\n".join(dataset.describe()), file=sys.stderr if args.print_config else sys.stdout)
+        cfgs = [config.resolve(args.task, args.ssl, args.method, **overrides_from(args), **folder)]
         runs.check_cell(cfgs[0], args.sweep, args.lr is not None and args.weight_decay is not None)
     elif mode == "table-run":
         cfgs = runs.table_configs(args.table, overrides_from(args))

@@ -42,8 +42,10 @@ def _text(value):
 
 
 def run_name(cfg, protocol):
-    """<task>/<ssl>/<arch>-<method>-p<P>-k<k>-lr<lr>-s<seed>-<protocol>[-vpt][-<key><value>...]."""
-    name = (f"{cfg.task}/{cfg.ssl}/{cfg.arch}-{cfg.method}-p{cfg.num_prompts}-k{cfg.insert_at}"
+    """<task>[/<dataset>]/<ssl>/<arch>-<method>-p<P>-k<k>-lr<lr>-s<seed>-<protocol>[-vpt][-<key><value>...]
+    (dataset: a user's image folder, --task folder)."""
+    dataset = getattr(cfg, "dataset", None)
+    name = (f"{cfg.task}{'/' + dataset if dataset else ''}/{cfg.ssl}/{cfg.arch}-{cfg.method}-p{cfg.num_prompts}-k{cfg.insert_at}"
             f"-lr{_text(cfg.lr)}-s{cfg.seed}-{protocol}")
     if cfg.recipe == "vpt":
         name += "-vpt"
