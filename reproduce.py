@@ -205,6 +205,14 @@ def print_summary(cfg, finished):
               + (f"   (paper: {paper:.2f})" if paper is not None else differs))
 
 
+def print_pack(finished, results_dir):
+    """Where a cell's prompt pack is (its first seed's) and the command that serves it."""
+    pack = results.run_files(results_dir, results.config_of(finished[0]), "final").pack if finished else None
+    if pack is not None and pack.is_file():
+        print(f"prompt pack: {pack}\n  serve it: python reproduce.py predict --pack {shlex.quote(str(pack))} "
+              "IMAGES_OR_FOLDERS")
+
+
 def print_configs(cfgs, args):
     """--print-config: every config a command would run, as JSON (one object, or a list for a table); on stderr,
     what --sweep and --seeds add to each."""
@@ -266,6 +274,7 @@ def main(argv=None):
     (cfg,), (finished,) = runs.run_cells(cfgs, settings, args.sweep, args.seeds, lr_source(args))
     if runtime.is_main():
         print_summary(cfg, finished)
+        print_pack(finished, args.results_dir)
 
 
 def _is_demo(argv):

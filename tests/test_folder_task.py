@@ -62,7 +62,7 @@ def reference_probabilities(pack, checkpoint, image_path):
 
 def test_train_pack_predict_end_to_end_with_the_folders_class_names(tmp_path, tiny_backbone, cli):
     data = write_folder(tmp_path / "my photos")
-    results_dir = tmp_path / "results"
+    results_dir = tmp_path / "my results"
     argv = ("--task", "folder", "--data-dir", data, "--checkpoint", tiny_backbone, "--results-dir", results_dir) + FAST
     out = cli(*argv)
     assert out.returncode == 0, out.stderr
@@ -88,6 +88,8 @@ def test_train_pack_predict_end_to_end_with_the_folders_class_names(tmp_path, ti
     assert result["gates"] == pytest.approx([0.0067, 0.0067], abs=2e-3) and len(result["temperatures"]) == 3
 
     pack_file = result_file.with_name(result_file.name.replace(".json", ".pack.pt"))
+    assert out.stdout.splitlines()[-2:] == [f"prompt pack: {pack_file}", "  serve it: python reproduce.py predict "
+                                            f"--pack '{pack_file}' IMAGES_OR_FOLDERS"]   # quoted: "my results"
     pack = gp.read_pack(pack_file)
     assert pack["class_names"] == ["Zebra", "cat", "owl"] and pack["ssl"] == "mae"
     assert pack["info"]["transform"] == {"kind": "fgvc", "resize": 256, "crop": 224}
