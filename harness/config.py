@@ -4,7 +4,7 @@ config -> the model.
     cfg = config.resolve("cub", "mocov3")                  # Table 5's row + the recipe: a ClassificationConfig
     cfg = config.resolve("ade20k", "mae", iters=4)         # a SegmentationConfig; every task goes through resolve
     cfg = config.resolve("cub", "dinov3")                  # a backbone without a Table 5 column: a stated default
-    cfg = config.resolve("folder", "mae", **config.folder_fields(folders.read_folder_dataset("photos")))
+    cfg = config.resolve("folder", "mae", **config.folder_fields(inputs.folder_dataset("photos")))   # own images
     cfg.lr, cfg.replace(seed=43), cfg.identity()           # a field, a checked copy, what a result file stores
     model = config.model_from_config(cfg, cfg.head_size(), checkpoint="checkpoints/linear-vit-b-300ep.pth.tar")
 

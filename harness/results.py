@@ -624,7 +624,7 @@ def other_backbones(number, runs):
         return []
     tasks = {spec["task"] for spec in table_cells(number)}
     return sorted({r["config"].get("ssl") for r in runs if r["config"].get("task") in tasks}
-                  & set(gp.SSL) - set(PAPER_SSL))
+                  & (set(gp.SSL) - set(PAPER_SSL)))
 
 
 def summary_note(run):
