@@ -4,6 +4,8 @@
     python reproduce.py --task cub --ssl mocov3           # one cell of Table 1 with the paper's recipe
     python reproduce.py --task cub --ssl mocov3 --download   # ... fetching the checkpoint and CUB first
     python reproduce.py --task dtd --ssl mae --sweep      # the paper's lr search, then the final run
+    python reproduce.py --task cub --ssl dinov2           # a backbone outside the paper (Table 5's MAE values)
+    python reproduce.py --task folder --data-dir photos/  # your own images: photos/train/<class>/, photos/val/<class>/
     python reproduce.py --table 1                         # stored results next to the paper's numbers
     python reproduce.py --table 1 --run                   # run every missing cell of Table 1, then print it
     python reproduce.py download --ssl mae --arch vit_base   # fetch and verify a backbone checkpoint
@@ -24,6 +26,7 @@ from pathlib import Path
 from harness.figures import analysis
 from harness.data import datasets
 from harness import downloads
+from harness import inputs
 import gated_prompt as gp
 from harness import serving
 from harness import config
@@ -56,11 +59,14 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to run")
-    what.add_argument("--task", choices=list(config.TASKS), metavar="TASK",
+    what.add_argument("--task", choices=list(config.TASKS) + [config.FOLDER.name], metavar="TASK",
                       help="; ".join(f"{label}: " + " ".join(t.name for t in config.TASKS.values() if t.kind == kind)
                                      for kind, label in (("fgvc", "FGVC"), ("vtab", "VTAB-1k"),
-                                                         ("segmentation", "segmentation"))))
-    what.add_argument("--ssl", choices=["mae", "mocov3"], help="self-supervised backbone (default mae)")
+                                                         ("segmentation", "segmentation")))
+                      + "; your own images: folder (with --data-dir PATH)")
+    what.add_argument("--ssl", choices=list(gp.SSL), help="pretrained backbone (default mae); the paper's: mae, "
+                                                          "mocov3; the others run Table 5's "
+                                                          f"{config.HPARAMS['beyond_paper']['ssl_column']} values")
     what.add_argument("--method", choices=list(gp.METHODS),
                       help="gated+temp is the paper's method (default); gated = without temperatures; "
                            "gated-hard = Gumbel-sigmoid gates (Table 4); vpt-shallow, vpt-deep, linear = baselines")
@@ -90,7 +96,9 @@ def parse_args(argv):
     over.add_argument("--arch", choices=list(gp.ARCHS), default=None, help="backbone size (default vit_base)")
     paths = p.add_argument_group("paths and hardware (never change which result a run is)")
     paths.add_argument("--data-dir", help="holds cub/ (or CUB_200_2011/) nabirds/ flowers/ cars/ "
-                                          "dogs/ vtab-1k/ ADEChallengeData2016/ (default ./data)")
+                                          "dogs/ vtab-1k/ ADEChallengeData2016/ (default ./data); with --task folder: "
+                                          "your image folder, holding train/<class>/ and val/<class>/ (optional "
+                                          "test/), or train.csv and val.csv")
     paths.add_argument("--checkpoint", help="backbone file (default: checkpoints/<official file name>)")
     paths.add_argument("--trust-pickle", action="store_true",
                        help="unpickle a backbone file's objects beyond tensors and the safe extras (this runs code "
@@ -162,7 +170,15 @@ def planned_configs(args):
         methods = [args.method] if "method" in args.given else config.HPARAMS["demo"]["methods"]
         cfgs = runs.demo_configs(methods, overrides_from(args))
     elif mode == "cell":
-        cfgs = [config.resolve(args.task, args.ssl, args.method, **overrides_from(args))]
+        folder = {}
+        if args.task == config.FOLDER.name:
+            if "data_dir" not in args.given:
+                raise runtime.UserError("--task folder trains on your own images: add --data-dir PATH, the folder "
+                                        "holding train/<class>/ and val/<class>/ (or train.csv and val.csv)")
+            dataset = inputs.folder_dataset(args.data_dir)
+            folder = config.folder_fields(dataset)
+            print("\n".join(dataset.describe()), file=sys.stderr if args.print_config else sys.stdout)
+        cfgs = [config.resolve(args.task, args.ssl, args.method, **overrides_from(args), **folder)]
         runs.check_cell(cfgs[0], args.sweep, args.lr is not None and args.weight_decay is not None)
     elif mode == "table-run":
         cfgs = runs.table_configs(args.table, overrides_from(args))
@@ -184,10 +200,17 @@ def print_summary(cfg, finished):
     for metric in [k for k in finished[0]["final"] if k in ("test_acc", "miou_ss", "miou_ms", "val_acc")]:
         mean, std, n = results.summary([r["final"][metric] for r in finished])
         paper = results.paper_value(finished[0], metric)
-        differs = "" if results.is_paper_run(finished[0]) else \
-            f"   (not the paper's recipe: {results.how_it_differs(finished[0])})"
+        differs = results.summary_note(finished[0])
         print(f"{name}: {metric} {mean:.2f}" + (f" ± {std:.2f} over {n} seeds" if n > 1 else "")
               + (f"   (paper: {paper:.2f})" if paper is not None else differs))
+
+
+def print_pack(finished, results_dir):
+    """Where a cell's prompt pack is (its first seed's) and the command that serves it."""
+    pack = results.run_files(results_dir, results.config_of(finished[0]), "final").pack if finished else None
+    if pack is not None and pack.is_file():
+        print(f"prompt pack: {pack}\n  serve it: python reproduce.py predict --pack {shlex.quote(str(pack))} "
+              "IMAGES_OR_FOLDERS")
 
 
 def print_configs(cfgs, args):
@@ -250,9 +273,12 @@ def main(argv=None):
                   f"epoch {cfgs[0].warmup_epochs + 1} is the first at the full lr {cfgs[0].lr:g}, where the loss "
                   "jumps before it falls.\n")
         return print_demo(cfgs, *runs.run_demo(cfgs, settings, lr_source(args)))
+    if config.outside_paper(cfgs[0]) and runtime.is_main():
+        print(f"note: outside the paper: {config.outside_paper(cfgs[0])}; no paper number to compare with")
     (cfg,), (finished,) = runs.run_cells(cfgs, settings, args.sweep, args.seeds, lr_source(args))
     if runtime.is_main():
         print_summary(cfg, finished)
+        print_pack(finished, args.results_dir)
 
 
 def _is_demo(argv):
@@ -304,7 +330,7 @@ def download_main(argv):
     p = argparse.ArgumentParser(prog="reproduce.py download",
                                 description="Fetch and verify an official backbone checkpoint (SHA-256 recorded in "
                                             "checkpoints/SHA256SUMS), or an FGVC dataset with a stable archive.")
-    p.add_argument("--ssl", choices=["mae", "mocov3"], default="mae")
+    p.add_argument("--ssl", choices=list(gp.SSL), default="mae")
     p.add_argument("--arch", choices=list(gp.ARCHS), default="vit_base")
     p.add_argument("--dataset", choices=FGVC_TASKS + ["vtab-1k", "ade20k"],
                    help="fetch a dataset instead (CUB, Flowers, Dogs; the others print where to get them)")

@@ -106,14 +106,14 @@ def load_data(cfg, settings, protocol):
     kind = cfg.task_info.kind
     if kind == "demo":
         return demo_splits(cfg)
-    train_name, eval_name = datasets.split_names(cfg.task, protocol)
+    train_name, eval_name, root, lists = inputs.splits_of(cfg, settings, protocol)
     names = [train_name, eval_name] + (["val"] if kind == "fgvc" and protocol == "final" else [])
-    root = inputs.dataset_folder(cfg.task, settings)
     # VTAB's test split is read once per run, at the end: streamed, not cached (Table 2 fits on disk). The
     # training splits (read every epoch) and val200 (reused by every run of an lr sweep) stay cached.
     stream = (eval_name,) if kind == "vtab" and protocol == "final" else ()
     with runtime.main_first():  # rank 0 decodes into the cache, the other ranks then read it
-        splits = datasets.load_splits(cfg.task, root, names, cache_dir=settings.cache_folder, stream=stream)
+        splits = datasets.load_splits(cfg.task, root, names, cache_dir=settings.cache_folder, stream=stream,
+                                      lists=lists)
     return splits.pop(train_name), splits
 
 

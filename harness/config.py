@@ -3,6 +3,8 @@ config -> the model.
 
     cfg = config.resolve("cub", "mocov3")                  # Table 5's row + the recipe: a ClassificationConfig
     cfg = config.resolve("ade20k", "mae", iters=4)         # a SegmentationConfig; every task goes through resolve
+    cfg = config.resolve("cub", "dinov3")                  # a backbone without a Table 5 column: a stated default
+    cfg = config.resolve("folder", "mae", **config.folder_fields(inputs.folder_dataset("photos")))   # own images
     cfg.lr, cfg.replace(seed=43), cfg.identity()           # a field, a checked copy, what a result file stores
     model = config.model_from_config(cfg, cfg.head_size(), checkpoint="checkpoints/linear-vit-b-300ep.pth.tar")
 
@@ -18,7 +20,11 @@ result file stores and is matched by. Runtime settings (device, bf16, compile, w
 runtime.Settings and never change which result a run is.
 """
 import dataclasses
+import hashlib
+import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -62,15 +68,19 @@ TASKS.update({name: Task(name, "vtab", info.num_classes, datasets.DATASET_FOLDER
               for name, info in datasets.VTAB_TASKS.items()})
 TASKS["ade20k"] = Task("ade20k", "segmentation", 150, ("ADEChallengeData2016",))
 DEMO = Task("demo", "demo", HPARAMS["demo"]["num_classes"], ())
+# A user's own image folder (--task folder --data-dir PATH, read by data/folders.py): decoded, augmented and
+# evaluated as FGVC; its classes are read from the folder (folder_fields), so the registry holds no count.
+FOLDER = Task(datasets.FOLDER_TASK, "fgvc", 0, (), datasets.FGVC_RESIZE)
 EVAL_RESIZE = {t.kind: t.eval_resize for t in TASKS.values() if t.eval_resize}   # kind -> resize, for packs
 
 
 def find_task(name):
-    """The registry's entry of a task name ("demo" included); UserError naming the choices for any other."""
-    if name == "demo":
-        return DEMO
+    """The registry's entry of a task name ("demo" and "folder" included); UserError naming the choices for any
+    other."""
+    if name in (DEMO.name, FOLDER.name):
+        return DEMO if name == DEMO.name else FOLDER
     if name not in TASKS:
-        raise UserError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+        raise UserError(f"unknown task {name!r}; choose from {', '.join(TASKS)}, {FOLDER.name}")
     return TASKS[name]
 
 # -----------------------------------------------------------------------------
@@ -137,6 +147,10 @@ class RunConfig:
         if not 1 <= self.insert_at <= depth:
             raise UserError(f"--insert-at {self.insert_at} is not usable: it must be a block in 1..{depth} "
                             f"({self.arch} has {depth} blocks)")
+        dataset = getattr(self, "dataset", None)
+        if (self.task == FOLDER.name) != (dataset is not None) or (dataset is not None and not self.num_classes):
+            raise UserError(f"--task {FOLDER.name} takes its classes and identity from the image folder it reads "
+                            "(config.folder_fields), and only that task takes a dataset")
 
     def schedule_checks(self):
         """(field, in range) of the kind's own schedule: epochs or iterations."""
@@ -197,6 +211,10 @@ class ClassificationConfig(RunConfig):
     img_size: int = field(metadata=CODE)
     arch_overrides: dict = field(default=None, metadata=CODE)   # small models: embed_dim, depth, ...
     num_classes: int = field(default=None, metadata=CODE)       # None: the task's class count
+    table5_cell: str = field(default=None, metadata=RECIPE)     # "task/ssl" of the Table 5 values used where the
+    #                                                             paper has none for this run (table5_cell()); None
+    #                                                             for the paper's own cells
+    dataset: str = field(default=None, metadata=CODE)           # --task folder: the image folder (folder_fields)
 
 
 @dataclass(frozen=True)
@@ -228,6 +246,7 @@ class SegmentationConfig(RunConfig):
     pos_embed_interpolation: str = field(metadata=RECIPE)
     arch_overrides: dict = field(default=None, metadata=CODE)
     num_classes: int = field(default=None, metadata=CODE)
+    table5_cell: str = field(default=None, metadata=RECIPE)
 
     def schedule_checks(self):
         return [("iters", self.iters >= 1)]
@@ -333,11 +352,14 @@ def resolve(task="demo", ssl="mae", method="gated+temp", **overrides):
         values = {k: v for k, v in HPARAMS["demo"].items() if k != "methods"}
         values.update(task="demo", method=method)
     else:
-        batch_size, num_prompts, lr, gate_init = HPARAMS["table5"][task][ssl]
+        row, column = table5_cell(task, ssl)
+        batch_size, num_prompts, lr, gate_init = HPARAMS["table5"][row][column]
         recipe = HPARAMS["segmentation"] if cls is SegmentationConfig else dict(
             {k: v for k, v in HPARAMS["recipe"].items() if k != "lr_grid"}, recipe="paper")
         values = dict(task=task, ssl=ssl, method=method, batch_size=batch_size, num_prompts=num_prompts, lr=lr,
                       gate_init=gate_init, **recipe)
+        if (row, column) != (task, ssl):
+            values["table5_cell"] = f"{row}/{column}"
         values.update(HPARAMS["methods"][method])
     allowed = cls.overridable()
     refused = sorted(set(overrides) - set(allowed))
@@ -351,6 +373,41 @@ def resolve(task="demo", ssl="mae", method="gated+temp", **overrides):
         values["prompt_dropout"] = HPARAMS["vpt_recipe"]["prompt_dropout"][method]
     values.update(overrides)
     return cls(**values)
+
+
+def table5_cell(task, ssl):
+    """(task, ssl) of the Table 5 values a run uses: its own, or paper_hparams.yaml's stated defaults where the paper
+    has none -- the FGVC row `beyond_paper.folder_row` for a user's image folder, the column
+    `beyond_paper.ssl_column` for a backbone the paper did not test."""
+    defaults = HPARAMS["beyond_paper"]
+    row = defaults["folder_row"] if task == FOLDER.name else task
+    return row, ssl if ssl in HPARAMS["table5"][row] else defaults["ssl_column"]
+
+
+def outside_paper(cfg):
+    """In words, which Table 5 values a run outside the paper uses in place of its own (table5_cell); None for a
+    run of one of the paper's cells."""
+    cell = getattr(cfg, "table5_cell", None)
+    if cell is None:
+        return None
+    row, column = cell.split("/")
+    missing = ([f"no row for your own images (--task {cfg.task}): the FGVC recipe with {row}'s row"]
+               if row != cfg.task else []) + ([f"no {cfg.ssl} column: its {column} column"] if column != cfg.ssl else [])
+    batch_size, num_prompts, lr, gate_init = HPARAMS["table5"][row][column]
+    return (f"Table 5 has {'; '.join(missing)} (batch {batch_size}, {num_prompts} prompts, lr {lr:g}, gate init "
+            f"{gate_init:g})")
+
+
+def folder_fields(dataset):
+    """The config fields a user's image-folder dataset (data/folders.py's FolderDataset) fixes: num_classes, and
+    `dataset`: the folder's name and a digest of its classes and split lists (paths relative to the folder), so two
+    folders, or a folder whose images changed, are two runs, while a moved copy is the same run."""
+    listing = {"classes": list(dataset.classes),
+               "splits": {name: [[os.path.relpath(path, dataset.root), label] for path, label in zip(paths, labels)]
+                          for name, (paths, labels) in sorted(dataset.splits.items())}}
+    digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:8]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(dataset.root).name).strip("._")[:40] or "images"
+    return {"dataset": f"{name}-{digest}", "num_classes": dataset.num_classes}
 
 
 def sweep_grid(cfg):
@@ -388,7 +445,8 @@ def model_from_config(cfg, num_classes, checkpoint=None, verbose=True, trust_pic
 # A config against its recipe
 
 
-NAME_KEYS = ("task", "ssl", "arch", "method", "num_prompts", "insert_at", "lr", "seed")   # in a result's file name
+# in a result's file name (dataset: --task folder's image folder)
+NAME_KEYS = ("task", "dataset", "ssl", "arch", "method", "num_prompts", "insert_at", "lr", "seed")
 
 
 def recipe_of(cfg):
@@ -396,6 +454,8 @@ def recipe_of(cfg):
     what `cfg` must equal (lr and seed aside) to be a run of the paper's recipe."""
     allowed = type(cfg).overridable()
     keep = {name: getattr(cfg, name) for name in ("arch", "num_prompts", "insert_at", "recipe") if name in allowed}
+    if cfg.task == FOLDER.name:   # the image folder is what the run is on, not a departure from the recipe
+        keep.update(dataset=cfg.dataset, num_classes=cfg.num_classes)
     return resolve(cfg.task, cfg.ssl, cfg.method, **keep)
 
 

@@ -10,9 +10,12 @@ use re-checks it against its pins and that record. The FGVC datasets' release ar
 same machinery by releases.py.
 
 Pins: every file's expected size and checksums are in tables (`Pin`: kind, value, where the value comes from).
-A hash pin may be a prefix of the digest (the MAE and VPT READMEs publish 6-digit md5 prefixes); it is checked
-the way torch.hub checks a hash prefix: the file's digest must start with it. Tests replace the tables with
-the pins of their fixture files.
+A hash pin may be a prefix of the digest (the MAE and VPT READMEs publish 6-digit md5 prefixes; DeiT and DINOv3 file
+names end in an 8-digit SHA-256 prefix, torch.hub's convention); it is checked the way torch.hub checks a hash
+prefix: the file's digest must start with it. DINO and DINOv2 publish no checksum: their files are checked by
+loading and their SHA-256 recorded at the first download. DINOv3 files are behind Meta's licence: they are never
+fetched from Meta's host, the error says where to get the file and where to put it (a --mirror may serve it). Tests
+replace the tables with the pins of their fixture files.
 
 Parallel processes (torchrun ranks, --workers, two commands at once): each download target has an OS file lock
 (`<target>.lock`, fcntl.flock, released by the kernel if its process dies). A process that finds the lock held
@@ -81,6 +84,11 @@ MAE_README = "the md5 prefix published in the MAE README (github.com/facebookres
 VPT_README = "the md5 prefix published in VPT's README (github.com/KMnP/vpt)"
 OUR_MAE_PIN = ("the value pinned by this project (Meta publishes no SHA-256 or size for it; independent public "
                "projects list the same values)")
+DEIT_NAME = ("the SHA-256 prefix in the official file name, which DeiT's loader checks (torch.hub check_hash=True, "
+             "github.com/facebookresearch/deit models.py)")
+DINOV3_NAME = ("the SHA-256 prefix in the official file name (torch.hub's check_hash convention; "
+               "github.com/facebookresearch/dinov3 hub/backbones.py)")
+DINOV3_LICENCE = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,27 @@ class Checkpoint:
     filename: str
     url: str
     pins: tuple[Pin, ...] = ()
+    licence: str | None = None   # where a licence must be accepted first: never fetched from `url` itself
+
+
+def _dino(name: str) -> Checkpoint:   # no checksum published (README, hubconf.py)
+    return Checkpoint(f"{name}_pretrain.pth", f"https://dl.fbaipublicfiles.com/dino/{name}_pretrain/{name}_pretrain.pth")
+
+
+def _dinov2(name: str) -> Checkpoint:   # no checksum published (README, dinov2/hub/backbones.py); no registers
+    return Checkpoint(f"{name}_pretrain.pth", f"https://dl.fbaipublicfiles.com/dinov2/{name}/{name}_pretrain.pth")
+
+
+def _dinov3(name: str, sha256_prefix: str) -> Checkpoint:   # LVD-1689M weights, behind Meta's licence
+    filename = f"{name}_pretrain_lvd1689m-{sha256_prefix}.pth"
+    return Checkpoint(filename, f"https://dl.fbaipublicfiles.com/dinov3/{name}/{filename}",
+                      (Pin("sha256", sha256_prefix, DINOV3_NAME),), DINOV3_LICENCE)
+
+
+def _deit(name: str, sha256_prefix: str) -> Checkpoint:
+    filename = f"{name}-{sha256_prefix}.pth"
+    return Checkpoint(filename, f"https://dl.fbaipublicfiles.com/deit/{filename}",
+                      (Pin("sha256", sha256_prefix, DEIT_NAME),))
 
 
 CHECKPOINTS = {  # (arch, ssl) -> the official file
@@ -106,6 +135,16 @@ CHECKPOINTS = {  # (arch, ssl) -> the official file
         (Pin("md5", "8f39ce", VPT_README),)),
     ("vit_small", "mocov3"): Checkpoint(  # nothing published: checked by loading, recorded at the first download
         "linear-vit-s-300ep.pth.tar", "https://dl.fbaipublicfiles.com/moco-v3/vit-s-300ep/linear-vit-s-300ep.pth.tar"),
+    ("vit_small", "dino"): _dino("dino_deitsmall16"),
+    ("vit_base", "dino"): _dino("dino_vitbase16"),
+    ("vit_small", "dinov2"): _dinov2("dinov2_vits14"),
+    ("vit_base", "dinov2"): _dinov2("dinov2_vitb14"),
+    ("vit_large", "dinov2"): _dinov2("dinov2_vitl14"),
+    ("vit_small", "dinov3"): _dinov3("dinov3_vits16", "08c60483"),
+    ("vit_base", "dinov3"): _dinov3("dinov3_vitb16", "73cec8be"),
+    ("vit_large", "dinov3"): _dinov3("dinov3_vitl16", "8aa4cbdd"),
+    ("vit_small", "supervised"): _deit("deit_small_patch16_224", "cd65a155"),   # DeiT, ImageNet-1k labels
+    ("vit_base", "supervised"): _deit("deit_base_patch16_224", "b5f2ef4d"),
 }
 
 
@@ -459,6 +498,9 @@ def checkpoint_path(arch: str, ssl: str, checkpoint_dir: str | os.PathLike = "ch
     if path.is_file():  # a complete file: it only ever appears by rename (or is put there by hand)
         return _check_kept_checkpoint(path, ck, command, factory)
     url = mirror_url(ck.url, mirror)
+    if ck.licence and url == ck.url:
+        raise DownloadError(f"{ck.filename} is behind Meta's licence: accept it at {ck.licence}, download the file "
+                            f"with the URL Meta e-mails you (wget), and put it at {path} (or pass --checkpoint FILE)")
     if not download:
         raise DownloadError(f"backbone checkpoint not found: {path}\n  download URL: {url}\n"
                             f"  fetch it with: {command}   (or add --download to this command)")

@@ -24,6 +24,8 @@ from harness.runtime import UserError, atomic_write, pid_alive, write_json
 HPARAMS = config.HPARAMS
 PAPER = HPARAMS["paper"]
 FGVC_COLUMNS = ["cub", "flowers", "cars", "dogs", "nabirds"]  # the paper's column order (Tables 1, 7)
+PAPER_SSL = ("mae", "mocov3")   # the backbones of the paper's tables; others get sections of their own, no paper number
+BY_BACKBONE = ("1", "2", "3", "6")   # the tables with a section per backbone
 TABLE_METHODS = ["vpt-shallow", "vpt-deep", "gated+temp"]   # the rows of Tables 1-3, 6, 8 (gp.METHODS: all six)
 CELL_KEYS = ("task", "ssl", "method", "arch", "num_prompts", "insert_at")  # a cell apart from its recipe
 
@@ -41,8 +43,10 @@ def _text(value):
 
 
 def run_name(cfg, protocol):
-    """<task>/<ssl>/<arch>-<method>-p<P>-k<k>-lr<lr>-s<seed>-<protocol>[-vpt][-<key><value>...]."""
-    name = (f"{cfg.task}/{cfg.ssl}/{cfg.arch}-{cfg.method}-p{cfg.num_prompts}-k{cfg.insert_at}"
+    """<task>[/<dataset>]/<ssl>/<arch>-<method>-p<P>-k<k>-lr<lr>-s<seed>-<protocol>[-vpt][-<key><value>...]
+    (dataset: a user's image folder, --task folder)."""
+    dataset = getattr(cfg, "dataset", None)
+    name = (f"{cfg.task}{'/' + dataset if dataset else ''}/{cfg.ssl}/{cfg.arch}-{cfg.method}-p{cfg.num_prompts}-k{cfg.insert_at}"
             f"-lr{_text(cfg.lr)}-s{cfg.seed}-{protocol}")
     if cfg.recipe == "vpt":
         name += "-vpt"
@@ -143,10 +147,11 @@ def write_run(files, result, prompt_state=None, pack=None):
 
 
 def ssl_of_wrapper(raw):
-    """The self-supervised method a raw checkpoint's wrapper names: MAE files are {'model': sd} (timm names),
-    MoCo v3 files {'state_dict': sd} with 'module.' keys; None when the layout does not say (timm, Hugging Face,
-    npz state dicts)."""
-    if isinstance(raw.get("model"), dict) and any(k.startswith(("blocks.", "patch_embed.")) for k in raw["model"]):
+    """The self-supervised method a raw checkpoint's wrapper names: MAE files are {'model': sd} (timm names, no
+    classifier: DeiT's {'model': sd} has one), MoCo v3 files {'state_dict': sd} with 'module.' keys; None when the
+    layout does not say (timm, Hugging Face, npz state dicts, DeiT, DINO)."""
+    if isinstance(raw.get("model"), dict) and any(k.startswith(("blocks.", "patch_embed.")) for k in raw["model"]) \
+            and "head.weight" not in raw["model"]:
         return "mae"
     if isinstance(raw.get("state_dict"), dict) and any(k.startswith("module.") for k in raw["state_dict"]):
         return "mocov3"
@@ -446,6 +451,7 @@ class Section:
     rows: list
     notes: list = field(default_factory=list)
     per_cell_lines: bool = False   # also print each measured cell (Table 2's 19 tasks)
+    in_paper: bool = True          # False: a backbone the paper did not test (no paper numbers)
 
 
 def _mean(values):
@@ -469,20 +475,35 @@ VPT_NOTE = ("our VPT rows run Table 5's batch size and lr of the paper's method 
 
 
 def _fgvc_section(title, ssl, methods, paper, total=None):
-    """One FGVC block: a row per method, a column per dataset and their mean. total: prompts in all (Table 7)."""
+    """One FGVC block: a row per method, a column per dataset and their mean. total: prompts in all (Table 7).
+    paper None: a backbone outside the paper (no paper numbers)."""
     def spec(task, method):
         return dict(task=task, ssl=ssl, method=method,
                     **({"num_prompts": _prompts(method, "vit_base", total)} if total else {}))
     rows = [Row(m, [(spec(t, m), "test_acc") for t in FGVC_COLUMNS],
-                [paper[m][t] for t in FGVC_COLUMNS] + [paper[m]["mean"]], _with_mean) for m in methods]
-    return Section(title, FGVC_COLUMNS + ["mean"], rows, [VPT_NOTE])
+                [paper[m][t] for t in FGVC_COLUMNS] + [paper[m]["mean"]] if paper else [None] * 6, _with_mean)
+            for m in methods]
+    return _outside(Section(title, FGVC_COLUMNS + ["mean"], rows, [VPT_NOTE]), ssl)
 
 
-def table(number):
-    """The sections of paper table `number` (1, 2, 3, 4, 6, 7, 8)."""
+def _outside(section, ssl):
+    """A section of a backbone the paper did not test marked as such; a paper backbone's section unchanged."""
+    if ssl in PAPER_SSL:
+        return section
+    column = config.HPARAMS["beyond_paper"]["ssl_column"]
+    return Section(f"{section.title} -- {ssl}: NOT IN THE PAPER", section.columns, section.rows,
+                   [f"{ssl} is not a backbone of the paper: each cell runs Table 5's {column} values for its task "
+                    f"(paper_hparams.yaml beyond_paper); there is no paper number to compare with"]
+                   + section.notes[:1], section.per_cell_lines, in_paper=False)
+
+
+def table(number, other_ssl=()):
+    """The sections of paper table `number` (1, 2, 3, 4, 6, 7, 8). other_ssl: backbones outside the paper; the
+    tables with a section per backbone (BY_BACKBONE) add one for each, the same rows without paper numbers."""
+    backbones = PAPER_SSL + tuple(s for s in other_ssl if s not in PAPER_SSL)
     if number == "1":
         return [_fgvc_section(f"Table 1 - FGVC, {ssl}, ViT-B/16, top-1 test accuracy (%)", ssl, TABLE_METHODS,
-                              PAPER["table1"][ssl]) for ssl in ("mae", "mocov3")]
+                              PAPER["table1"].get(ssl)) for ssl in backbones]
     if number == "2":
         groups = {g: [t for t, info in datasets.VTAB_TASKS.items() if info.group == g]
                   for g in ("natural", "specialized", "structured")}
@@ -492,25 +513,28 @@ def table(number):
             by_task = dict(zip(tasks, values))
             return [_mean([by_task[t] for t in ts]) for ts in groups.values()] + [_mean(values)]
         sections = []
-        for ssl in ("mae", "mocov3"):
+        for ssl in backbones:
+            paper = PAPER["table2"].get(ssl)
             rows = [Row(m, [(dict(task=t, ssl=ssl, method=m), "test_acc") for t in tasks],
-                        [PAPER["table2"][ssl][m][c] for c in ("natural", "specialized", "structured", "mean")],
+                        [paper[m][c] for c in ("natural", "specialized", "structured", "mean")] if paper else [None] * 4,
                         combine) for m in TABLE_METHODS]
-            sections.append(Section(f"Table 2 - VTAB-1k, {ssl}, ViT-B/16, top-1 test accuracy (%)",
-                                    ["natural", "specialized", "structured", "19-task mean"], rows,
-                                    ["the paper's VPT rows are VPT's own reported numbers (VPT's recipe); " + VPT_NOTE],
-                                    per_cell_lines=True))
+            sections.append(_outside(Section(f"Table 2 - VTAB-1k, {ssl}, ViT-B/16, top-1 test accuracy (%)",
+                                             ["natural", "specialized", "structured", "19-task mean"], rows,
+                                             ["the paper's VPT rows are VPT's own reported numbers (VPT's recipe); "
+                                              + VPT_NOTE], per_cell_lines=True), ssl))
         return sections
     if number in ("3", "6"):
         sections = []
-        for ssl in ("mae", "mocov3"):
-            ref = PAPER[f"table{number}"][ssl]
+        for ssl in backbones:
+            paper = PAPER[f"table{number}"].get(ssl)
+            ref = paper or PAPER[f"table{number}"]["mae"]   # the prompt counts, the same for every backbone
             rows = [Row(m, [(dict(task="ade20k", ssl=ssl, method=m, num_prompts=ref[m]["prompts"]), metric)
-                            for metric in ("miou_ss", "miou_ms")], [ref[m]["miou_ss"], ref[m]["miou_ms"]])
+                            for metric in ("miou_ss", "miou_ms")],
+                        [ref[m]["miou_ss"], ref[m]["miou_ms"]] if paper else [None, None])
                     for m in TABLE_METHODS]
             total = 100 if number == "3" else 24
-            sections.append(Section(f"Table {number} - ADE20K, SETR-PUP, {ssl}, {total} prompts, mIoU (%)",
-                                    ["mIoU (SS)", "mIoU (MS)"], rows))
+            sections.append(_outside(Section(f"Table {number} - ADE20K, SETR-PUP, {ssl}, {total} prompts, mIoU (%)",
+                                             ["mIoU (SS)", "mIoU (MS)"], rows), ssl))
         return sections
     if number == "4":
         rows = [Row(m, [(dict(task=t, ssl="mae", method=m, num_prompts=100), "test_acc") for t in ("cub", "flowers")],
@@ -555,7 +579,7 @@ def print_table(number, results_dir, show_all=False):
     problems = []
     runs = _plausible(load_runs(results_dir, problems=problems), problems) if Path(results_dir).is_dir() else []
     others = {}
-    for section in table(number):
+    for section in table(number, other_backbones(number, runs)):
         print(section.title)
         printed = []
         for row in section.rows:
@@ -579,7 +603,9 @@ def print_table(number, results_dir, show_all=False):
                     f"{spec['task']} {fmt(v)}" for (spec, _), v in zip(row.cells, values) if v))
         for note in section.notes:
             print(f"note: {note}")
-        print("cells: ours (paper); '-' = no run of the paper's exact recipe yet; ± = std over seeds\n")
+        print("cells: ours (paper); '-' = no run of the paper's exact recipe yet; ± = std over seeds\n"
+              if section.in_paper else "cells: ours (no paper number); '-' = no run of the recipe yet; ± = std over "
+                                       "seeds\n")
     if others and show_all:
         print("OTHER SETTINGS - runs of these cells that are NOT the paper's recipe (not comparable to the paper):")
         for path, (r, metric) in sorted(others.items()):
@@ -591,6 +617,29 @@ def print_table(number, results_dir, show_all=False):
         print(f"NOT SHOWN - {len(problems)} file(s) in {results_dir} could not be used:")
         for path, what in problems:
             print(f"  {path}: {what}")
+
+
+def other_backbones(number, runs):
+    """The backbones outside the paper with a stored run of one of table `number`'s tasks (for the tables with a
+    section per backbone): the sections print_table adds after the paper's."""
+    if number not in BY_BACKBONE:
+        return []
+    tasks = {spec["task"] for spec in table_cells(number)}
+    return sorted({r["config"].get("ssl") for r in runs if r["config"].get("task") in tasks}
+                  & (set(gp.SSL) - set(PAPER_SSL)))
+
+
+def summary_note(run):
+    """What a single run's printed number is beside the paper: "" for a run of a paper cell's exact recipe (its
+    paper number is printed instead), else "   (...)": outside the paper (which Table 5 values it ran), and / or
+    not the paper's recipe (how it differs)."""
+    parts = []
+    cfg = config_of(run)
+    if cfg is not None and config.outside_paper(cfg):
+        parts.append(f"outside the paper: {config.outside_paper(cfg)}")
+    if not is_paper_run(run):
+        parts.append(f"not the paper's recipe: {how_it_differs(run)}")
+    return f"   ({'; '.join(parts)})" if parts else ""
 
 
 def _plausible(runs, problems):

@@ -108,10 +108,11 @@ def find_images(inputs):
 
 
 def pack_names(paths):
-    """A short unique name per pack: its file name without .pack.pt / .pt."""
+    """A short unique name per pack: its file name without .pack.pt / .pt, '.' written '_' (a run's pack is named
+    with its lr, "...-lr0.1-...", and MultiTask keys its modules by these names, which torch forbids '.' in)."""
     names = []
     for path in map(Path, paths):
-        name = path.name.removesuffix(".pt").removesuffix(".pack")
+        name = path.name.removesuffix(".pt").removesuffix(".pack").replace(".", "_")
         names.append(name if name not in names else f"{name}#{len(names) + 1}")
     return names
 

@@ -700,8 +700,8 @@ def test_the_pinned_tables_hold_the_published_values():
         "setid.mat": "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/setid.mat",
         "images.tar": "http://vision.stanford.edu/aditya86/ImageNetDogs/images.tar",
         "lists.tar": "http://vision.stanford.edu/aditya86/ImageNetDogs/lists.tar"}
-    assert set(dl.CHECKPOINTS) == {("vit_base", "mae"), ("vit_large", "mae"), ("vit_huge", "mae"),
-                                   ("vit_base", "mocov3"), ("vit_small", "mocov3")}
+    assert {k for k in dl.CHECKPOINTS if k[1] in ("mae", "mocov3")} == {    # the others: test_backbone_cli.py
+        ("vit_base", "mae"), ("vit_large", "mae"), ("vit_huge", "mae"), ("vit_base", "mocov3"), ("vit_small", "mocov3")}
     assert dl.estimated_checkpoint_bytes("vit_base") == pytest.approx(343249461, rel=0.001)
 
 

@@ -111,7 +111,8 @@ def test_each_field_says_who_sets_it_and_the_flags_are_the_override_fields():
     assert set(config.DemoConfig.flags()) == {"lr", "epochs", "warmup_epochs", "seed"}
     for cls in config.CONFIGS:
         assert {f.metadata["set_by"] for f in dataclasses.fields(cls)} <= {"choice", "flag", "code", "recipe"}
-    assert set(config.ClassificationConfig.fields_set_by("code")) == {"img_size", "arch_overrides", "num_classes"}
+    assert set(config.ClassificationConfig.fields_set_by("code")) == {"img_size", "arch_overrides", "num_classes",
+                                                                      "dataset"}
     assert set(config.OVERRIDE_TYPES) <= set(vars(reproduce.parse_args([])))   # each has its command-line flag
 
 
