@@ -143,7 +143,7 @@ def pack_of(model, cfg, protocol, settings, final, checkpoint):
     preprocess = t and {"size": t["crop"], "resize": t["resize"] if t["kind"] == "fgvc" else [t["resize"]] * 2}
     return model, dict(class_names=names, ssl=cfg.ssl, task=cfg.task, recipe=None if demo else cfg.recipe,
                        protocol=protocol, config=cfg.identity(), metrics=final, transform=t, preprocess=preprocess,
-                       checkpoint=None if checkpoint is None else str(checkpoint))
+                       checkpoint=None if checkpoint is None else str(Path(checkpoint).resolve()))
 
 # --- cells: sweeps, seeds, tables, the demo -----------------------------------------------------------
 
