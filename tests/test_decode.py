@@ -10,12 +10,13 @@ from PIL import Image
 from harness.data import batches as batching
 from harness.data import datasets
 import fixtures
-from harness import recipes
+from harness import config
+from harness import runs
 from harness import runtime
-import reproduce
+from conftest import TINY_VIT
 from test_reproduce import write_tiny_mae_checkpoint
 
-TINY = fixtures.TINY_VIT
+TINY = TINY_VIT
 
 # Source sizes (width, height) of the 19 VTAB-1k tasks' images, from the datasets' TFDS definitions and
 # documentation (the NOAH / RepAdapter image folders keep the TFDS images as they are):
@@ -251,19 +252,19 @@ def test_each_rank_keeps_its_own_shard(tmp_path, decodes):
 
 
 def test_two_runs_of_a_task_in_one_process_decode_its_test_split_once(tmp_path, decodes, monkeypatch):
-    """The queue's path (reproduce.run_queue -> run_one -> run_classification): two seeds of a VTAB cell decode each
+    """The queue's path (runs.run_queue -> run_one -> run_classification): two seeds of a VTAB cell decode each
     test image once (train800val200 once too: it is cached on disk), and their results equal those of runs that
     stream the split again (today's path)."""
     fixtures.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "dtd", num_classes=3, per_class=(3, 1, 5))
     test_paths = set(datasets.read_split("dtd", tmp_path / "data" / "vtab-1k", "test")[0])
     ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
-    cfg = recipes.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0,
+    cfg = config.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0,
                           num_prompts=4)
 
     def two_seeds(results_dir):
         settings = runtime.Settings(results_dir=str(results_dir), data_dir=str(tmp_path / "data"), quiet=True,
                                     checkpoint=str(ckpt))
-        done = reproduce.run_queue([(dict(cfg, seed=seed), "final", "recipe") for seed in (42, 43)], settings)
+        done = runs.run_queue([(cfg.replace(seed=seed), "final", "recipe") for seed in (42, 43)], settings)
         return [r["final"] for r in done]
     kept = two_seeds(tmp_path / "kept")
     decoded_test = [p for p in decodes if p in test_paths]
