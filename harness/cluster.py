@@ -153,9 +153,10 @@ class Job:
         except runtime.Stopped as e:
             again = requeue is not None and e.signum != signal.SIGTERM
             print(stopped_line(e, "this job is requeued and continues it" if again else
-                               "not requeued after SIGTERM: submit the same command again to continue it"),
+                               "not requeued: submit the same command again to continue it"),
                   file=sys.stderr, flush=True)
             if again:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)   # SLURM's SIGTERM to the requeued job's old life
                 requeue(e.signum, None)   # submitit: checkpoint(), requeue, exit
             sys.exit(EXIT_STOPPED)
         except (UserError, datasets.DataError, gp.CheckpointError) as e:

@@ -1,6 +1,7 @@
 """Tables on a cluster: runs as SLURM jobs through submitit (sbatch, squeue and srun faked by small scripts on the
 PATH), the same jobs as local processes, the inputs table before submission, claims and job records that never
 train a run twice, and stop signals that lose nothing (real processes where the behaviour needs one)."""
+import dataclasses
 import json
 import os
 import signal
@@ -330,6 +331,74 @@ def test_a_command_without_trust_pickle_never_advises_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "odd.pth" in err and "On this command line: --trust-pickle" not in err
     assert "has no --trust-pickle" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "ran").exists()
+
+
+# --- stop signals in this process: the step finishes, then Stopped ------------------------------------------
+
+@pytest.fixture
+def stop_handlers():
+    """The harness's stop handler in this process for one test; afterwards the signal is forgotten and the
+    default handlers are back."""
+    runtime.handle_stop_signals()
+    yield
+    runtime.handle_stop_signals()
+    for signum in runtime.STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def test_a_stop_signal_inside_a_step_lets_it_finish_and_stops_before_the_next(stop_handlers):
+    done = []
+    with pytest.raises(runtime.Stopped) as stopped:
+        for i in runtime.step_points(range(10)):
+            if i == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)   # arrives while step 3 runs
+            time.sleep(0.01)
+            done.append(i)
+    assert done == [0, 1, 2, 3] and stopped.value.signum == signal.SIGUSR1
+    runtime.handle_stop_signals()
+    with pytest.raises(runtime.Stopped):   # outside a step loop (decoding, a save): at once, like Ctrl-C
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    assert runtime.stop_requested()
+
+
+def test_segmentation_stopped_mid_run_saves_that_iteration_and_resumes_bitwise(tmp_path, stop_handlers):
+    """ADE20K saves every 2,000 iterations: a stop signal at iteration 5 (save_every 3) saves iteration 5 itself,
+    and the resumed run ends with bitwise the prompts and metrics of an uninterrupted one (its loss log gains a
+    record at the stop)."""
+    import fixtures
+    from harness import segmentation as seg
+    from test_segmentation import TINY, TINY_VIT
+    fixtures.write_ade_fixture(tmp_path / "ade", n_train=6, n_val=2, size=(64, 96), seed=0)
+    torch.manual_seed(0)
+    backbone = gp.build_model("vit_base", "mae", "linear", num_classes=0, vit_overrides=TINY_VIT)
+    torch.save({"model": backbone.backbone_state_dict()}, tmp_path / "mae.pth")
+    cfg, run = TINY.replace(iters=8), settings(tmp_path, data_dir=str(tmp_path / "ade"))
+    full, model = seg.train_segmentation(cfg, run, tmp_path / "full.pt", tmp_path / "mae.pth", save_every=3,
+                                         loader_workers=0)
+    full_prompts = model.prompt_state_dict()
+    iteration = seg.Training.iteration
+    calls = []
+
+    def signalled_at_5(self, images, labels):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return iteration(self, images, labels)
+    seg.Training.iteration = signalled_at_5
+    try:
+        with pytest.raises(runtime.Stopped):
+            seg.train_segmentation(cfg, run, tmp_path / "cut.pt", tmp_path / "mae.pth", save_every=3,
+                                   loader_workers=0)
+    finally:
+        seg.Training.iteration = iteration
+    assert torch.load(tmp_path / "cut.pt", weights_only=False)["step"] == 5 and len(calls) == 5
+    runtime.handle_stop_signals()
+    resumed, model = seg.train_segmentation(cfg, dataclasses.replace(run, resume=True), tmp_path / "cut.pt",
+                                            tmp_path / "mae.pth", save_every=3, loader_workers=0)
+    assert resumed["final"] == full["final"]
+    for name, tensor in full_prompts.items():
+        assert torch.equal(model.prompt_state_dict()[name], tensor), name
 
 
 # --- real processes: the local executor, two submissions at once, stop signals ------------------------------
