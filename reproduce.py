@@ -8,6 +8,7 @@
     python reproduce.py --task folder --data-dir photos/  # your own images: photos/train/<class>/, photos/val/<class>/
     python reproduce.py --table 1                         # stored results next to the paper's numbers
     python reproduce.py --table 1 --run                   # run every missing cell of Table 1, then print it
+    python reproduce.py --table 1 --run --slurm --slurm-partition gpu   # ... as SLURM jobs, one per run
     python reproduce.py download --ssl mae --arch vit_base   # fetch and verify a backbone checkpoint
     python reproduce.py prepare --dataset cub             # VPT-sized splits from the release files
     python reproduce.py figure 4                          # analyses (see `python reproduce.py figure -h`)
@@ -29,6 +30,7 @@ from harness import downloads
 from harness import inputs
 import gated_prompt as gp
 from harness import serving
+from harness import cluster
 from harness import config
 from harness.data import releases
 from harness import results
@@ -42,13 +44,19 @@ DEFAULTS = dict(ssl="mae", method="gated+temp", seeds=1, data_dir="data", result
 RUNTIME_FLAGS = ("results_dir", "device", "fp32", "no_compile", "print_config")
 RUN_FLAGS = ("sweep", "seeds", "resume", "data_dir", "checkpoint", "trust_pickle", "download", "mirror", "cache_dir",
              "workers")
+SLURM_FLAGS = ("slurm", "slurm_partition", "slurm_gpus", "slurm_cpus", "slurm_time", "slurm_account", "slurm_qos",
+               "slurm_array_limit")
+NOT_WITH_SLURM = {"workers": "a job trains one run on one GPU", "device": "a job's GPU comes from --slurm-gpus",
+                  "resume": "jobs always continue a run's saved state"}
+PATH_FLAGS = ("results_dir", "data_dir", "cache_dir", "checkpoint")
 MODE_FLAGS = {
     "demo": RUNTIME_FLAGS + ("demo", "method") + config.DemoConfig.flags(),
-    "cell": RUNTIME_FLAGS + ("task", "ssl", "method") + RUN_FLAGS + tuple(config.OVERRIDE_TYPES),
-    "table-run": RUNTIME_FLAGS + ("table", "run", "all") + RUN_FLAGS + tuple(config.OVERRIDE_TYPES),
+    "cell": RUNTIME_FLAGS + ("task", "ssl", "method") + RUN_FLAGS + SLURM_FLAGS + tuple(config.OVERRIDE_TYPES),
+    "table-run": RUNTIME_FLAGS + ("table", "run", "all") + RUN_FLAGS + SLURM_FLAGS + tuple(config.OVERRIDE_TYPES),
     "table": ("table", "all", "results_dir"),
 }
 
+SUBCOMMANDS = ("prepare", "figure", "download", "predict")
 FGVC_TASKS = [t.name for t in config.TASKS.values() if t.kind == "fgvc"]
 
 # --- 1. arguments ---------------------------------------------------------------------------------
@@ -113,6 +121,20 @@ def parse_args(argv):
     paths.add_argument("--no-compile", action="store_true", help="disable torch.compile on CUDA")
     paths.add_argument("--workers", type=int, default=None,
                        help="independent runs (sweep, seeds, --table N --run) in parallel, one per GPU (default: all GPUs)")
+    slurm = p.add_argument_group("cluster: every run as a SLURM job through submitit (pip install submitit)")
+    slurm.add_argument("--slurm", nargs="?", const="slurm", choices=["slurm", "local"],
+                       help="submit each run (of a cell, --sweep, --seeds or --table N --run) as a SLURM job and "
+                            "return; jobs requeue themselves at the time limit and on preemption. --slurm local: "
+                            "the same jobs as processes on this machine, waited for. --table N shows their states")
+    slurm.add_argument("--slurm-partition", help="the partition (default: the cluster's)")
+    slurm.add_argument("--slurm-gpus", type=int, help="GPUs per job: 1 (default) or 0 for CPU-only jobs")
+    slurm.add_argument("--slurm-cpus", type=int, help="CPUs per job (default 8)")
+    slurm.add_argument("--slurm-time", type=int, help="time limit per job in minutes (default 1440); a run that "
+                                                       "needs longer is requeued and continues")
+    slurm.add_argument("--slurm-account", help="the account to charge")
+    slurm.add_argument("--slurm-qos", help="the quality of service")
+    slurm.add_argument("--slurm-array-limit", type=int, help="at most this many jobs at once (SLURM: the job "
+                       "array's %%N; local: processes, default one per GPU)")
     args = p.parse_args(argv)
     args.given = sorted(k for k, v in vars(args).items() if v is not None and v is not False)
     for key, value in DEFAULTS.items():
@@ -144,9 +166,47 @@ def check_flags(args):
         raise runtime.UserError(f"--seeds {args.seeds} is not usable: it must be a whole number >= 1")
     if args.workers is not None and args.workers < 1:
         raise runtime.UserError(f"--workers {args.workers} is not usable: it must be a whole number >= 1")
+    for key in PATH_FLAGS:
+        if getattr(args, key) is not None and not str(getattr(args, key)).strip():
+            raise runtime.UserError(f"{config.flag(key)} {getattr(args, key)!r} is empty: give a path")
+    check_slurm_flags(args)
+
+
+def check_slurm_flags(args):
+    """--slurm-* only with --slurm; their values; the run flags a job cannot honour."""
+    given = [k for k in args.given if k.startswith("slurm_")]
+    if given and not args.slurm:
+        raise runtime.UserError(f"{', '.join(map(config.flag, given))} {'goes' if len(given) == 1 else 'go'} "
+                                "with --slurm")
+    if not args.slurm:
+        return
+    for key, why in NOT_WITH_SLURM.items():
+        if key in args.given:
+            raise runtime.UserError(f"{config.flag(key)} does not apply to --slurm ({why})")
+    limits = {"slurm_gpus": (0, 1, "0 or 1 (a run on several GPUs goes through torchrun)"),
+              "slurm_cpus": (1, None, "a whole number >= 1"), "slurm_time": (1, None, "minutes, >= 1"),
+              "slurm_array_limit": (1, None, "a whole number >= 1")}
+    for key, (low, high, what) in limits.items():
+        value = getattr(args, key)
+        if value is not None and (value < low or (high is not None and value > high)):
+            raise runtime.UserError(f"{config.flag(key)} {value} is not usable: it must be {what}")
+    for key in ("slurm_partition", "slurm_account", "slurm_qos"):
+        if getattr(args, key) is not None and not getattr(args, key).strip():
+            raise runtime.UserError(f"{config.flag(key)} is empty")
+
+
+def slurm_options(args):
+    defaults = cluster.Options()
+    return cluster.Options(
+        args.slurm, partition=args.slurm_partition, account=args.slurm_account, qos=args.slurm_qos,
+        gpus=defaults.gpus if args.slurm_gpus is None else args.slurm_gpus, cpus=args.slurm_cpus or defaults.cpus,
+        time_min=args.slurm_time or defaults.time_min, array_limit=args.slurm_array_limit)
 
 
 def settings_from(args):
+    if args.slurm:   # the submitting machine's: paths only (a job picks its node's device, bf16 and compile)
+        return runtime.Settings(results_dir=args.results_dir, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                                checkpoint=args.checkpoint, trust_pickle=args.trust_pickle, mirror=args.mirror)
     return runtime.Settings.for_device(
         runtime.check_device(args.device), fp32=args.fp32, no_compile=args.no_compile, results_dir=args.results_dir,
         data_dir=args.data_dir, cache_dir=args.cache_dir, checkpoint=args.checkpoint, resume=args.resume,
@@ -186,7 +246,41 @@ def planned_configs(args):
     else:
         cfgs = []
     runs.check_schedules(cfgs)
+    runs.check_seeds(cfgs, args.seeds)
     return cfgs
+
+
+def check_inputs(cfgs, settings, args):
+    """Print the table of every checkpoint and dataset the runs need, fetch what --download can fetch, and stop
+    (UserError) when one is missing or unusable: before any run starts or any job is submitted."""
+    rows = runs.input_rows(cfgs, settings, args.sweep)
+    fetchable = [r for r in rows if r["problem"] == "not found" and r["how"].startswith("--download")]
+    if args.download and fetchable:
+        for row in fetchable:
+            kind, *what = row["what"].split()
+            if kind == "checkpoint":
+                downloads.checkpoint_path(what[1], what[0], settings.checkpoint_dir, download=True, mirror=args.mirror)
+            else:
+                releases.fetch_dataset(what[0], settings.data_dir, mirror=args.mirror)
+        rows = runs.input_rows(cfgs, settings, args.sweep)
+    if not rows:
+        return
+    width = max(len(r["what"]) for r in rows) + 2
+    print(f"inputs of these runs ({len(rows)}):")
+    for r in rows:
+        print(f"  {'ok' if not r['problem'] else 'MISSING' if r['problem'] == 'not found' else 'BAD':<8}"
+              f"{r['what']:<{width}}{r['path']}" + (f"   ({r['problem']}; get it: {r['how']})" if r["problem"]
+                                                      else ""))
+    missing = [r for r in rows if r["problem"]]
+    for r in missing:
+        if r["instructions"]:
+            print(f"  {r['what']}: {r['instructions']}")
+    if missing:
+        verb = "submitted" if args.slurm else "run"
+        raise runtime.UserError(f"{len(missing)} of the {len(rows)} inputs above "
+                                f"{'is' if len(missing) == 1 else 'are'} missing or unusable; nothing was {verb}"
+                                + (" (add --download to fetch those marked --download)" if not args.download and
+                                   any(r["how"].startswith("--download") for r in missing) else ""))
 
 # --- output ---------------------------------------------------------------------------------------
 
@@ -250,21 +344,19 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     subcommands = {"prepare": prepare_main, "figure": analysis.main, "download": download_main,
                    "predict": serving.main}
-    if argv[:1] and argv[0] in subcommands:
+    if argv[:1] and argv[0] in SUBCOMMANDS:
         return subcommands[argv[0]](argv[1:])
     args = parse_args(argv)
     check_flags(args)
     cfgs = planned_configs(args)
     mode = mode_of(args)
     if mode == "table":
-        return results.print_table(args.table, args.results_dir, show_all=args.all)
+        results.print_table(args.table, args.results_dir, show_all=args.all)
+        return cluster.print_states(cfgs or runs.table_configs(args.table, {}), args.results_dir)
     if args.print_config:
         return print_configs(cfgs, args)
     settings = settings_from(args)
     runs.start(settings)
-    if mode == "table-run":
-        runs.run_table(cfgs, settings, args.table, args.sweep, args.seeds, lr_source(args))
-        return results.print_table(args.table, args.results_dir, show_all=args.all) if runtime.is_main() else None
     if mode == "demo":
         print("PIPELINE DEMO - generated images, a small randomly initialised ViT, CPU-sized. These are NOT the\n"
               "paper's numbers; they show the harness end to end. For a paper cell: --task cub --ssl mocov3.\n")
@@ -273,19 +365,46 @@ def main(argv=None):
                   f"epoch {cfgs[0].warmup_epochs + 1} is the first at the full lr {cfgs[0].lr:g}, where the loss "
                   "jumps before it falls.\n")
         return print_demo(cfgs, *runs.run_demo(cfgs, settings, lr_source(args)))
-    if config.outside_paper(cfgs[0]) and runtime.is_main():
-        print(f"note: outside the paper: {config.outside_paper(cfgs[0])}; no paper number to compare with")
-    (cfg,), (finished,) = runs.run_cells(cfgs, settings, args.sweep, args.seeds, lr_source(args))
-    if runtime.is_main():
-        print_summary(cfg, finished)
-        print_pack(finished, args.results_dir)
+    if args.slurm or mode == "table-run":
+        check_inputs(cfgs, settings, args)
+    if args.slurm:
+        code = cluster.submit(cluster.plan(cfgs, args.sweep, args.seeds, lr_source(args)), slurm_options(args),
+                              cluster.job_settings(settings, args.fp32, args.no_compile), args.results_dir)
+        if mode == "table-run" and args.slurm == "local":
+            results.print_table(args.table, args.results_dir, show_all=args.all)
+        elif mode == "table-run":
+            print(f"states: python reproduce.py --table {args.table} --results-dir {shlex.quote(args.results_dir)}")
+        return code
+    skipped = []
+    if mode == "table-run":
+        runs.run_table(cfgs, settings, args.table, args.sweep, args.seeds, lr_source(args), skipped)
+        if runtime.is_main():
+            results.print_table(args.table, args.results_dir, show_all=args.all)
+    else:
+        if config.outside_paper(cfgs[0]) and runtime.is_main():
+            print(f"note: outside the paper: {config.outside_paper(cfgs[0])}; no paper number to compare with")
+        picked, finals = runs.run_cells(cfgs, settings, args.sweep, args.seeds, lr_source(args), skipped)
+        if runtime.is_main() and picked:
+            print_summary(picked[0], finals[0])
+            print_pack(finals[0], args.results_dir)
+    if skipped:
+        print(f"NOT RUN - {len(skipped)} run(s) held by another process (their claims name it): "
+              f"{'; '.join(skipped)}. Run this command again once they finish.")
+        return cluster.EXIT_NOT_RUN
+
+
+def command_of(argv):
+    """The subcommand, or the mode (demo, cell, table, table-run) of an argv that main has parsed already."""
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return argv[0]
+    try:
+        return mode_of(parse_args(argv))
+    except SystemExit:
+        return None
 
 
 def _is_demo(argv):
-    try:
-        return mode_of(parse_args(argv)) == "demo"
-    except SystemExit:
-        return False
+    return command_of(argv) == "demo"
 
 
 def nan_advice(e, argv):
@@ -300,11 +419,19 @@ def nan_advice(e, argv):
     return "No state was saved (it diverged in the first epoch): try a lower --lr, or check the data and backbone."
 
 
+def again_command(argv):
+    """The command that continues this one: with --resume, except under --slurm (jobs always resume)."""
+    slurm = any(a == "--slurm" or a.startswith("--slurm=") for a in argv)
+    return "python reproduce.py " + shlex.join([a for a in argv if a != "--resume"] + ([] if slurm else ["--resume"]))
+
+
 def interrupted_message(e, argv):
     if _is_demo(argv):
         return "interrupted; the demo always starts afresh (run it again)"
     state = getattr(e, "state_path", None)
-    again = "python reproduce.py " + shlex.join([a for a in argv if a != "--resume"] + ["--resume"])
+    again = again_command(argv)
+    if getattr(e, "summary", None):
+        return f"interrupted: {e.summary}; continue with: {again}"
     if state is not None and Path(state).is_file():
         return f"interrupted; the state after the last finished epoch is kept at {state}; continue with: {again}"
     if state is not None:
@@ -345,21 +472,34 @@ def download_main(argv):
 
 
 def cli_main(argv=None):
-    """main with the command line's exits: 0 done, 2 bad input (one line naming it), 3 diverged, 130 Ctrl-C."""
+    """main with the command line's exits:
+      0 done (with --slurm: submitted)       1 a --slurm local job failed (its log named)
+      2 bad input (one line naming it)       3 diverged (NaN / inf loss)
+      4 a run not run: another live process holds it (or runs its cell's sweep); run the command again later
+      75 stopped by SIGTERM / SIGUSR1 / SIGUSR2 after a finished step, its state saved (run it again to continue)
+      130 Ctrl-C"""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        main(argv)
+        code = main(argv)
     except (runtime.UserError, datasets.DataError, gp.CheckpointError) as e:
-        opt_in = " On this command line: --trust-pickle." if isinstance(e, gp.PickledCodeError) else ""
-        print(f"error: {e}.{opt_in}" if opt_in else f"error: {e}", file=sys.stderr)
+        advice = ""
+        if isinstance(e, gp.PickledCodeError):   # name the opt-in only where this command line takes it
+            advice = (". On this command line: --trust-pickle." if command_of(argv) in ("cell", "table-run") else
+                      f". `reproduce.py {' '.join(argv[:1])}` has no --trust-pickle: give it a file of tensors only")
+        print(f"error: {e}{advice}", file=sys.stderr)
         return runtime.EXIT_BAD_INPUT
     except runtime.NonFiniteLoss as e:
         print(f"error: {e}. {nan_advice(e, argv)}", file=sys.stderr)
         return 3
+    except runtime.Stopped as e:
+        then = "the demo always starts afresh (run it again)" if _is_demo(argv) else \
+            f"continue with: {again_command(argv)}"
+        print(cluster.stopped_line(e, then), file=sys.stderr)
+        return cluster.EXIT_STOPPED
     except KeyboardInterrupt as e:
         print(interrupted_message(e, argv), file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

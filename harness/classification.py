@@ -87,7 +87,7 @@ def evaluate(eval_step, model, loader):
     """(correct, count) over a whole split as device tensors, summed across data-parallel ranks (no sync)."""
     model.eval()
     correct = count = 0
-    for images, labels in loader:
+    for images, labels in runtime.step_points(loader):
         c, n = eval_step(images, labels)
         correct, count = correct + c, count + n
     return runtime.all_reduce_sum(correct), runtime.all_reduce_sum(count)
@@ -195,7 +195,7 @@ def train_epoch(step, model, loader, epoch, epochs, device, quiet, log_every=25)
     seen = torch.zeros((), dtype=torch.long, device=device)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                disable=True if quiet or not runtime.is_main() else None)
-    for i, (images, labels) in enumerate(bar):
+    for i, (images, labels) in enumerate(runtime.step_points(bar)):
         loss, batch_correct = step(images, labels)
         real = (labels != batches.PAD_LABEL).sum()
         loss_sum += loss * real

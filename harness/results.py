@@ -10,7 +10,10 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,13 +63,14 @@ class RunFiles:
     state: Path     # resumable training state, removed when the run finishes
     claim: Path     # who is training this cell now (claim_cell)
     pack: Path      # the prompt pack (gated_prompt.read_pack): prompts + settings + backbone fingerprint
+    job: Path       # the cluster job submitted for this run (cluster.py), removed when the run finishes
 
 
 def run_files(results_dir, cfg, protocol):
     """A run's files, worked out once per run (runs.run_one) and passed down to what writes them."""
     base = Path(results_dir) / run_name(cfg, protocol)
     return RunFiles(*(base.with_name(base.name + suffix) for suffix in (".json", ".prompts.pt", ".state.pt",
-                                                                           ".claim", ".pack.pt")))
+                                                                           ".claim", ".pack.pt", ".job")))
 
 
 class BadResultFile(UserError):
@@ -130,7 +134,7 @@ def write_run(files, result, prompt_state=None, pack=None):
     """Every output of a run, the one writer: the trained prompts (prompt_state), the prompt pack (pack = (model,
     info): gated_prompt's save_pack of the model with `info`), then the result JSON last, each written atomically,
     so a kill at any moment leaves either no result or a result whose prompts and pack are complete. Then the
-    resumable state is removed."""
+    resumable state and the job record are removed."""
     import torch  # only writing needs it
     files.result.parent.mkdir(parents=True, exist_ok=True)
     if prompt_state is not None:
@@ -140,6 +144,7 @@ def write_run(files, result, prompt_state=None, pack=None):
         model.save_pack(files.pack, **info)
     write_json(files.result, result)
     files.state.unlink(missing_ok=True)
+    files.job.unlink(missing_ok=True)
 
 
 # -----------------------------------------------------------------------------
@@ -171,11 +176,18 @@ def backbone_identity(path, memo_dir, trust_pickle=False):
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     try:
         memo = json.loads(memo_file.read_text())
-        memo = memo if isinstance(memo, dict) else {}
-    except (OSError, ValueError):
+    except FileNotFoundError:
         memo = {}
-    if key in memo and isinstance(memo[key], dict) and "sha256" in memo[key]:
-        return dict(memo[key], path=str(path))
+    except (OSError, ValueError):
+        memo = None
+    if not isinstance(memo, dict):
+        print(f"note: {memo_file} is not a file this harness wrote (edited or damaged?); it is rebuilt")
+        memo = {}
+    if key in memo:
+        if _memo_entry_fits(memo[key], st.st_size):
+            return dict(memo[key], path=str(path))
+        print(f"note: {memo_file} holds an entry for {path} that this harness did not write (edited?); the file "
+              "is hashed and read again")
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -194,6 +206,17 @@ def backbone_identity(path, memo_dir, trust_pickle=False):
     except OSError:
         pass  # only a speed-up
     return dict(record, path=str(path))
+
+
+def _memo_entry_fits(entry, size):
+    """An entry of backbones.json as backbone_identity writes it: the file's size, a SHA-256, a format name and the
+    ssl its wrapper names, consistent with that format."""
+    if not isinstance(entry, dict) or set(entry) != {"bytes", "sha256", "format", "ssl"}:
+        return False
+    sha, fmt, ssl = entry["sha256"], entry["format"], entry["ssl"]
+    return (entry["bytes"] == size and isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None
+            and isinstance(fmt, str) and (ssl is None or (ssl == "mae" and fmt == "timm / MAE")
+                                          or (ssl == "mocov3" and fmt.startswith("MoCo v3"))))
 
 
 def _non_finite(value):
@@ -221,20 +244,56 @@ def check_backbone_fits(backbone, ssl):
 # Claims: one process trains a cell; others skip it
 
 
+def scheduler_job():
+    """(job, task) of the scheduler job this process runs in: ("slurm:<id>", "<step>.<rank>") under SLURM (an
+    array task's id as <array id>_<index>, which a requeued job keeps), ("local:<host>:<id>", "0") in submitit's
+    local executor, (None, None) elsewhere."""
+    env = os.environ
+    if env.get("SLURM_JOB_ID"):
+        job = (f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if env.get("SLURM_ARRAY_JOB_ID")
+               else env["SLURM_JOB_ID"])
+        return f"slurm:{job}", f"{env.get('SLURM_STEP_ID', '')}.{env.get('SLURM_PROCID', '0')}"
+    if env.get("SUBMITIT_LOCAL_JOB_ID"):
+        return f"local:{socket.gethostname()}:{env['SUBMITIT_LOCAL_JOB_ID']}", env.get("SUBMITIT_LOCAL_GLOBALID", "0")
+    return None, None
+
+
+_SQUEUE = {"at": 0.0, "states": None}
+
+
+def slurm_states(max_age=5.0):
+    """{job id: state} of every job SLURM's queue lists (squeue; array tasks as <array id>_<index>), remembered for
+    `max_age` seconds; None where squeue is not installed or fails."""
+    if time.time() - _SQUEUE["at"] > max_age:
+        states = None
+        if shutil.which("squeue"):
+            try:
+                out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True, text=True,
+                                     timeout=60)
+                if out.returncode == 0:
+                    states = dict(line.split(None, 1) for line in out.stdout.splitlines() if " " in line.strip())
+            except (OSError, subprocess.SubprocessError):
+                pass
+        _SQUEUE.update(at=time.time(), states=states)
+    return _SQUEUE["states"]
+
+
 def _holder():
     import getpass
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = "?"
+    job, task = scheduler_job()
     return {"holder": f"{user}@{socket.gethostname()}", "pid": os.getpid(), "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "job": job, "task": task}
 
 
 def claim_cell(files):
-    """Claim a cell before training it: create files.claim exclusively (O_EXCL) holding who, pid, host and start
-    time. Returns None when claimed, else the live holder's record. A claim of a dead process on this host is
-    taken over; a claim from another host is taken as live (delete the .claim file if that machine died)."""
+    """Claim a cell before training it: create files.claim exclusively (O_EXCL) holding who, pid, host, start time
+    and scheduler job. Returns None when claimed, else the live holder's record. A claim nobody holds any more
+    (claim_is_stale) is taken over; a claim from another host that cannot be checked is taken as live (delete the
+    .claim file if that machine died)."""
     files.claim.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(5):
         try:
@@ -243,7 +302,7 @@ def claim_cell(files):
             holder = _read_claim(files.claim)
             if holder is None and _age(files.claim) < 10:
                 continue   # being written or just released: look again
-            if holder is not None and not _claim_is_dead(holder):
+            if holder is not None and not claim_is_stale(holder):
                 return holder
             stale = files.claim.with_name(f"{files.claim.name}.stale{os.getpid()}")
             try:
@@ -256,6 +315,11 @@ def claim_cell(files):
             json.dump(_holder(), f)
         return None
     return _read_claim(files.claim) or {"holder": "another process", "pid": None, "host": None, "started": "?"}
+
+
+def read_claim(files):
+    """The record of a cell's claim, or None when there is none (or it cannot be read)."""
+    return _read_claim(files.claim) if files.claim.exists() else None
 
 
 def _read_claim(path):
@@ -274,9 +338,22 @@ def _age(path):
         return 0.0
 
 
-def _claim_is_dead(holder):
-    return holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-        and holder["pid"] != os.getpid() and not pid_alive(holder["pid"])
+def claim_is_stale(holder):
+    """True when nobody holds a claim any more: a record this harness did not write (a pid that is not a positive
+    whole number, no host), a dead process on this host, an earlier life of this very scheduler job (requeued,
+    perhaps onto another node), or a SLURM job that SLURM's queue no longer lists."""
+    pid, host, job = holder.get("pid"), holder.get("host"), holder.get("job")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0 or not isinstance(host, str) or \
+            not isinstance(job, (str, type(None))):
+        return True
+    if host == socket.gethostname():
+        return pid != os.getpid() and not pid_alive(pid)
+    if job is not None and (job, holder.get("task")) == scheduler_job():
+        return True
+    if job is not None and job.startswith("slurm:"):
+        states = slurm_states()
+        return states is not None and job[len("slurm:"):] not in states
+    return False
 
 
 def release_cell(files):

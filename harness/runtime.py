@@ -21,6 +21,7 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -417,6 +418,67 @@ def check_finite(value, where, state_saved):
     """Stop on NaN/inf with exit code 3 (the CLI maps NonFiniteLoss to it)."""
     if not math.isfinite(value):
         raise NonFiniteLoss(value, where, state_saved)
+
+# --- stop signals: preemption, time limits, scancel ------------------------------
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)   # SLURM's; SIGUSR2 is submitit's default
+
+
+class Stopped(BaseException):
+    """A stop signal ended the run between two training steps (or at once outside the step loops): the resumable
+    state on disk is consistent. A BaseException, like KeyboardInterrupt, so no `except Exception` swallows it."""
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    def __reduce__(self):   # crosses process boundaries (parallel workers)
+        return Stopped, (self.signum,), self.__dict__
+
+
+_STOP = {"signum": None, "in_steps": 0, "pid": None}
+
+
+def handle_stop_signals(signals=STOP_SIGNALS):
+    """Install the stop handler for `signals` in this process (main thread only; a no-op elsewhere) and forget any
+    earlier signal. A signal that arrives while a step_points loop runs takes effect before its next batch; one
+    that arrives elsewhere, or a second one, raises Stopped at once. Forked children (data-loader workers) ignore
+    it: their parent stops them."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _STOP.update(signum=None, pid=os.getpid())
+    for signum in signals:
+        signal.signal(signum, _on_stop_signal)
+
+
+def _on_stop_signal(signum, frame):
+    if os.getpid() != _STOP["pid"]:
+        return
+    first, _STOP["signum"] = _STOP["signum"] is None, signum
+    if not first or not _STOP["in_steps"]:
+        raise Stopped(signum)
+
+
+def stop_requested():
+    return _STOP["signum"] is not None and os.getpid() == _STOP["pid"]
+
+
+def check_stop():
+    """Raise Stopped when a stop signal has been received."""
+    if stop_requested():
+        raise Stopped(_STOP["signum"])
+
+
+def step_points(batches):
+    """`batches` item by item; a stop signal received meanwhile raises Stopped before the next item is taken, so
+    the step under way finishes first."""
+    _STOP["in_steps"] += 1
+    try:
+        for item in batches:
+            check_stop()
+            yield item
+    finally:
+        _STOP["in_steps"] -= 1
 
 # --- data parallel (torchrun) ---------------------------------------------------
 

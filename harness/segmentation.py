@@ -569,13 +569,13 @@ def train_loop(run, data_, cfg, settings, state_path, step, history, elapsed_bef
     run.model.train()
     bar = tqdm(total=cfg.iters, initial=step, desc="train", dynamic_ncols=True,
                disable=settings.quiet or not runtime.is_main())
-    batches = data_.batches(cfg, step, run.device) if step < cfg.iters else None
+    batches = runtime.step_points(data_.batches(cfg, step, run.device)) if step < cfg.iters else None
     while step < cfg.iters:
         images, labels = next(batches)
         running += run.iteration(images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True))
         step += 1
         bar.update(1)
-        saving = step == cfg.iters or (save_every and step % save_every == 0)
+        saving = step == cfg.iters or (save_every and step % save_every == 0) or runtime.stop_requested()
         if step % LOG_EVERY == 0 or saving:  # never save a state that has gone non-finite
             mean_loss = running.item() / (step - last_log)
             runtime.check_finite(mean_loss, f"iteration {step}", state_saved=os.path.isfile(state_path))

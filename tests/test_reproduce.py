@@ -474,6 +474,7 @@ def test_table_run_applies_the_command_lines_overrides_to_every_cell(monkeypatch
     monkeypatch.setattr(runs, "run_one", lambda cfg, protocol, settings, source: seen.append(
         (cfg.epochs, cfg.warmup_epochs, cfg.lr, cfg.num_prompts, source)))
     monkeypatch.setattr(results, "print_table", lambda *a, **k: None)
+    monkeypatch.setattr(runs, "input_rows", lambda *a: [])   # the inputs table: tests/test_cluster.py
     reproduce.main(["--table", "4", "--run", "--epochs", "1", "--warmup-epochs", "0", "--lr", "0.5",
                     "--results-dir", str(tmp_path / "r")])
     assert seen == [(1, 0, 0.5, 100, "command line")] * 6
