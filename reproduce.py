@@ -65,6 +65,8 @@ FGVC_TASKS = [t.name for t in config.TASKS.values() if t.kind == "fgvc"]
 def parse_args(argv):
     """The parsed flags with their defaults filled in; args.given holds the flags the user typed."""
     p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__,
+                                usage="reproduce.py [--task TASK --ssl SSL | --table N [--run] | --demo] [options]\n"
+                                      "       reproduce.py {prepare,download,figure,predict} ... (each has -h)",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to run")
     what.add_argument("--task", choices=list(config.TASKS) + [config.FOLDER.name], metavar="TASK",
