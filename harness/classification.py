@@ -172,7 +172,7 @@ def fit(cfg, model, train_split, eval_splits, settings, state_path):
     the tests call it): place the model, build the loaders, train with the paper's recipe (resumable after
     every epoch at `state_path`), evaluate. eval_splits: {"test" | "val" | "val200": split}. Returns an Outcome."""
     if settings.compile:
-        runtime.reset_compiler()
+        runtime.enter_graph_key(graph_key(cfg, settings))
     tic = time.perf_counter()
     runtime.place_model(model, settings.device, settings.bf16, settings.kernels)
     on_device = fits_on_gpu([train_split, *eval_splits.values()], settings.device)
@@ -183,6 +183,29 @@ def fit(cfg, model, train_split, eval_splits, settings, state_path):
     outcome = train(cfg, model, train_loader, eval_loaders, settings, state_path)
     outcome.setup_seconds, outcome.images_on_device = setup_seconds, on_device
     return outcome
+
+
+# What a config's compiled graphs do not depend on: the head runs eager, and lr, weight decay and the schedule act
+# in the optimizer; every other field (and any new one) is part of the graph key.
+NOT_IN_GRAPH = ("task", "num_classes", "lr", "weight_decay", "momentum", "seed", "epochs", "warmup_epochs", "iters",
+                "gate_init", "recipe")
+
+
+def graph_key(cfg, settings=None):
+    """What shapes a run's compiled graphs (ssl, arch, method, prompts, batch, image size, dropout, precision):
+    runs of one process with equal keys reuse one set of graphs (runtime.enter_graph_key); the queue runs them
+    one after another."""
+    fields = tuple(sorted((k, repr(v)) for k, v in cfg.identity().items() if k not in NOT_IN_GRAPH))
+    where = () if settings is None else (str(settings.device), settings.bf16, repr(settings.compile),
+                                         settings.compile_mode, tuple(settings.kernels))
+    return (type(cfg).__name__,) + fields + where
+
+
+def by_graph_key(cfgs):
+    """Indices of `cfgs` with runs of one graph key next to each other (keys in order of first appearance)."""
+    first = {}
+    keys = [first.setdefault(graph_key(c), len(first)) for c in cfgs]
+    return sorted(range(len(cfgs)), key=keys.__getitem__)
 
 
 def train_epoch(step, model, loader, epoch, epochs, device, quiet, log_every=25):

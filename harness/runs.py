@@ -230,9 +230,14 @@ def run_demo(cfgs, settings, lr_source="recipe"):
 
 
 def run_queue(jobs, settings):
-    """Independent runs (config, protocol, lr source), in order. With several workers (default: one per visible
+    """Independent runs (config, protocol, lr source), runs of one graph key one after another (their compiled
+    graphs are reused). With several workers (default: one per visible
     GPU), that many processes each take one GPU and run one job at a time; results come back in job order either
     way."""
+    order = classification.by_graph_key([cfg for cfg, _, _ in jobs])   # runs sharing compiled graphs in a row
+    if order != list(range(len(jobs))):
+        done = run_queue([jobs[i] for i in order], settings)
+        return [done[order.index(i)] for i in range(len(jobs))]
     workers = settings.workers or (torch.cuda.device_count() if settings.device.type == "cuda" else 1)
     if workers <= 1 or len(jobs) <= 1 or runtime.world()[1] > 1:
         done = []
