@@ -286,6 +286,14 @@ def training_state(model, optimizer, scheduler, step):
             "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state()}
 
 
+SAVE_EVERY = 5   # epochs between resumable states: a kill loses at most these; each save costs a host copy
+
+
+def save_due(epoch, epochs):
+    """Whether the state is saved after (0-based) `epoch` of `epochs`: every SAVE_EVERY epochs and after the last."""
+    return (epoch + 1) % SAVE_EVERY == 0 or epoch + 1 == epochs
+
+
 def save_training_state(path, host_state, history, config, elapsed, **extra):
     """Write a resumable state: training_state's host copy, the history so far, and `extra` = the run's config
     identity (resume_or_start refuses a state of another config), the seconds spent so far, and what else the
