@@ -11,8 +11,8 @@ on train / train800 and reports the last epoch's val / val200 accuracy.
 Speed without changing the math: every batch has the full batch size (the last one is padded with rows whose
 label batches.PAD_LABEL the loss and the accuracy ignore), so torch.compile builds one training graph and one
 evaluation graph of the backbone per run (the head runs eager: classifier_forward); the step never syncs with
-the host, and an epoch waits for the device twice -- after its last step, for its timing, and when its metrics
-and the resumable state come back together -- unless a progress bar is shown. Every result records how many
+the host, and an epoch waits for the device once -- when its metrics (and, every runtime.SAVE_EVERY epochs, the
+resumable state) come back together -- unless a progress bar is shown. Every result records how many
 step calls actually ran a compiled graph (runtime.compile_record).
 """
 import math
@@ -232,8 +232,10 @@ def train_epoch(step, model, loader, epoch, epochs, device, quiet, log_every=25)
 
 
 def train(cfg, model, train_loader, eval_loaders, settings, state_path):
-    """The paper's recipe, resumable after every epoch. Returns an Outcome. An epoch's seconds run from the
-    device sync before its first step to the one after its last (the steps queue up without syncing)."""
+    """The paper's recipe, resumable: the state is saved every runtime.SAVE_EVERY epochs and after the last (a
+    kill loses at most those epochs). Returns an Outcome. An epoch waits for the device once, when its metrics
+    (and a due state) come back; its seconds run from the previous epoch's read-back to its own (the steps queue
+    up without syncing)."""
     device = settings.device
     optimizer = runtime.make_optimizer(decay_groups(model, cfg.weight_decay), cfg.lr, cfg.momentum, cfg.weight_decay,
                                        device)
@@ -246,27 +248,30 @@ def train(cfg, model, train_loader, eval_loaders, settings, state_path):
     history, start, best, elapsed_before = ([], 0, {"val_acc": -1.0, "epoch": None, "state": None}, 0.0) \
         if state is None else (state["history"], state["step"] + 1, state["extra"]["best"], state["extra"]["elapsed"])
     track_val = "val" in eval_loaders and len(eval_loaders) > 1  # FGVC final: best-val epoch alongside
-    tic = time.perf_counter()
+    saved = state is not None
+    runtime.synchronize(device)
+    tic = epoch_tic = time.perf_counter()
     for epoch in range(start, cfg.epochs):
-        runtime.synchronize(device)
-        epoch_tic = time.perf_counter()
         stats = train_epoch(step, model, train_loader, epoch, cfg.epochs, device, settings.quiet)
-        runtime.synchronize(device)
-        seconds = time.perf_counter() - epoch_tic
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        pending = {"stats": stats, "state": runtime.training_state(model, optimizer, scheduler, epoch)}
+        save = runtime.save_due(epoch, cfg.epochs)
+        pending = {"stats": stats}
+        if save:
+            pending["state"] = runtime.training_state(model, optimizer, scheduler, epoch)
         if track_val:
             pending["val"] = evaluate(eval_step, model, eval_loaders["val"])
             pending["candidate"] = {k: v.detach().clone() for k, v in model.prompt_state_dict().items()}
-        host = runtime.to_host(pending)   # the epoch's one read-back
-        record, best = epoch_record(host, epoch, lr, seconds, best, track_val)
+        host = runtime.to_host(pending)   # the epoch's one read-back (and its one device sync)
+        seconds, epoch_tic = time.perf_counter() - epoch_tic, time.perf_counter()
+        record, best = epoch_record(host, epoch, lr, seconds, best, track_val, saved)
         history.append(record)
-        if runtime.is_main():
+        if save and runtime.is_main():
+            saved = True
             runtime.save_training_state(state_path, host["state"], history, cfg.identity(),
                                         elapsed_before + time.perf_counter() - tic, best=best)
-            if not settings.quiet:
-                tqdm.write(f"epoch {epoch + 1:3d}  loss {record['loss']:.4f}  train {record['train_acc']:.2f}  "
+        if runtime.is_main() and not settings.quiet:
+            tqdm.write(f"epoch {epoch + 1:3d}  loss {record['loss']:.4f}  train {record['train_acc']:.2f}  "
                            + (f"val {record['val_acc']:.2f}  " if track_val else "")
                            + f"{record['images_per_second']:.1f} img/s")
     train_seconds = time.perf_counter() - tic
@@ -276,11 +281,11 @@ def train(cfg, model, train_loader, eval_loaders, settings, state_path):
                    compile=runtime.compile_record(settings.compile, train=step.compiled, eval=eval_step.compiled))
 
 
-def epoch_record(host, epoch, lr, seconds, best, track_val):
+def epoch_record(host, epoch, lr, seconds, best, track_val, state_saved):
     """(the epoch's history record, the best-val record so far) from the epoch's host copy; stops on NaN."""
     s = host["stats"]
     loss = float(s["loss_sum"]) / max(1, int(s["seen"]))
-    runtime.check_finite(loss, f"epoch {epoch + 1}", state_saved=epoch > 0)
+    runtime.check_finite(loss, f"epoch {epoch + 1}", state_saved)
     record = {"epoch": epoch + 1, "loss": loss, "train_acc": accuracy(s["correct"], s["seen"]), "lr": lr,
               "seconds": seconds, "images_per_second": int(s["seen"]) / seconds}
     if track_val:

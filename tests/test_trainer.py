@@ -67,8 +67,10 @@ def test_non_finite_loss_stops_the_run_with_a_message(tmp_path):
     assert not err.value.state_saved and not (tmp_path / "state.pt").exists()
 
 
-def test_a_non_finite_loss_after_the_first_epoch_keeps_the_last_good_state(tmp_path):
-    """Epoch 1 runs at lr 0 (warm-up from 0) and saves its state; epoch 2 at lr 1e30 blows up."""
+def test_a_non_finite_loss_after_the_first_epoch_keeps_the_last_good_state(tmp_path, monkeypatch):
+    """Epoch 1 runs at lr 0 (warm-up from 0) and saves its state (a state every epoch here); epoch 2 at lr 1e30
+    blows up."""
+    monkeypatch.setattr(runtime, "SAVE_EVERY", 1)
     with pytest.raises(runtime.NonFiniteLoss, match="loss became .* at epoch 2") as err:
         tiny_run(tiny_demo(num_classes=5, lr=1e30, epochs=3, warmup_epochs=1), tmp_path)
     assert err.value.state_saved
@@ -322,6 +324,8 @@ def test_fused_sgd_takes_the_same_step_as_the_default():
 # --- resume ---------------------------------------------------------------------------------------
 
 def test_a_resumed_run_ends_with_the_same_numbers(tmp_path, monkeypatch):
+    """States every 2 epochs: a run stopped after its first save (epoch 2) resumes to the same numbers."""
+    monkeypatch.setattr(runtime, "SAVE_EVERY", 2)
     cfg = tiny_demo(num_classes=5, epochs=4)
     full, full_model = tiny_run(cfg, tmp_path / "a")
     (tmp_path / "b").mkdir()
@@ -329,8 +333,8 @@ def test_a_resumed_run_ends_with_the_same_numbers(tmp_path, monkeypatch):
 
     def save_then_crash(path, state, *args, **kwargs):
         real_save(path, state, *args, **kwargs)
-        saves.append(1)
-        if len(saves) == 2:
+        saves.append(torch.load(path, weights_only=False)["step"])
+        if len(saves) == 1:
             raise KeyboardInterrupt("killed after epoch 2")
     monkeypatch.setattr(runtime, "save_training_state", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
@@ -339,6 +343,7 @@ def test_a_resumed_run_ends_with_the_same_numbers(tmp_path, monkeypatch):
     with pytest.raises(runtime.UserError, match="another configuration"):   # the state belongs to this config only
         tiny_run(cfg.replace(gate_init=3.0), tmp_path / "b", resume=True)
     resumed, resumed_model = tiny_run(cfg, tmp_path / "b", resume=True)
+    assert saves == [1]   # the first save came after the second epoch (0-based 1)
     assert resumed.final == full.final and resumed.elapsed_before > 0
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     a, b = full_model.prompt_state_dict(), resumed_model.prompt_state_dict()
