@@ -20,6 +20,9 @@ import torch
 
 import gated_prompt as gp
 from harness import classification
+from harness import config
+from harness import inputs
+from harness import results
 from harness import runtime
 from harness.data import batches
 
@@ -292,3 +295,155 @@ def train_epoch_batched(job, epoch):
         correct += right
         seen += real
     return {"loss_sum": loss_sum, "correct": correct, "seen": seen}
+
+
+# --- how many runs share a batch ---------------------------------------------------------------------------
+
+CPU_RUNS_PER_BATCH = 8   # a CPU has no memory wall worth probing; batching there only saves fixed costs
+
+
+def runs_that_fit(peak_one, peak_two, free, reserve=0.1):
+    """Runs per batch from two measured peaks (bytes of one probe step at 1 and at 2 runs): a linear fit
+    peak(R) = fixed + R * per_run, solved for `free` bytes less a `reserve` fraction; at least 1."""
+    per_run = max(1, peak_two - peak_one)
+    fixed = peak_one - per_run
+    return max(1, int((free * (1 - reserve) - fixed) // per_run))
+
+
+def measured_runs_per_batch(cfgs, models, loaders, settings):
+    """settings.runs_per_batch when given; on a CPU CPU_RUNS_PER_BATCH; on CUDA a probe training step of copies of
+    the first runs at 1 and at 2 runs (the real shapes, eager) and runs_that_fit on the free memory."""
+    if settings.runs_per_batch:
+        return settings.runs_per_batch
+    device = settings.device
+    if device.type != "cuda" or len(cfgs) < 2:
+        return CPU_RUNS_PER_BATCH if device.type != "cuda" else len(cfgs)
+    import copy
+    probe_settings = runtime.Settings(device=device, bf16=settings.bf16, compile=False, quiet=True)
+    peaks = []
+    for R in (1, 2):
+        copies = copy.deepcopy(models[:R])
+        job = Job(cfgs[:R], copies, loaders[:R], probe_settings, list(range(R)))
+        images, labels = next(iter(loaders[0]))
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        job.batch.train()
+        job.step(images.repeat(R, 1, 1, 1), labels.repeat(R))
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device))
+        del job, copies
+        torch.cuda.empty_cache()
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
+    return runs_that_fit(peaks[0], peaks[1], free)
+
+
+# --- the queue's runs, batched where they can be -----------------------------------------------------------
+
+
+def batch_key(cfg, protocol, settings):
+    """Jobs with equal keys can share a batch: classification runs of one graph key and schedule, on the same
+    training-split size (VTAB-1k: every task; FGVC: one task). None: the job runs alone (segmentation, the demo,
+    FGVC's final protocol with its best-val epoch, data-parallel ranks, runs_per_batch 1)."""
+    if (type(cfg).__name__ != "ClassificationConfig" or settings.runs_per_batch == 1 or runtime.world()[1] > 1
+            or (protocol == "final" and cfg.task_info.kind == "fgvc")):
+        return None
+    size = cfg.task if cfg.task_info.kind == "fgvc" else cfg.task_info.kind
+    return (classification.graph_key(cfg, settings), cfg.epochs, cfg.warmup_epochs, protocol, size)
+
+
+def run_jobs(jobs, settings, run_one, pack_of):
+    """The queue's jobs (config, protocol, lr source): those sharing a batch_key train in batches (run_batch),
+    the others one at a time through run_one. Results in job order (None: a run another process holds)."""
+    groups = {}
+    for i, (cfg, protocol, _) in enumerate(jobs):
+        key = batch_key(cfg, protocol, settings)
+        groups.setdefault(("alone", i) if key is None else key, []).append(i)
+    done = [None] * len(jobs)
+    for group in groups.values():
+        if len(group) == 1:
+            cfg, protocol, source = jobs[group[0]]
+            if len(jobs) > 1 and runtime.is_main():
+                print(f"=== run {group[0] + 1}/{len(jobs)}: {results.run_name(cfg, protocol)}")
+            done[group[0]] = run_one(cfg, protocol, settings, source)
+            continue
+        if runtime.is_main():
+            print(f"=== runs {', '.join(str(i + 1) for i in group)}/{len(jobs)} in batches: "
+                  f"{results.run_name(jobs[group[0]][0], jobs[group[0]][1])} ...")
+        for i, result in zip(group, run_batch([jobs[i] for i in group], settings, pack_of)):
+            done[i] = result
+    return done
+
+
+def run_batch(jobs, settings, pack_of):
+    """Jobs of one batch_key end to end, each with its own result file, claim, state file and pack: stored
+    results are reused, runs held by another process skipped (None), the rest trained in batches of
+    measured_runs_per_batch runs. A diverged run's result says "failed" and has no metrics."""
+    out, todo = [None] * len(jobs), []
+    for i, (cfg, protocol, source) in enumerate(jobs):
+        files = results.run_files(settings.results_dir, cfg, protocol)
+        checkpoint = inputs.checkpoint_for(cfg, settings)
+        backbone = None if checkpoint is None else results.backbone_identity(checkpoint, settings.cache_folder,
+                                                                             settings.trust_pickle)
+        if backbone is not None:
+            results.check_backbone_fits(backbone, cfg.ssl)
+        stored = results.stored_result(files, cfg, backbone)
+        if stored is not None:
+            out[i] = stored
+        elif results.claim_cell(files) is None:
+            todo.append((i, files, checkpoint, backbone))
+    held = [files for _, files, *_ in todo]
+
+    def load(entry, first):
+        i, files, checkpoint, _ = entry
+        cfg, protocol, _ = jobs[i]
+        runtime.seed_everything(cfg.seed)
+        model = config.model_from_config(cfg, cfg.head_size(), checkpoint, verbose=False,
+                                         trust_pickle=settings.trust_pickle)
+        share_backbone([first or model, model])
+        return model, classification.load_data(cfg, settings, protocol)
+
+    try:
+        limit = settings.runs_per_batch or (CPU_RUNS_PER_BATCH if settings.device.type != "cuda" else None)
+        while todo:
+            with runtime.flush_denormals(settings.device):
+                chunk, models, data = [], [], []
+                while todo and len(chunk) < (limit or 2):
+                    chunk.append(todo.pop(0))
+                    model, split = load(chunk[-1], models[0] if models else None)
+                    models.append(model)
+                    data.append(split)
+                    if limit is None and len(chunk) == 2:   # the device's memory decides, measured once
+                        cfgs = [jobs[i][0] for i, *_ in chunk]
+                        loaders = [classification.make_loaders(c, t, e, settings.device)[0]
+                                   for c, (t, e) in zip(cfgs, data)]
+                        limit = measured_runs_per_batch(cfgs, models, loaders, settings)
+                        if runtime.is_main():
+                            print(f"{limit} runs per batch (measured)", flush=True)
+                cfgs = [jobs[i][0] for i, *_ in chunk]
+                tic = time.perf_counter()
+                outcomes = fit_batched(cfgs, models, [t for t, _ in data], [e for _, e in data], settings,
+                                       [files.state for _, files, *_ in chunk])
+                session = time.perf_counter() - tic
+            for (i, files, checkpoint, backbone), model, outcome in zip(chunk, models, outcomes):
+                cfg, protocol, source = jobs[i]
+                if outcome.diverged:
+                    body, model = {"failed": outcome.diverged, "final": {}, "history": outcome.history}, None
+                    print(f"{files.result.name}: {outcome.diverged}; recorded as failed, the batch goes on")
+                else:
+                    body = {"history": outcome.history, "final": outcome.final, **runtime.learned_gates(model),
+                            "wall_seconds": outcome.elapsed_before + session / len(chunk),
+                            "wall_seconds_this_session": session / len(chunk),
+                            "train_seconds": outcome.train_seconds, "eval_seconds": outcome.eval_seconds,
+                            "compiled": outcome.compile, "batched_runs": len(chunk)}
+                result = results.new_result(cfg, protocol, source, settings, body, runtime.code_version(), backbone)
+                if runtime.is_main():
+                    results.write_run(files, result, None if model is None else model.prompt_state_dict(),
+                                      pack_of(model, cfg, protocol, settings, body["final"], checkpoint))
+                    print(f"wrote {files.result}")
+                out[i] = result
+                results.release_cell(files)
+                held.remove(files)
+    finally:
+        for files in held:
+            results.release_cell(files)
+    return out

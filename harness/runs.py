@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from harness import batched
 from harness import classification
 from harness import config
 from harness import inputs
@@ -240,12 +241,7 @@ def run_queue(jobs, settings):
         return [done[order.index(i)] for i in range(len(jobs))]
     workers = settings.workers or (torch.cuda.device_count() if settings.device.type == "cuda" else 1)
     if workers <= 1 or len(jobs) <= 1 or runtime.world()[1] > 1:
-        done = []
-        for i, (cfg, protocol, source) in enumerate(jobs):
-            if len(jobs) > 1 and runtime.is_main():
-                print(f"=== run {i + 1}/{len(jobs)}: {results.run_name(cfg, protocol)}")
-            done.append(run_one(cfg, protocol, settings, source))
-        return done
+        return batched.run_jobs(jobs, settings, run_one, pack_of)   # runs of one graph key share batches
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     ctx = multiprocessing.get_context("spawn")

@@ -68,6 +68,8 @@ class Settings:
     mirror: str = None              # base URL replacing the official hosts
     workers: int = None             # independent runs at once, each its own process (default: one per GPU)
     kernels: tuple = ()             # opt-in kernels.KERNELS switched on in the placed model (none by default)
+    runs_per_batch: int = None      # runs of one graph key trained in one batch (harness.batched): None = as many
+    #                                 as the device's memory holds (measured); 1 = every run alone (official code)
 
     @property
     def cache_folder(self):

@@ -166,3 +166,30 @@ def test_a_killed_batched_job_resumes_to_bitwise_the_uninterrupted_results(tmp_p
     assert a["final"] == b["final"] and a["loss"] == b["loss"] and len(a["loss"][0]) == 5
     for x, y in zip(a["state"], b["state"]):
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_a_sweep_through_the_queue_trains_its_points_in_one_batch_each_with_its_own_files(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """runs.run_cells with --sweep on a VTAB fixture (real JPEGs, a checkpoint file): the 3 lr points train in one
+    batch, each leaves its own result, prompts and pack; with prompt dropout off their val accuracies and trained
+    prompts are those of the same points run one at a time (runs_per_batch 1, the official code's way)."""
+    import fixtures
+    from test_reproduce import write_tiny_mae_checkpoint, tiny_cell
+    from harness import results, runs
+    fixtures.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "dtd")
+    ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
+    monkeypatch.setattr(config, "sweep_grid", lambda cfg: [{"lr": 0.1}, {"lr": 0.5}, {"lr": 2.0}])
+    cell = tiny_cell(prompt_dropout=0.0)
+    outs = {}
+    for per_batch in (None, 1):
+        s = settings(tmp_path / str(per_batch), checkpoint=str(ckpt), data_dir=str(tmp_path / "data"),
+                     runs_per_batch=per_batch)
+        (best,), _ = runs.run_cells([cell], s, sweep=True)
+        outs[per_batch] = [results.run_files(s.results_dir, cell.replace(lr=lr), "sweep") for lr in (0.1, 0.5, 2.0)]
+    assert "in batches" in capsys.readouterr().out
+    for together, alone in zip(outs[None], outs[1]):
+        a, b = results.read_result(together.result), results.read_result(alone.result)
+        assert a["batched_runs"] == 3 and "batched_runs" not in b
+        assert a["final"] == b["final"] and together.pack.is_file() and together.prompts.is_file()
+        pa, pb = torch.load(together.prompts), torch.load(alone.prompts)
+        assert all(torch.allclose(pa[k], pb[k], atol=1e-5) for k in pb)
