@@ -461,3 +461,108 @@ def time_segmentation_lever(args, device, levers):
           f"{rows['today']['iters_per_s']:.3f} -> {ratio:.3f}x", flush=True)
     return {"kernels": list(levers), "batch_size": batch, "crop_size": run["cfg"].img_size, "today": rows["today"],
             "lever": rows["lever"], "ratio": ratio}
+
+# -----------------------------------------------------------------------------
+# --report's mini Table 2: whole runs one at a time (as before: compiler reset per run, a state every epoch) vs
+# runs of one graph key batched (harness.batched) and compiled once, in one process
+
+
+def mini_table_configs(arch="tiny", runs_per_key=6, epochs=3, img_size=32):
+    """A mini Table 2 of 2 * runs_per_key runs: two methods (two graph keys) x tasks of different class counts x
+    seeds, the paper's recipe on a small model, 64 generated training images at batch 16 (4 steps an epoch)."""
+    arch_name, overrides = arch_spec(arch)
+    overrides = dict(overrides or {}, patch_size=8) if arch == "tiny" else overrides
+    tasks = ("dtd", "eurosat", "oxford_iiit_pet")
+    cfgs = []
+    for method in ("gated+temp", "vpt-deep"):
+        for i in range(runs_per_key):
+            cfgs.append(config.resolve(tasks[i % len(tasks)], SSL, method, arch=arch_name, arch_overrides=overrides,
+                                       img_size=img_size, epochs=epochs, warmup_epochs=1, batch_size=16,
+                                       num_prompts=4, seed=42 + i // len(tasks)))
+    return cfgs
+
+
+def mini_table_data(cfg):
+    """64 generated training images and 32 test images of the run's task, at the run's size."""
+    train = synthetic_split(cfg.task, "train", 64, cfg.img_size, seed=cfg.seed)
+    return train, {"test": synthetic_split(cfg.task, "test", 32, cfg.img_size, seed=cfg.seed + 1)}
+
+
+def mini_table_model(cfg):
+    """The run's model on one backbone (random weights seeded 0, as one checkpoint), prompts and head seeded by
+    the run."""
+    runtime.seed_everything(0)
+    backbone = config.model_from_config(cfg, cfg.head_size(), verbose=False).backbone_state_dict()
+    runtime.seed_everything(cfg.seed)
+    model = config.model_from_config(cfg, cfg.head_size(), verbose=False)
+    model.load_state_dict(backbone, strict=False)
+    return model
+
+
+def time_mini_table(device, compile="aot_eager", arch="tiny", runs_per_key=6, epochs=3):
+    """Seconds for the mini Table 2 one run at a time as before (runtime.reset_compiler before every run, the
+    resumable state every epoch) and batched with graphs compiled once per key (batched.fit_batched, state every
+    runtime.SAVE_EVERY epochs), in this process, and their ratio. `compile`: the torch.compile backend (on a CPU
+    "aot_eager": dynamo's and AOTAutograd's tracing, the fixed cost a run pays, without inductor's codegen)."""
+    from harness import batched
+    cfgs = mini_table_configs(arch, runs_per_key, epochs)
+    settings = runtime.Settings(device=device, bf16=False, compile=compile, quiet=True)
+    data = [mini_table_data(c) for c in cfgs]
+    save_every = runtime.SAVE_EVERY
+    with tempfile.TemporaryDirectory() as tmp, runtime.flush_denormals(device):
+        runtime.SAVE_EVERY = 1
+        try:
+            tic = time.perf_counter()
+            alone = []
+            for i, (cfg, (train, evals)) in enumerate(zip(cfgs, data)):
+                runtime.reset_compiler()
+                outcome = classification.fit(cfg, mini_table_model(cfg), train, evals, settings,
+                                             Path(tmp) / f"alone{i}.pt")
+                alone.append(outcome.final["test_acc"])
+            alone_s = time.perf_counter() - tic
+        finally:
+            runtime.SAVE_EVERY = save_every
+        runtime.reset_compiler()
+        tic = time.perf_counter()
+        together, jobs = [], 0
+        for key_cfgs in _by_key(cfgs):
+            idx = [cfgs.index(c) for c in key_cfgs]
+            outcomes = batched.fit_batched(key_cfgs, [mini_table_model(c) for c in key_cfgs],
+                                           [data[i][0] for i in idx], [data[i][1] for i in idx], settings,
+                                           [Path(tmp) / f"batched{i}.pt" for i in idx])
+            together += [o.final["test_acc"] for o in outcomes]
+            jobs += 1
+        batched_s = time.perf_counter() - tic
+    return {"runs": len(cfgs), "graph_keys": jobs, "epochs": epochs, "arch": arch, "compile": str(compile),
+            "device": runtime.device_name(device), "one_at_a_time_s": alone_s, "batched_s": batched_s,
+            "ratio": alone_s / batched_s}
+
+
+def _by_key(cfgs):
+    order = classification.by_graph_key(cfgs)
+    groups = {}
+    for i in order:
+        groups.setdefault(classification.graph_key(cfgs[i]), []).append(cfgs[i])
+    return list(groups.values())
+
+
+def format_mini_table(r):
+    return (f"mini Table 2 ({r['runs']} runs, {r['graph_keys']} graph keys, {r['epochs']} epochs, {r['arch']}, "
+            f"compile backend {r['compile']}, {r['device']}): one at a time {r['one_at_a_time_s']:.1f} s, batched + "
+            f"compiled once {r['batched_s']:.1f} s: {r['ratio']:.2f}x")
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    p = argparse.ArgumentParser(description="the mini Table 2 fixed-cost ratio (one at a time vs batched)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", default="aot_eager", help="torch.compile backend (inductor on a GPU)")
+    p.add_argument("--runs-per-key", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    result = time_mini_table(torch.device(a.device), a.compile, runs_per_key=a.runs_per_key, epochs=a.epochs)
+    print(format_mini_table(result))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))

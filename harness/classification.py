@@ -11,8 +11,8 @@ on train / train800 and reports the last epoch's val / val200 accuracy.
 Speed without changing the math: every batch has the full batch size (the last one is padded with rows whose
 label batches.PAD_LABEL the loss and the accuracy ignore), so torch.compile builds one training graph and one
 evaluation graph of the backbone per run (the head runs eager: classifier_forward); the step never syncs with
-the host, and an epoch waits for the device twice -- after its last step, for its timing, and when its metrics
-and the resumable state come back together -- unless a progress bar is shown. Every result records how many
+the host, and an epoch waits for the device once -- when its metrics (and, every runtime.SAVE_EVERY epochs, the
+resumable state) come back together -- unless a progress bar is shown. Every result records how many
 step calls actually ran a compiled graph (runtime.compile_record).
 """
 import math
@@ -172,7 +172,7 @@ def fit(cfg, model, train_split, eval_splits, settings, state_path):
     the tests call it): place the model, build the loaders, train with the paper's recipe (resumable after
     every epoch at `state_path`), evaluate. eval_splits: {"test" | "val" | "val200": split}. Returns an Outcome."""
     if settings.compile:
-        runtime.reset_compiler()
+        runtime.enter_graph_key(graph_key(cfg, settings))
     tic = time.perf_counter()
     runtime.place_model(model, settings.device, settings.bf16, settings.kernels)
     on_device = fits_on_gpu([train_split, *eval_splits.values()], settings.device)
@@ -183,6 +183,29 @@ def fit(cfg, model, train_split, eval_splits, settings, state_path):
     outcome = train(cfg, model, train_loader, eval_loaders, settings, state_path)
     outcome.setup_seconds, outcome.images_on_device = setup_seconds, on_device
     return outcome
+
+
+# What a config's compiled graphs do not depend on: the head runs eager, and lr, weight decay and the schedule act
+# in the optimizer; every other field (and any new one) is part of the graph key.
+NOT_IN_GRAPH = ("task", "num_classes", "lr", "weight_decay", "momentum", "seed", "epochs", "warmup_epochs", "iters",
+                "gate_init", "recipe")
+
+
+def graph_key(cfg, settings=None):
+    """What shapes a run's compiled graphs (ssl, arch, method, prompts, batch, image size, dropout, precision):
+    runs of one process with equal keys reuse one set of graphs (runtime.enter_graph_key); the queue runs them
+    one after another."""
+    fields = tuple(sorted((k, repr(v)) for k, v in cfg.identity().items() if k not in NOT_IN_GRAPH))
+    where = () if settings is None else (str(settings.device), settings.bf16, repr(settings.compile),
+                                         settings.compile_mode, tuple(settings.kernels))
+    return (type(cfg).__name__,) + fields + where
+
+
+def by_graph_key(cfgs):
+    """Indices of `cfgs` with runs of one graph key next to each other (keys in order of first appearance)."""
+    first = {}
+    keys = [first.setdefault(graph_key(c), len(first)) for c in cfgs]
+    return sorted(range(len(cfgs)), key=keys.__getitem__)
 
 
 def train_epoch(step, model, loader, epoch, epochs, device, quiet, log_every=25):
@@ -209,8 +232,10 @@ def train_epoch(step, model, loader, epoch, epochs, device, quiet, log_every=25)
 
 
 def train(cfg, model, train_loader, eval_loaders, settings, state_path):
-    """The paper's recipe, resumable after every epoch. Returns an Outcome. An epoch's seconds run from the
-    device sync before its first step to the one after its last (the steps queue up without syncing)."""
+    """The paper's recipe, resumable: the state is saved every runtime.SAVE_EVERY epochs and after the last (a
+    kill loses at most those epochs). Returns an Outcome. An epoch waits for the device once, when its metrics
+    (and a due state) come back; its seconds run from the previous epoch's read-back to its own (the steps queue
+    up without syncing)."""
     device = settings.device
     optimizer = runtime.make_optimizer(decay_groups(model, cfg.weight_decay), cfg.lr, cfg.momentum, cfg.weight_decay,
                                        device)
@@ -223,27 +248,30 @@ def train(cfg, model, train_loader, eval_loaders, settings, state_path):
     history, start, best, elapsed_before = ([], 0, {"val_acc": -1.0, "epoch": None, "state": None}, 0.0) \
         if state is None else (state["history"], state["step"] + 1, state["extra"]["best"], state["extra"]["elapsed"])
     track_val = "val" in eval_loaders and len(eval_loaders) > 1  # FGVC final: best-val epoch alongside
-    tic = time.perf_counter()
+    saved = state is not None
+    runtime.synchronize(device)
+    tic = epoch_tic = time.perf_counter()
     for epoch in range(start, cfg.epochs):
-        runtime.synchronize(device)
-        epoch_tic = time.perf_counter()
         stats = train_epoch(step, model, train_loader, epoch, cfg.epochs, device, settings.quiet)
-        runtime.synchronize(device)
-        seconds = time.perf_counter() - epoch_tic
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        pending = {"stats": stats, "state": runtime.training_state(model, optimizer, scheduler, epoch)}
+        save = runtime.save_due(epoch, cfg.epochs)
+        pending = {"stats": stats}
+        if save:
+            pending["state"] = runtime.training_state(model, optimizer, scheduler, epoch)
         if track_val:
             pending["val"] = evaluate(eval_step, model, eval_loaders["val"])
             pending["candidate"] = {k: v.detach().clone() for k, v in model.prompt_state_dict().items()}
-        host = runtime.to_host(pending)   # the epoch's one read-back
-        record, best = epoch_record(host, epoch, lr, seconds, best, track_val)
+        host = runtime.to_host(pending)   # the epoch's one read-back (and its one device sync)
+        seconds, epoch_tic = time.perf_counter() - epoch_tic, time.perf_counter()
+        record, best = epoch_record(host, epoch, lr, seconds, best, track_val, saved)
         history.append(record)
-        if runtime.is_main():
+        if save and runtime.is_main():
+            saved = True
             runtime.save_training_state(state_path, host["state"], history, cfg.identity(),
                                         elapsed_before + time.perf_counter() - tic, best=best)
-            if not settings.quiet:
-                tqdm.write(f"epoch {epoch + 1:3d}  loss {record['loss']:.4f}  train {record['train_acc']:.2f}  "
+        if runtime.is_main() and not settings.quiet:
+            tqdm.write(f"epoch {epoch + 1:3d}  loss {record['loss']:.4f}  train {record['train_acc']:.2f}  "
                            + (f"val {record['val_acc']:.2f}  " if track_val else "")
                            + f"{record['images_per_second']:.1f} img/s")
     train_seconds = time.perf_counter() - tic
@@ -253,11 +281,11 @@ def train(cfg, model, train_loader, eval_loaders, settings, state_path):
                    compile=runtime.compile_record(settings.compile, train=step.compiled, eval=eval_step.compiled))
 
 
-def epoch_record(host, epoch, lr, seconds, best, track_val):
+def epoch_record(host, epoch, lr, seconds, best, track_val, state_saved):
     """(the epoch's history record, the best-val record so far) from the epoch's host copy; stops on NaN."""
     s = host["stats"]
     loss = float(s["loss_sum"]) / max(1, int(s["seen"]))
-    runtime.check_finite(loss, f"epoch {epoch + 1}", state_saved=epoch > 0)
+    runtime.check_finite(loss, f"epoch {epoch + 1}", state_saved)
     record = {"epoch": epoch + 1, "loss": loss, "train_acc": accuracy(s["correct"], s["seen"]), "lr": lr,
               "seconds": seconds, "images_per_second": int(s["seen"]) / seconds}
     if track_val:

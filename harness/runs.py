@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from harness import batched
 from harness import classification
 from harness import config
 from harness import inputs
@@ -338,17 +339,18 @@ def run_demo(cfgs, settings, lr_source="recipe"):
 
 
 def run_queue(jobs, settings, skipped=None):
-    """Independent runs (config, protocol, lr source), in order. With several workers (default: one per visible
-    GPU), that many processes each take one GPU and run one job at a time; results come back in job order either
-    way, None for a run another process holds (its name appended to `skipped`). A stop signal stops every worker
-    after its current step and cancels the runs not started."""
+    """Independent runs (config, protocol, lr source), runs of one graph key one after another (their compiled
+    graphs are reused) and, on one worker, trained in batches (harness/batched.py). With several workers
+    (default: one per visible GPU), that many processes each take one GPU and run one job at a time. Results come
+    back in job order either way, None for a run another process holds (its name appended to `skipped`). A stop
+    signal stops every worker after its current step and cancels the runs not started."""
+    order = classification.by_graph_key([cfg for cfg, _, _ in jobs])   # runs sharing compiled graphs in a row
+    if order != list(range(len(jobs))):
+        done = run_queue([jobs[i] for i in order], settings, skipped)
+        return [done[order.index(i)] for i in range(len(jobs))]
     workers = settings.workers or (torch.cuda.device_count() if settings.device.type == "cuda" else 1)
     if workers <= 1 or len(jobs) <= 1 or runtime.world()[1] > 1:
-        done = []
-        for i, (cfg, protocol, source) in enumerate(jobs):
-            if len(jobs) > 1 and runtime.is_main():
-                print(f"=== run {i + 1}/{len(jobs)}: {results.run_name(cfg, protocol)}")
-            done.append(run_one(cfg, protocol, settings, source))
+        done = batched.run_jobs(jobs, settings, run_one, pack_of)   # runs of one graph key share batches
     else:
         done = _run_pool(jobs, settings, workers)
     if skipped is not None:

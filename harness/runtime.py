@@ -7,8 +7,9 @@ Why the training step lives here and not in classification.py: the segmentation 
 with the same step, optimizer and placement; kept in classification.py they would make segmentation import the
 classification module. Nothing here knows a task, a dataset or a model class.
 
-Process-wide state, all of it here: torch.compile's caches (`reset_compiler`, called at the start of every
-compiled run) and the result of the start-up compile check (`check_compile`, once per device and setting)."""
+Process-wide state, all of it here: torch.compile's backends and caches (one backend per setting, graphs kept
+between runs of the same graph key: `enter_graph_key`, `reset_compiler`) and the result of the start-up compile
+check (`check_compile`, once per device and setting)."""
 import contextlib
 import dataclasses
 import errno
@@ -72,6 +73,8 @@ class Settings:
     mirror: str = None              # base URL replacing the official hosts
     workers: int = None             # independent runs at once, each its own process (default: one per GPU)
     kernels: tuple = ()             # opt-in kernels.KERNELS switched on in the placed model (none by default)
+    runs_per_batch: int = None      # runs of one graph key trained in one batch (harness.batched): None = as many
+    #                                 as the device's memory holds (measured); 1 = every run alone (official code)
 
     @property
     def cache_folder(self):
@@ -331,6 +334,14 @@ STATE_FORMAT = 2   # the layout of a training state: tensors and plain values on
 STATE_KEYS = ("format", "model", "optimizer", "scheduler", "step", "rng", "history", "extra")
 
 
+SAVE_EVERY = 5   # epochs between resumable states: a kill loses at most these; each save costs a host copy
+
+
+def save_due(epoch, epochs):
+    """Whether the state is saved after (0-based) `epoch` of `epochs`: every SAVE_EVERY epochs and after the last."""
+    return (epoch + 1) % SAVE_EVERY == 0 or epoch + 1 == epochs
+
+
 def save_training_state(path, host_state, history, config, elapsed, **extra):
     """Write a resumable state: training_state's host copy, the history so far, and `extra` = the run's config
     identity (resume_or_start refuses a state of another config), the seconds spent so far, and what else the
@@ -573,21 +584,44 @@ def compile_failure(err, device):
     return f"torch.compile cannot build on {device_name(device)}: missing {missing}; pass --no-compile to run eager"
 
 
+# Graphs are kept between the runs of a process: a run whose graph key (classification.graph_key: what shapes the
+# compiled graphs) was compiled before reuses them -- dynamo lifts the parameters of a module into graph inputs, so
+# a new model of the same shape passes the guards, given the SAME backend object (one per setting, _BACKENDS). The
+# graphs of all keys sit on the same code objects, under dynamo's recompile limit: KEYS_PER_CACHE keys fit (the
+# limit is raised to match), and the cache is emptied before a new key would go beyond it, never letting a run
+# fall back to eager.
+KEYS_PER_CACHE = 16     # Table 2 has 13 graph keys
+GRAPHS_PER_KEY = 4      # the training and the evaluation backbone, with room to spare
+_BACKENDS = {}
+_GRAPH_KEYS = set()
+_COUNTS = {"graphs": 0, "graph_runs": 0}   # graphs built and compiled-graph calls, process-wide
+
+
 def reset_compiler():
-    """Empty dynamo's caches (process-wide). dynamo keys its compiled graphs and its recompile limit (8) on the
-    code objects of the step functions, which are the same for every run in a process: without a reset, the 9th
-    distinct configuration would silently run eager. Every compiled run calls this first; inductor's on-disk
-    cache still serves graphs compiled before."""
+    """Empty dynamo's caches (process-wide) and forget which graph keys were compiled. Inductor's on-disk cache
+    still serves graphs compiled before."""
     torch._dynamo.reset()
+    _GRAPH_KEYS.clear()
 
 
-class Compiled:
-    """`fn` under torch.compile (static shapes), counting its calls and how many of them ran a compiled graph
-    (dynamo falls back to eager at its recompile limit, silently): `calls`, `compiled_calls`, `graphs`."""
+def enter_graph_key(key):
+    """Before a compiled run with graph key `key`: "reused" when this process compiled the key's graphs already
+    (they are kept), else "cold" (emptying dynamo's caches first when KEYS_PER_CACHE other keys are held)."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, KEYS_PER_CACHE * GRAPHS_PER_KEY)
+    if key in _GRAPH_KEYS:
+        return "reused"
+    if len(_GRAPH_KEYS) >= KEYS_PER_CACHE:
+        reset_compiler()
+    _GRAPH_KEYS.add(key)
+    return "cold"
 
-    def __init__(self, fn, compile, mode=None):
-        self.calls = self.compiled_calls = self.graphs = 0
-        self._graph_runs = 0
+
+def compile_backend(compile, mode=None):
+    """The process's one counting backend for a setting (True / "inductor", a backend name, or a backend object),
+    so that graphs compiled for one run serve the next. It counts built graphs and calls that ran one (_COUNTS)."""
+    key = (compile if isinstance(compile, (bool, str)) else id(compile), mode)
+    if key not in _BACKENDS:
         if compile is True or isinstance(compile, str):
             from torch._inductor.compile_fx import compile_fx
             patches = {"max_autotune": True, "triton.cudagraphs": False} if mode == "max-autotune" else None
@@ -597,20 +631,33 @@ class Compiled:
             backend = compile
 
         def counting(gm, example_inputs):
-            self.graphs += 1
+            _COUNTS["graphs"] += 1
             graph = backend(gm, example_inputs)
 
             def run(*args):
-                self._graph_runs += 1
+                _COUNTS["graph_runs"] += 1
                 return graph(*args)
             return run
-        self.fn = torch.compile(fn, dynamic=False, backend=counting)
+        _BACKENDS[key] = (compile, counting)   # keeps a backend object alive: its id stays its own
+    return _BACKENDS[key][1]
+
+
+class Compiled:
+    """`fn` under torch.compile (static shapes) with the process's backend for the setting (compile_backend),
+    counting its calls, how many of them ran a compiled graph (dynamo falls back to eager at its recompile limit,
+    silently) and how many graphs its calls built (0: every call reused graphs compiled before): `calls`,
+    `compiled_calls`, `graphs`."""
+
+    def __init__(self, fn, compile, mode=None):
+        self.calls = self.compiled_calls = self.graphs = 0
+        self.fn = torch.compile(fn, dynamic=False, backend=compile_backend(compile, mode))
 
     def __call__(self, *args, **kwargs):
-        before = self._graph_runs
+        graphs, runs = _COUNTS["graphs"], _COUNTS["graph_runs"]
         out = self.fn(*args, **kwargs)
         self.calls += 1
-        self.compiled_calls += self._graph_runs > before
+        self.compiled_calls += _COUNTS["graph_runs"] > runs
+        self.graphs += _COUNTS["graphs"] - graphs
         return out
 
 
@@ -622,15 +669,19 @@ def compiled(fn, compile, mode=None):
 
 
 def compile_record(compile, **fns):
-    """What a result keeps of torch.compile: the setting, and per step function the calls that ran a compiled
-    graph out of all calls, counted; warns when compile was on but some calls ran eager."""
+    """What a result keeps of torch.compile: the setting, per step function the calls that ran a compiled graph
+    out of all calls, counted, and "graphs": "cold" (this run built graphs), "reused" (every call ran graphs an
+    earlier run of this process built) or "eager" (compile off, or some call ran eager); warns when compile was on
+    but some calls ran eager."""
     counts = {name: [fn.compiled_calls, fn.calls] for name, fn in fns.items() if isinstance(fn, Compiled)}
     eager = {name: c for name, c in counts.items() if c[0] < c[1]}
     if compile and eager and is_main():
         print("WARNING: torch.compile was on but these steps ran eager: "
               + ", ".join(f"{name} {c[1] - c[0]} of {c[1]}" for name, c in eager.items()), flush=True)
-    return {"compile": bool(compile), "compiled_calls": counts,
-            "all_compiled": bool(compile) and bool(counts) and not eager}
+    all_compiled = bool(compile) and bool(counts) and not eager
+    graphs = "eager" if not all_compiled else "cold" if any(fn.graphs for fn in fns.values()
+                                                            if isinstance(fn, Compiled)) else "reused"
+    return {"compile": bool(compile), "compiled_calls": counts, "all_compiled": all_compiled, "graphs": graphs}
 
 # --- the training step (classification, segmentation and the benchmark) --------
 

@@ -313,7 +313,7 @@ def test_sweep_picks_the_best_val_lr_then_runs_the_seeds(monkeypatch, tmp_path):
     monkeypatch.setattr(runs, "run_one", fake_run_one)
     monkeypatch.setattr(config, "sweep_grid", lambda cfg: [{"lr": 0.05}, {"lr": 0.1}, {"lr": 0.25}])
     cfg = config.resolve("dtd")
-    (best,), _ = runs.run_cells([cfg], settings(tmp_path), sweep=True, seeds=2)
+    (best,), _ = runs.run_cells([cfg], settings(tmp_path, runs_per_batch=1), sweep=True, seeds=2)   # run_one
     assert best.lr == 0.1   # a tie goes to the smaller lr, as VPT's tuner
     assert calls == [("sweep", 0.05, 42, "sweep grid"), ("sweep", 0.1, 42, "sweep grid"),
                      ("sweep", 0.25, 42, "sweep grid"), ("final", 0.1, 42, "sweep"), ("final", 0.1, 43, "sweep")]
@@ -882,12 +882,13 @@ def test_a_diverging_sweep_point_is_recorded_as_failed_and_the_sweep_goes_on(tmp
         return {"final": {"val200_acc" if protocol == "sweep" else "test_acc": 10 * cfg.lr}, "history": []}, None
     monkeypatch.setattr(classification, "run_classification", run)
     monkeypatch.setattr(config, "sweep_grid", lambda cfg: [{"lr": 0.5}, {"lr": 1.0}, {"lr": 5.0}])
-    (best,), _ = runs.run_cells([tiny_cell()], settings(tmp_path, checkpoint=str(ckpt)), sweep=True)
+    alone = settings(tmp_path, checkpoint=str(ckpt), runs_per_batch=1)   # through run_classification, faked
+    (best,), _ = runs.run_cells([tiny_cell()], alone, sweep=True)
     out = capsys.readouterr().out
     assert best.lr == 1.0 and "lr 5: failed (diverged)" in out and "-> lr 1" in out
     failed = results.run_files(tmp_path / "results", tiny_cell().replace(lr=5.0), "sweep").result
     assert "nan at epoch 2" in json.loads(failed.read_text())["failed"]
-    runs.run_cells([tiny_cell()], settings(tmp_path, checkpoint=str(ckpt)), sweep=True)
+    runs.run_cells([tiny_cell()], alone, sweep=True)
     assert trained.count(("sweep", 5.0)) == 1   # the failure is remembered, not retried
 
 

@@ -67,8 +67,10 @@ def test_non_finite_loss_stops_the_run_with_a_message(tmp_path):
     assert not err.value.state_saved and not (tmp_path / "state.pt").exists()
 
 
-def test_a_non_finite_loss_after_the_first_epoch_keeps_the_last_good_state(tmp_path):
-    """Epoch 1 runs at lr 0 (warm-up from 0) and saves its state; epoch 2 at lr 1e30 blows up."""
+def test_a_non_finite_loss_after_the_first_epoch_keeps_the_last_good_state(tmp_path, monkeypatch):
+    """Epoch 1 runs at lr 0 (warm-up from 0) and saves its state (a state every epoch here); epoch 2 at lr 1e30
+    blows up."""
+    monkeypatch.setattr(runtime, "SAVE_EVERY", 1)
     with pytest.raises(runtime.NonFiniteLoss, match="loss became .* at epoch 2") as err:
         tiny_run(tiny_demo(num_classes=5, lr=1e30, epochs=3, warmup_epochs=1), tmp_path)
     assert err.value.state_saved
@@ -168,41 +170,76 @@ def test_many_runs_in_one_process_all_run_compiled(tmp_path):
     compiled graph, and the result must say so (counted, not the setting). Each run: 2 images per class at
     batch 8, 2 epochs; one eval batch (256)."""
     backend = CountingBackend()
-    runs = [(2, 1), (7, 1), (3, 2), (3, 3)]
-    with torch._dynamo.config.patch(recompile_limit=2):   # one run: a training and an evaluation graph
-        for n, (classes, prompts) in enumerate(runs):
-            cfg = tiny_demo(num_classes=classes, epochs=2, warmup_epochs=0, batch_size=8)
-            cfg = cfg.replace(num_prompts=prompts, insert_at=1)
-            torch.manual_seed(0)
-            model = config.model_from_config(cfg, classes, verbose=False)
-            images, labels = datasets.make_synthetic_images(classes, 2, 40, seed=0)
-            split = datasets.ImageSplit.from_dense("demo", "train", images, labels)
-            calls_before = backend.calls
-            outcome = classification.fit(cfg, model, split, {"test": split}, settings(tmp_path, compile=backend),
-                                         tmp_path / f"state{n}.pt")
-            steps = 2 * math.ceil(2 * classes / 8)
-            assert backend.calls - calls_before >= steps + 1, f"run {n + 1} ({classes} classes, {prompts} prompts) ran eager"
-            assert outcome.compile == {"compile": True, "compiled_calls": {"train": [steps, steps], "eval": [1, 1]},
-                                       "all_compiled": True}, f"run {n + 1}"
+    runs = [(classes, 1) for classes in range(2, 12)] + [(3, 2), (3, 3)]
+    for n, (classes, prompts) in enumerate(runs):
+        cfg = tiny_demo(num_classes=classes, epochs=2, warmup_epochs=0, batch_size=8)
+        cfg = cfg.replace(num_prompts=prompts, insert_at=1)
+        torch.manual_seed(0)
+        model = config.model_from_config(cfg, classes, verbose=False)
+        images, labels = datasets.make_synthetic_images(classes, 2, 40, seed=0)
+        split = datasets.ImageSplit.from_dense("demo", "train", images, labels)
+        calls_before = backend.calls
+        outcome = classification.fit(cfg, model, split, {"test": split}, settings(tmp_path, compile=backend),
+                              tmp_path / f"state{n}.pt")
+        steps = 2 * math.ceil(2 * classes / 8)
+        assert backend.calls - calls_before >= steps + 1, f"run {n + 1} ({classes} classes, {prompts} prompts) ran eager"
+        assert outcome.compile == {"compile": True, "compiled_calls": {"train": [steps, steps], "eval": [1, 1]},
+                                   "all_compiled": True, "graphs": outcome.compile["graphs"]}, f"run {n + 1}"
+        assert outcome.compile["graphs"] in ("cold", "reused")
     torch._dynamo.reset()
 
 
-def test_a_run_that_fell_back_to_eager_says_so(tmp_path, capsys, monkeypatch):
-    """Without the reset between runs and with dynamo's recompile limit at 2 (one run's two graphs), a second
-    configuration runs eager (dynamo's silent fallback): its result counts 0 compiled calls and a warning is
-    printed."""
-    monkeypatch.setattr(runtime, "reset_compiler", lambda: None)
+def test_a_run_that_fell_back_to_eager_says_so(capsys):
+    """dynamo's silent fallback at its recompile limit (here 1: a second input shape runs eager) is counted and
+    recorded: the record says "eager", counts 0 compiled calls of the second shape, and warns."""
     torch._dynamo.reset()
-    outcomes = []
-    with torch._dynamo.config.patch(recompile_limit=2):   # one run: a training and an evaluation graph
-        for prompts in (1, 2):
-            cfg = tiny_demo(num_classes=5, epochs=1, warmup_epochs=0)
-            cfg = cfg.replace(num_prompts=prompts)
-            outcomes.append(tiny_run(cfg, tmp_path / str(prompts), compile=CountingBackend())[0].compile)
-    assert outcomes[0]["all_compiled"] and not outcomes[1]["all_compiled"]
-    assert outcomes[1]["compiled_calls"]["train"][0] == 0 < outcomes[1]["compiled_calls"]["train"][1]
-    assert "WARNING: torch.compile was on but these steps ran eager: train" in capsys.readouterr().out
+    double = runtime.Compiled(lambda x: x * 2, CountingBackend())
+    with torch._dynamo.config.patch(recompile_limit=1):
+        double(torch.ones(2))
+        double(torch.ones(3))
+    record = runtime.compile_record(True, train=double)
+    assert record["compiled_calls"] == {"train": [1, 2]} and record["graphs"] == "eager"
+    assert not record["all_compiled"]
+    assert "WARNING: torch.compile was on but these steps ran eager: train 1 of 2" in capsys.readouterr().out
     torch._dynamo.reset()
+
+
+def test_same_key_runs_in_one_process_compile_each_graph_once(tmp_path):
+    """Three runs of one graph key (other seeds, lr, gate init and head size), then a run of another key (more
+    prompts), then the first key again: dynamo builds the training and the evaluation graph once per key (counted
+    by its own counters), every call runs compiled, and each result says cold / reused."""
+    runtime.reset_compiler()
+    torch._dynamo.utils.counters.clear()
+    backend = CountingBackend()
+    base = tiny_demo(num_classes=4, epochs=1, warmup_epochs=0, batch_size=8)
+    cfgs = [base, base.replace(seed=1, lr=0.5), base.replace(seed=2, gate_init=2.0, num_classes=5),
+            base.replace(num_prompts=3), base.replace(seed=3)]
+    records = []
+    for n, cfg in enumerate(cfgs):
+        records.append(tiny_run(cfg, tmp_path / str(n), compile=backend)[0].compile)
+    assert [r["graphs"] for r in records] == ["cold", "reused", "reused", "cold", "reused"]
+    assert all(r["all_compiled"] for r in records)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4 == backend.graphs
+    assert classification.graph_key(cfgs[0]) == classification.graph_key(cfgs[2]) != \
+        classification.graph_key(cfgs[3])
+    assert classification.by_graph_key(cfgs) == [0, 1, 2, 4, 3]
+    runtime.reset_compiler()
+
+
+def test_more_graph_keys_than_fit_in_dynamos_cache_never_run_eager(tmp_path, monkeypatch):
+    """Past KEYS_PER_CACHE keys (here 1) the cache is emptied before a new key compiles, so every run stays
+    compiled, and never between runs of one key."""
+    monkeypatch.setattr(runtime, "KEYS_PER_CACHE", 1)
+    runtime.reset_compiler()
+    backend = CountingBackend()
+    records = []
+    with torch._dynamo.config.patch(recompile_limit=2):   # raised to KEYS_PER_CACHE * GRAPHS_PER_KEY
+        for n, prompts in enumerate((1, 2, 2)):
+            cfg = tiny_demo(num_classes=4, epochs=1, warmup_epochs=0, batch_size=8, num_prompts=prompts)
+            records.append(tiny_run(cfg, tmp_path / str(n), compile=backend)[0].compile)
+    assert [r["graphs"] for r in records] == ["cold", "cold", "reused"]
+    assert all(r["all_compiled"] for r in records)
+    runtime.reset_compiler()
 
 
 def test_every_sample_is_trained_on_and_padding_is_ignored(tmp_path):
@@ -289,6 +326,8 @@ def test_fused_sgd_takes_the_same_step_as_the_default():
 # --- resume ---------------------------------------------------------------------------------------
 
 def test_a_resumed_run_ends_with_the_same_numbers(tmp_path, monkeypatch):
+    """States every 2 epochs: a run stopped after its first save (epoch 2) resumes to the same numbers."""
+    monkeypatch.setattr(runtime, "SAVE_EVERY", 2)
     cfg = tiny_demo(num_classes=5, epochs=4)
     full, full_model = tiny_run(cfg, tmp_path / "a")
     (tmp_path / "b").mkdir()
@@ -296,8 +335,8 @@ def test_a_resumed_run_ends_with_the_same_numbers(tmp_path, monkeypatch):
 
     def save_then_crash(path, state, *args, **kwargs):
         real_save(path, state, *args, **kwargs)
-        saves.append(1)
-        if len(saves) == 2:
+        saves.append(torch.load(path, weights_only=False)["step"])
+        if len(saves) == 1:
             raise KeyboardInterrupt("killed after epoch 2")
     monkeypatch.setattr(runtime, "save_training_state", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
@@ -306,6 +345,7 @@ def test_a_resumed_run_ends_with_the_same_numbers(tmp_path, monkeypatch):
     with pytest.raises(runtime.UserError, match="another configuration"):   # the state belongs to this config only
         tiny_run(cfg.replace(gate_init=3.0), tmp_path / "b", resume=True)
     resumed, resumed_model = tiny_run(cfg, tmp_path / "b", resume=True)
+    assert saves == [1]   # the first save came after the second epoch (0-based 1)
     assert resumed.final == full.final and resumed.elapsed_before > 0
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     a, b = full_model.prompt_state_dict(), resumed_model.prompt_state_dict()

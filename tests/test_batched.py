@@ -1,0 +1,195 @@
+"""Many runs in one batch (harness.batched): each run's numbers are those of the same run trained alone, a
+diverging run leaves the batch without touching the others, and a killed batched job resumes to bitwise the
+uninterrupted results."""
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+
+from conftest import settings, tiny_demo
+from harness import batched
+from harness import classification
+from harness import config
+from harness import runtime
+from harness.data import datasets
+
+CPU = torch.device("cpu")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sweep_cfgs():
+    """Three runs of one graph key: an lr x weight decay x seed sweep (the tiny demo, no prompt dropout)."""
+    base = tiny_demo(num_classes=4, prompt_dropout=0.0, batch_size=8, epochs=3, warmup_epochs=1)
+    return [base.replace(lr=0.5, weight_decay=0.0), base.replace(lr=2.0, weight_decay=1e-3, seed=1),
+            base.replace(lr=0.1, weight_decay=1e-2, seed=2)]
+
+
+def model_of(cfg, dtype=torch.float32):
+    """The run's model (prompts and head drawn from its seed) on one random backbone, as a checkpoint would be."""
+    torch.manual_seed(0)
+    backbone = config.model_from_config(cfg, cfg.num_classes, verbose=False).backbone_state_dict()
+    torch.manual_seed(cfg.seed)
+    model = config.model_from_config(cfg, cfg.num_classes, verbose=False)
+    model.load_state_dict(backbone, strict=False)
+    return model.to(dtype)
+
+
+def batches_of(seed, steps, rows=8, classes=4):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, 3, 32, 32, generator=g, dtype=torch.float64),
+             torch.randint(0, classes, (rows,), generator=g)) for _ in range(steps)]
+
+
+def test_batched_runs_take_the_steps_of_their_solo_runs_in_float64():
+    """4 SGD steps (momentum, each run's own lr, weight decay with VPT's head-bias rule, its own images): every
+    trainable tensor of every run equals the run trained alone by runtime.make_train_step to 1e-10."""
+    cfgs = [c.replace(warmup_epochs=0) for c in sweep_cfgs()]   # the first epoch's lr factor is 1
+    data = [batches_of(100 + r, 4) for r in range(3)]
+    solo = []
+    for cfg, run_data in zip(cfgs, data):
+        model = model_of(cfg, torch.float64)
+        opt = runtime.make_optimizer(classification.decay_groups(model, cfg.weight_decay), cfg.lr, cfg.momentum,
+                                     cfg.weight_decay, CPU)
+        step = runtime.make_train_step(model, opt, classification.classification_loss, CPU, bf16=False)
+        model.train()
+        for images, labels in run_data:
+            step(images, labels)
+        solo.append(model.prompt_state_dict())
+    models = batched.share_backbone([model_of(c, torch.float64) for c in cfgs])
+    job = batched.Job(cfgs, models, [None] * 3, runtime.Settings(quiet=True), [0, 1, 2])
+    job.batch.train()
+    for parts in zip(*data):
+        job.step(torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]))
+    moved = 0
+    for model, expected in zip(models, solo):
+        got = model.prompt_state_dict()
+        assert set(got) == set(expected) and {"prompts", "gate_logits", "temperatures", "head.weight"} <= set(got)
+        for k in expected:
+            assert (got[k] - expected[k]).abs().max() < 1e-10, k
+        moved += (got["prompts"] - model_of(cfgs[0], torch.float64).prompts).abs().max() > 0
+    assert moved == 3
+
+
+def tiny_splits(seed, classes=4, per_class=4):
+    images, labels = datasets.make_synthetic_images(classes, per_class, 40, seed=seed)
+    split = datasets.ImageSplit.from_dense("demo", "train", images, labels)
+    return split, {"test": split}
+
+
+def fit_batched(cfgs, tmp_path, **kw):
+    models = [model_of(c) for c in cfgs]
+    splits = [tiny_splits(c.seed) for c in cfgs]
+    paths = [tmp_path / f"state{c.seed}-{c.lr}.pt" for c in cfgs]
+    return batched.fit_batched(cfgs, models, [s for s, _ in splits], [e for _, e in splits],
+                               settings(tmp_path, **kw), paths), models
+
+
+def test_a_diverging_run_leaves_the_batch_and_the_others_go_on(tmp_path):
+    """A run at lr 1e30 becomes NaN in its first epoch: recorded as diverged, no metrics; the two others end with
+    the numbers they reach in a batch without it (fp32: to rounding)."""
+    cfgs = sweep_cfgs()
+    wild = cfgs[1].replace(lr=1e30, seed=7)
+    with_wild, models = fit_batched([cfgs[0], wild, cfgs[2]], tmp_path / "a")
+    without, models_without = fit_batched([cfgs[0], cfgs[2]], tmp_path / "b")
+    assert with_wild[1].diverged.startswith("loss became nan") and with_wild[1].final == {}
+    assert len(with_wild[1].history) < 3
+    for got, expected, m, e in zip([with_wild[0], with_wild[2]], without, [models[0], models[2]], models_without):
+        assert got.diverged is None and len(got.history) == 3
+        assert abs(got.history[-1]["loss"] - expected.history[-1]["loss"]) < 1e-5
+        assert got.final == expected.final
+        a, b = m.prompt_state_dict(), e.prompt_state_dict()
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_runs_of_other_graph_keys_or_schedules_are_refused():
+    cfgs = sweep_cfgs()
+    try:
+        batched.check_batchable([cfgs[0], cfgs[1].replace(num_prompts=3)], [range(2), range(2)])
+    except ValueError as e:
+        assert "graph key" in str(e)
+    else:
+        raise AssertionError("two graph keys were batched")
+
+
+CHILD = """
+import sys, time, torch
+sys.path[:0] = [{repo!r}, {tests!r}]
+torch.set_num_threads(1)
+from pathlib import Path
+import test_batched as t
+from harness import runtime
+runtime.SAVE_EVERY = 2
+if {hang}:
+    real = runtime.save_training_state
+    saves = []
+    def save_then_hang(*args, **kwargs):
+        real(*args, **kwargs)
+        saves.append(1)
+        if len(saves) == 3:          # epoch 2's states of all three runs: a long run would go on here
+            print("saved", flush=True)
+            time.sleep(600)
+    runtime.save_training_state = save_then_hang
+outcomes, models = t.fit_batched(t.sweep_cfgs_long(), Path({path!r}), resume={resume})
+torch.save({{"final": [o.final for o in outcomes], "loss": [[h["loss"] for h in o.history] for o in outcomes],
+            "state": [m.prompt_state_dict() for m in models]}}, Path({path!r}) / "out.pt")
+"""
+
+
+def sweep_cfgs_long():
+    return [c.replace(epochs=5, prompt_dropout=0.1) for c in sweep_cfgs()]
+
+
+def child(tmp_path, hang, resume):
+    code = CHILD.format(repo=REPO, tests=os.path.join(REPO, "tests"), hang=hang, resume=resume, path=str(tmp_path))
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+def test_a_killed_batched_job_resumes_to_bitwise_the_uninterrupted_results(tmp_path):
+    """A real process trains 3 runs in one batch (prompt dropout on: the masks come from the saved RNG), is
+    killed (SIGKILL) after its epoch-2 states, and a new process resumes: every run's losses, metrics and trained
+    tensors equal bitwise those of an uninterrupted run (here, one thread as in the children)."""
+    (tmp_path / "cut").mkdir()
+    cut = child(tmp_path / "cut", hang=True, resume=False)
+    outcomes, models = fit_batched(sweep_cfgs_long(), tmp_path / "full")   # meanwhile, uninterrupted, here
+    a = {"final": [o.final for o in outcomes], "loss": [[h["loss"] for h in o.history] for o in outcomes],
+         "state": [m.prompt_state_dict() for m in models]}
+    assert cut.stdout.readline().strip() == "saved"
+    cut.send_signal(signal.SIGKILL)
+    cut.wait()
+    states = sorted(p.name for p in (tmp_path / "cut").glob("state*.pt"))
+    assert len(states) == 3 and not (tmp_path / "cut" / "out.pt").exists()
+    resumed = child(tmp_path / "cut", hang=False, resume=True)
+    assert resumed.wait() == 0
+    b = torch.load(tmp_path / "cut" / "out.pt")
+    assert a["final"] == b["final"] and a["loss"] == b["loss"] and len(a["loss"][0]) == 5
+    for x, y in zip(a["state"], b["state"]):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_a_sweep_through_the_queue_trains_its_points_in_one_batch_each_with_its_own_files(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """runs.run_cells with --sweep on a VTAB fixture (real JPEGs, a checkpoint file): the 3 lr points train in one
+    batch, each leaves its own result, prompts and pack; with prompt dropout off their val accuracies and trained
+    prompts are those of the same points run one at a time (runs_per_batch 1, the official code's way)."""
+    import fixtures
+    from test_reproduce import write_tiny_mae_checkpoint, tiny_cell
+    from harness import results, runs
+    fixtures.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "dtd")
+    ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
+    monkeypatch.setattr(config, "sweep_grid", lambda cfg: [{"lr": 0.1}, {"lr": 0.5}, {"lr": 2.0}])
+    cell = tiny_cell(prompt_dropout=0.0)
+    outs = {}
+    for per_batch in (None, 1):
+        s = settings(tmp_path / str(per_batch), checkpoint=str(ckpt), data_dir=str(tmp_path / "data"),
+                     runs_per_batch=per_batch)
+        (best,), _ = runs.run_cells([cell], s, sweep=True)
+        outs[per_batch] = [results.run_files(s.results_dir, cell.replace(lr=lr), "sweep") for lr in (0.1, 0.5, 2.0)]
+    assert "in batches" in capsys.readouterr().out
+    for together, alone in zip(outs[None], outs[1]):
+        a, b = results.read_result(together.result), results.read_result(alone.result)
+        assert a["batched_runs"] == 3 and "batched_runs" not in b
+        assert a["final"] == b["final"] and together.pack.is_file() and together.prompts.is_file()
+        pa, pb = torch.load(together.prompts), torch.load(alone.prompts)
+        assert all(torch.allclose(pa[k], pb[k], atol=1e-5) for k in pb)
