@@ -868,7 +868,7 @@ def read_checkpoint(path, trust_pickle=False):
     full (which runs whatever code the file carries: only for files you trust)."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        path = _weights_in_folder(path)
+        path = weights_in_folder(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
@@ -910,7 +910,7 @@ def read_checkpoint(path, trust_pickle=False):
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")   # what a Hugging Face model folder keeps its weights in
 
 
-def _weights_in_folder(folder):
+def weights_in_folder(folder):
     """The weights file of a Hugging Face model folder (save_pretrained, a hub snapshot); a CheckpointError says
     what the folder holds instead."""
     found = [name for name in HF_WEIGHTS if os.path.isfile(os.path.join(folder, name))]
@@ -928,7 +928,7 @@ def open_checkpoint(checkpoint, trust_pickle=False):
     an already-loaded state dict."""
     if isinstance(checkpoint, dict):
         return checkpoint, "<state dict>"
-    path = _weights_in_folder(checkpoint) if os.path.isdir(checkpoint) else os.fspath(checkpoint)
+    path = weights_in_folder(checkpoint) if os.path.isdir(checkpoint) else os.fspath(checkpoint)
     return read_checkpoint(path, trust_pickle)[0], path
 
 

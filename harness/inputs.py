@@ -11,6 +11,8 @@ With --download a missing file is fetched through downloads.py (checkpoints) and
 torchrun rank 0 goes first and the other ranks then find its result; parallel processes that are not ranks of
 one job (--workers, two commands) are kept apart by downloads.py's file locks.
 """
+import os
+
 import torch
 
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 from harness.data import datasets
 from harness.data import folders
 from harness import downloads
+import gated_prompt as gp
 from harness import config
 from harness.data import releases
 from harness import runtime
@@ -28,8 +31,8 @@ def checkpoint_for(cfg, settings):
     rank 0 first). None for the demo's random backbone."""
     if isinstance(cfg, config.DemoConfig):
         return None
-    if settings.checkpoint:
-        return settings.checkpoint
+    if settings.checkpoint:   # a Hugging Face model folder: the weights file inside it
+        return gp.weights_in_folder(settings.checkpoint) if os.path.isdir(settings.checkpoint) else settings.checkpoint
 
     def backbone_of_this_run():  # what a downloaded file must load into (checked on the meta device)
         with torch.device("meta"):

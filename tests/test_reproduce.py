@@ -421,6 +421,15 @@ def test_a_text_file_given_as_checkpoint_is_named_as_such(tmp_path, cli):
     assert out.returncode == 2 and "ckpt.pth is not a checkpoint file: it is text" in out.stderr
 
 
+def test_a_folder_given_as_checkpoint_is_one_line_naming_what_it_holds(tmp_path, cli):
+    """A folder (not a Hugging Face model folder) was a 22-line IsADirectoryError traceback."""
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "notes.txt").write_text("x")
+    out = cli("--task", "dtd", "--checkpoint", str(tmp_path / "weights"), "--results-dir", str(tmp_path / "r"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "is a folder" in out.stderr and "notes.txt" in out.stderr
+
+
 def test_prepare_finds_the_release_folder_and_names_real_flags(tmp_path, cli):
     pytest.importorskip("scipy")
     fixtures.write_release_fixture(tmp_path / "data" / "CUB_200_2011", "cub")
