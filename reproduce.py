@@ -43,7 +43,7 @@ DEFAULTS = dict(ssl="mae", method="gated+temp", seeds=1, data_dir="data", result
 # config.resolve against the task (e.g. --iters is ADE20K's).
 RUNTIME_FLAGS = ("results_dir", "device", "fp32", "no_compile", "print_config")
 RUN_FLAGS = ("sweep", "seeds", "resume", "data_dir", "checkpoint", "trust_pickle", "download", "mirror", "cache_dir",
-             "workers")
+             "workers", "no_batching")
 SLURM_FLAGS = ("slurm", "slurm_partition", "slurm_gpus", "slurm_cpus", "slurm_time", "slurm_account", "slurm_qos",
                "slurm_array_limit")
 NOT_WITH_SLURM = {"workers": "a job trains one run on one GPU", "device": "a job's GPU comes from --slurm-gpus",
@@ -123,6 +123,9 @@ def parse_args(argv):
     paths.add_argument("--no-compile", action="store_true", help="disable torch.compile on CUDA")
     paths.add_argument("--workers", type=int, default=None,
                        help="independent runs (sweep, seeds, --table N --run) in parallel, one per GPU (default: all GPUs)")
+    paths.add_argument("--no-batching", action="store_true",
+                       help="train every run alone, as the official code does (default: the runs of a sweep or "
+                            "queue that share a compiled graph and schedule train together in one batch)")
     slurm = p.add_argument_group("cluster: every run as a SLURM job through submitit (pip install submitit)")
     slurm.add_argument("--slurm", nargs="?", const="slurm", choices=["slurm", "local"],
                        help="submit each run (of a cell, --sweep, --seeds or --table N --run) as a SLURM job and "
@@ -212,7 +215,8 @@ def settings_from(args):
     return runtime.Settings.for_device(
         runtime.check_device(args.device), fp32=args.fp32, no_compile=args.no_compile, results_dir=args.results_dir,
         data_dir=args.data_dir, cache_dir=args.cache_dir, checkpoint=args.checkpoint, resume=args.resume,
-        trust_pickle=args.trust_pickle, download=args.download, mirror=args.mirror, workers=args.workers)
+        trust_pickle=args.trust_pickle, download=args.download, mirror=args.mirror, workers=args.workers,
+        runs_per_batch=1 if args.no_batching else None)
 
 
 def overrides_from(args):

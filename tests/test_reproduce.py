@@ -942,3 +942,11 @@ def test_a_dry_run_of_a_table_says_what_sweep_and_seeds_add(capsys):
 def test_several_refused_flags_are_named_in_one_sentence(capsys):
     code = reproduce.cli_main(["--table", "1", "--seeds", "0", "--data-dir", "x"])
     assert code == 2 and "--data-dir, --seeds do not apply to printing a table" in capsys.readouterr().err
+
+
+def test_no_batching_trains_every_run_alone_as_the_official_code():
+    """--no-batching reaches the runs as one run per batch; without it the queue batches (None: as many as fit)."""
+    import reproduce
+    args = reproduce.parse_args(["--task", "dtd", "--device", "cpu", "--no-batching"])
+    assert reproduce.settings_from(args).runs_per_batch == 1
+    assert reproduce.settings_from(reproduce.parse_args(["--task", "dtd", "--device", "cpu"])).runs_per_batch is None
