@@ -334,7 +334,8 @@ STATE_FORMAT = 2   # the layout of a training state: tensors and plain values on
 STATE_KEYS = ("format", "model", "optimizer", "scheduler", "step", "rng", "history", "extra")
 
 
-SAVE_EVERY = 5   # epochs between resumable states: a kill loses at most these; each save costs a host copy
+SAVE_EVERY = 1   # epochs between resumable states: a kill loses at most these; each save is a host copy inside the
+#                 epoch's one read-back. 1: a stop signal (SLURM) always finds the last finished epoch on disk
 
 
 def save_due(epoch, epochs):
