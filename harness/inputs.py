@@ -45,9 +45,9 @@ def checkpoint_for(cfg, settings):
 def dataset_folder(task, settings):
     """The task's dataset folder under --data-dir; with --download, CUB / Flowers / Dogs are fetched first (rank 0).
     A missing folder says what to fetch from where and where to put it."""
-    if settings.download and task in releases.DATASETS and not _folder_exists(task, settings.data_dir):
+    if settings.download and task in releases.DATASETS:   # every rank enters: a check outside would race rank 0
         with runtime.main_first():
-            if runtime.is_main():
+            if runtime.is_main() and not _folder_exists(task, settings.data_dir):
                 releases.fetch_dataset(task, settings.data_dir, mirror=settings.mirror)
     try:
         return datasets.dataset_root(task, settings.data_dir)
