@@ -52,19 +52,18 @@ def test_every_repository_path_named_exists(doc):
             assert path in ours, f"{doc.name} names {path}: no such file in the repository"
 
 
-def test_the_demo_says_why_its_loss_jumps_after_the_warm_up(monkeypatch, tmp_path, capsys):
+def test_the_demo_says_why_its_loss_jumps_after_the_warm_up(monkeypatch, tmp_path, cli):
     """The demo's schedule (paper_hparams.yaml: lr 0.5, 1 warm-up epoch) trains epoch 1 at lr 0 and epoch 2 at
-    lr 0.5; its output says so before the epochs print."""
-    finished = {"final": {"test_acc": 50.0}, "history": [{"images_per_second": 10.0}], "selection_ratio": []}
-    monkeypatch.setattr(reproduce, "run_one", lambda *args: finished)
-    args = reproduce.parse_args(["--demo", "--results-dir", str(tmp_path)])
-    reproduce.run_demo(reproduce.demo_configs(args), args, runtime.Settings(results_dir=str(tmp_path)))
-    out = capsys.readouterr().out
+    lr 0.5; its output says so before the results."""
+    from harness import runs
+    finished = {"final": {"test_acc": 50.0}, "history": [{"images_per_second": 10.0, "seconds": 1.0}],
+                "selection_ratio": []}
+    monkeypatch.setattr(runs, "run_demo", lambda cfgs, settings, source="recipe": ([finished] * len(cfgs), tmp_path))
+    out = cli("--demo", "--results-dir", tmp_path).stdout
     assert "epoch 1 trains at lr 0 and epoch 2 is the first at the full lr 0.5" in out
-    assert out.index("lr 0.5") < out.index("---")   # before the first method's epochs
-    args = reproduce.parse_args(["--demo", "--warmup-epochs", "0", "--results-dir", str(tmp_path)])
-    reproduce.run_demo(reproduce.demo_configs(args), args, runtime.Settings(results_dir=str(tmp_path)))
-    assert "warms up" not in capsys.readouterr().out   # no warm-up, no jump to explain
+    assert out.index("lr 0.5") < out.index("DEMO RESULTS")
+    out = cli("--demo", "--warmup-epochs", "0", "--results-dir", tmp_path).stdout
+    assert "warms up" not in out and "DEMO RESULTS" in out   # no warm-up, no jump to explain
 
 
 def test_a_copy_without_git_still_names_its_code_version(monkeypatch):
