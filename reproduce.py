@@ -490,7 +490,7 @@ def cli_main(argv=None):
     except (runtime.UserError, datasets.DataError, gp.CheckpointError) as e:
         advice = ""
         if isinstance(e, gp.PickledCodeError):   # name the opt-in only where this command line takes it
-            advice = (". On this command line: --trust-pickle." if command_of(argv) in ("cell", "table-run") else
+            advice = (". On this command line: --trust-pickle." if command_of(argv) in ("cell", "table-run", "predict") else
                       f". `reproduce.py {' '.join(argv[:1])}` has no --trust-pickle: give it a file of tensors only")
         print(f"error: {e}{advice}", file=sys.stderr)
         return runtime.EXIT_BAD_INPUT
@@ -505,7 +505,7 @@ def cli_main(argv=None):
     except KeyboardInterrupt as e:
         print(interrupted_message(e, argv), file=sys.stderr)
         return 130
-    return code or 0
+    return code if isinstance(code, int) else 0   # predict returns its rows
 
 
 if __name__ == "__main__":

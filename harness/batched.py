@@ -268,7 +268,7 @@ def resume_state(path, cfg, model, resume):
     import os
     if not resume or not os.path.isfile(path):
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if state["extra"].get("config") != cfg.identity():
         raise runtime.UserError(f"{path} was written by a run with another configuration; delete it to start over")
     model.load_prompt_state_dict(state["model"])
