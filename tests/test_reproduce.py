@@ -818,7 +818,9 @@ def test_two_processes_on_one_results_folder_train_each_cell_once(tmp_path):
     assert all(p.returncode == 0 for p in procs), outs
     wrote = [line for out in outs for line in out.splitlines() if line.startswith("wrote ")]
     assert len(wrote) == 4 and len(set(wrote)) == 4, outs        # each cell trained once
-    assert all(o.count("wrote ") > 0 for o in outs) or "is training this cell; skipping it" in "".join(outs)
+    # both took part, or one claimed every cell for its batch and the other found them held or finished
+    assert all(o.count("wrote ") > 0 for o in outs) or any(
+        msg in "".join(outs) for msg in ("is training this cell; skipping it", "exists; reusing it"))
     finished = list((tmp_path / "results").rglob("*.json"))
     assert len(finished) == 4 and not list((tmp_path / "results").rglob("*.claim"))
     for path in finished:
