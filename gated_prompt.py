@@ -1,7 +1,7 @@
 """Gated Prompt Tuning in one file.
 
 Reference implementation of "Improving Visual Prompt Tuning for Self-supervised Vision
-Transformers" (Yoo, Kim, Sohn, Lee; ICML 2023): a frozen ViT steered by prompt tokens whose
+Transformers" (Yoo, Kim, Jung, Lee, Yoon; ICML 2023): a frozen ViT steered by prompt tokens whose
 update by each block is gated (Eq. 6-7), with learnable per-block attention temperatures
 (Eq. 9). The same class also runs the baselines: linear probe, VPT-shallow (Eq. 4) and
 VPT-deep (Eq. 5). Depends on torch and numpy only; copy it into your project.
