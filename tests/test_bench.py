@@ -587,11 +587,13 @@ def test_a_report_killed_part_way_keeps_its_rows_and_a_rerun_completes_it(tmp_pa
                              env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.monotonic() + 240
     while not _report_units(tmp_path) and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.02)
     first.send_signal(signal.SIGKILL)
     first.communicate()
+    units = ["step 100x4", "matmul peak", "step 1x8"]
     done = _report_units(tmp_path)
-    assert list(done) == ["step 100x4"], "killed after its first unit"
+    # the kill lands after the first unit; the quick 'matmul peak' may have been written too
+    assert 1 <= len(done) < len(units) and list(done) == units[:len(done)], "killed part way"
     saved = json.loads((tmp_path / "benchmarks.json").read_text())
     # fast then reference path, each train (batch 4) and eval (the eval batch 256 / 16)
     assert [(r["prompts"], r["batch"]) for r in saved["results"]] == [(100, 4), (100, 16)] * 2
@@ -601,8 +603,8 @@ def test_a_report_killed_part_way_keeps_its_rows_and_a_rerun_completes_it(tmp_pa
     assert second.returncode == 0, second.stderr[-2000:]
     assert "[1/3] step 100x4: measured earlier (same device and code), kept" in second.stdout
     final = _report_units(tmp_path)
-    assert list(final) == ["step 100x4", "matmul peak", "step 1x8"]
-    assert final["step 100x4"] == done["step 100x4"]                       # not measured again
+    assert list(final) == units
+    assert all(final[unit] == done[unit] for unit in done)                 # not measured again
 
 
 COMMITTED = ROOT / "bench" / "BENCHMARKS.md", ROOT / "bench" / "benchmarks.json"
