@@ -21,7 +21,7 @@ import gated_prompt as gp
 from harness import runtime
 
 CPU = torch.device("cpu")
-TINY = ["--arch", "vit_small", "--img-size", "32", "--steps", "2", "--warmup", "1", "--repeats", "2"]
+TINY = ["--arch", "tiny", "--img-size", "32", "--steps", "2", "--warmup", "1", "--repeats", "2"]
 
 
 def tiny_cfg(**overrides):
@@ -465,8 +465,9 @@ def test_segmentation_failed_compile_falls_back_to_eager(monkeypatch):
 def smoke_report(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("report")
     # the kernels stage has its own smoke test (test_kernels.py)
+    # one timed call per measurement: the report's files are checked here, not its timings
     out = bench.main(["--report", "--arch", "tiny", "--out-dir", str(out_dir), "--only", "step", "sweeps", "e2e",
-                      "segmentation"])
+                      "segmentation", "--warmup", "0", "--repeats", "1"])
     assert out["units"]
     return out, (out_dir / "BENCHMARKS.md").read_text(), json.loads((out_dir / "benchmarks.json").read_text())
 
@@ -582,7 +583,7 @@ def test_a_report_killed_part_way_keeps_its_rows_and_a_rerun_completes_it(tmp_pa
     """A real `bench.py --report --arch tiny` process (its step stage) killed once its first unit is written leaves
     a valid benchmarks.json holding that unit; a rerun keeps it (same device and code) and measures the rest."""
     argv = [sys.executable, "bench/bench.py", "--report", "--arch", "tiny", "--only", "step", "--steps", "1",
-            "--repeats", "1", "--out-dir", str(tmp_path)]
+            "--warmup", "0", "--repeats", "1", "--out-dir", str(tmp_path)]
     first = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.monotonic() + 240
