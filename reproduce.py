@@ -64,7 +64,7 @@ FGVC_TASKS = [t.name for t in config.TASKS.values() if t.kind == "fgvc"]
 
 def parse_args(argv):
     """The parsed flags with their defaults filled in; args.given holds the flags the user typed."""
-    p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__,
+    p = runtime.ArgumentParser(prog="reproduce.py", description=__doc__,
                                 usage="reproduce.py [--task TASK --ssl SSL | --table N [--run] | --demo] [options]\n"
                                       "       reproduce.py {prepare,download,figure,predict} ... (each has -h)",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,12 +159,13 @@ def check_flags(args):
     mode = mode_of(args)
     if args.run and not args.table:
         raise runtime.UserError("--run goes with --table N")
-    what = {"demo": "the demo (generated data, a fixed small model)", "table": "printing a table (add --run to "
-            "run its missing cells)", "table-run": f"--table {args.table} --run (the table sets the tasks, "
-            "backbones and methods)", "cell": "a single cell"}[mode]
     refused = [k for k in args.given if k not in MODE_FLAGS[mode] and not (mode == "demo" and k in
                                                                             config.OVERRIDE_TYPES)]
     if refused:
+        run_hint = " (add --run to run its missing cells)" if set(refused) <= set(MODE_FLAGS["table-run"]) else ""
+        what = {"demo": "the demo (generated data, a fixed small model)", "table": "printing a table" + run_hint,
+                "table-run": f"--table {args.table} --run (the table sets the tasks, backbones and methods)",
+                "cell": "a single cell"}[mode]
         verb = "does" if len(refused) == 1 else "do"
         raise runtime.UserError(f"{', '.join(map(config.flag, refused))} {verb} not apply to {what}")
     if args.seeds < 1:
@@ -446,7 +447,7 @@ def interrupted_message(e, argv):
 
 
 def prepare_main(argv):
-    p = argparse.ArgumentParser(prog="reproduce.py prepare",
+    p = runtime.ArgumentParser(prog="reproduce.py prepare",
                                 description="Build VPT-sized train/val/test json splits of an FGVC dataset from "
                                             "its official release files (fixed seed 42).")
     p.add_argument("--dataset", required=True, choices=FGVC_TASKS)
@@ -460,7 +461,7 @@ def prepare_main(argv):
 
 
 def download_main(argv):
-    p = argparse.ArgumentParser(prog="reproduce.py download",
+    p = runtime.ArgumentParser(prog="reproduce.py download",
                                 description="Fetch and verify an official backbone checkpoint (SHA-256 recorded in "
                                             "checkpoints/SHA256SUMS), or an FGVC dataset with a stable archive.")
     p.add_argument("--ssl", choices=list(gp.SSL), default="mae")

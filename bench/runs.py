@@ -554,9 +554,8 @@ def format_mini_table(r):
 
 
 if __name__ == "__main__":
-    import argparse
     import json
-    p = argparse.ArgumentParser(description="the mini Table 2 fixed-cost ratio (one at a time vs batched)")
+    p = runtime.ArgumentParser(description="the mini Table 2 fixed-cost ratio (one at a time vs batched)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", default="aot_eager", help="torch.compile backend (inductor on a GPU)")
     p.add_argument("--runs-per-key", type=int, default=6)

@@ -326,14 +326,16 @@ def run_table(cfgs, settings, number, sweep=False, seeds=1, lr_source="recipe", 
 
 
 def run_demo(cfgs, settings, lr_source="recipe"):
-    """The demo's runs, always afresh, eager, under <results_dir>/demo. Returns (their results, that folder)."""
-    settings = dataclasses.replace(settings, results_dir=str(Path(settings.results_dir) / "demo"), compile=False)
-    shutil.rmtree(settings.results_dir, ignore_errors=True)   # the flags were checked before: nothing is lost to a typo
+    """The demo's runs, always afresh, eager, under <results_dir>/demo (the demo task's folder, as run_name
+    names it). Returns (their results, that folder)."""
+    demo_dir = Path(settings.results_dir) / "demo"
+    settings = dataclasses.replace(settings, compile=False)
+    shutil.rmtree(demo_dir, ignore_errors=True)   # the flags were checked before: nothing is lost to a typo
     finished = []
     for cfg in cfgs:
         print(f"--- {cfg.method}")
         finished.append(run_one(cfg, "final", settings, lr_source))
-    return finished, settings.results_dir
+    return finished, str(demo_dir)
 
 # --- the queue of independent runs --------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ classification module. Nothing here knows a task, a dataset or a model class.
 Process-wide state, all of it here: torch.compile's backends and caches (one backend per setting, graphs kept
 between runs of the same graph key: `enter_graph_key`, `reset_compiler`) and the result of the start-up compile
 check (`check_compile`, once per device and setting)."""
+import argparse
 import contextlib
 import dataclasses
 import errno
@@ -36,6 +37,13 @@ import gated_prompt as gp
 from harness import kernels as fast_kernels
 
 EXIT_BAD_INPUT = 2  # missing data / checkpoint, corrupt file, bad label: a user error, not a crash
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (what was wrong, where the usage is) and exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class UserError(Exception):

@@ -7,8 +7,8 @@
 Every (image, pack) pair goes through one gated_prompt.MultiTask: one frozen backbone, each row with its own
 pack's prompts, gates, temperatures and head, in batches, on the GPU when there is one, under bf16 autocast
 as in training (--fp32 turns it off). Each pack records its task's evaluation transform and the harness
-applies it with data.py's decoders: FGVC = torchvision Resize(256) + CenterCrop, VTAB = TF1's bilinear resize
-to 224 (+ CenterCrop to the model's size when smaller). Unreadable images are reported on stderr and
+applies it with harness.data.datasets' decoders: FGVC = torchvision Resize(256) + CenterCrop, VTAB = TF1's
+bilinear resize to 224 (+ CenterCrop to the model's size when smaller). Unreadable images are reported on stderr and
 skipped. Bad input (a missing or foreign pack, no images, an unknown --out type) stops with one line before
 the backbone is read, and an --out that cannot be written before anything is computed. Class names come from
 whoever trained a pack and file names from whoever named the images: both are shown with control and
@@ -41,7 +41,7 @@ TOP = 5
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="reproduce.py predict", description=__doc__,
+    p = runtime.ArgumentParser(prog="reproduce.py predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", metavar="IMAGES_OR_DIRS", help="image files and folders (searched recursively)")
     p.add_argument("--pack", action="append", default=[], required=True,
@@ -160,7 +160,7 @@ def backbone_file(packs, checkpoint):
 
 
 def load_image(path, transform):
-    """uint8 [3, crop, crop]: the pack's evaluation transform with data.py's decoders (DataError if unreadable)."""
+    """uint8 [3, crop, crop]: the pack's evaluation transform with harness.data.datasets' decoders (DataError if unreadable)."""
     decode = datasets.decode_fgvc if transform["kind"] == "fgvc" else datasets.decode_vtab
     image = torch.from_numpy(np.array(decode(str(path)))).permute(2, 0, 1)
     if min(image.shape[1:]) < transform["crop"]:

@@ -115,10 +115,12 @@ def test_peak_lookup(name, peak):
     (["--warmup", "-1"], "--steps and --repeats must be >= 1, --warmup >= 0"),
 ])
 def test_cli_refuses_with_its_reason(argv, message, capsys):
+    """One line (the usage stays on --help), exit code 2."""
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(argv)
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_cli_accepts_what_it_documents():
@@ -363,7 +365,7 @@ def test_projection_to_the_full_schedule():
 
 @pytest.mark.parametrize("run", ["vtab", "cub"])
 def test_end_to_end_tiny(run, tmp_path, capsys, monkeypatch):
-    """One whole run through trainer.fit: CUB's epochs include its val pass (the FGVC protocol), VTAB's do not."""
+    """One whole run through classification.fit: CUB's epochs include its val pass (the FGVC protocol), VTAB's do not."""
     evaluated = []
     real_evaluate = runs.classification.evaluate
 

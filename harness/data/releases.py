@@ -12,7 +12,7 @@
 
 `prepare`: VPT's own split files are no longer downloadable, so `python reproduce.py prepare` and
 `fetch_dataset` build equivalent ones from the CUB / NABirds text tables and the Flowers / Dogs / Cars .mat files
-(scipy, imported only when a .mat file is read). The training data path (data.py) reads only the json files.
+(scipy, imported only when a .mat file is read). The training data path (harness/data/datasets.py) reads only the json files.
 """
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ the JSON / CSV give every series a "setting". Seeds of one plotted point are ave
 several learning rates, the newest run file's lr is used.
 Figure 5 rebuilds trained models from a run JSON + the <name>.prompts.pt beside it (model_from_run).
 
-Command line: `python reproduce.py figure N ...` (or `python analysis.py N ...`) for every figure, 2 and 9
-included; see main(). figure_io.py holds what the figures share (image input, matplotlib files out);
+Command line: `python reproduce.py figure N ...` for every figure, 2 and 9
+included; see main(). common.py holds what the figures share (image input, matplotlib files out);
 matplotlib is imported only when a figure is drawn.
 """
 import argparse
@@ -42,6 +42,7 @@ from harness import results
 from harness.data.datasets import imagenet_normalize
 from harness.figures.common import (check_blocks, eval_and_frozen, model_device, new_figure, save_figure,
                        to_image_tensor, write_csv)
+from harness import runtime
 from harness.runtime import EXIT_BAD_INPUT, UserError, write_json
 
 
@@ -482,7 +483,7 @@ def image_files(paths, limit=None):
     return files[:limit] if limit else files
 
 # -----------------------------------------------------------------------------
-# Command line: python reproduce.py figure N ... (or python analysis.py N ...)
+# Command line: python reproduce.py figure N ...
 
 
 def _parse_filter(text):
@@ -499,7 +500,7 @@ def _parse_filter(text):
 
 def parse_args(argv=None):
     """The figure command line's arguments."""
-    p = argparse.ArgumentParser(
+    p = runtime.ArgumentParser(
         prog="reproduce.py figure", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Draw a figure of the paper; writes PNG + JSON/CSV under --out-dir.",
         epilog="""examples:
