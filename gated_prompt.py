@@ -1208,7 +1208,10 @@ def read_pack(path):
     try:
         pack = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle of objects, a truncated file, text, ...
-        raise CheckpointError(f"{path} is not a prompt pack: {type(e).__name__}: {str(e)[:160]}") from None
+        why = ("it pickles Python objects, which a pack never holds (not unpickled: nothing in it ran)"
+               if str(e).startswith("Weights only load failed") else
+               f"not a file torch.save wrote ({type(e).__name__}: {str(e)[:80]})")
+        raise CheckpointError(f"{path} is not a prompt pack: {why}") from None
     if not isinstance(pack, dict) or pack.get("format") != PACK_FORMAT:
         raw = isinstance(pack, dict) and pack and all(isinstance(v, torch.Tensor) for v in pack.values())
         raise CheckpointError(f"{path} is not a prompt pack" + (
