@@ -488,6 +488,8 @@ def cli_main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         code = main(argv)
+    except runtime.MainRankFailed:   # torchrun: rank 0 has printed the reason
+        return runtime.EXIT_BAD_INPUT
     except (runtime.UserError, datasets.DataError, gp.CheckpointError) as e:
         advice = ""
         if isinstance(e, gp.PickledCodeError):   # name the opt-in only where this command line takes it

@@ -525,15 +525,33 @@ def is_main():
     return world()[0] == 0
 
 
+class MainRankFailed(UserError):
+    """Rank 0 failed in a main_first block and said why; the other ranks stop without a word of their own."""
+
+
+def _rank0_outcome(failed=False):
+    """Rank 0's `failed` flag, sent to every rank (the barrier of main_first that also says how rank 0 did)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    flag = torch.tensor([int(failed)], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 @contextlib.contextmanager
 def main_first():
-    """Rank 0 runs the block first (e.g. filling a cache), then the other ranks."""
+    """Rank 0 runs the block first (e.g. filling a cache), then the other ranks. If rank 0's block raises, the
+    other ranks raise MainRankFailed instead of running theirs (not a broken-connection traceback each)."""
     distributed = world()[1] > 1
-    if distributed and not is_main():
-        dist.barrier()
-    yield
+    if distributed and not is_main() and _rank0_outcome():
+        raise MainRankFailed("rank 0 stopped; its message says why")
+    try:
+        yield
+    except BaseException:
+        if distributed and is_main():
+            _rank0_outcome(failed=True)
+        raise
     if distributed and is_main():
-        dist.barrier()
+        _rank0_outcome()
 
 
 def all_reduce_gradients(params):
