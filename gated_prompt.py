@@ -1352,7 +1352,7 @@ class MultiTask(nn.Module):
         models = {name: _attach(p if isinstance(p, dict) else _as_pack(p, backbone, fingerprint), backbone,
                                 fingerprint, strict, f"pack {name!r}") for name, p in packs.items()}
         self.backbone, self.names = backbone.eval(), list(models)
-        self.heads = nn.ModuleDict({n: m.head if m.head is not None else nn.Identity() for n, m in models.items()})
+        self.heads = nn.ModuleList(m.head if m.head is not None else nn.Identity() for m in models.values())
         self.class_names = {n: p.get("class_names") if isinstance(p, dict) else None for n, p in packs.items()}
         self._tables(list(models.values()))
 
@@ -1416,6 +1416,6 @@ class MultiTask(nn.Module):
         logits = [None] * len(tasks)
         for name in dict.fromkeys(tasks):
             rows = [b for b, task in enumerate(tasks) if task == name]
-            for b, out in zip(rows, self.heads[name](features[rows])):
+            for b, out in zip(rows, self.heads[self.names.index(name)](features[rows])):
                 logits[b] = out
         return logits

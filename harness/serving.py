@@ -108,11 +108,10 @@ def find_images(inputs):
 
 
 def pack_names(paths):
-    """A short unique name per pack: its file name without .pack.pt / .pt, '.' written '_' (a run's pack is named
-    with its lr, "...-lr0.1-...", and MultiTask keys its modules by these names, which torch forbids '.' in)."""
+    """A short unique name per pack: its file name without .pack.pt / .pt (a run's pack: "...-lr0.1-...")."""
     names = []
     for path in map(Path, paths):
-        name = path.name.removesuffix(".pt").removesuffix(".pack").replace(".", "_")
+        name = path.name.removesuffix(".pt").removesuffix(".pack")
         names.append(name if name not in names else f"{name}#{len(names) + 1}")
     return names
 

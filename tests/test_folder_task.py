@@ -110,7 +110,7 @@ def test_train_pack_predict_end_to_end_with_the_folders_class_names(tmp_path, ti
                                                       for i in reference.argsort(descending=True).tolist()]
         assert [t["probability"] for t in record["top"]] == pytest.approx(
             sorted(reference.tolist(), reverse=True), abs=2e-3)
-    assert served.stdout.splitlines()[1].startswith(f"  {pack_file.name[:-len('.pack.pt')].replace('.', '_')}: 1. ")
+    assert served.stdout.splitlines()[1].startswith(f"  {pack_file.name[:-len('.pack.pt')]}: 1. ")
 
     again = cli(*argv)   # the same command twice: the stored result is reused, nothing retrained
     assert again.returncode == 0 and "exists; reusing it" in again.stdout
