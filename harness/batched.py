@@ -12,7 +12,8 @@ run's numbers are those of the same run trained alone (float64: to rounding); wi
 per run and per image from one generator, so a run is equal in distribution to its solo run, not bitwise.
 
 A run whose loss becomes NaN / inf (read at the end of each epoch) leaves the batch and is recorded as diverged;
-the others go on. Each run keeps its own resumable state file, written every runtime.SAVE_EVERY epochs.
+the others go on. Each run keeps its own resumable state file, written every runtime.SAVE_EVERY epochs
+(off the training thread: runtime.StateWriter).
 """
 import time
 
@@ -212,39 +213,41 @@ def fit_batched(cfgs, models, train_splits, eval_splits, settings, state_paths):
                              if b is not None})
     job = Job(cfgs, models, train_loaders, settings, [r for r in range(R) if diverged[r] is None], momentum, start)
     tic = time.perf_counter()
-    for epoch in range(start, epochs):
-        if not job.live:
-            break
-        epoch_tic = time.perf_counter()
-        stats = train_epoch_batched(job, epoch)
-        lrs = [job.optimizer.param_groups[g[0]]["lr"] for g in job.owner]
-        job.scheduler.step()
-        save = runtime.save_due(epoch, epochs)
-        pending = {"stats": stats}
-        if save:
-            pending["states"] = [job.run_state(i, epoch) for i in range(len(job.live))]
-        host = runtime.to_host(pending)   # the epoch's one read-back
-        seconds = time.perf_counter() - epoch_tic
-        s, left = host["stats"], []
-        for i, r in enumerate(job.live):
-            seen = int(s["seen"][i])
-            loss = float(s["loss_sum"][i]) / max(1, seen)
-            if not torch.isfinite(torch.tensor(loss)):
-                diverged[r] = f"loss became {loss} at epoch {epoch + 1}"
-                left.append(r)
-                continue
-            history[r].append({"epoch": epoch + 1, "loss": loss,
-                               "train_acc": classification.accuracy(s["correct"][i], seen), "lr": lrs[i],
-                               "seconds": seconds, "images_per_second": int(s["seen"].sum()) / seconds})
-        if save and runtime.is_main():
+    with runtime.StateWriter() as writer:   # states go to disk off this thread
+        for epoch in range(start, epochs):
+            if not job.live:
+                break
+            epoch_tic = time.perf_counter()
+            stats = train_epoch_batched(job, epoch)
+            lrs = [job.optimizer.param_groups[g[0]]["lr"] for g in job.owner]
+            job.scheduler.step()
+            save = runtime.save_due(epoch, epochs)
+            pending = {"stats": stats}
+            if save:
+                pending["states"] = [job.run_state(i, epoch) for i in range(len(job.live))]
+            host = runtime.to_host(pending)   # the epoch's one read-back
+            seconds = time.perf_counter() - epoch_tic
+            s, left = host["stats"], []
             for i, r in enumerate(job.live):
-                runtime.save_training_state(state_paths[r], host["states"][i], history[r], cfgs[r].identity(),
-                                            elapsed_before + time.perf_counter() - tic, diverged=diverged[r])
-        if left:
-            keep = [r for r in job.live if r not in left]
-            live = {p for r in keep for p in models[r].parameters()}
-            momentum = {p: st for p, st in job.optimizer.state.items() if p in live}
-            job = Job(cfgs, models, train_loaders, settings, keep, momentum, epoch + 1)
+                seen = int(s["seen"][i])
+                loss = float(s["loss_sum"][i]) / max(1, seen)
+                if not torch.isfinite(torch.tensor(loss)):
+                    diverged[r] = f"loss became {loss} at epoch {epoch + 1}"
+                    left.append(r)
+                    continue
+                history[r].append({"epoch": epoch + 1, "loss": loss,
+                                   "train_acc": classification.accuracy(s["correct"][i], seen), "lr": lrs[i],
+                                   "seconds": seconds, "images_per_second": int(s["seen"].sum()) / seconds})
+            if save and runtime.is_main():
+                for i, r in enumerate(job.live):
+                    runtime.save_training_state(state_paths[r], host["states"][i], history[r], cfgs[r].identity(),
+                                                elapsed_before + time.perf_counter() - tic, diverged=diverged[r],
+                                                writer=writer)
+            if left:
+                keep = [r for r in job.live if r not in left]
+                live = {p for r in keep for p in models[r].parameters()}
+                momentum = {p: st for p, st in job.optimizer.state.items() if p in live}
+                job = Job(cfgs, models, train_loaders, settings, keep, momentum, epoch + 1)
     train_seconds = time.perf_counter() - tic
     outcomes = []
     for r in range(R):

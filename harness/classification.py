@@ -232,8 +232,8 @@ def train_epoch(step, model, loader, epoch, epochs, device, quiet, log_every=25)
 
 
 def train(cfg, model, train_loader, eval_loaders, settings, state_path):
-    """The paper's recipe, resumable: the state is saved every runtime.SAVE_EVERY epochs and after the last (a
-    kill loses at most those epochs). Returns an Outcome. An epoch waits for the device once, when its metrics
+    """The paper's recipe, resumable: the state is saved every runtime.SAVE_EVERY epochs and after the last, off
+    the training thread (runtime.StateWriter; a kill loses at most those epochs and the write in flight). Returns an Outcome. An epoch waits for the device once, when its metrics
     (and a due state) come back; its seconds run from the previous epoch's read-back to its own (the steps queue
     up without syncing)."""
     device = settings.device
@@ -251,29 +251,30 @@ def train(cfg, model, train_loader, eval_loaders, settings, state_path):
     saved = state is not None
     runtime.synchronize(device)
     tic = epoch_tic = time.perf_counter()
-    for epoch in range(start, cfg.epochs):
-        stats = train_epoch(step, model, train_loader, epoch, cfg.epochs, device, settings.quiet)
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        save = runtime.save_due(epoch, cfg.epochs)
-        pending = {"stats": stats}
-        if save:
-            pending["state"] = runtime.training_state(model, optimizer, scheduler, epoch)
-        if track_val:
-            pending["val"] = evaluate(eval_step, model, eval_loaders["val"])
-            pending["candidate"] = {k: v.detach().clone() for k, v in model.prompt_state_dict().items()}
-        host = runtime.to_host(pending)   # the epoch's one read-back (and its one device sync)
-        seconds, epoch_tic = time.perf_counter() - epoch_tic, time.perf_counter()
-        record, best = epoch_record(host, epoch, lr, seconds, best, track_val, saved)
-        history.append(record)
-        if save and runtime.is_main():
-            saved = True
-            runtime.save_training_state(state_path, host["state"], history, cfg.identity(),
-                                        elapsed_before + time.perf_counter() - tic, best=best)
-        if runtime.is_main() and not settings.quiet:
-            tqdm.write(f"epoch {epoch + 1:3d}  loss {record['loss']:.4f}  train {record['train_acc']:.2f}  "
-                           + (f"val {record['val_acc']:.2f}  " if track_val else "")
-                           + f"{record['images_per_second']:.1f} img/s")
+    with runtime.StateWriter() as writer:   # states go to disk off this thread
+        for epoch in range(start, cfg.epochs):
+            stats = train_epoch(step, model, train_loader, epoch, cfg.epochs, device, settings.quiet)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            save = runtime.save_due(epoch, cfg.epochs)
+            pending = {"stats": stats}
+            if save:
+                pending["state"] = runtime.training_state(model, optimizer, scheduler, epoch)
+            if track_val:
+                pending["val"] = evaluate(eval_step, model, eval_loaders["val"])
+                pending["candidate"] = {k: v.detach().clone() for k, v in model.prompt_state_dict().items()}
+            host = runtime.to_host(pending)   # the epoch's one read-back (and its one device sync)
+            seconds, epoch_tic = time.perf_counter() - epoch_tic, time.perf_counter()
+            record, best = epoch_record(host, epoch, lr, seconds, best, track_val, saved)
+            history.append(record)
+            if save and runtime.is_main():
+                saved = True
+                runtime.save_training_state(state_path, host["state"], history, cfg.identity(),
+                                            elapsed_before + time.perf_counter() - tic, best=best, writer=writer)
+            if runtime.is_main() and not settings.quiet:
+                tqdm.write(f"epoch {epoch + 1:3d}  loss {record['loss']:.4f}  train {record['train_acc']:.2f}  "
+                               + (f"val {record['val_acc']:.2f}  " if track_val else "")
+                               + f"{record['images_per_second']:.1f} img/s")
     train_seconds = time.perf_counter() - tic
     tic = time.perf_counter()
     final = final_metrics(model, eval_step, eval_loaders, best)

@@ -342,8 +342,9 @@ STATE_FORMAT = 2   # the layout of a training state: tensors and plain values on
 STATE_KEYS = ("format", "model", "optimizer", "scheduler", "step", "rng", "history", "extra")
 
 
-SAVE_EVERY = 1   # epochs between resumable states: a kill loses at most these; each save is a host copy inside the
-#                 epoch's one read-back. 1: a stop signal (SLURM) always finds the last finished epoch on disk
+SAVE_EVERY = 1   # epochs between resumable states: a kill loses at most these. Each save is a host copy inside the
+#                 epoch's one read-back, written by a StateWriter off the training thread; 1: a stop signal (SLURM)
+#                 always finds the last finished epoch on disk
 
 
 def save_due(epoch, epochs):
@@ -351,13 +352,60 @@ def save_due(epoch, epochs):
     return (epoch + 1) % SAVE_EVERY == 0 or epoch + 1 == epochs
 
 
-def save_training_state(path, host_state, history, config, elapsed, **extra):
+def save_training_state(path, host_state, history, config, elapsed, writer=None, **extra):
     """Write a resumable state: training_state's host copy, the history so far, and `extra` = the run's config
     identity (resume_or_start refuses a state of another config), the seconds spent so far, and what else the
     harness keeps (the classification trainer: its best-val record). Only tensors and plain values, so that
-    load_training_state reads it weights-only."""
+    load_training_state reads it weights-only. The bytes are made here and now; a StateWriter, if given, puts
+    them on disk on its own thread."""
     state = dict(host_state, format=STATE_FORMAT, history=history, extra=dict(extra, config=config, elapsed=elapsed))
-    atomic_write(path, lambda f: torch.save(state, f))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    if writer is None:
+        atomic_write(path, lambda f: f.write(data))
+    else:
+        writer.write(path, data)
+
+
+class StateWriter:
+    """Writes a training loop's states to disk on a thread of its own, in order, so that the loop does not wait
+    for the disk (a shared cluster filesystem can take longer than a VTAB epoch). A failed write (a full disk)
+    is raised on the loop's thread at its next save or at the end of the `with` block. Leaving the block waits
+    for every write, also when the block raises (a stop signal, Ctrl-C, a crash): the last finished epoch's
+    state is on disk before the process goes on or exits. A kill loses at most the writes in flight, and
+    atomic_write leaves the state before them."""
+
+    def __init__(self, max_pending=64):
+        import concurrent.futures
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
+        self._pending, self._max_pending = [], max_pending
+
+    def write(self, path, data):
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for f in done:
+            f.result()   # an earlier write's error, now
+        if len(self._pending) >= self._max_pending:
+            self.wait()
+        self._pending.append(self._pool.submit(atomic_write, path, lambda f: f.write(data)))
+
+    def wait(self):
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, traceback):
+        try:
+            self.wait()
+        except Exception:
+            if kind is None:
+                raise   # otherwise the block's own exception goes on
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def load_training_state(path, model, optimizer, scheduler):

@@ -124,10 +124,12 @@ runtime.SAVE_EVERY = 2
 if {hang}:
     real = runtime.save_training_state
     saves = []
-    def save_then_hang(*args, **kwargs):
-        real(*args, **kwargs)
-        saves.append(1)
+    def save_then_hang(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        saves.append(Path(path))
         if len(saves) == 3:          # epoch 2's states of all three runs: a long run would go on here
+            while not all(p.exists() for p in saves):   # written off this thread (runtime.StateWriter)
+                time.sleep(0.01)
             print("saved", flush=True)
             time.sleep(600)
     runtime.save_training_state = save_then_hang

@@ -334,8 +334,8 @@ def test_a_resumed_run_ends_with_the_same_numbers(tmp_path, monkeypatch):
     real_save, saves = runtime.save_training_state, []
 
     def save_then_crash(path, state, *args, **kwargs):
-        real_save(path, state, *args, **kwargs)
-        saves.append(torch.load(path, weights_only=False)["step"])
+        real_save(path, state, *args, **kwargs)   # on disk once the run's StateWriter is done
+        saves.append(state["step"])
         if len(saves) == 1:
             raise KeyboardInterrupt("killed after epoch 2")
     monkeypatch.setattr(runtime, "save_training_state", save_then_crash)
@@ -405,3 +405,53 @@ def test_vtab_test_split_is_streamed_never_cached_and_evaluates_the_same(tmp_pat
     eval_step = classification.make_eval_step(model, torch.device("cpu"), False, False)
     assert [int(v) for v in classification.evaluate(eval_step, model, loader)] == \
         [int(v) for v in classification.evaluate(eval_step, model, reference)]
+
+
+# --- states written off the training thread -------------------------------------------------------------------
+
+def test_states_are_written_off_the_training_thread_and_on_disk_when_the_loop_ends(tmp_path, monkeypatch):
+    """A slow disk holds up the writer's thread, not the loop: save_training_state returns at once; leaving the
+    writer's block (also by an exception: a stop signal, Ctrl-C) waits until the file is written, and the
+    block's own exception goes on. The file is the state handed over, readable as a state."""
+    import threading
+    disk = threading.Event()
+    real_write = runtime.atomic_write
+
+    def slow_disk(path, write):
+        assert threading.current_thread() is not threading.main_thread()
+        disk.wait(timeout=30)
+        real_write(path, write)
+    monkeypatch.setattr(runtime, "atomic_write", slow_disk)
+    model = config.model_from_config(tiny_demo(num_classes=5), 5, verbose=False)
+    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
+    host = runtime.to_host(runtime.training_state(model, optimizer, scheduler, 3))
+    path = tmp_path / "run.state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        with runtime.StateWriter() as writer:
+            runtime.save_training_state(path, host, [{"epoch": 4}], {"task": "demo"}, 1.5, writer=writer)
+            assert not path.exists()                      # returned before the disk did anything
+            threading.Timer(0.2, disk.set).start()
+            raise KeyboardInterrupt
+    state = torch.load(path, weights_only=True)           # written before the interrupt went on
+    assert state["step"] == 3 and state["history"] == [{"epoch": 4}] and state["extra"]["elapsed"] == 1.5
+
+
+def test_a_failed_state_write_is_raised_on_the_training_thread(tmp_path, monkeypatch):
+    """A full disk during a background write is the one-line UserError of a full disk, raised in the loop at its
+    next save (or when the loop ends), not lost in the writer's thread."""
+    monkeypatch.setattr(runtime, "free_disk_bytes", lambda path: 10)
+    model = config.model_from_config(tiny_demo(num_classes=5), 5, verbose=False)
+    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
+    host = runtime.to_host(runtime.training_state(model, optimizer, scheduler, 0))
+    with pytest.raises(runtime.UserError, match="run.state.pt"):
+        with runtime.StateWriter() as writer:
+            runtime.save_training_state(tmp_path / "run.state.pt", host, [], {}, 0.0, writer=writer)
+    with pytest.raises(runtime.UserError, match="run.state.pt"):
+        with runtime.StateWriter() as writer:
+            runtime.save_training_state(tmp_path / "run.state.pt", host, [], {}, 0.0, writer=writer)
+            writer._pending[0].exception()                # the write has failed by now
+            runtime.save_training_state(tmp_path / "run.state.pt", host, [], {}, 0.0, writer=writer)
+            pytest.fail("the second save goes on after the first one failed")
+    assert list(tmp_path.iterdir()) == []                # no temporary file left
