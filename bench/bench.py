@@ -55,8 +55,8 @@ from harness import classification
 from harness import kernels as fast_kernels
 from bench.runs import (ARCH_CHOICES, END_TO_END, SEGMENTATION_LEVERS, SSL, _compiled_or_eager, _peak_memory_gib,
                         _release, _reset_memory, arch_spec, compile_enabled, patch_size_of, run_end_to_end,
-                        run_mode_of, sdpa_kernel, segmentation_config, time_loop, time_segmentation,
-                        time_segmentation_lever)
+                        run_mode_of, sdpa_kernel, segmentation_config, table2_projection, time_loop, time_lr_sweep,
+                        time_mini_table, time_segmentation, time_segmentation_lever)
 
 NUM_CLASSES = 100   # `flops`' default head size; the head's FLOPs are negligible whatever it is
 STEP_TASK = "dtd"   # whose recipe (lr, gate init, prompt dropout, head size) the step benchmark resolves
@@ -683,6 +683,9 @@ def report_units(args, device, peak):
             units.append(("sweeps", f"sweep {key[0]}x{key[1]}", sweep_unit(*key)))
     units += [("e2e", f"end-to-end {run}", lambda run=run: run_end_to_end(args, device, run)) for run in END_TO_END]
     units.append(("segmentation", "segmentation", lambda: time_segmentation(args, device)))
+    units += [("table", "end-to-end vtab again", lambda: run_end_to_end(args, device, "vtab")),
+              ("table", "lr sweep", lambda: time_lr_sweep(args, device)),
+              ("table", "mini table 2", lambda: time_mini_table(device, "aot_eager"))]
     return units
 
 
@@ -700,11 +703,15 @@ def assemble_report(args, device, units):
               "sweeps": {"prompts": sweep([(p, batch_fixed) for p in sweep_prompts]),
                          "batch": sweep([(prompts_fixed, b) for b in sweep_batch])},
               "end_to_end": {run: units[f"end-to-end {run}"] for run in END_TO_END if f"end-to-end {run}" in units},
-              "segmentation": units.get("segmentation"), "kernels": kernel_report(units)}
+              "segmentation": units.get("segmentation"), "kernels": kernel_report(units),
+              "table": {"vtab_again": units.get("end-to-end vtab again"), "lr_sweep": units.get("lr sweep"),
+                        "mini_table": units.get("mini table 2"),
+                        "projection": table2_projection(units.get("end-to-end vtab again"), units.get("lr sweep"))}}
     comparable = (device.type == "cuda" and "H100" in runtime.device_name(device).upper()
                   and args.arch == "vit_base" and args.method == "gated+temp"
                   and (args.img_size or datasets.IMAGE_SIZE) == datasets.IMAGE_SIZE)
-    tables["targets"] = report.target_rows(tables, comparable) + report.lever_target_rows(tables, comparable)
+    tables["targets"] = (report.target_rows(tables, comparable) + report.lever_target_rows(tables, comparable)
+                         + report.table_target_rows(tables, comparable))
     return tables
 
 
@@ -758,6 +765,8 @@ EPILOG = """examples (from the repository root; python bench/bench.py takes the 
   python -m bench --report --only step --out-dir bench   # the committed report's headline rows, ~5 min on one H100
   python -m bench --report --only kernels --out-dir bench  # opt-in kernels (harness/kernels.py) vs today's
   python -m bench --report --only sweeps --out-dir bench # then the other stages, each its own command
+  python -m bench --report --only table --out-dir bench  # whole tables: a VTAB run again, the 7-point lr sweep
+                                                         # batched vs one at a time, Table 2 projected, mini Table 2
   python -m bench --report                            # all stages, into runs/bench/ (skips what is done)
   python -m bench                                     # ViT-B/16, 100 prompts, batch 64
   python -m bench --prompts 10 100 --batch 32 128 --json bench.json
@@ -767,6 +776,7 @@ EPILOG = """examples (from the repository root; python bench/bench.py takes the 
   python -m bench --segmentation --json seg.json
 CPU smoke runs (seconds to minutes):
   python -m bench --report --arch tiny                # into runs/bench/, never over the committed report
+                                                      # (its stage table, the mini Table 2: ~20 min on 2 cores)
   python -m bench --arch vit_small --prompts 1 --batch 2 --img-size 32 --steps 2 --warmup 1 --repeats 2
   python -m bench --end-to-end vtab --arch tiny --img-size 32 --train-images 24 --test-images 16 \\
       --epochs 2 --batch 8"""

@@ -22,8 +22,11 @@ REPORT_POINTS = ((100, 64, 3700, "cub"), (1, 128, 5700, "dtd"))
 TARGET_SPEEDUP = 9.0              # fast / reference path, training step, measured in the same run
 TARGET_PEAK_FRACTION = 0.5        # of the bf16 dense peak: an aim, what the step targets amount to
 TARGET_MEMORY_GIB = 6.0           # the fast training step at 100 prompts, batch 64
-END_TO_END_TARGETS = {"vtab": (60, "VTAB-1k task"), "cub": (300, "CUB")}   # seconds, whole run
-STAGES = ("step", "kernels", "sweeps", "e2e", "segmentation")
+END_TO_END_TARGETS = {"vtab": (60, "VTAB-1k task"), "cub": (240, "CUB")}   # seconds, whole run (VTAB: cold)
+# stage "table": a VTAB-1k run warm (its graphs compiled by an earlier run), the 7-point lr sweep batched vs one at
+# a time (x), Table 2 and Table 2 --sweep projected from those runs (seconds)
+TABLE_TARGETS = {"vtab_warm_s": 40, "sweep_ratio": 2.0, "table2_s": 3600, "table2_sweep_s": 3 * 3600}
+STAGES = ("step", "kernels", "sweeps", "e2e", "segmentation", "table")
 # harness/kernels.py's levers together (bench.LEVERS[:2]): train-step img/s targets, one per REPORT_POINTS entry --
 # without FP8 the step's own targets, with FP8 these; SETR-PUP with its levers: it/s at batch 16 and peak GiB
 LEVERS_BF16 = ("qkv-attention", "attention-backend")
@@ -160,6 +163,27 @@ def target_rows(report, comparable):
                                 comparable and r["full_size"]))
     return rows
 
+def table_target_rows(report, comparable):
+    """Stage "table"'s figures next to their targets on one H100 (rows only for what was measured)."""
+    t, rows = report.get("table") or {}, []
+    warm, sweep, projection = t.get("vtab_again"), t.get("lr_sweep"), t.get("projection")
+    if warm:
+        estimate = warm["projected_wall_s"] if warm["projected_wall_s"] is not None else warm["wall_s"]
+        rows.append(_target_row(f"VTAB-1k task end to end, run again in the process (graphs {warm.get('graphs')})",
+                                estimate, "s", "<", TABLE_TARGETS["vtab_warm_s"], comparable and warm["full_size"]))
+    if sweep:
+        rows.append(_target_row(f"{sweep['points']}-point lr sweep, one at a time / batched", sweep["ratio"], "x",
+                                ">=", TABLE_TARGETS["sweep_ratio"], comparable and warm is not None
+                                and warm["full_size"]))
+    if projection:
+        full = comparable and warm is not None and warm["full_size"]
+        rows.append(_target_row(f"Table 2 ({projection['cells']} runs, projected)", projection["table2_s"], "s",
+                                "<", TABLE_TARGETS["table2_s"], full))
+        rows.append(_target_row("Table 2 --sweep (projected)", projection["table2_sweep_s"], "s", "<",
+                                TABLE_TARGETS["table2_sweep_s"], full))
+    return rows
+
+
 def lever_target_rows(report, comparable, segmentation_batch=16):
     """The kernels stage's figures next to their targets on one H100: the train step with the levers together
     (without FP8: the step's own targets; with FP8: FP8_STEP_TARGETS) and SETR-PUP's iteration with its levers.
@@ -226,6 +250,7 @@ def report_markdown(out):
     for name, rows in out["sweeps"].items():
         lines += [f"Over {name}:", ""] + _markdown_steps(rows) + [""]
     lines += ["## End to end (generated data)", ""] + _markdown_end_to_end(out["end_to_end"])
+    lines += _markdown_table_stage(out.get("table") or {})
     if out.get("segmentation"):
         s = out["segmentation"]
         lines += ["", "## Segmentation (SETR-PUP, ADE20K sizes)", "",
@@ -239,6 +264,35 @@ def report_markdown(out):
               "about the comparison's compiling-call seconds (fast path, train + eval) of the same shape.", "",
               "Every number is in the JSON file written beside this one.", ""]
     return "\n".join(lines)
+
+
+def _markdown_table_stage(t):
+    """Stage "table": the warm VTAB run, the lr sweep batched vs one at a time, the projections, the mini Table 2."""
+    if not t:
+        return []
+    lines = ["", "## Whole tables (stage table)", ""]
+    warm, sweep, projection, mini = (t.get(k) for k in ("vtab_again", "lr_sweep", "projection", "mini_table"))
+    if warm:
+        lines.append(f"- The VTAB-1k run again in the same process (graphs {warm.get('graphs')}): "
+                     f"{warm['wall_s']:.1f} s for {warm['epochs']} epochs"
+                     + (f", {warm['projected_wall_s']:.1f} s projected to {warm['full_epochs']}" if
+                        warm["projected_wall_s"] is not None else "") + ".")
+    if sweep:
+        lines.append(f"- {sweep['points']}-point lr sweep ({sweep['train_images']} train / {sweep['val_images']} val "
+                     f"images, {sweep['epochs']} epochs): one at a time {sweep['one_at_a_time_s']:.1f} s, batched "
+                     f"{sweep['batched_s']:.1f} s: **{sweep['ratio']:.2f}x**.")
+    if projection:
+        sweep_h = projection["table2_sweep_s"]
+        lines.append(f"- Table 2 projected from these runs: {projection['cells']} final runs at "
+                     f"{projection['final_run_s']:.1f} s each = {projection['table2_s'] / 60:.1f} min"
+                     + (f"; with --sweep (each cell's sweep batched) {sweep_h / 3600:.2f} h" if sweep_h else "")
+                     + ". Every task is counted at dtd's test size rounded up to 10,000 images: an upper bound.")
+    if mini:
+        lines.append(f"- Mini Table 2 ({mini['runs']} runs, {mini['graph_keys']} graph keys, {mini['epochs']} "
+                     f"epochs, {mini['arch']} ViT, torch.compile backend {mini['compile']}): one at a time as before "
+                     f"(compiler reset before every run) {mini['one_at_a_time_s']:.1f} s, batched and compiled once "
+                     f"per key {mini['batched_s']:.1f} s: **{mini['ratio']:.2f}x**.")
+    return lines
 
 
 def _or_na(value, spec):

@@ -272,6 +272,7 @@ def end_to_end_result(run, cfg, settings, outcome, timing, sizes, cached, full_e
         "batch_size": cfg.batch_size, "epochs": epochs, "train_images": n_train, "val_images": n_val,
         "test_images": n_test, "img_size": cfg.img_size, "cached_size": cached, "bf16": settings.bf16,
         "compiled": bool(outcome.compile["all_compiled"]), "compiled_calls": outcome.compile["compiled_calls"],
+        "graphs": outcome.compile["graphs"],
         "images_on_gpu": timing["images_on_gpu"], "setup_s": timing["setup_s"], "epoch1_s": epoch_s[0],
         "epoch_s": epoch_s, "later_epoch_s": later, "train_s": outcome.train_seconds,
         "test_eval_s": outcome.eval_seconds, "wall_s": timing["wall_s"],
@@ -464,6 +465,79 @@ def time_segmentation_lever(args, device, levers):
             "lever": rows["lever"], "ratio": ratio}
 
 # -----------------------------------------------------------------------------
+# --report's stage "table": an lr sweep batched vs one at a time, and Table 2 projected from measured whole runs
+
+TABLE2_CELLS = 114   # Table 2: 19 VTAB-1k tasks x 2 backbones x 3 methods, one final run each
+SWEEP_SPLIT = dict(train=800, val=200)   # a VTAB-1k sweep run trains on train800 and is scored on val200
+
+
+def time_lr_sweep(args, device, full_epochs=None):
+    """The VTAB end-to-end run's lr sweep (paper_hparams.yaml's 7-point grid, the sweep protocol's 800 / 200
+    generated images) trained one run after another (graphs compiled by the first, reused by the others) and as
+    one batched job (harness.batched), in this process. Seconds of each, their ratio, and each projected to the
+    recipe's epochs (the measured wall plus each missing epoch at the mean of epochs 2..)."""
+    from harness import batched
+    cfg, settings = end_to_end_config(args, "vtab"), end_to_end_settings(args, device)
+    cfgs = [cfg.replace(**point) for point in config.sweep_grid(cfg)]
+    n_train = args.train_images or SWEEP_SPLIT["train"]
+    n_val = args.val_images or SWEEP_SPLIT["val"]
+    train = synthetic_split(cfg.task, "train", n_train, cfg.img_size, seed=0)
+    evals = {"val": synthetic_split(cfg.task, "val", n_val, cfg.img_size, seed=2)}
+    full_epochs = full_epochs or config.HPARAMS["recipe"]["epochs"]
+
+    def projected(wall_s, history):
+        later = [h["seconds"] for h in history[1:]]
+        return wall_s + (full_epochs - len(history)) * statistics.mean(later) if later else None
+    print(f"lr sweep: {len(cfgs)} lrs {[c.lr for c in cfgs]} of the vtab run ({cfg.method}, {cfg.num_prompts} "
+          f"prompt(s), batch {cfg.batch_size}, {cfg.epochs} epochs) | {n_train} train / {n_val} val generated "
+          f"images | {runtime.device_name(device)}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        _release(device)
+        tic, alone_projected = time.perf_counter(), 0.0
+        for i, c in enumerate(cfgs):
+            start = time.perf_counter()
+            runtime.seed_everything(c.seed)
+            model = config.model_from_config(c, c.head_size(), verbose=False)
+            outcome = classification.fit(c, model, train, evals, settings, Path(tmp) / f"alone{i}.pt")
+            alone_projected += projected(time.perf_counter() - start, outcome.history) or 0.0
+            del model
+        alone_s = time.perf_counter() - tic
+        _release(device)
+        tic = time.perf_counter()
+        models = []
+        for c in cfgs:
+            runtime.seed_everything(c.seed)
+            models.append(config.model_from_config(c, c.head_size(), verbose=False))
+        outcomes = batched.fit_batched(cfgs, models, [train] * len(cfgs), [evals] * len(cfgs), settings,
+                                       [Path(tmp) / f"batched{i}.pt" for i in range(len(cfgs))])
+        batched_s = time.perf_counter() - tic
+        del models
+        _release(device)
+    result = {"points": len(cfgs), "lrs": [c.lr for c in cfgs], "epochs": cfg.epochs, "full_epochs": full_epochs,
+              "train_images": n_train, "val_images": n_val, "one_at_a_time_s": alone_s, "batched_s": batched_s,
+              "ratio": alone_s / batched_s, "one_at_a_time_projected_s": alone_projected if cfg.epochs > 1 else None,
+              "batched_projected_s": projected(batched_s, outcomes[0].history),
+              "compiled": bool(settings.compile), "bf16": settings.bf16}
+    print(f"lr sweep: one at a time {alone_s:.1f} s, batched {batched_s:.1f} s: {result['ratio']:.2f}x", flush=True)
+    return result
+
+
+def table2_projection(vtab_warm, sweep):
+    """Table 2 and Table 2 --sweep on this device, from measured whole runs: each final run at the warm VTAB run's
+    wall projected to the recipe's epochs (dtd's test size rounded up to 10,000 for every task: an upper bound),
+    each cell's sweep at the batched sweep's projected wall. None where a unit is missing or too short."""
+    final_s = (vtab_warm or {}).get("projected_wall_s") or (vtab_warm or {}).get("wall_s")
+    if not final_s:
+        return None
+    table2_s = TABLE2_CELLS * final_s
+    sweep_s = (sweep or {}).get("batched_projected_s")
+    alone_s = (sweep or {}).get("one_at_a_time_projected_s")
+    return {"cells": TABLE2_CELLS, "final_run_s": final_s, "table2_s": table2_s,
+            "table2_sweep_s": table2_s + TABLE2_CELLS * sweep_s if sweep_s else None,
+            "table2_sweep_one_at_a_time_s": table2_s + TABLE2_CELLS * alone_s if alone_s else None}
+
+
+# -----------------------------------------------------------------------------
 # --report's mini Table 2: whole runs one at a time (as before: compiler reset per run, a state every epoch) vs
 # runs of one graph key batched (harness.batched) and compiled once, in one process
 
@@ -534,9 +608,11 @@ def time_mini_table(device, compile="aot_eager", arch="tiny", runs_per_key=6, ep
             together += [o.final["test_acc"] for o in outcomes]
             jobs += 1
         batched_s = time.perf_counter() - tic
-    return {"runs": len(cfgs), "graph_keys": jobs, "epochs": epochs, "arch": arch, "compile": str(compile),
-            "device": runtime.device_name(device), "one_at_a_time_s": alone_s, "batched_s": batched_s,
-            "ratio": alone_s / batched_s}
+    result = {"runs": len(cfgs), "graph_keys": jobs, "epochs": epochs, "arch": arch, "compile": str(compile),
+              "device": runtime.device_name(device), "one_at_a_time_s": alone_s, "batched_s": batched_s,
+              "ratio": alone_s / batched_s}
+    print(format_mini_table(result), flush=True)
+    return result
 
 
 def _by_key(cfgs):
@@ -552,17 +628,3 @@ def format_mini_table(r):
             f"compile backend {r['compile']}, {r['device']}): one at a time {r['one_at_a_time_s']:.1f} s, batched + "
             f"compiled once {r['batched_s']:.1f} s: {r['ratio']:.2f}x")
 
-
-if __name__ == "__main__":
-    import json
-    p = runtime.ArgumentParser(description="the mini Table 2 fixed-cost ratio (one at a time vs batched)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--compile", default="aot_eager", help="torch.compile backend (inductor on a GPU)")
-    p.add_argument("--runs-per-key", type=int, default=6)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--json", default=None)
-    a = p.parse_args()
-    result = time_mini_table(torch.device(a.device), a.compile, runs_per_key=a.runs_per_key, epochs=a.epochs)
-    print(format_mini_table(result))
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2))

@@ -130,7 +130,7 @@ def test_cli_accepts_what_it_documents():
     assert (huge.arch, huge.img_size) == ("vit_huge", 224)
     report = bench.parse_args(["--report", "--epochs", "2", "--train-images", "8", "--out-dir", "x"])
     assert (report.epochs, report.train_images, report.out_dir) == (2, 8, "x")
-    assert report.only == ["step", "kernels", "sweeps", "e2e", "segmentation"] and report.compile_mode == "default"
+    assert report.only == ["step", "kernels", "sweeps", "e2e", "segmentation", "table"] and report.compile_mode == "default"
     staged = bench.parse_args(["--report", "--only", "e2e", "step", "--compile-mode", "max-autotune"])
     assert staged.only == ["step", "e2e"] and staged.compile_mode == "max-autotune"   # in the report's order
 
@@ -554,7 +554,7 @@ def test_report_markdown_figures_are_the_json_numbers(smoke_report):
         assert number(row[1]) == pytest.approx(saved["end_to_end"][run]["projected_wall_s"], abs=0.05)
         assert row[3] == "n/a"
     assert number(targets["VTAB-1k task end to end (projected from 2 to 100 epochs)"][2].split()[1]) == 60
-    assert number(targets["CUB end to end (projected from 2 to 100 epochs)"][2].split()[1]) == 300
+    assert number(targets["CUB end to end (projected from 2 to 100 epochs)"][2].split()[1]) == 240
     steps = markdown_table(markdown, "## Training and evaluation steps")
     assert len(steps) == len(saved["results"])
     for row, r in zip(steps, saved["results"]):
@@ -676,3 +676,36 @@ def test_bad_output_folder_device_or_sweep_value_is_one_line_and_exit_2_before_a
         bench.cli(argv)
     out = capsys.readouterr()
     assert exit_info.value.code == 2 and message in out.err and out.out == "", out
+
+
+def test_the_table_stage_times_a_sweep_batched_and_projects_table_2(tmp_path, monkeypatch):
+    """Stage table: the VTAB run again in the same process, the paper's 7-point lr grid (Section A.2) one at a
+    time and batched, Table 2 projected as 114 final runs (19 VTAB-1k tasks x 2 backbones x 3 methods) plus 114
+    batched sweeps, and the mini Table 2 (here at 2 runs, eager: the sizes, not the plumbing, are smaller)."""
+    real_mini = bench.time_mini_table
+    monkeypatch.setattr(bench, "time_mini_table", lambda device, compile: real_mini(device, False, runs_per_key=1,
+                                                                                      epochs=1))
+    out = bench.main(["--report", "--arch", "tiny", "--only", "table", "--out-dir", str(tmp_path), "--warmup", "0",
+                      "--repeats", "1"])
+    saved = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert list(saved["units"]) == ["end-to-end vtab again", "lr sweep", "mini table 2"]
+    table = saved["table"]
+    sweep, warm, projection = table["lr_sweep"], table["vtab_again"], table["projection"]
+    assert sweep["lrs"] == [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0] and sweep["points"] == 7
+    assert (sweep["train_images"], sweep["val_images"], sweep["epochs"]) == (16, 8, 2)
+    assert sweep["ratio"] == pytest.approx(sweep["one_at_a_time_s"] / sweep["batched_s"])
+    assert warm["graphs"] == "eager" and warm["projected_wall_s"] > warm["wall_s"]   # CPU: compile off
+    assert projection["cells"] == 114 and projection["final_run_s"] == warm["projected_wall_s"]
+    assert projection["table2_s"] == pytest.approx(114 * warm["projected_wall_s"])
+    assert projection["table2_sweep_s"] == pytest.approx(114 * (warm["projected_wall_s"]
+                                                               + sweep["batched_projected_s"]))
+    assert table["mini_table"]["runs"] == 2 and table["mini_table"]["graph_keys"] == 2
+    targets = {t["figure"]: t for t in out["targets"]}
+    assert targets["7-point lr sweep, one at a time / batched"]["target"] == 2.0
+    assert targets["Table 2 (114 runs, projected)"]["target"] == 3600
+    assert targets["Table 2 --sweep (projected)"]["target"] == 3 * 3600
+    assert all(t["met"] is None for t in out["targets"])                  # a CPU judges no target
+    markdown = (tmp_path / "BENCHMARKS.md").read_text()
+    assert f"one at a time {sweep['one_at_a_time_s']:.1f} s, batched {sweep['batched_s']:.1f} s: " \
+           f"**{sweep['ratio']:.2f}x**" in markdown
+    assert f"= {projection['table2_s'] / 60:.1f} min" in markdown and "Mini Table 2 (2 runs, 2 graph keys" in markdown
