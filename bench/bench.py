@@ -486,6 +486,36 @@ def time_lever(args, device, peak, prompts, batch, task, levers, table):
     return dict(out, today=today[0], lever=lever[0], ratio=ratio, agreement=agreement)
 
 
+def time_autotune(args, device, peak, prompts, batch, task):
+    """Bias and GELU fused into the fc1 / fc2 GEMMs (forward and backward): inductor's max-autotune mode times
+    Triton GEMM templates with those epilogues against cuBLAS at each shape of the graph and keeps the faster, so
+    this lever is a compile mode, not a kernel of ours. Today's compiled train step, then the same compiled with
+    mode max-autotune, from the same weights: both rows, the ratio, and the compiling-call seconds of each (what
+    the autotuning costs, paid once per graph shape). Other GEMM kernels round bf16 differently: same math."""
+    out = {"prompts": prompts, "batch": batch, "task": task, "asked": ["max-autotune"], "kernels": ["max-autotune"],
+           "left_out": {}}
+    if not compile_enabled(args, device):
+        return dict(out, kernels=[], left_out={"max-autotune": "a torch.compile mode, and compile is off here"})
+    kw = dict(peak=peak, task=task, kinds=("train",))
+    today, state = _measure_or_oom(args, device, "fast", prompts, batch, **kw)
+    if today is None:
+        return dict(out, left_out={"today": "out of GPU memory"})
+    tuned_args = argparse.Namespace(**dict(vars(args), compile_mode="max-autotune"))
+    tuned, _ = _measure_or_oom(tuned_args, device, "fast", prompts, batch, state=state, **kw)
+    if tuned is None:
+        return dict(out, left_out={"lever": "out of GPU memory"}, today=today[0])
+    compile_s = {"default": today[0]["compile_s"], "max-autotune": tuned[0]["compile_s"]}
+    tuned[0]["mode"] += (f" max-autotune (compiling call {_or_blank(compile_s['max-autotune'])} s, default mode "
+                         f"{_or_blank(compile_s['default'])} s)")
+    ratio = tuned[0]["images_per_s"] / today[0]["images_per_s"]
+    print(f"  max-autotune: {ratio:.3f}x today's train step; compiling call {compile_s}", flush=True)
+    return dict(out, today=today[0], lever=tuned[0], ratio=ratio, compile_s=compile_s)
+
+
+def _or_blank(seconds):
+    return "n/a" if seconds is None else f"{seconds:.0f}"
+
+
 def step_gemms(vit, batch):
     """The matmuls of one training step of a prompted frozen ViT, as [name, M, N, K, count] (an [M, K] x [K, N]
     product `count` times): the patch embedding, each block's qkv / proj / fc1 / fc2 forward, and their input
@@ -628,6 +658,8 @@ def kernel_units(args, device, peak):
              + [("kernels", "gemm ceiling", lambda: time_gemm_ceiling(args, device)),
                 ("kernels", f"kernel split {p0}x{b0}", lambda: profile_step_split(args, device, peak, p0, b0, task0))]
              + [lever(p0, b0, task0, levers) for levers in alone]
+             + [("kernels", f"lever max-autotune {p0}x{b0}",
+                 lambda: time_autotune(args, device, peak, p0, b0, task0))]
              + [segmentation(levers) for levers in SEGMENTATION_LEVERS[:-1]])
     return [(stage, key, recorded_failure(measure_unit, device)) for stage, key, measure_unit in units]
 

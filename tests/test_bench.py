@@ -709,3 +709,23 @@ def test_the_table_stage_times_a_sweep_batched_and_projects_table_2(tmp_path, mo
     assert f"one at a time {sweep['one_at_a_time_s']:.1f} s, batched {sweep['batched_s']:.1f} s: " \
            f"**{sweep['ratio']:.2f}x**" in markdown
     assert f"= {projection['table2_s'] / 60:.1f} min" in markdown and "Mini Table 2 (2 runs, 2 graph keys" in markdown
+
+
+def test_the_max_autotune_lever_times_todays_step_then_the_same_step_autotuned(monkeypatch):
+    """GELU and bias in the GEMM epilogues come from inductor's max-autotune mode: the unit times today's
+    compiled train step (mode default), then the same from the same weights with mode max-autotune, and reports
+    both compiling calls' seconds (the autotuning's cost) beside the ratio."""
+    calls = []
+
+    def measure(args, device, path, prompts, batch, state=None, **kwargs):
+        calls.append((args.compile_mode, path, prompts, batch, state))
+        rate, compile_s = (100.0, 20.0) if args.compile_mode == "default" else (125.0, 95.0)
+        return [{"images_per_s": rate, "compile_s": compile_s, "mode": "torch.compile"}], "weights"
+    monkeypatch.setattr(bench, "_measure_or_oom", measure)
+    monkeypatch.setattr(bench, "compile_enabled", lambda args, device: "inductor")
+    args = bench.parse_args(["--report", "--arch", "tiny"])
+    unit = bench.time_autotune(args, torch.device("cpu"), None, 100, 4, "cub")
+    assert calls == [("default", "fast", 100, 4, None), ("max-autotune", "fast", 100, 4, "weights")]
+    assert args.compile_mode == "default"                                  # the caller's flags untouched
+    assert unit["ratio"] == 1.25 and unit["compile_s"] == {"default": 20.0, "max-autotune": 95.0}
+    assert unit["lever"]["mode"] == "torch.compile max-autotune (compiling call 95 s, default mode 20 s)"

@@ -456,8 +456,10 @@ def test_kernels_stage_units_in_order(kernels_report):
         "attention backends", "lever qkv-attention+attention-backend 2x2", "lever qkv-attention+attention-backend 1x2",
         "lever qkv-attention+attention-backend+fp8 2x2", "lever qkv-attention+attention-backend+fp8 1x2",
         "segmentation lever upsample+channels-last", "gemm ceiling", "kernel split 2x2", "lever qkv-attention 2x2",
-        "lever attention-backend 2x2", "lever fp8 2x2", "segmentation lever upsample",
+        "lever attention-backend 2x2", "lever fp8 2x2", "lever max-autotune 2x2", "segmentation lever upsample",
         "segmentation lever channels-last"]
+    assert out["units"]["lever max-autotune 2x2"]["left_out"] == {
+        "max-autotune": "a torch.compile mode, and compile is off here"}
     assert "## Kernels (opt-in, harness/kernels.py)" in markdown
 
 
