@@ -289,7 +289,7 @@ def train_epoch_batched(job, epoch):
     loss_sum = torch.zeros(R, device=device)
     correct = torch.zeros(R, dtype=torch.long, device=device)
     seen = torch.zeros(R, dtype=torch.long, device=device)
-    for parts in zip(*job.loaders):
+    for parts in runtime.step_points(zip(*job.loaders)):   # a stop signal: after this step, before the next
         images = torch.cat([im for im, _ in parts])
         labels = torch.cat([y for _, y in parts])
         losses, right = job.step(images, labels)
@@ -424,8 +424,15 @@ def run_batch(jobs, settings, pack_of):
                             print(f"{limit} runs per batch (measured)", flush=True)
                 cfgs = [jobs[i][0] for i, *_ in chunk]
                 tic = time.perf_counter()
-                outcomes = fit_batched(cfgs, models, [t for t, _ in data], [e for _, e in data], settings,
-                                       [files.state for _, files, *_ in chunk])
+                try:
+                    outcomes = fit_batched(cfgs, models, [t for t, _ in data], [e for _, e in data], settings,
+                                           [files.state for _, files, *_ in chunk])
+                except (KeyboardInterrupt, runtime.Stopped) as e:   # the claims are released below
+                    saved = [files.state for _, files, *_ in chunk if files.state.is_file()]
+                    e.summary = (f"{len(chunk)} runs trained in one batch keep their states ({saved[0]}, ...)"
+                                 if saved else f"{len(chunk)} runs trained in one batch had saved no state yet "
+                                               "(their first epoch had not finished)")
+                    raise
                 session = time.perf_counter() - tic
             for (i, files, checkpoint, backbone), model, outcome in zip(chunk, models, outcomes):
                 cfg, protocol, source = jobs[i]

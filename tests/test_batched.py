@@ -195,3 +195,56 @@ def test_a_sweep_through_the_queue_trains_its_points_in_one_batch_each_with_its_
         assert a["final"] == b["final"] and together.pack.is_file() and together.prompts.is_file()
         pa, pb = torch.load(together.prompts), torch.load(alone.prompts)
         assert all(torch.allclose(pa[k], pb[k], atol=1e-5) for k in pb)
+
+
+def test_a_stop_signal_in_a_batched_sweep_stops_after_the_step_keeps_every_state_and_resumes_bitwise(
+        tmp_path, monkeypatch):
+    """SIGTERM (a SLURM time limit) delivered to this process while a sweep's 3 lr points train in one batch, after
+    epoch 2's first step: the batch stops before its next step (runtime.Stopped saying how many runs keep their
+    states), every point keeps its epoch-1 state and no claim is left; --resume then ends with bitwise the numbers
+    and prompts of an uninterrupted batched sweep."""
+    import pytest
+    import fixtures
+    from test_reproduce import write_tiny_mae_checkpoint, tiny_cell
+    from harness import results, runs
+    fixtures.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "dtd")
+    ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
+    monkeypatch.setattr(config, "sweep_grid", lambda cfg: [{"lr": 0.1}, {"lr": 0.5}, {"lr": 2.0}])
+    cell = tiny_cell(epochs=3, batch_size=4)   # 9 training images: 2-3 steps an epoch
+
+    def run(folder, resume=False):
+        s = settings(tmp_path / folder, checkpoint=str(ckpt), data_dir=str(tmp_path / "data"), resume=resume)
+        runs.run_cells([cell], s, sweep=True)
+
+    def files(folder):
+        return [results.run_files(tmp_path / folder / "results", cell.replace(lr=lr), "sweep") for lr in (0.1, 0.5, 2.0)]
+    run("whole")
+    real_points, epochs = runtime.step_points, []
+
+    def signalled(batches):   # the batched loop takes one step_points per epoch
+        epochs.append(1)
+        for step, item in enumerate(real_points(batches)):
+            yield item
+            if len(epochs) == 2 and step == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+    old_handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(runtime, "step_points", signalled)
+    try:
+        runtime.handle_stop_signals()
+        with pytest.raises(runtime.Stopped) as stopped:
+            run("stopped")
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+        runtime._STOP.update(signum=None, pid=None)
+    assert stopped.value.summary.startswith("3 runs trained in one batch keep their states (")
+    assert len(epochs) == 2
+    for f in files("stopped"):
+        assert f.state.is_file() and not f.claim.exists() and not f.result.exists()
+        assert torch.load(f.state, weights_only=True)["step"] == 0          # epoch 1's state
+    monkeypatch.setattr(runtime, "step_points", real_points)
+    run("stopped", resume=True)
+    for a, b in zip(files("whole"), files("stopped")):
+        ra, rb = results.read_result(a.result), results.read_result(b.result)
+        assert ra["final"] == rb["final"] and [h["loss"] for h in ra["history"]] == [h["loss"] for h in rb["history"]]
+        pa, pb = torch.load(a.prompts), torch.load(b.prompts)
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
