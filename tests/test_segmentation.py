@@ -333,7 +333,8 @@ def test_tiny_run_overfits_fixture(fixture_root, checkpoint, tmp_path):
     run = settings(tmp_path, data_dir=str(fixture_root))
     start = seg.evaluate_and_report(seg.Training(TRAIN, run, checkpoint), seg.ADE20KData(TRAIN, run.data_dir, 0),
                                     TRAIN, run)
-    end, model = seg.train_segmentation(TRAIN.replace(iters=100), run, tmp_path / "end.pt", checkpoint, loader_workers=2)
+    end, model = seg.train_segmentation(TRAIN.replace(iters=100), run, tmp_path / "end.pt", checkpoint,
+                                        loader_workers=2)
     prompts = model.prompt_state_dict()
     assert start["final"]["miou_ss"] < 20
     assert end["final"]["miou_ss"] > start["final"]["miou_ss"] + 40
@@ -349,8 +350,8 @@ def test_tiny_run_overfits_fixture(fixture_root, checkpoint, tmp_path):
 def test_non_finite_loss_stops_before_saving(fixture_root, checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(seg, "seg_loss", lambda logits, labels: logits.float().mean() * float("nan"))
     with pytest.raises(runtime.NonFiniteLoss, match="loss became nan at iteration") as err:
-        seg.train_segmentation(TRAIN.replace(iters=2), settings(tmp_path, data_dir=str(fixture_root)), tmp_path / "s.pt",
-                               checkpoint, loader_workers=0)
+        seg.train_segmentation(TRAIN.replace(iters=2), settings(tmp_path, data_dir=str(fixture_root)),
+                               tmp_path / "s.pt", checkpoint, loader_workers=0)
     assert not err.value.state_saved and not (tmp_path / "s.pt").exists()
 
 
