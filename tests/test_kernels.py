@@ -434,12 +434,13 @@ def test_kernel_types_of_typical_names(name, kind):
 @pytest.fixture(scope="module")
 def kernels_report(tmp_path_factory):
     """`bench --report --arch tiny --only kernels` with the step points shrunk to (2 prompts, 2 images) and
-    (1 prompt, 2 images), SETR-PUP to batch 2, and one timed call per row: every unit of the stage runs once, in
-    order."""
+    (1 prompt, 2 images), SETR-PUP to batch 2, one timed call per row and one profiled step in the kernel split
+    (reading the profile back costs ~0.6 s per step): every unit of the stage runs once, in order."""
     from bench import bench, report, runs
     out_dir = tmp_path_factory.mktemp("kernels")
     mp = pytest.MonkeyPatch()
     mp.setattr(report, "REPORT_POINTS", ((2, 32, 3700, "cub"), (1, 32, 5700, "dtd")))
+    mp.setattr(bench, "PROFILED_STEPS", 1)
     real_config = runs.segmentation_config
     mp.setattr(runs, "segmentation_config", lambda args: real_config(args).replace(batch_size=2))
     try:
