@@ -137,6 +137,17 @@ def compiled_demo(**changes):
     return tiny_demo(arch_overrides=dict(TINY, depth=2), **changes)
 
 
+def small_fit(cfg, tmp_path, compile):
+    """classification.fit of `cfg` on 2 generated images per class, its training split also its test split: at
+    batch 8, one or two steps an epoch and one evaluation batch, all the graph-counting tests need of a run."""
+    torch.manual_seed(cfg.seed)
+    model = config.model_from_config(cfg, cfg.head_size(), verbose=False)
+    images, labels = datasets.make_synthetic_images(cfg.num_classes, 2, 40, seed=cfg.seed)
+    split = datasets.ImageSplit.from_dense("demo", "train", images, labels)
+    return classification.fit(cfg, model, split, {"test": split}, settings(tmp_path, compile=compile),
+                              tmp_path / "state.pt")
+
+
 def test_two_epochs_with_odd_batches_compile_one_train_and_one_eval_graph(tmp_path):
     """Train split 5 x 64 = 320 images at batch 48 (a last batch of 32) and a test split of 160 at the eval
     batch 256: dynamo compiles exactly two graphs -- the training step and the evaluation step -- and never
@@ -182,13 +193,8 @@ def test_many_runs_in_one_process_all_run_compiled(tmp_path):
         for n, (classes, prompts) in enumerate(runs):
             cfg = compiled_demo(num_classes=classes, epochs=2, warmup_epochs=0, batch_size=8)
             cfg = cfg.replace(num_prompts=prompts, insert_at=1)
-            torch.manual_seed(0)
-            model = config.model_from_config(cfg, classes, verbose=False)
-            images, labels = datasets.make_synthetic_images(classes, 2, 40, seed=0)
-            split = datasets.ImageSplit.from_dense("demo", "train", images, labels)
             calls_before = backend.calls
-            outcome = classification.fit(cfg, model, split, {"test": split}, settings(tmp_path, compile=backend),
-                                         tmp_path / f"state{n}.pt")
+            outcome = small_fit(cfg, tmp_path / str(n), backend)
             steps = 2 * math.ceil(2 * classes / 8)
             assert backend.calls - calls_before >= steps + 1, \
                 f"run {n + 1} ({classes} classes, {prompts} prompts) ran eager"
@@ -225,7 +231,7 @@ def test_same_key_runs_in_one_process_compile_each_graph_once(tmp_path):
             base.replace(num_prompts=3), base.replace(seed=3)]
     records = []
     for n, cfg in enumerate(cfgs):
-        records.append(tiny_run(cfg, tmp_path / str(n), compile=backend)[0].compile)
+        records.append(small_fit(cfg, tmp_path / str(n), backend).compile)
     assert [r["graphs"] for r in records] == ["cold", "reused", "reused", "cold", "reused"]
     assert all(r["all_compiled"] for r in records)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4 == backend.graphs
@@ -245,7 +251,7 @@ def test_more_graph_keys_than_fit_in_dynamos_cache_never_run_eager(tmp_path, mon
     with torch._dynamo.config.patch(recompile_limit=2):   # raised to KEYS_PER_CACHE * GRAPHS_PER_KEY
         for n, prompts in enumerate((1, 2, 2)):
             cfg = compiled_demo(num_classes=4, epochs=1, warmup_epochs=0, batch_size=8, num_prompts=prompts)
-            records.append(tiny_run(cfg, tmp_path / str(n), compile=backend)[0].compile)
+            records.append(small_fit(cfg, tmp_path / str(n), backend).compile)
     assert [r["graphs"] for r in records] == ["cold", "cold", "reused"]
     assert all(r["all_compiled"] for r in records)
     runtime.reset_compiler()
