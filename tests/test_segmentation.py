@@ -329,12 +329,13 @@ def test_poly_schedule_matches_mmseg():
 
 def test_tiny_run_overfits_fixture(fixture_root, checkpoint, tmp_path):
     """Train on the fixture's training images and evaluate on the same distribution: mIoU must rise far
-    above that of the untrained model (the initial model evaluated as train_segmentation evaluates)."""
+    above that of the untrained model (the initial model evaluated as train_segmentation evaluates). In this
+    process: the loader's worker processes are test_resume_matches_uninterrupted_run's."""
     run = settings(tmp_path, data_dir=str(fixture_root))
     start = seg.evaluate_and_report(seg.Training(TRAIN, run, checkpoint), seg.ADE20KData(TRAIN, run.data_dir, 0),
                                     TRAIN, run)
     end, model = seg.train_segmentation(TRAIN.replace(iters=100), run, tmp_path / "end.pt", checkpoint,
-                                        loader_workers=2)
+                                        loader_workers=0)
     prompts = model.prompt_state_dict()
     assert start["final"]["miou_ss"] < 20
     assert end["final"]["miou_ss"] > start["final"]["miou_ss"] + 40
