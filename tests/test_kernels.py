@@ -96,10 +96,11 @@ def test_fast_attention_takes_the_plain_forward_where_it_does_not_apply(monkeypa
     assert calls == []
 
 
-def gated_vit(seed=0):
-    """gated+temp ViT (float64, 2 blocks, 4 prompts, gates 0.5, temperatures 0.6 and 1.7, no dropout)."""
+def gated_vit(seed=0, depth=2):
+    """gated+temp ViT (float64, 2 blocks, 4 prompts, gates 0.5, temperatures 0.6 and 1.7, no dropout); depth=1: its
+    first block only."""
     torch.manual_seed(seed)
-    cfg = gp.vit_config("vit_small", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
+    cfg = gp.vit_config("vit_small", img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=4)
     model = gp.VisionTransformer(cfg, gp.prompt_config("gated+temp", num_classes=5, num_prompts=4, gate_init=0.0,
                                                        prompt_dropout=0.0)).double()
     with torch.no_grad():
@@ -107,7 +108,7 @@ def gated_vit(seed=0):
             if isinstance(m, nn.Linear):
                 m.weight.normal_(0, m.in_features ** -0.5)
         model.prompts.normal_(0, 1)
-        model.temperatures.copy_(torch.tensor([0.6, 1.7]))
+        model.temperatures.copy_(torch.tensor([0.6, 1.7][:depth]))
     return model
 
 
@@ -137,8 +138,8 @@ def test_qkv_attention_in_a_gated_vit_gives_the_plain_gradients(backend):
 
 def test_qkv_attention_traces_whole_under_torch_compile():
     """dynamo + AOTAutograd trace the custom function's forward and backward as one graph (fullgraph: no break);
-    float32, as the fast path compiles it."""
-    plain = gated_vit().float()
+    float32, as the fast path compiles it. One block (temperature 0.6): tracing costs ~1 s per block."""
+    plain = gated_vit(depth=1).float()
     fast = copy.deepcopy(plain)
     kernels.apply(fast, ["qkv-attention"])
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
