@@ -285,6 +285,8 @@ def test_figures_show_only_the_paper_recipe_by_default(tmp_path, monkeypatch):
 
 
 def test_figures_mark_other_settings_when_asked(tmp_path, monkeypatch):
+    """Each other setting its own series, panel or row, named in the drawn figures' legends and titles."""
+    unrendered(monkeypatch)
     results_dir = tmp_path / "results"
     write_runs_of_other_settings(results_dir)
     figures = drawn_figure(monkeypatch)
