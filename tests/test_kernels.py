@@ -446,7 +446,7 @@ def kernels_report(tmp_path_factory):
     real_config = runs.segmentation_config
     mp.setattr(runs, "segmentation_config", lambda args: real_config(args).replace(batch_size=2))
     gc.collect()
-    gc.freeze()   # what lives now outlives the stage: its 23 gc.collect calls (one per unit) need not walk it
+    gc.freeze()   # what lives now (imports, earlier tests' caches): the stage's 23 gc.collect calls need not walk it
     try:
         out = bench.main(["--report", "--arch", "tiny", "--only", "kernels", "--out-dir", str(out_dir), "--steps", "1",
                           "--warmup", "0", "--repeats", "1"])

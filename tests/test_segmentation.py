@@ -329,8 +329,8 @@ def test_poly_schedule_matches_mmseg():
 
 def test_tiny_run_overfits_fixture(fixture_root, checkpoint, tmp_path):
     """Train on the fixture's training images and evaluate on the same distribution: mIoU must rise far
-    above that of the untrained model (the initial model evaluated as train_segmentation evaluates). In this
-    process: the loader's worker processes are test_resume_matches_uninterrupted_run's."""
+    above that of the untrained model (the initial model evaluated as train_segmentation evaluates). It loads in
+    this process (test_resume_matches_uninterrupted_run trains with the loader's worker processes)."""
     run = settings(tmp_path, data_dir=str(fixture_root))
     start = seg.evaluate_and_report(seg.Training(TRAIN, run, checkpoint), seg.ADE20KData(TRAIN, run.data_dir, 0),
                                     TRAIN, run)
