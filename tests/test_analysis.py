@@ -117,6 +117,16 @@ def write_format_fixture_run(results_dir, name, test_acc=None, selection_ratio=N
     return path
 
 
+def unrendered(monkeypatch):
+    """For the tests that read only a figure's JSON / CSV: save_figure (matplotlib's layout and rendering, ~0.25 s a
+    figure) becomes a stand-in that writes no PNG. The figures are still drawn; the PNGs are checked by the tests
+    that assert_png them."""
+    def stand_in(fig, path, *args, **kwargs):
+        return path
+    monkeypatch.setattr(analysis, "save_figure", stand_in)
+    monkeypatch.setattr(dip, "save_figure", stand_in)
+
+
 def test_load_runs_filters_and_skips_foreign_files(tmp_path):
     """The figures read run files with results.load_runs."""
     write_format_fixture_run(tmp_path, "a", 50.0, ssl="mae")
@@ -133,8 +143,9 @@ def test_load_runs_filters_and_skips_foreign_files(tmp_path):
         results.load_runs(tmp_path / "missing")
 
 
-def test_figure_point_uses_the_newest_lr(tmp_path):
+def test_figure_point_uses_the_newest_lr(tmp_path, monkeypatch):
     """A point re-run at another lr (both picked by the lr sweep) shows the newest file's lr only, seeds averaged."""
+    unrendered(monkeypatch)
     write_format_fixture_run(tmp_path, "old-lr-s1", 10.0, lr=0.5, seed=1, age=100, lr_source="sweep")
     write_format_fixture_run(tmp_path, "old-lr-s2", 12.0, lr=0.5, seed=2, age=100, lr_source="sweep")
     write_format_fixture_run(tmp_path, "new-lr-s1", 50.0, lr=0.1, seed=1, age=10, lr_source="sweep")
@@ -257,7 +268,8 @@ def write_runs_of_other_settings(results):
 OTHER_SETTINGS = {"epochs=1", f"stale: recipe version 1, now {config.RECIPE_VERSION}"}
 
 
-def test_figures_show_only_the_paper_recipe_by_default(tmp_path):
+def test_figures_show_only_the_paper_recipe_by_default(tmp_path, monkeypatch):
+    unrendered(monkeypatch)
     results_dir = tmp_path / "results"
     write_runs_of_other_settings(results_dir)
     fig1 = json.loads(open(analysis.figure_insertion(results_dir, tmp_path / "f1")["json"]).read())
@@ -273,6 +285,8 @@ def test_figures_show_only_the_paper_recipe_by_default(tmp_path):
 
 
 def test_figures_mark_other_settings_when_asked(tmp_path, monkeypatch):
+    """Each other setting its own series, panel or row, named in the drawn figures' legends and titles."""
+    unrendered(monkeypatch)
     results_dir = tmp_path / "results"
     write_runs_of_other_settings(results_dir)
     figures = drawn_figure(monkeypatch)
@@ -317,8 +331,9 @@ def test_figures_without_a_paper_run_point_to_all(tmp_path, capsys):
     assert "1 run(s) are not of the paper's exact recipe" in capsys.readouterr().out
 
 
-def test_figure1_uses_section_a2_learning_rates(tmp_path):
+def test_figure1_uses_section_a2_learning_rates(tmp_path, monkeypatch):
     """Figure 1's KITTI runs with MoCo v3 are at lr 0.1 (Section A.2), not Table 5's 1.0; VPT-shallow only."""
+    unrendered(monkeypatch)
     results_dir = tmp_path / "results"
     assert config.resolve("kitti", "mocov3", "vpt-shallow").lr == 1.0
     write_format_fixture_run(results_dir, "table5-lr", 20.0, task="kitti", ssl="mocov3", insert_at=3)
@@ -521,6 +536,7 @@ def test_figure_dip(tmp_path):
 def test_figure_dip_stores_the_scores_of_each_reconstruction(tmp_path, monkeypatch):
     """With a stand-in reconstruction that differs per backbone, block and image, every stored PSNR / SSIM is the
     one numpy gives for that reconstruction against that image, and Figure 9's means are their means."""
+    unrendered(monkeypatch)
     models = [("supervised", tiny_model("linear", seed=0)), ("MAE", tiny_model("gated", seed=1))]
     images = [tiny_image(0), tiny_image(1)]
 

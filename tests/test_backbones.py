@@ -29,9 +29,10 @@ def randomize(model, seed=0):
 
 @functools.lru_cache(maxsize=None)
 def named(name):
-    """A timm model by its registry name (random weights); DINOv2 ones resize their grid to the input."""
+    """A timm model by its registry name with NAMED_DEPTH of its blocks (random weights); DINOv2 ones resize their
+    grid to the input."""
     kwargs = dict(dynamic_img_size=True) if "dinov2" in name else {}
-    return randomize(timm.create_model(name, pretrained=False, num_classes=0, **kwargs))
+    return randomize(timm.create_model(name, pretrained=False, num_classes=0, depth=NAMED_DEPTH, **kwargs))
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,7 +133,11 @@ def write_deit(ref, path):   # deit_small_patch16_224-cd65a155.pth: {'model': sd
     torch.save({"model": sd}, path)
 
 
-# --- real-size named configs at 224 px, one per file layout -----------------------------------------
+# --- named configs at their real width at 224 px, one per file layout --------------------------------
+# 2 of their 12 blocks: every block is loaded by the same name table (the full depths' names and shapes are checked
+# on the meta device: test_every_named_config_has_our_names_and_shapes)
+NAMED_DEPTH = 2
+
 
 @pytest.mark.parametrize("timm_name,arch,ssl,write,fmt", [
     ("vit_small_patch16_224.dino", "vit_small", "dino", write_timm, "timm / MAE"),
@@ -145,7 +150,7 @@ def test_named_backbone_files_give_timms_features(timm_name, arch, ssl, write, f
     write(ref, path)
     assert gp.detect_format(gp.read_checkpoint(path)[0])[1].startswith(fmt)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    assert (ours_features(path, arch, ssl, x) - timm_features(ref, x)).abs().max() < 1e-5
+    assert (ours_features(path, arch, ssl, x, depth=NAMED_DEPTH) - timm_features(ref, x)).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("write,fmt", [(write_dino_plain, "timm / MAE"),
@@ -165,14 +170,16 @@ def test_dino_files_give_timms_features(write, fmt, tmp_path):
 
 
 def test_mocov3_vit_small_has_12_heads_and_loads_exactly(tmp_path):
-    """The paper's MoCo v3 ViT-S/16 (Table 8): 384 wide, 12 heads; the same file read as a 6-head ViT-S differs."""
-    ref = randomize(TimmViT(embed_dim=384, depth=12, num_heads=12, num_classes=0,
+    """The paper's MoCo v3 ViT-S/16 (Table 8): 384 wide, 12 heads (here 2 of its 12 blocks); the same file read as
+    a 6-head ViT-S differs."""
+    ref = randomize(TimmViT(embed_dim=384, depth=NAMED_DEPTH, num_heads=12, num_classes=0,
                             norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6)))
-    write_mocov3_linear(ref, tmp_path / "linear-vit-s-300ep.pth.tar")
+    path = tmp_path / "linear-vit-s-300ep.pth.tar"
+    write_mocov3_linear(ref, path)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
     expected = timm_features(ref, x)
-    assert (ours_features(tmp_path / "linear-vit-s-300ep.pth.tar", "vit_small", "mocov3", x) - expected).abs().max() < 1e-5
-    six = ours_features(tmp_path / "linear-vit-s-300ep.pth.tar", "vit_small", "dino", x)   # 6 heads
+    assert (ours_features(path, "vit_small", "mocov3", x, depth=NAMED_DEPTH) - expected).abs().max() < 1e-5
+    six = ours_features(path, "vit_small", "dino", x, depth=NAMED_DEPTH)   # 6 heads
     assert (six - expected).abs().max() > 1e-2
 
 

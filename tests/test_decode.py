@@ -259,7 +259,7 @@ def test_two_runs_of_a_task_in_one_process_decode_its_test_split_once(tmp_path, 
     test_paths = set(datasets.read_split("dtd", tmp_path / "data" / "vtab-1k", "test")[0])
     ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
     cfg = config.resolve("dtd", "mae", arch_overrides=dict(TINY, patch_size=32), epochs=1, warmup_epochs=0,
-                          num_prompts=4)
+                          num_prompts=4, batch_size=16)   # the 12 training images in one step, not padded to 128
 
     def two_seeds(results_dir):
         settings = runtime.Settings(results_dir=str(results_dir), data_dir=str(tmp_path / "data"), quiet=True,

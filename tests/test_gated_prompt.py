@@ -59,8 +59,8 @@ def test_full_size_vit_b16_matches_timm():
     ours.to_empty(device="cpu").eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in ours.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02 + ("norm" in name and name.endswith("weight")))
+        for name, p in ours.named_parameters():   # in place: a temporary per tensor would triple the cost
+            p.normal_(float("norm" in name and name.endswith("weight")), 0.02, generator=g)
     ref.load_state_dict(ours.backbone_state_dict(), assign=True)
     x = torch.randn(1, 3, 224, 224, generator=g)
     with torch.no_grad():

@@ -11,6 +11,7 @@
 Expected values come from gated_prompt's forward + autograd, F.interpolate, and numpy.
 """
 import copy
+import gc
 
 import numpy as np
 import pytest
@@ -95,10 +96,11 @@ def test_fast_attention_takes_the_plain_forward_where_it_does_not_apply(monkeypa
     assert calls == []
 
 
-def gated_vit(seed=0):
-    """gated+temp ViT (float64, 2 blocks, 4 prompts, gates 0.5, temperatures 0.6 and 1.7, no dropout)."""
+def gated_vit(seed=0, depth=2):
+    """gated+temp ViT (float64, 2 blocks, 4 prompts, gates 0.5, temperatures 0.6 and 1.7, no dropout); depth=1: its
+    first block only."""
     torch.manual_seed(seed)
-    cfg = gp.vit_config("vit_small", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
+    cfg = gp.vit_config("vit_small", img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=4)
     model = gp.VisionTransformer(cfg, gp.prompt_config("gated+temp", num_classes=5, num_prompts=4, gate_init=0.0,
                                                        prompt_dropout=0.0)).double()
     with torch.no_grad():
@@ -106,7 +108,7 @@ def gated_vit(seed=0):
             if isinstance(m, nn.Linear):
                 m.weight.normal_(0, m.in_features ** -0.5)
         model.prompts.normal_(0, 1)
-        model.temperatures.copy_(torch.tensor([0.6, 1.7]))
+        model.temperatures.copy_(torch.tensor([0.6, 1.7][:depth]))
     return model
 
 
@@ -136,8 +138,8 @@ def test_qkv_attention_in_a_gated_vit_gives_the_plain_gradients(backend):
 
 def test_qkv_attention_traces_whole_under_torch_compile():
     """dynamo + AOTAutograd trace the custom function's forward and backward as one graph (fullgraph: no break);
-    float32, as the fast path compiles it."""
-    plain = gated_vit().float()
+    float32, as the fast path compiles it. One block (temperature 0.6): tracing costs ~1 s per block."""
+    plain = gated_vit(depth=1).float()
     fast = copy.deepcopy(plain)
     kernels.apply(fast, ["qkv-attention"])
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -434,14 +436,17 @@ def test_kernel_types_of_typical_names(name, kind):
 @pytest.fixture(scope="module")
 def kernels_report(tmp_path_factory):
     """`bench --report --arch tiny --only kernels` with the step points shrunk to (2 prompts, 2 images) and
-    (1 prompt, 2 images), SETR-PUP to batch 2, and one timed call per row: every unit of the stage runs once, in
-    order."""
+    (1 prompt, 2 images), SETR-PUP to batch 2, one timed call per row and one profiled step in the kernel split
+    (reading the profile back costs ~0.6 s per step): every unit of the stage runs once, in order."""
     from bench import bench, report, runs
     out_dir = tmp_path_factory.mktemp("kernels")
     mp = pytest.MonkeyPatch()
     mp.setattr(report, "REPORT_POINTS", ((2, 32, 3700, "cub"), (1, 32, 5700, "dtd")))
+    mp.setattr(bench, "PROFILED_STEPS", 1)
     real_config = runs.segmentation_config
     mp.setattr(runs, "segmentation_config", lambda args: real_config(args).replace(batch_size=2))
+    gc.collect()
+    gc.freeze()   # what lives now (imports, earlier tests' caches): the stage's 23 gc.collect calls need not walk it
     try:
         out = bench.main(["--report", "--arch", "tiny", "--only", "kernels", "--out-dir", str(out_dir), "--steps", "1",
                           "--warmup", "0", "--repeats", "1"])

@@ -304,7 +304,8 @@ def test_every_finished_run_writes_a_pack_that_loads_onto_its_backbone(tmp_path)
     tiny = dict(TINY, patch_size=32)
     source = gp.build_model("vit_base", "mae", "linear", num_classes=0, vit_overrides=tiny, verbose=False)
     torch.save({"model": source.backbone_state_dict()}, tmp_path / "mae.pth")
-    cfg = config.resolve("cub", "mae", arch_overrides=tiny, num_classes=3, epochs=1, warmup_epochs=0, num_prompts=2)
+    cfg = config.resolve("cub", "mae", arch_overrides=tiny, num_classes=3, epochs=1, warmup_epochs=0, num_prompts=2,
+                          batch_size=8)   # its 6 training images in one step, not padded to the recipe's 64
     settings = runtime.Settings(results_dir=str(tmp_path / "results"), data_dir=str(tmp_path / "data"), quiet=True,
                                 checkpoint=str(tmp_path / "mae.pth"))
     result = runs.run_one(cfg, "final", settings)

@@ -20,6 +20,9 @@ from harness import segmentation as seg
 TINY_VIT = dict(SMALL, depth=4, patch_size=16)
 TINY = config.resolve("ade20k", "mae", num_prompts=4, gate_init=5.0, arch_overrides=TINY_VIT, img_size=64,
                        aux_blocks=[2, 3], head_channels=16, lr=0.01, batch_size=2, seed=0)
+# The training tests' crop: SETR-PUP's heads and loss work on 150-class maps of the whole crop, so 32 px (a 2x2 token
+# grid; the scales of training and testing follow the crop) makes an iteration ~3x cheaper than 64 px.
+TRAIN = TINY.replace(img_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -326,10 +329,13 @@ def test_poly_schedule_matches_mmseg():
 
 def test_tiny_run_overfits_fixture(fixture_root, checkpoint, tmp_path):
     """Train on the fixture's training images and evaluate on the same distribution: mIoU must rise far
-    above that of the untrained model (the initial model evaluated as train_segmentation evaluates)."""
+    above that of the untrained model (the initial model evaluated as train_segmentation evaluates). It loads in
+    this process (test_resume_matches_uninterrupted_run trains with the loader's worker processes)."""
     run = settings(tmp_path, data_dir=str(fixture_root))
-    start = seg.evaluate_and_report(seg.Training(TINY, run, checkpoint), seg.ADE20KData(TINY, run.data_dir, 0), TINY, run)
-    end, model = seg.train_segmentation(TINY.replace(iters=100), run, tmp_path / "end.pt", checkpoint, loader_workers=2)
+    start = seg.evaluate_and_report(seg.Training(TRAIN, run, checkpoint), seg.ADE20KData(TRAIN, run.data_dir, 0),
+                                    TRAIN, run)
+    end, model = seg.train_segmentation(TRAIN.replace(iters=100), run, tmp_path / "end.pt", checkpoint,
+                                        loader_workers=0)
     prompts = model.prompt_state_dict()
     assert start["final"]["miou_ss"] < 20
     assert end["final"]["miou_ss"] > start["final"]["miou_ss"] + 40
@@ -345,8 +351,8 @@ def test_tiny_run_overfits_fixture(fixture_root, checkpoint, tmp_path):
 def test_non_finite_loss_stops_before_saving(fixture_root, checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(seg, "seg_loss", lambda logits, labels: logits.float().mean() * float("nan"))
     with pytest.raises(runtime.NonFiniteLoss, match="loss became nan at iteration") as err:
-        seg.train_segmentation(TINY.replace(iters=2), settings(tmp_path, data_dir=str(fixture_root)), tmp_path / "s.pt",
-                               checkpoint, loader_workers=0)
+        seg.train_segmentation(TRAIN.replace(iters=2), settings(tmp_path, data_dir=str(fixture_root)),
+                               tmp_path / "s.pt", checkpoint, loader_workers=0)
     assert not err.value.state_saved and not (tmp_path / "s.pt").exists()
 
 
@@ -355,7 +361,7 @@ class Interrupted(Exception):
 
 
 def test_resume_matches_uninterrupted_run(fixture_root, checkpoint, tmp_path, monkeypatch):
-    cfg = TINY.replace(iters=8)
+    cfg = TRAIN.replace(iters=8)
     run = settings(tmp_path, data_dir=str(fixture_root))
     full, model = seg.train_segmentation(cfg, run, tmp_path / "full.pt", checkpoint, save_every=3, loader_workers=2)
     full_prompts = model.prompt_state_dict()
@@ -388,7 +394,7 @@ def test_a_stale_state_is_announced_and_replaced_without_resume(fixture_root, ch
     over (as the classification trainer does: one runtime.resume_or_start), and its first save replaces it."""
     state = tmp_path / "s.pt"
     state.write_bytes(b"an interrupted run's state")
-    seg.train_segmentation(TINY.replace(iters=1), settings(tmp_path, data_dir=str(fixture_root)), state, checkpoint,
+    seg.train_segmentation(TRAIN.replace(iters=1), settings(tmp_path, data_dir=str(fixture_root)), state, checkpoint,
                            loader_workers=0)
     assert f"{state} holds an interrupted run; starting over (pass --resume to continue it)" in capsys.readouterr().out
     assert torch.load(state, weights_only=False)["step"] == 1

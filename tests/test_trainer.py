@@ -131,6 +131,24 @@ def test_padded_masked_step_gives_the_unpadded_gradients():
     assert not torch.allclose(other["head.weight"], unpadded["head.weight"])
 
 
+def compiled_demo(depth=1, **changes):
+    """tiny_demo on `depth` blocks, for the tests that count compiled graphs: dynamo traces every block in Python, so
+    a cold compile costs ~0.4 s less per block left out. The tests of which graphs a run builds or reuses take 1
+    block; the one that checks for graph breaks takes 2, so that the gate between two blocks is traced too."""
+    return tiny_demo(arch_overrides=dict(TINY, depth=depth), **changes)
+
+
+def small_fit(cfg, tmp_path, compile):
+    """classification.fit of `cfg` on 2 generated images per class, its training split also its test split: at
+    batch 8, one or two steps an epoch and one evaluation batch, all the graph-counting tests need of a run."""
+    torch.manual_seed(cfg.seed)
+    model = config.model_from_config(cfg, cfg.head_size(), verbose=False)
+    images, labels = datasets.make_synthetic_images(cfg.num_classes, 2, 40, seed=cfg.seed)
+    split = datasets.ImageSplit.from_dense("demo", "train", images, labels)
+    return classification.fit(cfg, model, split, {"test": split}, settings(tmp_path, compile=compile),
+                              tmp_path / "state.pt")
+
+
 def test_two_epochs_with_odd_batches_compile_one_train_and_one_eval_graph(tmp_path):
     """Train split 5 x 64 = 320 images at batch 48 (a last batch of 32) and a test split of 160 at the eval
     batch 256: dynamo compiles exactly two graphs -- the training step and the evaluation step -- and never
@@ -138,7 +156,7 @@ def test_two_epochs_with_odd_batches_compile_one_train_and_one_eval_graph(tmp_pa
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     backend = torch._dynamo.testing.CompileCounter()
-    cfg = tiny_demo(num_classes=5, batch_size=48, epochs=2)
+    cfg = compiled_demo(depth=2, num_classes=5, batch_size=48, epochs=2)
     outcome, _ = tiny_run(cfg, tmp_path, compile=backend)
     assert len(outcome.history) == 2 and outcome.final["test_acc"] >= 0
     assert backend.frame_count == 2, f"{backend.frame_count} graphs"
@@ -163,30 +181,28 @@ class CountingBackend:
 
 
 def test_many_runs_in_one_process_all_run_compiled(tmp_path):
-    """Table 2 runs 94 configurations in one process, heads differing per task. dynamo's recompile limit (8) is
-    keyed on code objects shared by every run, so without a reset between runs the configurations past the limit
-    run eager (test_a_run_that_fell_back_to_eager_says_so: at a limit of 2, the second). At a limit of 2, four
-    runs in a row -- 2 head sizes, 3 prompt counts -- must each put every training and evaluation step through a
-    compiled graph, and the result must say so (counted, not the setting). Each run: 2 images per class at
-    batch 8, 2 epochs; one eval batch (256)."""
+    """Table 2 runs 94 configurations in one process, heads differing per task. dynamo's recompile limit is
+    keyed on code objects shared by every run, so left alone the configurations past the limit run eager
+    (test_a_run_that_fell_back_to_eager_says_so). At a limit of 2 (one run's training and evaluation graph), three
+    runs in a row -- 2 head sizes, 2 prompt counts -- must each put every training and evaluation step through a
+    compiled graph, and the result must say so (counted, not the setting): left alone, the third would run eager.
+    Each run: 2 images per class at batch 8, 2 epochs; one eval batch (256)."""
     backend = CountingBackend()
-    runs = [(classes, 1) for classes in range(2, 12)] + [(3, 2), (3, 3)]
-    for n, (classes, prompts) in enumerate(runs):
-        cfg = tiny_demo(num_classes=classes, epochs=2, warmup_epochs=0, batch_size=8)
-        cfg = cfg.replace(num_prompts=prompts, insert_at=1)
-        torch.manual_seed(0)
-        model = config.model_from_config(cfg, classes, verbose=False)
-        images, labels = datasets.make_synthetic_images(classes, 2, 40, seed=0)
-        split = datasets.ImageSplit.from_dense("demo", "train", images, labels)
-        calls_before = backend.calls
-        outcome = classification.fit(cfg, model, split, {"test": split}, settings(tmp_path, compile=backend),
-                              tmp_path / f"state{n}.pt")
-        steps = 2 * math.ceil(2 * classes / 8)
-        assert backend.calls - calls_before >= steps + 1, f"run {n + 1} ({classes} classes, {prompts} prompts) ran eager"
-        assert outcome.compile == {"compile": True, "compiled_calls": {"train": [steps, steps], "eval": [1, 1]},
-                                   "all_compiled": True, "graphs": outcome.compile["graphs"]}, f"run {n + 1}"
-        assert outcome.compile["graphs"] in ("cold", "reused")
-    torch._dynamo.reset()
+    runs = [(2, 1), (7, 1), (3, 2)]
+    runtime.reset_compiler()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for n, (classes, prompts) in enumerate(runs):
+            cfg = compiled_demo(num_classes=classes, epochs=2, warmup_epochs=0, batch_size=8)
+            cfg = cfg.replace(num_prompts=prompts, insert_at=1)
+            calls_before = backend.calls
+            outcome = small_fit(cfg, tmp_path / str(n), backend)
+            steps = 2 * math.ceil(2 * classes / 8)
+            assert backend.calls - calls_before >= steps + 1, \
+                f"run {n + 1} ({classes} classes, {prompts} prompts) ran eager"
+            assert outcome.compile == {"compile": True, "compiled_calls": {"train": [steps, steps], "eval": [1, 1]},
+                                       "all_compiled": True, "graphs": outcome.compile["graphs"]}, f"run {n + 1}"
+            assert outcome.compile["graphs"] in ("cold", "reused")
+    runtime.reset_compiler()
 
 
 def test_a_run_that_fell_back_to_eager_says_so(capsys):
@@ -211,12 +227,12 @@ def test_same_key_runs_in_one_process_compile_each_graph_once(tmp_path):
     runtime.reset_compiler()
     torch._dynamo.utils.counters.clear()
     backend = CountingBackend()
-    base = tiny_demo(num_classes=4, epochs=1, warmup_epochs=0, batch_size=8)
+    base = compiled_demo(num_classes=4, epochs=1, warmup_epochs=0, batch_size=8)
     cfgs = [base, base.replace(seed=1, lr=0.5), base.replace(seed=2, gate_init=2.0, num_classes=5),
             base.replace(num_prompts=3), base.replace(seed=3)]
     records = []
     for n, cfg in enumerate(cfgs):
-        records.append(tiny_run(cfg, tmp_path / str(n), compile=backend)[0].compile)
+        records.append(small_fit(cfg, tmp_path / str(n), backend).compile)
     assert [r["graphs"] for r in records] == ["cold", "reused", "reused", "cold", "reused"]
     assert all(r["all_compiled"] for r in records)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4 == backend.graphs
@@ -235,8 +251,8 @@ def test_more_graph_keys_than_fit_in_dynamos_cache_never_run_eager(tmp_path, mon
     records = []
     with torch._dynamo.config.patch(recompile_limit=2):   # raised to KEYS_PER_CACHE * GRAPHS_PER_KEY
         for n, prompts in enumerate((1, 2, 2)):
-            cfg = tiny_demo(num_classes=4, epochs=1, warmup_epochs=0, batch_size=8, num_prompts=prompts)
-            records.append(tiny_run(cfg, tmp_path / str(n), compile=backend)[0].compile)
+            cfg = compiled_demo(num_classes=4, epochs=1, warmup_epochs=0, batch_size=8, num_prompts=prompts)
+            records.append(small_fit(cfg, tmp_path / str(n), backend).compile)
     assert [r["graphs"] for r in records] == ["cold", "cold", "reused"]
     assert all(r["all_compiled"] for r in records)
     runtime.reset_compiler()
