@@ -124,7 +124,9 @@ def test_foreign_and_missing_files_are_not_packs(tmp_path):
         pickle.dump({"format": "gated-prompt-pack", "cfg": gp.ViTConfig()}, f, protocol=2)
     for name, message in (("missing.pt", "prompt pack not found"), ("mae.pth", "is not a prompt pack$"),
                           ("run.prompts.pt", "raw prompt tensors without their settings"),
-                          ("notes.txt", "is not a prompt pack: "), ("objects.pt", "is not a prompt pack: ")):
+                          ("notes.txt", r"is not a prompt pack: not a file torch.save wrote \("),
+                          ("objects.pt", r"is not a prompt pack: it pickles Python objects, which a pack never holds "
+                                         r"\(not unpickled: nothing in it ran\)$")):
         with pytest.raises(gp.CheckpointError, match=message):
             gp.load_pack(tmp_path / name, checkpoint=base)
     with pytest.raises(ValueError, match="3 class names for a head of 5"):
@@ -269,11 +271,12 @@ def test_padded_prompts_change_nothing_and_the_batch_order_does_not_matter():
 
 def test_multitask_takes_loaded_models_and_refuses_one_on_another_backbone():
     base = backbone()
-    models = {"a": trained(base, "gated+temp", 3, 4), "b": trained(base, "vpt-shallow", 2, 6)}
+    # any task name, dots included (a run's pack file name carries its lr: "...-lr0.1-...")
+    models = {"a": trained(base, "gated+temp", 3, 4), "cub-lr0.1.v2": trained(base, "vpt-shallow", 2, 6)}
     mt = gp.MultiTask(base, models)
     with torch.no_grad():
-        out = mt(IMAGES[:2], ["b", "a"])
-    assert (out[0] - logits(models["b"], IMAGES[:1])[0]).abs().max() <= 1e-5 and out[1].shape == (4,)
+        out = mt(IMAGES[:2], ["cub-lr0.1.v2", "a"])
+    assert (out[0] - logits(models["cub-lr0.1.v2"], IMAGES[:1])[0]).abs().max() <= 1e-5 and out[1].shape == (4,)
     stranger = trained(backbone(seed=4), "gated", 2, 3)
     with pytest.raises(gp.CheckpointError, match="another backbone.*fingerprint"):
         gp.MultiTask(base, {"a": models["a"], "stranger": stranger})
