@@ -370,7 +370,7 @@ def test_segmentation_stopped_mid_run_saves_that_iteration_and_resumes_bitwise(t
     import fixtures
     from harness import segmentation as seg
     from test_segmentation import TINY, TINY_VIT
-    fixtures.write_ade_fixture(tmp_path / "ade", n_train=6, n_val=2, size=(64, 96), seed=0)
+    fixtures.write_ade_fixture(tmp_path / "ade", n_train=6, n_val=1, size=(64, 96), seed=0)
     torch.manual_seed(0)
     backbone = gp.build_model("vit_base", "mae", "linear", num_classes=0, vit_overrides=TINY_VIT)
     torch.save({"model": backbone.backbone_state_dict()}, tmp_path / "mae.pth")
