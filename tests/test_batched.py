@@ -164,8 +164,8 @@ def test_a_killed_batched_job_resumes_to_bitwise_the_uninterrupted_results(tmp_p
 
 def test_a_sweep_through_the_queue_trains_its_points_in_one_batch_each_with_its_own_files(tmp_path, monkeypatch,
                                                                                           capsys):
-    """runs.run_cells with --sweep on a VTAB fixture (real JPEGs, a checkpoint file): the 3 lr points train in one
-    batch, each leaves its own result, prompts and pack; with prompt dropout off their val accuracies and trained
+    """The sweep of --sweep (runs.picked_configs, what run_cells runs before the final runs) on a VTAB fixture (real
+    JPEGs, a checkpoint file): the 3 lr points train in one batch, each leaves its own result, prompts and pack; with prompt dropout off their val accuracies and trained
     prompts are those of the same points run one at a time (runs_per_batch 1, the official code's way)."""
     import fixtures
     from test_reproduce import write_tiny_mae_checkpoint, tiny_cell
@@ -178,7 +178,7 @@ def test_a_sweep_through_the_queue_trains_its_points_in_one_batch_each_with_its_
     for per_batch in (None, 1):
         s = settings(tmp_path / str(per_batch), checkpoint=str(ckpt), data_dir=str(tmp_path / "data"),
                      runs_per_batch=per_batch)
-        (best,), _ = runs.run_cells([cell], s, sweep=True)
+        runs.picked_configs([cell], s)
         outs[per_batch] = [results.run_files(s.results_dir, cell.replace(lr=lr), "sweep") for lr in (0.1, 0.5, 2.0)]
     assert "in batches" in capsys.readouterr().out
     for together, alone in zip(outs[None], outs[1]):
