@@ -337,7 +337,7 @@ def test_the_summary_shows_the_papers_number_only_for_the_papers_recipe(capsys):
 def test_ade20k_cell_trains_the_configured_model_and_writes_one_result(tmp_path, capsys, monkeypatch):
     """--insert-at reaches the segmenter (the model trained is the one the result's -k2 name says); one JSON, no
     state left."""
-    fixtures.write_ade_fixture(tmp_path / "data", n_train=4, n_val=2, size=(64, 80))
+    fixtures.write_ade_fixture(tmp_path / "data", n_train=4, n_val=1, size=(64, 80))
     ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth", patch_size=16)   # 14x14 grid, resized to 4x4
     cfg = config.resolve("ade20k", "mae", iters=3, insert_at=2, arch_overrides=dict(TINY, patch_size=16),
                           img_size=64, batch_size=2, aux_blocks=[1, 2], head_channels=16)
