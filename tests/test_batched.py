@@ -173,7 +173,7 @@ def test_a_sweep_through_the_queue_trains_its_points_in_one_batch_each_with_its_
     fixtures.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "dtd")
     ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
     monkeypatch.setattr(config, "sweep_grid", lambda cfg: [{"lr": 0.1}, {"lr": 0.5}, {"lr": 2.0}])
-    cell = tiny_cell(prompt_dropout=0.0)
+    cell = tiny_cell(prompt_dropout=0.0, batch_size=4)   # 9 training images: 3 steps an epoch, not 1 of 128 rows
     outs = {}
     for per_batch in (None, 1):
         s = settings(tmp_path / str(per_batch), checkpoint=str(ckpt), data_dir=str(tmp_path / "data"),
