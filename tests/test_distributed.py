@@ -116,8 +116,8 @@ def test_a_sweep_spread_over_two_workers_equals_the_serial_sweep(tmp_path, monke
 
 def test_torchrun_with_download_fetches_each_file_once(tmp_path):
     """`torchrun --nproc_per_node 2 ... --download` on a fresh machine: rank 0 fetches the checkpoint and CUB
-    (the checkpoint held half-way for a second, so a rank that did not wait would ask too), the other rank then
-    uses them."""
+    (the checkpoint held half-way for half a second, so a rank that did not wait would ask too), the other rank
+    then uses them."""
     import release_archives as ra
     server = ra.Server()
     try:
@@ -126,11 +126,11 @@ def test_torchrun_with_download_fetches_each_file_once(tmp_path):
         gate = server.gates["mae_pretrain_vit_base.pth"] = threading.Event()
         halfway = server.halfway["mae_pretrain_vit_base.pth"] = threading.Event()
 
-        def hold_a_second():   # from the moment rank 0 has half the file
+        def hold_half_a_second():   # from the moment rank 0 has half the file
             if halfway.wait(600):
-                time.sleep(1.0)
+                time.sleep(0.5)
             gate.set()
-        threading.Thread(target=hold_a_second, daemon=True).start()
+        threading.Thread(target=hold_half_a_second, daemon=True).start()
         (tmp_path / "pins.json").write_text(json.dumps(ra.pins_json(server.files)))
         out = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", ra.__file__,
