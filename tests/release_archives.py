@@ -181,7 +181,8 @@ class Server:
                 self.close_connection = True
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # polling every 0.02 s: close() waits for the current poll (0.5 s at the default interval)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
         self.thread.start()
         self.mirror = f"http://127.0.0.1:{self.httpd.server_address[1]}/mirror"
 

@@ -3,12 +3,12 @@ diverging run leaves the batch without touching the others, and a killed batched
 uninterrupted results."""
 import os
 import signal
-import subprocess
-import sys
+import time
+from pathlib import Path
 
 import torch
 
-from conftest import settings, tiny_demo
+from conftest import process_of, settings, start_forkserver, tiny_demo, wait_until
 from harness import batched
 from harness import classification
 from harness import config
@@ -16,7 +16,7 @@ from harness import runtime
 from harness.data import datasets
 
 CPU = torch.device("cpu")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+start_forkserver()   # the real processes below fork from it; its imports run meanwhile
 
 
 def sweep_cfgs():
@@ -113,58 +113,54 @@ def test_runs_of_other_graph_keys_or_schedules_are_refused():
         raise AssertionError("two graph keys were batched")
 
 
-CHILD = """
-import sys, time, torch
-sys.path[:0] = [{repo!r}, {tests!r}]
-torch.set_num_threads(1)
-from pathlib import Path
-import test_batched as t
-from harness import runtime
-runtime.SAVE_EVERY = 2
-if {hang}:
-    real = runtime.save_training_state
-    saves = []
-    def save_then_hang(path, *args, **kwargs):
-        real(path, *args, **kwargs)
-        saves.append(Path(path))
-        if len(saves) == 3:          # epoch 2's states of all three runs: a long run would go on here
-            while not all(p.exists() for p in saves):   # written off this thread (runtime.StateWriter)
-                time.sleep(0.01)
-            print("saved", flush=True)
-            time.sleep(600)
-    runtime.save_training_state = save_then_hang
-outcomes, models = t.fit_batched(t.sweep_cfgs_long(), Path({path!r}), resume={resume})
-torch.save({{"final": [o.final for o in outcomes], "loss": [[h["loss"] for h in o.history] for o in outcomes],
-            "state": [m.prompt_state_dict() for m in models]}}, Path({path!r}) / "out.pt")
-"""
+def batched_job(path, hang, resume):
+    """A job's process (see process_of): the three long runs in one batch into `path`, states every 2 epochs; with
+    `hang`, it prints "saved" after epoch 2's states and waits there (to be killed); at the end out.pt holds every
+    run's metrics, losses and trained tensors."""
+    runtime.SAVE_EVERY = 2
+    if hang:
+        real, saves = runtime.save_training_state, []
+
+        def save_then_hang(path, *args, **kwargs):
+            real(path, *args, **kwargs)
+            saves.append(Path(path))
+            if len(saves) == 3:          # epoch 2's states of all three runs: a long run would go on here
+                while not all(p.exists() for p in saves):   # written off this thread (runtime.StateWriter)
+                    time.sleep(0.01)
+                print("saved", flush=True)
+                time.sleep(600)
+        runtime.save_training_state = save_then_hang
+    outcomes, models = fit_batched(sweep_cfgs_long(), Path(path), resume=resume)
+    torch.save({"final": [o.final for o in outcomes], "loss": [[h["loss"] for h in o.history] for o in outcomes],
+                "state": [m.prompt_state_dict() for m in models]}, Path(path) / "out.pt")
 
 
 def sweep_cfgs_long():
     return [c.replace(epochs=5, prompt_dropout=0.1) for c in sweep_cfgs()]
 
 
-def child(tmp_path, hang, resume):
-    code = CHILD.format(repo=REPO, tests=os.path.join(REPO, "tests"), hang=hang, resume=resume, path=str(tmp_path))
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-
-
 def test_a_killed_batched_job_resumes_to_bitwise_the_uninterrupted_results(tmp_path):
     """A real process trains 3 runs in one batch (prompt dropout on: the masks come from the saved RNG), is
     killed (SIGKILL) after its epoch-2 states, and a new process resumes: every run's losses, metrics and trained
     tensors equal bitwise those of an uninterrupted run (here, one thread as in the children)."""
-    (tmp_path / "cut").mkdir()
-    cut = child(tmp_path / "cut", hang=True, resume=False)
-    outcomes, models = fit_batched(sweep_cfgs_long(), tmp_path / "full")   # meanwhile, uninterrupted, here
-    a = {"final": [o.final for o in outcomes], "loss": [[h["loss"] for h in o.history] for o in outcomes],
-         "state": [m.prompt_state_dict() for m in models]}
-    assert cut.stdout.readline().strip() == "saved"
-    cut.send_signal(signal.SIGKILL)
-    cut.wait()
-    states = sorted(p.name for p in (tmp_path / "cut").glob("state*.pt"))
-    assert len(states) == 3 and not (tmp_path / "cut" / "out.pt").exists()
-    resumed = child(tmp_path / "cut", hang=False, resume=True)
-    assert resumed.wait() == 0
-    b = torch.load(tmp_path / "cut" / "out.pt")
+    cut_dir, log = tmp_path / "cut", tmp_path / "cut.log"
+    cut_dir.mkdir()
+    cut = process_of(batched_job, str(cut_dir), True, False, out=log, err=tmp_path / "cut.err")
+    try:
+        outcomes, models = fit_batched(sweep_cfgs_long(), tmp_path / "full")   # meanwhile, uninterrupted, here
+        a = {"final": [o.final for o in outcomes], "loss": [[h["loss"] for h in o.history] for o in outcomes],
+             "state": [m.prompt_state_dict() for m in models]}
+        wait_until(lambda: log.read_text() or not cut.is_alive(), says=lambda: (tmp_path / "cut.err").read_text())
+        assert log.read_text().splitlines()[0] == "saved" and cut.is_alive(), (tmp_path / "cut.err").read_text()
+    finally:
+        cut.kill()
+        cut.join()
+    states = sorted(p.name for p in cut_dir.glob("state*.pt"))
+    assert len(states) == 3 and not (cut_dir / "out.pt").exists()
+    resumed = process_of(batched_job, str(cut_dir), False, True, out=tmp_path / "resumed.log")
+    resumed.join()
+    assert resumed.exitcode == 0, (tmp_path / "resumed.log").read_text()
+    b = torch.load(cut_dir / "out.pt")
     assert a["final"] == b["final"] and a["loss"] == b["loss"] and len(a["loss"][0]) == 5
     for x, y in zip(a["state"], b["state"]):
         assert all(torch.equal(x[k], y[k]) for k in x)
@@ -172,21 +168,22 @@ def test_a_killed_batched_job_resumes_to_bitwise_the_uninterrupted_results(tmp_p
 
 def test_a_sweep_through_the_queue_trains_its_points_in_one_batch_each_with_its_own_files(tmp_path, monkeypatch,
                                                                                           capsys):
-    """runs.run_cells with --sweep on a VTAB fixture (real JPEGs, a checkpoint file): the 3 lr points train in one
-    batch, each leaves its own result, prompts and pack; with prompt dropout off their val accuracies and trained
-    prompts are those of the same points run one at a time (runs_per_batch 1, the official code's way)."""
+    """The sweep of --sweep (runs.picked_configs, what run_cells runs before the final runs) on a VTAB fixture (real
+    JPEGs, a checkpoint file): the 3 lr points train in one batch, each leaves its own result, prompts and pack;
+    with prompt dropout off their val accuracies and trained prompts are those of the same points run one at a
+    time (runs_per_batch 1, the official code's way)."""
     import fixtures
     from test_reproduce import write_tiny_mae_checkpoint, tiny_cell
     from harness import results, runs
     fixtures.write_vtab_fixture(tmp_path / "data" / "vtab-1k", "dtd")
     ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth")
     monkeypatch.setattr(config, "sweep_grid", lambda cfg: [{"lr": 0.1}, {"lr": 0.5}, {"lr": 2.0}])
-    cell = tiny_cell(prompt_dropout=0.0)
+    cell = tiny_cell(prompt_dropout=0.0, batch_size=4)   # 9 training images: 3 steps an epoch, not 1 of 128 rows
     outs = {}
     for per_batch in (None, 1):
         s = settings(tmp_path / str(per_batch), checkpoint=str(ckpt), data_dir=str(tmp_path / "data"),
                      runs_per_batch=per_batch)
-        (best,), _ = runs.run_cells([cell], s, sweep=True)
+        runs.picked_configs([cell], s)
         outs[per_batch] = [results.run_files(s.results_dir, cell.replace(lr=lr), "sweep") for lr in (0.1, 0.5, 2.0)]
     assert "in batches" in capsys.readouterr().out
     for together, alone in zip(outs[None], outs[1]):
@@ -214,7 +211,7 @@ def test_a_stop_signal_in_a_batched_sweep_stops_after_the_step_keeps_every_state
 
     def run(folder, resume=False):
         s = settings(tmp_path / folder, checkpoint=str(ckpt), data_dir=str(tmp_path / "data"), resume=resume)
-        runs.run_cells([cell], s, sweep=True)
+        runs.picked_configs([cell], s)   # --sweep's sweep (its final run is not what this checks)
 
     def files(folder):
         return [results.run_files(tmp_path / folder / "results", cell.replace(lr=lr), "sweep") for lr in (0.1, 0.5, 2.0)]

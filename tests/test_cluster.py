@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_VIT, settings, tiny_demo
+from conftest import TINY_VIT, process_of, settings, start_forkserver, tiny_demo, wait_until
 import gated_prompt as gp
 import reproduce
 from harness import classification
@@ -27,6 +26,7 @@ from harness import runtime
 from harness.data import datasets
 
 ROOT = Path(__file__).resolve().parents[1]
+start_forkserver()   # the real processes below fork from it; its imports run meanwhile
 
 
 def tiny_cells(n=4, **changes):
@@ -370,7 +370,7 @@ def test_segmentation_stopped_mid_run_saves_that_iteration_and_resumes_bitwise(t
     import fixtures
     from harness import segmentation as seg
     from test_segmentation import TINY, TINY_VIT
-    fixtures.write_ade_fixture(tmp_path / "ade", n_train=6, n_val=2, size=(64, 96), seed=0)
+    fixtures.write_ade_fixture(tmp_path / "ade", n_train=6, n_val=1, size=(64, 96), seed=0)
     torch.manual_seed(0)
     backbone = gp.build_model("vit_base", "mae", "linear", num_classes=0, vit_overrides=TINY_VIT)
     torch.save({"model": backbone.backbone_state_dict()}, tmp_path / "mae.pth")
@@ -404,100 +404,103 @@ def test_segmentation_stopped_mid_run_saves_that_iteration_and_resumes_bitwise(t
 
 # --- real processes: the local executor, two submissions at once, stop signals ------------------------------
 
-SUBMITTER = """
-import sys, time, os
-import torch
-torch.set_num_threads(1)
-sys.path.insert(0, {tests!r})
-from conftest import tiny_demo
-from harness import runs
-import reproduce
-runs.table_configs = lambda number, overrides: {cells}
-while not os.path.exists({go!r}):
-    time.sleep(0.01)
-sys.exit(reproduce.cli_main(sys.argv[1:]))
-"""
-# 4 tiny cells; the first trains long enough (6 epochs of 96 steps) to be signalled while it trains
-TABLE = "[tiny_demo(seed=0, epochs=6, batch_size=4)] + [tiny_demo(seed=s) for s in (1, 2, 3)]"
+def submitter(go, cells, argv, slow_steps=False):
+    """A `python reproduce.py ARGV` process (see process_of) whose --table is `cells`: it says it is ready
+    (creates go.ready-PID), then waits for the file `go`. slow_steps: each training step takes 20 ms more (a
+    signal lands inside an epoch)."""
+    runs.table_configs = lambda number, overrides: cells
+    if slow_steps:
+        real = runtime.make_train_step
+
+        def slow(*args, **kwargs):
+            step = real(*args, **kwargs)
+
+            def slow_step(*batch):
+                time.sleep(0.02)
+                return step(*batch)
+            slow_step.compiled = step.compiled
+            return slow_step
+        runtime.make_train_step = slow
+    Path(f"{go}.ready-{os.getpid()}").touch()
+    while not os.path.exists(go):
+        time.sleep(0.01)
+    return reproduce.cli_main(argv)
 
 
 def test_two_local_submissions_at_once_train_each_cell_once_and_a_signalled_job_requeues_and_resumes(tmp_path):
-    """Two real `--table 4 --run --slurm local` commands at the same moment on one results folder (4 tiny cells,
-    two jobs at a time each). One job gets submitit's signal (SIGUSR2: a time limit or a preemption) while it
-    trains: it stops after its step, keeps its state, releases its claim, and submitit requeues it (the local
-    controller restarts it), and the restarted job resumes. Every cell is trained by exactly one job, both
+    """Two real `--table 4 --run --slurm local` commands at the same moment on one results folder (3 tiny cells,
+    two jobs at a time each: a command that holds all three queues one). One job gets submitit's signal (SIGUSR2:
+    a time limit or a preemption) while it trains: it stops after its step, keeps its state, releases its claim,
+    and submitit requeues it (the local controller restarts it), and the restarted job resumes. Every cell is trained by exactly one job, both
     commands end with every cell finished (exit 0), nothing is left behind, and the results are bitwise those of
     a serial run."""
     import threading
     go, r = tmp_path / "go", tmp_path / "r"
-    cells = eval(TABLE, {"tiny_demo": tiny_demo})
+    # the first cell trains long enough (4 epochs of 96 steps) to be signalled while it trains
+    cells = [tiny_demo(seed=0, epochs=4, batch_size=4)] + [tiny_demo(seed=s) for s in (1, 2)]
     argv = ["--table", "4", "--run", "--slurm", "local", "--slurm-gpus", "0", "--slurm-cpus", "1",
             "--slurm-array-limit", "2", "--results-dir", str(r)]
-    script = SUBMITTER.format(tests=str(ROOT / "tests"), cells=TABLE, go=str(go))
-    procs = [subprocess.Popen([sys.executable, "-c", script, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, cwd=ROOT) for _ in range(2)]
+    logs = [tmp_path / f"command{i}.log" for i in range(2)]
+    procs = [process_of(submitter, str(go), cells, argv, out=log, cwd=ROOT) for log in logs]
     long_run = final_files(r, cells)[0]
 
     def signal_the_long_run():
-        while not long_run.state.exists():   # its first epoch is saved, five more to go
+        while not long_run.state.exists():   # its first epoch is saved, three more to go
             time.sleep(0.02)
         os.kill(json.loads(long_run.claim.read_text())["pid"], signal.SIGUSR2)
     threading.Thread(target=signal_the_long_run, daemon=True).start()
-    time.sleep(0.5)
-    go.touch()
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    try:
+        wait_until(lambda: len(list(tmp_path.glob("go.ready-*"))) == 2 or not all(p.is_alive() for p in procs),
+                   says=lambda: [log.read_text() for log in logs])
+        go.touch()   # both commands are ready: they start at the same moment
+        reference = serial(tmp_path, cells)   # meanwhile, here
+        for p in procs:
+            p.join(600)
+    finally:
+        for p in procs:
+            p.kill()
+    outs = [log.read_text() for log in logs]
+    assert [p.exitcode for p in procs] == [0, 0], outs
     started = [line for out in outs for line in out.splitlines() if line.startswith("started job")]
-    assert len(started) == 4 and len({line.split(": ")[1] for line in started}) == 4, outs
-    logs = "".join(p.read_text() for p in (r / "jobs").glob("*_log.*"))
-    assert logs.count("wrote ") == 4 and leftovers(r) == []
-    assert f"stopped by SIGUSR2 after a finished step: {results.run_name(cells[0], 'final')}" in logs
-    assert "this job is requeued and continues it" in logs and "Requeued job" in logs and "resumed from" in logs
-    same_runs(r, serial(tmp_path, cells), cells)
+    assert len(started) == 3 and len({line.split(": ")[1] for line in started}) == 3, outs
+    jobs_say = "".join(p.read_text() for p in (r / "jobs").glob("*_log.*"))
+    assert jobs_say.count("wrote ") == 3 and leftovers(r) == []
+    assert f"stopped by SIGUSR2 after a finished step: {results.run_name(cells[0], 'final')}" in jobs_say
+    assert "this job is requeued and continues it" in jobs_say and "Requeued job" in jobs_say
+    assert "resumed from" in jobs_say
+    same_runs(r, reference, cells)
 
 
 def wait_for(path_glob, folder, timeout=300):
     """The first file under folder matching path_glob, once it exists."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = list(Path(folder).rglob(path_glob))
-        if found:
-            return found[0]
-        time.sleep(0.02)
-    pytest.fail(f"no {path_glob} under {folder} after {timeout} s")
-
-
-SLOW_STEPS = """
-from harness import runtime
-real = runtime.make_train_step
-def slow(*a, **k):   # 20 ms per step: a signal lands inside an epoch
-    step = real(*a, **k)
-    def s(*x):
-        time.sleep(0.02)
-        return step(*x)
-    s.compiled = step.compiled
-    return s
-runtime.make_train_step = slow
-"""
+    wait_until(lambda: any(Path(folder).rglob(path_glob)), timeout, lambda: f"no {path_glob} under {folder}")
+    return next(Path(folder).rglob(path_glob))
 
 
 def test_sigterm_mid_epoch_saves_releases_says_how_to_resume_and_resumes_bitwise(tmp_path, cli, monkeypatch):
     """A real `--table 4 --run` process gets SIGTERM inside its second epoch: it finishes the step, exits 75 with
     one line naming the kept state and the command that continues, and leaves no claim. That command ends with
     bitwise the numbers of an uninterrupted run."""
+    import threading
     go, r = tmp_path / "go", tmp_path / "r"
     go.touch()
     cells = tiny_cells(1, epochs=4, batch_size=8)
-    script = SUBMITTER.format(tests=str(ROOT / "tests"), cells="[tiny_demo(seed=0, epochs=4, batch_size=8)]",
-                              go=str(go)).replace("import reproduce", "import reproduce" + SLOW_STEPS)
     argv = ["--table", "4", "--run", "--results-dir", str(r)]
-    proc = subprocess.Popen([sys.executable, "-c", script, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT)
-    wait_for("*.state.pt", r)          # epoch 1 saved; epoch 2 (48 steps of 20 ms) under way
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, out + err
+    proc = process_of(submitter, str(go), cells, argv, True, out=tmp_path / "out.log", err=tmp_path / "err.log",
+                      cwd=ROOT)
+
+    def terminate_in_epoch_2():
+        wait_for("*.state.pt", r)          # epoch 1 saved; epoch 2 (48 steps of 20 ms) under way
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGTERM)
+    threading.Thread(target=terminate_in_epoch_2, daemon=True).start()
+    try:
+        reference = serial(tmp_path, cells)   # meanwhile, here
+        proc.join(300)
+    finally:
+        proc.kill()
+    err = (tmp_path / "err.log").read_text()
+    assert proc.exitcode == 75, (tmp_path / "out.log").read_text() + err
     state = final_files(r, cells)[0].state
     assert err.strip() == (f"stopped by SIGTERM after a finished step: {results.run_name(cells[0], 'final')} keeps "
                            f"its state at {state}; continue with: python reproduce.py {' '.join(argv)} --resume")
@@ -506,4 +509,4 @@ def test_sigterm_mid_epoch_saves_releases_says_how_to_resume_and_resumes_bitwise
     resumed = cli(*argv, "--resume")
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr
     assert leftovers(r) == []
-    same_runs(r, serial(tmp_path, cells), cells)
+    same_runs(r, reference, cells)

@@ -3,7 +3,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
 
+from conftest import process_of, start_forkserver
 import fixtures
 from harness.data import batches as batching
 from harness.data import datasets
@@ -21,6 +21,7 @@ from harness.data import releases
 from harness.data.datasets import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
+start_forkserver()   # the real process below forks from it; its imports run meanwhile
 
 MEAN = torch.tensor(datasets.IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(datasets.IMAGENET_STD).view(1, 3, 1, 1)
@@ -696,6 +697,16 @@ def test_a_cache_that_does_not_fit_on_the_disk_is_one_line_before_decoding(tmp_p
     assert list(cache.iterdir()) == [] if cache.exists() else True
 
 
+def build_the_cache_past_the_check(vtab, cache_dir):
+    """In a process of its own (see process_of): the dtd cache built with the free-space check fooled (another
+    process fills the disk after it); a DataError exits with its message."""
+    datasets.free_disk_bytes = lambda folder: 2**40
+    try:
+        datasets.load_splits("dtd", vtab, ["train800val200"], cache_dir=cache_dir)
+    except datasets.DataError as err:
+        sys.exit(f"error: {err}")
+
+
 def test_a_disk_that_fills_up_while_the_cache_is_built_is_one_line_not_sigbus(tmp_path, tiny_tmpfs):
     """A real 1 MiB disk and a 1.8 MB cache entry. Checked first: one line. With the check fooled (another
     process fills the disk after it), in a real process: writing through a memory map that the disk cannot back
@@ -704,15 +715,12 @@ def test_a_disk_that_fills_up_while_the_cache_is_built_is_one_line_not_sigbus(tm
     with pytest.raises(DataError, match=r"^the disk is full: the decode cache of dtd/train800val200 needs 1.81 MB"):
         datasets.load_splits("dtd", tmp_path / "vtab", ["train800val200"], cache_dir=tiny_tmpfs)
     assert list(tiny_tmpfs.iterdir()) == []
-    code = ("import sys; from harness.data import datasets\n"
-            "datasets.free_disk_bytes = lambda folder: 2**40\n"
-            "try:\n"
-            f"    datasets.load_splits('dtd', {str(tmp_path / 'vtab')!r}, ['train800val200'], cache_dir={str(tiny_tmpfs)!r})\n"
-            "except datasets.DataError as err:\n"
-            "    sys.exit(f'error: {err}')\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1, (done.returncode, done.stderr[-500:])   # sys.exit(message): 1; SIGBUS: -7
-    assert done.stderr.startswith("error: the disk is full") and len(done.stderr.strip().splitlines()) == 1
+    done = process_of(build_the_cache_past_the_check, str(tmp_path / "vtab"), str(tiny_tmpfs),
+                      out=tmp_path / "out.log", err=tmp_path / "err.log", cwd=ROOT)
+    done.join(120)
+    stderr = (tmp_path / "err.log").read_text()
+    assert done.exitcode == 1, (done.exitcode, stderr[-500:])   # sys.exit(message): 1; SIGBUS: -7
+    assert stderr.startswith("error: the disk is full") and len(stderr.strip().splitlines()) == 1
     assert list(tiny_tmpfs.iterdir()) == []
 
 

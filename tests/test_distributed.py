@@ -5,13 +5,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import settings, tiny_demo
+from conftest import forkserver, settings, start_forkserver, tiny_demo
 from harness.data import batches as batching
 from harness.data import datasets
 from harness import config
@@ -20,7 +21,18 @@ from harness import runtime
 from harness import runs
 from harness import classification
 
+start_forkserver()   # the tests below fork their processes from it; its imports run meanwhile
+
 CFG = tiny_demo(epochs=3, prompt_dropout=0.0, batch_size=32)   # no prompt dropout: the masks would differ across ranks
+
+
+def ranks(fn, world_size, *args, join=True):
+    """fn(rank, world_size, port, *args) in world_size processes at once (a new port each time), forked from the
+    tests' fork server (conftest.forkserver), so none imports torch again. join: wait for them (an exception in
+    one is raised here); else their torch ProcessContext, whose join() is true once all have ended."""
+    forkserver()
+    return mp.start_processes(fn, args=(world_size, free_port(), *args), nprocs=world_size, join=join,
+                              start_method="forkserver")
 
 
 def free_port():
@@ -42,8 +54,10 @@ def _train_rank(rank, world_size, port, results_dir):
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    single = runs.run_one(CFG, "final", settings(tmp_path, results_dir=str(tmp_path / "single")))
-    mp.spawn(_train_rank, args=(2, free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    ddp_ranks = ranks(_train_rank, 2, str(tmp_path / "ddp"), join=False)
+    single = runs.run_one(CFG, "final", settings(tmp_path, results_dir=str(tmp_path / "single")))   # meanwhile
+    while not ddp_ranks.join():
+        pass
     name = results.run_name(CFG, "final")
     ddp = json.loads((tmp_path / "ddp" / f"{name}.json").read_text())
     assert ddp["runtime"]["world_size"] == 2
@@ -81,7 +95,7 @@ def _eval_rank(rank, world_size, port, n, out):
 
 @pytest.mark.parametrize("world_size,n", [(2, 7), (3, 10)])
 def test_sharded_evaluation_counts_every_image_exactly_once(tmp_path, world_size, n):
-    mp.spawn(_eval_rank, args=(world_size, free_port(), n, str(tmp_path / "out.pt")), nprocs=world_size, join=True)
+    ranks(_eval_rank, world_size, n, str(tmp_path / "out.pt"))
     out = torch.load(tmp_path / "out.pt")
     assert sorted(out["seen"].tolist()) == list(range(n))
     assert out["acc"] == pytest.approx(100.0 * (n // 2) / n)
@@ -102,14 +116,21 @@ def test_a_sweep_spread_over_two_workers_equals_the_serial_sweep(tmp_path, monke
 
 def test_torchrun_with_download_fetches_each_file_once(tmp_path):
     """`torchrun --nproc_per_node 2 ... --download` on a fresh machine: rank 0 fetches the checkpoint and CUB
-    (held half-way for a moment, so a rank that did not wait would ask too), the other rank then uses them."""
+    (the checkpoint held half-way for half a second, so a rank that did not wait would ask too), the other rank
+    then uses them."""
     import release_archives as ra
     server = ra.Server()
     try:
         server.files = ra.build_release_files(tmp_path / "release")
         server.files["mae_pretrain_vit_base.pth"] = ra.tiny_checkpoint()
-        server.gates["mae_pretrain_vit_base.pth"] = threading.Event()
-        threading.Timer(3.0, server.gates["mae_pretrain_vit_base.pth"].set).start()
+        gate = server.gates["mae_pretrain_vit_base.pth"] = threading.Event()
+        halfway = server.halfway["mae_pretrain_vit_base.pth"] = threading.Event()
+
+        def hold_half_a_second():   # from the moment rank 0 has half the file
+            if halfway.wait(600):
+                time.sleep(0.5)
+            gate.set()
+        threading.Thread(target=hold_half_a_second, daemon=True).start()
         (tmp_path / "pins.json").write_text(json.dumps(ra.pins_json(server.files)))
         out = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", ra.__file__,

@@ -20,17 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import process_of, start_forkserver, wait_until
 import release_archives as ra
+import reproduce
 from harness import downloads as dl
 from harness.data import releases as rel
 import gated_prompt as gp
 from harness import runtime
 
 CKPT = "mae_pretrain_vit_base.pth"
-# a real process with the tables' pins replaced by the fixture files' values (see release_archives.py)
-WRAPPER = [sys.executable, str(Path(__file__).resolve().parent / "release_archives.py")]
-ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 COMMAND = "python reproduce.py download --ssl mae --arch vit_base"
+start_forkserver()   # the real processes below fork from it; its imports run meanwhile
 
 
 @pytest.fixture(scope="module")
@@ -215,30 +215,37 @@ def test_a_complete_kept_partial_is_checked_without_downloading_again(server, tm
     assert leftovers(tmp_path / "checkpoints") == sorted([CKPT, dl.SUMS_NAME])
 
 
+def download_command(tmp_path, server, *more):
+    """The arguments of release_archives.main for `reproduce.py download` of the checkpoint (then `more`) from the
+    server, with the tables' pins replaced by the fixture files' values."""
+    pins = tmp_path / "pins.json"
+    pins.write_text(json.dumps(ra.pins_json(server.files)))
+    return [str(pins), "reproduce", "download", "--ssl", "mae", "--arch", "vit_base", "--mirror", server.mirror,
+            *more]
+
+
 def test_a_killed_download_process_is_resumed_by_the_next_one(server, tmp_path):
     """A real process killed (SIGKILL) mid-download: its lock dies with it, the partial file stays, and the next
     command asks for the rest (HTTP Range) and gets a file that verifies."""
     blob = server.files[CKPT]
     server.gates[CKPT], server.halfway[CKPT] = threading.Event(), threading.Event()
-    pins = tmp_path / "pins.json"
-    pins.write_text(json.dumps(ra.pins_json(server.files)))
-    command = [*WRAPPER, str(pins), "reproduce", "download", "--ssl", "mae", "--arch", "vit_base", "--mirror",
-               server.mirror]
-    first = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    command = download_command(tmp_path, server)
+    first = process_of(ra.main, command, out=tmp_path / "first.log", cwd=tmp_path)
     try:
         assert server.halfway[CKPT].wait(timeout=120), "the first process never started its download"
         deadline = time.monotonic() + 30
         partial = tmp_path / "checkpoints" / f"{CKPT}.partial"
         while (not partial.is_file() or partial.stat().st_size < len(blob) // 2) and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.02)
     finally:
         first.kill()
-        first.communicate()
+        first.join()
         server.gates[CKPT].set()
     assert partial.stat().st_size == len(blob) // 2
     del server.gates[CKPT]
-    second = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stdout + second.stderr
+    second = process_of(ra.main, command, out=tmp_path / "second.log", cwd=tmp_path)
+    second.join(300)
+    assert second.exitcode == 0, (tmp_path / "second.log").read_text()
     assert server.ranges(CKPT) == [None, f"bytes={len(blob) // 2}-"]
     assert (tmp_path / "checkpoints" / CKPT).read_bytes() == blob
     assert leftovers(tmp_path / "checkpoints") == sorted([CKPT, dl.SUMS_NAME])
@@ -249,34 +256,28 @@ def test_two_download_commands_at_once_share_one_download(server, tmp_path):
     waits for the first's lock, says so, and uses its files; each file is fetched once, nothing is clobbered."""
     for name in (CKPT, "images.tar"):
         server.gates[name], server.halfway[name] = threading.Event(), threading.Event()
-    pins = tmp_path / "pins.json"
-    pins.write_text(json.dumps(ra.pins_json(server.files)))
-    command = [*WRAPPER, str(pins), "reproduce", "download", "--ssl", "mae", "--arch", "vit_base", "--mirror",
-               server.mirror, "--and", "download", "--dataset", "dogs", "--mirror", server.mirror]
-    procs, outputs = [], []
+    command = download_command(tmp_path, server, "--and", "download", "--dataset", "dogs", "--mirror", server.mirror)
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    procs = []
     try:
-        for i in range(2):
-            if i == 1:
-                assert server.halfway[CKPT].wait(timeout=120), "the first process never started its download"
-            proc = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True)
-            lines = []
-            threading.Thread(target=lambda p=proc, out=lines: out.extend(p.stdout), daemon=True).start()
-            procs.append(proc)
-            outputs.append(lines)
-        wait_for(lambda: any(f"is downloading checkpoints/{CKPT}" in line for line in outputs[1]), outputs)
+        procs.append(process_of(ra.main, command, out=logs[0], cwd=tmp_path))
+        assert server.halfway[CKPT].wait(timeout=120), "the first process never started its download"
+        procs.append(process_of(ra.main, command, out=logs[1], cwd=tmp_path))
+        second_says = logs[1].read_text
+        wait_until(lambda: f"is downloading checkpoints/{CKPT}" in second_says(), 120, second_says)
         server.gates[CKPT].set()  # the first finishes the checkpoint and starts the dataset
         assert server.halfway["images.tar"].wait(timeout=120)
-        wait_for(lambda: any("is fetching Stanford Dogs" in line for line in outputs[1]), outputs)
+        wait_until(lambda: "is fetching Stanford Dogs" in second_says(), 120, second_says)
         server.gates["images.tar"].set()
-        codes = [proc.wait(timeout=300) for proc in procs]
+        for proc in procs:
+            proc.join(300)
     finally:
         for name in server.gates:
             server.gates[name].set()
         for proc in procs:
             proc.kill()
-    text = ["".join(lines) for lines in outputs]
-    assert codes == [0, 0], text
+    text = [log.read_text() for log in logs]
+    assert [proc.exitcode for proc in procs] == [0, 0], text
     assert sorted(server.gets()) == sorted([CKPT, "images.tar", "lists.tar"]), text  # each file fetched once
     assert f"is downloading checkpoints/{CKPT} (lock checkpoints/{CKPT}.lock)" in text[1]
     assert "is fetching Stanford Dogs into data/dogs (lock data/dogs.lock)" in text[1]
@@ -285,13 +286,6 @@ def test_two_download_commands_at_once_share_one_download(server, tmp_path):
     assert leftovers(tmp_path / "checkpoints") == sorted([CKPT, dl.SUMS_NAME])
     assert rel.dataset_ready("dogs", tmp_path / "data")
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["dogs", "downloads"]  # no lock, no staging
-
-
-def wait_for(condition, outputs, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, ["".join(lines) for lines in outputs]
-        time.sleep(0.05)
 
 
 def test_interruption_while_unpacking_or_preparing_resumes_from_the_kept_archives(server, tmp_path, monkeypatch):
@@ -732,10 +726,13 @@ def test_one_command_from_nothing_to_a_trained_epoch(server, tmp_path):
 
 
 def test_a_server_error_exits_2_with_the_url(server, tmp_path):
+    """`reproduce.py download` in a process of its own (the tables' real pins): exit code 2, the URL and the
+    status on stderr."""
     server.faults[CKPT] = (500, ("GET", "HEAD"))
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "reproduce.py"), "download", "--ssl", "mae", "--arch", "vit_base",
-                          "--mirror", server.mirror], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert out.returncode == 2, out.stderr
-    assert f"{server.mirror}/{CKPT}" in out.stderr and "500" in out.stderr
+    argv = ["download", "--ssl", "mae", "--arch", "vit_base", "--mirror", server.mirror]
+    proc = process_of(reproduce.cli_main, argv, out=tmp_path / "out.log", err=tmp_path / "err.log", cwd=tmp_path)
+    proc.join(120)
+    stderr = (tmp_path / "err.log").read_text()
+    assert proc.exitcode == 2, stderr
+    assert f"{server.mirror}/{CKPT}" in stderr and "500" in stderr
     assert leftovers(tmp_path / "checkpoints") in ([], [dl.SUMS_NAME])

@@ -2,6 +2,7 @@
 before any slow work."""
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_VIT as TINY, settings, tiny_demo
+from conftest import TINY_VIT as TINY, process_of, settings, start_forkserver, tiny_demo, wait_until
 from harness.data import datasets
 import fixtures
 import gated_prompt as gp
@@ -24,6 +25,7 @@ from harness import runtime
 from harness import classification
 
 ROOT = Path(__file__).resolve().parents[1]
+start_forkserver()   # the real processes below fork from it; its imports run meanwhile
 
 
 def write_tiny_mae_checkpoint(path, patch_size=32):
@@ -335,7 +337,7 @@ def test_the_summary_shows_the_papers_number_only_for_the_papers_recipe(capsys):
 def test_ade20k_cell_trains_the_configured_model_and_writes_one_result(tmp_path, capsys, monkeypatch):
     """--insert-at reaches the segmenter (the model trained is the one the result's -k2 name says); one JSON, no
     state left."""
-    fixtures.write_ade_fixture(tmp_path / "data", n_train=4, n_val=2, size=(64, 80))
+    fixtures.write_ade_fixture(tmp_path / "data", n_train=4, n_val=1, size=(64, 80))
     ckpt = write_tiny_mae_checkpoint(tmp_path / "mae.pth", patch_size=16)   # 14x14 grid, resized to 4x4
     cfg = config.resolve("ade20k", "mae", iters=3, insert_at=2, arch_overrides=dict(TINY, patch_size=16),
                           img_size=64, batch_size=2, aux_blocks=[1, 2], head_channels=16)
@@ -792,30 +794,33 @@ def test_cpu_evaluation_is_not_padded_to_the_compiled_batch():
 
 # --- two processes, one cell -----------------------------------------------------------------------
 
-WORKER = """
-import time, os
-import torch
-torch.set_num_threads(1)   # two processes on a shared CI machine
-from harness import config, runs, runtime
-while not os.path.exists({go!r}):
-    time.sleep(0.01)
-jobs = [(config.resolve("demo", arch_overrides={tiny!r}, num_classes=3, epochs=1, warmup_epochs=0, seed=s), "final",
-         "recipe") for s in range(4)]
-runs.run_queue(jobs, runtime.Settings(results_dir={results!r}, quiet=True))
-"""
+def queue_worker(go, results_dir):
+    """One machine of a SLURM array running --table N --run (see process_of): it says it is ready (creates
+    go.ready-PID), waits for the file `go`, then runs the queue of four tiny cells."""
+    jobs = [(config.resolve("demo", arch_overrides=TINY, num_classes=3, epochs=1, warmup_epochs=0, seed=s), "final",
+             "recipe") for s in range(4)]
+    Path(f"{go}.ready-{os.getpid()}").touch()
+    while not os.path.exists(go):
+        time.sleep(0.01)
+    runs.run_queue(jobs, runtime.Settings(results_dir=results_dir, quiet=True))
 
 
 def test_two_processes_on_one_results_folder_train_each_cell_once(tmp_path):
     """Two real processes (as two machines of a SLURM array running --table N --run) take the same queue of four
     cells at the same moment: each cell is trained by exactly one of them, and every result is complete."""
-    go = tmp_path / "go"
-    script = WORKER.format(tiny=TINY, go=str(go), results=str(tmp_path / "results"))
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, cwd=ROOT) for _ in range(2)]   # run from the checkout: its packages import
-    time.sleep(0.5)
-    go.touch()
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    go, logs = tmp_path / "go", [tmp_path / f"worker{i}.log" for i in range(2)]
+    procs = [process_of(queue_worker, str(go), str(tmp_path / "results"), out=log) for log in logs]
+    try:
+        wait_until(lambda: len(list(tmp_path.glob("go.ready-*"))) == 2 or not all(p.is_alive() for p in procs),
+                   says=lambda: [log.read_text() for log in logs])
+        go.touch()   # both are ready: they start at the same moment
+        for p in procs:
+            p.join(300)
+    finally:
+        for p in procs:
+            p.kill()
+    outs = [log.read_text() for log in logs]
+    assert all(p.exitcode == 0 for p in procs), outs
     wrote = [line for out in outs for line in out.splitlines() if line.startswith("wrote ")]
     assert len(wrote) == 4 and len(set(wrote)) == 4, outs        # each cell trained once
     # both took part, or one claimed every cell for its batch and the other found them held or finished
