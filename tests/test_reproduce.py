@@ -211,6 +211,8 @@ def test_print_config_without_a_task_is_the_demos_and_the_demo_honours_lr_and_ep
     (["--task", "cub", "--method", "vpt-deep", "--recipe", "vpt"], "add --sweep"),
     (["--task", "ade20k", "--sweep"], "--sweep is for classification"),
     (["--run"], "--run goes with --table"),
+    (["--table", "1", "--epochs", "3"], "--epochs does not apply to printing a table (add --run to run its missing "),
+    (["--table", "1", "--task", "cub"], "--task does not apply to printing a table"),   # and --run would not help
 ])
 def test_flags_that_do_not_apply_are_refused_by_name(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)   # in-process (the exit status of the real command is tested elsewhere)
@@ -218,6 +220,38 @@ def test_flags_that_do_not_apply_are_refused_by_name(argv, message, tmp_path, mo
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+    if "--task" in argv and "--table" in argv:
+        assert "--run" not in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--task", "cubb"], "reproduce.py: error: argument --task: invalid choice: 'cubb'"),
+    (["--epochs", "three"], "reproduce.py: error: argument --epochs: invalid int value: 'three'"),
+    (["predict", "photo.jpg"], "reproduce.py predict: error: the following arguments are required: --pack"),
+    (["figure", "eleven"], "reproduce.py figure: error: argument number: invalid int value: 'eleven'"),
+    (["prepare", "--dataset", "imagenet"], "reproduce.py prepare: error: argument --dataset: invalid choice"),
+    (["download", "--ssl", "simclr"], "reproduce.py download: error: argument --ssl: invalid choice: 'simclr'"),
+])
+def test_a_mistyped_argument_is_one_line_naming_it_and_where_the_usage_is(argv, message, cli):
+    out = cli(*argv)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith(message) and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.strip().endswith(f"(see {message.split(': error')[0]} --help)")
+
+
+def test_the_demo_writes_under_results_demo_afresh_each_time(tmp_path):
+    """results/demo/<ssl>/<run> (the demo task's own folder, not results/demo/demo/...); a second demo replaces
+    the first one's files, nothing outside results/demo is touched."""
+    from harness import results
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "kept.txt").write_text("mine")
+    cfg = tiny_demo(epochs=1, warmup_epochs=0)
+    for _ in range(2):
+        finished, folder = runs.run_demo([cfg], settings(tmp_path))
+        assert Path(folder) == tmp_path / "results" / "demo" and len(finished) == 1
+    files = results.run_files(tmp_path / "results", cfg, "final")
+    assert files.result.is_file() and files.result.relative_to(tmp_path / "results").parts[:2] == ("demo", cfg.ssl)
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["demo", "kept.txt"]
 
 
 def test_vpt_recipe_searches_lr_per_256_images_and_weight_decay():
@@ -588,6 +622,38 @@ def test_bad_values_exit_2_with_one_line_before_loading_anything(argv, message, 
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+    if "--task" in argv and "--table" in argv:
+        assert "--run" not in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--task", "cubb"], "reproduce.py: error: argument --task: invalid choice: 'cubb'"),
+    (["--epochs", "three"], "reproduce.py: error: argument --epochs: invalid int value: 'three'"),
+    (["predict", "photo.jpg"], "reproduce.py predict: error: the following arguments are required: --pack"),
+    (["figure", "eleven"], "reproduce.py figure: error: argument number: invalid int value: 'eleven'"),
+    (["prepare", "--dataset", "imagenet"], "reproduce.py prepare: error: argument --dataset: invalid choice"),
+    (["download", "--ssl", "simclr"], "reproduce.py download: error: argument --ssl: invalid choice: 'simclr'"),
+])
+def test_a_mistyped_argument_is_one_line_naming_it_and_where_the_usage_is(argv, message, cli):
+    out = cli(*argv)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith(message) and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.strip().endswith(f"(see {message.split(': error')[0]} --help)")
+
+
+def test_the_demo_writes_under_results_demo_afresh_each_time(tmp_path):
+    """results/demo/<ssl>/<run> (the demo task's own folder, not results/demo/demo/...); a second demo replaces
+    the first one's files, nothing outside results/demo is touched."""
+    from harness import results
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "kept.txt").write_text("mine")
+    cfg = tiny_demo(epochs=1, warmup_epochs=0)
+    for _ in range(2):
+        finished, folder = runs.run_demo([cfg], settings(tmp_path))
+        assert Path(folder) == tmp_path / "results" / "demo" and len(finished) == 1
+    files = results.run_files(tmp_path / "results", cfg, "final")
+    assert files.result.is_file() and files.result.relative_to(tmp_path / "results").parts[:2] == ("demo", cfg.ssl)
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["demo", "kept.txt"]
 
 
 def test_the_command_line_exits_2_on_a_bad_device(tmp_path, cli):
