@@ -585,12 +585,25 @@ def _rank0_outcome(failed=False):
     return bool(flag.item())
 
 
+def _wait_for_rank0_to_exit(seconds=60):
+    """Rank 0 failed and is about to say why and exit: wait for that (a barrier it never joins fails when it is
+    gone), so that its message comes first and torchrun reports its exit; torchrun's SIGTERM meanwhile ends this
+    rank without a word."""
+    import datetime
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        dist.barrier(async_op=True).wait(datetime.timedelta(seconds=seconds))
+    except Exception:  # noqa: BLE001 - rank 0 has gone (or the wait timed out): either way this rank stops too
+        pass
+
+
 @contextlib.contextmanager
 def main_first():
     """Rank 0 runs the block first (e.g. filling a cache), then the other ranks. If rank 0's block raises, the
     other ranks raise MainRankFailed instead of running theirs (not a broken-connection traceback each)."""
     distributed = world()[1] > 1
     if distributed and not is_main() and _rank0_outcome():
+        _wait_for_rank0_to_exit()
         raise MainRankFailed("rank 0 stopped; its message says why")
     try:
         yield

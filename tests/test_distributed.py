@@ -144,3 +144,19 @@ def test_torchrun_with_download_fetches_each_file_once(tmp_path):
     assert sorted(server.gets()) == ["CUB_200_2011.tgz", "mae_pretrain_vit_base.pth"]
     [result] = (tmp_path / "results" / "cub").rglob("*final*.json")
     assert json.loads(result.read_text())["runtime"]["world_size"] == 2
+
+
+def test_torchrun_without_the_checkpoint_is_rank_0s_one_line_and_no_rank_traceback(tmp_path):
+    """`torchrun --nproc_per_node 2 reproduce.py --task cub --ssl mae` with no checkpoint: rank 0 says what is
+    missing once and exits 2 (torchrun's root cause); the other rank stops without a traceback of its own (before:
+    a broken-connection traceback from its barrier per rank)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(Path(__file__).resolve().parents[1] / "reproduce.py"), "--task", "cub", "--ssl", "mae",
+         "--results-dir", str(tmp_path / "results")],   # its checkpoints/ folder: none here
+        cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and text.count("error: backbone checkpoint not found") == 1, text[-3000:]
+    assert "[rank" not in text and "Connection closed by peer" not in text, text[-3000:]
+    root_cause = text.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 0" in root_cause and "exitcode  : 2" in root_cause, root_cause
