@@ -79,6 +79,7 @@ SSL = {  # name: the ViTConfig fields a pretraining fixes, on top of ARCHS
     "dinov3": dict(pool="cls", layer_scale=True, norm_eps=1e-5, num_reg_tokens=4, pos_embed="rope"),
 }
 ARCH_FOR_SSL = {("vit_small", "mocov3"): dict(num_heads=12)}  # the MoCo v3 ViT-S has 12 heads, not 6
+DINOV3_ARCHS = ("vit_small", "vit_base", "vit_large")   # DINOv3's ViT-S/16, ViT-B/16, ViT-L/16
 REFUSED_ARCHS = {  # SwiGLU MLPs
     "vit_giant": "ViT-g/14 (DINOv2's SwiGLU MLP) is not supported",
     "vit_g": "ViT-g/14 (DINOv2's SwiGLU MLP) is not supported",
@@ -175,6 +176,9 @@ def vit_config(arch="vit_base", ssl="mae", **overrides):
         raise ValueError(f"arch={arch!r}: {REFUSED_ARCHS[arch]}")
     _check_choice("arch", arch, tuple(ARCHS))
     _check_choice("ssl", ssl, tuple(SSL))
+    if ssl == "dinov3" and arch not in DINOV3_ARCHS:   # DINOv3's larger releases are H+/16 and 7B: SwiGLU MLPs
+        raise ValueError(f"arch={arch!r}: DINOv3 has no such release here (ViT-H+/16 and ViT-7B/16 have SwiGLU "
+                         f"MLPs, not supported); DINOv3 is {', '.join(DINOV3_ARCHS)}")
     patch_size, embed_dim, depth, num_heads = ARCHS[arch]
     fields = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, ssl=ssl)
     for layer in (SSL[ssl], ARCH_FOR_SSL.get((arch, ssl), {}), overrides):
@@ -1206,16 +1210,17 @@ def read_pack(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"prompt pack not found: {path}")
     try:
-        pack = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # torch's notes on a foreign pickle: the one line below says it all
+            warnings.simplefilter("ignore")
+            pack = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle of objects, a truncated file, text, ...
         why = ("it pickles Python objects, which a pack never holds (not unpickled: nothing in it ran)"
-               if str(e).startswith("Weights only load failed") else
-               f"not a file torch.save wrote ({type(e).__name__}: {str(e)[:80]})")
+               if str(e).startswith("Weights only load failed") else "not a file torch.save wrote, or a truncated one")
         raise CheckpointError(f"{path} is not a prompt pack: {why}") from None
     if not isinstance(pack, dict) or pack.get("format") != PACK_FORMAT:
         raw = isinstance(pack, dict) and pack and all(isinstance(v, torch.Tensor) for v in pack.values())
         raise CheckpointError(f"{path} is not a prompt pack" + (
-            " (raw prompt tensors without their settings, e.g. a .prompts.pt: load those with "
+            " (tensors without a pack's settings; a run's .prompts.pt is such a file: load it with "
             "model.load_prompt_state_dict onto a model built with the run's settings)" if raw else ""))
     if pack.get("version") == 1:   # before the fields above and ViTConfig.ssl existed
         pack = {**ADDED_IN_VERSION_2, **pack}

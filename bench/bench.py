@@ -729,7 +729,8 @@ def assemble_report(args, device, units):
 
     def sweep(keys):
         return [row for p, b in keys if f"sweep {p}x{b}" in units for row in units[f"sweep {p}x{b}"]["rows"]]
-    tables = {"report_points": points, "results": [r for s in steps for r in s["rows"]],
+    tables = {"on_gpu": device.type == "cuda", "report_points": points,
+              "results": [r for s in steps for r in s["rows"]],
               "ratios": [r for s in steps for r in s["ratios"]],
               "matmul_peak": units.get("matmul peak"),
               "sweeps": {"prompts": sweep([(p, batch_fixed) for p in sweep_prompts]),

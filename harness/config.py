@@ -137,6 +137,9 @@ class RunConfig:
                             f"{', '.join(gp.METHODS)}")
         if self.arch not in gp.ARCHS or self.recipe not in RECIPES:
             raise UserError(f"--arch must be one of {', '.join(gp.ARCHS)} and --recipe one of {', '.join(RECIPES)}")
+        if self.ssl == "dinov3" and self.arch not in gp.DINOV3_ARCHS:
+            raise UserError(f"--arch {self.arch} --ssl dinov3: DINOv3 has no such release here (ViT-H+/16 and "
+                            f"ViT-7B/16 have SwiGLU MLPs, not supported); --arch {' / '.join(gp.DINOV3_ARCHS)}")
         depth = (self.arch_overrides or {}).get("depth", gp.ARCHS[self.arch][2])
         checks = [("batch_size", self.batch_size >= 1), ("lr", self.lr > 0), ("weight_decay", self.weight_decay >= 0),
                   ("prompt_dropout", 0 <= self.prompt_dropout < 1), ("seed", self.seed >= 0),

@@ -489,6 +489,10 @@ def checkpoint_path(arch: str, ssl: str, checkpoint_dir: str | os.PathLike = "ch
     """
     if (arch, ssl) not in CHECKPOINTS:
         known = ", ".join(f"{s} {a}" for a, s in CHECKPOINTS)
+        try:
+            gp.vit_config(arch, ssl)   # a pairing no file can make runnable is said as such
+        except ValueError as e:
+            raise DownloadError(f"no official {ssl} checkpoint for {arch}: {str(e).split(': ', 1)[1]}") from None
         raise DownloadError(f"no official {ssl} checkpoint for {arch} (known: {known}); pass --checkpoint FILE")
     ck = CHECKPOINTS[(arch, ssl)]
     check_folder(checkpoint_dir, "--checkpoint-dir")

@@ -542,9 +542,8 @@ def test_report_markdown_figures_are_the_json_numbers(smoke_report):
         assert number(targets[f"fast / reference, train step, {shape} (ran eager)"][1]) == pytest.approx(
             ratio[prompts, batch], abs=0.005)
         assert targets[f"% of bf16 dense peak (spec), train step, {shape}"][1] == "n/a"   # CPU: no known peak
-        measured = targets[f"% of bf16 matmul peak (measured), train step, {shape}"]
-        assert number(measured[1]) == pytest.approx(
-            100 * fast_train(saved, prompts, batch)["tflops"] / saved["matmul_peak"]["tflops"], abs=0.05)
+        # a CPU's 256-wide matmul is no peak (the tiny step can beat it): no fraction of it
+        assert targets[f"% of bf16 matmul peak (measured), train step, {shape}"][1] == "n/a"
     assert number(targets["train step, 100 prompts, batch 4 (ran eager)"][2].split()[1].replace(",", "")) == 3700
     assert number(targets["train step, 1 prompt, batch 8 (ran eager)"][2].split()[1].replace(",", "")) == 5700
     assert targets["peak GPU memory, train step, 100 prompts, batch 4"][1] == "n/a"  # CPU: no GPU memory

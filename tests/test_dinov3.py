@@ -222,3 +222,15 @@ def test_a_dinov3_file_in_a_model_with_a_position_table_says_which_ssl(tmp_path)
     with pytest.raises(gp.CheckpointError, match=r"(?s)DINOv3 \(official\).*build the model with ssl='dinov3'"):
         gp.build_model("vit_small", ssl="dinov2", method="linear", num_classes=0, checkpoint=tmp_path / "dinov3.pth",
                        vit_overrides=dict(depth=2, patch_size=16))
+
+
+def test_dinov3_at_a_size_it_was_not_released_in_is_refused_everywhere(cli):
+    """DINOv3 is ViT-S/16, B/16 and L/16 here; its larger releases (H+/16, 7B/16) have SwiGLU MLPs. vit_huge with
+    ssl dinov3 is refused by the API, a run and download alike, without advising a --checkpoint."""
+    with pytest.raises(ValueError, match="DINOv3 is vit_small, vit_base, vit_large"):
+        gp.build_model("vit_huge", ssl="dinov3")
+    for argv in (["--task", "cub", "--ssl", "dinov3", "--arch", "vit_huge", "--print-config"],
+                 ["download", "--ssl", "dinov3", "--arch", "vit_huge"]):
+        out = cli(*argv)
+        assert out.returncode == 2 and "SwiGLU" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+        assert "--checkpoint" not in out.stderr and out.stdout == ""

@@ -1023,3 +1023,13 @@ def test_no_batching_trains_every_run_alone_as_the_official_code():
     args = reproduce.parse_args(["--task", "dtd", "--device", "cpu", "--no-batching"])
     assert reproduce.settings_from(args).runs_per_batch == 1
     assert reproduce.settings_from(reproduce.parse_args(["--task", "dtd", "--device", "cpu"])).runs_per_batch is None
+
+
+def test_the_demos_img_per_s_is_every_epochs_images_over_their_seconds(capsys):
+    """Epochs of 100 img/s for 1 s and 300 img/s for 3 s: 1,000 images in 4 s = 250 img/s (not the last epoch's
+    300, which one slow or fast epoch would decide)."""
+    cfg = tiny_demo()
+    history = [{"images_per_second": 100.0, "seconds": 1.0}, {"images_per_second": 300.0, "seconds": 3.0}]
+    reproduce.print_demo([cfg], [{"final": {"test_acc": 50.0}, "history": history, "selection_ratio": None}], "r")
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(cfg.method))
+    assert row.split() == [cfg.method, "50.00", "250"]
