@@ -19,6 +19,7 @@ seeds, tables, the worker queue) and words what comes back -- results, tables, a
 exit code. No module imports this one.
 """
 import argparse
+import difflib
 import json
 import shlex
 import sys
@@ -355,6 +356,10 @@ def main(argv=None):
                    "predict": serving.main}
     if argv[:1] and argv[0] in SUBCOMMANDS:
         return subcommands[argv[0]](argv[1:])
+    if argv[:1] and not argv[0].startswith("-"):   # the command line takes flags only, then a subcommand
+        close = difflib.get_close_matches(argv[0], SUBCOMMANDS, n=1)
+        raise runtime.UserError(f"unknown command {argv[0]!r}" + (f": did you mean {close[0]!r}?" if close else "")
+                                + f" (commands: {', '.join(SUBCOMMANDS)}; a run takes flags: --task, --table, --demo)")
     args = parse_args(argv)
     check_flags(args)
     cfgs = planned_configs(args)

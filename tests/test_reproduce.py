@@ -1033,3 +1033,10 @@ def test_the_demos_img_per_s_is_every_epochs_images_over_their_seconds(capsys):
     reproduce.print_demo([cfg], [{"final": {"test_acc": 50.0}, "history": history, "selection_ratio": None}], "r")
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(cfg.method))
     assert row.split() == [cfg.method, "50.00", "250"]
+
+
+def test_a_mistyped_subcommand_is_named_with_the_closest_one(cli):
+    out = cli("predit", "photos/")
+    assert out.returncode == 2 and out.stderr.startswith("error: unknown command 'predit': did you mean 'predict'?")
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert cli("cub").stderr.startswith("error: unknown command 'cub' (commands: prepare, figure, download, predict")
