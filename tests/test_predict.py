@@ -113,7 +113,7 @@ def test_bad_input_is_one_line_before_any_work(served, tmp_path):
     cases = [
         (["--pack", str(tmp_path / "missing.pt"), photos], gp.CheckpointError, "prompt pack not found"),
         (["--pack", str(root / "mae.pth"), photos], gp.CheckpointError, "is not a prompt pack"),
-        (["--pack", str(tmp_path / "run.prompts.pt"), photos], gp.CheckpointError, "without their settings"),
+        (["--pack", str(tmp_path / "run.prompts.pt"), photos], gp.CheckpointError, "tensors without a pack.s settings"),
         (["--pack", packs["dogs"]], runtime.UserError, "no images given"),
         (["--pack", packs["dogs"], str(tmp_path / "empty")], runtime.UserError, "no image files"),
         (["--pack", packs["dogs"], str(tmp_path / "nope.jpg")], runtime.UserError, "image or folder not found"),

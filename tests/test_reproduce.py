@@ -831,7 +831,7 @@ def test_a_run_removes_temporaries_of_killed_runs_and_checks_the_folder_first(tm
     import os
     import socket
     monkeypatch.setattr(classification, "run_classification", lambda *a: (
-        {"final": {"test_acc": 50.0}, "history": [{"images_per_second": 1.0}], "selection_ratio": None}, None))
+        {"final": {"test_acc": 50.0}, "history": [{"images_per_second": 1.0, "seconds": 1.0}], "selection_ratio": None}, None))
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     left = tmp_path / "r" / "cub" / "mae" / f".tmp-{proc.pid}@{socket.gethostname()}-abc123"
