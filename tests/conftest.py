@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,6 +138,23 @@ def process_of(target, *args, out, err=None, cwd=None):
         target, args, dict(os.environ), str(cwd or os.getcwd()), str(out), str(err or out)))
     process.start()
     return process
+
+
+def start_together(procs, go, logs, meanwhile=lambda: None, timeout=600):
+    """Processes that each create <go>.ready-<pid> when ready and then wait for the file `go`: start them at the
+    same moment, run meanwhile() here, wait for them (killing any left over). Returns (their logs' text, what
+    meanwhile returned)."""
+    try:
+        wait_until(lambda: len(list(Path(go).parent.glob(f"{Path(go).name}.ready-*"))) == len(procs)
+                   or not all(p.is_alive() for p in procs), says=lambda: [log.read_text() for log in logs])
+        Path(go).touch()
+        done = meanwhile()
+        for p in procs:
+            p.join(timeout)
+    finally:
+        for p in procs:
+            p.kill()
+    return [log.read_text() for log in logs], done
 
 
 def wait_until(condition, timeout=300, says=lambda: ""):

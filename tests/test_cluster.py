@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_VIT, process_of, settings, start_forkserver, tiny_demo, wait_until
+from conftest import TINY_VIT, process_of, settings, start_forkserver, start_together, tiny_demo, wait_until
 import gated_prompt as gp
 import reproduce
 from harness import classification
@@ -449,17 +449,7 @@ def test_two_local_submissions_at_once_train_each_cell_once_and_a_signalled_job_
             time.sleep(0.02)
         os.kill(json.loads(long_run.claim.read_text())["pid"], signal.SIGUSR2)
     threading.Thread(target=signal_the_long_run, daemon=True).start()
-    try:
-        wait_until(lambda: len(list(tmp_path.glob("go.ready-*"))) == 2 or not all(p.is_alive() for p in procs),
-                   says=lambda: [log.read_text() for log in logs])
-        go.touch()   # both commands are ready: they start at the same moment
-        reference = serial(tmp_path, cells)   # meanwhile, here
-        for p in procs:
-            p.join(600)
-    finally:
-        for p in procs:
-            p.kill()
-    outs = [log.read_text() for log in logs]
+    outs, reference = start_together(procs, go, logs, meanwhile=lambda: serial(tmp_path, cells))
     assert [p.exitcode for p in procs] == [0, 0], outs
     started = [line for out in outs for line in out.splitlines() if line.startswith("started job")]
     assert len(started) == 3 and len({line.split(": ")[1] for line in started}) == 3, outs

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_VIT as TINY, process_of, settings, start_forkserver, tiny_demo, wait_until
+from conftest import TINY_VIT as TINY, process_of, settings, start_forkserver, start_together, tiny_demo
 from harness.data import datasets
 import fixtures
 import gated_prompt as gp
@@ -622,38 +622,6 @@ def test_bad_values_exit_2_with_one_line_before_loading_anything(argv, message, 
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
-    if "--task" in argv and "--table" in argv:
-        assert "--run" not in err
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--task", "cubb"], "reproduce.py: error: argument --task: invalid choice: 'cubb'"),
-    (["--epochs", "three"], "reproduce.py: error: argument --epochs: invalid int value: 'three'"),
-    (["predict", "photo.jpg"], "reproduce.py predict: error: the following arguments are required: --pack"),
-    (["figure", "eleven"], "reproduce.py figure: error: argument number: invalid int value: 'eleven'"),
-    (["prepare", "--dataset", "imagenet"], "reproduce.py prepare: error: argument --dataset: invalid choice"),
-    (["download", "--ssl", "simclr"], "reproduce.py download: error: argument --ssl: invalid choice: 'simclr'"),
-])
-def test_a_mistyped_argument_is_one_line_naming_it_and_where_the_usage_is(argv, message, cli):
-    out = cli(*argv)
-    assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr.startswith(message) and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert out.stderr.strip().endswith(f"(see {message.split(': error')[0]} --help)")
-
-
-def test_the_demo_writes_under_results_demo_afresh_each_time(tmp_path):
-    """results/demo/<ssl>/<run> (the demo task's own folder, not results/demo/demo/...); a second demo replaces
-    the first one's files, nothing outside results/demo is touched."""
-    from harness import results
-    (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "kept.txt").write_text("mine")
-    cfg = tiny_demo(epochs=1, warmup_epochs=0)
-    for _ in range(2):
-        finished, folder = runs.run_demo([cfg], settings(tmp_path))
-        assert Path(folder) == tmp_path / "results" / "demo" and len(finished) == 1
-    files = results.run_files(tmp_path / "results", cfg, "final")
-    assert files.result.is_file() and files.result.relative_to(tmp_path / "results").parts[:2] == ("demo", cfg.ssl)
-    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["demo", "kept.txt"]
 
 
 def test_the_command_line_exits_2_on_a_bad_device(tmp_path, cli):
@@ -876,16 +844,7 @@ def test_two_processes_on_one_results_folder_train_each_cell_once(tmp_path):
     cells at the same moment: each cell is trained by exactly one of them, and every result is complete."""
     go, logs = tmp_path / "go", [tmp_path / f"worker{i}.log" for i in range(2)]
     procs = [process_of(queue_worker, str(go), str(tmp_path / "results"), out=log) for log in logs]
-    try:
-        wait_until(lambda: len(list(tmp_path.glob("go.ready-*"))) == 2 or not all(p.is_alive() for p in procs),
-                   says=lambda: [log.read_text() for log in logs])
-        go.touch()   # both are ready: they start at the same moment
-        for p in procs:
-            p.join(300)
-    finally:
-        for p in procs:
-            p.kill()
-    outs = [log.read_text() for log in logs]
+    outs, _ = start_together(procs, go, logs)
     assert all(p.exitcode == 0 for p in procs), outs
     wrote = [line for out in outs for line in out.splitlines() if line.startswith("wrote ")]
     assert len(wrote) == 4 and len(set(wrote)) == 4, outs        # each cell trained once
