@@ -148,8 +148,8 @@ def test_torchrun_with_download_fetches_each_file_once(tmp_path):
 
 def test_torchrun_without_the_checkpoint_is_rank_0s_one_line_and_no_rank_traceback(tmp_path):
     """`torchrun --nproc_per_node 2 reproduce.py --task cub --ssl mae` with no checkpoint: rank 0 says what is
-    missing once and exits 2 (torchrun's root cause); the other rank stops without a traceback of its own (before:
-    a broken-connection traceback from its barrier per rank)."""
+    missing once and exits 2 (torchrun's root cause: exit 2); the other rank stops without a word of its own
+    (before: a broken-connection traceback from its barrier per rank)."""
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(Path(__file__).resolve().parents[1] / "reproduce.py"), "--task", "cub", "--ssl", "mae",
@@ -158,5 +158,5 @@ def test_torchrun_without_the_checkpoint_is_rank_0s_one_line_and_no_rank_traceba
     text = out.stdout + out.stderr
     assert out.returncode != 0 and text.count("error: backbone checkpoint not found") == 1, text[-3000:]
     assert "[rank" not in text and "Connection closed by peer" not in text, text[-3000:]
-    root_cause = text.split("Root Cause (first observed failure):")[1]
-    assert "rank      : 0" in root_cause and "exitcode  : 2" in root_cause, root_cause
+    root_cause = text.split("Root Cause (first observed failure):")[1]   # rank 0, or the other as it ends too
+    assert "exitcode  : 2" in root_cause, root_cause
