@@ -233,29 +233,9 @@ def reserve(job_run, results_dir, executor):
     """Create the run's job record exclusively (O_EXCL), naming this process as its submitter. Returns None when
     this process holds it now, else the record of the live job that holds it. A record whose job ended (and a
     record this harness did not write) is replaced."""
-    files = job_run.files(results_dir)
-    files.job.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(5):
-        try:
-            fd = os.open(files.job, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except FileExistsError:
-            record = read_record(files.job)
-            if record is None and results._age(files.job) < 10:
-                time.sleep(0.05)
-                continue   # being written
-            if record is not None and record_state(record) != "ended":
-                return record
-            stale = files.job.with_name(f"{files.job.name}.stale{os.getpid()}")
-            try:
-                os.rename(files.job, stale)   # one process wins the takeover
-                stale.unlink()
-            except FileNotFoundError:
-                pass
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(_record(executor, None, None, job_run), f)
-        return None
-    return read_record(files.job) or {"job": None, "cluster": executor}
+    return results.take_exclusively(job_run.files(results_dir).job, lambda: _record(executor, None, None, job_run),
+                                    read_record, lambda record: record_state(record) != "ended",
+                                    {"job": None, "cluster": executor})
 
 
 def _record(executor, job, log, job_run):

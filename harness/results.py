@@ -294,27 +294,37 @@ def claim_cell(files):
     and scheduler job. Returns None when claimed, else the live holder's record. A claim nobody holds any more
     (claim_is_stale) is taken over; a claim from another host that cannot be checked is taken as live (delete the
     .claim file if that machine died)."""
-    files.claim.parent.mkdir(parents=True, exist_ok=True)
+    return take_exclusively(files.claim, _holder, _read_claim, lambda holder: not claim_is_stale(holder),
+                            {"holder": "another process", "pid": None, "host": None, "started": "?"})
+
+
+def take_exclusively(path, record, read, live, unknown):
+    """Create `path` exclusively (O_EXCL) holding the JSON of record(): None when this process holds it now, else
+    the record of its live holder (read(path), live(that record)). A file still being written is looked at again;
+    one whose holder is gone is taken over (renamed away first, so one process wins). `unknown`: the holder to
+    return when the file cannot be read after five tries."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(5):
         try:
-            fd = os.open(files.claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:
-            holder = _read_claim(files.claim)
-            if holder is None and _age(files.claim) < 10:
+            held = read(path)
+            if held is None and _age(path) < 10:
+                time.sleep(0.05)
                 continue   # being written or just released: look again
-            if holder is not None and not claim_is_stale(holder):
-                return holder
-            stale = files.claim.with_name(f"{files.claim.name}.stale{os.getpid()}")
+            if held is not None and live(held):
+                return held
+            stale = path.with_name(f"{path.name}.stale{os.getpid()}")
             try:
-                os.rename(files.claim, stale)   # only one process wins the takeover
+                os.rename(path, stale)   # only one process wins the takeover
                 stale.unlink()
             except FileNotFoundError:
                 pass
             continue
         with os.fdopen(fd, "w") as f:
-            json.dump(_holder(), f)
+            json.dump(record(), f)
         return None
-    return _read_claim(files.claim) or {"holder": "another process", "pid": None, "host": None, "started": "?"}
+    return read(path) or unknown
 
 
 def read_claim(files):
