@@ -11,8 +11,10 @@ Process-wide state, all of it here: torch.compile's backends and caches (one bac
 between runs of the same graph key: `enter_graph_key`, `reset_compiler`) and the result of the start-up compile
 check (`check_compile`, once per device and setting)."""
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
+import datetime
 import errno
 import hashlib
 import io
@@ -377,7 +379,6 @@ class StateWriter:
     atomic_write leaves the state before them."""
 
     def __init__(self, max_pending=64):
-        import concurrent.futures
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
         self._pending, self._max_pending = [], max_pending
 
@@ -589,7 +590,6 @@ def _wait_for_rank0_to_exit(seconds=60):
     """Rank 0 failed and is about to say why and exit: wait for that (a barrier it never joins fails when it is
     gone), so that its message comes first and torchrun reports its exit; torchrun's SIGTERM meanwhile ends this
     rank without a word."""
-    import datetime
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         dist.barrier(async_op=True).wait(datetime.timedelta(seconds=seconds))
